@@ -1,0 +1,16 @@
+"""bilevel_jax: a JAX toolkit for bilevel optimization.
+
+    min_theta F(theta) = f_upper(theta, phi*(theta)),  phi*(theta) = argmin_phi f_lower(theta, phi)
+
+Sign convention everywhere: v ~ A^{-1} grad_phi f_upper with A = grad^2_{phi phi} f_lower, and
+grad F = grad_theta f_upper - J v with J = grad^2_{theta phi} f_lower.
+"""
+from bilevel_jax import linear_solvers, oracles, problems, sampling
+from bilevel_jax.hypergrad import argmin, hypergradient, unrolled_hypergradient, zero_ig_hypergradient
+from bilevel_jax.problem import BilevelProblem
+
+__all__ = [
+    "BilevelProblem", "argmin", "hypergradient", "linear_solvers", "oracles", "problems", "sampling",
+    "unrolled_hypergradient", "zero_ig_hypergradient",
+]
+__version__ = "0.1.0"

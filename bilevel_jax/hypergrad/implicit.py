@@ -1,0 +1,88 @@
+"""Implicit (approximate implicit differentiation, AID) hypergradient, any linear solver.
+
+By the implicit function theorem at grad_phi f_lower(theta, phi*(theta)) = 0 (seed 001 eq. 14-18):
+
+    grad F(theta) = grad_theta f_upper - J v,     A v = b,
+    A = grad^2_{phi phi} f_lower,  J = grad^2_{theta phi} f_lower,  b = grad_phi f_upper,
+
+evaluated at the current (theta, phi) (exact when phi = phi*(theta) and v = A^{-1} b).
+`A v` and `J v` come from one linearization of grad_phi f_lower (`oracles.linearize_lower`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import optax.tree_utils as otu
+
+from bilevel_jax import oracles
+from bilevel_jax.linear_solvers import LinearSolver, SolverInfo, cg
+from bilevel_jax.problem import BilevelProblem, check_same_structure
+
+PyTree = Any
+
+
+class HypergradInfo(NamedTuple):
+    v: PyTree                  # the linear-system solution, v ~ A^{-1} grad_phi f_upper
+    residual_norm: jax.Array   # ||b - A v|| (NaN for stochastic solvers)
+    solver: SolverInfo
+
+
+def make_matvec(problem: BilevelProblem, theta, phi, lin: oracles.LowerLinearization, stochastic: bool,
+                lower_sampler: Optional[Callable], mode: str):
+    """The operator handed to a linear solver: the linearized HVP, or for a stochastic solver
+    `(v, key) -> A_{xi(key)} v` with a minibatch drawn by `lower_sampler(key)`."""
+    if not stochastic:
+        return lin.hvp
+    if lower_sampler is None:
+        return lambda v, key: lin.hvp(v)
+    return lambda v, key: oracles.hvp(problem, theta, phi, v, lower_sampler(key), mode)
+
+
+def implicit_direction(problem: BilevelProblem, theta, phi, upper_batch, lower_batch,
+                       solve: Callable, stochastic: bool, lower_sampler: Optional[Callable] = None,
+                       mode: str = "rev"):
+    """grad_theta f_upper - J v with `v, aux, info = solve(matvec, b)`; returns (g, v, aux, info)."""
+    g_theta, b = oracles.upper_grads(problem, theta, phi, upper_batch)
+    lin = oracles.linearize_lower(problem, theta, phi, lower_batch, mode)
+    v, aux, info = solve(make_matvec(problem, theta, phi, lin, stochastic, lower_sampler, mode), b)
+    return otu.tree_sub(g_theta, lin.cross(v)), v, aux, info
+
+
+def hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[LinearSolver] = None, *,
+                  x0=None, key=None, lower_sampler: Optional[Callable] = None, mode: str = "rev"):
+    """The implicit hypergradient at (theta, phi).
+
+    Args:
+      problem: a `BilevelProblem`.
+      theta, phi: pytrees (phi should be close to phi*(theta): the estimate is exact there).
+      data: `(upper_batch, lower_batch)`.
+      solver: a `bj.linear_solvers` solver (default `cg(maxiter=50)`).
+      x0: warm start for v (structure of phi's float leaves).
+      key: PRNG key, required by stochastic solvers.
+      lower_sampler: `key -> lower batch` for stochastic solvers (a fresh minibatch per factor);
+        default: every factor uses `lower_batch`.
+      mode: "rev" (vjp of grad_phi f_lower) or "fwd" (forward-over-reverse).
+
+    Returns:
+      `(g, info)` with `g = grad_theta f_upper - J v` and `info` a `HypergradInfo`
+      (`v ~ A^{-1} grad_phi f_upper`, its residual norm, the solver's info).
+    """
+    if not isinstance(problem, BilevelProblem):
+        raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
+    solver = cg(maxiter=50) if solver is None else solver
+    if not isinstance(solver, LinearSolver):
+        raise TypeError(f"solver must be a bj.linear_solvers solver (e.g. cg(maxiter=50)), got {solver!r}.")
+    problem.validate(theta, phi, data)
+    if x0 is not None:
+        check_same_structure("x0", oracles.differentiable(phi), x0)
+    if solver.stochastic and key is None:
+        raise ValueError("this solver is stochastic: pass `key=`.")
+
+    def solve(matvec, b):
+        v, info = solver.solve(matvec, b, x0, key)
+        return v, None, info
+
+    g, v, _, info = implicit_direction(problem, theta, phi, data[0], data[1], solve, solver.stochastic,
+                                       lower_sampler, mode)
+    return g, HypergradInfo(v=v, residual_norm=info.residual_norm, solver=info)

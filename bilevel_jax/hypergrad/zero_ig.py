@@ -1,0 +1,31 @@
+"""The zero-implicit-gradient estimator of SignSGD + UL (Fan, Ram, Liu 2021; seed 000, Alg. 1).
+
+With LL steps  phi_{t+1} = phi_t - beta sign(grad_phi f_lower(theta, phi_t)),  d sign(x)/dx = 0
+almost surely, so A_t = I, B_t = 0 in Z_t = A_t Z_{t-1} + B_t and Z_T = 0 (seed 000 eq. 23-28):
+the unrolled hypergradient is exactly the partial gradient
+
+    grad F_T(theta) = grad_theta f_upper(theta, phi_T).
+"""
+from __future__ import annotations
+
+import jax
+import optax
+
+from bilevel_jax import oracles
+from bilevel_jax._checks import check_positive_int, check_step_size
+from bilevel_jax.hypergrad.inner import solve_lower
+from bilevel_jax.problem import BilevelProblem
+
+
+def sign_sgd(learning_rate) -> optax.GradientTransformation:
+    """phi <- phi - lr * sign(g): the LL optimizer of SignSGD + UL (Bernstein et al. 2018)."""
+    check_step_size("learning_rate", learning_rate)
+    return optax.chain(optax.scale_by_sign(), optax.scale_by_learning_rate(learning_rate))
+
+
+def zero_ig_hypergradient(problem: BilevelProblem, theta, phi0, data, *, lower_lr, steps: int):
+    """(grad_theta f_upper(theta, phi_T), phi_T), phi_T = `steps` SignSGD steps from phi0."""
+    check_positive_int("steps", steps)
+    problem.validate(theta, phi0, data)
+    phi = jax.lax.stop_gradient(solve_lower(problem, sign_sgd(lower_lr), theta, phi0, data[1], steps))
+    return oracles.upper_grad_theta(problem, theta, phi, data[0]), phi

@@ -1,0 +1,140 @@
+"""All derivative plumbing of the toolkit: gradients, Hessian- and cross-products.
+
+Notation (seeds 001/002, eq. 13-18; reference/algorithms.md):
+    A = grad^2_{phi phi} f_lower   (the LL Hessian, symmetric)
+    J = grad^2_{theta phi} f_lower (d_theta x d_phi), so  J v = grad_theta <grad_phi f_lower, v>
+    b = grad_phi f_upper
+    v ~ A^{-1} b   (the one sign convention of bilevel_jax)
+    grad F = grad_theta f_upper - J v                                  (implicit gradient)
+
+"Ordering matters" (seed 000, eq. 40-42): `A v` and `J v` are gradients of the scalar
+`<grad_phi f_lower, v>`; they are computed with one `jax.vjp` of `grad_phi f_lower` over
+(theta, phi), or one forward-over-reverse `jax.jvp`, never by forming a Hessian.
+
+Only the inexact-array leaves of `theta` and `phi` are differentiated (`eqx.partition`), so a
+neural network (an equinox Module) can be `phi`; gradients and `v` are pytrees shaped like
+`eqx.filter(phi, eqx.is_inexact_array)` (None at the static leaves).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import equinox as eqx
+import jax
+import optax.tree_utils as otu
+
+from bilevel_jax.problem import BilevelProblem
+
+PyTree = Any
+
+
+def differentiable(tree: PyTree) -> PyTree:
+    """The inexact-array part of `tree` (None at the other leaves): what oracles differentiate."""
+    return eqx.filter(tree, eqx.is_inexact_array)
+
+
+def _on_diff(fn: Callable, theta: PyTree, phi: PyTree, batch: PyTree):
+    """`fn` as a function of the differentiable parts of (theta, phi), and those parts."""
+    theta_d, theta_s = eqx.partition(theta, eqx.is_inexact_array)
+    phi_d, phi_s = eqx.partition(phi, eqx.is_inexact_array)
+
+    def f(t, p):
+        return fn(eqx.combine(t, theta_s), eqx.combine(p, phi_s), batch)
+
+    return f, theta_d, phi_d
+
+
+def upper_grads(problem: BilevelProblem, theta, phi, batch):
+    """(grad_theta f_upper, grad_phi f_upper) from one reverse pass."""
+    f, t, p = _on_diff(problem.f_upper, theta, phi, batch)
+    return jax.grad(f, argnums=(0, 1))(t, p)
+
+
+def upper_value_and_grads(problem: BilevelProblem, theta, phi, batch):
+    """(f_upper, (grad_theta f_upper, grad_phi f_upper)) from one reverse pass."""
+    f, t, p = _on_diff(problem.f_upper, theta, phi, batch)
+    return jax.value_and_grad(f, argnums=(0, 1))(t, p)
+
+
+def upper_grad_theta(problem: BilevelProblem, theta, phi, batch):
+    """The partial gradient grad_theta f_upper (the IG-free UL direction)."""
+    f, t, p = _on_diff(problem.f_upper, theta, phi, batch)
+    return jax.grad(f, argnums=0)(t, p)
+
+
+def lower_grad_phi(problem: BilevelProblem, theta, phi, batch):
+    """grad_phi f_lower."""
+    f, t, p = _on_diff(problem.f_lower, theta, phi, batch)
+    return jax.grad(f, argnums=1)(t, p)
+
+
+class LowerLinearization(NamedTuple):
+    """grad_phi f_lower at (theta, phi) and the linear maps of its derivative.
+
+    Built once per point and applied to many vectors (a linear solver's iterations).
+    """
+
+    grad_phi: PyTree                      # grad_phi f_lower
+    hvp: Callable[[PyTree], PyTree]       # v -> A v
+    cross: Callable[[PyTree], PyTree]     # v -> J v
+    hvp_and_cross: Callable[[PyTree], tuple]  # v -> (A v, J v), one pass
+    cross_transpose: Callable[[PyTree], PyTree]  # d (theta-shaped) -> J^T d (phi-shaped)
+
+
+def linearize_lower(problem: BilevelProblem, theta, phi, batch, mode: str = "rev") -> LowerLinearization:
+    """Linearize grad_phi f_lower at (theta, phi).
+
+    mode="rev": one `jax.vjp` of grad_phi f_lower over (theta, phi); its pullback maps v to
+      (J v, A^T v) = (J v, A v) in one backward pass.
+    mode="fwd": one `jax.linearize` (forward-over-reverse) of grad_{(theta, phi)} f_lower; its
+      pushforward along (0, v) is (J v, A v).
+    """
+    f, t, p = _on_diff(problem.f_lower, theta, phi, batch)
+    grad_phi_fn = jax.grad(f, argnums=1)
+
+    def cross_transpose(d):
+        return jax.jvp(grad_phi_fn, (t, p), (d, otu.tree_zeros_like(p)))[1]
+
+    if mode == "rev":
+        g_phi, pullback = jax.vjp(grad_phi_fn, t, p)
+
+        def hvp_and_cross(v):
+            jv, av = pullback(v)
+            return av, jv
+
+    elif mode == "fwd":
+        (_, g_phi), push = jax.linearize(jax.grad(f, argnums=(0, 1)), t, p)
+        zeros_t = otu.tree_zeros_like(t)
+
+        def hvp_and_cross(v):
+            jv, av = push(zeros_t, v)
+            return av, jv
+
+    else:
+        raise ValueError(f"mode must be 'rev' or 'fwd', got {mode!r}.")
+
+    return LowerLinearization(
+        grad_phi=g_phi,
+        hvp=lambda v: hvp_and_cross(v)[0],
+        cross=lambda v: hvp_and_cross(v)[1],
+        hvp_and_cross=hvp_and_cross,
+        cross_transpose=cross_transpose,
+    )
+
+
+def hvp(problem: BilevelProblem, theta, phi, v, batch, mode: str = "rev"):
+    """A v = grad^2_{phi phi} f_lower v."""
+    return linearize_lower(problem, theta, phi, batch, mode).hvp(v)
+
+
+def cross(problem: BilevelProblem, theta, phi, v, batch, mode: str = "rev"):
+    """J v = grad^2_{theta phi} f_lower v = grad_theta <grad_phi f_lower, v>."""
+    return linearize_lower(problem, theta, phi, batch, mode).cross(v)
+
+
+def grad_hvp_cross(problem: BilevelProblem, theta, phi, v, batch, mode: str = "rev"):
+    """(grad_phi f_lower, A v, J v) from one vjp (or one jvp) of grad_phi f_lower: the fused
+    triple of a single-loop step (SOBA's D_phi, and the second-order parts of D_v and D_theta)."""
+    lin = linearize_lower(problem, theta, phi, batch, mode)
+    av, jv = lin.hvp_and_cross(v)
+    return lin.grad_phi, av, jv

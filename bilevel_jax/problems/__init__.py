@@ -1,0 +1,5 @@
+"""Concrete bilevel problems; those with closed forms are the ground truth of the tests."""
+from bilevel_jax.problems.quadratic import QuadraticBilevel, quadratic_bilevel
+from bilevel_jax.problems.ridge import RIDGE, RidgeHPO, ridge_hpo
+
+__all__ = ["QuadraticBilevel", "quadratic_bilevel", "RIDGE", "RidgeHPO", "ridge_hpo"]

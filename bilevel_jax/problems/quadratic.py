@@ -1,0 +1,133 @@
+"""A random strongly convex quadratic bilevel problem with a closed-form solution.
+
+Finite sums over per-sample matrices (stored dense, as in the "simulated" problem of the public
+benchmark_bilevel project):
+
+    f_lower(theta, phi; i) = 1/2 phi' H_i phi + phi' C_i theta + h_i' phi
+    f_upper(theta, phi; j) = 1/2 phi' P_j phi + phi' S_j theta + p_j' phi + reg/2 ||theta||^2
+
+With the full-batch means H, C, h, P, S, p:
+
+    phi*(theta) = M theta + m,   M = -H^{-1} C,   m = -H^{-1} h
+    grad F(theta) = M'(P phi* + S theta + p) + S' phi* + reg theta
+    hess F = M'PM + M'S + S'M + reg I,            theta* = -hess F^{-1} (M'P m + M'p + S'm).
+
+`n_samples=None` gives the deterministic problem (one "sample" holding the full matrices);
+otherwise the LL Hessians are rank-one, H_i = z_i z_i', built so that their mean has exactly the
+spectrum `lower_spectrum` (z_i = H^{1/2} u_i, (1/n) sum u_i u_i' = I).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from bilevel_jax.problem import BilevelProblem
+
+
+def _f_lower(theta, phi, batch):
+    per_sample = (0.5 * jnp.einsum("i,nij,j->n", phi, batch["H"], phi)
+                  + jnp.einsum("i,nij,j->n", phi, batch["C"], theta)
+                  + batch["h"] @ phi)
+    return jnp.mean(per_sample)
+
+
+def _f_upper(reg):
+    def f(theta, phi, batch):
+        per_sample = (0.5 * jnp.einsum("i,nij,j->n", phi, batch["P"], phi)
+                      + jnp.einsum("i,nij,j->n", phi, batch["S"], theta)
+                      + batch["p"] @ phi)
+        return jnp.mean(per_sample) + 0.5 * reg * theta @ theta
+    return f
+
+
+class QuadraticBilevel(NamedTuple):
+    """The problem, its data `(upper, lower)`, a starting point and the closed forms."""
+
+    problem: BilevelProblem
+    data: tuple
+    theta0: jax.Array
+    phi0: jax.Array
+    means: dict  # full-batch H, C, h, P, S, p and reg
+
+    def phi_star(self, theta):
+        m = self.means
+        return -jnp.linalg.solve(m["H"], m["C"] @ theta + m["h"])
+
+    def value(self, theta):
+        """F(theta) = f_upper(theta, phi*(theta)) on the full upper data."""
+        return self.problem.f_upper(theta, self.phi_star(theta), self.data[0])
+
+    def grad(self, theta):
+        """grad F(theta) in closed form."""
+        m = self.means
+        phi = self.phi_star(theta)
+        M = -jnp.linalg.solve(m["H"], m["C"])
+        return M.T @ (m["P"] @ phi + m["S"] @ theta + m["p"]) + m["S"].T @ phi + m["reg"] * theta
+
+    def hessian(self):
+        m = self.means
+        M = -jnp.linalg.solve(m["H"], m["C"])
+        return M.T @ m["P"] @ M + M.T @ m["S"] + m["S"].T @ M + m["reg"] * jnp.eye(M.shape[1])
+
+    def theta_star(self):
+        return jnp.linalg.solve(self.hessian(), -self.grad(jnp.zeros_like(self.theta0)))
+
+    def lower_hessian(self):
+        return self.means["H"]
+
+
+def _spd(key, dim, low, high, dtype):
+    q, _ = jnp.linalg.qr(jax.random.normal(key, (dim, dim), dtype))
+    return (q * jnp.linspace(low, high, dim, dtype=dtype)) @ q.T
+
+
+def _rank_one_factors(key, h, n, dtype):
+    """z_i (rows) with (1/n) sum z_i z_i' = h exactly."""
+    d = h.shape[0]
+    u, _ = jnp.linalg.qr(jax.random.normal(key, (n, d), dtype))
+    w, q = jnp.linalg.eigh(h)
+    h_half = (q * jnp.sqrt(jnp.clip(w, 0))) @ q.T
+    return jnp.sqrt(n) * u @ h_half
+
+
+def quadratic_bilevel(key, dim_upper: int = 5, dim_lower: int = 10, n_samples: Optional[int] = None,
+                      lower_spectrum=(0.1, 1.0), upper_spectrum=(0.1, 1.0), cross: float = 0.1,
+                      reg: float = 1.0, noise: float = 1.0, dtype=jnp.float64) -> QuadraticBilevel:
+    """Draw a quadratic bilevel problem (deterministic when `n_samples` is None).
+
+    `cross` scales the cross matrices C (LL) and S (UL); `noise` scales the per-sample spread of
+    the linear terms. Fails loudly if the drawn F is not strongly convex.
+    """
+    ks = jax.random.split(key, 12)
+    du, dl = dim_upper, dim_lower
+    H = _spd(ks[0], dl, *lower_spectrum, dtype)
+    P = _spd(ks[1], dl, *upper_spectrum, dtype)
+    C = cross * jax.random.normal(ks[2], (dl, du), dtype)
+    S = cross * jax.random.normal(ks[3], (dl, du), dtype)
+    h = jax.random.normal(ks[4], (dl,), dtype)
+    p = jax.random.normal(ks[5], (dl,), dtype)
+    if n_samples is None:
+        lower = {"H": H[None], "C": C[None], "h": h[None]}
+        upper = {"P": P[None], "S": S[None], "p": p[None]}
+    else:
+        n = n_samples
+
+        def centered(k, shape):
+            e = jax.random.normal(k, (n,) + shape, dtype)
+            return noise * (e - e.mean(0))
+
+        zl = _rank_one_factors(ks[6], H, n, dtype)
+        zu = _rank_one_factors(ks[7], P, n, dtype)
+        lower = {"H": jnp.einsum("ni,nj->nij", zl, zl), "C": C + cross * centered(ks[8], (dl, du)),
+                 "h": h + centered(ks[9], (dl,))}
+        upper = {"P": jnp.einsum("ni,nj->nij", zu, zu), "S": S + cross * centered(ks[10], (dl, du)),
+                 "p": p + centered(ks[11], (dl,))}
+    means = {k: v.mean(0) for k, v in {**lower, **upper}.items()}
+    means["reg"] = jnp.asarray(reg, dtype)
+    inst = QuadraticBilevel(BilevelProblem(_f_upper(reg), _f_lower), (upper, lower),
+                            jnp.zeros(du, dtype), jnp.zeros(dl, dtype), means)
+    if not bool(jnp.linalg.eigvalsh(inst.hessian()).min() > 0):
+        raise ValueError("the drawn F is not strongly convex: increase `reg` or decrease `cross`.")
+    return inst

@@ -1,0 +1,44 @@
+"""Shared test setup: float64 everywhere, small shared problems."""
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+import bilevel_jax as bj  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow (a fast test covers the same code)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def quad():
+    """Deterministic strongly convex quadratic bilevel problem (d_theta=4, d_phi=6)."""
+    return bj.problems.quadratic_bilevel(jax.random.PRNGKey(0), dim_upper=4, dim_lower=6)
+
+
+@pytest.fixture(scope="session")
+def quad_stoch():
+    """Finite-sum version (64 samples per level, rank-one LL Hessians)."""
+    return bj.problems.quadratic_bilevel(jax.random.PRNGKey(1), dim_upper=4, dim_lower=6, n_samples=64)
+
+
+@pytest.fixture(scope="session")
+def ridge():
+    return bj.problems.ridge_hpo(jax.random.PRNGKey(2), per_feature=True)
+
+
+def spd_matrix(key, n, cond):
+    q, _ = jnp.linalg.qr(jax.random.normal(key, (n, n)))
+    return (q * jnp.logspace(0, jnp.log10(cond), n)) @ q.T
