@@ -39,14 +39,22 @@ def make_matvec(problem: BilevelProblem, theta, phi, lin: oracles.LowerLineariza
     return lambda v, key: oracles.hvp(problem, theta, phi, v, lower_sampler(key), mode)
 
 
+class ImplicitDirection(NamedTuple):
+    g: PyTree                 # grad_theta f_upper - J v
+    v: PyTree
+    aux: PyTree               # whatever `solve` returned besides v (a solver state)
+    info: SolverInfo
+    lin: oracles.LowerLinearization  # reusable: grad_phi f_lower, A., J., J^T. at this point
+
+
 def implicit_direction(problem: BilevelProblem, theta, phi, upper_batch, lower_batch,
                        solve: Callable, stochastic: bool, lower_sampler: Optional[Callable] = None,
-                       mode: str = "rev"):
-    """grad_theta f_upper - J v with `v, aux, info = solve(matvec, b)`; returns (g, v, aux, info)."""
+                       mode: str = "rev") -> ImplicitDirection:
+    """grad_theta f_upper - J v with `v, aux, info = solve(matvec, b)`, b = grad_phi f_upper."""
     g_theta, b = oracles.upper_grads(problem, theta, phi, upper_batch)
     lin = oracles.linearize_lower(problem, theta, phi, lower_batch, mode)
     v, aux, info = solve(make_matvec(problem, theta, phi, lin, stochastic, lower_sampler, mode), b)
-    return otu.tree_sub(g_theta, lin.cross(v)), v, aux, info
+    return ImplicitDirection(otu.tree_sub(g_theta, lin.cross(v)), v, aux, info, lin)
 
 
 def hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[LinearSolver] = None, *,
@@ -83,6 +91,6 @@ def hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[Li
         v, info = solver.solve(matvec, b, x0, key)
         return v, None, info
 
-    g, v, _, info = implicit_direction(problem, theta, phi, data[0], data[1], solve, solver.stochastic,
-                                       lower_sampler, mode)
-    return g, HypergradInfo(v=v, residual_norm=info.residual_norm, solver=info)
+    out = implicit_direction(problem, theta, phi, data[0], data[1], solve, solver.stochastic,
+                             lower_sampler, mode)
+    return out.g, HypergradInfo(v=out.v, residual_norm=out.info.residual_norm, solver=out.info)

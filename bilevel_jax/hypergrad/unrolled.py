@@ -25,7 +25,7 @@ from jax.flatten_util import ravel_pytree
 
 from bilevel_jax import oracles
 from bilevel_jax._checks import check_positive_int
-from bilevel_jax.hypergrad.inner import solve_lower
+from bilevel_jax.hypergrad.inner import lower_steps
 from bilevel_jax.problem import BilevelProblem
 
 MODES = ("reverse", "forward")
@@ -52,11 +52,15 @@ def unrolled_hypergradient(problem: BilevelProblem, theta, phi0, data, *,
     problem.validate(theta, phi0, data)
     upper, lower = data
     keep = steps if truncate is None else truncate
-    phi_start = solve_lower(problem, optimizer, theta, phi0, lower, steps - keep) if keep < steps else phi0
-    phi_start = jax.lax.stop_gradient(phi_start)
+    # The first steps - keep steps run outside the graph; the optimizer state (momentum, Adam
+    # moments) is carried into the last `keep` steps, so phi_T is the same as without truncation.
+    state0 = optimizer.init(oracles.differentiable(phi0))
+    start = (lower_steps(problem, optimizer, theta, phi0, state0, steps - keep, lambda t: lower)
+             if keep < steps else (phi0, state0))
+    phi_start, state_start = jax.lax.stop_gradient(start)
 
     def phi_T(th):
-        return solve_lower(problem, optimizer, th, phi_start, lower, keep, checkpoint)
+        return lower_steps(problem, optimizer, th, phi_start, state_start, keep, lambda t: lower, checkpoint)[0]
 
     if mode == "reverse":
         def objective(th):

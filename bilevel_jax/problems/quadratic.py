@@ -94,17 +94,20 @@ def _rank_one_factors(key, h, n, dtype):
 
 def quadratic_bilevel(key, dim_upper: int = 5, dim_lower: int = 10, n_samples: Optional[int] = None,
                       lower_spectrum=(0.1, 1.0), upper_spectrum=(0.1, 1.0), cross: float = 0.1,
-                      reg: float = 1.0, noise: float = 1.0, dtype=jnp.float64) -> QuadraticBilevel:
+                      reg: float = 1.0, noise: float = 1.0, lower_cross: Optional[float] = None,
+                      dtype=jnp.float64) -> QuadraticBilevel:
     """Draw a quadratic bilevel problem (deterministic when `n_samples` is None).
 
-    `cross` scales the cross matrices C (LL) and S (UL); `noise` scales the per-sample spread of
-    the linear terms. Fails loudly if the drawn F is not strongly convex.
+    `cross` scales the cross matrices S (UL) and C (LL; `lower_cross` overrides it: 0 makes phi*
+    independent of theta, so the implicit gradient vanishes); `noise` scales the per-sample spread
+    of the linear terms. Fails loudly if the drawn F is not strongly convex.
     """
+    lower_cross = cross if lower_cross is None else lower_cross
     ks = jax.random.split(key, 12)
     du, dl = dim_upper, dim_lower
     H = _spd(ks[0], dl, *lower_spectrum, dtype)
     P = _spd(ks[1], dl, *upper_spectrum, dtype)
-    C = cross * jax.random.normal(ks[2], (dl, du), dtype)
+    C = lower_cross * jax.random.normal(ks[2], (dl, du), dtype)
     S = cross * jax.random.normal(ks[3], (dl, du), dtype)
     h = jax.random.normal(ks[4], (dl,), dtype)
     p = jax.random.normal(ks[5], (dl,), dtype)
@@ -120,7 +123,7 @@ def quadratic_bilevel(key, dim_upper: int = 5, dim_lower: int = 10, n_samples: O
 
         zl = _rank_one_factors(ks[6], H, n, dtype)
         zu = _rank_one_factors(ks[7], P, n, dtype)
-        lower = {"H": jnp.einsum("ni,nj->nij", zl, zl), "C": C + cross * centered(ks[8], (dl, du)),
+        lower = {"H": jnp.einsum("ni,nj->nij", zl, zl), "C": C + lower_cross * centered(ks[8], (dl, du)),
                  "h": h + centered(ks[9], (dl,))}
         upper = {"P": jnp.einsum("ni,nj->nij", zu, zu), "S": S + cross * centered(ks[10], (dl, du)),
                  "p": p + centered(ks[11], (dl,))}

@@ -1,0 +1,30 @@
+"""Bilevel algorithms: `Algorithm(init, update)` pairs built from one generic loop.
+
+Presets (paper defaults in each docstring): alternating, ba, bsa, aid_bio, stocbio, amigo, ttsa,
+stable, alset, soba, saba, srba, mrbo, sustain, vrbo, fsla, signsgd_ul, momentum.
+Building blocks: `bilevel_loop`, `directions`, `estimators`.
+"""
+from bilevel_jax.algorithms import directions, estimators
+from bilevel_jax.algorithms.base import Algorithm, BilevelState, OracleCounts, StepInfo
+from bilevel_jax.algorithms.double_loop import aid_bio, alternating, amigo, ba, bsa, signsgd_ul, stocbio
+from bilevel_jax.algorithms.loop import bilevel_loop
+from bilevel_jax.algorithms.momentum import momentum, mrbo, sustain, vrbo
+from bilevel_jax.algorithms.single_loop import alset, fsla, saba, soba, srba, ttsa
+from bilevel_jax.algorithms.stable import stable
+
+ALGORITHMS = {
+    "alternating": alternating, "ba": ba, "bsa": bsa, "aid_bio": aid_bio, "stocbio": stocbio, "amigo": amigo,
+    "ttsa": ttsa, "stable": stable, "alset": alset, "soba": soba, "saba": saba, "srba": srba, "mrbo": mrbo,
+    "sustain": sustain, "vrbo": vrbo, "fsla": fsla, "signsgd_ul": signsgd_ul, "momentum": momentum,
+}
+
+
+def get(name: str):
+    """The preset called `name`; an unknown name lists the valid ones."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; valid names: {', '.join(sorted(ALGORITHMS))}.")
+    return ALGORITHMS[name]
+
+
+__all__ = ["ALGORITHMS", "Algorithm", "BilevelState", "OracleCounts", "StepInfo", "bilevel_loop", "directions",
+           "estimators", "get", *sorted(ALGORITHMS)]
