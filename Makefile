@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-all demo bench figures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,18 @@ test-all: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m experiments.demo
+
+# Paper figures: `make fig-quadratic`, `make fig-hpo-logreg full=true` (paper size), ARGS="key=value ...".
+FIGURES := hpo-logreg inner-accuracy quadratic rates
+fig-%: $(STAMP)
+	$(PY) -m experiments configs/$(subst -,_,$*).toml $(if $(full),full=$(full)) $(ARGS)
+
+figures: $(addprefix fig-,$(FIGURES))
+
+# Benchmarks (jaxopt is installed here only, as the peer): writes results/bench/bench.json.
+bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m benchmarks $(ARGS)
 
 clean:
 	rm -rf $(VENV) results
