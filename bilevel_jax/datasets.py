@@ -93,12 +93,6 @@ def _as_jax(X, y, dtype) -> XY:
     return jnp.asarray(X, dtype=dtype), jnp.asarray(y, dtype=dtype)
 
 
-def _key(key_or_seed):
-    if isinstance(key_or_seed, (int, np.integer)):
-        return jax.random.PRNGKey(int(key_or_seed))
-    return key_or_seed
-
-
 # --------------------------------------------------------------------------------------------------
 # libsvm files
 
@@ -284,7 +278,8 @@ def ijcnn1(path=None, *, key=0, n_train: int = IJCNN1_SHAPE["n_train"],
 def breast_cancer(key=0, val_fraction: float = 0.5, *, dtype=None) -> Tuple[XY, XY]:
     """The Wisconsin breast-cancer data shipped with scikit-learn (569 x 30, binary).
 
-    Rows are shuffled by `key` (a PRNG key or an int seed) and split deterministically into a
+    Rows are shuffled by `key` (an int seed or a JAX PRNG key; NumPy's frozen `RandomState`
+    stream, so the split is the same everywhere) and split deterministically into a
     validation (upper) part of `round(val_fraction * 569)` rows and a training (lower) part;
     features are standardised with the training mean and standard deviation. Labels: +1 benign,
     -1 malignant.
@@ -300,7 +295,7 @@ def breast_cancer(key=0, val_fraction: float = 0.5, *, dtype=None) -> Tuple[XY, 
     n_val = int(round(val_fraction * n))
     if not 1 <= n_val <= n - 2:
         raise ValueError(f"val_fraction={val_fraction} leaves an empty or one-row split of {n} rows.")
-    perm = np.asarray(jax.random.permutation(_key(key), n))
+    perm = np.random.RandomState(_seed_words(key)).permutation(n)
     X, y = X[perm], to_pm1(y)[perm]
     X_val, y_val, X_tr, y_tr = X[:n_val], y[:n_val], X[n_val:], y[n_val:]
     X_tr, X_val = standardize(X_tr, X_val)

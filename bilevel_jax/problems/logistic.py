@@ -21,7 +21,7 @@ argument (nothing large is baked into the compiled code).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,67 +51,120 @@ LOGISTIC = BilevelProblem(_upper, _lower)
 # --------------------------------------------------------------------------------------------------
 # reference evaluators: pure functions of (theta, data)
 
+def lower_grad(theta, w, lower_data):
+    """grad_w f_lower in closed form at (theta, w), shape `(d,)`."""
+    X, y = lower_data
+    s = jax.nn.sigmoid(-_margins(w, lower_data))
+    return -X.T @ (y * s) / X.shape[0] + jnp.broadcast_to(jnp.exp(theta), w.shape) * w
+
+
 def lower_grad_hessian(theta, w, lower_data):
     """`(grad_w f_lower, A)` in closed form at (theta, w): shapes `(d,)` and `(d, d)`."""
     X, y = lower_data
-    n = X.shape[0]
     s = jax.nn.sigmoid(-_margins(w, lower_data))
-    reg = jnp.broadcast_to(jnp.exp(theta), w.shape)
-    g = -X.T @ (y * s) / n + reg * w
-    H = (X.T * (y ** 2 * s * (1.0 - s))) @ X / n + jnp.diag(reg)
-    return g, H
+    H = (X.T * (y ** 2 * s * (1.0 - s))) @ X / X.shape[0] + jnp.diag(jnp.broadcast_to(jnp.exp(theta), w.shape))
+    return lower_grad(theta, w, lower_data), H
 
 
 def _newton_direction(theta, w, lower_data):
     g, H = lower_grad_hessian(theta, w, lower_data)
-    return -jnp.linalg.solve(H, g)
+    return -jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(H), g), g
 
 
-@functools.partial(jax.jit, static_argnames=("newton_steps", "line_search_steps"))
-def newton_phi_star(theta, lower_data, phi0=None, newton_steps: int = 20, line_search_steps: int = 12):
-    """w*(theta) by `newton_steps` damped Newton steps on f_lower from `phi0` (default zeros).
-
-    Each damped step tries t = 1, 1/2, ..., 2^-(line_search_steps-1) and keeps the best value (or
-    stays put when none decreases f_lower). A final undamped Newton step is then taken with
-    gradients flowing, the damped ones under `stop_gradient`: at a converged w the derivative of
-    that one step is exactly the implicit derivative -A^{-1} d_theta grad_w f_lower, so `jax.grad`
-    of anything built on `newton_phi_star` is the implicit gradient, at the cost of one step.
-    """
+def _per_feature(theta, lower_data):
+    """theta as a `(d,)` vector (a scalar theta is shared by all features)."""
     X, _ = lower_data
-    w0 = jnp.zeros(X.shape[1], X.dtype) if phi0 is None else phi0
+    return jnp.broadcast_to(jnp.asarray(theta, X.dtype), (X.shape[1],))
+
+
+def newton_phi_star(theta, lower_data, phi0=None, newton_steps: int = 20, line_search_steps: int = 12):
+    """w*(theta) by at most `newton_steps` damped Newton steps on f_lower from `phi0` (default
+    zeros), then one full Newton step.
+
+    Damped steps: the full step is kept when it satisfies the Armijo condition, otherwise the best
+    of t = 1/2, ..., 2^-(line_search_steps-1) (or none when nothing decreases f_lower). Once
+    ||grad_w f_lower|| <= sqrt(machine eps) the remaining damped steps are skipped (`lax.cond`; the
+    loop length stays `newton_steps`), and the final full step brings w to machine precision.
+
+    Derivatives: the damped phase runs under `stop_gradient`; only the final step is
+    differentiated. At a converged w the derivative of one Newton step is exactly the implicit
+    derivative -A^{-1} d_theta grad_w f_lower, so `jax.grad` of anything built on
+    `newton_phi_star` is the implicit gradient, at the cost of one step. Jitted; theta may be a
+    scalar or `(d,)`.
+    """
+    return _newton(_per_feature(theta, lower_data), lower_data, phi0, newton_steps, line_search_steps)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _newton(theta, lower_data, phi0, newton_steps, line_search_steps):
+    X, _ = lower_data
+    dtype = X.dtype
+    w0 = jnp.zeros(X.shape[1], dtype) if phi0 is None else jnp.asarray(phi0, dtype)
     theta_c = jax.lax.stop_gradient(theta)
-    ts = 0.5 ** jnp.arange(line_search_steps, dtype=X.dtype)
+    fallback = 0.5 ** jnp.arange(1, line_search_steps, dtype=dtype)
+    tol = float(jnp.finfo(dtype).eps) ** 0.5
+    f = lambda w: _lower(theta_c, w, lower_data)
 
-    def damped(w, _):
-        d = _newton_direction(theta_c, w, lower_data)
-        values = jax.vmap(lambda t: _lower(theta_c, w + t * d, lower_data))(ts)
-        best = jnp.argmin(values)
-        t = jnp.where(values[best] < _lower(theta_c, w, lower_data), ts[best], 0.0)
-        return w + t * d, None
+    def damped_step(w):
+        d, g = _newton_direction(theta_c, w, lower_data)
+        f0 = f(w)
 
-    w, _ = jax.lax.scan(damped, jax.lax.stop_gradient(w0), None, length=newton_steps)
+        def backtrack(_):
+            values = jax.vmap(lambda t: f(w + t * d))(fallback)
+            best = jnp.argmin(values)
+            return jnp.where(values[best] < f0, fallback[best], jnp.zeros((), dtype))
+
+        full_ok = f(w + d) <= f0 + 1e-4 * jnp.vdot(g, d)
+        t = jax.lax.cond(full_ok, lambda _: jnp.ones((), dtype), backtrack, None)
+        converged = jnp.linalg.norm(g) <= tol            # then leave the rest to the final step
+        return jnp.where(converged, w, w + t * d), converged
+
+    def step(carry, _):
+        w, done = carry
+        return jax.lax.cond(done, lambda w: (w, done), damped_step, w), None
+
+    (w, _), _ = jax.lax.scan(step, (jax.lax.stop_gradient(w0), jnp.asarray(False)), None,
+                             length=newton_steps)
     w = jax.lax.stop_gradient(w)
-    return w + _newton_direction(theta, w, lower_data)
+    return w + _newton_direction(theta, w, lower_data)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("newton_steps",))
-def hyper_value(theta, data, newton_steps: int = 20):
-    """h(theta) = f_upper(theta, w*(theta)) on the full validation data (differentiable)."""
+@functools.partial(jax.jit, static_argnums=(2,))
+def _evaluate(theta, data, newton_steps):
+    """(w*, h, grad h) at a `(d,)` theta: one Newton solve, one dense implicit gradient."""
     upper, lower = data
-    return _upper(theta, newton_phi_star(theta, lower, newton_steps=newton_steps), upper)
-
-
-@functools.partial(jax.jit, static_argnames=("newton_steps",))
-def hyper_grad(theta, data, newton_steps: int = 20):
-    """grad h(theta) by the implicit function theorem with the dense LL Hessian (closed forms)."""
-    upper, lower = data
-    w = newton_phi_star(theta, lower, newton_steps=newton_steps)
+    w = _newton(theta, lower, None, newton_steps, 12)
     Xv, yv = upper
     b = -Xv.T @ (yv * jax.nn.sigmoid(-_margins(w, upper))) / Xv.shape[0]   # grad_w f_upper
     _, H = lower_grad_hessian(theta, w, lower)
-    v = jnp.linalg.solve(H, b)
-    per_feature = -jnp.broadcast_to(jnp.exp(theta), w.shape) * w * v
-    return per_feature.sum() if jnp.ndim(theta) == 0 else per_feature
+    v = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(H), b)
+    return w, _upper(theta, w, upper), -jnp.exp(theta) * w * v
+
+
+def hyper_value(theta, data, newton_steps: int = 20):
+    """h(theta) = f_upper(theta, w*(theta)) on the full validation data (differentiable, jitted)."""
+    return _evaluate(_per_feature(theta, data[1]), data, newton_steps)[1]
+
+
+def hyper_grad(theta, data, newton_steps: int = 20):
+    """grad h(theta) by the implicit function theorem with the dense LL Hessian (closed forms):
+    `-exp(theta) * w* * A^{-1} grad_w f_upper`, summed over features for a scalar theta."""
+    g = _evaluate(_per_feature(theta, data[1]), data, newton_steps)[2]
+    return g.sum() if jnp.ndim(theta) == 0 else g
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _value_closed_form_grad(theta, data, newton_steps):
+    """h at a `(d,)` theta whose derivative is the closed-form `grad h` (one `_evaluate` per
+    value-and-gradient, no autodiff through Newton); not differentiable in `data`."""
+    return _evaluate(theta, data, newton_steps)[1]
+
+
+@_value_closed_form_grad.defjvp
+def _value_closed_form_grad_jvp(newton_steps, primals, tangents):
+    theta, data = primals
+    _, value, grad = _evaluate(theta, data, newton_steps)
+    return value, jnp.vdot(grad, tangents[0])
 
 
 class ValueSolution(NamedTuple):
@@ -124,11 +177,12 @@ class ValueSolution(NamedTuple):
 def minimize_value(theta0, data, steps: int = 100, newton_steps: int = 20, memory_size: int = 10):
     """h* = min h by `steps` iterations of L-BFGS (optax, zoom line search) on `hyper_value`.
 
-    Deterministic; the gradient is the implicit one (see `newton_phi_star`). Some regularisers
+    Deterministic; value and gradient come from one Newton solve and the closed-form implicit
+    gradient (`hyper_grad`), also inside the line search. Some regularisers
     may have their optimum at +-infinity (no or infinite regularisation of a feature): h* is then
     an infimum approached along the iterates, and `grad_norm` still tends to zero.
     """
-    value_fn = lambda th: hyper_value(th, data, newton_steps)
+    value_fn = lambda th: _value_closed_form_grad(_per_feature(th, data[1]), data, newton_steps)
     opt = optax.lbfgs(memory_size=memory_size)
     value_and_grad = optax.value_and_grad_from_state(value_fn)
 
