@@ -81,6 +81,16 @@ class LowerLinearization(NamedTuple):
     cross_transpose: Callable[[PyTree], PyTree]  # d (theta-shaped) -> J^T d (phi-shaped)
 
 
+MODES = ("rev", "fwd")
+
+
+def check_mode(mode: str) -> str:
+    """The derivative mode of `linearize_lower`, checked up front (before any tracing)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'rev' or 'fwd', got {mode!r}.")
+    return mode
+
+
 def linearize_lower(problem: BilevelProblem, theta, phi, batch, mode: str = "rev") -> LowerLinearization:
     """Linearize grad_phi f_lower at (theta, phi).
 

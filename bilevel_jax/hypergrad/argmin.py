@@ -54,6 +54,7 @@ def argmin(f_lower: Callable, optimizer: optax.GradientTransformation, steps: in
     if not callable(f_lower):
         raise TypeError(f"f_lower must be callable, got {type(f_lower).__name__}.")
     check_positive_int("steps", steps)
+    oracles.check_mode(mode)
     solver = cg(maxiter=50) if solver is None else solver
     if not isinstance(solver, LinearSolver) or solver.stochastic:
         raise TypeError("argmin needs a deterministic bj.linear_solvers solver (cg, gd, neumann, dense).")

@@ -81,6 +81,7 @@ def hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[Li
     solver = cg(maxiter=50) if solver is None else solver
     if not isinstance(solver, LinearSolver):
         raise TypeError(f"solver must be a bj.linear_solvers solver (e.g. cg(maxiter=50)), got {solver!r}.")
+    oracles.check_mode(mode)
     problem.validate(theta, phi, data)
     if x0 is not None:
         check_same_structure("x0", oracles.differentiable(phi), x0)
