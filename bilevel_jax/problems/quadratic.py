@@ -18,6 +18,7 @@ spectrum `lower_spectrum` (z_i = H^{1/2} u_i, (1/n) sum u_i u_i' = I).
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -92,19 +93,10 @@ def _rank_one_factors(key, h, n, dtype):
     return jnp.sqrt(n) * u @ h_half
 
 
-def quadratic_bilevel(key, dim_upper: int = 5, dim_lower: int = 10, n_samples: Optional[int] = None,
-                      lower_spectrum=(0.1, 1.0), upper_spectrum=(0.1, 1.0), cross: float = 0.1,
-                      reg: float = 1.0, noise: float = 1.0, lower_cross: Optional[float] = None,
-                      dtype=jnp.float64) -> QuadraticBilevel:
-    """Draw a quadratic bilevel problem (deterministic when `n_samples` is None).
-
-    `cross` scales the cross matrices S (UL) and C (LL; `lower_cross` overrides it: 0 makes phi*
-    independent of theta, so the implicit gradient vanishes); `noise` scales the per-sample spread
-    of the linear terms. Fails loudly if the drawn F is not strongly convex.
-    """
-    lower_cross = cross if lower_cross is None else lower_cross
+@functools.partial(jax.jit, static_argnums=tuple(range(1, 10)))
+def _draw(key, du, dl, n_samples, lower_spectrum, upper_spectrum, cross, lower_cross, noise, dtype):
+    """The per-sample data (upper, lower), compiled once per shape and setting."""
     ks = jax.random.split(key, 12)
-    du, dl = dim_upper, dim_lower
     H = _spd(ks[0], dl, *lower_spectrum, dtype)
     P = _spd(ks[1], dl, *upper_spectrum, dtype)
     C = lower_cross * jax.random.normal(ks[2], (dl, du), dtype)
@@ -127,6 +119,23 @@ def quadratic_bilevel(key, dim_upper: int = 5, dim_lower: int = 10, n_samples: O
                  "h": h + centered(ks[9], (dl,))}
         upper = {"P": jnp.einsum("ni,nj->nij", zu, zu), "S": S + cross * centered(ks[10], (dl, du)),
                  "p": p + centered(ks[11], (dl,))}
+    return upper, lower
+
+
+def quadratic_bilevel(key, dim_upper: int = 5, dim_lower: int = 10, n_samples: Optional[int] = None,
+                      lower_spectrum=(0.1, 1.0), upper_spectrum=(0.1, 1.0), cross: float = 0.1,
+                      reg: float = 1.0, noise: float = 1.0, lower_cross: Optional[float] = None,
+                      dtype=jnp.float64) -> QuadraticBilevel:
+    """Draw a quadratic bilevel problem (deterministic when `n_samples` is None).
+
+    `cross` scales the cross matrices S (UL) and C (LL; `lower_cross` overrides it: 0 makes phi*
+    independent of theta, so the implicit gradient vanishes); `noise` scales the per-sample spread
+    of the linear terms. Fails loudly if the drawn F is not strongly convex.
+    """
+    lower_cross = cross if lower_cross is None else lower_cross
+    du, dl = dim_upper, dim_lower
+    upper, lower = _draw(key, dim_upper, dim_lower, n_samples, tuple(lower_spectrum), tuple(upper_spectrum),
+                         float(cross), float(lower_cross), float(noise), dtype)
     means = {k: v.mean(0) for k, v in {**lower, **upper}.items()}
     means["reg"] = jnp.asarray(reg, dtype)
     inst = QuadraticBilevel(BilevelProblem(_f_upper(reg), _f_lower), (upper, lower),
