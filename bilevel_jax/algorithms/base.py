@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
@@ -74,6 +75,23 @@ def all_finite(*trees) -> jax.Array:
     leaves = [x for t in trees for x in jax.tree_util.tree_leaves(t) if hasattr(x, "dtype")
               and jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.asarray(True)
+
+
+def guard_finite(theta, phi, v, check: bool):
+    """(theta, finite): whether theta, phi and v are all finite; with `check`, theta carries an
+    `eqx.error_if` that raises when they are not (the step is then an error under jit)."""
+    finite = all_finite(theta, phi, v)
+    if check:
+        theta = eqx.error_if(theta, ~finite, "bilevel_jax: non-finite iterate (theta, phi or v).")
+    return theta, finite
+
+
+def check_key(key) -> None:
+    """A PRNG key (`jax.random.key` / `jax.random.PRNGKey`, or a batch of them under `vmap`)."""
+    ok = isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+                                         or (key.dtype == jnp.uint32 and key.shape == (2,)))
+    if not ok:
+        raise TypeError(f"key must be a PRNG key (jax.random.PRNGKey / jax.random.key), got {key!r}.")
 
 
 def step_key(state, stream: int):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
@@ -53,17 +54,30 @@ def sgd() -> Estimator:
     return Estimator(init, estimate, False, "sgd")
 
 
-def _recursive(weights: dict, refresh_period: Optional[int]):
+def _joint_raw(raw_fn, point, prev, batches):
+    """raw_fn at z_k and z_{k-1} as one vmapped evaluation over the two points: what depends only on
+    the batches and keys (minibatch draws, e.g. the fresh batch of every HIA factor) is computed once."""
+    dyn, static = eqx.partition(point, eqx.is_array)
+    dyn_prev, _ = eqx.partition(prev, eqx.is_array)
+    stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), dyn, dyn_prev)
+    both = jax.vmap(lambda d: raw_fn(eqx.combine(d, static), batches))(stacked)
+    return jax.tree_util.tree_map(lambda x: x[0], both), jax.tree_util.tree_map(lambda x: x[1], both.raw)
+
+
+def _recursive(weights: dict, refresh_period: Optional[int], joint: bool = False):
     """d_k = raw(z_k) + w_k (d_{k-1} - raw(z_{k-1})) on the leaves with a weight (STORM: w = a_k;
     SARAH: w = 1), d_0 = raw(z_0); with `refresh_period`, a full-data raw every period.
-    `weights` maps raw keys (None: every key) to schedules."""
+    `weights` maps raw keys (None: every key) to schedules; `joint`: see `_joint_raw`."""
 
     def init(raw_like, point, n_batches):
         return {"d": otu.tree_zeros_like(raw_like), "prev": point}
 
     def estimate(raw_fn, point, state, count, batches, full_data, ids):
-        ev = raw_fn(point, batches)
-        old = raw_fn(state["prev"], batches).raw
+        if joint:
+            ev, old = _joint_raw(raw_fn, point, state["prev"], batches)
+        else:
+            ev = raw_fn(point, batches)
+            old = raw_fn(state["prev"], batches).raw
 
         def recurse(schedule, new, d, o):
             if schedule is None:
@@ -86,15 +100,17 @@ def _recursive(weights: dict, refresh_period: Optional[int]):
     return init, estimate
 
 
-def storm(momentum=0.9, keys: Optional[Sequence[str]] = None) -> Estimator:
+def storm(momentum=0.9, keys: Optional[Sequence[str]] = None, joint: bool = False) -> Estimator:
     """STORM with weight `momentum` = a_k (float, array or schedule) on the raw leaves `keys`
     (all by default; e.g. ("g_theta", "cross") for the UL direction only), or a dict
-    {raw key: weight} for per-direction weights (the bi-level momentum's eta_u, eta_l)."""
+    {raw key: weight} for per-direction weights (the bi-level momentum's eta_u, eta_l).
+    `joint=True` evaluates the current and previous points in one vmapped call, so that minibatches
+    drawn inside the direction rule (a stochastic linear solver's factors) are drawn once, not twice."""
     if isinstance(momentum, dict):
         weights = {k: as_schedule(w) for k, w in momentum.items()}
     else:
         weights = {k: as_schedule(momentum) for k in (keys if keys is not None else [None])}
-    init, estimate = _recursive(weights, None)
+    init, estimate = _recursive(weights, None, joint)
     return Estimator(init, estimate, False, "storm")
 
 

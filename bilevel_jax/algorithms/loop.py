@@ -26,7 +26,8 @@ import optax
 from bilevel_jax import oracles
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.algorithms import estimators as est
-from bilevel_jax.algorithms.base import Algorithm, BilevelState, OracleCounts, StepInfo, all_finite, step_key
+from bilevel_jax.algorithms.base import (Algorithm, BilevelState, OracleCounts, StepInfo, check_key, guard_finite,
+                                         step_key)
 from bilevel_jax.algorithms.directions import DirectionRule, Point
 from bilevel_jax.hypergrad.inner import lower_steps as run_lower_steps
 from bilevel_jax.problem import BilevelProblem, check_data_pair
@@ -102,9 +103,7 @@ def bilevel_loop(problem: BilevelProblem, *, direction: DirectionRule,
                                   sample_lower, mode)
 
     def init(theta0, phi0, key, data=None) -> BilevelState:
-        if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-                                                or (key.dtype == jnp.uint32 and key.shape == (2,)))):
-            raise TypeError(f"key must be a PRNG key (jax.random.PRNGKey / jax.random.key), got {key!r}.")
+        check_key(key)
         theta0 = problem.project(theta0)
         if data is not None:
             _check_data(data, samplers)
@@ -155,9 +154,7 @@ def bilevel_loop(problem: BilevelProblem, *, direction: DirectionRule,
         if dirs.v is not None:
             v, v_state = _apply(v_opt, dirs.v, v_state, state.v)
 
-        finite = all_finite(theta, phi, v)
-        if check_finite:
-            theta = eqx.error_if(theta, ~finite, "bilevel_jax: non-finite iterate (theta, phi or v).")
+        theta, finite = guard_finite(theta, phi, v, check_finite)
         counts = OracleCounts.of(lower_grads=lower_steps) + _scale_counts(ev.counts, mult, data, samplers)
         new_state = BilevelState(theta, phi, state.count + 1, state.key, v, lower_state, upper_state,
                                  v_state, ev.aux, est_state)

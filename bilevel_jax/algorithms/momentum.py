@@ -13,16 +13,16 @@ from typing import Optional
 
 from bilevel_jax._checks import check_in_range
 from bilevel_jax.algorithms import directions, estimators
-from bilevel_jax.algorithms._common import const, sgd
+from bilevel_jax.algorithms._common import sgd, solver_eta
 from bilevel_jax.algorithms.loop import bilevel_loop
 from bilevel_jax.linear_solvers import LinearSolver, cg, neumann, stochastic_neumann
 from bilevel_jax.schedules import inverse_power
 
 
-def _storm_loop(problem, solver, upper_lr, lower_lr, weights, batch_size, decay, **kw):
+def _storm_loop(problem, solver, upper_lr, lower_lr, weights, batch_size, decay, joint=False, **kw):
     return bilevel_loop(problem, direction=directions.implicit(solver, simultaneous=True),
                         upper_opt=sgd("upper_lr", upper_lr, decay), lower_opt=sgd("lower_lr", lower_lr, decay),
-                        estimator=estimators.storm(weights), batch_size=batch_size, **kw)
+                        estimator=estimators.storm(weights, joint=joint), batch_size=batch_size, **kw)
 
 
 def momentum(problem, *, upper_lr=0.1, lower_lr=0.1, eta_upper=0.5, eta_lower=0.5,
@@ -39,6 +39,7 @@ def momentum(problem, *, upper_lr=0.1, lower_lr=0.1, eta_upper=0.5, eta_lower=0.
 
 def _storm_weight(eta0, exponent):
     """a_k = 1 - eta_k with eta_k = eta0 / (k + 1)^exponent."""
+    check_in_range("eta0", eta0, 0.0, 1.0, closed_low=False)
     eta = inverse_power(eta0, exponent)
     return lambda k: 1.0 - eta(k)
 
@@ -48,17 +49,18 @@ def mrbo(problem, *, upper_lr=0.1, lower_lr=0.1, neumann_steps: int = 10, neuman
     """MRBO (Yang, Ji, Liang 2021): STORM on both levels with the StocBiO Neumann hypergradient;
     steps ~ (k+1)^{-1/3}, momentum eta_k = eta0 (k+1)^{-2/3} (a_k = 1 - eta_k); O~(eps^{-3/2}).
     (The authors' code re-assigns the schedule inside the epoch loop so it never decays; not copied.)"""
-    eta = lower_lr if neumann_eta is None else neumann_eta
-    return _storm_loop(problem, neumann(neumann_steps, const(eta)), upper_lr, lower_lr,
+    eta = solver_eta(lower_lr, neumann_eta)
+    return _storm_loop(problem, neumann(neumann_steps, eta), upper_lr, lower_lr,
                        {None: _storm_weight(eta0, 2.0 / 3.0)}, batch_size, 1.0 / 3.0, **kw)
 
 
 def sustain(problem, *, upper_lr=0.1, lower_lr=0.1, neumann_steps: int = 10, neumann_eta=None, eta0=0.5,
             batch_size=64, **kw):
     """SUSTAIN (Khanduri et al. 2021): as MRBO with the HIA (stochastic Neumann) hypergradient."""
-    eta = lower_lr if neumann_eta is None else neumann_eta
-    return _storm_loop(problem, stochastic_neumann(neumann_steps, const(eta)), upper_lr, lower_lr,
-                       {None: _storm_weight(eta0, 2.0 / 3.0)}, batch_size, 1.0 / 3.0, **kw)
+    eta = solver_eta(lower_lr, neumann_eta)
+    # joint: the HIA factors' minibatches are drawn once for the current and the previous point
+    return _storm_loop(problem, stochastic_neumann(neumann_steps, eta), upper_lr, lower_lr,
+                       {None: _storm_weight(eta0, 2.0 / 3.0)}, batch_size, 1.0 / 3.0, joint=True, **kw)
 
 
 def vrbo(problem, *, upper_lr=0.1, lower_lr=0.1, neumann_steps: int = 10, neumann_eta=None, period: int = 32,
@@ -67,7 +69,7 @@ def vrbo(problem, *, upper_lr=0.1, lower_lr=0.1, neumann_steps: int = 10, neuman
     refreshed with full-data estimates every `period` steps, Neumann hypergradient, constant steps.
     (The paper also runs recursive LL steps inside each period; here each outer step makes one
     simultaneous LL step.)"""
-    eta = lower_lr if neumann_eta is None else neumann_eta
-    return bilevel_loop(problem, direction=directions.implicit(neumann(neumann_steps, const(eta)), simultaneous=True),
+    eta = solver_eta(lower_lr, neumann_eta)
+    return bilevel_loop(problem, direction=directions.implicit(neumann(neumann_steps, eta), simultaneous=True),
                         upper_opt=sgd("upper_lr", upper_lr), lower_opt=sgd("lower_lr", lower_lr),
                         estimator=estimators.sarah(period), batch_size=batch_size, **kw)

@@ -6,8 +6,9 @@ paper's exponent, a schedule is used as given), `batch_size`, plus `sampler`, `m
 """
 from __future__ import annotations
 
+from bilevel_jax._checks import check_in_range
 from bilevel_jax.algorithms import directions, estimators
-from bilevel_jax.algorithms._common import const, sgd
+from bilevel_jax.algorithms._common import sgd, solver_eta
 from bilevel_jax.algorithms.loop import bilevel_loop
 from bilevel_jax.linear_solvers import stochastic_neumann
 
@@ -22,8 +23,8 @@ def ttsa(problem, *, upper_lr=0.1, lower_lr=0.1, neumann_steps: int = 10, neuman
     default_up, default_low = (1.0, 2.0 / 3.0) if strongly_convex else (0.6, 0.4)
     up = default_up if upper_decay is None else upper_decay
     low = default_low if lower_decay is None else lower_decay
-    eta = lower_lr if neumann_eta is None else neumann_eta
-    return bilevel_loop(problem, direction=directions.implicit(stochastic_neumann(neumann_steps, const(eta))),
+    eta = solver_eta(lower_lr, neumann_eta)
+    return bilevel_loop(problem, direction=directions.implicit(stochastic_neumann(neumann_steps, eta)),
                         upper_opt=sgd("upper_lr", upper_lr, up), lower_opt=sgd("lower_lr", lower_lr, low),
                         lower_steps=1, batch_size=batch_size, **kw)
 
@@ -32,8 +33,8 @@ def alset(problem, *, upper_lr=0.05, lower_lr=0.1, lower_steps: int = 1, neumann
           neumann_eta=None, batch_size=64, **kw):
     """ALSET (Chen, Sun, Yin 2021): alternating SGD with T (default 1) LL steps and the HIA
     hypergradient, constant steps alpha, beta = O(1/sqrt(K)) (pass them as the step sizes)."""
-    eta = lower_lr if neumann_eta is None else neumann_eta
-    return bilevel_loop(problem, direction=directions.implicit(stochastic_neumann(neumann_steps, const(eta))),
+    eta = solver_eta(lower_lr, neumann_eta)
+    return bilevel_loop(problem, direction=directions.implicit(stochastic_neumann(neumann_steps, eta)),
                         upper_opt=sgd("upper_lr", upper_lr), lower_opt=sgd("lower_lr", lower_lr),
                         lower_steps=lower_steps, batch_size=batch_size, **kw)
 
@@ -74,6 +75,7 @@ def srba(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, batch_size=64, perio
 def fsla(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, momentum_eta=0.5, batch_size=64, **kw):
     """FSLA (Li, Gu, Huang 2022): one SGD step on phi, one step on v (as SOBA), and STORM momentum
     on the UL direction only: d_k = D_theta(z_k) + (1 - eta)(d_{k-1} - D_theta(z_{k-1})), same sample."""
+    check_in_range("momentum_eta", momentum_eta, 0.0, 1.0)
     rho = sgd("lower_lr", lower_lr)
     weight = (lambda k: 1.0 - momentum_eta(k)) if callable(momentum_eta) else 1.0 - momentum_eta
     return bilevel_loop(problem, direction=directions.amortized(), upper_opt=sgd("upper_lr", upper_lr),

@@ -24,7 +24,8 @@ import optax.tree_utils as otu
 
 from bilevel_jax import oracles
 from bilevel_jax._checks import check_step_size
-from bilevel_jax.algorithms.base import Algorithm, BilevelState, OracleCounts, StepInfo, all_finite, step_key
+from bilevel_jax.algorithms.base import (Algorithm, BilevelState, OracleCounts, StepInfo, check_key, guard_finite,
+                                         step_key)
 from bilevel_jax.algorithms.loop import (LOWER_STREAM, SOLVER_STREAM, UPPER_STREAM, BatchSize, _apply,
                                          _check_data, make_samplers)
 from bilevel_jax.hypergrad.implicit import implicit_direction, make_matvec
@@ -34,10 +35,13 @@ from bilevel_jax.problem import BilevelProblem
 
 def stable(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, linear_solver: Optional[LinearSolver] = None,
            warm_start: bool = True, batch_size: BatchSize = None, sampler: str = "iid",
-           mode: str = "rev") -> Algorithm:
+           mode: str = "rev", check_finite: bool = False) -> Algorithm:
     """STABLE with step sizes alpha = `upper_lr`, beta = `lower_lr` (floats, arrays or schedules;
     the paper's single timescale is alpha, beta = Theta(K^{-1/2}) constants) and `linear_solver`
-    (default cg(10), warm-started) for both v and the correction."""
+    (default cg(10), warm-started) for both v and the correction. `batch_size`, `sampler`, `mode`
+    and `check_finite` as in `bilevel_loop`."""
+    if not isinstance(problem, BilevelProblem):
+        raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
     check_step_size("upper_lr", upper_lr)
     check_step_size("lower_lr", lower_lr)
     solver = stateful(cg(10) if linear_solver is None else linear_solver, warm_start)
@@ -45,6 +49,7 @@ def stable(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, linear_solver
     samplers = make_samplers(batch_size, sampler)
 
     def init(theta0, phi0, key, data=None):
+        check_key(key)
         theta0 = problem.project(theta0)
         if data is not None:
             _check_data(data, samplers)
@@ -75,10 +80,11 @@ def stable(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, linear_solver
         phi, lower_state = _apply(lower_opt, out.lin.grad_phi, state.lower_opt_state, state.phi)
         phi = eqx.apply_updates(phi, otu.tree_scale(-1.0, correction))
 
+        theta, finite = guard_finite(theta, phi, out.v, check_finite)
         counts = OracleCounts.of(lower_grads=1, upper_grads=1, cross=2) + \
             OracleCounts.of(hvps=out.info.num_matvecs + c_info.num_matvecs)
         new_state = BilevelState(theta, phi, state.count + 1, state.key, out.v, lower_state, upper_state,
                                  None, (out.aux, c_state), None)
-        return new_state, StepInfo(counts, out.info.residual_norm, all_finite(theta, phi, out.v))
+        return new_state, StepInfo(counts, out.info.residual_norm, finite)
 
     return Algorithm(init, update)

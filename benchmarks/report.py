@@ -1,0 +1,149 @@
+"""Markdown tables of a bench.json: device and versions, medians with their spread."""
+from __future__ import annotations
+
+from typing import List
+
+
+def _t(s, unit="ms"):
+    """'median [q25-q75]' of a stats dict, seconds shown in `unit`."""
+    if not s or "median" not in s:
+        return "-"
+    k = {"s": 1.0, "ms": 1e3, "us": 1e6}[unit]
+    return f"{s['median'] * k:.4g} [{s['q25'] * k:.3g}-{s['q75'] * k:.3g}] {unit}"
+
+
+def _auto(s):
+    if not s or "median" not in s:
+        return "-"
+    m = s["median"]
+    return _t(s, "us" if m < 1e-3 else "ms" if m < 1 else "s")
+
+
+def _n(x, fmt=".3g"):
+    return "-" if x is None else format(x, fmt)
+
+
+def _mib(b):
+    return "-" if b is None else f"{b / 2 ** 20:.3g}"
+
+
+def _table(header: List[str], rows: List[List[str]]) -> List[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def markdown(res: dict) -> str:
+    m = res["meta"]
+    v = m["versions"]
+    lines = ["# bilevel_jax bench" + (" (--quick: sizes too small to mean anything)" if m.get("quick") else ""), "",
+             f"- device: {m['device']}",
+             f"- versions: " + ", ".join(f"{k} {v[k]}" for k in v if v[k]) + f"; python {m['python']}",
+             f"- load average (1/5/15 min) at start {tuple(round(x, 2) for x in m['load_avg_start'])}, "
+             f"end {tuple(round(x, 2) for x in m.get('load_avg_end', ()))}; total {res.get('total_s', 0):.0f} s",
+             "- times: median [inter-quartile range] over repeated calls, each call `jax.block_until_ready`-ed "
+             "after a warm-up call", ""]
+    for name, desc in res.get("problems", {}).items():
+        lines.append(f"- `{name}`: {desc}")
+    lines.append("")
+
+    steps, orc, comp = res.get("steps", {}), res.get("oracles", {}), res.get("compile", {})
+    if steps and "error" not in steps:
+        names = list(steps)
+        presets = list(next(iter(steps.values()))["presets"])
+        lines += ["## Time per outer iteration, compile time, oracle efficiency", "",
+                  "Time per step: a jitted `bj.run` of K steps / K (K = " +
+                  ", ".join(f"{n}: {res['config']['steps'][n]}" for n in names) + "). Compile: first call "
+                  "(trace + XLA compile) of that run on `quadratic` in a cold process, and in a second process "
+                  "with `bj.enable_compilation_cache` (cache hits).", ""]
+        header = ["preset"] + [f"{n} / step" for n in names]
+        if comp and "presets" in comp:
+            header += ["compile cold (s)", "2nd process (s)"]
+        rows = []
+        for p in presets:
+            row = [p]
+            for n in names:
+                r = steps[n]["presets"].get(p, {})
+                row.append("ERROR" if "error" in r else _auto(r.get("per_step")) + ("" if r.get("finite", True) else " (non-finite)"))
+            if comp and "presets" in comp:
+                c = comp["presets"].get(p, {})
+                row += [_n(c.get("cold_first_call_s")), _n(c.get("warm_first_call_s"))]
+            rows.append(row)
+        lines += _table(header, rows) + [""]
+        if orc and "error" not in orc:
+            lines += ["Oracle efficiency: step time / sum of its oracle calls timed alone, and in brackets with the "
+                      "step's minibatch draws (index RNG + gather) added to the sum. Goal <= 1.2 for single-loop "
+                      "methods; (!) marks those above; below 1: oracles share passes (fused vjp, one linearization "
+                      "for all solver matvecs).", ""]
+            onames = [n for n in names if n in orc and "presets" in orc[n]]
+            rows = []
+            for p in presets:
+                row = [p]
+                for n in onames:
+                    e = orc[n]["presets"].get(p)
+                    if e is None:
+                        row.append("-")
+                        continue
+                    flag = " (!)" if e.get("above_goal") else ""
+                    with_g = f" ({e['ratio_with_gathers']:.2f})" if e.get("gathers_s") else ""
+                    row.append(f"{e['ratio']:.2f}{with_g}{flag}")
+                rows.append(row)
+            lines += _table(["preset"] + [f"eff. {n}" for n in onames], rows) + [""]
+            for n in onames:
+                u = orc[n]["units"]
+                lines.append(f"- oracle units on `{n}`: " + ", ".join(f"{k} {_auto(s)}" for k, s in u.items()))
+            lines.append("")
+    if comp and "second_process" in comp:
+        sp = comp["second_process"]
+        lines += [f"- compile: cold total {comp['cold_compile_total_s']:.1f} s for {len(comp['presets'])} runs "
+                  f"(+ setup {comp['cold_setup_s']:.1f} s for all problems); second process: wall {sp['wall_s']:.1f} s "
+                  f"(imports {sp['imports_s']:.1f} s, quadratic setup {sp['setup_s']:.1f} s, all runs loaded in "
+                  f"{sp['compile_total_s']:.1f} s; cache hits {sp['events']['hits']}, misses {sp['events']['misses']})", ""]
+    elif comp and "error" in comp:
+        lines += [f"- compile: ERROR {comp['error'][:300]}", ""]
+
+    ref = res.get("reference", {})
+    if ref and "error" not in ref:
+        lines += ["## SOBA against a plain-JAX SOBA step (the limit)", "",
+                  "Same sampling, same iterates (max |theta diff|); ratio = median of interleaved per-call ratios "
+                  "[IQR]; bar <= 1.15.", ""]
+        rows = [[n, _auto(r["soba"]), _auto(r["reference"]),
+                 f"{r['ratio']['median']:.3f} [{r['ratio']['q25']:.3f}-{r['ratio']['q75']:.3f}]",
+                 f"{r['max_abs_diff_theta']:.2g}"] for n, r in ref.items()]
+        lines += _table(["problem", "bj soba / step", "reference / step", "ratio", "max |theta diff|"], rows) + [""]
+
+    vm = res.get("vmap", {})
+    if vm and "error" not in vm:
+        lines += ["## vmap over seeds", ""]
+        rows = []
+        for n, r in vm.items():
+            for who, table in ((r["preset"], r["seeds"]), ("plain-JAX reference", r.get("reference_seeds", {}))):
+                for s, x in table.items():
+                    rows.append([n, who, s, _auto(x), _auto({k: x[k] / (1 if s.startswith("1 ") else int(s))
+                                                             for k in ("median", "q25", "q75")}),
+                                 f"{x['vs_one_seed']:.3f}"])
+        lines += _table(["problem", "preset", "seeds", "time / step (all seeds)", "per seed", "per seed vs 1 seed"], rows) + [""]
+
+    un = res.get("unrolled", {})
+    if un and "error" not in un:
+        lines += ["## Unrolled differentiation against T", "", f"{un['problem']}", ""]
+        rows = [[r["variant"], str(r["T"]), _auto(r["time"]), _mib(r["temp_bytes"]), f"{r['compile_s']:.2f}"]
+                for r in un["rows"].values()]
+        lines += _table(["variant", "T", "time / hypergradient", "XLA temp (MiB)", "compile (s)"], rows)
+        lines += ["", "- max |difference| between variants: " +
+                  ", ".join(f"{k} {d:.2g}" for k, d in un["max_abs_diff_between_variants"].items()), ""]
+
+    pe = res.get("peer", {})
+    if pe and "error" not in pe:
+        lines += ["## Peer: implicit hypergradient", "", f"{pe['problem']}; {pe['cg_iterations']} CG iterations", ""]
+        lines += _table(["implementation", "time / hypergradient", "max |g - dense|"], [
+            ["bilevel_jax (bj.hypergradient, cg)", _auto(pe["bilevel_jax"]), f"{pe['error_vs_dense']['bilevel_jax']:.2g}"],
+            [f"{pe['peer']} {pe['peer_version'] or ''}", _auto(pe["peer_timing"]), f"{pe['error_vs_dense']['peer']:.2g}"],
+        ])
+        lines += ["", f"- time ratio bilevel_jax / peer: {pe['ratio']['median']:.3f} "
+                      f"[{pe['ratio']['q25']:.3f}-{pe['ratio']['q75']:.3f}]; max |bj - peer| = {pe['max_abs_diff']:.2g} "
+                      f"(max |g| = {pe['max_abs_grad']:.2g})", ""]
+
+    errors = [k for k in ("steps", "oracles", "compile", "reference", "vmap", "unrolled", "peer")
+              if isinstance(res.get(k), dict) and "error" in res[k]]
+    if errors:
+        lines += [f"- sections with errors: {errors} (see the JSON)", ""]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Experiments: one module per reproduced figure/table (run with `python -m experiments.<name>`)."""

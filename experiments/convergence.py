@@ -1,0 +1,212 @@
+"""The default figure: convergence curves of the configured algorithms (fig-hpo-logreg,
+fig-quadratic, fig-inner-accuracy, the demo).
+
+Runs the missing cells, then for each algorithm label keeps its best grid point (`curves =
+"best"`: lowest median over seeds of the mean log-metric over the last 20% of evaluations of
+`plot.select_by`; diverged runs rank last) or every cell (`curves = "all"`), draws metric rows
+against the x axes, writes `<name>.png`, `summary.md` and `sweep.csv` in the experiment folder,
+and prints the summary table (final value, time and oracle calls to reach `plot.target`).
+
+The time axis is `step x seconds_per_step`, the per-step wall time of an un-batched single-seed
+run without metric evaluations (see `experiments.sweep`); oracle calls are the cumulative counts
+of `bj.run` (LL gradients + UL gradients + HVPs + cross products, all minibatch oracles).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict, List, NamedTuple, Optional
+
+import numpy as np
+
+from experiments.config import ConfigError, experiment_dir
+from experiments.plotting import Curve, band, plot_grid
+from experiments.results import CellResult, ResultStore
+from experiments.runner import prepare, run_cells
+from experiments.sweep import expand
+
+OPTIONS: Dict[str, type] = {}   # this figure has no [options]
+
+
+def oracle_calls(history) -> np.ndarray:
+    """(seeds, evals) total oracle calls."""
+    return sum(np.asarray(history[k], dtype=float) for k in ("lower_grads", "upper_grads", "hvps", "cross"))
+
+
+def curve_of(result: CellResult, label: str, metrics) -> Curve:
+    h, meta = result.history, result.meta
+    steps = np.asarray(h["step"][0], dtype=float)
+    per_step = meta["timings"]["seconds_per_step"]
+    if per_step is None or not np.isfinite(per_step):
+        per_step = meta["timings"]["run_s"] / max(meta["steps"], 1)
+    x = {"step": steps, "time": steps * per_step, "oracles": np.median(oracle_calls(h), axis=0)}
+    y = {}
+    for m in metrics:
+        arr = np.asarray(h[m], dtype=float)
+        bad = ~np.asarray(h["finite"], dtype=bool)
+        y[m] = np.where(bad, np.nan, arr)
+    return Curve(label, x, y)
+
+
+def score(result: CellResult, metric: str, log: bool = True) -> float:
+    """Median over seeds of the mean (log-)metric over the last 20% of evaluations; inf if diverged."""
+    y = np.asarray(result.history[metric], dtype=float)
+    if not np.all(result.history["finite"]) or not np.all(np.isfinite(y)):
+        return math.inf
+    tail = y[:, -max(1, y.shape[1] // 5):]
+    if log:
+        tail = np.log10(np.maximum(tail, 1e-300))
+    return float(np.median(tail.mean(axis=1)))
+
+
+def _value_text(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict) and "name" in v:
+        return f"{v['name']}(" + ",".join(f"{a}={_value_text(b)}" for a, b in v.items() if a != "name") + ")"
+    return str(v)
+
+
+def hp_text(result: CellResult) -> str:
+    meta = result.meta
+    items = {**meta["static"], **meta["traced"]}
+    return " ".join(f"{k}={_value_text(v)}" for k, v in items.items() if k not in ("batch_size",))
+
+
+def flat_keys(result: CellResult) -> dict:
+    """The cell's settings with nested keys joined by underscores (for `plot.label`)."""
+    out = {"label": result.meta["label"], "preset": result.meta["preset"]}
+    for k, v in {**result.meta["static"], **result.meta["traced"]}.items():
+        if isinstance(v, dict):
+            out.update({f"{k}_{a}": b for a, b in v.items()})
+        out[k] = _value_text(v)
+    return out
+
+
+class Row(NamedTuple):
+    label: str
+    hyper: str
+    final: float
+    final_lo: float
+    final_hi: float
+    time_to_target: float
+    oracles_to_target: float
+    oracles_total: float
+    seconds_per_step: float
+    compile_s: float
+
+
+def reach(x: np.ndarray, y_median: np.ndarray, target: Optional[float]) -> float:
+    if target is None:
+        return math.nan
+    hit = np.nonzero(np.asarray(y_median) <= target)[0]
+    return float(x[hit[0]]) if hit.size else math.inf
+
+
+def summary_rows(results: List[CellResult], labels: List[str], metric: str, target, quantiles) -> List[Row]:
+    rows = []
+    for res, label in zip(results, labels):
+        c = curve_of(res, label, [metric])
+        med, lo, hi = band(c.y[metric], quantiles)
+        rows.append(Row(label, hp_text(res), med[-1], lo[-1], hi[-1], reach(c.x["time"], med, target),
+                        reach(c.x["oracles"], med, target), float(c.x["oracles"][-1]),
+                        res.meta["timings"]["seconds_per_step"], res.meta["timings"]["compile_s"]))
+    return rows
+
+
+def _fmt(x, spec=".3g"):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float) and math.isinf(x):
+        return "not reached"
+    return format(x, spec)
+
+
+def format_table(rows: List[Row], metric: str, target) -> str:
+    head = ["algorithm", f"final {metric} (median [20%, 80%])", f"time to {_fmt(target)} (s)",
+            f"oracles to {_fmt(target)}", "oracles total", "ms/step", "compile (s)", "hyperparameters"]
+    body = [[r.label, f"{_fmt(r.final)} [{_fmt(r.final_lo)}, {_fmt(r.final_hi)}]", _fmt(r.time_to_target, ".2f"),
+             _fmt(r.oracles_to_target, ".3g"), _fmt(r.oracles_total, ".3g"), _fmt(r.seconds_per_step * 1e3, ".3f"),
+             _fmt(r.compile_s, ".1f"), r.hyper] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body])
+
+
+def select(cfg: dict, results: List[CellResult]):
+    """(chosen results, their curve labels) by the plot's `curves` rule; all scores for sweep.csv."""
+    plot = cfg["plot"]
+    scores = {r.cell_id: score(r, plot["select_by"], plot["logy"]) for r in results}
+    if plot["curves"] == "all":
+        labels = []
+        for r in results:
+            point = r.meta["point"]
+            if plot["label"]:
+                try:
+                    labels.append(plot["label"].format_map(flat_keys(r)))
+                    continue
+                except (KeyError, IndexError, ValueError) as e:
+                    raise ConfigError(f"[plot] label {plot['label']!r}: unknown field {e}; fields: "
+                                      f"{', '.join(sorted(flat_keys(r)))}.") from e
+            labels.append(r.meta["label"] + (" " + " ".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
+                                             if point else ""))
+        return results, labels, scores
+    chosen, labels = [], []
+    for label in dict.fromkeys(r.meta["label"] for r in results):
+        members = [r for r in results if r.meta["label"] == label]
+        chosen.append(min(members, key=lambda r: scores[r.cell_id]))
+        labels.append(label)
+    return chosen, labels, scores
+
+
+def write_sweep_csv(path: str, results: List[CellResult], scores: dict, metric: str) -> None:
+    import csv
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "cell_id", "hyperparameters", f"score(log10 {metric}, tail mean)"])
+        for r in results:
+            w.writerow([r.meta["label"], r.cell_id, hp_text(r), scores[r.cell_id]])
+
+
+def title_of(cfg: dict, setup_description: str, synthetic: bool) -> str:
+    title = cfg["plot"]["title"] or cfg["title"] or cfg["name"]
+    source = setup_description + (" [SYNTHETIC stand-in data]" if synthetic else "")
+    return f"{title}\n{source}"
+
+
+def report(cfg: dict, store: ResultStore, cells, setup, log=print) -> dict:
+    """Figure + summary from the saved cells of `cells`."""
+    results = store.load_many(c.cell_id for c in cells)
+    if not results:
+        raise RuntimeError(f"no results found in {store.cells_dir}.")
+    plot = cfg["plot"]
+    chosen, labels, scores = select(cfg, results)
+    curves = [curve_of(r, lab, plot["metrics"]) for r, lab in zip(chosen, labels)]
+    png = store.path(plot["file"] or f"{cfg['name']}.png")
+    plot_grid(curves, plot["metrics"], plot["x"], png, title_of(cfg, setup.description, setup.synthetic),
+              logy=plot["logy"], logx=plot["logx"], quantiles=plot["quantiles"],
+              note=f"{len(results[0].meta['seeds'])} seeds, {cfg['steps']} steps")
+    metric = plot["metrics"][0]
+    rows = summary_rows(chosen, labels, metric, plot["target"], plot["quantiles"])
+    table = format_table(rows, metric, plot["target"])
+    with open(store.path("summary.md"), "w") as f:
+        f.write(f"# {cfg['name']}\n\n{setup.description}\n\n{table}\n")
+    write_sweep_csv(store.path("sweep.csv"), results, scores, plot["select_by"])
+    log(table)
+    log(f"figure: {png}")
+    return {"figure": png, "rows": rows, "table": table, "results": results}
+
+
+def main(cfg: dict, on_cell_saved=None, log=print) -> dict:
+    store = ResultStore(experiment_dir(cfg))
+    setup, reference = prepare(cfg, store)
+    log(f"[{cfg['name']}] {setup.description}")
+    cells = expand(cfg)
+    stats = run_cells(cfg, setup, reference, store, cells, on_cell_saved=on_cell_saved, log=log)
+    out = report(cfg, store, cells, setup, log=log)
+    out["stats"] = stats
+    out["reference"] = reference
+    return out
+
+
+__all__ = ["OPTIONS", "curve_of", "format_table", "main", "report", "score", "select", "summary_rows"]

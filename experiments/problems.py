@@ -1,0 +1,237 @@
+"""Problem factories by name: `build(problem_cfg)` -> `Setup` (problem, data, start, metrics).
+
+    quadratic    bj.problems.quadratic_bilevel (closed forms: grad F, theta*, phi*(theta), F*)
+    logreg_hpo   bj.problems.logistic_hpo on IJCNN1 (files or the IJCNN1-shaped generator),
+                 scikit-learn's breast cancer, or the generator at any size; h* by L-BFGS
+
+Metrics are pure functions `(state, data) -> scalar` evaluated inside `bj.run`'s scan (data is
+the run's argument, never a closure); only the requested ones are computed. Reference values
+(F*, h*) are computed once by `Setup.compute_reference` and passed to `Setup.make_eval`.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Dict, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+import bilevel_jax as bj
+from experiments.config import ConfigError
+
+
+class Setup(NamedTuple):
+    problem: bj.BilevelProblem
+    data: tuple
+    theta0: jax.Array
+    phi0: jax.Array
+    description: str                        # for titles and logs (says "synthetic" when it is)
+    synthetic: bool
+    metric_names: tuple                     # what make_eval can record
+    compute_reference: Callable[[], dict]   # -> JSON-able floats/lists (F*, h*, ...)
+    make_eval: Callable                     # (names, reference) -> eval_fn(state, data) -> dict
+
+
+def _sq(x):
+    return jnp.sum(jnp.square(x))
+
+
+# --------------------------------------------------------------------------------------------------
+# quadratic
+
+QUADRATIC_METRICS = ("grad_sq", "value_gap", "theta_err", "lower_gap", "value")
+
+
+def quadratic(seed: int = 0, dim_upper: int = 5, dim_lower: int = 10, n_samples: Optional[int] = 256,
+              lower_spectrum: Sequence[float] = (0.1, 1.0), upper_spectrum: Sequence[float] = (0.1, 1.0),
+              cross: float = 0.1, reg: float = 1.0, noise: float = 1.0, lower_cross: Optional[float] = None,
+              theta_shift: float = 0.0, phi_shift: float = 0.0) -> Setup:
+    """The stochastic (finite-sum, `n_samples`; 0 = deterministic) quadratic bilevel problem.
+
+    Starts at theta0 = theta_shift * 1, phi0 = phi_shift * 1. Metrics: grad_sq = ||grad F(theta)||^2,
+    value_gap = F(theta) - F*, theta_err = ||theta - theta*||^2, lower_gap = ||phi - phi*(theta)||^2,
+    value = F(theta).
+    """
+    q = bj.problems.quadratic_bilevel(jax.random.PRNGKey(seed), dim_upper=dim_upper, dim_lower=dim_lower,
+                                      n_samples=n_samples or None, lower_spectrum=tuple(lower_spectrum),
+                                      upper_spectrum=tuple(upper_spectrum), cross=cross, reg=reg, noise=noise,
+                                      lower_cross=lower_cross)
+    theta0 = q.theta0 + theta_shift
+    phi0 = q.phi0 + phi_shift
+
+    def compute_reference():
+        ts = q.theta_star()
+        return {"theta_star": [float(t) for t in ts], "value_star": float(q.value(ts))}
+
+    def make_eval(names, reference):
+        ts = jnp.asarray(reference["theta_star"], theta0.dtype)
+        f_star = reference["value_star"]
+        fns = {
+            "grad_sq": lambda s, d: _sq(q.grad(s.theta)),
+            "value_gap": lambda s, d: q.value(s.theta) - f_star,
+            "value": lambda s, d: q.value(s.theta),
+            "theta_err": lambda s, d: _sq(s.theta - ts),
+            "lower_gap": lambda s, d: _sq(s.phi - q.phi_star(s.theta)),
+        }
+        return _select(fns, names)
+
+    kind = f"{n_samples} samples" if n_samples else "deterministic"
+    desc = f"quadratic bilevel (d_theta={dim_upper}, d_phi={dim_lower}, {kind})"
+    return Setup(q.problem, q.data, theta0, phi0, desc, False, QUADRATIC_METRICS, compute_reference, make_eval)
+
+
+# --------------------------------------------------------------------------------------------------
+# logistic-regression hyperparameter selection
+
+LOGREG_METRICS = ("value", "value_gap", "grad_sq", "val_loss", "train_loss", "lower_gap", "val_error",
+                  "test_loss", "test_value", "test_error")
+LOGREG_DATA = ("ijcnn1", "ijcnn1_like", "breast_cancer")
+
+
+def _load_logreg_data(data: str, path, n_train, n_val, data_seed, val_fraction):
+    from bilevel_jax import datasets
+    if data == "ijcnn1":
+        sizes = {k: v for k, v in (("n_train", n_train), ("n_val", n_val)) if v}
+        loaded = datasets.ijcnn1(path, key=data_seed, **sizes)
+        return loaded.data, loaded.source, loaded.synthetic
+    if data == "ijcnn1_like":
+        sizes = {k: v for k, v in (("n_train", n_train), ("n_val", n_val)) if v}
+        return datasets.ijcnn1_like(data_seed, **sizes), f"{datasets.SYNTHETIC_IJCNN1} (seed {data_seed})", True
+    if data == "breast_cancer":
+        return (datasets.breast_cancer(data_seed, val_fraction=val_fraction),
+                "breast cancer (scikit-learn, 569 x 30)", False)
+    raise ConfigError(f"unknown logreg_hpo data {data!r}; valid: {', '.join(LOGREG_DATA)}.")
+
+
+def logreg_hpo(data: str = "ijcnn1", path: Optional[str] = None, n_train: int = 0, n_val: int = 0,
+               data_seed: int = 0, val_fraction: float = 0.5, seed: int = 0, per_feature: bool = True,
+               theta_init: str = "log_uniform", phi_init: str = "normal", eval_newton_steps: int = 6,
+               reference_steps: int = 200, test_fraction: float = 0.0, theta_shift: float = 0.0) -> Setup:
+    """Seed 003's hyperparameter selection: logistic regression with one regulariser exp(theta_k)
+    per feature (`bj.problems.logistic_hpo`).
+
+    data: "ijcnn1" (libsvm files from `path` or $BILEVEL_JAX_IJCNN1, else the IJCNN1-shaped
+      generator with n_train/n_val rows, 0 = IJCNN1's sizes), "ijcnn1_like" (always generated),
+      "breast_cancer" (scikit-learn, split by val_fraction). `seed` draws the starting point.
+      test_fraction > 0 holds out that share of the validation rows as a test set (never seen by
+      the algorithms) for the test_* metrics. theta_shift is added to the initial theta (e.g. -4
+      starts with little regularisation: an ill-conditioned LL Hessian).
+    Metrics: value = h(theta) (w*(theta) by `eval_newton_steps` damped Newton steps warm-started at
+    the current phi), value_gap = h(theta) - h* (h* by `reference_steps` L-BFGS steps), grad_sq =
+    ||grad h||^2 (dense implicit gradient), val_loss / train_loss = the losses of the current phi,
+    lower_gap = ||phi - w*(theta)||^2, val_error = validation misclassification rate of phi.
+    """
+    from bilevel_jax.problems import logistic as lg
+    raw, source, synthetic = _load_logreg_data(data, path, n_train, n_val, data_seed, val_fraction)
+    test = None
+    if test_fraction:
+        if not 0.0 < test_fraction < 1.0:
+            raise ConfigError(f"test_fraction must lie in (0, 1), got {test_fraction!r}.")
+        (Xv, yv), lower = raw
+        n_test = int(round(test_fraction * Xv.shape[0]))
+        test = (Xv[:n_test], yv[:n_test])
+        raw = ((Xv[n_test:], yv[n_test:]), lower)
+    hpo = bj.problems.logistic_hpo(raw, seed, per_feature=per_feature, theta_init=theta_init, phi_init=phi_init)
+    hpo = hpo._replace(theta0=hpo.theta0 + theta_shift)
+    problem = hpo.problem
+
+    def w_star(theta, phi, d):
+        return newton_from(theta, phi, d[1], eval_newton_steps, lg.lower_grad_hessian, problem.f_lower)
+
+    def value(s, d):
+        return problem.f_upper(s.theta, w_star(s.theta, s.phi, d), d[0])
+
+    def grad_sq(s, d):
+        w = w_star(s.theta, s.phi, d)
+        b = jax.grad(problem.f_upper, 1)(s.theta, w, d[0])
+        _, H = lg.lower_grad_hessian(s.theta, w, d[1])
+        v = jnp.linalg.solve(H, b)
+        g = -jnp.broadcast_to(jnp.exp(s.theta), w.shape) * w * v
+        return _sq(g.sum() if jnp.ndim(s.theta) == 0 else g)
+
+    def error(w, batch):
+        X, y = batch
+        return jnp.mean((y * (X @ w) <= 0).astype(X.dtype))
+
+    def no_test(s, d):
+        raise ConfigError("the test_* metrics need problem.test_fraction > 0.")
+
+    def compute_reference():
+        sol = hpo.solve_value(steps=reference_steps)
+        return {"value_star": float(sol.value), "value_star_grad_norm": float(sol.grad_norm),
+                "theta_star": [float(t) for t in jnp.atleast_1d(sol.theta)]}
+
+    def make_eval(names, reference):
+        h_star = reference["value_star"]
+        fns = {
+            "value": value,
+            "value_gap": lambda s, d: value(s, d) - h_star,
+            "grad_sq": grad_sq,
+            "val_loss": lambda s, d: problem.f_upper(s.theta, s.phi, d[0]),
+            "train_loss": lambda s, d: problem.f_lower(s.theta, s.phi, d[1]),
+            "lower_gap": lambda s, d: _sq(s.phi - w_star(s.theta, s.phi, d)),
+            "val_error": lambda s, d: error(s.phi, d[0]),
+            "test_loss": (lambda s, d: problem.f_upper(s.theta, s.phi, test)) if test else no_test,
+            "test_value": (lambda s, d: problem.f_upper(s.theta, w_star(s.theta, s.phi, d), test)) if test else no_test,
+            "test_error": (lambda s, d: error(s.phi, test)) if test else no_test,
+        }
+        return _select(fns, names)
+
+    (Xv, _), (X, _) = raw
+    held = f", n_test={test[0].shape[0]}" if test else ""
+    desc = f"logistic HPO on {source}: n_train={X.shape[0]}, n_val={Xv.shape[0]}{held}, d={X.shape[1]}"
+    return Setup(problem, hpo.data, hpo.theta0, hpo.phi0, desc, synthetic, LOGREG_METRICS,
+                 compute_reference, make_eval)
+
+
+# --------------------------------------------------------------------------------------------------
+
+def newton_from(theta, w, lower_data, steps: int, grad_hessian, f_lower, trials: int = 4):
+    """`steps` Newton steps on f_lower(theta, .) from the warm start w (the recorded iterate), each
+    the best of the step lengths 1, 1/2, ..., 2^-(trials-1) and "stay" (safeguarded, monotone)."""
+    ts = 0.5 ** jnp.arange(trials, dtype=w.dtype)
+
+    def step(w, _):
+        g, H = grad_hessian(theta, w, lower_data)
+        d = -jnp.linalg.solve(H, g)
+        cand = jnp.concatenate([w[None] + ts[:, None] * d[None], w[None]])
+        values = jax.vmap(lambda c: f_lower(theta, c, lower_data))(cand)
+        return cand[jnp.argmin(jnp.where(jnp.isfinite(values), values, jnp.inf))], None
+
+    return jax.lax.scan(step, w, None, length=steps)[0]
+
+
+PROBLEMS: Dict[str, Callable[..., Setup]] = {"quadratic": quadratic, "logreg_hpo": logreg_hpo}
+
+
+def _select(fns: dict, names) -> Callable:
+    unknown = [n for n in names if n not in fns]
+    if unknown:
+        raise ConfigError(f"unknown metric(s) {unknown}; valid metrics: {', '.join(sorted(fns))}.")
+    chosen = {n: fns[n] for n in names}
+    return lambda state, data: {n: f(state, data) for n, f in chosen.items()}
+
+
+def check(problem_cfg: dict, metrics: Sequence[str] = ()) -> None:
+    """Validate a [problem] table (name, keyword names) and metric names without building anything."""
+    name = problem_cfg.get("name")
+    if name not in PROBLEMS:
+        raise ConfigError(f"unknown problem {name!r}; valid problems: {', '.join(sorted(PROBLEMS))}.")
+    params = inspect.signature(PROBLEMS[name]).parameters
+    unknown = sorted(set(problem_cfg) - {"name"} - set(params))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} for problem {name!r}; valid keys: "
+                          f"{', '.join(sorted(params))}.")
+    valid = {"quadratic": QUADRATIC_METRICS, "logreg_hpo": LOGREG_METRICS}[name]
+    bad = [m for m in metrics if m not in valid]
+    if bad:
+        raise ConfigError(f"unknown metric(s) {bad} for problem {name!r}; valid metrics: {', '.join(valid)}.")
+
+
+def build(problem_cfg: dict) -> Setup:
+    check(problem_cfg)
+    kwargs = {k: v for k, v in problem_cfg.items() if k != "name"}
+    return PROBLEMS[problem_cfg["name"]](**kwargs)
+
+
+__all__ = ["PROBLEMS", "Setup", "build", "check", "logreg_hpo", "quadratic"]

@@ -1,0 +1,127 @@
+"""Results that are never lost: one NPZ + one JSON per finished cell, written atomically.
+
+    results/<experiment>/cells/<cell_id>.npz    histories, arrays of shape (seeds, evaluations)
+    results/<experiment>/cells/<cell_id>.json   config, hyperparameters, versions, device, timings
+
+Each file is written to a temporary name in the same folder and moved into place with
+`os.replace` (atomic on POSIX); the JSON is written last and marks the cell finished, so a sweep
+killed at any point leaves only whole cells, and a rerun computes only the missing ones.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata as md
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from typing import Dict, Iterable, List, NamedTuple, Optional
+
+import numpy as np
+
+PACKAGES = ("bilevel_jax", "jax", "jaxlib", "optax", "equinox", "numpy", "scikit-learn", "matplotlib")
+
+
+class CellResult(NamedTuple):
+    cell_id: str
+    history: Dict[str, np.ndarray]   # name -> (seeds, evaluations)
+    meta: dict
+
+
+def _atomic_write(path: str, write) -> None:
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, obj) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True, default=_jsonable).encode()))
+
+
+def _jsonable(x):
+    if isinstance(x, (np.floating, np.integer, np.bool_)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def versions() -> Dict[str, Optional[str]]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict:
+    """Package versions, devices and host, recorded in every cell."""
+    import jax
+    devices = jax.devices()
+    return {"versions": versions(), "git_commit": git_commit(), "platform": devices[0].platform,
+            "device_kind": devices[0].device_kind, "n_devices": len(devices), "machine": platform.machine(),
+            "cpu_count": os.cpu_count(), "x64": bool(jax.config.jax_enable_x64)}
+
+
+class ResultStore:
+    """The cells of one experiment folder."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.cells_dir = os.path.join(root, "cells")
+
+    def _paths(self, cell_id: str):
+        base = os.path.join(self.cells_dir, cell_id)
+        return base + ".npz", base + ".json"
+
+    def has(self, cell_id: str) -> bool:
+        npz, meta = self._paths(cell_id)
+        return os.path.isfile(npz) and os.path.isfile(meta)
+
+    def save(self, cell_id: str, history: Dict[str, np.ndarray], meta: dict) -> None:
+        npz, meta_path = self._paths(cell_id)
+        arrays = {k: np.asarray(v) for k, v in history.items()}
+        _atomic_write(npz, lambda f: np.savez(f, **arrays))
+        meta = dict(meta, cell_id=cell_id, saved_at=datetime.datetime.now().isoformat(timespec="seconds"),
+                    arrays=sorted(arrays))
+        write_json(meta_path, meta)
+
+    def load(self, cell_id: str) -> CellResult:
+        npz, meta_path = self._paths(cell_id)
+        with np.load(npz) as z:
+            history = {k: z[k] for k in z.files}
+        with open(meta_path) as f:
+            meta = json.load(f)
+        return CellResult(cell_id, history, meta)
+
+    def load_many(self, cell_ids: Iterable[str]) -> List[CellResult]:
+        return [self.load(c) for c in cell_ids if self.has(c)]
+
+    def path(self, name: str) -> str:
+        os.makedirs(self.root, exist_ok=True)
+        return os.path.join(self.root, name)
+
+
+__all__ = ["CellResult", "ResultStore", "environment", "versions", "write_json"]

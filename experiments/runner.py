@@ -1,0 +1,140 @@
+"""The resumable driver shared by all figures: build the problem, compute its reference values
+once, run the missing cells group by group, save each finished cell atomically.
+
+    setup, reference = prepare(cfg)
+    stats = run_cells(cfg, setup, reference, store, cells)     # skips finished cells
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Callable, List, NamedTuple, Optional, Sequence
+
+import jax
+
+from experiments import problems
+from experiments.config import ConfigError, seed_list
+from experiments.results import ResultStore, environment, write_json
+from experiments.sweep import MetricEvaluator, BatchedRunner, Cell, check_algorithm, expand, groups, make_mesh, run_length
+
+
+class RunStats(NamedTuple):
+    computed: List[str]      # cell ids computed by this call
+    skipped: List[str]       # finished before (loaded from disk)
+    seconds: float
+
+
+def configure_jax(cfg: dict) -> None:
+    """x64 as configured, and a persistent compilation cache under the results folder (a rerun
+    after a kill does not recompile what it already compiled)."""
+    jax.config.update("jax_enable_x64", bool(cfg["x64"]))
+    if cfg.get("compile_cache", True) and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(cfg["results_dir"], ".jax-cache")))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def check(cfg: dict) -> None:
+    """Every name in the config (problem, its keys, metrics, algorithms, their keys) before any work."""
+    problems.check(cfg["problem"], cfg["metrics"])
+    for label, table in cfg["algorithms"].items():
+        check_algorithm(label, table)
+
+
+def prepare(cfg: dict, store: ResultStore):
+    """(setup, reference): the problem and its reference values (cached in the experiment folder)."""
+    configure_jax(cfg)
+    check(cfg)
+    setup = problems.build(cfg["problem"])
+    tag = hashlib.sha256(json.dumps([cfg["problem"], cfg["x64"]], sort_keys=True).encode()).hexdigest()[:10]
+    path = store.path(f"reference-{tag}.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            reference = json.load(f)
+    else:
+        start = time.perf_counter()
+        reference = setup.compute_reference()
+        reference["seconds"] = time.perf_counter() - start
+        write_json(path, dict(reference, problem=cfg["problem"]))
+    return setup, reference
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled or total == 0:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # optional dependency
+        return None
+    return tqdm(total=total, desc=desc, unit="cell", file=sys.stderr, dynamic_ncols=True)
+
+
+def add_metrics(hist: dict, evaluator) -> dict:
+    """Replace the recorded iterates (cells, seeds, evals, dim) by the metrics (cells, seeds, evals);
+    the iterates are kept when small (theta always, phi below a million numbers)."""
+    theta, phi = hist.pop("theta"), hist.pop("phi")
+    lead = theta.shape[:3]
+    values = evaluator(theta.reshape(-1, theta.shape[-1]), phi.reshape(-1, phi.shape[-1]))
+    hist.update({k: v.reshape(lead) for k, v in values.items()})
+    hist["theta"] = theta
+    if phi.size <= 1_000_000:
+        hist["phi"] = phi
+    return hist
+
+
+def run_cells(cfg: dict, setup, reference: dict, store: ResultStore, cells: Optional[Sequence[Cell]] = None,
+              on_cell_saved: Optional[Callable[[Cell], None]] = None, log: Callable = print) -> RunStats:
+    """Compute the cells of `cfg` (default: all) that have no result file yet, and save them."""
+    start = time.perf_counter()
+    cells = expand(cfg) if cells is None else list(cells)
+    todo = [c for c in cells if not store.has(c.cell_id)]
+    done = [c.cell_id for c in cells if store.has(c.cell_id)]
+    if done:
+        log(f"[{cfg['name']}] {len(done)} finished cell(s) found in {store.cells_dir}; "
+            f"{len(todo)} to compute.")
+    if not todo:
+        return RunStats([], done, time.perf_counter() - start)
+    n_dev = None if cfg["devices"] == "auto" else int(cfg["devices"])
+    mesh = make_mesh(n_dev)
+    runner = BatchedRunner(setup, cfg, mesh)
+    evaluator = MetricEvaluator(setup, cfg["metrics"], reference, mesh)
+    seeds = seed_list(cfg)
+    env = environment()
+    env["mesh_devices"] = int(mesh.devices.size)
+    computed = []
+    bar = _progress(len(todo), cfg["progress"], cfg["name"])
+    try:
+        for chunk in groups(todo, cfg["chunk"]):
+            size = cfg["chunk"] * len(seeds) if cfg["chunk"] else None
+            if bar is not None:
+                bar.set_postfix_str(f"{chunk[0].label} ({len(chunk)}x{len(seeds)})")
+            hist, timings = runner.run(chunk, seeds, size)
+            hist = add_metrics(hist, evaluator)
+            for i, cell in enumerate(chunk):
+                meta = {
+                    "experiment": cfg["name"], "full": cfg["full"], "label": cell.label, "preset": cell.preset,
+                    "static": cell.static, "traced": cell.traced, "point": cell.point, "seeds": seeds,
+                    "steps": run_length(cell, cfg)[0], "eval_every": run_length(cell, cfg)[1],
+                    "metrics": cfg["metrics"],
+                    "problem": cfg["problem"], "problem_description": setup.description,
+                    "synthetic_data": setup.synthetic, "reference": reference,
+                    "timings": dict(timings._asdict(), cells_in_call=len(chunk)), "environment": env,
+                }
+                store.save(cell.cell_id, {k: v[i] for k, v in hist.items()}, meta)
+                computed.append(cell.cell_id)
+                if bar is not None:
+                    bar.update(1)
+                if on_cell_saved is not None:
+                    on_cell_saved(cell)
+            if bar is None:
+                log(f"[{cfg['name']}] {chunk[0].label}: {len(chunk)} cell(s) x {len(seeds)} seeds in "
+                    f"{timings.run_s:.1f} s (compile {timings.compile_s:.1f} s, {timings.n_devices} device(s))")
+    finally:
+        if bar is not None:
+            bar.close()
+    return RunStats(computed, done, time.perf_counter() - start)
+
+
+__all__ = ["ConfigError", "RunStats", "check", "configure_jax", "prepare", "run_cells"]

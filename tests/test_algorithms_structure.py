@@ -1,0 +1,332 @@
+"""What each preset computes, step by step: partial gradients (SignSGD + UL), the papers' schedule
+exponents, the UL projection, SAGA memories per batch id, oracle counts per step, STABLE's
+correction term, and clear errors on bad input.
+
+Expected values come from closed forms or from `jax.grad`/`jax.jacfwd` of the objectives,
+never from the code under test.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bilevel_jax as bj
+
+
+def fast_jit(fun):
+    """`jax.jit` without LLVM's optimisation passes: these problems run in milliseconds, compiling
+    is what costs (the same XLA program, about 2-3x faster to compile)."""
+    return jax.jit(fun, compiler_options={"xla_backend_optimization_level": 0})
+
+
+NAMES = sorted(bj.algorithms.ALGORITHMS)
+
+
+def _history(alg, state, data, num_steps):
+    """bj.run recording theta and phi after every step (row 0: the initial state)."""
+    run = fast_jit(lambda s: bj.run(alg, s, data, num_steps=num_steps, eval_every=1,
+                                   eval_fn=lambda s, d: {"theta": s.theta, "phi": s.phi}))
+    return run(state)
+
+
+def _counts(info):
+    return tuple(int(c) for c in info.oracles)   # (lower_grads, upper_grads, hvps, cross)
+
+
+def test_registry_has_the_eighteen_presets():
+    assert set(NAMES) == {"alternating", "ba", "bsa", "aid_bio", "stocbio", "amigo", "ttsa", "stable", "alset",
+                          "soba", "saba", "srba", "mrbo", "sustain", "vrbo", "fsla", "signsgd_ul", "momentum"}
+    for name in NAMES:
+        assert bj.algorithms.get(name) is getattr(bj.algorithms, name)
+
+
+# --------------------------------------------------------------------------- SignSGD + UL
+
+def test_signsgd_ul_uses_the_partial_gradient_at_the_post_ll_point(quad):
+    upper_lr, lower_lr, steps = 0.3, 0.05, 4
+    alg = bj.algorithms.signsgd_ul(quad.problem, upper_lr=upper_lr, lower_lr=lower_lr, lower_steps=steps)
+    theta0 = jnp.array([0.5, -1.0, 2.0, 0.1])
+    phi0 = jnp.linspace(-1.0, 1.0, 6)
+    state = alg.init(theta0, phi0, jax.random.PRNGKey(0), quad.data)
+    new, info = fast_jit(alg.update)(state, quad.data)
+
+    @fast_jit
+    def reference():
+        # LL: T SignSGD steps at theta_k from phi_k, written out
+        phi = phi0
+        for _ in range(steps):
+            phi = phi - lower_lr * jnp.sign(jax.grad(quad.problem.f_lower, 1)(theta0, phi, quad.data[1]))
+        # UL: the partial gradient at (theta_k, phi_{k+1}), and the implicit one for contrast
+        g_theta, g_phi = jax.grad(quad.problem.f_upper, (0, 1))(theta0, phi, quad.data[0])
+        hess = jax.hessian(quad.problem.f_lower, 1)(theta0, phi, quad.data[1])
+        jac = jax.jacfwd(jax.grad(quad.problem.f_lower, 1), 0)(theta0, phi, quad.data[1])
+        return phi, g_theta, g_theta - jac.T @ jnp.linalg.solve(hess, g_phi)
+
+    phi1, g_partial, g_implicit = reference()
+    np.testing.assert_allclose(new.phi, phi1, rtol=0, atol=1e-14)
+    # theta_{k+1} = theta_k - alpha grad_theta f_upper(theta_k, phi_{k+1}): no implicit term
+    np.testing.assert_allclose(new.theta, theta0 - upper_lr * g_partial, rtol=1e-13, atol=1e-14)
+    assert float(jnp.linalg.norm(g_implicit - g_partial)) > 1e-3   # (which would differ)
+    # gradients only: T LL gradients, 1 UL gradient, no second-order products
+    assert _counts(info) == (steps, 1, 0, 0)
+
+
+# --------------------------------------------------------------------------- schedules
+
+def _linear_problem():
+    """Constant directions: grad_theta f_upper = c, grad_phi f_lower = w, no second-order terms
+    (grad_phi f_upper = 0, A = 0, J = 0). Every update is then -step_k * (constant)."""
+    c = jnp.array([1.0, -2.0])
+    w = jnp.array([0.5, 1.5, -1.0])
+    problem = bj.BilevelProblem(lambda theta, phi, batch: c @ theta, lambda theta, phi, batch: w @ phi)
+    return problem, c, w
+
+
+@pytest.mark.parametrize("name, kw, upper_exp, lower_exp", [
+    ("ttsa", {}, 3 / 5, 2 / 5),
+    ("ttsa", {"strongly_convex": True}, 1.0, 2 / 3),
+    ("soba", {}, 3 / 5, 2 / 5),
+    ("mrbo", {}, 1 / 3, 1 / 3),
+    # BSA: c / sqrt(k + 1) with k the outer iteration, for the T LL steps of iteration k as well
+    ("bsa", {"lower_steps": 3}, 1 / 2, 1 / 2),
+])
+def test_schedule_exponents_match_the_papers(name, kw, upper_exp, lower_exp):
+    """The effective steps: alpha_k = upper_lr / (k+1)^a, beta_k = lower_lr / (k+1)^b per outer step k."""
+    problem, c, w = _linear_problem()
+    ll_steps = kw.get("lower_steps", 1)   # LL steps per outer step (SOBA/MRBO: one simultaneous step)
+    upper_lr, lower_lr = 0.3, 0.2
+    alg = bj.algorithms.get(name)(problem, upper_lr=upper_lr, lower_lr=lower_lr, batch_size=None, **kw)
+    state = alg.init(jnp.zeros(2), jnp.zeros(3), jax.random.PRNGKey(0), (None, None))
+    _, hist = _history(alg, state, (None, None), num_steps=8)
+    k = jnp.arange(8.0)
+    # theta_{k+1} - theta_k = -alpha_k c,  phi_{k+1} - phi_k = -beta_k w
+    alpha = -jnp.diff(hist["theta"], axis=0) @ c / (c @ c)
+    beta = -jnp.diff(hist["phi"], axis=0) @ w / (w @ w) / ll_steps
+    np.testing.assert_allclose(alpha, upper_lr / (k + 1) ** upper_exp, rtol=1e-12)
+    np.testing.assert_allclose(beta, lower_lr / (k + 1) ** lower_exp, rtol=1e-12)
+    # the exponent read off the first two updates
+    assert math.isclose(-math.log2(float(alpha[1] / alpha[0])), upper_exp, rel_tol=1e-10)
+    assert math.isclose(-math.log2(float(beta[1] / beta[0])), lower_exp, rel_tol=1e-10)
+
+
+def test_inverse_power_schedule():
+    s = bj.schedules.inverse_power(0.5, 0.4)
+    assert s.exponent == 0.4
+    np.testing.assert_allclose(s(jnp.arange(4)), 0.5 / jnp.arange(1, 5) ** 0.4, rtol=1e-14)
+    with pytest.raises(ValueError, match="p must lie in"):
+        bj.schedules.inverse_power(0.5, 1.5)
+    with pytest.raises(ValueError, match="c must be a positive step size"):
+        bj.schedules.inverse_power(-0.5, 0.5)
+
+
+# --------------------------------------------------------------------------- UL projection
+
+def _projected_gd_solution(q, lo, hi):
+    """min_{theta in [lo, hi]^d} F(theta) by projected GD on the closed-form grad F."""
+    step = 1.0 / float(jnp.linalg.eigvalsh(q.hessian()).max())
+    body = lambda _, t: jnp.clip(t - step * q.grad(t), lo, hi)
+    return fast_jit(lambda t: jax.lax.fori_loop(0, 2000, body, t))(jnp.zeros_like(q.theta0))
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("aid_bio", dict(upper_lr=0.5, lower_lr=1.0)),
+    ("stable", dict(upper_lr=0.5, lower_lr=1.0)),
+    # TTSA's HIA is exact on an identity LL Hessian with N = 1, eta = 1
+    ("ttsa", dict(upper_lr=0.5, lower_lr=1.0, upper_decay=0.0, lower_decay=0.0, neumann_steps=1, neumann_eta=1.0)),
+])
+def test_upper_projection_keeps_theta_in_the_box(quad, name, kw):
+    q = quad
+    if name == "ttsa":   # LL Hessian = I
+        lower = {**q.data[1], "H": jnp.broadcast_to(jnp.eye(6), q.data[1]["H"].shape)}
+        q = q._replace(data=(q.data[0], lower), means={**q.means, "H": jnp.eye(6)})
+    lo, hi = 0.0, 0.5   # theta* has components above 0.5: the constraint is active
+    assert bool(jnp.any(q.theta_star() > hi))
+    problem = bj.BilevelProblem(q.problem.f_upper, q.problem.f_lower, project_upper=lambda t: jnp.clip(t, lo, hi))
+    alg = bj.algorithms.get(name)(problem, batch_size=None, **kw)
+    theta0 = jnp.array([-1.0, 2.0, 3.0, -2.0])   # outside: init projects it
+    state = alg.init(theta0, q.phi0, jax.random.PRNGKey(0), q.data)
+    _, hist = _history(alg, state, q.data, num_steps=100)
+    thetas = hist["theta"]
+    assert bool(jnp.all((thetas >= lo) & (thetas <= hi))), "theta left Theta at some step"
+    assert bool(jnp.any(thetas[1:] == hi))  # the projection was active along the run
+    # and the iterates converge to the constrained minimiser of F
+    np.testing.assert_allclose(thetas[-1], _projected_gd_solution(q, lo, hi), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- SABA memories
+
+def _raw_oracles(problem, theta, phi, v, upper_batch, lower_batch):
+    """The five SABA oracles from jax.grad / jax.jacfwd (independent of bilevel_jax.oracles)."""
+    g_theta, g_phi = jax.grad(problem.f_upper, (0, 1))(theta, phi, upper_batch)
+    grad_phi = jax.grad(problem.f_lower, 1)(theta, phi, lower_batch)
+    hess = jax.hessian(problem.f_lower, 1)(theta, phi, lower_batch)
+    jac = jax.jacfwd(jax.grad(problem.f_lower, 1), 0)(theta, phi, lower_batch)   # (d_phi, d_theta)
+    return ({"g_theta": g_theta, "g_phi": g_phi},
+            {"grad_phi": grad_phi, "hvp": hess @ v, "cross": jac.T @ v})
+
+
+def test_saba_updates_only_the_memory_row_of_the_drawn_batch(quad_stoch):
+    b = 16
+    q = quad_stoch
+    n_batches = 64 // b
+    alg = bj.algorithms.saba(q.problem, upper_lr=0.2, lower_lr=0.2, batch_size=b)
+    state = alg.init(q.theta0, q.phi0, jax.random.PRNGKey(4), q.data)
+    update = fast_jit(alg.update)
+    # the pre-step point's oracles on batch `idx` of each level (contiguous partition)
+    batch = lambda data, idx: jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, idx * b, b), data)
+    oracles = fast_jit(lambda s, i, j: _raw_oracles(q.problem, s.theta, s.phi, s.v, batch(q.data[0], i),
+                                                   batch(q.data[1], j)))
+    for _ in range(3):  # move away from the zero initialisation (v = 0 makes A v, J v vanish)
+        state, _ = update(state, q.data)
+    seen = {"upper": set(), "lower": set()}
+    for _ in range(6):
+        new, _ = update(state, q.data)
+        ids = []
+        for level in ("upper", "lower"):
+            old_mem = jax.tree_util.tree_map(np.asarray, state.estimator[level]["mem"])
+            new_mem = jax.tree_util.tree_map(np.asarray, new.estimator[level]["mem"])
+            changed = np.zeros(n_batches, bool)
+            for key in old_mem:
+                assert new_mem[key].shape[0] == n_batches
+                changed |= np.any((old_mem[key] != new_mem[key]).reshape(n_batches, -1), axis=1)
+            assert changed.sum() == 1, (level, changed)
+            ids.append(int(np.flatnonzero(changed)[0]))
+            seen[level].add(ids[-1])
+        expected = oracles(state, *ids)
+        for level, idx, raw in zip(("upper", "lower"), ids, expected):
+            new_mem = new.estimator[level]["mem"]
+            assert set(raw) == set(new_mem)
+            for key, value in raw.items():
+                np.testing.assert_allclose(new_mem[key][idx], value, rtol=1e-10, atol=1e-12)
+                # the running mean is the mean of the table (zero initialisation)
+                np.testing.assert_allclose(new.estimator[level]["mean"][key], new_mem[key].mean(0),
+                                           rtol=1e-10, atol=1e-12)
+        state = new
+    assert len(seen["upper"]) > 1 and len(seen["lower"]) > 1  # the drawn ids do vary
+
+
+# --------------------------------------------------------------------------- oracle counts
+
+# The per-step cost of every preset is checked against bj.run's cumulative counts in
+# test_algorithms_convergence.py; here the cost of a step with other D / N values.
+@pytest.mark.parametrize("name, kw, expected", [
+    # AID-BiO: D LL gradients, N+1 HVPs (warm-started CG), 1 cross, 1 UL gradient
+    ("aid_bio", dict(lower_steps=3, linear_solver=bj.linear_solvers.cg(4), warm_start=True), (3, 1, 5, 1)),
+    # STABLE: two warm-started cg(N) solves (v and the correction) and 2 cross products
+    ("stable", dict(linear_solver=bj.linear_solvers.cg(5)), (1, 1, 12, 2)),
+])
+def test_oracle_counts_per_step(quad, name, kw, expected):
+    alg = bj.algorithms.get(name)(quad.problem, batch_size=None, **kw)
+    state = alg.init(quad.theta0, quad.phi0, jax.random.PRNGKey(0), quad.data)
+    update = fast_jit(alg.update)
+    for _ in range(2):   # the first (cold) and a warm step cost the same
+        state, info = update(state, quad.data)
+        assert _counts(info) == expected
+
+
+def test_sarah_refresh_costs_one_pass_over_the_data(quad_stoch):
+    """SRBA: every `period` steps the full-data refresh (n / b minibatch oracles per level), else
+    the recursion (2 evaluations)."""
+    b, period = 16, 3
+    alg = bj.algorithms.srba(quad_stoch.problem, batch_size=b, period=period)
+    state = alg.init(quad_stoch.theta0, quad_stoch.phi0, jax.random.PRNGKey(0), quad_stoch.data)
+    update = fast_jit(alg.update)
+    passes = 64 // b
+    for k in range(2 * period + 1):
+        state, info = update(state, quad_stoch.data)
+        assert _counts(info) == ((passes,) * 4 if k % period == 0 else (2, 2, 2, 2)), k
+
+
+# --------------------------------------------------------------------------- STABLE correction
+
+def test_stable_correction_tracks_phi_star(quad):
+    """From phi_0 = phi*(theta_0) with a negligible LL step, phi_{k+1} = phi_k - A^{-1} J^T (theta_{k+1} - theta_k)
+    equals phi*(theta_{k+1}) on a quadratic (phi* is affine in theta)."""
+    alg = bj.algorithms.stable(quad.problem, upper_lr=0.5, lower_lr=1e-12, linear_solver=bj.linear_solvers.cg(10))
+    theta0 = jnp.array([2.0, -1.0, 0.5, 3.0])
+    state = alg.init(theta0, quad.phi_star(theta0), jax.random.PRNGKey(0), quad.data)
+    _, hist = _history(alg, state, quad.data, num_steps=6)
+    thetas, phis = hist["theta"], hist["phi"]
+    phi_stars = jax.vmap(quad.phi_star)(thetas)
+    err = jnp.linalg.norm(phis - phi_stars, axis=1) / jnp.linalg.norm(phi_stars, axis=1)
+    assert float(err.max()) < 1e-10, np.asarray(err)
+    # the test is not vacuous: theta and phi*(theta) moved a lot
+    assert float(jnp.linalg.norm(phi_stars[-1] - phi_stars[0])) > 1e-2
+    # and the hypergradient step was exact (phi = phi*): theta follows GD on F
+    np.testing.assert_allclose(thetas[1], theta0 - 0.5 * quad.grad(theta0), rtol=1e-9)
+
+
+# --------------------------------------------------------------------------- bad input
+
+def test_unknown_name_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown algorithm 'nope'; valid names: .*aid_bio.*soba"):
+        bj.algorithms.get("nope")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_input_errors_before_tracing(quad_stoch, name):
+    q = quad_stoch
+    make = bj.algorithms.get(name)
+    for bad in (0.0, -0.1):
+        with pytest.raises(ValueError, match="upper_lr must be a positive step size"):
+            make(q.problem, upper_lr=bad)
+        with pytest.raises(ValueError, match="lower_lr must be a positive step size"):
+            make(q.problem, lower_lr=bad)
+    alg = make(q.problem, batch_size=16)
+    key = jax.random.PRNGKey(0)
+    # a key that is not a PRNG key
+    for bad_key in (0, jnp.zeros(2), None):
+        with pytest.raises(TypeError, match="key must be a PRNG key"):
+            alg.init(q.theta0, q.phi0, bad_key, q.data)
+    # batch size larger than the data
+    big = make(q.problem, batch_size=100)
+    with pytest.raises(ValueError, match=r"batch_size=100 is larger than upper data's 64 samples"):
+        big.init(q.theta0, q.phi0, key, q.data)
+    # data leaves with different leading sizes
+    upper, lower = q.data
+    ragged = ({**upper, "p": upper["p"][:10]}, lower)
+    with pytest.raises(ValueError, match="must share a leading sample axis"):
+        alg.init(q.theta0, q.phi0, key, ragged)
+    # data that is not an (upper, lower) pair
+    with pytest.raises(TypeError, match=r"data must be a pair \(upper_data, lower_data\)"):
+        alg.init(q.theta0, q.phi0, key, [upper])
+
+
+def test_bad_input_in_update_is_caught_at_trace_time(quad_stoch):
+    q = quad_stoch
+    alg = bj.algorithms.soba(q.problem, batch_size=100)
+    state = alg.init(q.theta0, q.phi0, jax.random.PRNGKey(0))   # no data: nothing to check yet
+    with pytest.raises(ValueError, match="is larger than upper data's 64 samples"):
+        fast_jit(alg.update)(state, q.data)
+    alg = bj.algorithms.stable(q.problem, batch_size=100)
+    state = alg.init(q.theta0, q.phi0, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="is larger than upper data's 64 samples"):
+        fast_jit(alg.update)(state, q.data)
+
+
+def test_bad_preset_hyperparameters(quad):
+    p = quad.problem
+    with pytest.raises(ValueError, match="momentum_eta must lie in"):
+        bj.algorithms.fsla(p, momentum_eta=1.5)
+    with pytest.raises(ValueError, match="eta0 must lie in"):
+        bj.algorithms.mrbo(p, eta0=0.0)
+    with pytest.raises(ValueError, match="eta_upper must lie in"):
+        bj.algorithms.momentum(p, eta_upper=-0.1)
+    with pytest.raises(ValueError, match="v_lr must be a positive step size"):
+        bj.algorithms.soba(p, v_lr=0.0)
+    with pytest.raises(ValueError, match="neumann_eta must be a positive step size"):
+        bj.algorithms.stocbio(p, neumann_eta=-1.0)
+    with pytest.raises(ValueError, match="lower_lr is used as the linear solver's step"):
+        bj.algorithms.ttsa(p, lower_lr=bj.schedules.inverse_power(0.1, 0.4))
+    with pytest.raises(TypeError, match="must be a Python int"):
+        bj.algorithms.aid_bio(p, lower_steps=2.5)
+    with pytest.raises(ValueError, match="use sampler='partition'"):
+        bj.algorithms.saba(p, sampler="iid")
+    with pytest.raises(ValueError, match="unknown sampler"):
+        bj.algorithms.soba(p, batch_size=8, sampler="random")
+    with pytest.raises(TypeError, match="problem must be a bj.BilevelProblem"):
+        bj.algorithms.stable(lambda: None)
+    with pytest.raises(TypeError, match="problem must be a bj.BilevelProblem"):
+        bj.algorithms.soba(lambda: None)

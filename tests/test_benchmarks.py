@@ -1,0 +1,39 @@
+"""Smoke test of the benchmark harness (`make bench`): `python -m benchmarks --quick` on tiny
+problems writes the JSON with every section and key. No timing is asserted."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_bench_writes_every_section(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("JAX_ENABLE_X64", None)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--presets", "soba", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert (tmp_path / "bench.md").exists() and "| soba |" in proc.stdout
+
+    assert {"device", "versions", "quick"} <= set(res["meta"]) and res["meta"]["quick"]
+    for section in ("steps", "oracles", "compile", "reference", "vmap", "unrolled", "peer"):
+        assert section in res and "error" not in res[section], (section, res.get(section, {}).get("error"))
+    for setup in ("quadratic", "logistic", "logistic_full"):
+        soba = res["steps"][setup]["presets"]["soba"]
+        assert {"per_step", "compile", "oracles_per_step", "finite"} <= set(soba)
+        assert {"median", "q25", "q75", "min", "max"} <= set(soba["per_step"])
+        eff = res["oracles"][setup]
+        assert {"lower_grads", "upper_grads", "hvps", "cross"} <= set(eff["units"])
+        assert {"ratio", "ratio_with_gathers", "above_goal"} <= set(eff["presets"]["soba"])
+    assert {"cold_first_call_s", "warm_first_call_s", "warm_cache_hits"} <= set(res["compile"]["presets"]["soba"])
+    assert "wall_s" in res["compile"]["second_process"]
+    for problem in ("quadratic", "logistic"):
+        ref = res["reference"][problem]
+        assert {"soba", "reference", "ratio", "max_abs_diff_theta"} <= set(ref)
+        assert "1 (no vmap)" in res["vmap"][problem]["seeds"]
+    row = next(iter(res["unrolled"]["rows"].values()))
+    assert {"variant", "T", "time", "temp_bytes"} <= set(row)
+    assert {"bilevel_jax", "peer_timing", "max_abs_diff", "peer"} <= set(res["peer"])

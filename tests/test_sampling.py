@@ -1,0 +1,125 @@
+"""Minibatch samplers (`bj.sampling`): shapes, coverage, batch ids, inside jit/scan, bad input."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bilevel_jax as bj
+
+
+def fast_jit(fun):
+    """`jax.jit` without LLVM's optimisation passes: these problems run in milliseconds, compiling
+    is what costs (the same XLA program, about 2-3x faster to compile)."""
+    return jax.jit(fun, compiler_options={"xla_backend_optimization_level": 0})
+
+
+S = bj.sampling
+N = 12
+
+
+@pytest.fixture(scope="module")
+def data():
+    """Leaves whose rows identify the sample: row i of every leaf encodes i."""
+    i = jnp.arange(N)
+    return {"x": jnp.stack([i, -i], axis=1).astype(float) + jnp.zeros((N, 2)), "y": i, "z": {"w": i * 10.0}}
+
+
+def _rows(batch):
+    """The sample indices of a batch, checking every leaf is the same rows."""
+    idx = np.asarray(batch["y"])
+    np.testing.assert_array_equal(np.asarray(batch["x"][:, 0]), idx)
+    np.testing.assert_array_equal(np.asarray(batch["x"][:, 1]), -idx)
+    np.testing.assert_array_equal(np.asarray(batch["z"]["w"]), 10 * idx)
+    return idx
+
+
+def _flat(batches):
+    """Stacked draws (num, b, ...) as one batch (num * b, ...)."""
+    return jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), batches)
+
+
+def _draws(sampler, data, key, num):
+    """`num` consecutive draws inside one jitted lax.scan (as the algorithms draw them)."""
+    @fast_jit
+    def go(data, key):
+        return jax.lax.scan(lambda _, d: (None, sampler.sample(data, key, d)), None, jnp.arange(num))[1]
+    return go(data, key)
+
+
+def test_iid_shapes_and_reproducibility(data):
+    s = S.iid(5)
+    key = jax.random.PRNGKey(0)
+    batch, batch_id = s.sample(data, key, 3)
+    assert jax.tree_util.tree_map(jnp.shape, batch) == {"x": (5, 2), "y": (5,), "z": {"w": (5,)}}
+    assert batch["x"].dtype == data["x"].dtype and batch["y"].dtype == data["y"].dtype
+    idx = _rows(batch)
+    assert np.all((idx >= 0) & (idx < N))
+    assert int(batch_id) == 0
+    # the same (key, draw) gives the same batch; another draw or key another batch
+    np.testing.assert_array_equal(s.sample(data, key, 3)[0]["y"], batch["y"])
+    assert not np.array_equal(s.sample(data, key, 4)[0]["y"], batch["y"])
+    assert not np.array_equal(s.sample(data, jax.random.PRNGKey(1), 3)[0]["y"], batch["y"])
+    # i.i.d. with replacement: over many draws every sample appears, roughly uniformly
+    batches, ids = _draws(s, data, key, 600)
+    counts = np.bincount(_rows(_flat(batches)), minlength=N)
+    assert counts.min() > 0.6 * 250 and counts.max() < 1.4 * 250
+    assert np.all(np.asarray(ids) == 0)
+
+
+def test_shuffled_covers_every_sample_once_per_epoch(data):
+    b = 4
+    s = S.shuffled(b)
+    per_epoch = N // b
+    batches, ids = _draws(s, data, jax.random.PRNGKey(2), 3 * per_epoch)
+    rows = _rows(_flat(batches)).reshape(3, per_epoch * b)
+    for epoch in range(3):
+        np.testing.assert_array_equal(np.sort(rows[epoch]), np.arange(N))   # each sample exactly once
+    assert not np.array_equal(rows[0], rows[1])   # a fresh permutation per epoch
+    np.testing.assert_array_equal(np.asarray(ids), np.tile(np.arange(per_epoch), 3))
+
+
+def test_partition_batch_ids_are_consistent(data):
+    b = 3
+    s = S.partition(b)
+    assert S.num_batches(s, data) == N // b
+    batches, ids = _draws(s, data, jax.random.PRNGKey(3), 200)
+    ids = np.asarray(ids)
+    rows = _rows(_flat(batches)).reshape(200, b)
+    # batch id j is always the contiguous block j*b .. j*b + b - 1
+    np.testing.assert_array_equal(rows, ids[:, None] * b + np.arange(b))
+    assert set(ids.tolist()) == set(range(N // b))   # every id is drawn
+
+
+def test_full_returns_the_data(data):
+    s = S.full()
+    batch, batch_id = s.sample(data, jax.random.PRNGKey(0), 7)
+    assert batch is data and int(batch_id) == 0
+    assert s.sample(None, jax.random.PRNGKey(0), 0)[0] is None
+    assert S.make_sampler(None, "iid").kind == "full"
+    assert S.make_sampler(None, "partition").kind == "full"
+    assert S.num_batches(s, data) == 1
+
+
+def test_make_sampler_kinds():
+    for kind in ("iid", "shuffled", "partition"):
+        s = S.make_sampler(4, kind)
+        assert s.kind == kind and s.batch_size == 4
+
+
+def test_sampler_bad_input(data):
+    with pytest.raises(ValueError, match="unknown sampler 'nope'"):
+        S.make_sampler(4, "nope")
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="batch_size must be >= 1"):
+            S.make_sampler(bad, "iid")
+    with pytest.raises(TypeError, match="batch_size must be a Python int"):
+        S.iid(2.5)
+    with pytest.raises(ValueError, match="all leaves must share a leading sample axis"):
+        S.num_samples({"a": jnp.zeros((4, 2)), "b": jnp.zeros(5)})
+    with pytest.raises(ValueError, match="all leaves must share a leading sample axis"):
+        S.num_samples({"a": jnp.zeros((4, 2)), "b": jnp.zeros(())})
+    assert S.num_samples(data) == N and S.num_samples(None) is None
+    with pytest.raises(ValueError, match=f"batch_size=20 is larger than upper data's {N} samples"):
+        S.check_fits(S.iid(20), data, "upper data")
+    with pytest.raises(ValueError, match="batch_size=2 was given but lower data is None"):
+        S.check_fits(S.iid(2), None, "lower data")
