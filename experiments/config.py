@@ -48,6 +48,7 @@ TOP_LEVEL: Dict[str, Tuple[tuple, Any]] = {
     "results_dir": ((str,), "results"),
     "only": ((list, str), []),          # run/plot only these algorithm labels
     "chunk": ((int,), 0),               # grid points per compiled call (0: all of a group)
+    "eval_rows": ((int,), 64),          # recorded iterates per metric-evaluation call
     "progress": ((bool,), True),
     "compile_cache": ((bool,), True),   # persistent XLA cache in <results_dir>/.jax-cache
     "problem": ((dict,), None),

@@ -45,17 +45,23 @@ QUADRATIC_METRICS = ("grad_sq", "value_gap", "theta_err", "lower_gap", "value")
 def quadratic(seed: int = 0, dim_upper: int = 5, dim_lower: int = 10, n_samples: Optional[int] = 256,
               lower_spectrum: Sequence[float] = (0.1, 1.0), upper_spectrum: Sequence[float] = (0.1, 1.0),
               cross: float = 0.1, reg: float = 1.0, noise: float = 1.0, lower_cross: Optional[float] = None,
-              theta_shift: float = 0.0, phi_shift: float = 0.0) -> Setup:
+              theta_shift: float = 0.0, phi_shift: float = 0.0, lower_hessian_noise: bool = True) -> Setup:
     """The stochastic (finite-sum, `n_samples`; 0 = deterministic) quadratic bilevel problem.
 
-    Starts at theta0 = theta_shift * 1, phi0 = phi_shift * 1. Metrics: grad_sq = ||grad F(theta)||^2,
-    value_gap = F(theta) - F*, theta_err = ||theta - theta*||^2, lower_gap = ||phi - phi*(theta)||^2,
-    value = F(theta).
+    Starts at theta0 = theta_shift * 1, phi0 = phi_shift * 1. `lower_hessian_noise = false`
+    replaces the rank-one per-sample LL Hessians by their mean (exact Hessian-vector products,
+    noisy gradients). Metrics (closed forms): grad_sq = ||grad F(theta)||^2, value_gap = F(theta) -
+    F*, theta_err = ||theta - theta*||^2, lower_gap = ||phi - phi*(theta)||^2, value = F(theta).
     """
     q = bj.problems.quadratic_bilevel(jax.random.PRNGKey(seed), dim_upper=dim_upper, dim_lower=dim_lower,
                                       n_samples=n_samples or None, lower_spectrum=tuple(lower_spectrum),
                                       upper_spectrum=tuple(upper_spectrum), cross=cross, reg=reg, noise=noise,
                                       lower_cross=lower_cross)
+    data = q.data
+    if not lower_hessian_noise:
+        upper, lower = data
+        lower = dict(lower, H=jnp.broadcast_to(q.means["H"], lower["H"].shape))
+        data = (upper, lower)
     theta0 = q.theta0 + theta_shift
     phi0 = q.phi0 + phi_shift
 
@@ -64,20 +70,27 @@ def quadratic(seed: int = 0, dim_upper: int = 5, dim_lower: int = 10, n_samples:
         return {"theta_star": [float(t) for t in ts], "value_star": float(q.value(ts))}
 
     def make_eval(names, reference):
+        # F is quadratic: grad F(theta) = hess F (theta - theta*), phi*(theta) = M theta + m
         ts = jnp.asarray(reference["theta_star"], theta0.dtype)
         f_star = reference["value_star"]
+        hess = q.hessian()
+        M = -jnp.linalg.solve(q.means["H"], q.means["C"])
+        m = -jnp.linalg.solve(q.means["H"], q.means["h"])
+        value = lambda th: f_star + 0.5 * (th - ts) @ hess @ (th - ts)
         fns = {
-            "grad_sq": lambda s, d: _sq(q.grad(s.theta)),
-            "value_gap": lambda s, d: q.value(s.theta) - f_star,
-            "value": lambda s, d: q.value(s.theta),
+            "grad_sq": lambda s, d: _sq(hess @ (s.theta - ts)),
+            "value_gap": lambda s, d: value(s.theta) - f_star,
+            "value": lambda s, d: value(s.theta),
             "theta_err": lambda s, d: _sq(s.theta - ts),
-            "lower_gap": lambda s, d: _sq(s.phi - q.phi_star(s.theta)),
+            "lower_gap": lambda s, d: _sq(s.phi - (M @ s.theta + m)),
         }
         return _select(fns, names)
 
     kind = f"{n_samples} samples" if n_samples else "deterministic"
+    if n_samples and not lower_hessian_noise:
+        kind += ", exact LL Hessians"
     desc = f"quadratic bilevel (d_theta={dim_upper}, d_phi={dim_lower}, {kind})"
-    return Setup(q.problem, q.data, theta0, phi0, desc, False, QUADRATIC_METRICS, compute_reference, make_eval)
+    return Setup(q.problem, data, theta0, phi0, desc, False, QUADRATIC_METRICS, compute_reference, make_eval)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -73,14 +73,14 @@ def _progress(total: int, enabled: bool, desc: str):
 
 def add_metrics(hist: dict, evaluator) -> dict:
     """Replace the recorded iterates (cells, seeds, evals, dim) by the metrics (cells, seeds, evals);
-    the iterates are kept when small (theta always, phi below a million numbers)."""
+    the iterates are kept when small (below a million numbers each)."""
     theta, phi = hist.pop("theta"), hist.pop("phi")
     lead = theta.shape[:3]
     values = evaluator(theta.reshape(-1, theta.shape[-1]), phi.reshape(-1, phi.shape[-1]))
     hist.update({k: v.reshape(lead) for k, v in values.items()})
-    hist["theta"] = theta
-    if phi.size <= 1_000_000:
-        hist["phi"] = phi
+    for name, arr in (("theta", theta), ("phi", phi)):   # kept when small (a few MB at most)
+        if arr.size <= 1_000_000:
+            hist[name] = arr
     return hist
 
 
@@ -99,7 +99,7 @@ def run_cells(cfg: dict, setup, reference: dict, store: ResultStore, cells: Opti
     n_dev = None if cfg["devices"] == "auto" else int(cfg["devices"])
     mesh = make_mesh(n_dev)
     runner = BatchedRunner(setup, cfg, mesh)
-    evaluator = MetricEvaluator(setup, cfg["metrics"], reference, mesh)
+    evaluator = MetricEvaluator(setup, cfg["metrics"], reference, mesh, rows=cfg["eval_rows"])
     seeds = seed_list(cfg)
     env = environment()
     env["mesh_devices"] = int(mesh.devices.size)
