@@ -1,5 +1,13 @@
-"""Shared test setup: float64 everywhere, small shared problems."""
-import jax
+"""Shared test setup: float64 everywhere, small shared problems.
+
+Compilation dominates the suite's time, so XLA's backend optimisation is turned down for tests
+(the same programs, compiled 2-3x faster; numerics are unaffected at the tests' tolerances).
+"""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 

@@ -17,11 +17,6 @@ import pytest
 import bilevel_jax as bj
 
 
-def fast_jit(fun):
-    """`jax.jit` without LLVM's optimisation passes: these problems run in milliseconds, compiling
-    is what costs (the same XLA program, about 2-3x faster to compile)."""
-    return jax.jit(fun, compiler_options={"xla_backend_optimization_level": 0})
-
 
 NAMES = sorted(bj.algorithms.ALGORITHMS)
 SEEDS = 4
@@ -128,7 +123,7 @@ def test_settings_cover_every_preset():
 def _final_thetas(alg, q, theta0s, keys, num_steps):
     """One jit: vmap over (theta0, key) of init + run; returns final theta, phi and the history."""
 
-    @fast_jit
+    @jax.jit
     @jax.vmap
     def go(theta0, key):
         state = alg.init(theta0, q.phi0, key, q.data)

@@ -15,18 +15,13 @@ import pytest
 import bilevel_jax as bj
 
 
-def fast_jit(fun):
-    """`jax.jit` without LLVM's optimisation passes: these problems run in milliseconds, compiling
-    is what costs (the same XLA program, about 2-3x faster to compile)."""
-    return jax.jit(fun, compiler_options={"xla_backend_optimization_level": 0})
-
 
 NAMES = sorted(bj.algorithms.ALGORITHMS)
 
 
 def _history(alg, state, data, num_steps):
     """bj.run recording theta and phi after every step (row 0: the initial state)."""
-    run = fast_jit(lambda s: bj.run(alg, s, data, num_steps=num_steps, eval_every=1,
+    run = jax.jit(lambda s: bj.run(alg, s, data, num_steps=num_steps, eval_every=1,
                                    eval_fn=lambda s, d: {"theta": s.theta, "phi": s.phi}))
     return run(state)
 
@@ -50,9 +45,9 @@ def test_signsgd_ul_uses_the_partial_gradient_at_the_post_ll_point(quad):
     theta0 = jnp.array([0.5, -1.0, 2.0, 0.1])
     phi0 = jnp.linspace(-1.0, 1.0, 6)
     state = alg.init(theta0, phi0, jax.random.PRNGKey(0), quad.data)
-    new, info = fast_jit(alg.update)(state, quad.data)
+    new, info = jax.jit(alg.update)(state, quad.data)
 
-    @fast_jit
+    @jax.jit
     def reference():
         # LL: T SignSGD steps at theta_k from phi_k, written out
         phi = phi0
@@ -127,7 +122,7 @@ def _projected_gd_solution(q, lo, hi):
     """min_{theta in [lo, hi]^d} F(theta) by projected GD on the closed-form grad F."""
     step = 1.0 / float(jnp.linalg.eigvalsh(q.hessian()).max())
     body = lambda _, t: jnp.clip(t - step * q.grad(t), lo, hi)
-    return fast_jit(lambda t: jax.lax.fori_loop(0, 2000, body, t))(jnp.zeros_like(q.theta0))
+    return jax.jit(lambda t: jax.lax.fori_loop(0, 2000, body, t))(jnp.zeros_like(q.theta0))
 
 
 @pytest.mark.parametrize("name, kw", [
@@ -173,10 +168,10 @@ def test_saba_updates_only_the_memory_row_of_the_drawn_batch(quad_stoch):
     n_batches = 64 // b
     alg = bj.algorithms.saba(q.problem, upper_lr=0.2, lower_lr=0.2, batch_size=b)
     state = alg.init(q.theta0, q.phi0, jax.random.PRNGKey(4), q.data)
-    update = fast_jit(alg.update)
+    update = jax.jit(alg.update)
     # the pre-step point's oracles on batch `idx` of each level (contiguous partition)
     batch = lambda data, idx: jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, idx * b, b), data)
-    oracles = fast_jit(lambda s, i, j: _raw_oracles(q.problem, s.theta, s.phi, s.v, batch(q.data[0], i),
+    oracles = jax.jit(lambda s, i, j: _raw_oracles(q.problem, s.theta, s.phi, s.v, batch(q.data[0], i),
                                                    batch(q.data[1], j)))
     for _ in range(3):  # move away from the zero initialisation (v = 0 makes A v, J v vanish)
         state, _ = update(state, q.data)
@@ -220,7 +215,7 @@ def test_saba_updates_only_the_memory_row_of_the_drawn_batch(quad_stoch):
 def test_oracle_counts_per_step(quad, name, kw, expected):
     alg = bj.algorithms.get(name)(quad.problem, batch_size=None, **kw)
     state = alg.init(quad.theta0, quad.phi0, jax.random.PRNGKey(0), quad.data)
-    update = fast_jit(alg.update)
+    update = jax.jit(alg.update)
     for _ in range(2):   # the first (cold) and a warm step cost the same
         state, info = update(state, quad.data)
         assert _counts(info) == expected
@@ -232,7 +227,7 @@ def test_sarah_refresh_costs_one_pass_over_the_data(quad_stoch):
     b, period = 16, 3
     alg = bj.algorithms.srba(quad_stoch.problem, batch_size=b, period=period)
     state = alg.init(quad_stoch.theta0, quad_stoch.phi0, jax.random.PRNGKey(0), quad_stoch.data)
-    update = fast_jit(alg.update)
+    update = jax.jit(alg.update)
     passes = 64 // b
     for k in range(2 * period + 1):
         state, info = update(state, quad_stoch.data)
@@ -299,11 +294,11 @@ def test_bad_input_in_update_is_caught_at_trace_time(quad_stoch):
     alg = bj.algorithms.soba(q.problem, batch_size=100)
     state = alg.init(q.theta0, q.phi0, jax.random.PRNGKey(0))   # no data: nothing to check yet
     with pytest.raises(ValueError, match="is larger than upper data's 64 samples"):
-        fast_jit(alg.update)(state, q.data)
+        jax.jit(alg.update)(state, q.data)
     alg = bj.algorithms.stable(q.problem, batch_size=100)
     state = alg.init(q.theta0, q.phi0, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="is larger than upper data's 64 samples"):
-        fast_jit(alg.update)(state, q.data)
+        jax.jit(alg.update)(state, q.data)
 
 
 def test_bad_preset_hyperparameters(quad):
