@@ -28,7 +28,7 @@ MEASURES = ("steps", "oracles", "compile", "reference", "vmap", "unrolled", "pee
 FULL = dict(
     repeats=5,
     steps={"quadratic": 20, "logistic": 500, "logistic_full": 10},
-    unit_calls={"quadratic": 100, "logistic": 2000, "logistic_full": 50},
+    unit_calls={"quadratic": 100, "logistic": 2000, "logistic_full": 50}, oracle_rounds=7,
     reference_steps={"quadratic": 50, "logistic": 500}, reference_repeats=11,
     vmap_preset="soba", vmap_seeds=(4, 16, 64), vmap_reference_seeds=(16,), vmap_steps={"quadratic": 5, "logistic": 100},
     unrolled_n=4096, unrolled_T=(10, 100, 1000), peer_maxiter=20, presets=None,
@@ -36,7 +36,7 @@ FULL = dict(
 QUICK = dict(
     repeats=2,
     steps={"quadratic": 4, "logistic": 4, "logistic_full": 4},
-    unit_calls={"quadratic": 4, "logistic": 4, "logistic_full": 4},
+    unit_calls={"quadratic": 4, "logistic": 4, "logistic_full": 4}, oracle_rounds=2,
     reference_steps={"quadratic": 4, "logistic": 4}, reference_repeats=2,
     vmap_preset="soba", vmap_seeds=(2,), vmap_reference_seeds=(2,), vmap_steps={"quadratic": 4, "logistic": 4},
     unrolled_n=64, unrolled_T=(2,), peer_maxiter=3, presets=("soba", "stocbio"),
@@ -67,7 +67,7 @@ def _meta(quick):
         "python": platform.python_version(), "os": platform.platform(),
         "versions": {p: version(p) for p in ("jax", "jaxlib", "optax", "equinox", "chex", "numpy", "jaxopt", "bilevel_jax")},
         "quick": quick, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_avg_start": os.getloadavg(),
-        "x64": bool(jax.config.jax_enable_x64),
+        "x64": bool(jax.config.jax_enable_x64), "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 
@@ -102,8 +102,6 @@ def main(argv=None):
         cfg["repeats"] = a.repeats
 
     t_start = time.perf_counter()
-    import jax
-
     import bilevel_jax as bj
     from benchmarks import report, setups
 
@@ -145,7 +143,8 @@ def main(argv=None):
     if "oracles" in only and isinstance(results.get("steps"), dict) and "error" not in results["steps"]:
         from benchmarks import oracle_efficiency
         section("oracles", lambda: {
-            s.name: oracle_efficiency.measure(s, results["steps"][s.name]["presets"], cfg["unit_calls"][s.name], repeats)
+            s.name: oracle_efficiency.measure(s, results["steps"][s.name]["presets"], cfg["unit_calls"][s.name],
+                                              cfg["oracle_rounds"])
             for s in all_setups})
     if "compile" in only:
         from benchmarks import compile_cache, steps
@@ -194,7 +193,6 @@ def main(argv=None):
         f.write(md)
     print(md)
     log(f"wrote {a.out} ({out['total_s']:.0f} s)")
-    del jax
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ Hessians, which a quadratic's gradient reduces to) out of the loop:
   cross:       J v, standalone                       (`bj.oracles.cross`)
   gather:      one minibatch draw of each level      (`bj.sampling.iid`; reported, not in the sum)
 The predicted step time is sum_k count_k * unit_k with the counts of `step_info.oracles` (measure 1,
-averaged over the run: STORM's two evaluations, SARAH's full refreshes included). A ratio above 1
+averaged over the run: STORM's two evaluations, SARAH's full refreshes included). The compiled K-step
+runs of measure 1 and the units are timed round-robin (one call of each per round), and a ratio is
+the median over rounds, so that a change of machine load between measurements does not bias it. A ratio above 1
 means time spent outside the oracles (sampling, optimizer and estimator arithmetic, linear-solver
 algebra) or duplicated passes; a ratio below 1 means the step shares work between oracles (one
 fused vjp for grad + A v + J v; a linear solver's matvecs reuse one linearization).
@@ -25,6 +27,7 @@ from typing import Dict
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bilevel_jax import oracles, sampling
 from benchmarks import timing
@@ -67,26 +70,24 @@ def unit_calls(problem):
     }
 
 
-def units(setup: Setup, num_calls: int, repeats: int) -> Dict[str, dict]:
-    """Seconds per call of each oracle (and of one minibatch draw per level)."""
+def unit_functions(setup: Setup, num_calls: int):
+    """{name: (jitted K-call scan, args)} of the oracle units (and of one minibatch draw per level)."""
     upper, lower = setup.data
     sampler = sampling.make_sampler(setup.batch_size, "iid")
     key = jax.random.PRNGKey(1)
     ub, lb = sampler.sample(upper, key, 0)[0], sampler.sample(lower, key, 1)[0]
     v = jax.random.normal(jax.random.PRNGKey(2), jnp.shape(setup.phi0), setup.phi0.dtype)
     s0 = jnp.zeros((), setup.phi0.dtype)
-    out = {}
-    for name, call in unit_calls(setup.problem).items():
-        out[name] = timing.timeit(_chained(call, num_calls), s0, setup.theta0, setup.phi0, v, ub, lb,
-                                  repeats=3 * repeats, scale=num_calls, budget_s=0.5, min_repeats=repeats)
+    out = {name: (_chained(call, num_calls), (s0, setup.theta0, setup.phi0, v, ub, lb))
+           for name, call in unit_calls(setup.problem).items()}
     if setup.batch_size is not None:
+        def draws(s, data):
+            def body(s, i):
+                return s + 1e-12 * _total(sampler.sample(data, key, i)[0]), None
+            return jax.lax.scan(body, s, jnp.arange(num_calls))[0]
+
         for level, data in (("upper", upper), ("lower", lower)):
-            def draws(s, data):
-                def body(s, i):
-                    return s + 1e-12 * _total(sampler.sample(data, key, i)[0]), None
-                return jax.lax.scan(body, s, jnp.arange(num_calls))[0]
-            out[f"gather_{level}"] = timing.timeit(jax.jit(draws), s0, data, repeats=3 * repeats, scale=num_calls,
-                                                   budget_s=0.5, min_repeats=repeats)
+            out[f"gather_{level}"] = (jax.jit(draws), (s0, data))
     return out
 
 
@@ -102,30 +103,44 @@ DRAWS = {"alternating": (1, 1), "signsgd_ul": (1, 10), "ba": (1, 11), "aid_bio":
          "vrbo": (1, 1), "stable": (1, 1)}
 
 
-def efficiency(step_results: dict, unit_results: Dict[str, dict]) -> Dict[str, dict]:
-    """Per preset: measured / predicted step time, with the prediction's terms; and the same ratio
-    with the minibatch draws added to the prediction (`ratio_with_gathers`)."""
+def efficiency(step_results: dict, timings: Dict[str, dict]) -> Dict[str, dict]:
+    """Per preset: measured / predicted step time, and the same with the minibatch draws added to the
+    prediction (`ratio_with_gathers`). Steps and units were timed round-robin: each ratio is the
+    median over rounds of (step time in the round) / (sum of unit times in the same round)."""
+    units = {k[len("unit:"):]: np.asarray(v["samples"]) for k, v in timings.items() if k.startswith("unit:")}
     out = {}
     for name, r in step_results.items():
-        if "error" in r:
+        key = f"step:{name}"
+        if "error" in r or key not in timings:
             continue
         counts = r["oracles_per_step"]
-        terms = {k: counts[k] * unit_results[k]["median"] for k in ORACLE_KEYS}
-        predicted = sum(terms.values())
-        measured = r["per_step"]["median"]
-        gathers = 0.0
-        if "gather_upper" in unit_results and name in DRAWS:
+        measured = np.asarray(timings[key]["samples"])
+        predicted = sum(counts[k] * units[k] for k in ORACLE_KEYS)
+        gathers = np.zeros_like(predicted)
+        if "gather_upper" in units and name in DRAWS:
             up, low = DRAWS[name]
-            gathers = up * unit_results["gather_upper"]["median"] + low * unit_results["gather_lower"]["median"]
-        out[name] = {"ratio": measured / predicted if predicted > 0 else float("nan"),
-                     "ratio_with_gathers": measured / (predicted + gathers) if predicted > 0 else float("nan"),
-                     "gathers_s": gathers,
-                     "measured_s": measured, "predicted_s": predicted, "terms_s": terms, "counts": counts,
-                     "single_loop": name in SINGLE_LOOP,
-                     "above_goal": bool(name in SINGLE_LOOP and measured / predicted > GOAL)}
+            gathers = up * units["gather_upper"] + low * units["gather_lower"]
+        ratio = float(np.median(measured / predicted))
+        out[name] = {"ratio": ratio, "ratio_with_gathers": float(np.median(measured / (predicted + gathers))),
+                     "measured_s": float(np.median(measured)), "predicted_s": float(np.median(predicted)),
+                     "gathers_s": float(np.median(gathers)),
+                     "terms_s": {k: counts[k] * float(np.median(units[k])) for k in ORACLE_KEYS},
+                     "counts": counts, "single_loop": name in SINGLE_LOOP,
+                     "above_goal": bool(name in SINGLE_LOOP and ratio > GOAL)}
     return out
 
 
 def measure(setup: Setup, step_results: dict, num_calls: int, repeats: int) -> dict:
-    u = units(setup, num_calls, repeats)
-    return {"units": u, "presets": efficiency(step_results, u), "goal": GOAL}
+    """Re-time every compiled K-step run of measure 1 round-robin with the unit oracles."""
+    fns, args, scales = {}, {}, {}
+    for name, (fn, a) in unit_functions(setup, num_calls).items():
+        fns[f"unit:{name}"], args[f"unit:{name}"], scales[f"unit:{name}"] = fn, a, num_calls
+    for name, r in step_results.items():
+        if "_compiled" in r:
+            key = f"step:{name}"
+            fns[key], args[key], scales[key] = r["_compiled"], (r["_state"], setup.data), r["steps_per_call"]
+    timings = timing.interleaved(fns, args, repeats=repeats, scale=scales)
+    units = {k[len("unit:"):]: v for k, v in timings.items() if k.startswith("unit:")}
+    steps = {k[len("step:"):]: v for k, v in timings.items() if k.startswith("step:")}
+    return {"units": units, "steps_interleaved": steps, "presets": efficiency(step_results, timings),
+            "goal": GOAL, "rounds": repeats}

@@ -41,9 +41,11 @@ def timeit(fn: Callable, *args, repeats: int = 5, scale: float = 1.0, budget_s: 
 
 
 def interleaved(fns: Dict[str, Callable], args: Dict[str, tuple], repeats: int = 5,
-                scale: float = 1.0) -> Dict[str, dict]:
+                scale=1.0) -> Dict[str, dict]:
     """Warm every function up, then time them round-robin `repeats` times; per-function stats
-    (first_call_s included) and the raw samples (for pairwise ratios)."""
+    (first_call_s included) and the raw samples, round by round (for per-round ratios).
+    `scale`: one divisor for all, or a dict of divisors by function name."""
+    scales = scale if isinstance(scale, dict) else {k: scale for k in fns}
     first = {k: _once(f, args[k]) for k, f in fns.items()}
     samples: Dict[str, List[float]] = {k: [] for k in fns}
     for _ in range(repeats):
@@ -51,9 +53,9 @@ def interleaved(fns: Dict[str, Callable], args: Dict[str, tuple], repeats: int =
             samples[k].append(_once(f, args[k]))
     out = {}
     for k in fns:
-        out[k] = stats(samples[k], scale)
+        out[k] = stats(samples[k], scales[k])
         out[k]["first_call_s"] = first[k]
-        out[k]["samples"] = [t / scale for t in samples[k]]
+        out[k]["samples"] = [t / scales[k] for t in samples[k]]
     return out
 
 
