@@ -1,1 +1,2 @@
-"""Experiments: one module per reproduced figure/table (run with `python -m experiments.<name>`)."""
+"""Experiments: `python -m experiments configs/<name>.toml [key=value ...]` (see __main__), one
+module per figure with custom logic (convergence, rates), the demo (`python -m experiments.demo`)."""

@@ -53,6 +53,7 @@ TOP_LEVEL: Dict[str, Tuple[tuple, Any]] = {
     "compile_cache": ((bool,), True),   # persistent XLA cache in <results_dir>/.jax-cache
     "problem": ((dict,), None),
     "algorithms": ((dict,), None),
+    "defaults": ((dict,), {}),          # keys merged into every [algorithms.*] table (which wins)
     "plot": ((dict,), {}),
     "options": ((dict,), {}),
     "paper": ((dict,), {}),
@@ -71,12 +72,13 @@ PLOT_KEYS: Dict[str, Tuple[tuple, Any]] = {
     "label": ((str,), None),            # curve label, str.format of {label} and the cell's keys
                                         # (dots as underscores), e.g. "CG({linear_solver_maxiter})"
     "quantiles": ((list,), [0.2, 0.8]),
+    "ylim": ((list,), []),              # [low, high] of the y axes (empty: automatic)
 }
 X_AXES = ("time", "oracles", "step")
 CURVES = ("best", "all")
 
 # keys of an [algorithms.<label>] table that are not preset keyword arguments
-ALGORITHM_SPECIAL = ("preset", "step", "ratio", "static", "label", "steps", "eval_every", "lr_decay")
+ALGORITHM_SPECIAL = ("preset", "step", "ratio", "static", "steps", "eval_every", "lr_decay")
 
 
 def parse_value(text: str) -> Any:
@@ -197,6 +199,10 @@ def validate(cfg: dict, source: str = "config") -> dict:
     for label, table in cfg["algorithms"].items():
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: algorithms.{label} must be a table, got {table!r}.")
+    if cfg["defaults"]:
+        cfg["algorithms"] = {label: {**copy.deepcopy(cfg["defaults"]), **table}
+                             for label, table in cfg["algorithms"].items()}
+    for label, table in cfg["algorithms"].items():
         if "static" in table and not isinstance(table["static"], list):
             raise ConfigError(f"{source}: algorithms.{label}.static must be a list of key names.")
         if ("step" in table or "ratio" in table) and not ("step" in table and "ratio" in table):

@@ -2,8 +2,8 @@
 fig-quadratic, fig-inner-accuracy, the demo).
 
 Runs the missing cells, then for each algorithm label keeps its best grid point (`curves =
-"best"`: lowest median over seeds of the mean log-metric over the last 20% of evaluations of
-`plot.select_by`; diverged runs rank last) or every cell (`curves = "all"`), draws metric rows
+"best"`: lowest upper quantile (80%) over seeds of the mean log-metric over the last 20% of
+evaluations of `plot.select_by`; diverged runs rank last) or every cell (`curves = "all"`), draws metric rows
 against the x axes, writes `<name>.png`, `summary.md` and `sweep.csv` in the experiment folder,
 and prints the summary table (final value, time and oracle calls to reach `plot.target`).
 
@@ -14,7 +14,6 @@ of `bj.run` (LL gradients + UL gradients + HVPs + cross products, all minibatch 
 from __future__ import annotations
 
 import math
-import os
 from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
@@ -48,15 +47,16 @@ def curve_of(result: CellResult, label: str, metrics) -> Curve:
     return Curve(label, x, y)
 
 
-def score(result: CellResult, metric: str, log: bool = True) -> float:
-    """Median over seeds of the mean (log-)metric over the last 20% of evaluations; inf if diverged."""
+def score(result: CellResult, metric: str, log: bool = True, quantile: float = 0.8) -> float:
+    """The `quantile` over seeds (default 80%: a bad seed counts) of the mean (log-)metric over the
+    last 20% of evaluations; inf if a run diverged."""
     y = np.asarray(result.history[metric], dtype=float)
     if not np.all(result.history["finite"]) or not np.all(np.isfinite(y)):
         return math.inf
     tail = y[:, -max(1, y.shape[1] // 5):]
     if log:
         tail = np.log10(np.maximum(tail, 1e-300))
-    return float(np.median(tail.mean(axis=1)))
+    return float(np.quantile(tail.mean(axis=1), quantile))
 
 
 def _value_text(v) -> str:
@@ -125,7 +125,7 @@ def _fmt(x, spec=".3g"):
 def format_table(rows: List[Row], metric: str, target) -> str:
     head = ["algorithm", f"final {metric} (median [20%, 80%])", f"time to {_fmt(target)} (s)",
             f"oracles to {_fmt(target)}", "oracles total", "ms/step", "compile (s)", "hyperparameters"]
-    body = [[r.label, f"{_fmt(r.final)} [{_fmt(r.final_lo)}, {_fmt(r.final_hi)}]", _fmt(r.time_to_target, ".2f"),
+    body = [[r.label, f"{_fmt(r.final)} [{_fmt(r.final_lo)}, {_fmt(r.final_hi)}]", _fmt(r.time_to_target, ".3g"),
              _fmt(r.oracles_to_target, ".3g"), _fmt(r.oracles_total, ".3g"), _fmt(r.seconds_per_step * 1e3, ".3f"),
              _fmt(r.compile_s, ".1f"), r.hyper] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
@@ -136,7 +136,7 @@ def format_table(rows: List[Row], metric: str, target) -> str:
 def select(cfg: dict, results: List[CellResult]):
     """(chosen results, their curve labels) by the plot's `curves` rule; all scores for sweep.csv."""
     plot = cfg["plot"]
-    scores = {r.cell_id: score(r, plot["select_by"], plot["logy"]) for r in results}
+    scores = {r.cell_id: score(r, plot["select_by"], plot["logy"], plot["quantiles"][1]) for r in results}
     if plot["curves"] == "all":
         labels = []
         for r in results:
@@ -184,8 +184,8 @@ def report(cfg: dict, store: ResultStore, cells, setup, log=print) -> dict:
     curves = [curve_of(r, lab, plot["metrics"]) for r, lab in zip(chosen, labels)]
     png = store.path(plot["file"] or f"{cfg['name']}.png")
     plot_grid(curves, plot["metrics"], plot["x"], png, title_of(cfg, setup.description, setup.synthetic),
-              logy=plot["logy"], logx=plot["logx"], quantiles=plot["quantiles"],
-              note=f"{len(results[0].meta['seeds'])} seeds, {cfg['steps']} steps")
+              logy=plot["logy"], logx=plot["logx"], quantiles=plot["quantiles"], ylim=plot["ylim"],
+              note=f"{len(results[0].meta['seeds'])} seed(s), {cfg['steps']} steps")
     metric = plot["metrics"][0]
     rows = summary_rows(chosen, labels, metric, plot["target"], plot["quantiles"])
     table = format_table(rows, metric, plot["target"])

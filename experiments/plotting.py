@@ -68,7 +68,7 @@ class _quiet:
 
 def plot_grid(curves: List[Curve], metrics: Sequence[str], x_axes: Sequence[str], path: str, title: str = "",
               logy: bool = True, logx: bool = False, quantiles: Sequence[float] = (0.2, 0.8),
-              note: Optional[str] = None) -> str:
+              note: Optional[str] = None, ylim: Sequence[float] = ()) -> str:
     """Draw the figure and save it as PNG at `path` (returned)."""
     plt = _pyplot()
     rows, cols = len(metrics), len(x_axes)
@@ -91,6 +91,8 @@ def plot_grid(curves: List[Curve], metrics: Sequence[str], x_axes: Sequence[str]
                 ax.set_yscale("log")
             if logx:
                 ax.set_xscale("log")
+            if ylim:
+                ax.set_ylim(*ylim)
             ax.set_xlabel(AXIS_LABELS.get(axis, axis))
             ax.set_ylabel(METRIC_LABELS.get(metric, metric))
             ax.grid(True, which="major", alpha=0.3)

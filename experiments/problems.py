@@ -10,6 +10,7 @@ the run's argument, never a closure); only the requested ones are computed. Refe
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Callable, Dict, NamedTuple, Optional, Sequence
 
@@ -76,9 +77,9 @@ def quadratic(seed: int = 0, dim_upper: int = 5, dim_lower: int = 10, n_samples:
         hess = q.hessian()
         M = -jnp.linalg.solve(q.means["H"], q.means["C"])
         m = -jnp.linalg.solve(q.means["H"], q.means["h"])
-        value = lambda th: f_star + 0.5 * (th - ts) @ hess @ (th - ts)
+        value = lambda th: f_star + 0.5 * (th - ts) @ hess @ (th - ts)   # = q.value(th)
         fns = {
-            "grad_sq": lambda s, d: _sq(hess @ (s.theta - ts)),
+            "grad_sq": lambda s, d: _sq(hess @ (s.theta - ts)),         # = ||q.grad(theta)||^2 (tested)
             "value_gap": lambda s, d: value(s.theta) - f_star,
             "value": lambda s, d: value(s.theta),
             "theta_err": lambda s, d: _sq(s.theta - ts),
@@ -119,7 +120,8 @@ def _load_logreg_data(data: str, path, n_train, n_val, data_seed, val_fraction):
 def logreg_hpo(data: str = "ijcnn1", path: Optional[str] = None, n_train: int = 0, n_val: int = 0,
                data_seed: int = 0, val_fraction: float = 0.5, seed: int = 0, per_feature: bool = True,
                theta_init: str = "log_uniform", phi_init: str = "normal", eval_newton_steps: int = 6,
-               reference_steps: int = 200, test_fraction: float = 0.0, theta_shift: float = 0.0) -> Setup:
+               reference_steps: int = 200, test_fraction: float = 0.0, theta_shift: float = 0.0,
+               theta_bounds: Optional[Sequence[float]] = (-12.0, 12.0)) -> Setup:
     """Seed 003's hyperparameter selection: logistic regression with one regulariser exp(theta_k)
     per feature (`bj.problems.logistic_hpo`).
 
@@ -128,7 +130,8 @@ def logreg_hpo(data: str = "ijcnn1", path: Optional[str] = None, n_train: int = 
       "breast_cancer" (scikit-learn, split by val_fraction). `seed` draws the starting point.
       test_fraction > 0 holds out that share of the validation rows as a test set (never seen by
       the algorithms) for the test_* metrics. theta_shift is added to the initial theta (e.g. -4
-      starts with little regularisation: an ill-conditioned LL Hessian).
+      starts with little regularisation: an ill-conditioned LL Hessian). theta_bounds: the UL
+      projection (clip) applied after every UL step, [-12, 12] as the benchmark's prox; [] = none.
     Metrics: value = h(theta) (w*(theta) by `eval_newton_steps` damped Newton steps warm-started at
     the current phi), value_gap = h(theta) - h* (h* by `reference_steps` L-BFGS steps), grad_sq =
     ||grad h||^2 (dense implicit gradient), val_loss / train_loss = the losses of the current phi,
@@ -145,11 +148,17 @@ def logreg_hpo(data: str = "ijcnn1", path: Optional[str] = None, n_train: int = 
         test = (Xv[:n_test], yv[:n_test])
         raw = ((Xv[n_test:], yv[n_test:]), lower)
     hpo = bj.problems.logistic_hpo(raw, seed, per_feature=per_feature, theta_init=theta_init, phi_init=phi_init)
-    hpo = hpo._replace(theta0=hpo.theta0 + theta_shift)
     problem = hpo.problem
+    if theta_bounds:
+        lo, hi = (float(b) for b in theta_bounds)
+        problem = dataclasses.replace(problem, project_upper=lambda t: jnp.clip(t, lo, hi))
+    hpo = hpo._replace(theta0=problem.project(hpo.theta0 + theta_shift), problem=problem)
 
     def w_star(theta, phi, d):
-        return newton_from(theta, phi, d[1], eval_newton_steps, lg.lower_grad_hessian, problem.f_lower)
+        # warm start at the recorded phi, or at 0 when phi is worse (a diverged run)
+        zero = jnp.zeros_like(phi)
+        start = jnp.where(problem.f_lower(theta, phi, d[1]) < problem.f_lower(theta, zero, d[1]), phi, zero)
+        return newton_from(theta, start, d[1], eval_newton_steps, lg.lower_grad_hessian, problem.f_lower)
 
     def value(s, d):
         return problem.f_upper(s.theta, w_star(s.theta, s.phi, d), d[0])
@@ -172,7 +181,8 @@ def logreg_hpo(data: str = "ijcnn1", path: Optional[str] = None, n_train: int = 
     def compute_reference():
         sol = hpo.solve_value(steps=reference_steps)
         return {"value_star": float(sol.value), "value_star_grad_norm": float(sol.grad_norm),
-                "theta_star": [float(t) for t in jnp.atleast_1d(sol.theta)]}
+                "theta_star": [float(t) for t in jnp.atleast_1d(sol.theta)],
+                "value_initial": float(hpo.value(hpo.theta0))}
 
     def make_eval(names, reference):
         h_star = reference["value_star"]

@@ -75,7 +75,8 @@ def options(cfg: dict) -> dict:
     opts = dict(OPTIONS)
     unknown = sorted(set(cfg["options"]) - set(OPTIONS))
     if unknown:
-        raise ConfigError(f"unknown [options] key(s) {unknown} for figure 'rates'; valid: {', '.join(sorted(OPTIONS))}.")
+        raise ConfigError(f"unknown [options] key(s) {unknown} for figure 'rates'; "
+                          f"valid: {', '.join(sorted(OPTIONS))}.")
     opts.update(cfg["options"])
     for role in ("horizon_algorithm", "anytime_algorithm", "strongly_convex_algorithm"):
         if opts[role] not in cfg["algorithms"]:
@@ -194,7 +195,8 @@ def _draw(path, Ks, avg, per_seed, curves, checks, cfg, description):
     Ks = np.asarray(Ks, float)
     for m, quantity in (("grad_sq", "(1/K) sum E||grad F||^2"), ("lower_gap", "(1/K) sum E||phi - phi*||^2")):
         vals = np.stack(per_seed[m])                      # (K, seeds)
-        ax.fill_between(Ks, np.quantile(vals, q[0], axis=1), np.quantile(vals, q[1], axis=1), color=colors[m], alpha=0.2)
+        ax.fill_between(Ks, np.quantile(vals, q[0], axis=1), np.quantile(vals, q[1], axis=1),
+                        color=colors[m], alpha=0.2)
         ax.plot(Ks, avg[m], "o-", color=colors[m],
                 label=f"avg {labels[m]}: slope {slope[('A fixed horizon', quantity)]:+.2f}")
     ax.plot(Ks, avg["grad_sq"][0] * (Ks / Ks[0]) ** -0.4, "k--", lw=1, label="theory $K^{-2/5}$")
@@ -216,8 +218,10 @@ def _draw(path, Ks, avg, per_seed, curves, checks, cfg, description):
         kk = c["step"][idx]
         ax.plot(kk, ref * (kk / kk[0]) ** theory, "k--", lw=1.2, label=f"theory ${tex}$")
         ax.axvspan(kk[0], kk[-1], color="0.9", zorder=0)
-        ax.set_title(("B: preset TTSA, " + r"$\alpha_k \propto k^{-3/5}$, $\beta_k \propto k^{-2/5}$") if case.startswith("B")
-                     else ("C: strongly convex, " + r"$\alpha_k \propto 1/k$, $\beta_k \propto k^{-2/3}$"), fontsize=10)
+        title = ("B: preset TTSA, " + r"$\alpha_k \propto k^{-3/5}$, $\beta_k \propto k^{-2/5}$"
+                 if case.startswith("B") else
+                 "C: strongly convex, " + r"$\alpha_k \propto 1/k$, $\beta_k \propto k^{-2/3}$")
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration k (shaded: fitted tail)")
     for ax in axes:
         ax.set_xscale("log")

@@ -18,7 +18,8 @@ import jax
 from experiments import problems
 from experiments.config import ConfigError, seed_list
 from experiments.results import ResultStore, environment, write_json
-from experiments.sweep import MetricEvaluator, BatchedRunner, Cell, check_algorithm, expand, groups, make_mesh, run_length
+from experiments.sweep import (BatchedRunner, Cell, MetricEvaluator, check_algorithm, expand, groups, make_mesh,
+                               run_length)
 
 
 class RunStats(NamedTuple):
@@ -120,7 +121,9 @@ def run_cells(cfg: dict, setup, reference: dict, store: ResultStore, cells: Opti
                     "metrics": cfg["metrics"],
                     "problem": cfg["problem"], "problem_description": setup.description,
                     "synthetic_data": setup.synthetic, "reference": reference,
-                    "timings": dict(timings._asdict(), cells_in_call=len(chunk)), "environment": env,
+                    "timings": dict(timings._asdict(), cells_in_call=len(chunk),
+                                    metrics_compile_s=evaluator.compile_s),
+                    "environment": env, "config": cfg,
                 }
                 store.save(cell.cell_id, {k: v[i] for k, v in hist.items()}, meta)
                 computed.append(cell.cell_id)

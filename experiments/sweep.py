@@ -19,8 +19,14 @@ Special keys of an `[algorithms.<label>]` table: `preset` (default: the label), 
 `ratio` (the benchmark parametrisation lower_lr = step, upper_lr = step / ratio),
 `static` (force names static), `lr_decay = p` (pass the step sizes as the schedules
 lr / (k + 1)^p, for presets with constant steps), `steps` / `eval_every` (this algorithm's own
-run length, e.g. fewer outer steps for double-loop methods). `batch_size = "full"` means None (full batch);
-`batch_size = {upper = 64, lower = 128}` a per-level pair.
+run length, e.g. fewer outer steps for double-loop methods). `batch_size = "full"` means None
+(full batch), `batch_size = {upper = 64, lower = 128}` a per-level pair.
+
+Metrics are not computed inside the runs: `bj.run` records the iterates (theta, phi) every
+`eval_every` steps and `MetricEvaluator` evaluates the configured metrics on all of them after
+the run, in one compiled function shared by every algorithm of the experiment (the expensive
+references, e.g. a Newton solve for w*(theta), are compiled once, and the runs' wall time
+contains no metric work).
 
 Timing (see `Timings`): compile time is measured ahead of time (`lower().compile()`), the run
 with `jax.block_until_ready`; a separate un-batched single-seed run without metrics gives the
@@ -165,7 +171,7 @@ def expand(cfg: dict) -> List[Cell]:
         preset, params = check_algorithm(label, table)
         forced = set(table.get("static", []))
         items = [(k, v) for k, v in _flatten({k: v for k, v in table.items()
-                                              if k not in ("preset", "static", "label")})]
+                                              if k not in ("preset", "static")})]
         for key in ("steps", "eval_every"):
             if key in table and (not isinstance(table[key], int) or table[key] < 1):
                 raise ConfigError(f"algorithms.{label}.{key} must be a positive int, got {table[key]!r}.")
@@ -407,4 +413,5 @@ def groups(cells: Sequence[Cell], chunk: int = 0) -> List[List[Cell]]:
 
 
 __all__ = ["BatchedRunner", "Cell", "Timings", "batch_inputs", "check_algorithm", "expand", "experiment_key",
-           "groups", "Iterate", "MetricEvaluator", "make_mesh", "make_single_run", "record_iterates", "preset_params", "run_length"]
+           "groups", "Iterate", "MetricEvaluator", "make_mesh", "make_single_run", "record_iterates",
+           "preset_params", "run_length"]

@@ -1,0 +1,263 @@
+"""The experiment runner: config validation, overrides, resumable sweeps, sharding, figures."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from experiments import config as C
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(results_dir, **top):
+    """A tiny quadratic sweep: soba over a 3-point grid (one compiled call), 2 seeds, 20 steps."""
+    raw = {
+        "name": "tiny", "seeds": 2, "steps": 20, "eval_every": 10, "metrics": ["grad_sq", "lower_gap"],
+        "timing": False, "progress": False, "results_dir": str(results_dir), "compile_cache": False,
+        "problem": {"name": "quadratic", "dim_upper": 2, "dim_lower": 3, "n_samples": 16},
+        "algorithms": {"soba": {"upper_lr": [0.05, 0.1, 0.2], "lower_lr": 0.2, "batch_size": 4}},
+    }
+    raw.update(top)
+    return C.from_dict(raw, source="tiny")
+
+
+# ---------------------------------------------------------------------------------------------
+# config and overrides
+
+@pytest.mark.parametrize("text, expected", [
+    ("steps=200", (["steps"], 200)),
+    ("full=true", (["full"], True)),
+    ("algorithms.soba.upper_lr=0.1", (["algorithms", "soba", "upper_lr"], 0.1)),
+    ("algorithms.soba.step=[0.125, 0.25]", (["algorithms", "soba", "step"], [0.125, 0.25])),
+    ("problem.path=/data/ijcnn1", (["problem", "path"], "/data/ijcnn1")),
+    ('title="a b"', (["title"], "a b")),
+    ("only=soba,saba", (["only"], "soba,saba")),
+])
+def test_parse_override(text, expected):
+    assert C.parse_override(text) == expected
+
+
+def test_override_errors():
+    with pytest.raises(C.ConfigError, match="key=value"):
+        C.parse_override("steps")
+    with pytest.raises(C.ConfigError, match="valid keys: .*eval_every.*steps"):
+        C.apply_overrides({}, ["stpes=3"])
+
+
+def test_overrides_and_paper_precedence(tmp_path):
+    raw = {"steps": 10, "eval_every": 5, "metrics": ["grad_sq"], "problem": {"name": "quadratic"},
+           "algorithms": {"soba": {"upper_lr": 0.1}},
+           "paper": {"steps": 100, "eval_every": 10, "problem.n_samples": 512, "algorithms.soba.upper_lr": 0.5}}
+    cfg = C.from_dict(raw, ["algorithms.soba.upper_lr=[0.1, 0.2]", "seeds=4"])
+    assert cfg["steps"] == 10 and cfg["seeds"] == 4 and cfg["algorithms"]["soba"]["upper_lr"] == [0.1, 0.2]
+    full = C.from_dict(raw, ["full=true", "eval_every=20"])
+    assert full["steps"] == 100 and full["eval_every"] == 20            # command line beats [paper]
+    assert full["problem"]["n_samples"] == 512 and full["algorithms"]["soba"]["upper_lr"] == 0.5
+    assert C.experiment_dir(full).endswith("-full")
+    path = tmp_path / "c.toml"
+    path.write_text('steps = 10\neval_every = 5\nmetrics = ["grad_sq"]\n[problem]\nname = "quadratic"\n'
+                    '[algorithms.soba]\nupper_lr = 0.1\n')
+    assert C.load(str(path), ["steps=20"])["steps"] == 20
+    assert C.load(str(path))["name"] == "c"
+
+
+def test_config_errors_list_valid_names(tmp_path):
+    base = {"steps": 10, "eval_every": 5, "metrics": ["grad_sq"], "problem": {"name": "quadratic"},
+            "algorithms": {"soba": {}}}
+    with pytest.raises(C.ConfigError, match=r"unknown key 'stepz'.*valid keys: .*eval_every.*steps"):
+        C.from_dict(dict(base, stepz=3))
+    with pytest.raises(C.ConfigError, match="multiple of eval_every"):
+        C.from_dict(dict(base, steps=12))
+    with pytest.raises(C.ConfigError, match=r"\[plot\].*valid keys: .*metrics"):
+        C.from_dict(dict(base, plot={"metricz": ["grad_sq"]}))
+    with pytest.raises(C.ConfigError, match="valid axes: time, oracles, step"):
+        C.from_dict(dict(base, plot={"x": ["walltime"]}))
+
+    from experiments import runner, sweep
+    cfg = C.from_dict(dict(base, problem={"name": "quadratc"}))
+    with pytest.raises(C.ConfigError, match="unknown problem 'quadratc'; valid problems: logreg_hpo, quadratic"):
+        runner.check(cfg)
+    cfg = C.from_dict(dict(base, problem={"name": "quadratic", "dim": 3}))
+    with pytest.raises(C.ConfigError, match="valid keys: .*dim_lower.*dim_upper"):
+        runner.check(cfg)
+    cfg = C.from_dict(dict(base, metrics=["gradient"]))
+    with pytest.raises(C.ConfigError, match="valid metrics: grad_sq"):
+        runner.check(cfg)
+    cfg = C.from_dict(dict(base, algorithms={"sobb": {}}))
+    with pytest.raises(C.ConfigError, match="unknown algorithm 'sobb'; valid names: .*saba.*soba.*ttsa"):
+        runner.check(cfg)
+    cfg = C.from_dict(dict(base, algorithms={"soba": {"upper_step": 0.1}}))
+    with pytest.raises(C.ConfigError, match="unknown key.*upper_step.*valid keys: .*lower_lr.*upper_lr"):
+        runner.check(cfg)
+    cfg = C.from_dict(dict(base, algorithms={"amigo": {"linear_solver": {"name": "cgg"}}}))
+    with pytest.raises(C.ConfigError, match="name one of cg, dense, gd, neumann, stochastic_neumann"):
+        sweep.expand(cfg)
+    with pytest.raises(C.ConfigError, match="only= names unknown"):
+        C.from_dict(dict(base, only="saba"))
+
+
+def test_cli_reports_config_errors(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('steps = 10\neval_every = 5\nmetrics = ["grad_sq"]\n[problem]\nname = "quadratic"\n'
+                    '[algorithms.sobaa]\n')
+    out = subprocess.run([sys.executable, "-m", "experiments", str(path), f"results_dir={tmp_path}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert "unknown algorithm 'sobaa'; valid names:" in out.stderr and "soba" in out.stderr
+
+
+def test_grid_expansion_static_and_traced(tmp_path):
+    from experiments import sweep
+    cfg = tiny(tmp_path, algorithms={
+        "soba": {"upper_lr": [0.1, 0.2], "lower_lr": 0.2, "batch_size": 4},
+        "aid_cg": {"preset": "aid_bio", "upper_lr": 0.1, "linear_solver": {"name": "cg", "maxiter": [1, 3]}},
+        "saba": {"step": 0.1, "ratio": [1.0, 0.1], "batch_size": 4, "steps": 40}})
+    cells = sweep.expand(cfg)
+    assert [c.label for c in cells] == ["soba", "soba", "aid_cg", "aid_cg", "saba", "saba"]
+    soba = cells[0]
+    assert soba.traced == {"upper_lr": 0.1, "lower_lr": 0.2} and soba.static == {"batch_size": 4}
+    assert cells[2].static["linear_solver"] == {"name": "cg", "maxiter": 1}
+    assert cells[4].traced == {"step": 0.1, "ratio": 1.0} and cells[4].static["steps"] == 40
+    groups = sweep.groups(cells)
+    assert [len(g) for g in groups] == [2, 1, 1, 2]           # a static grid axis splits the group
+    assert len({c.cell_id for c in cells}) == 6
+    assert sweep.run_length(cells[4], cfg) == (40, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# resumable sweeps
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_computes_only_missing_cells(tmp_path):
+    from experiments import runner, sweep
+    from experiments.results import ResultStore
+    cfg = tiny(tmp_path, chunk=1)                       # one compiled call per cell (same executable)
+    store = ResultStore(C.experiment_dir(cfg))
+    setup, reference = runner.prepare(cfg, store)
+    cells = sweep.expand(cfg)
+    assert len(cells) == 3
+
+    def kill_after_first(cell):
+        raise Killed(cell.cell_id)
+
+    with pytest.raises(Killed):
+        runner.run_cells(cfg, setup, reference, store, cells, on_cell_saved=kill_after_first, log=lambda *a: None)
+    done = [c.cell_id for c in cells if store.has(c.cell_id)]
+    assert done == [cells[0].cell_id]
+    first = os.path.join(store.cells_dir, done[0])
+    mtimes = (os.stat(first + ".npz").st_mtime_ns, os.stat(first + ".json").st_mtime_ns)
+    assert not [f for f in os.listdir(store.cells_dir) if f.startswith(".tmp")]   # no partial files
+
+    stats = runner.run_cells(cfg, setup, reference, store, cells, log=lambda *a: None)
+    assert stats.computed == [c.cell_id for c in cells[1:]] and stats.skipped == [cells[0].cell_id]
+    assert (os.stat(first + ".npz").st_mtime_ns, os.stat(first + ".json").st_mtime_ns) == mtimes
+
+    os.remove(os.path.join(store.cells_dir, cells[1].cell_id + ".json"))      # a lost cell
+    stats = runner.run_cells(cfg, setup, reference, store, cells, log=lambda *a: None)
+    assert stats.computed == [cells[1].cell_id]
+    assert runner.run_cells(cfg, setup, reference, store, cells, log=lambda *a: None).computed == []
+
+    res = store.load(cells[2].cell_id)
+    assert res.history["grad_sq"].shape == (2, 3) and res.history["lower_grads"].shape == (2, 3)
+    meta = res.meta
+    assert meta["traced"] == {"upper_lr": 0.2, "lower_lr": 0.2} and meta["seeds"] == [0, 1]
+    assert meta["environment"]["versions"]["jax"] and meta["environment"]["platform"] == "cpu"
+    assert {"compile_s", "run_s", "n_devices", "seconds_per_step"} <= set(meta["timings"])
+    assert meta["timings"]["compile_s"] >= 0 and meta["timings"]["run_s"] > 0
+
+
+def test_report_writes_figure_and_table(tmp_path):
+    from experiments import convergence
+    cfg = tiny(tmp_path, plot={"metrics": ["grad_sq", "lower_gap"], "target": 10.0})
+    out = convergence.main(cfg, log=lambda *a: None)
+    assert os.path.isfile(out["figure"]) and out["figure"].endswith(".png")
+    assert os.path.isfile(os.path.join(C.experiment_dir(cfg), "summary.md"))
+    (row,) = out["rows"]                                # curves = "best": one row per algorithm
+    assert row.label == "soba" and np.isfinite(row.final) and row.oracles_total > 0
+    again = convergence.main(cfg, log=lambda *a: None)  # everything cached: nothing recomputed
+    assert again["stats"].computed == []
+
+
+def test_rates_fit():
+    from experiments.rates import Check, fit, tail_indices
+    k = np.arange(1.0, 1001.0)
+    assert fit(k, 3.0 * k ** -0.4) == pytest.approx(-0.4)
+    idx = tail_indices(np.arange(0, 1001.0), 100, 10)
+    assert idx[0] >= 100 and idx[-1] == 1000
+    assert Check("C", "theta", -0.95, -2 / 3, "bound").verdict().startswith("PASS (bound holds, faster")
+    assert Check("C", "phi", -0.5, -2 / 3, "tight").verdict() == "FAIL"
+
+
+# ---------------------------------------------------------------------------------------------
+# sharding: 4 fake CPU devices give the numbers of 1 device
+
+SHARDED = textwrap.dedent("""
+    import json, sys
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    from experiments import config as C, runner, sweep
+    from experiments.results import ResultStore
+    cfg = C.from_dict(json.loads(sys.argv[1]))
+    store = ResultStore(C.experiment_dir(cfg))
+    setup, ref = runner.prepare(cfg, store)
+    runner.run_cells(cfg, setup, ref, store, sweep.expand(cfg), log=lambda *a: None)
+    print(json.dumps({"devices": len(jax.devices())}))
+""")
+
+
+def _run_sharded(cfg_raw, devices):
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", SHARDED, json.dumps(cfg_raw)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_four_fake_devices_equal_one_device(tmp_path):
+    from experiments import sweep
+    from experiments.results import ResultStore
+    raw = {"name": "shard", "seeds": 2, "steps": 20, "eval_every": 10, "metrics": ["grad_sq", "lower_gap"],
+           "timing": False, "progress": False, "compile_cache": False,
+           "problem": {"name": "quadratic", "dim_upper": 2, "dim_lower": 3, "n_samples": 16},
+           "algorithms": {"soba": {"upper_lr": [0.05, 0.1, 0.2], "lower_lr": 0.2, "batch_size": 4}}}
+    one = dict(raw, results_dir=str(tmp_path / "one"))
+    four = dict(raw, results_dir=str(tmp_path / "four"))
+    assert _run_sharded(one, 1)["devices"] == 1
+    assert _run_sharded(four, 4)["devices"] == 4
+    cells = sweep.expand(C.from_dict(one))
+    assert [c.cell_id for c in cells] == [c.cell_id for c in sweep.expand(C.from_dict(four))]
+    for cell in cells:
+        a = ResultStore(C.experiment_dir(C.from_dict(one))).load(cell.cell_id)
+        b = ResultStore(C.experiment_dir(C.from_dict(four))).load(cell.cell_id)
+        assert b.meta["timings"]["n_devices"] == 4 and b.meta["timings"]["batch"] == 8   # 6 rows padded to 8
+        assert a.meta["timings"]["n_devices"] == 1 and a.meta["timings"]["batch"] == 6
+        for key in ("grad_sq", "lower_gap", "theta", "phi", "lower_grads", "hvps"):
+            np.testing.assert_allclose(b.history[key], a.history[key], rtol=1e-12, atol=1e-14)
+
+
+def test_quadratic_metrics_match_closed_forms():
+    import jax
+    import jax.numpy as jnp
+    import bilevel_jax as bj
+    from experiments import problems
+    from experiments.sweep import Iterate
+    setup = problems.quadratic(seed=3, dim_upper=3, dim_lower=4, n_samples=32)
+    q = bj.problems.quadratic_bilevel(jax.random.PRNGKey(3), dim_upper=3, dim_lower=4, n_samples=32,
+                                      lower_spectrum=(0.1, 1.0), upper_spectrum=(0.1, 1.0))
+    ref = setup.compute_reference()
+    ev = setup.make_eval(["grad_sq", "lower_gap", "value_gap", "theta_err"], ref)
+    theta, phi = jnp.array([0.3, -1.0, 2.0]), jnp.array([1.0, 0.0, -0.5, 0.2])
+    m = ev(Iterate(theta, phi), setup.data)
+    np.testing.assert_allclose(m["grad_sq"], jnp.sum(q.grad(theta) ** 2), rtol=1e-10)
+    np.testing.assert_allclose(m["lower_gap"], jnp.sum((phi - q.phi_star(theta)) ** 2), rtol=1e-10)
+    np.testing.assert_allclose(m["value_gap"], q.value(theta) - q.value(q.theta_star()), rtol=1e-9)
+    np.testing.assert_allclose(m["theta_err"], jnp.sum((theta - q.theta_star()) ** 2), rtol=1e-10)
