@@ -158,17 +158,13 @@ def logreg_hpo(data: str = "ijcnn1", path: Optional[str] = None, n_train: int = 
         # warm start at the recorded phi, or at 0 when phi is worse (a diverged run)
         zero = jnp.zeros_like(phi)
         start = jnp.where(problem.f_lower(theta, phi, d[1]) < problem.f_lower(theta, zero, d[1]), phi, zero)
-        return newton_from(theta, start, d[1], eval_newton_steps, lg.lower_grad_hessian, problem.f_lower)
+        return lg.newton_phi_star(theta, d[1], phi0=start, newton_steps=eval_newton_steps)
 
     def value(s, d):
         return problem.f_upper(s.theta, w_star(s.theta, s.phi, d), d[0])
 
     def grad_sq(s, d):
-        w = w_star(s.theta, s.phi, d)
-        b = jax.grad(problem.f_upper, 1)(s.theta, w, d[0])
-        _, H = lg.lower_grad_hessian(s.theta, w, d[1])
-        v = jnp.linalg.solve(H, b)
-        g = -jnp.broadcast_to(jnp.exp(s.theta), w.shape) * w * v
+        g = lg.implicit_grad(jnp.broadcast_to(s.theta, s.phi.shape), w_star(s.theta, s.phi, d), d)
         return _sq(g.sum() if jnp.ndim(s.theta) == 0 else g)
 
     def error(w, batch):
@@ -208,21 +204,6 @@ def logreg_hpo(data: str = "ijcnn1", path: Optional[str] = None, n_train: int = 
 
 
 # --------------------------------------------------------------------------------------------------
-
-def newton_from(theta, w, lower_data, steps: int, grad_hessian, f_lower, trials: int = 4):
-    """`steps` Newton steps on f_lower(theta, .) from the warm start w (the recorded iterate), each
-    the best of the step lengths 1, 1/2, ..., 2^-(trials-1) and "stay" (safeguarded, monotone)."""
-    ts = 0.5 ** jnp.arange(trials, dtype=w.dtype)
-
-    def step(w, _):
-        g, H = grad_hessian(theta, w, lower_data)
-        d = -jnp.linalg.solve(H, g)
-        cand = jnp.concatenate([w[None] + ts[:, None] * d[None], w[None]])
-        values = jax.vmap(lambda c: f_lower(theta, c, lower_data))(cand)
-        return cand[jnp.argmin(jnp.where(jnp.isfinite(values), values, jnp.inf))], None
-
-    return jax.lax.scan(step, w, None, length=steps)[0]
-
 
 PROBLEMS: Dict[str, Callable[..., Setup]] = {"quadratic": quadratic, "logreg_hpo": logreg_hpo}
 

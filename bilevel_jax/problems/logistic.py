@@ -129,16 +129,22 @@ def _newton(theta, lower_data, phi0, newton_steps, line_search_steps):
     return w + _newton_direction(theta, w, lower_data)[0]
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def _evaluate(theta, data, newton_steps):
-    """(w*, h, grad h) at a `(d,)` theta: one Newton solve, one dense implicit gradient."""
+def implicit_grad(theta, w, data):
+    """grad h at a `(d,)` theta from the LL solution w = w*(theta), with the dense LL Hessian:
+    `-exp(theta) * w * A^{-1} grad_w f_upper(w)` (the reference evaluator of experiments)."""
     upper, lower = data
-    w = _newton(theta, lower, None, newton_steps, 12)
     Xv, yv = upper
     b = -Xv.T @ (yv * jax.nn.sigmoid(-_margins(w, upper))) / Xv.shape[0]   # grad_w f_upper
     _, H = lower_grad_hessian(theta, w, lower)
     v = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(H), b)
-    return w, _upper(theta, w, upper), -jnp.exp(theta) * w * v
+    return -jnp.exp(theta) * w * v
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _evaluate(theta, data, newton_steps):
+    """(w*, h, grad h) at a `(d,)` theta: one Newton solve, one dense implicit gradient."""
+    w = _newton(theta, data[1], None, newton_steps, 12)
+    return w, _upper(theta, w, data[0]), implicit_grad(theta, w, data)
 
 
 def hyper_value(theta, data, newton_steps: int = 20):
