@@ -1,27 +1,36 @@
-"""The linear-solver interface.
+"""The linear-solver protocol: one interface, with a state that persists across solves.
 
 A linear solver approximately solves  A x = b  for a symmetric positive definite operator A given
-only as `matvec: x -> A x` (a pytree function). It never knows about bilevel problems.
+only as `matvec: x -> A x` on pytrees. It never knows about bilevel problems.
 
-Pure form (`LinearSolver.solve`):
-    x, info = solver.solve(matvec, b, x0=None, key=None)
-Stochastic solvers (`solver.stochastic`) receive `matvec(x, key)`, which applies an independent
-stochastic estimate of A for every key (a fresh minibatch per factor).
+    solver = bj.linear_solvers.cg(maxiter=10, warm_start=True)
+    state = solver.init(b_like)                      # zeros (or x0=...)
+    x, state, info = solver.solve(matvec, b, state, key=None)
 
-Stateful form (`StatefulLinearSolver`, optax-style init/update) for state that persists across
-outer iterations: warm starts (`stateful(solver, warm_start=True)`), Krylov subspaces.
-    state = s.init(b_like)
-    x, state, info = s.update(matvec, b, state, key=None)
+`state` carries what the next solve may reuse: the last solution (the warm start when
+`solver.warm_start`), and for Krylov methods their basis. Stochastic solvers (`solver.stochastic`)
+call `matvec(x, key)`, which must apply an independent stochastic estimate of A for each key (a
+fresh minibatch per factor).
 
-Every loop has a static length (`lax.scan`); a tolerance may freeze the iterate.
+Solvers are equinox Modules: array hyperparameters (step sizes) are fields, so a sweep can `vmap`
+over them; counts and flags are static fields, so two equal configurations compile once. Every
+loop has a static length (`lax.scan`); a tolerance may freeze the iterate.
+
+Failures are loud: when a solve breaks down (non-positive or non-finite curvature, divergence) the
+returned `x` is NaN and `info.status` says why (`bj.status`); it never returns a finite-looking
+wrong answer.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+import abc
+from typing import Any, Callable, ClassVar, NamedTuple, Optional
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
+
+from bilevel_jax import status as st
 
 PyTree = Any
 
@@ -30,50 +39,45 @@ class SolverInfo(NamedTuple):
     """What a solve reports.
 
     residual_norm: ||b - A x|| at the returned x (NaN for stochastic operators, whose A is random).
-    num_matvecs: operator applications made (int).
-    breakdown: True when the method met non-positive or non-finite curvature and froze.
+    num_matvecs: operator applications the method makes (its oracle cost; int32).
+    status: a `bj.status` code (OK, BREAKDOWN, NONFINITE).
     """
 
     residual_norm: jax.Array
     num_matvecs: jax.Array
-    breakdown: jax.Array
+    status: jax.Array
 
 
-class LinearSolver(NamedTuple):
-    """A pure linear solver.
+class WarmStart(NamedTuple):
+    """The state of the solvers whose only memory is their last solution."""
 
-    solve: `(matvec, b, x0=None, key=None) -> (x, SolverInfo)`; `info.num_matvecs` counts the
-      operator applications (static for a given solver and warm/cold start).
-    stochastic: True when `matvec` is called as `matvec(x, key)`.
+    x: PyTree
+
+
+class LinearSolver(eqx.Module):
+    """Base class of the linear solvers.
+
+    Subclasses implement `solve(matvec, b, state, key=None) -> (x, state, SolverInfo)` and, when
+    they keep more than the last solution, `init`.
     """
 
-    solve: Callable
-    stochastic: bool = False
+    # whether a solve starts from the previous solution (`state.x`) instead of zero; solvers with
+    # no initial point (Neumann series, dense) ignore it. Subclasses give every field a default.
+    warm_start: bool = eqx.field(default=False, static=True)
+    stochastic: ClassVar[bool] = False
+
+    def init(self, b_like: PyTree, x0: Optional[PyTree] = None):
+        """The state before the first solve: `x0` (default zeros shaped like `b_like`)."""
+        return WarmStart(otu.tree_zeros_like(b_like) if x0 is None else x0)
+
+    @abc.abstractmethod
+    def solve(self, matvec: Callable, b: PyTree, state, key=None):
+        """`(x, new_state, SolverInfo)` for A x = b."""
 
 
-class LinearSolverState(NamedTuple):
-    x: PyTree  # the last solution: the next warm start
-
-
-class StatefulLinearSolver(NamedTuple):
-    """init/update form: `init(b_like) -> state`; `update(matvec, b, state, key) -> (x, state, info)`."""
-
-    init: Callable
-    update: Callable
-    stochastic: bool = False
-
-
-def stateful(solver: LinearSolver, warm_start: bool = True) -> StatefulLinearSolver:
-    """The init/update form of a pure solver; with `warm_start`, each solve starts at the last x."""
-
-    def init(b_like):
-        return LinearSolverState(x=otu.tree_zeros_like(b_like))
-
-    def update(matvec, b, state, key=None):
-        x, info = solver.solve(matvec, b, state.x if warm_start else None, key)
-        return x, LinearSolverState(x=x), info
-
-    return StatefulLinearSolver(init, update, solver.stochastic)
+def make_info(residual, num_matvecs, status=st.OK) -> SolverInfo:
+    return SolverInfo(jnp.asarray(residual, jnp.result_type(float)), jnp.asarray(num_matvecs, jnp.int32),
+                      jnp.asarray(status, jnp.int32))
 
 
 def residual_norm(matvec: Callable, b: PyTree, x: PyTree) -> jax.Array:
@@ -81,9 +85,9 @@ def residual_norm(matvec: Callable, b: PyTree, x: PyTree) -> jax.Array:
     return otu.tree_norm(otu.tree_sub(b, matvec(x)))
 
 
-def info(residual, num_matvecs: int, breakdown=False) -> SolverInfo:
-    return SolverInfo(jnp.asarray(residual), jnp.asarray(num_matvecs, jnp.int32), jnp.asarray(breakdown))
+def fail_where(failed, x: PyTree) -> PyTree:
+    """`x` with every leaf set to NaN where `failed` (a scalar bool): a failed solve is never finite."""
+    return jax.tree_util.tree_map(lambda a: jnp.where(failed, jnp.nan, a), x)
 
 
-def initial_point(b: PyTree, x0: Optional[PyTree]) -> PyTree:
-    return otu.tree_zeros_like(b) if x0 is None else x0
+__all__ = ["LinearSolver", "SolverInfo", "WarmStart", "fail_where", "make_info", "residual_norm"]
