@@ -56,3 +56,11 @@ def check_in_range(name: str, value, low: float, high: float, *, closed_low=True
         lb = "[" if closed_low else "("
         rb = "]" if closed_high else ")"
         raise ValueError(f"{name} must lie in {lb}{low}, {high}{rb}, got {value!r}.")
+
+
+def as_array(value):
+    """A Python number as a (weakly typed) JAX array, so it becomes a sweepable array field of a
+    Module; arrays, tracers and callables are returned as they are."""
+    if isinstance(value, numbers.Number) and not isinstance(value, bool):
+        return jax.numpy.asarray(value)
+    return value

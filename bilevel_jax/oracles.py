@@ -50,12 +50,6 @@ def upper_grads(problem: BilevelProblem, theta, phi, batch):
     return jax.grad(f, argnums=(0, 1))(t, p)
 
 
-def upper_value_and_grads(problem: BilevelProblem, theta, phi, batch):
-    """(f_upper, (grad_theta f_upper, grad_phi f_upper)) from one reverse pass."""
-    f, t, p = _on_diff(problem.f_upper, theta, phi, batch)
-    return jax.value_and_grad(f, argnums=(0, 1))(t, p)
-
-
 def upper_grad_theta(problem: BilevelProblem, theta, phi, batch):
     """The partial gradient grad_theta f_upper (the IG-free UL direction)."""
     f, t, p = _on_diff(problem.f_upper, theta, phi, batch)
@@ -112,16 +106,13 @@ def linearize_lower(problem: BilevelProblem, theta, phi, batch, mode: str = "rev
             jv, av = pullback(v)
             return av, jv
 
-    elif mode == "fwd":
+    else:  # "fwd" (checked by the callers, before tracing: `check_mode`)
         (_, g_phi), push = jax.linearize(jax.grad(f, argnums=(0, 1)), t, p)
         zeros_t = otu.tree_zeros_like(t)
 
         def hvp_and_cross(v):
             jv, av = push(zeros_t, v)
             return av, jv
-
-    else:
-        raise ValueError(f"mode must be 'rev' or 'fwd', got {mode!r}.")
 
     return LowerLinearization(
         grad_phi=g_phi,

@@ -72,7 +72,7 @@ class BilevelProblem:
         upper, lower = data
         for name, fn, batch in (("f_upper", self.f_upper, upper), ("f_lower", self.f_lower, lower)):
             try:
-                out = jax.eval_shape(fn, theta, phi, batch)
+                out = eqx.filter_eval_shape(fn, theta, phi, batch)
             except Exception as e:  # noqa: BLE001 - re-raised with context
                 raise ValueError(
                     f"{name}(theta, phi, batch) fails on the given structures "

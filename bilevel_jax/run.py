@@ -3,60 +3,115 @@
     state, history = bj.run(alg, state, data, num_steps=1000, eval_every=100, eval_fn=fn)
 
 The inner scan makes `eval_every` outer iterations; the outer scan records, after each block,
-`eval_fn(state, data)` (a dict of scalars), the cumulative oracle counts, the last residual norm
-and whether all iterates stayed finite. History arrays have `num_steps // eval_every + 1` rows
-(row 0: the initial state). No host round-trip happens inside, so `jax.jit` and `jax.vmap` over
-seeds (a batch of states), hyperparameters (build the algorithm inside the vmapped function) or
-tasks (data with an extra leading axis) apply to the whole run.
+`eval_fn(state, data)` (a dict of scalars or arrays), the cumulative oracle counts, the last
+residual norm, the OR of the steps' status codes so far (`status`, see `bj.status`) and `finite`
+(no NONFINITE flag so far). History arrays have `num_steps // eval_every + 1` rows (row 0: the
+initial state). No host round-trip happens inside, so `jax.jit` and `jax.vmap` (or
+`eqx.filter_vmap` when the state holds an equinox model) over seeds, hyperparameters or tasks apply
+to the whole run. The state may hold equinox Modules (a neural network as phi): only its array
+leaves travel through the scans.
+
+With `check=True`, a run called outside any `jit` raises `bj.status.BilevelError` naming the
+first outer step whose status was not OK and the cause; under a trace it raises the runtime error
+of `bj.status.raise_if` (the cause, without the step).
 """
 from __future__ import annotations
 
 from typing import Callable, Optional
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from bilevel_jax import status as st
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.algorithms.base import Algorithm, OracleCounts
 
+_OWN_KEYS = ("step", "residual_norm", "finite", "status", *OracleCounts._fields)
 
-def _record(state, data, eval_fn, totals: OracleCounts, residual, finite):
-    metrics = dict(eval_fn(state, data)) if eval_fn is not None else {}
-    rec = {"step": state.count, "residual_norm": residual, "finite": finite, **totals._asdict()}
-    clash = set(metrics) & set(rec)
+
+def _record(state, data, eval_fn, totals: OracleCounts, residual, status):
+    metrics = eval_fn(state, data) if eval_fn is not None else {}
+    if not isinstance(metrics, dict):
+        raise TypeError(f"eval_fn must return a dict of metrics (name -> array), got {type(metrics).__name__}.")
+    clash = set(metrics) & set(_OWN_KEYS)
     if clash:
         raise ValueError(f"eval_fn metrics {sorted(clash)} clash with run's own history keys.")
+    rec = {"step": state.count, "residual_norm": residual, "finite": (status & st.NONFINITE) == 0, "status": status,
+           **totals._asdict()}
     rec.update({k: jnp.asarray(v) for k, v in metrics.items()})
     return rec
 
 
+def _name(alg) -> str:
+    return getattr(alg, "name", type(alg).__name__)
+
+
+def _is_traced(tree) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
 def run(alg: Algorithm, state, data, num_steps: int, eval_every: Optional[int] = None,
-        eval_fn: Optional[Callable] = None):
+        eval_fn: Optional[Callable] = None, check: bool = False):
     """Run `num_steps` outer iterations of `alg` from `state` on `data`.
 
     Returns `(final_state, history)`; history is a dict of arrays (see module docstring).
     """
     if not isinstance(alg, Algorithm):
-        raise TypeError(f"alg must be a bj.Algorithm, got {type(alg).__name__}.")
+        raise TypeError(f"alg must be a bj.Algorithm (e.g. bj.algorithms.soba(problem)), got {type(alg).__name__}.")
     check_positive_int("num_steps", num_steps)
     eval_every = num_steps if eval_every is None else check_positive_int("eval_every", eval_every)
     if num_steps % eval_every:
         raise ValueError(f"num_steps={num_steps} must be a multiple of eval_every={eval_every}.")
+    if check and not _is_traced((alg, state, data)):
+        return _checked_run(alg, state, data, num_steps, eval_every, eval_fn)
+    (state, _), history = _scan(alg, state, data, num_steps, eval_every, eval_fn)
+    if check:
+        state = st.raise_if(state, history["status"][-1], f"bj.run of {_name(alg)}")
+    return state, history
 
-    def inner(state, _):
-        state, info = alg.update(state, data)
-        return state, info
+
+def _scan(alg, state, data, num_steps, eval_every, eval_fn):
+    """The nested scan; returns ((final state, (first failing step, its status)), history)."""
+    dynamic, static = eqx.partition(state, eqx.is_array)
+    float_nan = jnp.asarray(jnp.nan, jnp.result_type(float))
+
+    def inner(carry, _):
+        dyn, totals, status, residual, first_bad = carry
+        current = eqx.combine(dyn, static)
+        new, info = alg.update(current, data)
+        bad_now = (first_bad[0] < 0) & (info.status != st.OK)
+        first_bad = (jnp.where(bad_now, current.count, first_bad[0]), jnp.where(bad_now, info.status, first_bad[1]))
+        return (eqx.partition(new, eqx.is_array)[0], totals + info.oracles, status | info.status,
+                info.residual_norm.astype(residual.dtype), first_bad), None
 
     def block(carry, _):
-        state, totals, finite = carry
-        state, infos = jax.lax.scan(inner, state, None, length=eval_every)
-        totals = totals + OracleCounts(*(c.sum(dtype=jnp.int32) for c in infos.oracles))
-        finite = finite & jnp.all(infos.finite)
-        return (state, totals, finite), _record(state, data, eval_fn, totals, infos.residual_norm[-1], finite)
+        carry, _ = jax.lax.scan(inner, carry, None, length=eval_every)
+        dyn, totals, status, residual, _ = carry
+        return carry, _record(eqx.combine(dyn, static), data, eval_fn, totals, residual, status)
 
     zero = OracleCounts.of()
-    first = _record(state, data, eval_fn, zero, jnp.asarray(jnp.nan, jnp.result_type(float)), jnp.asarray(True))
-    (state, _, _), history = jax.lax.scan(block, (state, zero, jnp.asarray(True)), None,
-                                          length=num_steps // eval_every)
+    no_bad = (jnp.asarray(-1, jnp.int32), st.ok())
+    first = _record(state, data, eval_fn, zero, float_nan, st.ok())
+    carry0 = (dynamic, zero, st.ok(), float_nan, no_bad)
+    (dyn, _, _, _, first_bad), history = jax.lax.scan(block, carry0, None, length=num_steps // eval_every)
     history = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([jnp.asarray(a)[None], b]), first, history)
+    return (eqx.combine(dyn, static), first_bad), history
+
+
+def _checked_run(alg, state, data, num_steps, eval_every, eval_fn):
+    (state, (bad_step, bad_status)), history = eqx.filter_jit(_scan)(
+        alg, state, data, num_steps, eval_every, eval_fn)
+    bad_step, bad_status = np.asarray(bad_step), np.asarray(bad_status)
+    if np.any(bad_step >= 0):
+        flat_steps, flat_status = bad_step.reshape(-1), bad_status.reshape(-1)
+        i = int(np.argmax(flat_steps >= 0))
+        where = "" if bad_step.ndim == 0 else f" (batch element {np.unravel_index(i, bad_step.shape)})"
+        raise st.BilevelError(
+            f"bj.run: outer step {int(flat_steps[i])} of {num_steps}{where} of {_name(alg)} failed with "
+            f"status '{st.describe(flat_status[i])}': {st.explain(flat_status[i])}.")
     return state, history
+
+
+__all__ = ["run"]

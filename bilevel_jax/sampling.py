@@ -14,8 +14,10 @@ run is reproducible and needs no sampler state in the carry. Kinds:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+import abc
+from typing import Any, ClassVar, Optional, Tuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -24,10 +26,23 @@ from bilevel_jax._checks import check_positive_int
 PyTree = Any
 
 
-class Sampler(NamedTuple):
-    sample: Callable          # (data, key, draw) -> (batch, batch_id)
-    batch_size: Optional[int]
-    kind: str
+class Sampler(eqx.Module):
+    """Base class: `sample(data, key, draw) -> (batch, batch_id)`; `batch_size` None = full data.
+
+    Samplers are Modules with static fields only, so two equal samplers compare equal (an
+    algorithm holding one crosses `jit` without recompiling).
+    """
+
+    batch_size: Optional[int] = eqx.field(static=True, default=None)
+    kind: ClassVar[str] = "full"
+
+    def __check_init__(self):
+        if self.batch_size is not None:
+            check_positive_int("batch_size", self.batch_size)
+
+    @abc.abstractmethod
+    def sample(self, data: PyTree, key: jax.Array, draw) -> Tuple[PyTree, jax.Array]:
+        """The batch of draw number `draw` (a traced int) from the level's root `key`."""
 
 
 def num_samples(data: PyTree, name: str = "data") -> Optional[int]:
@@ -62,45 +77,72 @@ def _take(data, idx):
     return jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), data)
 
 
+class Full(Sampler):
+    """The whole data set (deterministic problems; `batch_size=None`)."""
+
+    kind: ClassVar[str] = "full"
+
+    def sample(self, data, key, draw):
+        return data, jnp.zeros((), jnp.int32)
+
+
+class IID(Sampler):
+    """b indices drawn uniformly with replacement: the sampling of the convergence theorems;
+    a gather (a copy of the minibatch) per draw."""
+
+    kind: ClassVar[str] = "iid"
+
+    def sample(self, data, key, draw):
+        n = num_samples(data)
+        idx = jax.random.randint(jax.random.fold_in(key, draw), (self.batch_size,), 0, n)
+        return _take(data, idx), jnp.zeros((), jnp.int32)
+
+
+class Shuffled(Sampler):
+    """Epochs over a fresh permutation of the samples; batch `draw` of epoch `draw // (n // b)`."""
+
+    kind: ClassVar[str] = "shuffled"
+
+    def sample(self, data, key, draw):
+        b = self.batch_size
+        n = num_samples(data)
+        epoch, pos = jnp.divmod(draw, n // b)
+        perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+        idx = jax.lax.dynamic_slice(perm, (pos * b,), (b,))
+        return _take(data, idx), pos.astype(jnp.int32)
+
+
+class Partition(Sampler):
+    """The data cut into n // b fixed contiguous blocks, one drawn uniformly and read in place
+    (`lax.dynamic_slice`, no gather); the block index is the batch id of SAGA-type memories."""
+
+    kind: ClassVar[str] = "partition"
+
+    def sample(self, data, key, draw):
+        b = self.batch_size
+        n = num_samples(data)
+        batch_id = jax.random.randint(jax.random.fold_in(key, draw), (), 0, n // b).astype(jnp.int32)
+        block = jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, batch_id * b, b, axis=0), data)
+        return block, batch_id
+
+
 def full() -> Sampler:
-    return Sampler(lambda data, key, draw: (data, jnp.zeros((), jnp.int32)), None, "full")
+    return Full()
 
 
 def iid(batch_size: int) -> Sampler:
     check_positive_int("batch_size", batch_size)
-
-    def sample(data, key, draw):
-        n = num_samples(data)
-        idx = jax.random.randint(jax.random.fold_in(key, draw), (batch_size,), 0, n)
-        return _take(data, idx), jnp.zeros((), jnp.int32)
-
-    return Sampler(sample, batch_size, "iid")
+    return IID(batch_size)
 
 
 def shuffled(batch_size: int) -> Sampler:
     check_positive_int("batch_size", batch_size)
-
-    def sample(data, key, draw):
-        n = num_samples(data)
-        per_epoch = n // batch_size
-        epoch, pos = jnp.divmod(draw, per_epoch)
-        perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
-        idx = jax.lax.dynamic_slice(perm, (pos * batch_size,), (batch_size,))
-        return _take(data, idx), pos.astype(jnp.int32)
-
-    return Sampler(sample, batch_size, "shuffled")
+    return Shuffled(batch_size)
 
 
 def partition(batch_size: int) -> Sampler:
     check_positive_int("batch_size", batch_size)
-
-    def sample(data, key, draw):
-        n = num_samples(data)
-        batch_id = jax.random.randint(jax.random.fold_in(key, draw), (), 0, n // batch_size)
-        idx = batch_id * batch_size + jnp.arange(batch_size)
-        return _take(data, idx), batch_id.astype(jnp.int32)
-
-    return Sampler(sample, batch_size, "partition")
+    return Partition(batch_size)
 
 
 SAMPLERS = {"iid": iid, "shuffled": shuffled, "partition": partition}

@@ -2,15 +2,17 @@
 
 Presets (paper defaults in each docstring): alternating, ba, bsa, aid_bio, stocbio, amigo, ttsa,
 stable, alset, soba, saba, srba, mrbo, sustain, vrbo, fsla, signsgd_ul, momentum.
-Building blocks: `bilevel_loop`, `directions`, `estimators`.
+Building blocks: `bilevel_loop`, `directions`, `estimators`, and the step primitives of `steps`.
 """
-from bilevel_jax.algorithms import directions, estimators
-from bilevel_jax.algorithms.base import Algorithm, BilevelState, OracleCounts, StepInfo
+import difflib
+
+from bilevel_jax.algorithms import directions, estimators, steps
+from bilevel_jax.algorithms.base import Algorithm, OracleCounts, StepInfo
 from bilevel_jax.algorithms.double_loop import aid_bio, alternating, amigo, ba, bsa, signsgd_ul, stocbio
-from bilevel_jax.algorithms.loop import bilevel_loop
+from bilevel_jax.algorithms.loop import BilevelLoop, LoopState, bilevel_loop
 from bilevel_jax.algorithms.momentum import momentum, mrbo, sustain, vrbo
 from bilevel_jax.algorithms.single_loop import alset, fsla, saba, soba, srba, ttsa
-from bilevel_jax.algorithms.stable import stable
+from bilevel_jax.algorithms.stable import Stable, StableState, stable
 
 ALGORITHMS = {
     "alternating": alternating, "ba": ba, "bsa": bsa, "aid_bio": aid_bio, "stocbio": stocbio, "amigo": amigo,
@@ -22,9 +24,11 @@ ALGORITHMS = {
 def get(name: str):
     """The preset called `name`; an unknown name lists the valid ones."""
     if name not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {name!r}; valid names: {', '.join(sorted(ALGORITHMS))}.")
+        close = difflib.get_close_matches(name, ALGORITHMS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown algorithm {name!r}.{hint} Valid names: {', '.join(sorted(ALGORITHMS))}.")
     return ALGORITHMS[name]
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "BilevelState", "OracleCounts", "StepInfo", "bilevel_loop", "directions",
-           "estimators", "get", *sorted(ALGORITHMS)]
+__all__ = ["ALGORITHMS", "Algorithm", "BilevelLoop", "LoopState", "OracleCounts", "Stable", "StableState", "StepInfo",
+           "bilevel_loop", "directions", "estimators", "get", "steps", *sorted(ALGORITHMS)]

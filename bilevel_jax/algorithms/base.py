@@ -1,28 +1,43 @@
-"""`Algorithm(init, update)`: the interface of every bilevel algorithm (optax-style).
+"""`Algorithm`: the interface of every bilevel algorithm (optax-style init/update, as a Module).
 
     state = alg.init(theta0, phi0, key, data=None)      # data only to size memories/check shapes
     state, step_info = alg.update(state, data)           # one outer iteration; pure, jittable
 
+An algorithm is an equinox Module: its array hyperparameters (step sizes, momentum weights,
+schedule constants) are fields, its configuration (loop lengths, samplers, the problem) static
+fields. So `jax.jit(lambda alg, s, d: alg.update(s, d))` and `eqx.filter_jit(alg.update)` compile
+once for two equal configurations, and a sweep can `vmap` over the array fields
+(`eqx.partition(alg, eqx.is_array)`). (`jax.jit(alg.update)` itself does not work: a bound method
+with array fields is not hashable; use `eqx.filter_jit`.)
+
 Every state exposes `theta`, `phi`, `count` (outer iterations done) and `key` (the run's root PRNG
-key: per-step keys are derived with `fold_in(key, count)`, so the key never changes).
-`step_info` carries the oracle calls of the step, so results can be plotted against oracle calls
-as well as against time.
+key: per-step keys are derived with `fold_in(key, count)`, so the key never changes). `step_info`
+carries the oracle calls of the step, the residual of its linear solve and its `bj.status` code.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import abc
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import optax.tree_utils as otu
+
+from bilevel_jax import status as st
 
 PyTree = Any
 
 
-class Algorithm(NamedTuple):
-    init: Callable
-    update: Callable
+class Algorithm(eqx.Module):
+    """Base class of the bilevel algorithms."""
+
+    @abc.abstractmethod
+    def init(self, theta0: PyTree, phi0: PyTree, key: jax.Array, data: Any = None):
+        """The state before the first outer iteration."""
+
+    @abc.abstractmethod
+    def update(self, state, data):
+        """One outer iteration: `(new_state, StepInfo)`."""
 
 
 class OracleCounts(NamedTuple):
@@ -41,49 +56,23 @@ class OracleCounts(NamedTuple):
     def __add__(self, other):  # type: ignore[override]
         return OracleCounts(*(a + b for a, b in zip(self, other)))
 
-    def scale(self, k) -> "OracleCounts":
-        return OracleCounts(*(a * k for a in self))
-
 
 class StepInfo(NamedTuple):
-    oracles: OracleCounts
-    residual_norm: jax.Array   # ||b - A v|| of the step's linear solve (NaN when not computed)
-    finite: jax.Array          # all of theta, phi (and v) finite after the step
+    """What an outer iteration reports.
 
-
-class BilevelState(NamedTuple):
-    """The state of the generic loops.
-
-    v: the linear-system variable (v ~ A^{-1} grad_phi f_upper), None for IG-free methods.
-    aux: the direction rule's persistent state (a linear solver's warm start / Krylov state).
-    estimator: the variance-reduction state (momentum, SAGA memories, previous point).
+    oracles: its `OracleCounts`.
+    residual_norm: ||b - A v|| of its linear solve (NaN when not computed, or stochastic).
+    status: a `bj.status` code (OK, BREAKDOWN, NONFINITE, INVALID_STEP, OR-ed).
     """
 
-    theta: PyTree
-    phi: PyTree
-    count: jax.Array
-    key: jax.Array
-    v: PyTree
-    lower_opt_state: PyTree
-    upper_opt_state: PyTree
-    v_opt_state: PyTree
-    aux: PyTree
-    estimator: PyTree
+    oracles: OracleCounts
+    residual_norm: jax.Array
+    status: jax.Array
 
-
-def all_finite(*trees) -> jax.Array:
-    leaves = [x for t in trees for x in jax.tree_util.tree_leaves(t) if hasattr(x, "dtype")
-              and jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.asarray(True)
-
-
-def guard_finite(theta, phi, v, check: bool):
-    """(theta, finite): whether theta, phi and v are all finite; with `check`, theta carries an
-    `eqx.error_if` that raises when they are not (the step is then an error under jit)."""
-    finite = all_finite(theta, phi, v)
-    if check:
-        theta = eqx.error_if(theta, ~finite, "bilevel_jax: non-finite iterate (theta, phi or v).")
-    return theta, finite
+    @property
+    def finite(self) -> jax.Array:
+        """No NONFINITE flag: all iterates (and oracles) finite after the step."""
+        return (self.status & st.NONFINITE) == 0
 
 
 def check_key(key) -> None:
@@ -94,10 +83,10 @@ def check_key(key) -> None:
         raise TypeError(f"key must be a PRNG key (jax.random.PRNGKey / jax.random.key), got {key!r}.")
 
 
-def step_key(state, stream: int):
-    """The PRNG key of `stream` for this step (sampler keys use the root key + a draw counter)."""
-    return jax.random.fold_in(jax.random.fold_in(state.key, stream), state.count)
+def step_key(key: jax.Array, count, stream: int) -> jax.Array:
+    """The PRNG key of `stream` at outer iteration `count` (sampler keys use the root key and a
+    draw counter instead, see `bj.sampling`)."""
+    return jax.random.fold_in(jax.random.fold_in(key, stream), count)
 
 
-def tree_norm(tree) -> jax.Array:
-    return otu.tree_norm(tree)
+__all__ = ["Algorithm", "OracleCounts", "StepInfo", "check_key", "step_key"]

@@ -1,135 +1,240 @@
-"""Direction rules: what an outer step computes at the point (theta, phi, v).
+"""Direction rules: what an outer step computes at the point (theta, phi, rule state).
 
-Each rule evaluates raw oracle outputs on a batch, and `combine`s them into the directions
-D_theta (always), D_phi (single-loop methods that move phi with theta) and D_v (amortized v):
+A rule `evaluate`s oracles on a batch into a small typed pytree, an estimator (SGD, STORM, SAGA,
+SARAH) may recombine them, and the rule turns the estimate into `Directions` for theta (always)
+and phi (single-loop rules that move phi with theta); a rule with a variable of its own (SOBA's v)
+moves it in `advance`.
 
 - `partial`   : D_theta = grad_theta f_upper. The alternating baseline that ignores the implicit
-                gradient (seed 001 "Meta-algorithm"), and the zero-IG step of SignSGD + UL
-                (seed 000, Alg. 1).
+                gradient, and the zero-IG step of SignSGD + UL (Fan, Ram, Liu, "Sign-MAML", 2021,
+                arXiv:2109.07497).
 - `implicit`  : D_theta = grad_theta f_upper - J v,  v = linear_solver(A, grad_phi f_upper)
-                (BA/BSA/AID-BiO/StocBiO/AmIGO/TTSA, seed 002 Alg. 1-4), warm-started or not.
-- `amortized` : the SOBA framework of seed 003: with one fused vjp at the current (theta, phi, v)
+                (BA/BSA, Ghadimi & Wang 2018, arXiv:1802.02246; AID-BiO/StocBiO, Ji, Yang, Liang
+                2021, arXiv:2010.07962; AmIGO, Arbel & Mairal 2022, arXiv:2111.14580; TTSA).
+                The solver's state (warm start, Krylov basis) is the rule's state; v is its solution.
+- `amortized` : SOBA's directions (Dagreou, Ablin, Vaiter, Moreau 2022, arXiv:2201.13409) from one
+                fused vjp at the current (theta, phi, v):
                 D_phi = grad_phi f_lower,  D_v = A v - grad_phi f_upper,  D_theta = grad_theta f_upper - J v.
                 (v here is +A^{-1} b; SOBA's paper variable is -v.)
 
-Raw outputs are nested dicts. A rule is `separable` when they split into an "upper" part (upper
-batch only) and a "lower" part (lower batch only), each linear in the samples, which SAGA-type
-memories (SABA) need.
+Oracle outputs are typed: `Separable(upper=UpperTerms, lower=LowerTerms)` when each part depends
+on one level's batch only and is linear in its samples (what SAGA memories need), `Joint`
+otherwise. Estimators select leaves with a mask of the same structure (as `optax.masked`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+import abc
+import dataclasses
+from typing import Any, ClassVar, NamedTuple, Optional
 
+import equinox as eqx
+import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from bilevel_jax import oracles
+from bilevel_jax import status as st
 from bilevel_jax.algorithms.base import OracleCounts
+from bilevel_jax.algorithms.steps import Batches, StepRule, apply_step, init_rule
 from bilevel_jax.hypergrad.implicit import implicit_direction
-from bilevel_jax.linear_solvers import LinearSolver, stateful
+from bilevel_jax.linear_solvers import LinearSolver
 from bilevel_jax.problem import BilevelProblem
 
 PyTree = Any
 
 
-class Point(NamedTuple):
-    theta: PyTree
-    phi: PyTree
-    v: PyTree
-    aux: PyTree
+class UpperTerms(NamedTuple):
+    """Oracles of f_upper on the UL batch."""
+    g_theta: PyTree
+    g_phi: PyTree = None
+
+
+class LowerTerms(NamedTuple):
+    """Oracles of f_lower on the LL batch: grad_phi f_lower, A v, J v."""
+    grad_phi: PyTree = None
+    hvp: PyTree = None
+    cross: PyTree = None
+
+
+class Separable(NamedTuple):
+    upper: UpperTerms
+    lower: LowerTerms
+
+
+class Joint(NamedTuple):
+    """An implicit hypergradient (both batches) and, for simultaneous rules, grad_phi f_lower."""
+    hypergrad: PyTree
+    grad_phi: PyTree = None
 
 
 class Directions(NamedTuple):
     theta: PyTree
     phi: Optional[PyTree] = None
-    v: Optional[PyTree] = None
+
+
+class Point(NamedTuple):
+    """Where a rule is evaluated: the iterates and the rule's state."""
+    theta: PyTree
+    phi: PyTree
+    rule_state: Any
 
 
 class Evaluation(NamedTuple):
-    """One evaluation of a rule: raw oracles, the v and aux to keep, its oracle calls, residual."""
-
-    raw: dict
-    v: PyTree
-    aux: PyTree
+    """One evaluation: the oracles, the rule state to keep, its oracle calls, residual, status."""
+    oracles: Any
+    rule_state: Any
     counts: OracleCounts
-    residual_norm: Any
+    residual_norm: jax.Array
+    status: jax.Array
 
 
-class DirectionRule(NamedTuple):
-    init: Callable       # (theta, phi) -> (v, aux)
-    evaluate: Callable   # (problem, point, upper_batch, lower_batch, key, lower_sampler, mode) -> Evaluation
-    combine: Callable    # raw -> Directions
-    separable: bool
-    name: str
+class DirectionRule(eqx.Module):
+    """Base class of the direction rules."""
+
+    separable: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def init(self, theta, phi):
+        """The rule's state before the first step."""
+
+    @abc.abstractmethod
+    def evaluate(self, problem: BilevelProblem, point: Point, batches: Batches, key, mode: str) -> Evaluation:
+        """The oracles at `point` on `batches.upper` / `batches.lower`."""
+
+    @abc.abstractmethod
+    def directions(self, estimate) -> Directions:
+        """D_theta (and D_phi) from an estimate of the oracles."""
+
+    def advance(self, rule_state, estimate, count):
+        """Move the rule's own variables after the step: `(rule_state, status)`."""
+        return rule_state, st.ok()
+
+    @property
+    def moves_phi(self) -> bool:
+        return False
 
 
-def partial(simultaneous: bool = False) -> DirectionRule:
+def _no_residual():
+    return jnp.asarray(jnp.nan, jnp.result_type(float))
+
+
+class Partial(DirectionRule):
     """D_theta = grad_theta f_upper (no implicit gradient); with `simultaneous`, also D_phi."""
 
-    def init(theta, phi):
-        return None, None
+    simultaneous: bool = eqx.field(static=True, default=False)
+    separable: ClassVar[bool] = True
 
-    def evaluate(problem, point, upper_batch, lower_batch, key, lower_sampler, mode):
-        raw = {"upper": {"g_theta": oracles.upper_grad_theta(problem, point.theta, point.phi, upper_batch)},
-               "lower": {}}
-        if simultaneous:
-            raw["lower"]["grad_phi"] = oracles.lower_grad_phi(problem, point.theta, point.phi, lower_batch)
-        return Evaluation(raw, None, None, OracleCounts.of(upper_grads=1, lower_grads=int(simultaneous)),
-                          jnp.asarray(jnp.nan))
+    def init(self, theta, phi):
+        return None
 
-    def combine(raw):
-        return Directions(theta=raw["upper"]["g_theta"], phi=raw["lower"].get("grad_phi"))
+    def evaluate(self, problem, point, batches, key, mode):
+        g_theta = oracles.upper_grad_theta(problem, point.theta, point.phi, batches.upper)
+        grad_phi = (oracles.lower_grad_phi(problem, point.theta, point.phi, batches.lower)
+                    if self.simultaneous else None)
+        counts = OracleCounts.of(upper_grads=1, lower_grads=int(self.simultaneous))
+        return Evaluation(Separable(UpperTerms(g_theta), LowerTerms(grad_phi)), point.rule_state, counts,
+                          _no_residual(), st.ok())
 
-    return DirectionRule(init, evaluate, combine, True, "partial")
+    def directions(self, estimate):
+        return Directions(estimate.upper.g_theta, estimate.lower.grad_phi)
 
-
-def implicit(linear_solver: LinearSolver, warm_start: bool = False, simultaneous: bool = False) -> DirectionRule:
-    """D_theta = grad_theta f_upper - J v with v from `linear_solver` (its stateful form, warm
-    started from the previous v if `warm_start`). With `simultaneous`, D_phi = grad_phi f_lower at
-    the same point (free: the primal output of the linearization)."""
-    if not isinstance(linear_solver, LinearSolver):
-        raise TypeError(f"linear_solver must be a bj.linear_solvers solver, got {linear_solver!r}.")
-    solver = stateful(linear_solver, warm_start)
-
-    def init(theta, phi):
-        phi_d = oracles.differentiable(phi)
-        return otu.tree_zeros_like(phi_d), solver.init(phi_d)
-
-    def evaluate(problem, point, upper_batch, lower_batch, key, lower_sampler, mode):
-        solve = lambda matvec, b: solver.update(matvec, b, point.aux, key)
-        out = implicit_direction(problem, point.theta, point.phi, upper_batch, lower_batch, solve,
-                                 solver.stochastic, lower_sampler, mode)
-        raw = {"joint": {"theta": out.g}}
-        if simultaneous:
-            raw["joint"]["phi"] = out.lin.grad_phi
-        counts = OracleCounts.of(upper_grads=1, lower_grads=int(simultaneous), cross=1) + \
-            OracleCounts.of(hvps=out.info.num_matvecs)
-        return Evaluation(raw, out.v, out.aux, counts, out.info.residual_norm)
-
-    def combine(raw):
-        return Directions(theta=raw["joint"]["theta"], phi=raw["joint"].get("phi"))
-
-    return DirectionRule(init, evaluate, combine, False, "implicit")
+    @property
+    def moves_phi(self):
+        return self.simultaneous
 
 
-def amortized() -> DirectionRule:
-    """The SOBA directions (Dagreou et al. 2022; seed 003 "General framework") from one fused
-    vjp of grad_phi f_lower and one reverse pass of f_upper."""
+class ImplicitState(NamedTuple):
+    solver: Any   # the linear solver's state; its `x` is v
 
-    def init(theta, phi):
-        return otu.tree_zeros_like(oracles.differentiable(phi)), None
+    @property
+    def v(self):
+        return self.solver.x
 
-    def evaluate(problem, point, upper_batch, lower_batch, key, lower_sampler, mode):
-        g_theta, g_phi = oracles.upper_grads(problem, point.theta, point.phi, upper_batch)
-        grad_phi, av, jv = oracles.grad_hvp_cross(problem, point.theta, point.phi, point.v, lower_batch, mode)
-        raw = {"upper": {"g_theta": g_theta, "g_phi": g_phi},
-               "lower": {"grad_phi": grad_phi, "hvp": av, "cross": jv}}
+
+class Implicit(DirectionRule):
+    """D_theta = grad_theta f_upper - J v with v from `solver` (warm started when the solver is);
+    with `simultaneous`, D_phi = grad_phi f_lower at the same point (free: the primal output of
+    the linearization)."""
+
+    solver: LinearSolver
+    simultaneous: bool = eqx.field(static=True, default=False)
+
+    def init(self, theta, phi):
+        return ImplicitState(self.solver.init(oracles.differentiable(phi)))
+
+    def evaluate(self, problem, point, batches, key, mode):
+        out = implicit_direction(problem, point.theta, point.phi, batches.upper, batches.lower, self.solver,
+                                 point.rule_state.solver, key, batches.fresh_lower, mode)
+        counts = OracleCounts.of(upper_grads=1, lower_grads=int(self.simultaneous), cross=1,
+                                 hvps=out.info.num_matvecs)
+        grad_phi = out.lin.grad_phi if self.simultaneous else None
+        return Evaluation(Joint(out.g, grad_phi), ImplicitState(out.state), counts, out.info.residual_norm,
+                          out.info.status)
+
+    def directions(self, estimate):
+        return Directions(estimate.hypergrad, estimate.grad_phi)
+
+    @property
+    def moves_phi(self):
+        return self.simultaneous
+
+
+class AmortizedState(NamedTuple):
+    v: PyTree
+    opt_state: Any
+
+
+class Amortized(DirectionRule):
+    """SOBA's directions from one fused vjp of grad_phi f_lower and one reverse pass of f_upper;
+    v moves by `v_rule` on D_v = A v - grad_phi f_upper."""
+
+    v_rule: StepRule
+    separable: ClassVar[bool] = True
+
+    def init(self, theta, phi):
+        v = otu.tree_zeros_like(oracles.differentiable(phi))
+        return AmortizedState(v, init_rule(self.v_rule, v))
+
+    def evaluate(self, problem, point, batches, key, mode):
+        g_theta, g_phi = oracles.upper_grads(problem, point.theta, point.phi, batches.upper)
+        grad_phi, av, jv = oracles.grad_hvp_cross(problem, point.theta, point.phi, point.rule_state.v,
+                                                  batches.lower, mode)
         counts = OracleCounts.of(lower_grads=1, upper_grads=1, hvps=1, cross=1)
-        return Evaluation(raw, point.v, None, counts, otu.tree_norm(otu.tree_sub(av, g_phi)))
+        return Evaluation(Separable(UpperTerms(g_theta, g_phi), LowerTerms(grad_phi, av, jv)), point.rule_state,
+                          counts, otu.tree_norm(otu.tree_sub(av, g_phi)), st.ok())
 
-    def combine(raw):
-        up, low = raw["upper"], raw["lower"]
-        return Directions(theta=otu.tree_sub(up["g_theta"], low["cross"]), phi=low["grad_phi"],
-                          v=otu.tree_sub(low["hvp"], up["g_phi"]))
+    def directions(self, estimate):
+        return Directions(otu.tree_sub(estimate.upper.g_theta, estimate.lower.cross), estimate.lower.grad_phi)
 
-    return DirectionRule(init, evaluate, combine, True, "amortized")
+    def advance(self, rule_state, estimate, count):
+        d_v = otu.tree_sub(estimate.lower.hvp, estimate.upper.g_phi)
+        v, opt_state, status = apply_step(self.v_rule, rule_state.v, rule_state.opt_state, d_v, count)
+        return AmortizedState(v, opt_state), status
+
+    @property
+    def moves_phi(self):
+        return True
+
+
+def partial(simultaneous: bool = False) -> Partial:
+    return Partial(simultaneous)
+
+
+def implicit(linear_solver: LinearSolver, warm_start: Optional[bool] = None, simultaneous: bool = False) -> Implicit:
+    """The implicit rule with `linear_solver`; `warm_start` (if given) overrides the solver's."""
+    if not isinstance(linear_solver, LinearSolver):
+        raise TypeError(f"linear_solver must be a bj.linear_solvers solver (e.g. cg(maxiter=10)), "
+                        f"got {linear_solver!r}.")
+    if warm_start is not None and warm_start != linear_solver.warm_start:
+        linear_solver = dataclasses.replace(linear_solver, warm_start=warm_start)
+    return Implicit(linear_solver, simultaneous)
+
+
+def amortized(v_rule: StepRule) -> Amortized:
+    if not isinstance(v_rule, StepRule):
+        raise TypeError(f"v_rule must be a StepRule (bj.algorithms.steps.step_rule), got {v_rule!r}.")
+    return Amortized(v_rule)
+
+
+__all__ = ["Amortized", "AmortizedState", "DirectionRule", "Directions", "Evaluation", "Implicit", "ImplicitState",
+           "Joint", "LowerTerms", "Partial", "Point", "Separable", "UpperTerms", "amortized", "implicit", "partial"]

@@ -1,24 +1,29 @@
-"""Estimators of the raw oracle outputs of a direction rule: plain minibatch (SGD), STORM
-momentum, SAGA memories and SARAH recursions. An estimator only sees `raw_fn(point, batches)`.
+"""Estimators of a direction rule's oracles: plain minibatch (SGD), STORM momentum, SAGA memories
+and SARAH recursions. An estimator only sees `evaluate(point, batches) -> Evaluation`.
 
-- `sgd()`      : d_k = raw(z_k; xi_k).
-- `storm(a)`   : d_k = raw(z_k; xi_k) + a_k (d_{k-1} - raw(z_{k-1}; xi_k)), the same sample at
-                 the current and previous point (Cutkosky & Orabona 2019). MRBO (Yang et al. 2021)
-                 and SUSTAIN (Khanduri et al. 2021) use a_k = 1 - eta_k; the bi-level momentum of
-                 seeds 001/002 eq. 21-22 is a = eta (h_k = grad_k + eta (h_{k-1} - grad_{k-1})).
-                 FSLA (Li et al. 2022) applies it to the UL direction only (`keys=`).
+- `sgd()`      : d_k = o(z_k; xi_k).
+- `storm(a)`   : d_k = o(z_k; xi_k) + a_k (d_{k-1} - o(z_{k-1}; xi_k)), the same sample at the
+                 current and previous point (Cutkosky & Orabona 2019, arXiv:1905.10018). MRBO (Yang,
+                 Ji, Liang 2021, arXiv:2106.04692) and SUSTAIN (Khanduri et al. 2021,
+                 arXiv:2102.07367) use a_k = 1 - eta_k; the bilevel momentum h_k = grad_k +
+                 eta (h_{k-1} - grad_{k-1}) is a = eta. FSLA (Li, Gu, Huang 2022, arXiv:2112.04660)
+                 applies it to the UL direction only (`mask=`).
 - `saga()`     : per batch id, d = new - mem[id] + mean(mem); mean += (new - mem[id]) / n;
-                 mem[id] = new (Defazio et al. 2014), separately for the "upper" and "lower" raw
-                 parts with their own batch ids: SABA (Dagreou et al. 2022, seed 003).
-- `sarah(q)`   : every q steps d = raw(z_k; full data); else d = d_{k-1} + raw(z_k; xi) - raw(z_{k-1}; xi)
-                 (Nguyen et al. 2017): SRBA (Dagreou et al. 2023), VRBO (Yang et al. 2021).
+                 mem[id] = new (Defazio, Bach, Lacoste-Julien 2014, arXiv:1407.0202), one table per
+                 level with its own batch ids: SABA (Dagreou et al. 2022, arXiv:2201.13409).
+- `sarah(q)`   : every q steps d = o(z_k; full data); else d = d_{k-1} + o(z_k; xi) - o(z_{k-1}; xi)
+                 (Nguyen et al. 2017, arXiv:1703.00102): SRBA (Dagreou et al. 2023,
+                 arXiv:2302.08766), VRBO (Yang, Ji, Liang 2021).
 
-`estimate(raw_fn, point, prev_state, count, batches, full_data, ids, n_batches)` returns
-(raw estimate, the current point's Evaluation, new state, oracle-count multiplier).
+`mask` and per-leaf weights are pytree prefixes of the rule's typed oracles (e.g.
+`directions.Joint(hypergrad=0.5, grad_phi=0.9)`), as in `optax.masked`; a leaf with no weight
+(False in the mask, None as weight) is the plain minibatch estimate. Each estimator owns its state
+type and returns the oracle calls it made (`OracleCounts`, no sentinels).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+import abc
+from typing import Any, Callable, ClassVar, NamedTuple, Optional, Tuple
 
 import equinox as eqx
 import jax
@@ -26,58 +31,98 @@ import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from bilevel_jax._checks import check_positive_int
+from bilevel_jax.algorithms.base import OracleCounts
+from bilevel_jax.algorithms.directions import Evaluation, Point
+from bilevel_jax.algorithms.steps import Batches
 from bilevel_jax.schedules import as_schedule
 
 PyTree = Any
 
 
-class Estimator(NamedTuple):
-    init: Callable       # (raw_like, point, n_batches: (int, int)) -> state
-    estimate: Callable
-    needs_separable: bool
-    name: str
+def _scale(counts: OracleCounts, upper, lower) -> OracleCounts:
+    """Counts with the UL oracles times `upper` and the LL oracles (gradients, HVPs, cross) times `lower`."""
+    return OracleCounts(counts.lower_grads * lower, counts.upper_grads * upper, counts.hvps * lower,
+                        counts.cross * lower)
 
 
-def _weights(raw: dict, weights: dict):
-    """Per raw leaf (by second-level key): its recursion weight schedule, or None (plain estimate)."""
-    return {lvl: {k: weights.get(k, weights.get(None)) for k in part} for lvl, part in raw.items()}
+class Estimator(eqx.Module):
+    """Base class of the estimators.
 
+    `estimate(evaluate, point, state, count, batches, full, passes)` returns `(estimate,
+    evaluation at point, new state, oracle counts)`; `full` are the whole-data batches and
+    `passes` = (n_upper // b_upper, n_lower // b_lower), the minibatch oracles one full pass counts as.
+    """
 
-def sgd() -> Estimator:
-    def init(raw_like, point, n_batches):
+    needs_separable: ClassVar[bool] = False
+
+    def init(self, oracles_like: PyTree, point: Point, n_batches: Tuple[int, int]):
         return None
 
-    def estimate(raw_fn, point, state, count, batches, full_data, ids):
-        ev = raw_fn(point, batches)
-        return ev.raw, ev, state, jnp.asarray(1, jnp.int32)
+    @abc.abstractmethod
+    def estimate(self, evaluate: Callable, point: Point, state, count, batches: Batches, full: Batches,
+                 passes: Tuple[int, int]):
+        """See the class docstring."""
 
-    return Estimator(init, estimate, False, "sgd")
+
+class SGD(Estimator):
+    """The plain minibatch estimate."""
+
+    def estimate(self, evaluate, point, state, count, batches, full, passes):
+        ev = evaluate(point, batches)
+        return ev.oracles, ev, state, ev.counts
 
 
-def _joint_raw(raw_fn, point, prev, batches):
-    """raw_fn at z_k and z_{k-1} as one vmapped evaluation over the two points: what depends only on
-    the batches and keys (minibatch draws, e.g. the fresh batch of every HIA factor) is computed once."""
+def _both_points(evaluate, point, prev, batches) -> Tuple[Evaluation, PyTree]:
+    """`evaluate` at z_k and z_{k-1} as one vmapped call over the two points: what depends only on
+    the batches and keys (minibatch draws, e.g. a stochastic solver's fresh batch per factor) is
+    computed once."""
     dyn, static = eqx.partition(point, eqx.is_array)
     dyn_prev, _ = eqx.partition(prev, eqx.is_array)
     stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), dyn, dyn_prev)
-    both = jax.vmap(lambda d: raw_fn(eqx.combine(d, static), batches))(stacked)
-    return jax.tree_util.tree_map(lambda x: x[0], both), jax.tree_util.tree_map(lambda x: x[1], both.raw)
+    both = jax.vmap(lambda d: evaluate(eqx.combine(d, static), batches))(stacked)
+    return jax.tree_util.tree_map(lambda x: x[0], both), jax.tree_util.tree_map(lambda x: x[1], both.oracles)
 
 
-def _recursive(weights: dict, refresh_period: Optional[int], joint: bool = False):
-    """d_k = raw(z_k) + w_k (d_{k-1} - raw(z_{k-1})) on the leaves with a weight (STORM: w = a_k;
-    SARAH: w = 1), d_0 = raw(z_0); with `refresh_period`, a full-data raw every period.
-    `weights` maps raw keys (None: every key) to schedules; `joint`: see `_joint_raw`."""
+class RecursiveState(NamedTuple):
+    d: PyTree       # the last estimate d_{k-1}
+    prev: Point     # z_{k-1}
 
-    def init(raw_like, point, n_batches):
-        return {"d": otu.tree_zeros_like(raw_like), "prev": point}
 
-    def estimate(raw_fn, point, state, count, batches, full_data, ids):
-        if joint:
-            ev, old = _joint_raw(raw_fn, point, state["prev"], batches)
+def _is_weight(x) -> bool:
+    return x is None or callable(x)
+
+
+class Recursive(Estimator):
+    """d_k = o(z_k) + w_k (d_{k-1} - o(z_{k-1})) on the leaves with a weight (STORM: w = a_k;
+    SARAH: w = 1), d_0 = o(z_0); with `refresh_period`, d = o(z_k; full data) every period steps.
+
+    weights: one schedule for every leaf, or a pytree prefix of the oracles with a schedule or
+      None (no recursion) per subtree.
+    mask: a pytree prefix of bools selecting the leaves that recurse (None: all).
+    joint: evaluate both points in one vmapped call (see `_both_points`).
+    """
+
+    weights: Any
+    mask: Any = eqx.field(static=True, default=None)
+    refresh_period: Optional[int] = eqx.field(static=True, default=None)
+    joint: bool = eqx.field(static=True, default=False)
+
+    def init(self, oracles_like, point, n_batches):
+        return RecursiveState(otu.tree_zeros_like(oracles_like), point)
+
+    def _weights(self, oracles):
+        weights = self.weights
+        if callable(weights) and self.mask is not None:
+            mask = self.mask(oracles) if callable(self.mask) else self.mask
+            weights = jax.tree_util.tree_map(lambda m: weights if m else None, mask)
+        return weights
+
+    def estimate(self, evaluate, point, state, count, batches, full, passes):
+        if self.joint:
+            ev, old = _both_points(evaluate, point, state.prev, batches)
         else:
-            ev = raw_fn(point, batches)
-            old = raw_fn(state["prev"], batches).raw
+            ev = evaluate(point, batches)
+            old = evaluate(state.prev, batches).oracles
 
         def recurse(schedule, new, d, o):
             if schedule is None:
@@ -85,66 +130,89 @@ def _recursive(weights: dict, refresh_period: Optional[int], joint: bool = False
             w = jnp.where(count > 0, schedule(count), 0.0)
             return otu.tree_add_scale(new, w, otu.tree_sub(d, o))
 
-        sched = _weights(ev.raw, weights)
-        rec = jax.tree_util.tree_map(recurse, sched, ev.raw, state["d"], old,
-                                     is_leaf=lambda x: x is None or callable(x))
-        mult = jnp.asarray(2, jnp.int32)
-        if refresh_period is not None:
-            refresh = (count % refresh_period) == 0
-            full = jax.lax.cond(refresh, lambda: raw_fn(point, full_data).raw, lambda: rec)
-            rec = jax.tree_util.tree_map(lambda s, f, r: r if s is None else f, sched, full, rec,
-                                         is_leaf=lambda x: x is None or callable(x))
-            mult = jnp.where(refresh, -1, mult)  # -1: "one full pass", resolved by the loop
-        return rec, ev, {"d": rec, "prev": point}, mult
-
-    return init, estimate
+        weights = self._weights(ev.oracles)
+        out = jax.tree_util.tree_map(recurse, weights, ev.oracles, state.d, old, is_leaf=_is_weight)
+        counts = _scale(ev.counts, 2, 2)
+        if self.refresh_period is not None:
+            refresh = (count % self.refresh_period) == 0
+            fresh = jax.lax.cond(refresh, lambda: evaluate(point, full).oracles, lambda: out)
+            out = jax.tree_util.tree_map(lambda w, f, r: r if w is None else f, weights, fresh, out,
+                                         is_leaf=_is_weight)
+            counts = jax.tree_util.tree_map(lambda a, b: jnp.where(refresh, a, b),
+                                            _scale(ev.counts, passes[0], passes[1]), counts)
+        return out, ev, RecursiveState(out, point), counts
 
 
-def storm(momentum=0.9, keys: Optional[Sequence[str]] = None, joint: bool = False) -> Estimator:
-    """STORM with weight `momentum` = a_k (float, array or schedule) on the raw leaves `keys`
-    (all by default; e.g. ("g_theta", "cross") for the UL direction only), or a dict
-    {raw key: weight} for per-direction weights (the bi-level momentum's eta_u, eta_l).
-    `joint=True` evaluates the current and previous points in one vmapped call, so that minibatches
-    drawn inside the direction rule (a stochastic linear solver's factors) are drawn once, not twice."""
-    if isinstance(momentum, dict):
-        weights = {k: as_schedule(w) for k, w in momentum.items()}
+class Memory(NamedTuple):
+    table: PyTree   # one row per batch id
+    mean: PyTree    # the mean of the rows
+
+
+class SagaState(NamedTuple):
+    upper: Memory
+    lower: Memory
+
+
+class SAGA(Estimator):
+    """SAGA memories indexed by batch id, one table per level (zero initialisation)."""
+
+    needs_separable: ClassVar[bool] = True
+
+    def init(self, oracles_like, point, n_batches):
+        def memory(part, n):
+            table = jax.tree_util.tree_map(lambda x: jnp.zeros((n,) + jnp.shape(x), jnp.result_type(x)), part)
+            return Memory(table, otu.tree_zeros_like(part))
+
+        return SagaState(memory(oracles_like.upper, n_batches[0]), memory(oracles_like.lower, n_batches[1]))
+
+    def estimate(self, evaluate, point, state, count, batches, full, passes):
+        ev = evaluate(point, batches)
+
+        def level(memory, new, idx):
+            leaves = jax.tree_util.tree_leaves(memory.table)
+            n = leaves[0].shape[0] if leaves else 1
+            old = jax.tree_util.tree_map(lambda m: m[idx], memory.table)
+            out = jax.tree_util.tree_map(lambda a, o, mu: a - o + mu, new, old, memory.mean)
+            table = jax.tree_util.tree_map(lambda m, a: m.at[idx].set(a), memory.table, new)
+            mean = jax.tree_util.tree_map(lambda mu, a, o: mu + (a - o) / n, memory.mean, new, old)
+            return out, Memory(table, mean)
+
+        up, mem_up = level(state.upper, ev.oracles.upper, batches.upper_id)
+        low, mem_low = level(state.lower, ev.oracles.lower, batches.lower_id)
+        return type(ev.oracles)(up, low), ev, SagaState(mem_up, mem_low), ev.counts
+
+
+def sgd() -> SGD:
+    return SGD()
+
+
+def storm(momentum=0.9, mask=None, joint: bool = False) -> Recursive:
+    """STORM with weight `momentum` = a_k (float, array or schedule) on the leaves selected by
+    `mask` (all by default), or per-subtree weights as a pytree prefix of the oracles.
+    `joint=True` evaluates the current and previous points in one vmapped call, so minibatches
+    drawn inside the direction rule (a stochastic solver's factors) are drawn once, not twice."""
+    if callable(momentum) or not isinstance(momentum, tuple):
+        weights = as_schedule(momentum)
     else:
-        weights = {k: as_schedule(momentum) for k in (keys if keys is not None else [None])}
-    init, estimate = _recursive(weights, None, joint)
-    return Estimator(init, estimate, False, "storm")
+        weights = jax.tree_util.tree_map(lambda w: None if w is None else as_schedule(w), momentum,
+                                         is_leaf=lambda x: x is None)
+    return Recursive(weights, mask, None, joint)
 
 
-def sarah(period: int, keys: Optional[Sequence[str]] = None) -> Estimator:
+class _One(eqx.Module):
+    def __call__(self, count):
+        return 1.0
+
+
+def sarah(period: int, mask=None) -> Recursive:
     """SARAH recursion, refreshed with the full data every `period` outer steps."""
     check_positive_int("period", period)
-    one = lambda count: 1.0
-    init, estimate = _recursive({k: one for k in (keys if keys is not None else [None])}, period)
-    return Estimator(init, estimate, False, "sarah")
+    return Recursive(_One(), mask, period, False)
 
 
-def saga() -> Estimator:
-    """SAGA memories indexed by batch id, one table per level ("zero" initialisation)."""
+def saga() -> SAGA:
+    return SAGA()
 
-    def init(raw_like, point, n_batches):
-        tables = {}
-        for lvl, n in zip(("upper", "lower"), n_batches):
-            part = raw_like.get(lvl, {})
-            tables[lvl] = {"mem": jax.tree_util.tree_map(lambda x: jnp.zeros((n,) + jnp.shape(x), jnp.result_type(x)), part),
-                           "mean": otu.tree_zeros_like(part)}
-        return tables
 
-    def estimate(raw_fn, point, state, count, batches, full_data, ids):
-        ev = raw_fn(point, batches)
-        out, new_state = {}, {}
-        for lvl, idx in zip(("upper", "lower"), ids):
-            mem, mean = state[lvl]["mem"], state[lvl]["mean"]
-            n = jax.tree_util.tree_leaves(mem)[0].shape[0] if jax.tree_util.tree_leaves(mem) else 1
-            old = jax.tree_util.tree_map(lambda m: m[idx], mem)
-            out[lvl] = jax.tree_util.tree_map(lambda new, o, mu: new - o + mu, ev.raw[lvl], old, mean)
-            new_state[lvl] = {
-                "mem": jax.tree_util.tree_map(lambda m, new: m.at[idx].set(new), mem, ev.raw[lvl]),
-                "mean": jax.tree_util.tree_map(lambda mu, new, o: mu + (new - o) / n, mean, ev.raw[lvl], old),
-            }
-        return out, ev, new_state, jnp.asarray(1, jnp.int32)
-
-    return Estimator(init, estimate, True, "saga")
+__all__ = ["Estimator", "Memory", "Recursive", "RecursiveState", "SAGA", "SGD", "SagaState", "saga", "sarah", "sgd",
+           "storm"]

@@ -1,40 +1,37 @@
-"""The generic bilevel loop every preset of `bj.algorithms` is built from.
+"""The generic bilevel loop every implicit-gradient preset of `bj.algorithms` is built from.
 
-One outer iteration k (a `lax.scan` body; the whole run is a nested scan, see `bj.run`):
+One outer iteration k (a `lax.scan` body; the whole run is a nested scan, see `bj.run`), written
+with the public primitives of `bj.algorithms.steps`:
 
-    1. LL phase     phi <- `lower_steps` steps of `lower_opt` on grad_phi f_lower(theta_k, ., xi_t)
+    1. LL phase     phi <- `lower_steps` steps of the LL rule on grad_phi f_lower(theta_k, ., xi_t)
                     (0 steps: single loop; T steps: double loop, warm-started at phi_k)
-    2. directions   raw oracles at (theta_k, phi, v_k) on fresh UL/LL minibatches, passed through
-                    an `estimator` (SGD, STORM, SAGA, SARAH), combined by the direction rule into
-                    D_theta [, D_phi, D_v]
-    3. steps        theta_{k+1} = P_Theta(theta_k + upper_opt(D_theta))
-                    phi  <- phi + lower_opt(D_phi)     (rules that move phi with theta)
-                    v    <- v + v_opt(D_v)             (amortized v, SOBA-type)
-
-Step rules are optax transforms (so schedules, momentum, clipping come from optax); a swept step
-size (an array under `vmap`) goes straight into `optax.sgd`.
+    2. directions   the direction rule's oracles at (theta_k, phi, rule state) on fresh UL/LL
+                    minibatches, through an estimator (SGD, STORM, SAGA, SARAH), into
+                    D_theta [, D_phi]; the rule moves its own variables (SOBA's v)
+    3. steps        theta_{k+1} = P_Theta(theta_k + upper rule(D_theta))
+                    phi  <- phi + lower rule(D_phi)     (rules that move phi with theta)
+    4. finish       oracle counts, status (solver breakdown, non-finite, invalid step)
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Any, NamedTuple, Optional, Tuple, Union
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import optax
 
 from bilevel_jax import oracles
+from bilevel_jax import status as st
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.algorithms import estimators as est
-from bilevel_jax.algorithms.base import (Algorithm, BilevelState, OracleCounts, StepInfo, check_key, guard_finite,
-                                         step_key)
+from bilevel_jax.algorithms.base import Algorithm, OracleCounts, check_key, step_key
 from bilevel_jax.algorithms.directions import DirectionRule, Point
-from bilevel_jax.hypergrad.inner import lower_steps as run_lower_steps
+from bilevel_jax.algorithms.steps import (SOLVER_STREAM, Batches, StepRule, apply_step, draw_batches, finish,
+                                          init_rule, lower_phase)
 from bilevel_jax.problem import BilevelProblem, check_data_pair
 from bilevel_jax.sampling import Sampler, check_fits, make_sampler, num_batches, num_samples
 
-UPPER_STREAM, LOWER_STREAM, SOLVER_STREAM = 0, 1, 2
-
+PyTree = Any
 BatchSize = Union[None, int, Tuple[Optional[int], Optional[int]]]
 
 
@@ -46,132 +43,151 @@ def make_samplers(batch_size: BatchSize, sampler: str) -> Tuple[Sampler, Sampler
     return make_sampler(sizes[0], sampler), make_sampler(sizes[1], sampler)
 
 
-def _check_data(data, samplers):
+def check_data(data, samplers: Tuple[Sampler, Sampler]) -> None:
+    """`data` is an (upper, lower) pair that the samplers can draw from (clear errors otherwise)."""
     check_data_pair(data)
     for name, d, s in zip(("upper data", "lower data"), data, samplers):
         check_fits(s, d, name)
 
 
-def _apply(opt, direction, opt_state, params):
-    updates, opt_state = opt.update(direction, opt_state, oracles.differentiable(params))
-    return eqx.apply_updates(params, updates), opt_state
+def full_batches(data) -> Batches:
+    """The whole data as the batches of a step (a SARAH refresh)."""
+    zero = jnp.zeros((), jnp.int32)
+    return Batches(data[0], data[1], zero, zero, lambda t: data[1], lambda key: data[1])
 
 
-def bilevel_loop(problem: BilevelProblem, *, direction: DirectionRule,
-                 upper_opt: optax.GradientTransformation,
-                 lower_opt: Optional[optax.GradientTransformation] = None, lower_steps: int = 0,
-                 v_opt: Optional[optax.GradientTransformation] = None,
+def passes(samplers: Tuple[Sampler, Sampler], data) -> Tuple[int, int]:
+    """How many minibatch oracles one full pass over each level's data counts as."""
+    def one(s, d):
+        n = num_samples(d)
+        return 1 if (s.batch_size is None or n is None) else n // s.batch_size
+
+    return one(samplers[0], data[0]), one(samplers[1], data[1])
+
+
+class LoopState(NamedTuple):
+    """The state of `bilevel_loop` algorithms.
+
+    direction: the direction rule's state (a linear solver's state, SOBA's v and its optax state);
+    estimator: the estimator's state (momentum, SAGA memories, previous point).
+    """
+
+    theta: PyTree
+    phi: PyTree
+    count: Any
+    key: Any
+    upper_opt_state: Any
+    lower_opt_state: Any
+    direction: Any
+    estimator: Any
+
+    @property
+    def v(self):
+        """The linear-system variable v ~ A^{-1} grad_phi f_upper (None for IG-free rules)."""
+        return getattr(self.direction, "v", None)
+
+
+class BilevelLoop(Algorithm):
+    """See the module docstring; build with `bilevel_loop` or a preset."""
+
+    problem: BilevelProblem = eqx.field(static=True)
+    direction: DirectionRule
+    upper: StepRule
+    lower: Optional[StepRule]
+    estimator: est.Estimator
+    samplers: Tuple[Sampler, Sampler] = eqx.field(static=True)
+    lower_steps: int = eqx.field(static=True, default=0)
+    mode: str = eqx.field(static=True, default="rev")
+    check: bool = eqx.field(static=True, default=False)
+    name: str = eqx.field(static=True, default="bilevel_loop")
+
+    def _evaluate(self, key):
+        return lambda point, batches: self.direction.evaluate(self.problem, point, batches, key, self.mode)
+
+    def init(self, theta0, phi0, key, data=None) -> LoopState:
+        check_key(key)
+        theta0 = self.problem.project(theta0)
+        if data is not None:
+            check_data(data, self.samplers)
+            self.problem.validate(theta0, phi0, data)
+        state = LoopState(theta0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
+                          init_rule(self.lower, phi0), self.direction.init(theta0, phi0), None)
+        if isinstance(self.estimator, est.SGD):
+            return state
+        if data is None:
+            raise ValueError(f"{self.name}: init needs `data` to size the estimator's state.")
+        point = Point(theta0, phi0, state.direction)
+        batches = draw_batches(self.samplers, data, key, 0)
+        like = eqx.filter_eval_shape(lambda: self._evaluate(key)(point, batches).oracles)
+        like = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), like)
+        n_batches = (num_batches(self.samplers[0], data[0]), num_batches(self.samplers[1], data[1]))
+        return state._replace(estimator=self.estimator.init(like, point, n_batches))
+
+    def update(self, state: LoopState, data):
+        check_data(data, self.samplers)
+        count = state.count
+        batches = draw_batches(self.samplers, data, state.key, count, self.lower_steps)
+        phi, lower_state, ll_counts, ll_status = lower_phase(
+            self.problem, self.lower, state.theta, state.phi, state.lower_opt_state, self.lower_steps,
+            batches.lower_at, count)
+        point = Point(state.theta, phi, state.direction)
+        estimate, ev, est_state, counts = self.estimator.estimate(
+            self._evaluate(step_key(state.key, count, SOLVER_STREAM)), point, state.estimator, count, batches,
+            full_batches(data), passes(self.samplers, data))
+        dirs = self.direction.directions(estimate)
+
+        theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state, dirs.theta, count,
+                                                   self.problem.project)
+        low_status = st.ok()
+        if dirs.phi is not None:
+            phi, lower_state, low_status = apply_step(self.lower, phi, lower_state, dirs.phi, count)
+        rule_state, rule_status = self.direction.advance(ev.rule_state, estimate, count)
+
+        (theta, phi, rule_state), info = finish(
+            (theta, phi, rule_state), ll_counts + counts, ev.residual_norm,
+            (ll_status, ev.status, up_status, low_status, rule_status), check=self.check,
+            where=f"{self.name} outer step")
+        new_state = LoopState(theta, phi, count + 1, state.key, upper_state, lower_state, rule_state, est_state)
+        return new_state, info
+
+
+def bilevel_loop(problem: BilevelProblem, *, direction: DirectionRule, upper: StepRule,
+                 lower: Optional[StepRule] = None, lower_steps: int = 0,
                  estimator: Optional[est.Estimator] = None, batch_size: BatchSize = None,
-                 sampler: str = "iid", mode: str = "rev", check_finite: bool = False) -> Algorithm:
+                 sampler: str = "iid", mode: str = "rev", check: bool = False,
+                 name: str = "bilevel_loop") -> BilevelLoop:
     """Compose an `Algorithm` from a direction rule, step rules, LL steps and an estimator.
 
     Args:
       problem: the `BilevelProblem`.
-      direction: `directions.partial()`, `implicit(solver, warm_start)` or `amortized()`.
-      upper_opt / lower_opt / v_opt: optax transforms for theta, phi and v.
+      direction: `directions.partial()`, `implicit(solver)` or `amortized(v_rule)`.
+      upper / lower: `StepRule`s for theta and phi (`bj.algorithms.steps.step_rule`).
       lower_steps: LL steps per outer step before the directions (0 = single loop).
       estimator: `estimators.sgd()` (default), `storm`, `saga`, `sarah`.
       batch_size: None (full batch), an int, or an (upper, lower) pair.
       sampler: "iid", "shuffled" or "partition" (SAGA memories need "partition").
       mode: "rev" or "fwd" second-order products.
-      check_finite: raise (`eqx.error_if`) when an iterate becomes non-finite; the finiteness is
-        always reported in `step_info.finite`.
+      check: raise (under jit, `bj.status.raise_if`) when a step's status is not OK; the status
+        is always reported in `step_info.status`.
+      name: the preset's name, used in error messages.
     """
     if not isinstance(problem, BilevelProblem):
-        raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
+        raise TypeError(f"{name}: problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
     if not isinstance(direction, DirectionRule):
-        raise TypeError(f"direction must be a DirectionRule, got {direction!r}.")
+        raise TypeError(f"{name}: direction must be a DirectionRule, got {direction!r}.")
     check_positive_int("lower_steps", lower_steps, minimum=0)
+    oracles.check_mode(mode)
     estimator = est.sgd() if estimator is None else estimator
     if estimator.needs_separable and not direction.separable:
-        raise ValueError(f"the {estimator.name} estimator needs per-level raw oracles; "
-                         f"the {direction.name} direction rule does not provide them.")
+        raise ValueError(f"{name}: the {type(estimator).__name__} estimator needs per-level oracles; "
+                         f"the {type(direction).__name__} direction rule does not provide them.")
     if estimator.needs_separable and sampler != "partition":
-        raise ValueError(f"the {estimator.name} estimator indexes memories by batch id: use sampler='partition'.")
-    if (lower_steps > 0 or direction.name == "amortized") and lower_opt is None:
-        raise ValueError("lower_opt is required when phi is updated.")
-    if direction.name == "amortized" and v_opt is None:
-        raise ValueError("the amortized direction rule needs v_opt (the step rule of v).")
-    samplers = make_samplers(batch_size, sampler)
-    upper_sampler, lower_sampler = samplers
-    draws = lower_steps + 1
-
-    def evaluate(point, batches, data, state):
-        lower_data = data[1]
-        sample_lower = lambda key: lower_sampler.sample(lower_data, key, 0)[0]
-        return direction.evaluate(problem, point, batches[0], batches[1], step_key(state, SOLVER_STREAM),
-                                  sample_lower, mode)
-
-    def init(theta0, phi0, key, data=None) -> BilevelState:
-        check_key(key)
-        theta0 = problem.project(theta0)
-        if data is not None:
-            _check_data(data, samplers)
-            problem.validate(theta0, phi0, data)
-        v, aux = direction.init(theta0, phi0)
-        phi_d = oracles.differentiable(phi0)
-        state = BilevelState(
-            theta=theta0, phi=phi0, count=jnp.zeros((), jnp.int32), key=key, v=v,
-            lower_opt_state=None if lower_opt is None else lower_opt.init(phi_d),
-            upper_opt_state=upper_opt.init(oracles.differentiable(theta0)),
-            v_opt_state=None if (v_opt is None or v is None) else v_opt.init(v),
-            aux=aux, estimator=None)
-        if estimator.name == "sgd":
-            return state
-        if data is None:
-            raise ValueError(f"init needs `data` to size the {estimator.name} estimator's state.")
-        point = Point(theta0, phi0, v, aux)
-        batches = (upper_sampler.sample(data[0], key, 0)[0], lower_sampler.sample(data[1], key, 0)[0])
-        raw_like = jax.eval_shape(lambda: evaluate(point, batches, data, state).raw)
-        raw_like = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), raw_like)
-        n_batches = (num_batches(upper_sampler, data[0]), num_batches(lower_sampler, data[1]))
-        return state._replace(estimator=estimator.init(raw_like, point, n_batches))
-
-    def update(state: BilevelState, data):
-        _check_data(data, samplers)
-        upper_data, lower_data = data
-        key_up = jax.random.fold_in(state.key, UPPER_STREAM)
-        key_low = jax.random.fold_in(state.key, LOWER_STREAM)
-        first_draw = state.count * draws
-        phi, lower_state = state.phi, state.lower_opt_state
-        if lower_steps > 0:
-            batch_fn = lambda t: lower_sampler.sample(lower_data, key_low, first_draw + t)[0]
-            phi, lower_state = run_lower_steps(problem, lower_opt, state.theta, phi, lower_state,
-                                               lower_steps, batch_fn)
-        upper_batch, up_id = upper_sampler.sample(upper_data, key_up, state.count)
-        lower_batch, low_id = lower_sampler.sample(lower_data, key_low, first_draw + lower_steps)
-        point = Point(state.theta, phi, state.v, state.aux)
-        raw_fn = lambda pt, batches: evaluate(pt, batches, data, state)
-        raw, ev, est_state, mult = estimator.estimate(raw_fn, point, state.estimator, state.count,
-                                                      (upper_batch, lower_batch), data, (up_id, low_id))
-        dirs = direction.combine(raw)
-
-        theta, upper_state = _apply(upper_opt, dirs.theta, state.upper_opt_state, state.theta)
-        theta = problem.project(theta)
-        if dirs.phi is not None:
-            phi, lower_state = _apply(lower_opt, dirs.phi, lower_state, phi)
-        v, v_state = ev.v, state.v_opt_state
-        if dirs.v is not None:
-            v, v_state = _apply(v_opt, dirs.v, v_state, state.v)
-
-        theta, finite = guard_finite(theta, phi, v, check_finite)
-        counts = OracleCounts.of(lower_grads=lower_steps) + _scale_counts(ev.counts, mult, data, samplers)
-        new_state = BilevelState(theta, phi, state.count + 1, state.key, v, lower_state, upper_state,
-                                 v_state, ev.aux, est_state)
-        return new_state, StepInfo(counts, jnp.asarray(ev.residual_norm, jnp.result_type(float)), finite)
-
-    return Algorithm(init, update)
+        raise ValueError(f"{name}: the {type(estimator).__name__} estimator indexes memories by batch id: "
+                         "use sampler='partition'.")
+    if (lower_steps > 0 or direction.moves_phi) and lower is None:
+        raise ValueError(f"{name}: a lower step rule is required when phi is updated.")
+    return BilevelLoop(problem, direction, upper, lower, estimator, make_samplers(batch_size, sampler),
+                       lower_steps, mode, check, name)
 
 
-def _scale_counts(counts: OracleCounts, mult, data, samplers) -> OracleCounts:
-    """Oracle counts times the estimator's evaluations; mult == -1 is one full pass over the data
-    (SARAH refresh), i.e. n / batch_size minibatch oracles per level."""
-    def passes(d, s):
-        n = num_samples(d)
-        return 1 if (s.batch_size is None or n is None) else n // s.batch_size
-
-    up, low = passes(data[0], samplers[0]), passes(data[1], samplers[1])
-    m_up = jnp.where(mult < 0, up, mult)
-    m_low = jnp.where(mult < 0, low, mult)
-    return OracleCounts(counts.lower_grads * m_low, counts.upper_grads * m_up, counts.hvps * m_low,
-                        counts.cross * m_low)
+__all__ = ["BilevelLoop", "LoopState", "bilevel_loop", "check_data", "full_batches", "make_samplers", "passes"]

@@ -1,0 +1,166 @@
+"""Public step primitives: the pieces an outer iteration is composed of.
+
+    batches = draw_batches(samplers, data, key, count, lower_steps)      # draw batches
+    phi, s, counts = lower_phase(problem, rule, theta, phi, s, T, batches.lower_at)   # LL phase
+    ... evaluate a direction rule or `bj.hypergrad.implicit_direction` ...   # evaluate
+    theta, s, status = apply_step(rule, theta, s, direction, count, project)  # apply a step, project
+    trees, info = finish((theta, phi, v), counts, residual, statuses, check=...)  # counts, finiteness
+
+`bilevel_loop` (every implicit-gradient preset) and `stable` are written with these and nothing
+private; a new method (extra variables, another order of steps) is another composition of them.
+
+A `StepRule` is how one variable moves: an optax transform, built inside the step from an array
+step size or a schedule Module (so the step size is a sweepable array field), or a whole optax
+rule given by the user (`optax.adam(1e-3)`), kept as a static field.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, NamedTuple, Optional, Tuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+from bilevel_jax import oracles
+from bilevel_jax import status as st
+from bilevel_jax._checks import as_array, check_step_size
+from bilevel_jax.algorithms.base import OracleCounts, StepInfo
+from bilevel_jax.hypergrad.inner import lower_steps as run_lower_steps
+from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.sampling import Sampler
+from bilevel_jax.schedules import InversePower, inverse_power
+
+PyTree = Any
+UPPER_STREAM, LOWER_STREAM, SOLVER_STREAM = 0, 1, 2
+
+
+class StepRule(eqx.Module):
+    """The step rule of one variable.
+
+    learning_rate: an array or a schedule Module (sweepable), None when `optimizer` is given.
+    schedule: a plain-function schedule (e.g. an optax schedule), kept static.
+    optimizer: a whole optax rule given by the user, kept static (step-size validity unknown).
+    transform: `learning_rate -> optax rule` (default `optax.sgd`).
+    """
+
+    learning_rate: Any = None
+    schedule: Optional[Callable] = eqx.field(static=True, default=None)
+    optimizer: Optional[optax.GradientTransformation] = eqx.field(static=True, default=None)
+    transform: Callable = eqx.field(static=True, default=optax.sgd)
+
+    def build(self) -> optax.GradientTransformationExtraArgs:
+        """The optax rule (accepting `value`, `grad`, `value_fn` extra arguments)."""
+        if self.optimizer is not None:
+            return optax.with_extra_args_support(self.optimizer)
+        lr = self.schedule if self.schedule is not None else self.learning_rate
+        return optax.with_extra_args_support(self.transform(lr))
+
+    def status(self, count) -> jax.Array:
+        """INVALID_STEP when the step size is not a positive finite number (a traced sweep value
+        included); OK for a user's optax rule, whose step size is its own."""
+        if self.optimizer is not None:
+            return st.ok()
+        if self.schedule is not None:
+            values = (self.schedule(count),)
+        elif isinstance(self.learning_rate, InversePower):
+            values = (self.learning_rate.c, self.learning_rate.offset)
+        elif callable(self.learning_rate):
+            values = (self.learning_rate(count),)
+        else:
+            values = (self.learning_rate,)
+        good = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v) & (v > 0)) for v in map(jnp.asarray, values)]))
+        return st.flag(~good, st.INVALID_STEP)
+
+
+def step_rule(name: str, value=None, *, optimizer: Optional[optax.GradientTransformation] = None,
+              exponent: float = 0.0, every: int = 1, transform: Callable = optax.sgd) -> StepRule:
+    """A `StepRule` from a preset's arguments.
+
+    `optimizer` (a whole optax rule) wins over `value`. Otherwise `value` is a float/array (made
+    into `value / (k // every + 1)^exponent` when `exponent` > 0, k the optimiser's step count) or
+    a schedule used as given. Bad values raise naming `name`.
+    """
+    if optimizer is not None:
+        if not isinstance(optimizer, optax.GradientTransformation):
+            raise TypeError(f"{name.replace('_lr', '_opt')} must be an optax GradientTransformation "
+                            f"(e.g. optax.adam(1e-3)), got {type(optimizer).__name__}.")
+        return StepRule(optimizer=optimizer, transform=transform)
+    check_step_size(name, value)
+    if isinstance(value, eqx.Module):
+        return StepRule(learning_rate=value, transform=transform)
+    if callable(value):
+        return StepRule(schedule=value, transform=transform)
+    if isinstance(exponent, numbers.Number) and exponent == 0:
+        return StepRule(learning_rate=as_array(value), transform=transform)
+    return StepRule(learning_rate=inverse_power(value, exponent, every=every), transform=transform)
+
+
+def apply_step(rule: StepRule, params: PyTree, opt_state, direction: PyTree, count,
+               project: Optional[Callable] = None) -> Tuple[PyTree, Any, jax.Array]:
+    """params <- project(params + rule(direction)); only the inexact-array leaves move.
+
+    Returns `(params, opt_state, status)`, status INVALID_STEP when the step size is invalid."""
+    updates, opt_state = rule.build().update(direction, opt_state, oracles.differentiable(params))
+    params = eqx.apply_updates(params, updates)
+    if project is not None:
+        params = project(params)
+    return params, opt_state, rule.status(count)
+
+
+def init_rule(rule: Optional[StepRule], params: PyTree):
+    """The optax state of `rule` for `params` (None without a rule)."""
+    return None if rule is None else rule.build().init(oracles.differentiable(params))
+
+
+class Batches(NamedTuple):
+    """The batches of one outer iteration and how to draw more."""
+
+    upper: PyTree
+    lower: PyTree
+    upper_id: jax.Array
+    lower_id: jax.Array
+    lower_at: Callable   # t -> the LL batch of LL-phase step t
+    fresh_lower: Callable  # key -> an independent LL batch (a stochastic solver's factors)
+
+
+def draw_batches(samplers: Tuple[Sampler, Sampler], data, key: jax.Array, count, lower_steps: int = 0) -> Batches:
+    """The batches of outer iteration `count`: `lower_steps` LL-phase batches, then one UL and
+    one LL batch for the directions. Draws are numbered per level from the root `key`, so a run
+    is reproducible and the samplers need no state."""
+    upper_sampler, lower_sampler = samplers
+    upper_data, lower_data = data
+    key_up = jax.random.fold_in(key, UPPER_STREAM)
+    key_low = jax.random.fold_in(key, LOWER_STREAM)
+    first = count * (lower_steps + 1)
+    upper, up_id = upper_sampler.sample(upper_data, key_up, count)
+    lower, low_id = lower_sampler.sample(lower_data, key_low, first + lower_steps)
+    return Batches(upper, lower, up_id, low_id,
+                   lambda t: lower_sampler.sample(lower_data, key_low, first + t)[0],
+                   lambda k: lower_sampler.sample(lower_data, k, 0)[0])
+
+
+def lower_phase(problem: BilevelProblem, rule: StepRule, theta, phi, opt_state, steps: int,
+                batch_at: Callable, count) -> Tuple[PyTree, Any, OracleCounts, jax.Array]:
+    """`steps` LL steps of `rule` at fixed theta: `(phi, opt_state, counts, status)`."""
+    if steps == 0:
+        return phi, opt_state, OracleCounts.of(), st.ok()
+    phi, opt_state = run_lower_steps(problem, rule.build(), theta, phi, opt_state, steps, batch_at)
+    return phi, opt_state, OracleCounts.of(lower_grads=steps), rule.status(count)
+
+
+def finish(trees: Tuple, counts: OracleCounts, residual_norm, statuses=(), *, check: bool = False,
+           where: str = "outer step") -> Tuple[Tuple, StepInfo]:
+    """The end of an outer iteration: its status (the given ones, and NONFINITE when a leaf of
+    `trees` is not finite) and its `StepInfo`. With `check`, the first tree carries a runtime
+    error (`bj.status.raise_if`) naming the cause when the status is not OK."""
+    status = st.merge(*statuses, st.nonfinite(*trees))
+    if check:
+        trees = (st.raise_if(trees[0], status, where),) + tuple(trees[1:])
+    residual = jnp.asarray(residual_norm, jnp.result_type(float))
+    return trees, StepInfo(counts, residual, status)
+
+
+__all__ = ["Batches", "StepRule", "apply_step", "draw_batches", "finish", "init_rule", "lower_phase", "step_rule",
+           "LOWER_STREAM", "SOLVER_STREAM", "UPPER_STREAM"]
