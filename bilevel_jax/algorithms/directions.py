@@ -18,6 +18,7 @@ memories (SABA) need.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax.algorithms.base import OracleCounts
 from bilevel_jax.hypergrad.implicit import implicit_direction
-from bilevel_jax.linear_solvers import LinearSolver, stateful
+from bilevel_jax.linear_solvers import LinearSolver
 from bilevel_jax.problem import BilevelProblem
 
 PyTree = Any
@@ -84,27 +85,27 @@ def partial(simultaneous: bool = False) -> DirectionRule:
 
 
 def implicit(linear_solver: LinearSolver, warm_start: bool = False, simultaneous: bool = False) -> DirectionRule:
-    """D_theta = grad_theta f_upper - J v with v from `linear_solver` (its stateful form, warm
-    started from the previous v if `warm_start`). With `simultaneous`, D_phi = grad_phi f_lower at
-    the same point (free: the primal output of the linearization)."""
+    """D_theta = grad_theta f_upper - J v with v from `linear_solver` (its state carried across
+    steps; warm started from the previous v if `warm_start` or the solver's own `warm_start`). With
+    `simultaneous`, D_phi = grad_phi f_lower at the same point (free: the primal output of the
+    linearization)."""
     if not isinstance(linear_solver, LinearSolver):
         raise TypeError(f"linear_solver must be a bj.linear_solvers solver, got {linear_solver!r}.")
-    solver = stateful(linear_solver, warm_start)
+    solver = dataclasses.replace(linear_solver, warm_start=warm_start or linear_solver.warm_start)
 
     def init(theta, phi):
         phi_d = oracles.differentiable(phi)
         return otu.tree_zeros_like(phi_d), solver.init(phi_d)
 
     def evaluate(problem, point, upper_batch, lower_batch, key, lower_sampler, mode):
-        solve = lambda matvec, b: solver.update(matvec, b, point.aux, key)
-        out = implicit_direction(problem, point.theta, point.phi, upper_batch, lower_batch, solve,
-                                 solver.stochastic, lower_sampler, mode)
+        out = implicit_direction(problem, point.theta, point.phi, upper_batch, lower_batch, solver,
+                                 point.aux, key, lower_sampler, mode)
         raw = {"joint": {"theta": out.g}}
         if simultaneous:
             raw["joint"]["phi"] = out.lin.grad_phi
         counts = OracleCounts.of(upper_grads=1, lower_grads=int(simultaneous), cross=1) + \
             OracleCounts.of(hvps=out.info.num_matvecs)
-        return Evaluation(raw, out.v, out.aux, counts, out.info.residual_norm)
+        return Evaluation(raw, out.v, out.state, counts, out.info.residual_norm)
 
     def combine(raw):
         return Directions(theta=raw["joint"]["theta"], phi=raw["joint"].get("phi"))

@@ -14,6 +14,7 @@ dense matrices and are not used.)
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import equinox as eqx
@@ -29,7 +30,7 @@ from bilevel_jax.algorithms.base import (Algorithm, BilevelState, OracleCounts, 
 from bilevel_jax.algorithms.loop import (LOWER_STREAM, SOLVER_STREAM, UPPER_STREAM, BatchSize, _apply,
                                          _check_data, make_samplers)
 from bilevel_jax.hypergrad.implicit import implicit_direction, make_matvec
-from bilevel_jax.linear_solvers import LinearSolver, cg, stateful
+from bilevel_jax.linear_solvers import LinearSolver, cg
 from bilevel_jax.problem import BilevelProblem
 
 
@@ -44,7 +45,10 @@ def stable(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, linear_solver
         raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
     check_step_size("upper_lr", upper_lr)
     check_step_size("lower_lr", lower_lr)
-    solver = stateful(cg(10) if linear_solver is None else linear_solver, warm_start)
+    solver = cg(10) if linear_solver is None else linear_solver
+    if not isinstance(solver, LinearSolver):
+        raise TypeError(f"linear_solver must be a bj.linear_solvers solver, got {solver!r}.")
+    solver = dataclasses.replace(solver, warm_start=warm_start or solver.warm_start)
     upper_opt, lower_opt = optax.sgd(upper_lr), optax.sgd(lower_lr)
     samplers = make_samplers(batch_size, sampler)
 
@@ -70,13 +74,12 @@ def stable(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, linear_solver
         v_state, c_state = state.aux
 
         out = implicit_direction(problem, state.theta, state.phi, upper_batch, lower_batch,
-                                 lambda mv, b: solver.update(mv, b, v_state, key_v), solver.stochastic,
-                                 sample_lower, mode)
+                                 solver, v_state, key_v, sample_lower, mode)
         theta, upper_state = _apply(upper_opt, out.g, state.upper_opt_state, state.theta)
         theta = problem.project(theta)
         delta = otu.tree_sub(oracles.differentiable(theta), oracles.differentiable(state.theta))
         matvec = make_matvec(problem, state.theta, state.phi, out.lin, solver.stochastic, sample_lower, mode)
-        correction, c_state, c_info = solver.update(matvec, out.lin.cross_transpose(delta), c_state, key_c)
+        correction, c_state, c_info = solver.solve(matvec, out.lin.cross_transpose(delta), c_state, key_c)
         phi, lower_state = _apply(lower_opt, out.lin.grad_phi, state.lower_opt_state, state.phi)
         phi = eqx.apply_updates(phi, otu.tree_scale(-1.0, correction))
 
@@ -84,7 +87,7 @@ def stable(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, linear_solver
         counts = OracleCounts.of(lower_grads=1, upper_grads=1, cross=2) + \
             OracleCounts.of(hvps=out.info.num_matvecs + c_info.num_matvecs)
         new_state = BilevelState(theta, phi, state.count + 1, state.key, out.v, lower_state, upper_state,
-                                 None, (out.aux, c_state), None)
+                                 None, (out.state, c_state), None)
         return new_state, StepInfo(counts, out.info.residual_norm, finite)
 
     return Algorithm(init, update)
