@@ -30,6 +30,13 @@ def check_positive_int(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_bool(name: str, value) -> bool:
+    """A static flag: a Python bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python bool (a static flag), got {value!r}.")
+    return value
+
+
 def check_step_size(name: str, value) -> None:
     """A step size: float, array or optax schedule (callable). Concrete values must be > 0."""
     if callable(value):

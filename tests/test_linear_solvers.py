@@ -1,8 +1,12 @@
-"""Linear solvers against `jnp.linalg.solve` (float64), their SolverInfo and the stateful form.
+"""Linear solvers against `jnp.linalg.solve` (float64): the one protocol (init / solve with a
+persistent state), SolverInfo, and loud failures (x NaN with a status, never a finite-looking x).
 
 Ground truth is computed independently of the solver under test, in NumPy (matrices, matrix
 powers, `np.linalg.solve`); each solve is one `jax.jit` (one compilation, no eager op-by-op).
 """
+import dataclasses
+
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +15,7 @@ import pytest
 import bilevel_jax as bj
 
 ls = bj.linear_solvers
+st = bj.status
 
 
 def _spd(seed, n, spectrum):
@@ -45,9 +50,30 @@ def _res(a, b, x):
     return np.linalg.norm(b - a @ np.asarray(x))
 
 
+@jax.jit
+def _jit_solve(solver, a, b, x0):
+    x, state, info = solver.solve(lambda v: a @ v, b, solver.init(b, x0))
+    return x, state, info
+
+
 def _solve(solver, a, b, x0=None):
-    """One jitted solve of A x = b."""
-    return jax.jit(lambda a, b, x0: solver.solve(lambda v: a @ v, b, x0))(a, b, x0)
+    """One jitted solve of A x = b; with `x0`, a warm start from it. Returns (x, info)."""
+    if x0 is not None:
+        solver = dataclasses.replace(solver, warm_start=True)
+    x, state, info = _jit_solve(solver, a, b, x0)
+    np.testing.assert_array_equal(state.x, x)  # the returned state holds the solution
+    return x, info
+
+
+def _ok(info):
+    assert int(info.status) == st.OK, st.describe(info.status)
+
+
+def _failed(x, info, code):
+    """The loud-failure contract: every leaf NaN, the exact status, a NaN residual."""
+    assert int(info.status) == code, st.describe(info.status)
+    assert all(np.all(np.isnan(leaf)) for leaf in jax.tree_util.tree_leaves(x))
+    assert np.isnan(info.residual_norm)
 
 
 # --------------------------------------------------------------------------------------- CG
@@ -63,10 +89,29 @@ def test_cg_solves_cond_1e3_in_n_iterations(system, spectrum):
     n = b.shape[0]
     x, info = _solve(ls.cg(maxiter=n), a, b)
     assert _rel(x, x_star) < 1e-8
-    assert not bool(info.breakdown)
+    _ok(info)
     assert int(info.num_matvecs) == n
-    # the recursive residual is the true one (to rounding; both are tiny here)
+    # residual_norm is the true ||b - A x|| at x
     np.testing.assert_allclose(info.residual_norm, _res(a, b, x), atol=1e-12 * np.linalg.norm(b))
+
+
+def test_cg_many_iterations_past_convergence_do_not_drift():
+    """4000 iterations on a 50 x 50 system with condition number 50: once the recursive residual
+    reaches rounding level, the iterate freezes (it used to drift to a relative error of 1e68)."""
+    a, b, x_star = _system(20, 50, np.linspace(1.0, 50.0, 50))
+    x_ref = np.asarray(jnp.linalg.solve(a, b))
+    x, info = _solve(ls.cg(maxiter=4000), a, b)
+    _ok(info)
+    assert _rel(x, x_ref) < 1e-10
+    assert _rel(x, x_star) < 1e-10
+    assert int(info.num_matvecs) == 4000
+    # the reported residual is the true one at x (not the recursive one, which is far smaller):
+    # recomputed the same way (one XLA matvec) it agrees to 1e-12; NumPy sums in another order,
+    # which at this rounding level moves the 3rd digit, so that check is relative to ||b||
+    true = float(jax.jit(lambda x: jnp.linalg.norm(b - a @ x))(x))
+    np.testing.assert_allclose(info.residual_norm, true, rtol=1e-12)
+    np.testing.assert_allclose(info.residual_norm, _res(a, b, x), atol=1e-12 * np.linalg.norm(b))
+    assert float(info.residual_norm) < 1e-13 * np.linalg.norm(b)
 
 
 def _numpy_cg_residuals(a, b, iters):
@@ -92,38 +137,115 @@ def test_cg_tolerance_freezes_iterate(system):
 
     @jax.jit
     def both(a, b):
-        return (ls.cg(maxiter=first).solve(lambda v: a @ v, b),
-                ls.cg(maxiter=12, rtol=rtol).solve(lambda v: a @ v, b))
+        solvers = ls.cg(maxiter=first), ls.cg(maxiter=12, rtol=rtol)
+        return [s.solve(lambda v: a @ v, b, s.init(b)) for s in solvers]
 
-    (x_first, _), (x, info) = both(a, b)
+    (x_first, _, _), (x, _, info) = both(a, b)
     np.testing.assert_array_equal(x, x_first)
+    _ok(info)
     assert float(info.residual_norm) <= rtol * np.linalg.norm(b)
     np.testing.assert_allclose(info.residual_norm, _res(a, b, x), rtol=1e-10)
 
 
-def test_cg_singular_operator_breaks_down_without_nan():
-    x, info = _solve(ls.cg(maxiter=5), np.diag([1.0, 0.0]), np.ones(2))
-    assert bool(info.breakdown)
-    assert np.all(np.isfinite(x)) and np.isfinite(info.residual_norm)
+def test_cg_zero_rhs_returns_zero():
+    x, info = _solve(ls.cg(maxiter=5), np.diag([1.0, 0.0, -1.0]), np.zeros(3))
+    _ok(info)  # solved before any direction is met: no breakdown, even on a singular operator
+    np.testing.assert_array_equal(x, np.zeros(3))
 
 
-def test_cg_indefinite_operator_freezes_at_last_good_iterate():
-    a, b = np.diag([2.0, -1.0, 1.0]), np.ones(3)
+# -------------------------------------------------------------------- loud failures: CG, dense
+FAILING = {
+    # name: (A, b); b is never in the range of A's positive part alone
+    "singular": (np.diag([1.0, 0.0]), np.ones(2)),
+    # d_1'A d_1 is 0 in exact arithmetic and a rounding-level positive number in floating point
+    # (plain CG then divides by it and returns a huge finite x)
+    "singular_rounding": (np.diag([1.0, 1.0, 0.0]), np.array([1.0, 2.0, 3.0])),
+    "concave": (-np.eye(3), np.ones(3)),
+    "indefinite": (np.diag([2.0, -1.0, 1.0]), np.ones(3)),
+}
+
+
+@pytest.mark.parametrize("solver", ["cg", "cg_warm", "dense"])
+@pytest.mark.parametrize("name", list(FAILING))
+def test_cg_dense_breakdown_is_nan(name, solver):
+    a, b = FAILING[name]
+    x0 = 0.1 * np.ones_like(b) if solver == "cg_warm" else None
+    x, info = _solve(ls.dense() if solver == "dense" else ls.cg(maxiter=6), a, b, x0)
+    _failed(x, info, st.BREAKDOWN)
+
+
+def test_cg_indefinite_breaks_down_only_when_met():
+    a, b = FAILING["indefinite"]
     x1, info1 = _solve(ls.cg(maxiter=1), a, b)  # the first direction has d'Ad = 2 > 0
+    _ok(info1)
+    np.testing.assert_allclose(info1.residual_norm, _res(a, b, x1), rtol=1e-12)
     x, info = _solve(ls.cg(maxiter=6), a, b)
-    assert not bool(info1.breakdown)
-    assert bool(info.breakdown)
-    np.testing.assert_array_equal(x, x1)
-    np.testing.assert_allclose(info.residual_norm, _res(a, b, x), rtol=1e-12)
+    _failed(x, info, st.BREAKDOWN)
 
 
-@pytest.mark.parametrize("warm", [False, True])
-def test_cg_nan_matvec_returns_finite(warm):
-    b = np.ones(3)
-    x0 = np.array([0.5, -1.0, 2.0]) if warm else None
-    x, info = jax.jit(lambda b, x0: ls.cg(maxiter=4).solve(lambda v: v * jnp.nan, b, x0))(b, x0)
-    assert bool(info.breakdown)
-    np.testing.assert_array_equal(x, x0 if warm else np.zeros(3))
+@pytest.mark.parametrize("where", ["matvec", "b", "x0"])
+@pytest.mark.parametrize("solver", ["cg", "dense"])
+def test_cg_dense_nonfinite_input_is_nan(where, solver):
+    if solver == "dense" and where == "x0":
+        pytest.skip("dense has no initial point")
+    b = np.array([1.0, np.nan, 1.0]) if where == "b" else np.ones(3)
+    x0 = np.array([0.5, np.nan, 2.0]) if where == "x0" else None
+    scale = jnp.nan if where == "matvec" else 1.0
+    s = ls.dense() if solver == "dense" else ls.cg(maxiter=4)
+    if x0 is not None:
+        s = dataclasses.replace(s, warm_start=True)
+    x, state, info = jax.jit(lambda b, x0: s.solve(lambda v: v * scale, b, s.init(b, x0)))(b, x0)
+    expected = st.BREAKDOWN | st.NONFINITE
+    if solver == "dense" and where == "b":
+        expected = st.NONFINITE  # A itself factors fine
+    _failed(x, info, expected)
+    assert np.all(np.isnan(state.x))  # the failure is carried to the next warm start
+
+
+def test_failure_sets_every_pytree_leaf_to_nan():
+    b = {"u": np.ones(2), "w": (np.ones((2, 1)),)}
+    mv = lambda t: jax.tree_util.tree_map(lambda v: -v, t)  # concave
+    for s in (ls.cg(maxiter=3), ls.dense(), ls.gd(steps=3, eta=0.5)):
+        x, _, info = jax.jit(lambda b: s.solve(mv, b, s.init(b)))(b)
+        _failed(x, info, st.BREAKDOWN)
+        assert jax.tree_util.tree_structure(x) == jax.tree_util.tree_structure(b)
+
+
+# ------------------------------------------------------------------ loud failures: GD, Neumann
+@pytest.mark.parametrize("make", [ls.gd, ls.neumann])
+def test_gd_neumann_divergence_is_nan(small, make):
+    a, b, _ = small
+    L = np.linalg.eigvalsh(a).max()
+    x, info = _solve(make(steps=20, eta=2.5 / L), a, b)  # |1 - eta L| = 1.5: diverges
+    _failed(x, info, st.BREAKDOWN)
+    x, info = _solve(make(steps=5, eta=0.1), -a, b)      # concave: I + 0.1 A expands
+    _failed(x, info, st.BREAKDOWN)
+    x, info = _solve(make(steps=5, eta=0.1), a, np.where(np.arange(5) == 2, np.nan, b))
+    _failed(x, info, st.NONFINITE)
+    x, info = _solve(make(steps=2000, eta=2.5 / L), a, b)  # divergence until overflow (inf - inf)
+    _failed(x, info, st.NONFINITE)
+
+
+def test_gd_converged_warm_start_is_not_divergence(small):
+    """From an exact warm start the residual stays at rounding level: no false alarm."""
+    a, b, x_star = small
+    x, info = _solve(ls.gd(steps=30, eta=0.1), a, b, x_star)
+    _ok(info)
+    np.testing.assert_allclose(x, x_star, rtol=1e-12)
+
+
+def test_stochastic_neumann_nonfinite_is_nan():
+    """A NaN shows once a factor is applied (p > 0): then x is NaN and the status NONFINITE."""
+    s = ls.stochastic_neumann(steps=4, eta=0.1)
+    b = jnp.ones(3)
+    keys = jax.random.split(jax.random.PRNGKey(1), 8)
+    xs, _, infos = jax.jit(jax.vmap(lambda k: s.solve(lambda v, key: v * jnp.nan, b, s.init(b), key=k)))(keys)
+    status, xs = np.asarray(infos.status), np.asarray(xs)
+    bad = status != st.OK
+    assert bad.any() and (~bad).any()  # both p = 0 (no factor) and p > 0 occur
+    assert np.all(status[bad] == st.NONFINITE)
+    assert np.all(np.isnan(xs[bad])) and np.all(np.isfinite(xs[~bad]))
+    assert np.all(np.isnan(infos.residual_norm))
 
 
 # -------------------------------------------------------------- residual_norm and num_matvecs
@@ -133,6 +255,7 @@ SOLVERS = {
     "gd": (lambda: ls.gd(steps=4, eta=1e-3), False),
     "gd_warm": (lambda: ls.gd(steps=4, eta=1e-3), True),
     "neumann": (lambda: ls.neumann(steps=4, eta=1e-3), False),
+    "neumann_warm": (lambda: ls.neumann(steps=4, eta=1e-3), True),  # ignored: no extra matvec
     "dense": (lambda: ls.dense(), False),
 }
 
@@ -147,16 +270,21 @@ def test_info_residual_and_matvec_count(system, name):
         jax.debug.callback(lambda: calls.append(None))  # runs once per application
         return a @ v
 
+    solver = dataclasses.replace(make(), warm_start=warm)
     x0 = 0.1 * b if warm else None
-    x, info = jax.jit(lambda b, x0: make().solve(mv, b, x0))(b, x0)
+    x, _, info = jax.jit(lambda b, x0: solver.solve(mv, b, solver.init(b, x0)))(b, x0)
     jax.effects_barrier()
     np.testing.assert_allclose(info.residual_norm, _res(a, b, x), rtol=1e-8, atol=1e-12 * np.linalg.norm(b))
-    assert not bool(info.breakdown)
+    _ok(info)
+    assert info.num_matvecs.dtype == jnp.int32 and info.status.dtype == jnp.int32
     if name == "dense":
         assert int(info.num_matvecs) == b.size  # one jvp column per coordinate
         np.testing.assert_allclose(x, x_star, rtol=1e-12)
     else:
-        assert int(info.num_matvecs) == len(calls)
+        expected = {"cg": 3, "cg_warm": 4, "gd": 4, "gd_warm": 5, "neumann": 4, "neumann_warm": 4}[name]
+        assert int(info.num_matvecs) == expected
+        # CG's true residual is one more (diagnostic) application, not counted
+        assert len(calls) == expected + name.startswith("cg")
 
 
 # ------------------------------------------------------------------------------- GD / Neumann
@@ -172,6 +300,7 @@ def test_gd_from_warm_start(small):
     assert np.linalg.norm(x - x_star) <= (1 - eta) ** k * np.linalg.norm(x0 - x_star) * (1 + 1e-8)
     np.testing.assert_allclose(x, x_star, atol=1e-10)
     assert int(info.num_matvecs) == k + 1
+    _ok(info)
 
 
 @pytest.mark.parametrize("k", [1, 8, 40])
@@ -185,8 +314,10 @@ def test_neumann_error_rate(small, k):
 
     @jax.jit
     def solves(b, b_mu, x_star):
-        solve = lambda rhs, x0=None: ls.neumann(steps=k, eta=eta).solve(lambda v: a @ v, rhs, x0)[0]
-        return solve(b_mu), solve(b), solve(b, x_star)
+        cold = ls.neumann(steps=k, eta=eta)
+        warm = dataclasses.replace(cold, warm_start=True)
+        solve = lambda s, rhs, x0=None: s.solve(lambda v: a @ v, rhs, s.init(rhs, x0))[0]
+        return solve(cold, b_mu), solve(cold, b), solve(warm, b, x_star)
 
     x_mu, x, x_warm = solves(b, b_mu, x_star)
     # b along the eigenvector of mu: the relative error is exactly (1 - eta mu)^k
@@ -195,7 +326,7 @@ def test_neumann_error_rate(small, k):
     assert _rel(x, x_star) <= rate * (1 + 1e-12)
     series = eta * sum(np.linalg.matrix_power(np.eye(5) - eta * a, i) for i in range(k)) @ b
     np.testing.assert_allclose(x, series, rtol=1e-12, atol=1e-14)
-    # the series has no initial point: x0 is ignored
+    # the series has no initial point: a warm start (and the state's x) is ignored
     np.testing.assert_array_equal(x_warm, x)
 
 
@@ -206,9 +337,12 @@ def test_stochastic_neumann_expectation_deterministic_operator(small):
     a, b, _ = small
     n_terms, eta, m = 6, 0.1, 1024
     solver = ls.stochastic_neumann(steps=n_terms, eta=eta)
+    assert solver.stochastic and not ls.neumann().stochastic
     keys = jax.random.split(jax.random.PRNGKey(17), m)
+    state = solver.init(b)
     # lax.map, not vmap: the same draws, and half the compile time of a batched PRNG
-    xs, infos = jax.jit(lambda ks: jax.lax.map(lambda k: solver.solve(lambda v, key: a @ v, b, key=k), ks))(keys)
+    xs, _, infos = jax.jit(lambda ks: jax.lax.map(
+        lambda k: solver.solve(lambda v, key: a @ v, b, state, key=k), ks))(keys)
     xs = np.asarray(xs)
     terms = np.stack([n_terms * eta * np.linalg.matrix_power(np.eye(5) - eta * a, p) @ b
                       for p in range(n_terms)])
@@ -225,33 +359,40 @@ def test_stochastic_neumann_expectation_deterministic_operator(small):
     assert np.all(np.abs(xs.mean(0) - expected) <= 5 * se + 1e-12)
     assert np.all(np.isnan(infos.residual_norm))
     assert np.all(np.asarray(infos.num_matvecs) == n_terms - 1)
+    assert np.all(np.asarray(infos.status) == st.OK)
     # (with minibatch Hessians, one per factor: tests/test_hypergrad.py, stochastic solver test)
 
 
-# ------------------------------------------------------------------------------ stateful form
+def test_stochastic_neumann_needs_key():
+    s = ls.stochastic_neumann(steps=3, eta=0.1)
+    with pytest.raises(ValueError, match=r"needs a PRNG key"):
+        s.solve(lambda v, key: v, jnp.ones(3), s.init(jnp.ones(3)))
+
+
+# ------------------------------------------------------------------------ state and warm starts
 @pytest.mark.parametrize("name", ["cg", "gd"])
-def test_stateful_warm_start_reduces_residual(small, name):
+def test_warm_start_reduces_residual(small, name):
     """Repeated solves of one system: a warm start keeps improving, a cold start repeats itself.
     GD (eta = 1/L) contracts ||b - A x|| at every step; CG from x0 minimises the A-norm error over
     x0 + Krylov space, so restarted CG decreases ||x - x*||_A (its residual need not be monotone)."""
     a, b, x_star = small
-    solver = ls.cg(maxiter=2) if name == "cg" else ls.gd(steps=2, eta=0.1)
+    make = (lambda w: ls.cg(maxiter=2, warm_start=w)) if name == "cg" else (lambda w: ls.gd(2, 0.1, warm_start=w))
 
     @jax.jit
     def run(a, b):
         out = []
         for warm_start in (True, False):
-            s = ls.stateful(solver, warm_start=warm_start)
+            s = make(warm_start)
 
             def body(state, _):
-                x, state, info = s.update(lambda v: a @ v, b, state)
+                x, state, info = s.solve(lambda v: a @ v, b, state)
                 return state, (x, info.residual_norm, state.x)
 
             out.append(jax.lax.scan(body, s.init(b), None, length=5))
         return out
 
     (state, (xs, res, state_xs)), (_, (xs_cold, res_cold, _)) = run(a, b)
-    assert isinstance(state, ls.LinearSolverState)
+    assert isinstance(state, ls.WarmStart)
     np.testing.assert_array_equal(state_xs, xs)  # the state holds the returned solution
     np.testing.assert_allclose(res, [_res(a, b, x) for x in xs], rtol=1e-8)
     err_a = lambda xs: np.array([np.sqrt((x - x_star) @ a @ (x - x_star)) for x in np.asarray(xs)])
@@ -261,11 +402,21 @@ def test_stateful_warm_start_reduces_residual(small, name):
     assert progress[-1] < 0.5 * cold[-1]
 
 
-def test_stateful_init_is_zeros():
+def test_init_is_zeros_or_x0():
     b = {"a": np.ones(3), "b": (np.ones((2, 2)),)}
-    state = ls.stateful(ls.cg(maxiter=2)).init(b)
-    assert jax.tree_util.tree_structure(state.x) == jax.tree_util.tree_structure(b)
-    assert all(np.abs(x).max() == 0.0 for x in jax.tree_util.tree_leaves(state.x))
+    for s in (ls.cg(maxiter=2), ls.gd(), ls.neumann(), ls.stochastic_neumann(), ls.dense()):
+        state = s.init(b)
+        assert isinstance(state, ls.WarmStart)
+        assert jax.tree_util.tree_structure(state.x) == jax.tree_util.tree_structure(b)
+        assert all(np.abs(x).max() == 0.0 for x in jax.tree_util.tree_leaves(state.x))
+    x0 = {"a": 2 * np.ones(3), "b": (np.ones((2, 2)),)}
+    assert ls.cg(maxiter=2).init(b, x0).x is x0
+
+
+def test_warm_start_state_must_match_b():
+    s = ls.cg(maxiter=2, warm_start=True)
+    with pytest.raises(ValueError, match=r"state's x does not have the structure of b"):
+        s.solve(lambda v: v, {"a": jnp.ones(2)}, s.init(jnp.ones(2)))
 
 
 # ------------------------------------------------------------------------------------ pytrees
@@ -278,11 +429,79 @@ def test_pytree_system_equals_flat(small, name):
 
     @jax.jit
     def both(a, b):
-        flat = solver.solve(lambda v: a @ v, b)
-        tree = solver.solve(lambda t: to_tree(a @ to_flat(t)), to_tree(b))
+        flat = solver.solve(lambda v: a @ v, b, solver.init(b))
+        tb = to_tree(b)
+        tree = solver.solve(lambda t: to_tree(a @ to_flat(t)), tb, solver.init(tb))
         return flat, tree
 
-    (x_flat, info_flat), (x_tree, info_tree) = both(a, b)
+    (x_flat, _, info_flat), (x_tree, _, info_tree) = both(a, b)
     assert jax.tree_util.tree_structure(x_tree) == jax.tree_util.tree_structure(to_tree(b))
     np.testing.assert_allclose(to_flat(x_tree), x_flat, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(info_tree.residual_norm, info_flat.residual_norm, rtol=1e-8, atol=1e-14)
+    _ok(info_tree)
+
+
+# --------------------------------------------------------------------- modules: jit and vmap
+def test_equal_solvers_compile_once(small):
+    """Solvers are equinox Modules: counts are static, step sizes and tolerances are leaves, so
+    two separately constructed equal configurations (and other step sizes) share one compilation."""
+    a, b, _ = small
+    traces = []
+
+    def solve(s, b):
+        traces.append(type(s).__name__)
+        return s.solve(lambda v: a @ v, b, s.init(b))
+
+    f = jax.jit(solve)
+    for make in (lambda: ls.cg(maxiter=5), lambda: ls.gd(3, 0.1)):
+        s1, s2 = make(), make()
+        assert s1 is not s2 and s1 == s2 and hash(s1) == hash(s2)
+        out1, out2 = f(s1, b), f(s2, b)
+        np.testing.assert_array_equal(out1[0], out2[0])
+    f(ls.gd(3, 0.2), b)  # another step size: the same program
+    assert traces == ["CG", "GD"], traces
+    f(ls.gd(4, 0.1), b)  # another count: a new program
+    f(ls.cg(maxiter=5, warm_start=True), b)
+    assert traces == ["CG", "GD", "GD", "CG"], traces
+
+
+def test_vmap_over_eta_field(small):
+    """A sweep over step sizes: vmap over a stacked solver's eta (filter_vmap-built, and
+    tree-stacked) equals the per-eta solves and the closed form."""
+    a, b, _ = small
+    etas = np.array([0.02, 0.05, 0.1])
+    k = 6
+
+    def solve(s):
+        x, _, info = s.solve(lambda v: a @ v, b, s.init(b))
+        return x, info.residual_norm
+
+    built = eqx.filter_vmap(lambda eta: ls.gd(steps=k, eta=eta))(jnp.asarray(etas))
+    stacked = jax.tree_util.tree_map(lambda *e: jnp.stack(e), *[ls.gd(steps=k, eta=float(e)) for e in etas])
+    assert built.steps == k and built.eta.shape == (3,)
+    xs, res = jax.jit(jax.vmap(solve))(built)
+    xs_stacked, _ = eqx.filter_jit(eqx.filter_vmap(solve))(stacked)
+    np.testing.assert_array_equal(xs_stacked, xs)
+    for eta, x, r in zip(etas, np.asarray(xs), np.asarray(res)):
+        series = eta * sum(np.linalg.matrix_power(np.eye(5) - eta * a, i) for i in range(k)) @ b
+        np.testing.assert_allclose(x, series, rtol=1e-12)
+        np.testing.assert_allclose(r, _res(a, b, x), rtol=1e-8)
+    # tolerances are fields too
+    rtols = jnp.array([1e-1, 1e-3, 0.0])
+    cgs = eqx.filter_vmap(lambda r: ls.cg(maxiter=12, rtol=r))(rtols)  # atol stays a float: filter_vmap
+    xs, res = eqx.filter_jit(eqx.filter_vmap(solve))(cgs)
+    assert np.all(np.asarray(res) <= np.maximum(np.asarray(rtols), 1e-12) * np.linalg.norm(b))
+    assert np.asarray(res)[0] > np.asarray(res)[2]
+
+
+def test_factory_argument_checks():
+    with pytest.raises(TypeError, match=r"warm_start must be a Python bool"):
+        ls.cg(warm_start=1)
+    with pytest.raises(TypeError, match=r"warm_start must be a Python bool"):
+        ls.gd(warm_start="yes")
+    with pytest.raises(TypeError, match=r"eta must be a number or an array, not a schedule"):
+        ls.gd(eta=lambda count: 0.1)
+    with pytest.raises(ValueError, match=r"maxiter must be >= 1"):
+        ls.CG(maxiter=0)  # the classes check too
+    with pytest.raises(ValueError, match=r"eta must be a positive step size"):
+        dataclasses.replace(ls.gd(), eta=-1.0)

@@ -71,7 +71,7 @@ def argmin(f_lower: Callable, optimizer: optax.GradientTransformation, steps: in
     def bwd(residuals, u):
         theta, phi0, phi, batch = residuals
         lin = oracles.linearize_lower(problem, theta, phi, batch, mode)
-        v, _ = solver.solve(lin.hvp, u)
+        v, _, _ = solver.solve(lin.hvp, u, solver.init(u))  # a failed solve gives NaN cotangents
         batch_d = jax.tree_util.tree_map(lambda x: x if jnp.issubdtype(jnp.result_type(x), jnp.inexact) else None, batch)
 
         def grad_phi_at(t, bd):

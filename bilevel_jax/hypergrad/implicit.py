@@ -10,21 +10,24 @@ evaluated at the current (theta, phi) (exact when phi = phi*(theta) and v = A^{-
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import optax.tree_utils as otu
 
 from bilevel_jax import oracles
-from bilevel_jax.linear_solvers import LinearSolver, SolverInfo, cg
+from bilevel_jax import status as st
+from bilevel_jax.linear_solvers import LinearSolver, SolverInfo, cg, fail_where
 from bilevel_jax.problem import BilevelProblem, check_same_structure
 
 PyTree = Any
 
 
 class HypergradInfo(NamedTuple):
-    v: PyTree                  # the linear-system solution, v ~ A^{-1} grad_phi f_upper
-    residual_norm: jax.Array   # ||b - A v|| (NaN for stochastic solvers)
+    v: PyTree                  # the linear-system solution, v ~ A^{-1} grad_phi f_upper (NaN if the solve failed)
+    residual_norm: jax.Array   # ||b - A v|| (NaN for stochastic solvers and failed solves)
+    status: jax.Array          # bj.status code: the solver's, | NONFINITE if g is non-finite
     solver: SolverInfo
 
 
@@ -40,21 +43,29 @@ def make_matvec(problem: BilevelProblem, theta, phi, lin: oracles.LowerLineariza
 
 
 class ImplicitDirection(NamedTuple):
-    g: PyTree                 # grad_theta f_upper - J v
-    v: PyTree
-    aux: PyTree               # whatever `solve` returned besides v (a solver state)
+    g: PyTree                 # grad_theta f_upper - J v (NaN when the solve failed)
+    state: PyTree             # the solver's new state; it holds v (`state.x`)
     info: SolverInfo
     lin: oracles.LowerLinearization  # reusable: grad_phi f_lower, A., J., J^T. at this point
 
+    @property
+    def v(self) -> PyTree:
+        """v ~ A^{-1} grad_phi f_upper: the solution held by the solver state (stored once)."""
+        return self.state.x
 
-def implicit_direction(problem: BilevelProblem, theta, phi, upper_batch, lower_batch,
-                       solve: Callable, stochastic: bool, lower_sampler: Optional[Callable] = None,
+
+def implicit_direction(problem: BilevelProblem, theta, phi, upper_batch, lower_batch, solver: LinearSolver,
+                       solver_state, key=None, lower_sampler: Optional[Callable] = None,
                        mode: str = "rev") -> ImplicitDirection:
-    """grad_theta f_upper - J v with `v, aux, info = solve(matvec, b)`, b = grad_phi f_upper."""
+    """grad_theta f_upper - J v with `v, state, info = solver.solve(matvec, b, solver_state, key)`,
+    b = grad_phi f_upper. When the solve fails (`info.status` not OK: v is NaN), g is NaN too, in
+    every leaf (J v could otherwise hide the NaN where theta does not couple with phi)."""
     g_theta, b = oracles.upper_grads(problem, theta, phi, upper_batch)
     lin = oracles.linearize_lower(problem, theta, phi, lower_batch, mode)
-    v, aux, info = solve(make_matvec(problem, theta, phi, lin, stochastic, lower_sampler, mode), b)
-    return ImplicitDirection(otu.tree_sub(g_theta, lin.cross(v)), v, aux, info, lin)
+    matvec = make_matvec(problem, theta, phi, lin, solver.stochastic, lower_sampler, mode)
+    _, state, info = solver.solve(matvec, b, solver_state, key)
+    g = fail_where(info.status != st.OK, otu.tree_sub(g_theta, lin.cross(state.x)))
+    return ImplicitDirection(g, state, info, lin)
 
 
 def hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[LinearSolver] = None, *,
@@ -66,15 +77,18 @@ def hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[Li
       theta, phi: pytrees (phi should be close to phi*(theta): the estimate is exact there).
       data: `(upper_batch, lower_batch)`.
       solver: a `bj.linear_solvers` solver (default `cg(maxiter=50)`).
-      x0: warm start for v (structure of phi's float leaves).
+      x0: warm start for v (structure of phi's float leaves); the solver is then run with
+        `warm_start=True` (solvers without an initial point, neumann/dense/HIA, ignore it).
       key: PRNG key, required by stochastic solvers.
       lower_sampler: `key -> lower batch` for stochastic solvers (a fresh minibatch per factor);
         default: every factor uses `lower_batch`.
       mode: "rev" (vjp of grad_phi f_lower) or "fwd" (forward-over-reverse).
 
     Returns:
-      `(g, info)` with `g = grad_theta f_upper - J v` and `info` a `HypergradInfo`
-      (`v ~ A^{-1} grad_phi f_upper`, its residual norm, the solver's info).
+      `(g, info)` with `g = grad_theta f_upper - J v` and `info` a `HypergradInfo`: `v ~ A^{-1}
+      grad_phi f_upper`, its residual norm, `status` (the solver's status, | NONFINITE if g is
+      non-finite) and the solver's `SolverInfo`. When the solve failed (a concave or singular lower
+      level: BREAKDOWN; NaN in the data: NONFINITE), v and g are NaN, never a finite-looking value.
     """
     if not isinstance(problem, BilevelProblem):
         raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
@@ -83,15 +97,14 @@ def hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[Li
         raise TypeError(f"solver must be a bj.linear_solvers solver (e.g. cg(maxiter=50)), got {solver!r}.")
     oracles.check_mode(mode)
     problem.validate(theta, phi, data)
+    phi_d = oracles.differentiable(phi)
     if x0 is not None:
-        check_same_structure("x0", oracles.differentiable(phi), x0)
+        check_same_structure("x0", phi_d, x0)
+        solver = dataclasses.replace(solver, warm_start=True)
     if solver.stochastic and key is None:
         raise ValueError("this solver is stochastic: pass `key=`.")
 
-    def solve(matvec, b):
-        v, info = solver.solve(matvec, b, x0, key)
-        return v, None, info
-
-    out = implicit_direction(problem, theta, phi, data[0], data[1], solve, solver.stochastic,
+    out = implicit_direction(problem, theta, phi, data[0], data[1], solver, solver.init(phi_d, x0), key,
                              lower_sampler, mode)
-    return out.g, HypergradInfo(v=out.v, residual_norm=out.info.residual_norm, solver=out.info)
+    status = st.merge(out.info.status, st.nonfinite(out.g))
+    return out.g, HypergradInfo(v=out.v, residual_norm=out.info.residual_norm, status=status, solver=out.info)

@@ -1,18 +1,16 @@
-"""Matrix-free linear solvers for A x = b, one per file (see `base` for the interface)."""
-from bilevel_jax.linear_solvers.base import (
-    LinearSolver,
-    LinearSolverState,
-    SolverInfo,
-    StatefulLinearSolver,
-    residual_norm,
-    stateful,
-)
-from bilevel_jax.linear_solvers.cg import cg
-from bilevel_jax.linear_solvers.dense import dense
-from bilevel_jax.linear_solvers.gd import gd, neumann
-from bilevel_jax.linear_solvers.stochastic_neumann import stochastic_neumann
+"""Matrix-free linear solvers for A x = b, one per file (see `base` for the protocol):
+
+    state = solver.init(b_like, x0=None)
+    x, state, info = solver.solve(matvec, b, state, key=None)
+"""
+from bilevel_jax.linear_solvers.base import LinearSolver, SolverInfo, WarmStart, fail_where, residual_norm
+from bilevel_jax.linear_solvers.cg import CG, cg
+from bilevel_jax.linear_solvers.dense import Dense, dense
+from bilevel_jax.linear_solvers.gd import GD, Neumann, gd, neumann
+from bilevel_jax.linear_solvers.stochastic_neumann import StochasticNeumann, stochastic_neumann
 
 __all__ = [
-    "LinearSolver", "LinearSolverState", "SolverInfo", "StatefulLinearSolver", "residual_norm",
-    "stateful", "cg", "dense", "gd", "neumann", "stochastic_neumann",
+    "LinearSolver", "SolverInfo", "WarmStart", "fail_where", "residual_norm",
+    "CG", "Dense", "GD", "Neumann", "StochasticNeumann",
+    "cg", "dense", "gd", "neumann", "stochastic_neumann",
 ]

@@ -18,7 +18,9 @@ loop has a static length (`lax.scan`); a tolerance may freeze the iterate.
 
 Failures are loud: when a solve breaks down (non-positive or non-finite curvature, divergence) the
 returned `x` is NaN and `info.status` says why (`bj.status`); it never returns a finite-looking
-wrong answer.
+wrong answer. The rule, for every solver here: `x` (every leaf) is NaN exactly when
+`info.status != OK`, and the returned state then holds that NaN too (a warm start from it stays
+NaN: the failure is not forgotten at the next solve).
 """
 from __future__ import annotations
 
@@ -75,6 +77,26 @@ class LinearSolver(eqx.Module):
         """`(x, new_state, SolverInfo)` for A x = b."""
 
 
+def start(solver: LinearSolver, matvec: Callable, b: PyTree, state) -> tuple:
+    """`(x0, r0, extra_matvecs)`: the initial point and residual of a solve. With
+    `solver.warm_start`, x0 = state.x and r0 = b - A x0 (one matvec); else x0 = 0 and r0 = b (none;
+    known statically, so a cold start costs nothing and never reads `state`)."""
+    if solver.warm_start:
+        x0 = state.x
+        if jax.tree_util.tree_structure(x0) != jax.tree_util.tree_structure(b):
+            raise ValueError("the solver state's x does not have the structure of b: "
+                             f"{jax.tree_util.tree_structure(x0)} vs {jax.tree_util.tree_structure(b)}.")
+        return x0, otu.tree_sub(b, matvec(x0)), 1
+    return otu.tree_zeros_like(b), b, 0
+
+
+def rounding_eps(tree: PyTree) -> float:
+    """Machine epsilon of the least precise inexact leaf of `tree` (static: from the dtypes)."""
+    eps = [float(jnp.finfo(jnp.result_type(x)).eps) for x in jax.tree_util.tree_leaves(tree)
+           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return max(eps) if eps else float(jnp.finfo(jnp.result_type(float)).eps)
+
+
 def make_info(residual, num_matvecs, status=st.OK) -> SolverInfo:
     return SolverInfo(jnp.asarray(residual, jnp.result_type(float)), jnp.asarray(num_matvecs, jnp.int32),
                       jnp.asarray(status, jnp.int32))
@@ -90,4 +112,5 @@ def fail_where(failed, x: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda a: jnp.where(failed, jnp.nan, a), x)
 
 
-__all__ = ["LinearSolver", "SolverInfo", "WarmStart", "fail_where", "make_info", "residual_norm"]
+__all__ = ["LinearSolver", "SolverInfo", "WarmStart", "fail_where", "make_info", "residual_norm", "rounding_eps",
+           "start"]
