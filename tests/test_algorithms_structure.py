@@ -7,6 +7,7 @@ never from the code under test.
 """
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,7 +46,7 @@ def test_signsgd_ul_uses_the_partial_gradient_at_the_post_ll_point(quad):
     theta0 = jnp.array([0.5, -1.0, 2.0, 0.1])
     phi0 = jnp.linspace(-1.0, 1.0, 6)
     state = alg.init(theta0, phi0, jax.random.PRNGKey(0), quad.data)
-    new, info = jax.jit(alg.update)(state, quad.data)
+    new, info = eqx.filter_jit(alg.update)(state, quad.data)
 
     @jax.jit
     def reference():
@@ -162,13 +163,19 @@ def _raw_oracles(problem, theta, phi, v, upper_batch, lower_batch):
             {"grad_phi": grad_phi, "hvp": hess @ v, "cross": jac.T @ v})
 
 
+def _table(state, level):
+    """The SAGA table of `level` ("upper"/"lower") as {oracle name: rows} (typed memories)."""
+    table = getattr(state.estimator, level).table._asdict()
+    return {k: np.asarray(v) for k, v in table.items() if v is not None}
+
+
 def test_saba_updates_only_the_memory_row_of_the_drawn_batch(quad_stoch):
     b = 16
     q = quad_stoch
     n_batches = 64 // b
     alg = bj.algorithms.saba(q.problem, upper_lr=0.2, lower_lr=0.2, batch_size=b)
     state = alg.init(q.theta0, q.phi0, jax.random.PRNGKey(4), q.data)
-    update = jax.jit(alg.update)
+    update = eqx.filter_jit(alg.update)
     # the pre-step point's oracles on batch `idx` of each level (contiguous partition)
     batch = lambda data, idx: jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, idx * b, b), data)
     oracles = jax.jit(lambda s, i, j: _raw_oracles(q.problem, s.theta, s.phi, s.v, batch(q.data[0], i),
@@ -180,8 +187,8 @@ def test_saba_updates_only_the_memory_row_of_the_drawn_batch(quad_stoch):
         new, _ = update(state, q.data)
         ids = []
         for level in ("upper", "lower"):
-            old_mem = jax.tree_util.tree_map(np.asarray, state.estimator[level]["mem"])
-            new_mem = jax.tree_util.tree_map(np.asarray, new.estimator[level]["mem"])
+            old_mem = _table(state, level)
+            new_mem = _table(new, level)
             changed = np.zeros(n_batches, bool)
             for key in old_mem:
                 assert new_mem[key].shape[0] == n_batches
@@ -191,12 +198,13 @@ def test_saba_updates_only_the_memory_row_of_the_drawn_batch(quad_stoch):
             seen[level].add(ids[-1])
         expected = oracles(state, *ids)
         for level, idx, raw in zip(("upper", "lower"), ids, expected):
-            new_mem = new.estimator[level]["mem"]
+            new_mem = _table(new, level)
+            mean = {k: v for k, v in getattr(new.estimator, level).mean._asdict().items() if v is not None}
             assert set(raw) == set(new_mem)
             for key, value in raw.items():
                 np.testing.assert_allclose(new_mem[key][idx], value, rtol=1e-10, atol=1e-12)
                 # the running mean is the mean of the table (zero initialisation)
-                np.testing.assert_allclose(new.estimator[level]["mean"][key], new_mem[key].mean(0),
+                np.testing.assert_allclose(mean[key], new_mem[key].mean(0),
                                            rtol=1e-10, atol=1e-12)
         state = new
     assert len(seen["upper"]) > 1 and len(seen["lower"]) > 1  # the drawn ids do vary
@@ -215,7 +223,7 @@ def test_saba_updates_only_the_memory_row_of_the_drawn_batch(quad_stoch):
 def test_oracle_counts_per_step(quad, name, kw, expected):
     alg = bj.algorithms.get(name)(quad.problem, batch_size=None, **kw)
     state = alg.init(quad.theta0, quad.phi0, jax.random.PRNGKey(0), quad.data)
-    update = jax.jit(alg.update)
+    update = eqx.filter_jit(alg.update)
     for _ in range(2):   # the first (cold) and a warm step cost the same
         state, info = update(state, quad.data)
         assert _counts(info) == expected
@@ -227,7 +235,7 @@ def test_sarah_refresh_costs_one_pass_over_the_data(quad_stoch):
     b, period = 16, 3
     alg = bj.algorithms.srba(quad_stoch.problem, batch_size=b, period=period)
     state = alg.init(quad_stoch.theta0, quad_stoch.phi0, jax.random.PRNGKey(0), quad_stoch.data)
-    update = jax.jit(alg.update)
+    update = eqx.filter_jit(alg.update)
     passes = 64 // b
     for k in range(2 * period + 1):
         state, info = update(state, quad_stoch.data)
@@ -256,8 +264,10 @@ def test_stable_correction_tracks_phi_star(quad):
 # --------------------------------------------------------------------------- bad input
 
 def test_unknown_name_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown algorithm 'nope'; valid names: .*aid_bio.*soba"):
+    with pytest.raises(ValueError, match=r"unknown algorithm 'nope'\. Valid names: .*aid_bio.*soba"):
         bj.algorithms.get("nope")
+    with pytest.raises(ValueError, match=r"unknown algorithm 'sobaa'\. Did you mean 'soba'\?"):
+        bj.algorithms.get("sobaa")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -265,10 +275,12 @@ def test_bad_input_errors_before_tracing(quad_stoch, name):
     q = quad_stoch
     make = bj.algorithms.get(name)
     for bad in (0.0, -0.1):
-        with pytest.raises(ValueError, match="upper_lr must be a positive step size"):
+        with pytest.raises(ValueError, match=f"{name}: upper_lr must be a positive step size"):
             make(q.problem, upper_lr=bad)
-        with pytest.raises(ValueError, match="lower_lr must be a positive step size"):
+        with pytest.raises(ValueError, match=f"{name}: lower_lr must be a positive step size"):
             make(q.problem, lower_lr=bad)
+    with pytest.raises(TypeError, match=f"{name}: upper_opt must be an optax GradientTransformation"):
+        make(q.problem, upper_opt="adam")
     alg = make(q.problem, batch_size=16)
     key = jax.random.PRNGKey(0)
     # a key that is not a PRNG key
@@ -294,11 +306,11 @@ def test_bad_input_in_update_is_caught_at_trace_time(quad_stoch):
     alg = bj.algorithms.soba(q.problem, batch_size=100)
     state = alg.init(q.theta0, q.phi0, jax.random.PRNGKey(0))   # no data: nothing to check yet
     with pytest.raises(ValueError, match="is larger than upper data's 64 samples"):
-        jax.jit(alg.update)(state, q.data)
+        eqx.filter_jit(alg.update)(state, q.data)
     alg = bj.algorithms.stable(q.problem, batch_size=100)
     state = alg.init(q.theta0, q.phi0, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="is larger than upper data's 64 samples"):
-        jax.jit(alg.update)(state, q.data)
+        eqx.filter_jit(alg.update)(state, q.data)
 
 
 def test_bad_preset_hyperparameters(quad):
@@ -315,8 +327,12 @@ def test_bad_preset_hyperparameters(quad):
         bj.algorithms.stocbio(p, neumann_eta=-1.0)
     with pytest.raises(ValueError, match="lower_lr is used as the linear solver's step"):
         bj.algorithms.ttsa(p, lower_lr=bj.schedules.inverse_power(0.1, 0.4))
-    with pytest.raises(TypeError, match="must be a Python int"):
+    with pytest.raises(TypeError, match="aid_bio: lower_steps must be a Python int"):
         bj.algorithms.aid_bio(p, lower_steps=2.5)
+    # methods that need LL steps reject 0 (phi would never move)
+    for name in ("amigo", "aid_bio", "stocbio", "ba", "bsa", "alternating", "signsgd_ul", "alset"):
+        with pytest.raises(ValueError, match=f"{name}: lower_steps must be >= 1, got 0"):
+            bj.algorithms.get(name)(p, lower_steps=0)
     with pytest.raises(ValueError, match="use sampler='partition'"):
         bj.algorithms.saba(p, sampler="iid")
     with pytest.raises(ValueError, match="unknown sampler"):

@@ -29,7 +29,7 @@ def _loss(model, batch):
 
 def f_lower(theta, model, batch):
     params = eqx.filter(model, eqx.is_inexact_array)
-    return _loss(model, batch) + 0.5 * jnp.exp(theta) * otu.tree_l2_norm(params, squared=True)
+    return _loss(model, batch) + 0.5 * jnp.exp(theta) * otu.tree_norm(params, squared=True)
 
 
 def f_upper(theta, model, batch):

@@ -1,5 +1,6 @@
 """`bj.run`: history layout, cumulative oracle counts, eval_fn metrics, non-finite reporting, and
 `jax.vmap` over hyperparameters and tasks (equal to a Python loop)."""
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +28,7 @@ def test_history_rows_counts_and_metrics_match_a_manual_loop(quad):
     final, hist = fast_jit(lambda s: bj.run(alg, s, quad.data, num_steps=num_steps, eval_every=every,
                                            eval_fn=eval_fn))(state0)
     rows = num_steps // every + 1
-    assert set(hist) == {"step", "residual_norm", "finite", *COUNT_KEYS, "f_upper", "theta1"}
+    assert set(hist) == {"step", "residual_norm", "finite", "status", *COUNT_KEYS, "f_upper", "theta1"}
     assert all(v.shape == (rows,) for v in hist.values())
     np.testing.assert_array_equal(hist["step"], np.arange(0, num_steps + 1, every))
     # cumulative oracle calls: 2 LL gradients, 1 UL gradient, 3 + 1 HVPs (warm CG), 1 cross per step
@@ -37,7 +38,7 @@ def test_history_rows_counts_and_metrics_match_a_manual_loop(quad):
     assert np.isnan(hist["residual_norm"][0])
 
     # the same iterations by hand
-    update = fast_jit(alg.update)
+    update = eqx.filter_jit(alg.update)
     state, metrics, residuals = state0, [eval_fn(state0, quad.data)], []
     for k in range(1, num_steps + 1):
         state, info = update(state, quad.data)
@@ -67,13 +68,14 @@ def test_non_finite_iterates_are_reported(quad):
     state = alg.init(quad.theta0, quad.phi0 + 1.0, jax.random.PRNGKey(0), quad.data)
     _, hist = fast_jit(lambda s: bj.run(alg, s, quad.data, num_steps=60, eval_every=20))(state)
     assert bool(hist["finite"][1]) and not bool(hist["finite"][-1])
-    checked = bj.algorithms.soba(quad.problem, check_finite=True, **kw)
-    with pytest.raises(Exception, match="non-finite iterate"):
+    assert int(hist["status"][-1]) & bj.status.NONFINITE
+    checked = bj.algorithms.soba(quad.problem, check=True, **kw)
+    with pytest.raises(Exception, match="soba outer step failed: a non-finite value"):
         jax.block_until_ready(fast_jit(lambda s: bj.run(checked, s, quad.data, num_steps=60))(state))
     # STABLE (its own loop) reports and checks the same way
-    stable = bj.algorithms.stable(quad.problem, upper_lr=0.1, lower_lr=1e10, check_finite=True)
+    stable = bj.algorithms.stable(quad.problem, upper_lr=0.1, lower_lr=1e10, check=True)
     state = stable.init(quad.theta0, quad.phi0 + 1.0, jax.random.PRNGKey(0), quad.data)
-    with pytest.raises(Exception, match="non-finite iterate"):
+    with pytest.raises(Exception, match="stable outer step failed"):
         jax.block_until_ready(fast_jit(lambda s: bj.run(stable, s, quad.data, num_steps=60))(state))
 
 

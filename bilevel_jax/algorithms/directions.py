@@ -35,7 +35,7 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax.algorithms.base import OracleCounts
-from bilevel_jax.algorithms.steps import Batches, StepRule, apply_step, init_rule
+from bilevel_jax.algorithms.steps import Batches, Rule, StepRule, apply_step, as_rule, init_rule
 from bilevel_jax.hypergrad.implicit import implicit_direction
 from bilevel_jax.linear_solvers import LinearSolver
 from bilevel_jax.problem import BilevelProblem
@@ -230,10 +230,9 @@ def implicit(linear_solver: LinearSolver, warm_start: Optional[bool] = None, sim
     return Implicit(linear_solver, simultaneous)
 
 
-def amortized(v_rule: StepRule) -> Amortized:
-    if not isinstance(v_rule, StepRule):
-        raise TypeError(f"v_rule must be a StepRule (bj.algorithms.steps.step_rule), got {v_rule!r}.")
-    return Amortized(v_rule)
+def amortized(v_opt: Rule) -> Amortized:
+    """SOBA's directions; `v_opt` moves v (an optax transform or a `StepRule`)."""
+    return Amortized(as_rule("v_opt", v_opt))
 
 
 __all__ = ["Amortized", "AmortizedState", "DirectionRule", "Directions", "Evaluation", "Implicit", "ImplicitState",

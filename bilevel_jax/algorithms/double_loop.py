@@ -22,8 +22,8 @@ def _double_loop(preset, problem, direction, upper_lr, lower_lr, upper_opt, lowe
         steps = lower_steps_at_least_one(lower_steps)
         extra = {} if lower_transform is None else {"transform": lower_transform}
         return bilevel_loop(problem, direction=direction(),
-                            upper=rule("upper_lr", upper_lr, upper_opt, upper_decay),
-                            lower=rule("lower_lr", lower_lr, lower_opt, lower_decay, every=steps, **extra),
+                            upper_opt=rule("upper_lr", upper_lr, upper_opt, upper_decay),
+                            lower_opt=rule("lower_lr", lower_lr, lower_opt, lower_decay, every=steps, **extra),
                             lower_steps=steps, batch_size=batch_size, name=preset, **kw)
 
 

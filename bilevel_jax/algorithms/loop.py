@@ -26,8 +26,8 @@ from bilevel_jax._checks import check_positive_int
 from bilevel_jax.algorithms import estimators as est
 from bilevel_jax.algorithms.base import Algorithm, OracleCounts, check_key, step_key
 from bilevel_jax.algorithms.directions import DirectionRule, Point
-from bilevel_jax.algorithms.steps import (SOLVER_STREAM, Batches, StepRule, apply_step, draw_batches, finish,
-                                          init_rule, lower_phase)
+from bilevel_jax.algorithms.steps import (SOLVER_STREAM, Batches, Rule, StepRule, apply_step, as_rule, draw_batches,
+                                          finish, init_rule, lower_phase)
 from bilevel_jax.problem import BilevelProblem, check_data_pair
 from bilevel_jax.sampling import Sampler, check_fits, make_sampler, num_batches, num_samples
 
@@ -151,8 +151,8 @@ class BilevelLoop(Algorithm):
         return new_state, info
 
 
-def bilevel_loop(problem: BilevelProblem, *, direction: DirectionRule, upper: StepRule,
-                 lower: Optional[StepRule] = None, lower_steps: int = 0,
+def bilevel_loop(problem: BilevelProblem, *, direction: DirectionRule, upper_opt: Rule,
+                 lower_opt: Optional[Rule] = None, lower_steps: int = 0,
                  estimator: Optional[est.Estimator] = None, batch_size: BatchSize = None,
                  sampler: str = "iid", mode: str = "rev", check: bool = False,
                  name: str = "bilevel_loop") -> BilevelLoop:
@@ -161,7 +161,8 @@ def bilevel_loop(problem: BilevelProblem, *, direction: DirectionRule, upper: St
     Args:
       problem: the `BilevelProblem`.
       direction: `directions.partial()`, `implicit(solver)` or `amortized(v_rule)`.
-      upper / lower: `StepRule`s for theta and phi (`bj.algorithms.steps.step_rule`).
+      upper_opt / lower_opt: the step rules of theta and phi: optax transforms (`optax.sgd(0.1)`)
+        or `StepRule`s (`bj.algorithms.steps.step_rule`, whose step sizes are sweepable fields).
       lower_steps: LL steps per outer step before the directions (0 = single loop).
       estimator: `estimators.sgd()` (default), `storm`, `saga`, `sarah`.
       batch_size: None (full batch), an int, or an (upper, lower) pair.
@@ -184,8 +185,10 @@ def bilevel_loop(problem: BilevelProblem, *, direction: DirectionRule, upper: St
     if estimator.needs_separable and sampler != "partition":
         raise ValueError(f"{name}: the {type(estimator).__name__} estimator indexes memories by batch id: "
                          "use sampler='partition'.")
-    if (lower_steps > 0 or direction.moves_phi) and lower is None:
-        raise ValueError(f"{name}: a lower step rule is required when phi is updated.")
+    if (lower_steps > 0 or direction.moves_phi) and lower_opt is None:
+        raise ValueError(f"{name}: lower_opt (the step rule of phi) is required when phi is updated.")
+    upper = as_rule("upper_opt", upper_opt)
+    lower = None if lower_opt is None else as_rule("lower_opt", lower_opt)
     return BilevelLoop(problem, direction, upper, lower, estimator, make_samplers(batch_size, sampler),
                        lower_steps, mode, check, name)
 

@@ -24,8 +24,8 @@ def _storm_loop(preset, problem, solver, upper_lr, lower_lr, upper_opt, lower_op
                 decay, **kw) -> BilevelLoop:
     with named(preset):
         return bilevel_loop(problem, direction=directions.implicit(solver, simultaneous=True),
-                            upper=rule("upper_lr", upper_lr, upper_opt, decay),
-                            lower=rule("lower_lr", lower_lr, lower_opt, decay),
+                            upper_opt=rule("upper_lr", upper_lr, upper_opt, decay),
+                            lower_opt=rule("lower_lr", lower_lr, lower_opt, decay),
                             estimator=estimator, batch_size=batch_size, name=preset, **kw)
 
 

@@ -27,8 +27,8 @@ def ttsa(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None,
     with named("ttsa"):
         solver = stochastic_neumann(neumann_steps, solver_eta(lower_lr, neumann_eta))
         return bilevel_loop(problem, direction=directions.implicit(solver),
-                            upper=rule("upper_lr", upper_lr, upper_opt, default_up if upper_decay is None else upper_decay),
-                            lower=rule("lower_lr", lower_lr, lower_opt, default_low if lower_decay is None else lower_decay),
+                            upper_opt=rule("upper_lr", upper_lr, upper_opt, default_up if upper_decay is None else upper_decay),
+                            lower_opt=rule("lower_lr", lower_lr, lower_opt, default_low if lower_decay is None else lower_decay),
                             lower_steps=1, batch_size=batch_size, name="ttsa", **kw)
 
 
@@ -39,8 +39,8 @@ def alset(problem, *, upper_lr=0.05, lower_lr=0.1, upper_opt=None, lower_opt=Non
     steps and the HIA hypergradient, constant steps alpha, beta = O(1/sqrt(K)) (pass them)."""
     with named("alset"):
         solver = stochastic_neumann(neumann_steps, solver_eta(lower_lr, neumann_eta))
-        return bilevel_loop(problem, direction=directions.implicit(solver), upper=rule("upper_lr", upper_lr, upper_opt),
-                            lower=rule("lower_lr", lower_lr, lower_opt),
+        return bilevel_loop(problem, direction=directions.implicit(solver), upper_opt=rule("upper_lr", upper_lr, upper_opt),
+                            lower_opt=rule("lower_lr", lower_lr, lower_opt),
                             lower_steps=lower_steps_at_least_one(lower_steps), batch_size=batch_size, name="alset",
                             **kw)
 
@@ -53,7 +53,7 @@ def _amortized(preset, problem, upper_lr, lower_lr, v_lr, upper_opt, lower_opt, 
         v_rule = (lower if (v_lr is None and v_opt is None)
                   else rule("v_lr", lower_lr if v_lr is None else v_lr, v_opt, lower_decay))
         return bilevel_loop(problem, direction=directions.amortized(v_rule),
-                            upper=rule("upper_lr", upper_lr, upper_opt, upper_decay), lower=lower,
+                            upper_opt=rule("upper_lr", upper_lr, upper_opt, upper_decay), lower_opt=lower,
                             estimator=estimator, batch_size=batch_size, name=preset, **kw)
 
 

@@ -16,7 +16,7 @@ rule given by the user (`optax.adam(1e-3)`), kept as a static field.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, NamedTuple, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 
 import equinox as eqx
 import jax
@@ -97,6 +97,18 @@ def step_rule(name: str, value=None, *, optimizer: Optional[optax.GradientTransf
     return StepRule(learning_rate=inverse_power(value, exponent, every=every), transform=transform)
 
 
+Rule = Union[StepRule, optax.GradientTransformation]
+
+
+def as_rule(name: str, rule: Rule) -> StepRule:
+    """A `StepRule`, or an optax transform wrapped as one (named `name` in errors)."""
+    if isinstance(rule, StepRule):
+        return rule
+    if isinstance(rule, optax.GradientTransformation):
+        return StepRule(optimizer=rule)
+    raise TypeError(f"{name} must be an optax GradientTransformation or a StepRule, got {type(rule).__name__}.")
+
+
 def apply_step(rule: StepRule, params: PyTree, opt_state, direction: PyTree, count,
                project: Optional[Callable] = None) -> Tuple[PyTree, Any, jax.Array]:
     """params <- project(params + rule(direction)); only the inexact-array leaves move.
@@ -162,5 +174,5 @@ def finish(trees: Tuple, counts: OracleCounts, residual_norm, statuses=(), *, ch
     return trees, StepInfo(counts, residual, status)
 
 
-__all__ = ["Batches", "StepRule", "apply_step", "draw_batches", "finish", "init_rule", "lower_phase", "step_rule",
+__all__ = ["Batches", "Rule", "StepRule", "apply_step", "as_rule", "draw_batches", "finish", "init_rule", "lower_phase", "step_rule",
            "LOWER_STREAM", "SOLVER_STREAM", "UPPER_STREAM"]
