@@ -289,3 +289,14 @@ def test_argmin_concave_lower_level_gives_nan_not_a_number():
     jac = jax.jit(jax.jacfwd(lambda th: solve(th, phi0, None)))(theta)
     assert np.all(np.isnan(g)), g
     assert np.all(np.isnan(jac)), jac
+
+
+def test_argmin_reverse_mode_is_one_linear_solve(ridge):
+    """jax.grad transposes the tangent: the VJP holds exactly one (transposed) linear solve, and
+    no derivative of the inner iterations."""
+    solve = bj.argmin(ridge.problem.f_lower, optax.sgd(LR), STEPS)
+    F = lambda th: ridge.problem.f_upper(th, solve(th, ridge.phi0, ridge.data[1]), ridge.data[0])
+    jaxpr = jax.make_jaxpr(jax.grad(F))(_theta(ridge)).jaxpr
+    names = [eqn.primitive.name for eqn in jaxpr.eqns]
+    assert names.count("custom_linear_solve") == 1, names
+    assert names.count("custom_jvp_call") == 1, names  # the inner solve, run once, not differentiated
