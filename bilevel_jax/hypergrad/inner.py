@@ -1,6 +1,19 @@
-"""Lower-level steps: `steps` updates of any optax transform on grad_phi f_lower, in a `lax.scan`.
+"""Lower-level steps: `steps` updates of any optax transform on f_lower(theta, ., batch), in a `lax.scan`.
 
-    phi_{t+1} = phi_t + optimizer.update(grad_phi f_lower(theta, phi_t, batch_t))
+    phi_{t+1} = phi_t + optimizer.update(grad_phi f_lower(theta, phi_t, batch_t), ...)
+
+The optimizer may be a plain `optax.GradientTransformation` (sgd, adam, ...) or an
+`optax.GradientTransformationExtraArgs` that needs the objective itself (`optax.lbfgs()`, the
+zoom / backtracking line searches): every update is called with
+
+    value=f_lower(theta, phi_t, batch_t),  grad=grad_phi f_lower(...),  value_fn=p -> f_lower(theta, p, batch_t)
+
+where `p` (and `grad`, and the `params` the optimizer sees) is the differentiable part of phi,
+`eqx.filter(phi, eqx.is_inexact_array)`; plain transforms ignore the extra arguments
+(`optax.with_extra_args_support`). Value and gradient come from one `jax.value_and_grad`.
+
+phi may be an equinox Module (a neural network): only its inexact-array leaves are updated and
+carried through the scan; static parts (activation functions, integer leaves) stay outside it.
 
 Shared by the double loops of `bj.algorithms`, by unrolled differentiation (which differentiates
 through it) and by `bj.argmin` (which does not).
@@ -19,25 +32,49 @@ from bilevel_jax.problem import BilevelProblem
 PyTree = Any
 
 
+def _lower_objective(problem: BilevelProblem, theta, phi_static, batch) -> Callable[[PyTree], jax.Array]:
+    """p -> f_lower(theta, combine(p, phi_static), batch): the LL objective of the differentiable
+    part of phi at fixed theta and batch (the `value_fn` of line searches and L-BFGS)."""
+
+    def value_fn(phi_d):
+        return problem.f_lower(theta, eqx.combine(phi_d, phi_static), batch)
+
+    return value_fn
+
+
 def lower_step(problem: BilevelProblem, optimizer: optax.GradientTransformation, theta, phi, opt_state, batch):
-    """One LL step: (phi, opt_state) -> (phi', opt_state')."""
-    g = oracles.lower_grad_phi(problem, theta, phi, batch)
-    updates, opt_state = optimizer.update(g, opt_state, oracles.differentiable(phi))
-    return eqx.apply_updates(phi, updates), opt_state
+    """One LL step: (phi, opt_state) -> (phi', opt_state').
+
+    `opt_state` is `optimizer.init(oracles.differentiable(phi))`'s shape. The update receives
+    `value`, `grad` and `value_fn` as extra arguments (used by `optax.lbfgs()` and line searches,
+    ignored by plain transforms).
+    """
+    phi_d, phi_s = eqx.partition(phi, eqx.is_inexact_array)
+    value_fn = _lower_objective(problem, theta, phi_s, batch)
+    value, grad = jax.value_and_grad(value_fn)(phi_d)
+    updates, opt_state = optax.with_extra_args_support(optimizer).update(
+        grad, opt_state, phi_d, value=value, grad=grad, value_fn=value_fn)
+    return eqx.combine(eqx.apply_updates(phi_d, updates), phi_s), opt_state
 
 
 def lower_steps(problem: BilevelProblem, optimizer: optax.GradientTransformation, theta, phi, opt_state,
                 steps: int, batch_fn: Callable[[Any], PyTree], checkpoint: bool = False):
-    """`steps` LL steps; `batch_fn(t)` gives the batch of step t (t a traced int)."""
+    """`steps` LL steps; `batch_fn(t)` gives the batch of step t (t a traced int).
+
+    The scan carries only the inexact-array part of phi (and the optimizer state); the rest of
+    phi (e.g. an equinox Module's activation functions) is closed over and recombined.
+    """
+    phi_d, phi_s = eqx.partition(phi, eqx.is_inexact_array)
 
     def step(carry, t):
-        phi, opt_state = carry
-        return lower_step(problem, optimizer, theta, phi, opt_state, batch_fn(t)), None
+        phi_d, opt_state = carry
+        phi, opt_state = lower_step(problem, optimizer, theta, eqx.combine(phi_d, phi_s), opt_state, batch_fn(t))
+        return (oracles.differentiable(phi), opt_state), None
 
     if checkpoint:
         step = jax.checkpoint(step)
-    (phi, opt_state), _ = jax.lax.scan(step, (phi, opt_state), jax.numpy.arange(steps))
-    return phi, opt_state
+    (phi_d, opt_state), _ = jax.lax.scan(step, (phi_d, opt_state), jax.numpy.arange(steps))
+    return eqx.combine(phi_d, phi_s), opt_state
 
 
 def solve_lower(problem: BilevelProblem, optimizer: optax.GradientTransformation, theta, phi0, batch,
