@@ -117,7 +117,7 @@ def test_implicit_matches_closed_form(request, name):
         _close(g, expected, 1e-8)
         _close(info.v, v_star, 1e-8)
         assert float(info.residual_norm) <= 1e-10 * np.linalg.norm(b)
-        assert not bool(info.solver.breakdown)
+        assert int(info.status) == bj.status.OK and int(info.solver.status) == bj.status.OK
     np.testing.assert_allclose(out["cg", "fwd"][0], out["cg", "rev"][0], rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(out["cg", "fwd"][1].v, out["cg", "rev"][1].v, rtol=1e-12, atol=1e-14)
 
@@ -156,6 +156,81 @@ def test_stochastic_solver_mean_is_neumann_hypergradient(ridge):
     se = gs.std(0) / np.sqrt(m)
     assert se.min() > 0
     assert np.all(np.abs(gs.mean(0) - g_ref) <= 5 * se)
+
+
+def test_warm_start_x0(quad):
+    """x0 warm-starts the solver (one more matvec for CG): from v* itself, one iteration is exact;
+    solvers without an initial point ignore it."""
+    theta = _theta("quad", quad)
+    phi, expected, a, b = closed_form("quad", quad, theta)
+    v_star = np.linalg.solve(a, b)
+
+    @jax.jit
+    def estimates(theta, phi, x0):
+        return [bj.hypergradient(quad.problem, theta, phi, quad.data, s, x0=x0)
+                for s in (ls.cg(maxiter=1), ls.neumann(3, 0.1))] + \
+            [bj.hypergradient(quad.problem, theta, phi, quad.data, ls.neumann(3, 0.1))]
+
+    (g, info), (g_n, info_n), (g_n_cold, _) = estimates(theta, phi, v_star)
+    _close(g, expected, 1e-10)
+    _close(info.v, v_star, 1e-10)
+    assert int(info.solver.num_matvecs) == 2
+    np.testing.assert_array_equal(g_n, g_n_cold)
+    assert int(info_n.solver.num_matvecs) == 3
+
+
+# -------------------------------------------------------------------------- loud failures
+def _toy_problem(kind):
+    """phi in R^3, theta in R^3. "concave": f_lower = -0.5||phi||^2 + theta.phi (A = -I);
+    "singular": f_lower ignores phi_3 (A = diag(1, 1, 0)) while grad_phi f_upper is nonzero there."""
+    if kind == "concave":
+        f_lower = lambda th, p, batch: -0.5 * jnp.sum(p ** 2) + th @ p
+    else:
+        f_lower = lambda th, p, batch: 0.5 * jnp.sum(p[:2] ** 2) - th[:2] @ p[:2]
+    f_upper = lambda th, p, batch: 0.5 * jnp.sum((p - jnp.array([1.0, -2.0, 3.0])) ** 2) + 0.1 * th @ th
+    return bj.BilevelProblem(f_upper, f_lower)
+
+
+@pytest.mark.parametrize("kind", ["concave", "singular"])
+def test_bad_lower_level_breaks_down_loudly(kind):
+    """A concave or singular LL Hessian: cg and dense report BREAKDOWN and return NaN g and v,
+    never zero, never finite."""
+    problem = _toy_problem(kind)
+    theta, phi = np.array([0.3, -0.2, 0.5]), np.array([0.1, 0.2, 0.3])
+
+    @jax.jit
+    def estimates(theta, phi):
+        return [bj.hypergradient(problem, theta, phi, (None, None), s) for s in (ls.cg(maxiter=5), ls.dense())]
+
+    for g, info in estimates(theta, phi):
+        assert int(info.status) & bj.status.BREAKDOWN, bj.status.describe(info.status)
+        assert int(info.solver.status) & bj.status.BREAKDOWN
+        assert np.all(np.isnan(g)) and np.all(np.isnan(info.v))
+        assert np.isnan(info.residual_norm)
+
+
+@pytest.mark.parametrize("where", ["lower H", "lower C", "upper P"])
+def test_nan_in_data_is_flagged(quad, where):
+    """One NaN in the data (the LL Hessian: the matvec; the LL cross term: J v; the UL Hessian:
+    b): the status has NONFINITE and g is NaN, with cg, dense and neumann."""
+    theta = _theta("quad", quad)
+    phi = closed_form("quad", quad, theta)[0]
+    level, name = where.split()
+    data = {"upper": dict(quad.data[0]), "lower": dict(quad.data[1])}
+    data[level][name] = np.asarray(data[level][name]).copy()
+    data[level][name].flat[0] = np.nan
+    data = (data["upper"], data["lower"])
+
+    @jax.jit
+    def estimates(theta, phi, data):
+        return [bj.hypergradient(quad.problem, theta, phi, data, s)
+                for s in (ls.cg(maxiter=6), ls.dense(), ls.neumann(5, 0.1))]
+
+    for g, info in estimates(theta, phi, data):
+        assert int(info.status) & bj.status.NONFINITE, bj.status.describe(info.status)
+        assert np.all(np.isnan(g))
+        if name != "C":  # the linear solve itself saw the NaN
+            assert np.all(np.isnan(info.v)) and int(info.solver.status) != bj.status.OK
 
 
 # --------------------------------------------------------------------------------- unrolled

@@ -181,7 +181,7 @@ def test_stochastic_solver_needs_key(quad):
     with pytest.raises(ValueError, match=r"stochastic: pass `key=`"):
         bj.hypergradient(quad.problem, quad.theta0, quad.phi0, quad.data, solver)
     with pytest.raises(ValueError, match=r"needs a PRNG key"):
-        solver.solve(lambda v, key: v, jnp.ones(3))
+        solver.solve(lambda v, key: v, jnp.ones(3), solver.init(jnp.ones(3)))
 
 
 def test_traced_step_sizes_pass_through():
@@ -189,7 +189,7 @@ def test_traced_step_sizes_pass_through():
     a = jnp.diag(jnp.array([1.0, 2.0, 4.0]))
     b = jnp.ones(3)
     etas = jnp.array([0.05, 0.1, 0.2])
-    xs = jax.jit(jax.vmap(lambda eta: ls.gd(steps=5, eta=eta).solve(lambda v: a @ v, b)[0]))(etas)
+    xs = jax.jit(jax.vmap(lambda eta: ls.gd(steps=5, eta=eta).solve(lambda v: a @ v, b, ls.gd().init(b))[0]))(etas)
     for eta, x in zip(np.asarray(etas), np.asarray(xs)):
         d = 1 - eta * np.array([1.0, 2.0, 4.0])
         np.testing.assert_allclose(x, (1 - d ** 5) / np.array([1.0, 2.0, 4.0]), rtol=1e-12)

@@ -87,8 +87,9 @@ def hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[Li
     Returns:
       `(g, info)` with `g = grad_theta f_upper - J v` and `info` a `HypergradInfo`: `v ~ A^{-1}
       grad_phi f_upper`, its residual norm, `status` (the solver's status, | NONFINITE if g is
-      non-finite) and the solver's `SolverInfo`. When the solve failed (a concave or singular lower
-      level: BREAKDOWN; NaN in the data: NONFINITE), v and g are NaN, never a finite-looking value.
+      non-finite) and the solver's `SolverInfo`. g is NaN in every leaf exactly when the status is not
+      OK: the solve failed (a concave or singular lower level: BREAKDOWN; NaN in the data:
+      NONFINITE; v is NaN too) or g itself is non-finite. Never a finite-looking value.
     """
     if not isinstance(problem, BilevelProblem):
         raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
@@ -107,4 +108,5 @@ def hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[Li
     out = implicit_direction(problem, theta, phi, data[0], data[1], solver, solver.init(phi_d, x0), key,
                              lower_sampler, mode)
     status = st.merge(out.info.status, st.nonfinite(out.g))
-    return out.g, HypergradInfo(v=out.v, residual_norm=out.info.residual_norm, status=status, solver=out.info)
+    g = fail_where(status != st.OK, out.g)  # as for the solvers: g is NaN (every leaf) iff status is not OK
+    return g, HypergradInfo(v=out.v, residual_norm=out.info.residual_norm, status=status, solver=out.info)

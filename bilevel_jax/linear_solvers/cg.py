@@ -74,7 +74,8 @@ class CG(LinearSolver):
             dad = otu.tree_vdot(d, ad)
             dd = otu.tree_vdot(d, d)
             # the largest ||A d|| / ||d|| seen: the scale against which curvature is "zero"
-            scale = jnp.where(done, scale, jnp.maximum(scale, jnp.sqrt(otu.tree_vdot(ad, ad) / jnp.where(dd > 0, dd, 1.0))))
+            gain = jnp.sqrt(otu.tree_vdot(ad, ad) / jnp.where(dd > 0, dd, 1.0))
+            scale = jnp.where(done, scale, jnp.maximum(scale, gain))
             finite = jnp.isfinite(dad) & jnp.isfinite(rr) & jnp.isfinite(scale)
             curvature_ok = finite & (dad > _ROUNDING * eps * scale * dd)
             failed = ~done & ~curvature_ok
