@@ -36,7 +36,7 @@ import equinox as eqx
 import optax.tree_utils as otu
 
 from bilevel_jax import status as st
-from bilevel_jax._checks import check_bool, check_in_range, check_positive_int
+from bilevel_jax._checks import as_array, check_bool, check_in_range, check_positive_int
 from bilevel_jax.linear_solvers.base import (LinearSolver, WarmStart, fail_where, make_info, residual_norm,
                                              rounding_eps, start)
 
@@ -103,4 +103,4 @@ def cg(maxiter: int = 50, rtol: float = 0.0, atol: float = 0.0, warm_start: bool
     starts each solve from the state's last solution). Freezes once ||r|| <= max(rtol ||b||, atol)
     (or rounding level). Needs A SPD: on non-positive or non-finite curvature, x is NaN and the
     status BREAKDOWN (| NONFINITE). See the module docstring."""
-    return CG(warm_start=warm_start, maxiter=maxiter, rtol=rtol, atol=atol)
+    return CG(warm_start=warm_start, maxiter=maxiter, rtol=as_array(rtol), atol=as_array(atol))

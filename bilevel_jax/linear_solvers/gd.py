@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from bilevel_jax import status as st
-from bilevel_jax._checks import check_bool, check_positive_int, check_step_size
+from bilevel_jax._checks import as_array, check_bool, check_positive_int, check_step_size
 from bilevel_jax.linear_solvers.base import LinearSolver, WarmStart, fail_where, make_info, rounding_eps, start
 
 
@@ -83,11 +83,11 @@ def gd(steps: int = 10, eta: float = 0.1, warm_start: bool = False) -> GD:
     """`steps` gradient steps of size `eta` on 0.5 x'Ax - b'x, from the state's last solution with
     `warm_start` (else from 0). Cost: `steps` matvecs, +1 with a warm start (for the residual).
     Diverged (final residual > initial) -> x NaN, BREAKDOWN; non-finite -> x NaN, NONFINITE."""
-    return GD(warm_start=warm_start, steps=steps, eta=eta)
+    return GD(warm_start=warm_start, steps=steps, eta=as_array(eta))
 
 
 def neumann(steps: int = 10, eta: float = 0.1) -> Neumann:
     """The truncated Neumann series  eta * sum_{i<steps} (I - eta A)^i b  (StocBiO): `gd(steps,
     eta)` from x0 = 0 (no initial point: a warm start is ignored). Cost: `steps` matvecs. Status as
     `gd`."""
-    return Neumann(steps=steps, eta=eta)
+    return Neumann(steps=steps, eta=as_array(eta))

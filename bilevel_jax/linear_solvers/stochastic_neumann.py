@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from bilevel_jax import status as st
-from bilevel_jax._checks import check_bool, check_positive_int
+from bilevel_jax._checks import as_array, check_bool, check_positive_int
 from bilevel_jax.linear_solvers.base import LinearSolver, WarmStart, fail_where, make_info
 from bilevel_jax.linear_solvers.gd import _check_eta
 
@@ -65,4 +65,4 @@ def stochastic_neumann(steps: int = 10, eta: float = 0.1) -> StochasticNeumann:
     """HIA with N = `steps` terms and step `eta`; `matvec(x, key)` must draw its own minibatch
     from `key`. Requires a `key` at solve time. info.residual_norm is NaN (A is random); status
     NONFINITE (x NaN) when x is non-finite."""
-    return StochasticNeumann(steps=steps, eta=eta)
+    return StochasticNeumann(steps=steps, eta=as_array(eta))
