@@ -45,8 +45,3 @@ def quad_stoch():
 @pytest.fixture(scope="session")
 def ridge():
     return bj.problems.ridge_hpo(jax.random.PRNGKey(2), per_feature=True)
-
-
-def spd_matrix(key, n, cond):
-    q, _ = jnp.linalg.qr(jax.random.normal(key, (n, n)))
-    return (q * jnp.logspace(0, jnp.log10(cond), n)) @ q.T

@@ -3,6 +3,7 @@ once; a sweep vmaps over their array fields), presets take optax rules (L-BFGS a
 included), and failures are loud (status codes in step_info and bj.run's history, NaN instead of
 a finite-looking hypergradient, `check=True` errors that name the step and the cause).
 """
+import chex
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -66,7 +67,7 @@ def test_a_sweep_vmaps_over_the_array_fields(quad):
     swept = jax.jit(jax.vmap(run))(stacked)
     for i, alg in enumerate(algs):
         single = bj.run(alg, alg.init(quad.theta0, quad.phi0, jax.random.PRNGKey(0)), quad.data, num_steps=20)[0]
-        np.testing.assert_allclose(swept[i], single.theta, rtol=1e-12)
+        chex.assert_trees_all_close(swept[i], single.theta, rtol=1e-12)
     assert float(jnp.abs(swept[0] - swept[1]).max()) > 1e-3
 
 

@@ -75,9 +75,6 @@ class QuadraticBilevel(NamedTuple):
     def theta_star(self):
         return jnp.linalg.solve(self.hessian(), -self.grad(jnp.zeros_like(self.theta0)))
 
-    def lower_hessian(self):
-        return self.means["H"]
-
 
 def _spd(key, dim, low, high, dtype):
     q, _ = jnp.linalg.qr(jax.random.normal(key, (dim, dim), dtype))
