@@ -85,6 +85,10 @@ class Full(Sampler):
     def sample(self, data, key, draw):
         return data, jnp.zeros((), jnp.int32)
 
+    def block(self, data, batch_id):
+        """The only block: the whole data."""
+        return data
+
 
 class IID(Sampler):
     """b indices drawn uniformly with replacement: the sampling of the convergence theorems;
@@ -119,11 +123,14 @@ class Partition(Sampler):
     kind: ClassVar[str] = "partition"
 
     def sample(self, data, key, draw):
-        b = self.batch_size
         n = num_samples(data)
-        batch_id = jax.random.randint(jax.random.fold_in(key, draw), (), 0, n // b).astype(jnp.int32)
-        block = jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, batch_id * b, b, axis=0), data)
-        return block, batch_id
+        batch_id = jax.random.randint(jax.random.fold_in(key, draw), (), 0, n // self.batch_size).astype(jnp.int32)
+        return self.block(data, batch_id), batch_id
+
+    def block(self, data, batch_id):
+        """Block `batch_id` (samples batch_id * b ... batch_id * b + b - 1), read in place."""
+        b = self.batch_size
+        return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, batch_id * b, b, axis=0), data)
 
 
 def full() -> Sampler:

@@ -210,6 +210,29 @@ def test_saba_updates_only_the_memory_row_of_the_drawn_batch(quad_stoch):
     assert len(seen["upper"]) > 1 and len(seen["lower"]) > 1  # the drawn ids do vary
 
 
+def test_saba_default_memories_start_at_the_initial_point(quad_stoch):
+    """SAGA initialisation m_i = oracle at z_0 on batch i, S = mean: the first step's estimate is
+    new - m_i + S = S, the full-data oracles (equal blocks of a mean objective), so the first
+    SABA step is the full-batch SOBA step, by hand: with v_0 = 0,
+        theta_1 = theta_0 - gamma grad_theta f_u,  phi_1 = phi_0 - rho grad_phi f_l,  v_1 = rho grad_phi f_u."""
+    q = quad_stoch
+    gamma, rho = 0.2, 0.3
+    alg = bj.algorithms.saba(q.problem, upper_lr=gamma, lower_lr=rho, batch_size=16)
+    state = alg.init(q.theta0, q.phi0, jax.random.PRNGKey(4), q.data)
+    np.testing.assert_allclose(state.estimator.upper.table.g_theta.mean(0), state.estimator.upper.mean.g_theta,
+                               rtol=1e-12)
+    new, _ = eqx.filter_jit(alg.update)(state, q.data)
+    g_theta, g_phi = jax.grad(q.problem.f_upper, (0, 1))(q.theta0, q.phi0, q.data[0])
+    grad_phi = jax.grad(q.problem.f_lower, 1)(q.theta0, q.phi0, q.data[1])
+    np.testing.assert_allclose(new.theta, q.theta0 - gamma * g_theta, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(new.phi, q.phi0 - rho * grad_phi, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(new.v, rho * g_phi, rtol=1e-12, atol=1e-14)
+    # with zero memories the first step is new - 0 + 0: the minibatch oracle, not the full one
+    zero = bj.algorithms.saba(q.problem, upper_lr=gamma, lower_lr=rho, batch_size=16, saga_init="zero")
+    first, _ = eqx.filter_jit(zero.update)(zero.init(q.theta0, q.phi0, jax.random.PRNGKey(4), q.data), q.data)
+    assert float(jnp.abs(first.phi - new.phi).max()) > 1e-6
+
+
 # --------------------------------------------------------------------------- oracle counts
 
 # The per-step cost of every preset is checked against bj.run's cumulative counts in

@@ -121,7 +121,13 @@ class BilevelLoop(Algorithm):
         like = eqx.filter_eval_shape(lambda: self._evaluate(key)(point, batches).oracles)
         like = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), like)
         n_batches = (num_batches(self.samplers[0], data[0]), num_batches(self.samplers[1], data[1]))
-        return state._replace(estimator=self.estimator.init(like, point, n_batches))
+        evaluate = self._evaluate(step_key(key, 0, SOLVER_STREAM))
+
+        def oracles_at(i, j):
+            upper, lower = self.samplers[0].block(data[0], i), self.samplers[1].block(data[1], j)
+            return evaluate(point, Batches(upper, lower, i, j, lambda t: lower, lambda k: lower)).oracles
+
+        return state._replace(estimator=self.estimator.init(like, point, n_batches, oracles_at))
 
     def update(self, state: LoopState, data):
         check_data(data, self.samplers)

@@ -71,14 +71,18 @@ def soba(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lowe
 
 
 def saba(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lower_opt=None, v_opt=None,
-         batch_size=64, **kw) -> BilevelLoop:
+         batch_size=64, saga_init: str = "point", **kw) -> BilevelLoop:
     """SABA (Dagreou et al. 2022, arXiv:2201.13409): SOBA's directions with SAGA variance reduction
     of the five oracles (grad_phi f_lower, A v, J v per LL batch id; grad_phi f_upper, grad_theta
     f_upper per UL batch id), constant steps; O((n+m)^{2/3}/T) convergence. Needs fixed partitions
-    (batch ids)."""
+    (batch ids), read in place. Memories start as the paper's SAGA initialisation, m_i = the oracle
+    at the initial point on batch i and S = their mean (`saga_init="point"`, one pass over the
+    batches at `init`), or at zero (`saga_init="zero"`, benchmark_bilevel's default)."""
     kw.setdefault("sampler", "partition")
+    with named("saba"):
+        estimator = estimators.saga(saga_init)
     return _amortized("saba", problem, upper_lr, lower_lr, v_lr, upper_opt, lower_opt, v_opt, batch_size,
-                      estimator=estimators.saga(), **kw)
+                      estimator=estimator, **kw)
 
 
 def srba(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lower_opt=None, v_opt=None,
