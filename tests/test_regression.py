@@ -39,6 +39,8 @@ def _iterates(name, kind, problems):
         kw = {"upper_lr": 0.2, "lower_lr": 0.2, **kw}
     if name == "saba":
         kw = {**kw, "saga_init": "zero"}   # v1's initialisation (the default is now the paper's)
+    if name in ("stocbio", "mrbo", "vrbo") and kind == "sto":
+        kw = {**kw, "shared_batch": True}  # v1's shared LL batch (the default is now a batch per factor)
     alg = bj.algorithms.get(name)(q.problem, batch_size=None if kind == "det" else 32, **kw)
     state = alg.init(q.theta0 + 0.3, q.phi0, jax.random.PRNGKey(5), q.data)
     _, hist = jax.jit(lambda s: bj.run(alg, s, q.data, num_steps=STEPS, eval_every=1,

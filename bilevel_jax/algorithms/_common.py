@@ -9,6 +9,7 @@ import optax
 
 from bilevel_jax._checks import check_positive_int, check_step_size
 from bilevel_jax.algorithms.steps import StepRule, step_rule
+from bilevel_jax.linear_solvers import neumann, sampled_neumann
 
 
 @contextlib.contextmanager
@@ -33,6 +34,17 @@ def rule(name: str, lr, opt: Optional[optax.GradientTransformation] = None, expo
 def lower_steps_at_least_one(lower_steps) -> int:
     """Double-loop methods need LL steps: 0 would leave phi where it starts."""
     return check_positive_int("lower_steps", lower_steps, minimum=1)
+
+
+def neumann_series(steps, eta, batch_size, shared_batch: bool):
+    """The Neumann-series solver of StocBiO-type presets: a fresh minibatch per factor
+    (`sampled_neumann`, unbiased for the truncated series) when the LL is sampled, else
+    (full batch, or `shared_batch=True`) every factor on the step's LL batch (`neumann`; with
+    minibatches biased: E[(I - eta A_xi)^q] != (I - eta A)^q)."""
+    lower = batch_size[1] if isinstance(batch_size, tuple) else batch_size
+    if lower is None or shared_batch:
+        return neumann(steps, eta)
+    return sampled_neumann(steps, eta)
 
 
 def solver_eta(lower_lr, neumann_eta=None):

@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Optional
 
 from bilevel_jax.algorithms import directions
-from bilevel_jax.algorithms._common import lower_steps_at_least_one, named, rule, solver_eta
+from bilevel_jax.algorithms._common import lower_steps_at_least_one, named, neumann_series, rule, solver_eta
 from bilevel_jax.algorithms.loop import BilevelLoop, bilevel_loop
 from bilevel_jax.hypergrad.zero_ig import sign_sgd
-from bilevel_jax.linear_solvers import LinearSolver, cg, dense, gd, neumann, stochastic_neumann
+from bilevel_jax.linear_solvers import LinearSolver, cg, dense, gd, stochastic_neumann
 
 
 def _double_loop(preset, problem, direction, upper_lr, lower_lr, upper_opt, lower_opt, lower_steps, batch_size,
@@ -71,12 +71,18 @@ def aid_bio(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=No
 
 
 def stocbio(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, lower_steps: int = 10,
-            neumann_steps: int = 10, neumann_eta=None, batch_size=64, **kw) -> BilevelLoop:
+            neumann_steps: int = 10, neumann_eta=None, shared_batch: bool = False, batch_size=64,
+            **kw) -> BilevelLoop:
     """StocBiO (Ji, Yang, Liang 2021, arXiv:2010.07962): D SGD steps, then
-    v = eta sum_{q<Q} (I - eta A_xi)^q grad_phi f_u (the truncated Neumann series, all Q terms — not
-    the authors' code, which drops the q=0 term), theta <- theta - alpha (grad_theta f_u - J v)."""
+        v = eta sum_{q<N} prod_{j<=q} (I - eta A_{xi_j}) grad_phi f_u,   theta <- theta - alpha (grad_theta f_u - J v)
+    with N = `neumann_steps` terms (the paper's Q = N - 1) and, as in the paper, an independent LL
+    minibatch xi_j per factor (`sampled_neumann`: N - 1 HVPs, unbiased for the truncated series).
+    `shared_batch=True` evaluates every factor on the step's one LL batch (`neumann`: N HVPs, the
+    last for the residual), which is biased with minibatches; with full batches both are the same
+    series. All N terms are summed (the authors' code drops the q=0 term and scales only the last
+    by eta; not copied). Sampling: i.i.d. minibatches (the paper's)."""
     with named("stocbio"):
-        solver = neumann(neumann_steps, solver_eta(lower_lr, neumann_eta))
+        solver = neumann_series(neumann_steps, solver_eta(lower_lr, neumann_eta), batch_size, shared_batch)
     return _double_loop("stocbio", problem, lambda: directions.implicit(solver), upper_lr, lower_lr, upper_opt,
                         lower_opt, lower_steps, batch_size, **kw)
 

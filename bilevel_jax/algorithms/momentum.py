@@ -14,9 +14,9 @@ from typing import Optional
 
 from bilevel_jax._checks import check_in_range
 from bilevel_jax.algorithms import directions, estimators
-from bilevel_jax.algorithms._common import named, rule, solver_eta
+from bilevel_jax.algorithms._common import named, neumann_series, rule, solver_eta
 from bilevel_jax.algorithms.loop import BilevelLoop, bilevel_loop
-from bilevel_jax.linear_solvers import LinearSolver, cg, neumann, stochastic_neumann
+from bilevel_jax.linear_solvers import LinearSolver, cg, stochastic_neumann
 from bilevel_jax.schedules import OneMinus, inverse_power
 
 
@@ -51,13 +51,15 @@ def _storm_weight(eta0, exponent):
 
 
 def mrbo(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, neumann_steps: int = 10,
-         neumann_eta=None, eta0=0.5, batch_size=64, **kw) -> BilevelLoop:
+         neumann_eta=None, shared_batch: bool = False, eta0=0.5, batch_size=64, **kw) -> BilevelLoop:
     """MRBO (Yang, Ji, Liang, "Provably Faster Algorithms for Bilevel Optimization", 2021,
-    arXiv:2106.04692): STORM on both levels with the StocBiO Neumann hypergradient; steps
-    ~ (k+1)^{-1/3}, momentum eta_k = eta0 (k+1)^{-2/3} (a_k = 1 - eta_k); O~(eps^{-3/2}).
+    arXiv:2106.04692): STORM on both levels with the StocBiO Neumann hypergradient (N =
+    `neumann_steps` terms, a fresh LL minibatch per factor unless `shared_batch`, see `stocbio`; the
+    same factor batches at the current and the previous point); steps ~ (k+1)^{-1/3}, momentum
+    eta_k = eta0 (k+1)^{-2/3} (a_k = 1 - eta_k); O~(eps^{-3/2}).
     (The authors' code re-assigns the schedule inside the epoch loop so it never decays; not copied.)"""
     with named("mrbo"):
-        solver = neumann(neumann_steps, solver_eta(lower_lr, neumann_eta))
+        solver = neumann_series(neumann_steps, solver_eta(lower_lr, neumann_eta), batch_size, shared_batch)
         estimator = estimators.storm(_storm_weight(eta0, 2.0 / 3.0))
     return _storm_loop("mrbo", problem, solver, upper_lr, lower_lr, upper_opt, lower_opt, estimator, batch_size,
                        1.0 / 3.0, **kw)
@@ -76,13 +78,14 @@ def sustain(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=No
 
 
 def vrbo(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, neumann_steps: int = 10,
-         neumann_eta=None, period: int = 32, batch_size=64, **kw) -> BilevelLoop:
+         neumann_eta=None, shared_batch: bool = False, period: int = 32, batch_size=64, **kw) -> BilevelLoop:
     """VRBO (Yang, Ji, Liang 2021, arXiv:2106.04692): SARAH/SPIDER recursions of (grad_phi f_lower,
-    hypergradient) refreshed with full-data estimates every `period` steps, Neumann hypergradient,
-    constant steps. (The paper also runs recursive LL steps inside each period; here each outer
-    step makes one simultaneous LL step.)"""
+    hypergradient) refreshed with full-data estimates every `period` steps, Neumann hypergradient
+    (a fresh LL minibatch per factor unless `shared_batch`, see `stocbio`), constant steps. (The
+    paper also runs recursive LL steps inside each period; here each outer step makes one
+    simultaneous LL step.)"""
     with named("vrbo"):
-        solver = neumann(neumann_steps, solver_eta(lower_lr, neumann_eta))
+        solver = neumann_series(neumann_steps, solver_eta(lower_lr, neumann_eta), batch_size, shared_batch)
         estimator = estimators.sarah(period)
     return _storm_loop("vrbo", problem, solver, upper_lr, lower_lr, upper_opt, lower_opt, estimator, batch_size,
                        0.0, **kw)
