@@ -1,0 +1,327 @@
+"""LancBiO's dynamic Lanczos process: a Krylov subspace for A v = b that is built across solves
+(one Lanczos vector per call), restarted every m calls, with a residual correction.
+
+Yang, Gao & Yuan, "LancBiO: Dynamic Lanczos-aided Bilevel Optimization via Krylov Subspace",
+ICLR 2025, arXiv:2404.03331 (Algorithm LancBiO; the synthetic-problem solver of the authors'
+public code for the ordering of the steps). The operator A_k and the right-hand side b_k may
+change from one call to the next (in a bilevel loop: A_k = grad^2_phiphi f_lower and
+b_k = grad_phi f_upper at the current (theta_k, phi_k)); the solver only sees `matvec` and `b`.
+
+One call (`steps = 1`, LancBiO's setting) at outer step k, with j vectors in the current basis:
+
+  0. schedule   every `every` calls, m <- min(ceil(m * inc), m_max)      (m starts at m0)
+  1. restart    when the epoch has made m steps (and at the first call):
+                    v_bar = v_{k-1},   w = A_k v_bar                       (1 matvec, then frozen)
+                    q_1 = (b_k - w) / ||b_k - w||,  j = 0, beta_0 = 0
+  2. residual   r_k = b_k - w                        (w frozen since the restart)
+  3. Lanczos    u = A_k q_{j+1} - beta_j q_j,   alpha_{j+1} = q_{j+1}' u      (1 matvec)
+                T_{j+1} = tridiag(beta, alpha, beta) grows by one row and column
+  4. solve      T_{j+1} s = Q_{j+1}' r_k        (a tridiagonal system: `lax.linalg.tridiagonal_solve`)
+                dv = Q_{j+1} s,   v_k = v_bar + dv
+  5. next       omega = u - alpha_{j+1} q_{j+1},  beta_{j+1} = ||omega||,  q_{j+2} = omega / beta_{j+1}
+                (no re-orthogonalisation, as in the paper)
+
+Step 4 is the Galerkin condition on the correction: dv minimises 1/2 dv'A dv - r_k'dv over the
+subspace span(Q_j) when A is fixed (then T_j = Q_j'A Q_j), i.e. dv is the best approximation of
+A^{-1} r_k in the A-norm there. For a fixed A and b, the iterates between two restarts are those
+of conjugate gradient started at v_bar, and with m >= n the process solves A v = b (in exact
+arithmetic, in at most n calls). The cost is 1 matvec per call plus 1 per restart: on average
+1 + 1/m matvecs per call, the paper's (1 + 1/m) Hessian-vector products per outer iteration.
+
+Fixed-size buffers: the basis (m_max vectors, a leading axis of size m_max on every leaf of b),
+the diagonal, off-diagonal and LDL' pivots of T (m_max each). Entries past the current size j are
+masked (a masked row of T is the identity, its right-hand side zero), so the basis is never
+re-allocated and everything runs inside `lax.scan` and under `vmap`. The current m is a traced
+int32 in the state; `m0` and `inc` are array fields (a sweep may vmap over them), `m_max`,
+`every` and `steps` are static.
+
+Breakdowns are loud or a documented restart:
+- non-positive (or non-finite) pivot of T: the pivots d_1 = alpha_1, d_i = alpha_i -
+  beta_{i-1}^2 / d_{i-1} of T = L D L' are updated once per new row (O(1)); T must be positive
+  definite (A symmetric positive definite and a slowly drifting A_k). When the new pivot is
+  <= c eps max_i ||A q_i||, x is NaN (every leaf) and the status BREAKDOWN (| NONFINITE when a
+  value is non-finite); the state keeps the NaN.
+- beta ~ 0 (an invariant subspace: the "lucky" breakdown): beta_{j+1} <= c eps ||A q_{j+1}||.
+  The basis stops growing for the rest of the epoch (no q_{j+2} is formed); the calls until the
+  next scheduled restart re-solve the Galerkin system on the same basis with the new r_k. Not a
+  failure.
+- ||r|| at a restart at rounding level (v_bar already solves the system): no basis is built in
+  this epoch, v = v_bar until the next restart. Not a failure.
+Non-finite b, matvec or state: x NaN, status BREAKDOWN | NONFINITE.
+
+`info.residual_norm` is, by default, the Lanczos estimate ||r_k - Q_j T_j s - beta_j s_j q_{j+1}||
+of ||b - A x|| (no matvec; exact for a fixed A in exact arithmetic, where A Q_j = Q_j T_j +
+beta_j q_{j+1} e_j'; with a drifting A_k and the frozen w it is an estimate). With
+`exact_residual=True` it is ||b - A x|| from one more matvec per call (a diagnostic, not counted
+in `info.num_matvecs`). NaN when the solve failed.
+
+Under `vmap` (over seeds, say) the restart's matvec is computed at every call (`lax.cond` becomes
+a select), so the wall time is that of 2 matvecs per call; `info.num_matvecs` still counts the
+method's 1 + [restart].
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple, Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax.tree_utils as otu
+
+from bilevel_jax import status as st
+from bilevel_jax._checks import as_array, check_bool, check_in_range, check_positive_int
+from bilevel_jax.linear_solvers.base import LinearSolver, fail_where, make_info, residual_norm, rounding_eps
+
+PyTree = Any
+
+_PIVOT = 4.0     # a pivot <= _PIVOT eps max ||A q|| is non-positive (T not positive definite)
+_LUCKY = 16.0    # beta <= _LUCKY eps ||A q||: the subspace is invariant
+_FLOOR = 4.0     # a restart residual <= _FLOOR eps (||b|| + ||w||) is zero
+_CEIL_RTOL = 1e-6  # ceil(m inc) up to this relative tolerance (10 * 1.1 gives 11, not 12)
+
+
+class LanczosState(NamedTuple):
+    """The state of `lanczos`, kept across solves (in a bilevel loop: across outer steps).
+
+    x: the current solution v_k.   x_bar, w: the restart point and A v_bar (frozen).
+    basis: q_1..q_j as a leading axis of size m_max on every leaf (rows >= size masked).
+    q_next: q_{j+1}.   alpha, beta, pivots: diagonal, off-diagonal (beta[i] between rows i and
+    i+1) and LDL' pivots of T (m_max each).   scale: max ||A q_i|| of the epoch.
+    size: j (vectors in the basis).   epoch_step: calls since the restart.   m: the current
+    subspace dimension.   count: calls so far (the schedule's clock).   active: the epoch has a
+    basis (its restart residual was not zero).   exhausted: beta ~ 0 met (the basis is invariant).
+    """
+
+    x: PyTree
+    x_bar: PyTree
+    w: PyTree
+    basis: PyTree
+    q_next: PyTree
+    alpha: jax.Array
+    beta: jax.Array
+    pivots: jax.Array
+    scale: jax.Array
+    size: jax.Array
+    epoch_step: jax.Array
+    m: jax.Array
+    count: jax.Array
+    active: jax.Array
+    exhausted: jax.Array
+
+
+def _dtype(tree) -> Any:
+    dtypes = [jnp.result_type(x) for x in jax.tree_util.tree_leaves(tree)]
+    dtypes = [d for d in dtypes if jnp.issubdtype(d, jnp.inexact)]
+    return jnp.result_type(*dtypes) if dtypes else jnp.result_type(float)
+
+
+def _project(basis, r) -> jax.Array:
+    """Q' r: (m_max,), summed over the leaves."""
+    parts = [jnp.tensordot(q, x, axes=x.ndim) for q, x in
+             zip(jax.tree_util.tree_leaves(basis), jax.tree_util.tree_leaves(r))]
+    return sum(parts[1:], parts[0])
+
+
+def _combine(basis, s) -> PyTree:
+    """Q s: a tree shaped like one basis vector."""
+    return jax.tree_util.tree_map(lambda q: jnp.tensordot(s.astype(q.dtype), q, axes=1), basis)
+
+
+def _row(basis, i) -> PyTree:
+    return jax.tree_util.tree_map(lambda q: jax.lax.dynamic_index_in_dim(q, i, 0, keepdims=False), basis)
+
+
+def _set_row(basis, i, v) -> PyTree:
+    return jax.tree_util.tree_map(lambda q, x: jax.lax.dynamic_update_index_in_dim(q, x.astype(q.dtype), i, 0),
+                                  basis, v)
+
+
+def _safe_div(tree, norm, ok):
+    return jax.tree_util.tree_map(lambda x: jnp.where(ok, x / jnp.where(ok, norm, 1.0), 0.0).astype(x.dtype), tree)
+
+
+def tridiagonal_spd_solve(diag, off, rhs, size) -> jax.Array:
+    """s with T s = rhs for the leading `size` rows of the symmetric tridiagonal T =
+    tridiag(off, diag, off) (off[i] couples rows i and i+1); rows >= size are masked (s = 0)."""
+    n = diag.shape[0]
+    idx = jnp.arange(n)
+    mask = idx < size
+    d = jnp.where(mask, diag, 1.0)
+    du = jnp.where(idx < size - 1, off, 0.0)
+    dl = jnp.concatenate([jnp.zeros((1,), du.dtype), du[:-1]])
+    b = jnp.where(mask, rhs, 0.0)
+    s = jax.lax.linalg.tridiagonal_solve(dl, d, du, b[:, None])[:, 0]
+    return jnp.where(mask, s, 0.0)
+
+
+def _next_m(m, inc, m_max):
+    grown = jnp.ceil(m * inc * (1.0 - _CEIL_RTOL)).astype(jnp.int32)
+    return jnp.clip(jnp.maximum(grown, m), 1, m_max).astype(jnp.int32)
+
+
+class Lanczos(LinearSolver):
+    """LancBiO's dynamic Lanczos solver (see the module docstring). `m0`, `inc` are array fields;
+    `m_max` (the buffer size), `every`, `steps` (Lanczos steps per solve) are static."""
+
+    m_max: int = eqx.field(default=80, static=True)
+    m0: Any = 1
+    inc: Any = 1.1
+    every: int = eqx.field(default=20, static=True)
+    steps: int = eqx.field(default=1, static=True)
+    exact_residual: bool = eqx.field(default=False, static=True)
+    warm_start: bool = eqx.field(default=True, static=True)
+
+    def __check_init__(self):
+        check_positive_int("m_max", self.m_max)
+        check_positive_int("every", self.every)
+        check_positive_int("steps", self.steps)
+        check_bool("warm_start", self.warm_start)
+        check_bool("exact_residual", self.exact_residual)
+        check_in_range("m0", self.m0, 1, self.m_max)
+        check_in_range("inc", self.inc, 1.0, float("inf"))
+        m0 = self.m0
+        if not isinstance(m0, jax.core.Tracer):
+            arr = np.asarray(m0)
+            if not np.issubdtype(arr.dtype, np.integer) and not np.all(arr == np.round(arr)):
+                raise ValueError(f"m0 must be an integer (a subspace dimension), got {m0!r}.")
+
+    def init(self, b_like, x0=None) -> LanczosState:
+        """The state before the first solve: x = x0 (default 0), an empty basis; the first solve
+        restarts (v_bar = x0)."""
+        x = otu.tree_zeros_like(b_like) if x0 is None else x0
+        dtype = _dtype(b_like)
+        vec = lambda: otu.tree_zeros_like(b_like)
+        zeros = jnp.zeros((self.m_max,), dtype)
+        i0 = jnp.zeros((), jnp.int32)
+        return LanczosState(
+            x=x, x_bar=vec(), w=vec(),
+            basis=jax.tree_util.tree_map(lambda l: jnp.zeros((self.m_max,) + jnp.shape(l), jnp.result_type(l)),
+                                         b_like),
+            q_next=vec(), alpha=zeros, beta=zeros, pivots=zeros, scale=jnp.zeros((), dtype), size=i0,
+            epoch_step=i0, m=jnp.asarray(self.m0, jnp.int32), count=i0, active=jnp.zeros((), bool),
+            exhausted=jnp.zeros((), bool))
+
+    def _step(self, matvec, b, state: LanczosState, eps):
+        """One dynamic Lanczos step: `(state, matvecs, failed, nonfinite, estimate)`."""
+        dtype = state.alpha.dtype
+        m = jnp.where((state.count > 0) & (state.count % self.every == 0),
+                      _next_m(state.m, self.inc, self.m_max), state.m)
+        restart = (state.epoch_step == 0) | (state.epoch_step >= m)
+
+        # 1. restart: w = A v_bar, frozen until the next restart (a matvec only when restarting)
+        x_bar = otu.tree_where(restart, state.x, state.x_bar)
+        w = jax.lax.cond(restart, lambda: matvec(state.x), lambda: state.w)
+        r = otu.tree_sub(b, w)
+        r_norm = otu.tree_norm(r)
+        floor = _FLOOR * eps * (otu.tree_norm(b) + otu.tree_norm(w))
+        start_active = r_norm > floor
+        q = otu.tree_where(restart, _safe_div(r, r_norm, start_active), state.q_next)
+        size = jnp.where(restart, 0, state.size)
+        epoch_step = jnp.where(restart, 0, state.epoch_step)
+        active = jnp.where(restart, start_active, state.active)
+        exhausted = jnp.where(restart, False, state.exhausted)
+        scale = jnp.where(restart, jnp.zeros((), dtype), state.scale)
+        grow = active & ~exhausted
+
+        # 3. one Lanczos step with the current operator
+        j = size
+        has_prev = j > 0
+        jp = jnp.maximum(j - 1, 0)
+        beta_prev = jnp.where(has_prev, state.beta[jp], 0.0)
+        aq = matvec(q)
+        u = otu.tree_add_scale(aq, -beta_prev, _row(state.basis, jp))
+        a = otu.tree_vdot(q, u).astype(dtype)
+        gain = otu.tree_norm(aq).astype(dtype)
+        scale = jnp.where(grow, jnp.maximum(scale, gain), scale)
+        d_prev = jnp.where(has_prev, state.pivots[jp], 1.0)
+        d = jnp.where(has_prev, a - beta_prev ** 2 / jnp.where(d_prev != 0, d_prev, 1.0), a)
+        omega = otu.tree_add_scale(u, -a, q)
+        beta_new = otu.tree_norm(omega).astype(dtype)
+        invariant = beta_new <= _LUCKY * eps * gain
+        finite = jnp.isfinite(a) & jnp.isfinite(d) & jnp.isfinite(beta_new) & jnp.isfinite(gain)
+        pivot_ok = finite & (d > _PIVOT * eps * scale)
+        failed = grow & ~pivot_ok
+        nonfinite = ~jnp.isfinite(r_norm) | (grow & ~finite)
+
+        # rows past `size` are masked, so slot j may be written whether or not the basis grows
+        basis = _set_row(state.basis, j, q)
+        alpha = state.alpha.at[j].set(a)
+        beta = state.beta.at[j].set(beta_new)
+        pivots = state.pivots.at[j].set(d)
+        q_next = otu.tree_where(grow, _safe_div(omega, beta_new, ~invariant), state.q_next)
+        size = size + grow.astype(jnp.int32)
+        exhausted = exhausted | (grow & invariant)
+
+        # 4. the Galerkin correction on the current basis
+        mask = jnp.arange(self.m_max) < size
+        c = jnp.where(mask, _project(basis, r).astype(dtype), 0.0)
+        s = tridiagonal_spd_solve(alpha, beta, c, size)
+        dv = _combine(basis, s)
+        x = otu.tree_add(x_bar, dv)
+        # Lanczos estimate of ||b - A x||: r - Q T s - beta_j s_j q_{j+1}, with T s = Q'r
+        last = jnp.maximum(size - 1, 0)
+        tail = jnp.where((size > 0) & ~exhausted, beta[last] * s[last], 0.0)
+        estimate = otu.tree_norm(otu.tree_add_scale(otu.tree_sub(r, _combine(basis, c)), -tail, q_next))
+
+        new = LanczosState(x, x_bar, w, basis, q_next, alpha, beta, pivots, scale, size, epoch_step + 1, m,
+                           state.count + 1, active, exhausted)
+        return new, 1 + restart.astype(jnp.int32), failed, nonfinite, estimate
+
+    def solve(self, matvec, b, state, key=None):
+        del key
+        if not isinstance(state, LanczosState):
+            raise TypeError(f"lanczos: the state must come from lanczos(...).init(b), got {type(state).__name__}.")
+        if jax.tree_util.tree_structure(state.x) != jax.tree_util.tree_structure(b):
+            raise ValueError("the solver state's x does not have the structure of b: "
+                             f"{jax.tree_util.tree_structure(state.x)} vs {jax.tree_util.tree_structure(b)}.")
+        if not self.warm_start:
+            state = self.init(b)
+        eps = rounding_eps(b)
+
+        def body(carry, _):
+            state, matvecs, failed, nonfinite, _ = carry
+            state, mv, f, nf, est = self._step(matvec, b, state, eps)
+            return (state, matvecs + mv, failed | f, nonfinite | nf, est), None
+
+        zero = jnp.zeros((), jnp.int32)
+        no = jnp.zeros((), bool)
+        carry = (state, zero, no, no, jnp.zeros((), state.alpha.dtype))
+        if self.steps == 1:
+            carry, _ = body(carry, None)
+        else:
+            carry, _ = jax.lax.scan(body, carry, None, length=self.steps)
+        state, matvecs, failed, nonfinite, estimate = carry
+        nonfinite = nonfinite | (st.nonfinite(state.x) != st.OK)
+        status = st.merge(st.flag(failed | nonfinite, st.BREAKDOWN), st.flag(nonfinite, st.NONFINITE))
+        bad = status != st.OK
+        state = state._replace(x=fail_where(bad, state.x), x_bar=fail_where(bad, state.x_bar),
+                               w=fail_where(bad, state.w))
+        x = state.x
+        if self.exact_residual:
+            res = residual_norm(matvec, b, x)
+        else:
+            res = estimate
+        res = jnp.where(bad, jnp.nan, res)
+        return x, state, make_info(res, matvecs, status)
+
+
+def lanczos(m_max: int = 80, *, m0=1, inc=1.1, every: int = 20, steps: int = 1, warm_start: bool = True,
+            exact_residual: bool = False) -> Lanczos:
+    """LancBiO's dynamic Lanczos solver (Yang, Gao & Yuan, ICLR 2025, arXiv:2404.03331).
+
+    One Lanczos vector per solve (`steps` per solve), the basis kept in the state across solves,
+    restarted every m solves at v_bar = the last solution with the frozen w = A v_bar and the
+    residual correction v = v_bar + Q_j T_j^{-1} Q_j'(b - w). The dimension m starts at `m0` and is
+    multiplied by `inc` (rounded up) every `every` solves, capped at `m_max` (the buffer size). A
+    fixed dimension m: `lanczos(m, m0=m)`. The paper's synthetic-problem setting is the default:
+    m0 = 1, inc = 1.1, every = 20, m_max = 80. Cost: 1 matvec per solve + 1 per restart
+    (1 + 1/m on average). `warm_start=False` starts every solve from a fresh state (x0 = 0, no
+    basis). See the module docstring for breakdowns and `info.residual_norm`.
+    """
+    return Lanczos(m_max=m_max, m0=as_array(m0) if isinstance(m0, numbers.Number) else m0, inc=as_array(inc),
+                   every=every, steps=steps, warm_start=warm_start, exact_residual=exact_residual)
+
+
+__all__ = ["Lanczos", "LanczosState", "lanczos", "tridiagonal_spd_solve"]
