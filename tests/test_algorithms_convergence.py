@@ -51,7 +51,8 @@ def quad_stoch_no_ig(quad_stoch):
 # (LL gradients, UL gradients, HVPs, cross products)). HIA presets use the identity-Hessian problem
 # with N=1, eta=1 (then the random truncation is exact); decaying presets get constant steps.
 # Costs: D LL steps add D LL gradients; warm-started cg(N)/gd(N): N+1 HVPs; Neumann(Q): Q HVPs;
-# dense: d_phi = 6 HVPs; HIA(N): N-1 HVPs; STORM evaluates twice; STABLE solves twice (2 cross).
+# dense: d_phi = 6 HVPs; HIA(N): N-1 HVPs; STORM evaluates twice; STABLE solves twice (2 cross);
+# FSLA: its UL direction at the current and the previous point (2 UL gradients, 2 cross).
 _HIA_EXACT = dict(neumann_steps=1, neumann_eta=1.0)
 DETERMINISTIC = {
     "alternating": ("quad_no_ig", dict(upper_lr=0.5, lower_lr=1.0, lower_steps=5), (5, 1, 0, 0)),
@@ -72,7 +73,7 @@ DETERMINISTIC = {
     "soba": ("quad", dict(upper_lr=0.5, lower_lr=1.0, upper_decay=0.0, lower_decay=0.0), (1, 1, 1, 1)),
     "saba": ("quad", dict(upper_lr=0.5, lower_lr=1.0), (1, 1, 1, 1)),
     "srba": ("quad", dict(upper_lr=0.5, lower_lr=1.0, period=16), (1, 1, 1, 1)),
-    "fsla": ("quad", dict(upper_lr=0.5, lower_lr=1.0), (2, 2, 2, 2)),
+    "fsla": ("quad", dict(upper_lr=0.5, lower_lr=1.0), (1, 2, 1, 2)),
     "mrbo": ("quad", dict(upper_lr=0.5, lower_lr=1.0, neumann_steps=100, neumann_eta=1.0), (2, 2, 200, 2)),
     "vrbo": ("quad", dict(upper_lr=0.5, lower_lr=1.0, neumann_steps=100, neumann_eta=1.0, period=16),
              (1, 1, 100, 1)),

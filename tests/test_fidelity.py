@@ -1,5 +1,6 @@
 """Fidelity of the presets to their papers: StocBiO's Neumann estimate with a fresh minibatch per
 factor (unbiased for the truncated series) against the shared-batch option (biased)."""
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,3 +54,50 @@ def test_stocbio_estimate_is_unbiased_with_a_batch_per_factor(big_quad):
     # the shared batch is measurably off: many standard errors, and a visible relative bias
     assert float(jnp.max(jnp.abs(bias) / shared_err)) > 10
     assert float(jnp.linalg.norm(bias) / jnp.linalg.norm(expected)) > 0.05
+
+
+# ------------------------------------------------------------------------- FSLA's update order
+
+def test_fsla_first_three_iterates_follow_the_papers_order(quad):
+    """Full batch, by hand: phi first, v at the new phi, the hypergradient at (theta_k, phi_{k+1},
+    v_{k+1}), STORM with a = 1 - eta against the previous point (theta_{k-1}, phi_k, v_k)."""
+    gamma, rho, eta_v, eta_m = 0.3, 0.5, 0.4, 0.25
+    p, (up, low) = quad.problem, quad.data
+    alg = bj.algorithms.fsla(p, upper_lr=gamma, lower_lr=rho, v_lr=eta_v, momentum_eta=eta_m, batch_size=None)
+    state = alg.init(quad.theta0 + 0.2, quad.phi0, jax.random.PRNGKey(0), quad.data)
+    got = []
+    for _ in range(3):
+        state, info = eqx.filter_jit(alg.update)(state, quad.data)
+        got.append((state.theta, state.phi, state.v))
+        assert int(info.status) == bj.status.OK
+
+    grad_t = jax.grad(p.f_upper, 0)
+    grad_p = jax.grad(p.f_upper, 1)
+    g_low = jax.grad(p.f_lower, 1)
+    hess = jax.hessian(p.f_lower, 1)
+    jac = jax.jacfwd(jax.grad(p.f_lower, 1), 0)      # (d_phi, d_theta): J v = jac.T @ v
+    h = lambda t, f, v: grad_t(t, f, up) - jac(t, f, low).T @ v
+    theta, phi, v = quad.theta0 + 0.2, quad.phi0, jnp.zeros_like(quad.phi0)
+    theta_prev, d = theta, jnp.zeros_like(theta)
+    for k in range(3):
+        phi_new = phi - rho * g_low(theta, phi, low)
+        v_new = v - eta_v * (hess(theta, phi_new, low) @ v - grad_p(theta, phi_new, up))
+        a = 0.0 if k == 0 else 1.0 - eta_m
+        d = h(theta, phi_new, v_new) + a * (d - h(theta_prev, phi, v))
+        theta_prev, theta, phi, v = theta, theta - gamma * d, phi_new, v_new
+        for name, mine, ref in zip(("theta", "phi", "v"), got[k], (theta, phi, v)):
+            np.testing.assert_allclose(mine, ref, rtol=1e-12, atol=1e-14, err_msg=f"step {k} {name}")
+
+
+def test_fsla_no_longer_equals_soba_on_logistic_hpo():
+    """With the paper's order FSLA differs from SOBA even where grad_theta f_upper and J v do not
+    depend on the batch (the logistic HPO problem: the UL does not depend on theta)."""
+    data = bj.datasets.ijcnn1_like(0, n_train=200, n_val=200)
+    hpo = bj.problems.logistic_hpo(data, key=1)
+    kw = dict(upper_lr=0.05, lower_lr=0.05, batch_size=32)
+    runs = []
+    for alg in (bj.algorithms.fsla(hpo.problem, momentum_eta=1.0, **kw),
+                bj.algorithms.soba(hpo.problem, upper_decay=0.0, lower_decay=0.0, **kw)):
+        state = alg.init(hpo.theta0, hpo.phi0, jax.random.PRNGKey(0), hpo.data)
+        runs.append(bj.run(alg, state, hpo.data, num_steps=5)[0].theta)
+    assert float(jnp.abs(runs[0] - runs[1]).max()) > 1e-8

@@ -1,7 +1,7 @@
 """Bilevel algorithms: `Algorithm(init, update)` pairs built from one generic loop.
 
 Presets (paper defaults in each docstring): alternating, ba, bsa, aid_bio, stocbio, amigo, ttsa,
-stable, alset, soba, saba, srba, mrbo, sustain, vrbo, fsla, signsgd_ul, momentum.
+stable, alset, soba, saba, srba, mrbo, sustain, vrbo, fsla, signsgd_ul, momentum, lancbio, subbio.
 Building blocks: `bilevel_loop`, `directions`, `estimators`, and the step primitives of `steps`.
 """
 import difflib
@@ -9,15 +9,18 @@ import difflib
 from bilevel_jax.algorithms import directions, estimators, steps
 from bilevel_jax.algorithms.base import Algorithm, OracleCounts, StepInfo
 from bilevel_jax.algorithms.double_loop import aid_bio, alternating, amigo, ba, bsa, signsgd_ul, stocbio
+from bilevel_jax.algorithms.krylov import lancbio, subbio
 from bilevel_jax.algorithms.loop import BilevelLoop, LoopState, bilevel_loop
 from bilevel_jax.algorithms.momentum import momentum, mrbo, sustain, vrbo
-from bilevel_jax.algorithms.single_loop import alset, fsla, saba, soba, srba, ttsa
+from bilevel_jax.algorithms.fsla import FSLA, FslaState, fsla
+from bilevel_jax.algorithms.single_loop import alset, saba, soba, srba, ttsa
 from bilevel_jax.algorithms.stable import Stable, StableState, stable
 
 ALGORITHMS = {
     "alternating": alternating, "ba": ba, "bsa": bsa, "aid_bio": aid_bio, "stocbio": stocbio, "amigo": amigo,
     "ttsa": ttsa, "stable": stable, "alset": alset, "soba": soba, "saba": saba, "srba": srba, "mrbo": mrbo,
     "sustain": sustain, "vrbo": vrbo, "fsla": fsla, "signsgd_ul": signsgd_ul, "momentum": momentum,
+    "lancbio": lancbio, "subbio": subbio,
 }
 
 
@@ -30,5 +33,5 @@ def get(name: str):
     return ALGORITHMS[name]
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "BilevelLoop", "LoopState", "OracleCounts", "Stable", "StableState", "StepInfo",
+__all__ = ["ALGORITHMS", "Algorithm", "BilevelLoop", "FSLA", "FslaState", "LoopState", "OracleCounts", "Stable", "StableState", "StepInfo",
            "bilevel_loop", "directions", "estimators", "get", "steps", *sorted(ALGORITHMS)]

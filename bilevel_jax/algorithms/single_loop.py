@@ -6,12 +6,10 @@ All take `upper_lr`, `lower_lr` (floats, arrays or optax schedules) or whole opt
 """
 from __future__ import annotations
 
-from bilevel_jax._checks import check_in_range
 from bilevel_jax.algorithms import directions, estimators
 from bilevel_jax.algorithms._common import lower_steps_at_least_one, named, rule, solver_eta
 from bilevel_jax.algorithms.loop import BilevelLoop, bilevel_loop
 from bilevel_jax.linear_solvers import stochastic_neumann
-from bilevel_jax.schedules import OneMinus
 
 
 def ttsa(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, neumann_steps: int = 10,
@@ -96,19 +94,4 @@ def srba(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lowe
                       estimator=estimator, **kw)
 
 
-def fsla(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lower_opt=None, v_opt=None,
-         momentum_eta=0.5, batch_size=64, **kw) -> BilevelLoop:
-    """FSLA (Li, Gu, Huang, "A Fully Single Loop Algorithm for Bilevel Optimization without Hessian
-    Inverse", 2022, arXiv:2112.04660): one SGD step on phi, one step on v (as SOBA), and STORM
-    momentum on the UL direction only: d_k = D_theta(z_k) + (1 - eta)(d_{k-1} - D_theta(z_{k-1})),
-    same sample."""
-    with named("fsla"):
-        check_in_range("momentum_eta", momentum_eta, 0.0, 1.0)
-    weight = OneMinus(momentum_eta) if callable(momentum_eta) else 1.0 - momentum_eta
-    ul_only = directions.Separable(directions.UpperTerms(g_theta=True, g_phi=False),
-                                   directions.LowerTerms(grad_phi=False, hvp=False, cross=True))
-    return _amortized("fsla", problem, upper_lr, lower_lr, v_lr, upper_opt, lower_opt, v_opt, batch_size,
-                      estimator=estimators.storm(weight, mask=ul_only), **kw)
-
-
-__all__ = ["alset", "fsla", "saba", "soba", "srba", "ttsa"]
+__all__ = ["alset", "saba", "soba", "srba", "ttsa"]
