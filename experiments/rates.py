@@ -9,9 +9,9 @@ The theory (seed 001, "TTSA Analysis", eq. 39-52):
 those of the squared distances, as in Hong et al.)
 
 Three experiments, seeds averaged (E is the mean over seeds):
-  A  fixed horizon: for each K in `options.horizons`, TTSA with the preset's two-timescale
-     exponents used as horizon exponents, alpha = upper_lr K^-3/5 and beta = lower_lr K^-2/5
-     constant over the run (upper_decay = lower_decay = 0); every iteration is recorded and
+  A  fixed horizon: for each K in `options.horizons`, TTSA with `horizon=K` (the preset's form of
+     Theorem 1: alpha = upper_lr K^-3/5 and beta = lower_lr K^-2/5 constant over the run); every
+     iteration is recorded and
      (1/K) sum_{k<K} E||grad F(theta_k)||^2 and (1/K) sum_k E||phi_k - phi*(theta_k)||^2 are
      fitted against log K. Theory -2/5 (the (F_0 - F*)/(alpha K) and beta terms of the bound).
   B  anytime, the preset as is: alpha_k = upper_lr (k+1)^-3/5, beta_k = lower_lr (k+1)^-2/5;
@@ -92,11 +92,9 @@ def horizon_config(cfg: dict, opts: dict) -> dict:
     """A derived config whose algorithms are the fixed-horizon runs (one label per K)."""
     base = dict(cfg["algorithms"][opts["horizon_algorithm"]])
     preset = base.pop("preset", opts["horizon_algorithm"])
-    a, b = base.pop("upper_lr"), base.pop("lower_lr")
     algs = {}
-    for K in opts["horizons"]:
-        algs[f"horizon_K{K}"] = dict(base, preset=preset, upper_lr=a * K ** -0.6, lower_lr=b * K ** -0.4,
-                                     upper_decay=0.0, lower_decay=0.0, steps=int(K), eval_every=1)
+    for K in opts["horizons"]:   # the preset's horizon form: alpha = upper_lr K^-3/5, beta = lower_lr K^-2/5
+        algs[f"horizon_K{K}"] = dict(base, preset=preset, horizon=int(K), steps=int(K), eval_every=1)
     out = copy.deepcopy(cfg)
     out["algorithms"], out["only"] = algs, []
     return out

@@ -101,3 +101,24 @@ def test_fsla_no_longer_equals_soba_on_logistic_hpo():
         state = alg.init(hpo.theta0, hpo.phi0, jax.random.PRNGKey(0), hpo.data)
         runs.append(bj.run(alg, state, hpo.data, num_steps=5)[0].theta)
     assert float(jnp.abs(runs[0] - runs[1]).max()) > 1e-8
+
+
+# ------------------------------------------------------------------------- TTSA's horizon form
+
+@pytest.mark.parametrize("strongly_convex, a, b", [(False, 0.6, 0.4), (True, 1.0, 2 / 3)])
+def test_ttsa_horizon_holds_constant_steps_from_k(quad, strongly_convex, a, b):
+    """horizon=K: alpha = upper_lr K^-a, beta = lower_lr K^-b for every step (Theorem 1's form)."""
+    K, c_up, c_low = 64, 0.8, 0.6
+    problem = bj.BilevelProblem(lambda t, p, d: jnp.array([1.0, -2.0, 0.5, 0.3]) @ t,
+                                lambda t, p, d: jnp.arange(1.0, 7.0) @ p)   # constant directions
+    alg = bj.algorithms.ttsa(problem, upper_lr=c_up, lower_lr=c_low, horizon=K, strongly_convex=strongly_convex,
+                             batch_size=None, neumann_steps=1, neumann_eta=0.1)
+    state = alg.init(jnp.zeros(4), jnp.zeros(6), jax.random.PRNGKey(0))
+    rec = lambda s, d: {"theta": s.theta, "phi": s.phi}
+    _, hist = bj.run(alg, state, (None, None), num_steps=5, eval_every=1, eval_fn=rec)
+    steps_up = -jnp.diff(hist["theta"], axis=0)[:, 0] / 1.0
+    steps_low = -jnp.diff(hist["phi"], axis=0)[:, 0] / 1.0
+    np.testing.assert_allclose(steps_up, c_up * K ** -a, rtol=1e-12)
+    np.testing.assert_allclose(steps_low, c_low * K ** -b, rtol=1e-12)
+    with pytest.raises(ValueError, match="ttsa: horizon must be >= 1"):
+        bj.algorithms.ttsa(problem, horizon=0)

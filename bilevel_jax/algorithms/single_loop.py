@@ -6,6 +6,7 @@ All take `upper_lr`, `lower_lr` (floats, arrays or optax schedules) or whole opt
 """
 from __future__ import annotations
 
+from bilevel_jax._checks import check_positive_int, check_step_size
 from bilevel_jax.algorithms import directions, estimators
 from bilevel_jax.algorithms._common import lower_steps_at_least_one, named, rule, solver_eta
 from bilevel_jax.algorithms.loop import BilevelLoop, bilevel_loop
@@ -13,20 +14,36 @@ from bilevel_jax.linear_solvers import stochastic_neumann
 
 
 def ttsa(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, neumann_steps: int = 10,
-         neumann_eta=None, batch_size=64, strongly_convex: bool = False, upper_decay=None, lower_decay=None,
-         **kw) -> BilevelLoop:
+         neumann_eta=None, batch_size=64, strongly_convex: bool = False, horizon=None, upper_decay=None,
+         lower_decay=None, **kw) -> BilevelLoop:
     """TTSA (Hong, Wai, Wang, Yang, "A Two-Timescale Framework for Bilevel Optimization", 2020,
     arXiv:2007.05170):
         phi_{k+1} = phi_k - beta_k grad_phi f_lower(theta_k, phi_k; xi)
         theta_{k+1} = P_Theta(theta_k - alpha_k h_k),  h_k the HIA hypergradient at (theta_k, phi_{k+1}).
-    Two timescales: alpha_k = upper_lr/(k+1)^{3/5}, beta_k = lower_lr/(k+1)^{2/5} (weakly convex UL,
-    O(K^{-2/5})), or with `strongly_convex` alpha_k ~ 1/(k+1), beta_k ~ (k+1)^{-2/3} (O(K^{-2/3}))."""
+    Schedules (the paper's Theorems 1 and 2):
+      - `horizon=K` (the form of the O(K^{-2/5}) result for a weakly convex UL, Theorem 1):
+        constant alpha = upper_lr K^{-3/5}, beta = lower_lr K^{-2/5} for the K iterations; with
+        `strongly_convex`, alpha = upper_lr / K, beta = lower_lr K^{-2/3};
+      - otherwise the anytime decays alpha_k = upper_lr (k+1)^{-3/5}, beta_k = lower_lr (k+1)^{-2/5}
+        (weakly convex UL), or with `strongly_convex` alpha_k ~ 1/(k+1), beta_k ~ (k+1)^{-2/3}
+        (O(K^{-2/3}), Theorem 2); `upper_decay`/`lower_decay` override the exponents.
+    The number of HIA terms is fixed (`neumann_steps`; the paper grows it like log k).
+    Sampling: i.i.d. minibatches (the paper's)."""
     default_up, default_low = (1.0, 2.0 / 3.0) if strongly_convex else (0.6, 0.4)
+    up = default_up if upper_decay is None else upper_decay
+    low = default_low if lower_decay is None else lower_decay
     with named("ttsa"):
+        if horizon is not None:
+            check_positive_int("horizon", horizon)
+            if callable(upper_lr) or callable(lower_lr):
+                raise ValueError("horizon= sets constant steps from upper_lr and lower_lr: pass numbers, not schedules.")
+            check_step_size("upper_lr", upper_lr)
+            check_step_size("lower_lr", lower_lr)
+            upper_lr, lower_lr, up, low = upper_lr * horizon ** -up, lower_lr * horizon ** -low, 0.0, 0.0
         solver = stochastic_neumann(neumann_steps, solver_eta(lower_lr, neumann_eta))
         return bilevel_loop(problem, direction=directions.implicit(solver),
-                            upper_opt=rule("upper_lr", upper_lr, upper_opt, default_up if upper_decay is None else upper_decay),
-                            lower_opt=rule("lower_lr", lower_lr, lower_opt, default_low if lower_decay is None else lower_decay),
+                            upper_opt=rule("upper_lr", upper_lr, upper_opt, up),
+                            lower_opt=rule("lower_lr", lower_lr, lower_opt, low),
                             lower_steps=1, batch_size=batch_size, name="ttsa", **kw)
 
 
