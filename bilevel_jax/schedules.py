@@ -23,16 +23,18 @@ from bilevel_jax._checks import as_array, check_in_range, check_positive_int, ch
 
 
 class InversePower(eqx.Module):
-    """k -> c / (floor(k / every) + offset)^p.
+    """k -> c / (j + offset)^p with j = floor(k / every) (or k mod cycle).
 
     `every` > 1 holds the value for `every` consecutive counts: the T lower-level steps of outer
-    iteration k of a double loop all use beta_k.
+    iteration k of a double loop all use beta_k. `cycle` > 1 restarts the decay every `cycle`
+    counts: the inner steps t = 0..T-1 of every outer iteration use beta_t.
     """
 
     c: jax.Array
     p: jax.Array
     offset: jax.Array
     every: int = eqx.field(static=True, default=1)
+    cycle: int = eqx.field(static=True, default=1)
 
     @property
     def exponent(self):
@@ -40,16 +42,21 @@ class InversePower(eqx.Module):
 
     def __call__(self, count):
         k = count // self.every if self.every > 1 else count
+        k = k % self.cycle if self.cycle > 1 else k
         return self.c / (k + self.offset) ** self.p
 
 
-def inverse_power(c, p, offset=1.0, every: int = 1) -> InversePower:
-    """k -> c / (k // every + offset)^p, an optax-compatible schedule; c, p may be arrays (sweeps)."""
+def inverse_power(c, p, offset=1.0, every: int = 1, cycle: int = 1) -> InversePower:
+    """k -> c / (j + offset)^p, j = k // every (or k mod cycle), an optax-compatible schedule;
+    c, p may be arrays (sweeps)."""
     check_step_size("c", c)
     check_in_range("p", p, 0.0, 1.0)
     check_step_size("offset", offset)
     check_positive_int("every", every)
-    return InversePower(as_array(c), as_array(p), as_array(offset), every)
+    check_positive_int("cycle", cycle)
+    if every > 1 and cycle > 1:
+        raise ValueError("inverse_power: give `every` or `cycle`, not both.")
+    return InversePower(as_array(c), as_array(p), as_array(offset), every, cycle)
 
 
 class Constant(eqx.Module):

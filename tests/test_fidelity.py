@@ -122,3 +122,22 @@ def test_ttsa_horizon_holds_constant_steps_from_k(quad, strongly_convex, a, b):
     np.testing.assert_allclose(steps_low, c_low * K ** -b, rtol=1e-12)
     with pytest.raises(ValueError, match="ttsa: horizon must be >= 1"):
         bj.algorithms.ttsa(problem, horizon=0)
+
+
+def test_bsa_inner_decay_restarts_every_outer_iteration():
+    """inner_decay=True: beta_t = c / (t+1)^p over the T inner steps, the same in every outer
+    iteration (Algorithm 2 as written); the default holds beta_k for all inner steps of iteration k."""
+    w = jnp.array([0.5, 1.5, -1.0])
+    problem = bj.BilevelProblem(lambda t, p, d: jnp.array([1.0, -2.0]) @ t, lambda t, p, d: w @ p)
+    T, c, p = 4, 0.2, 0.5
+    rec = lambda s, d: {"phi": s.phi}
+    moves = {}
+    for inner in (True, False):
+        alg = bj.algorithms.bsa(problem, lower_lr=c, lower_decay=p, lower_steps=T, inner_decay=inner,
+                                batch_size=None, neumann_steps=1, neumann_eta=0.1)
+        state = alg.init(jnp.zeros(2), jnp.zeros(3), jax.random.PRNGKey(0))
+        _, hist = bj.run(alg, state, (None, None), num_steps=3, eval_every=1, eval_fn=rec)
+        moves[inner] = -jnp.diff(hist["phi"], axis=0) @ w / (w @ w)   # sum of the inner steps, per outer k
+    t = jnp.arange(T)
+    np.testing.assert_allclose(moves[True], jnp.full(3, jnp.sum(c / (t + 1.0) ** p)), rtol=1e-12)
+    np.testing.assert_allclose(moves[False], T * c / (jnp.arange(3) + 1.0) ** p, rtol=1e-12)

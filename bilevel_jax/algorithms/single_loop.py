@@ -79,8 +79,12 @@ def soba(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lowe
     steps at (theta_k, phi_k, v_k) with one LL batch i and one UL batch j,
         phi <- phi - rho_k grad_phi f_lower_i,   v <- v - rho_k (A_i v - grad_phi f_upper_j),
         theta <- theta - gamma_k (grad_theta f_upper_j - J_i v),
-    one fused vjp for (grad_phi f_lower, A v, J v). The theorem's schedules: rho_k ~ k^{-2/5},
-    gamma_k ~ k^{-3/5}. v_lr defaults to lower_lr (rho)."""
+    one fused vjp for (grad_phi f_lower, A v, J v). Defaults: the decays of the paper's Theorem 1,
+    rho_k = lower_lr (k+1)^{-2/5}, gamma_k = upper_lr (k+1)^{-3/5}, whose bound on
+    min_{t<T} E||grad h(x_t)||^2 is O(log T T^{-2/5}). (Summaries that quote O(T^{-1/2}), "the sample
+    complexity of SGD", refer to constant steps of order T^{-1/2}: pass `upper_decay=lower_decay=0`
+    and steps scaled by T^{-1/2}; not checked against the paper here.) v_lr defaults to lower_lr
+    (rho). Sampling: i.i.d. minibatches (the paper's); `sampler="shuffled"` is benchmark_bilevel's."""
     return _amortized("soba", problem, upper_lr, lower_lr, v_lr, upper_opt, lower_opt, v_opt, batch_size,
                       upper_decay, lower_decay, **kw)
 
