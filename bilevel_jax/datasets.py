@@ -234,7 +234,7 @@ def _ijcnn1_sample(rs: np.random.RandomState, n: int, truth):
 
 def ijcnn1(path=None, *, key=0, n_train: int = IJCNN1_SHAPE["n_train"],
            n_val: int = IJCNN1_SHAPE["n_val"], dtype=None, allow_synthetic: bool = True) -> LoadedData:
-    """The IJCNN1 hyperparameter-selection data of seed 003 (SOBA/SABA).
+    """The IJCNN1 hyperparameter-selection data of the SOBA/SABA experiments (Dagreou et al. 2022, arXiv:2201.13409).
 
     Training file `ijcnn1` (49,990 x 22) is the LOWER (train) data; test file `ijcnn1.t`
     (91,701 x 22) is the UPPER (validation) data; labels in {-1, +1}; features as in the files

@@ -1,13 +1,13 @@
 """All derivative plumbing of the toolkit: gradients, Hessian- and cross-products.
 
-Notation (seeds 001/002, eq. 13-18; reference/algorithms.md):
+Notation:
     A = grad^2_{phi phi} f_lower   (the LL Hessian, symmetric)
     J = grad^2_{theta phi} f_lower (d_theta x d_phi), so  J v = grad_theta <grad_phi f_lower, v>
     b = grad_phi f_upper
     v ~ A^{-1} b   (the one sign convention of bilevel_jax)
     grad F = grad_theta f_upper - J v                                  (implicit gradient)
 
-"Ordering matters" (seed 000, eq. 40-42): `A v` and `J v` are gradients of the scalar
+Ordering matters: `A v` and `J v` are gradients of the scalar
 `<grad_phi f_lower, v>`; they are computed with one `jax.vjp` of `grad_phi f_lower` over
 (theta, phi), or one forward-over-reverse `jax.jvp`, never by forming a Hessian.
 

@@ -5,7 +5,7 @@ f_lower(theta, ., batch) from phi0 (`hypergrad.inner.solve_lower`); autodiff nev
 these iterations.
 
 Tangent (implicit function theorem; Blondel et al. 2022, "Efficient and Modular Implicit
-Differentiation", arXiv:2105.15183; seed 001 eq. 15-16): with g(theta, phi, batch) = grad_phi
+Differentiation", arXiv:2105.15183): with g(theta, phi, batch) = grad_phi
 f_lower and A = grad^2_phi f_lower, both at the returned phi*, differentiating g(theta, phi*(theta,
 batch), batch) = 0 gives
 

@@ -1,6 +1,6 @@
 """Implicit (approximate implicit differentiation, AID) hypergradient, any linear solver.
 
-By the implicit function theorem at grad_phi f_lower(theta, phi*(theta)) = 0 (seed 001 eq. 14-18):
+By the implicit function theorem at grad_phi f_lower(theta, phi*(theta)) = 0 (e.g. Pedregosa, "Hyperparameter optimization with approximate gradient", 2016, arXiv:1602.02355):
 
     grad F(theta) = grad_theta f_upper - J v,     A v = b,
     A = grad^2_{phi phi} f_lower,  J = grad^2_{theta phi} f_lower,  b = grad_phi f_upper,

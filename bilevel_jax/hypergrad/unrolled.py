@@ -1,5 +1,5 @@
-"""Hypergradients by differentiating T lower-level steps (Franceschi et al. 2017; seed 002,
-"Gradient unrolling", eq. 30-32).
+"""Hypergradients by differentiating T lower-level steps (Franceschi, Donini, Frasconi, Pontil,
+"Forward and Reverse Gradient-Based Hyperparameter Optimization", 2017, arXiv:1703.01785).
 
 With phi_t = Phi_t(phi_{t-1}, theta) (one optimizer step), A_t = d phi_t / d phi_{t-1} and
 B_t = d phi_t / d theta, the hypergradient of F_T(theta) = f_upper(theta, phi_T(theta)) is

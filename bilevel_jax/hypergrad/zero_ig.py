@@ -1,7 +1,7 @@
-"""The zero-implicit-gradient estimator of SignSGD + UL (Fan, Ram, Liu 2021; seed 000, Alg. 1).
+"""The zero-implicit-gradient estimator of SignSGD + UL (Fan, Ram, Liu, "Sign-MAML: Efficient Model-Agnostic Meta-Learning by SignSGD", 2021, arXiv:2109.07497).
 
 With LL steps  phi_{t+1} = phi_t - beta sign(grad_phi f_lower(theta, phi_t)),  d sign(x)/dx = 0
-almost surely, so A_t = I, B_t = 0 in Z_t = A_t Z_{t-1} + B_t and Z_T = 0 (seed 000 eq. 23-28):
+almost surely, so A_t = I, B_t = 0 in Z_t = A_t Z_{t-1} + B_t and Z_T = 0:
 the unrolled hypergradient is exactly the partial gradient
 
     grad F_T(theta) = grad_theta f_upper(theta, phi_T).

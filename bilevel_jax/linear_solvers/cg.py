@@ -1,5 +1,5 @@
 """Conjugate gradient (Hestenes & Stiefel, "Methods of conjugate gradients for solving linear
-systems", 1952; seed 001, Algorithm 7), matrix-free, on pytrees.
+systems", 1952), matrix-free, on pytrees.
 
     r0 = b - A x0,  d0 = r0
     alpha_i = r_i'r_i / d_i'A d_i,  x_{i+1} = x_i + alpha_i d_i,  r_{i+1} = r_i - alpha_i A d_i

@@ -4,7 +4,7 @@ truncated Neumann series it equals.
     x_{i+1} = x_i - eta (A x_i - b) = x_i + eta r_i,      r_{i+1} = (I - eta A) r_i
 
 From x0 = 0, k steps give  x_k = eta * sum_{i<k} (I - eta A)^i b,  the truncated Neumann series
-of A^{-1} = eta * sum_i (I - eta A)^i (seed 001 eq. 24; StocBiO: Ji, Yang & Liang, "Bilevel
+of A^{-1} = eta * sum_i (I - eta A)^i (StocBiO: Ji, Yang & Liang, "Bilevel
 Optimization: Convergence Analysis and Enhanced Design", 2021, arXiv:2010.07962), and the error
 x* - x_k = (I - eta A)^k (x* - x0) contracts like (1 - eta mu)^k for 0 < eta <= 1/L.
 The residual r is carried, so info.residual_norm is ||b - A x|| at the returned x (the recursive

@@ -1,7 +1,7 @@
 """Stochastic Neumann estimate of A^{-1} b: the Hessian inverse approximation (HIA) of BSA
 (Ghadimi & Wang, "Approximation methods for bilevel programming", 2018, arXiv:1802.02246) and TTSA
 (Hong, Wai, Wang & Yang, "A two-timescale framework for bilevel optimization: complexity analysis
-and application to actor-critic", 2020, arXiv:2007.05170), seed 002 "Neumann series approximation".
+and application to actor-critic", 2020, arXiv:2007.05170).
 
     x = N eta * prod_{i=1}^{p} (I - eta A_{xi_i}) b,     p ~ Uniform{0, ..., N-1}
 

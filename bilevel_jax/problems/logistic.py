@@ -1,4 +1,4 @@
-"""Hyperparameter selection for L2-regularised logistic regression (seed 003, IJCNN1 experiment).
+"""Hyperparameter selection for L2-regularised logistic regression (the IJCNN1 experiment of Dagreou et al. 2022, arXiv:2201.13409).
 
     f_lower(theta, w; X, y)   = 1/n sum_i log(1 + exp(-y_i x_i'w)) + 1/2 sum_k exp(theta_k) w_k^2
     f_upper(theta, w; Xv, yv) = 1/m sum_j log(1 + exp(-yv_j xv_j'w))          (unregularised)
@@ -241,7 +241,7 @@ _PHI_INITS = ("normal", "zeros")
 
 def logistic_hpo(data, key=0, *, per_feature: bool = True, theta_init: str = "log_uniform",
                  phi_init: str = "normal", newton_steps: int = 20) -> LogisticHPO:
-    """The logistic-regression HPO problem of seed 003 on `data = ((X_val, y_val), (X_train, y_train))`
+    """The logistic-regression HPO problem of the SOBA/SABA experiments on `data = ((X_val, y_val), (X_train, y_train))`
     (e.g. `bj.datasets.ijcnn1().data`).
 
     Args:
