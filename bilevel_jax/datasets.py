@@ -1,5 +1,6 @@
-"""Data sets for the experiments: libsvm files, IJCNN1 (or an IJCNN1-shaped generator), and the
-breast-cancer data embedded in scikit-learn.
+"""Data sets for the experiments: libsvm files, IJCNN1 (or an IJCNN1-shaped generator), the
+breast-cancer data embedded in scikit-learn, and IDX files (Fashion-MNIST from Debian's
+`dataset-fashion-mnist` package or a folder in `$BILEVEL_JAX_FASHION_MNIST`).
 
 Every loader returns `data = (upper_data, lower_data)` with `upper_data = (X_val, y_val)` (the
 validation set of the upper level) and `lower_data = (X_train, y_train)` (the training set of the
@@ -315,3 +316,72 @@ __all__ = [
     "IJCNN1_ENV", "IJCNN1_SHAPE", "LoadedData", "SYNTHETIC_IJCNN1", "breast_cancer", "ijcnn1",
     "ijcnn1_files", "ijcnn1_like", "load_libsvm", "resolve_dtype", "standardize", "to_pm1",
 ]
+
+
+# --------------------------------------------------------------------------------------------------
+# IDX files (MNIST, Fashion-MNIST)
+
+FASHION_MNIST_ENV = "BILEVEL_JAX_FASHION_MNIST"
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                       "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def load_idx(path) -> np.ndarray:
+    """An IDX file (LeCun's MNIST format, optionally gzip-compressed) as a NumPy array.
+
+    Layout: two zero bytes, a type code, the number of dimensions d, d big-endian uint32 sizes,
+    then the data in C order. Raises ValueError on a malformed file (bad magic, truncated data).
+    """
+    import gzip
+
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise ValueError(f"{path} is not an IDX file (magic bytes {raw[:4]!r}).")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int(s) for s in np.frombuffer(raw[4:header], dtype=">u4"))
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise ValueError(f"{path}: IDX header says shape {shape} ({expected} bytes), the file holds "
+                         f"{len(raw) - header} bytes of data.")
+    return np.frombuffer(raw[header:], dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def fashion_mnist_dir(path=None) -> Optional[str]:
+    """The folder holding the Fashion-MNIST IDX files: `path`, else `$BILEVEL_JAX_FASHION_MNIST`,
+    else Debian's `/usr/share/datasets/fashion-mnist` (package `dataset-fashion-mnist`); None
+    when none of them has the files."""
+    for candidate in (path, os.environ.get(FASHION_MNIST_ENV), FASHION_MNIST_DIR):
+        if candidate and all(_find_file(candidate, name) for pair in FASHION_MNIST_FILES.values() for name in pair):
+            return candidate
+    return None
+
+
+def fashion_mnist(path=None, split: str = "train"):
+    """Fashion-MNIST (Xiao, Rasul, Vollgraf 2017, arXiv:1708.07747) images and labels of `split`
+    ("train": 60000, "test": 10000) as NumPy arrays: images (n, 28, 28) uint8, labels (n,) uint8.
+
+    Reads the IDX files (gz or not) from `fashion_mnist_dir(path)`; raises FileNotFoundError
+    saying how to get them when they are missing."""
+    if split not in FASHION_MNIST_FILES:
+        raise ValueError(f"split must be one of {sorted(FASHION_MNIST_FILES)}, got {split!r}.")
+    folder = fashion_mnist_dir(path)
+    if folder is None:
+        raise FileNotFoundError(
+            "Fashion-MNIST IDX files not found (looked in "
+            f"{', '.join(p for p in (str(path) if path else None, os.environ.get(FASHION_MNIST_ENV), FASHION_MNIST_DIR) if p)}). "
+            "Install Debian's package as root: `apt-get install -y dataset-fashion-mnist`, or point "
+            f"${FASHION_MNIST_ENV} at a folder with {', '.join(FASHION_MNIST_FILES['train'])} (.gz or not).")
+    images_name, labels_name = FASHION_MNIST_FILES[split]
+    images = load_idx(_find_file(folder, images_name))
+    labels = load_idx(_find_file(folder, labels_name))
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise ValueError(f"Fashion-MNIST {split}: images {images.shape} and labels {labels.shape} do not match.")
+    return images, labels
