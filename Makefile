@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-all demo bench figures clean
+.PHONY: install test test-all demo bench figures clean examples
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ figures: $(addprefix fig-,$(FIGURES))
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m benchmarks $(ARGS)
+
+# Every script in examples/ with --quick (examples/README.md lists them).
+examples: $(STAMP)
+	@set -e; for f in examples/*.py; do echo "== $$f --quick"; $(PY) $$f --quick; done
 
 clean:
 	rm -rf $(VENV) results
