@@ -96,6 +96,15 @@ def test_soba_with_adam_on_every_variable(quad):
     assert float(jnp.linalg.norm(quad.grad(state.theta))) < 1e-2 * g0
 
 
+def test_a_solver_step_never_silently_comes_from_an_unused_lower_lr(quad):
+    """With lower_opt, lower_lr is not phi's step: presets whose solver step defaults to lower_lr
+    ask for it explicitly instead of using the unused default."""
+    for name in ("amigo", "stocbio", "ttsa", "mrbo"):
+        with pytest.raises(ValueError, match=f"{name}: lower_opt replaces lower_lr"):
+            bj.algorithms.get(name)(quad.problem, lower_opt=optax.adam(0.1))
+    bj.algorithms.stocbio(quad.problem, lower_opt=optax.adam(0.1), neumann_eta=0.5)   # explicit: fine
+
+
 # ------------------------------------------------------------------------- loud failures
 
 def test_a_negative_traced_step_size_is_flagged(quad):

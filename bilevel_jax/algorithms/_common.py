@@ -47,9 +47,14 @@ def neumann_series(steps, eta, batch_size, shared_batch: bool):
     return sampled_neumann(steps, eta)
 
 
-def solver_eta(lower_lr, neumann_eta=None):
+def solver_eta(lower_lr, neumann_eta=None, lower_opt=None):
     """The linear solver's constant step: `neumann_eta`, or `lower_lr` when it is None (the
-    presets' default). A schedule is refused (the solver's own loop has no outer count)."""
+    presets' default). A schedule is refused (the solver's own loop has no outer count), and so is
+    the default when `lower_opt` replaces `lower_lr` as phi's rule (the solver would silently use
+    the unused `lower_lr`)."""
+    if neumann_eta is None and lower_opt is not None:
+        raise ValueError("lower_opt replaces lower_lr as the step rule of phi, but the linear solver's step "
+                         "defaults to lower_lr: pass neumann_eta= (or linear_solver=) explicitly.")
     name, value = ("lower_lr", lower_lr) if neumann_eta is None else ("neumann_eta", neumann_eta)
     if callable(value):
         raise ValueError(f"{name} is used as the linear solver's step here and must be a number or an array, "

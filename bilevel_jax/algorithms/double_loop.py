@@ -61,7 +61,7 @@ def bsa(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, 
     own SGD schedule). eta = `neumann_eta` (default lower_lr); N = `neumann_steps` terms.
     The paper grows T like log k; here T is fixed. Sampling: i.i.d. minibatches (the paper's)."""
     with named("bsa"):
-        eta = solver_eta(lower_lr, neumann_eta)
+        eta = solver_eta(lower_lr, neumann_eta, lower_opt)
         solver = stochastic_neumann(neumann_steps, eta)
         if inner_decay:
             check_step_size("lower_lr", lower_lr)
@@ -92,7 +92,7 @@ def stocbio(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=No
     series. All N terms are summed (the authors' code drops the q=0 term and scales only the last
     by eta; not copied). Sampling: i.i.d. minibatches (the paper's)."""
     with named("stocbio"):
-        solver = neumann_series(neumann_steps, solver_eta(lower_lr, neumann_eta), batch_size, shared_batch)
+        solver = neumann_series(neumann_steps, solver_eta(lower_lr, neumann_eta, lower_opt), batch_size, shared_batch)
     return _double_loop("stocbio", problem, lambda: directions.implicit(solver), upper_lr, lower_lr, upper_opt,
                         lower_opt, lower_steps, batch_size, **kw)
 
@@ -104,7 +104,7 @@ def amigo(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None
     on 0.5 v'Av - v'b (`gd(M, eta)`, default M = 10, eta = lower_lr) or CG (AmIGO-CG: pass
     `linear_solver=cg(M)`), then theta <- theta - gamma (grad_theta f_u - J v)."""
     with named("amigo"):
-        solver = linear_solver or gd(10, solver_eta(lower_lr))
+        solver = linear_solver or gd(10, solver_eta(lower_lr, None, lower_opt))
     return _double_loop("amigo", problem, lambda: directions.implicit(solver, warm_start), upper_lr, lower_lr,
                         upper_opt, lower_opt, lower_steps, batch_size, **kw)
 

@@ -59,7 +59,7 @@ def mrbo(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None,
     eta_k = eta0 (k+1)^{-2/3} (a_k = 1 - eta_k); O~(eps^{-3/2}).
     (The authors' code re-assigns the schedule inside the epoch loop so it never decays; not copied.)"""
     with named("mrbo"):
-        solver = neumann_series(neumann_steps, solver_eta(lower_lr, neumann_eta), batch_size, shared_batch)
+        solver = neumann_series(neumann_steps, solver_eta(lower_lr, neumann_eta, lower_opt), batch_size, shared_batch)
         estimator = estimators.storm(_storm_weight(eta0, 2.0 / 3.0))
     return _storm_loop("mrbo", problem, solver, upper_lr, lower_lr, upper_opt, lower_opt, estimator, batch_size,
                        1.0 / 3.0, **kw)
@@ -70,7 +70,7 @@ def sustain(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=No
     """SUSTAIN (Khanduri et al. 2021, arXiv:2102.07367): as MRBO with the HIA (stochastic Neumann)
     hypergradient."""
     with named("sustain"):
-        solver = stochastic_neumann(neumann_steps, solver_eta(lower_lr, neumann_eta))
+        solver = stochastic_neumann(neumann_steps, solver_eta(lower_lr, neumann_eta, lower_opt))
         # joint: the HIA factors' minibatches are drawn once for the current and the previous point
         estimator = estimators.storm(_storm_weight(eta0, 2.0 / 3.0), joint=True)
     return _storm_loop("sustain", problem, solver, upper_lr, lower_lr, upper_opt, lower_opt, estimator, batch_size,
@@ -85,7 +85,7 @@ def vrbo(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None,
     paper also runs recursive LL steps inside each period; here each outer step makes one
     simultaneous LL step.)"""
     with named("vrbo"):
-        solver = neumann_series(neumann_steps, solver_eta(lower_lr, neumann_eta), batch_size, shared_batch)
+        solver = neumann_series(neumann_steps, solver_eta(lower_lr, neumann_eta, lower_opt), batch_size, shared_batch)
         estimator = estimators.sarah(period)
     return _storm_loop("vrbo", problem, solver, upper_lr, lower_lr, upper_opt, lower_opt, estimator, batch_size,
                        0.0, **kw)

@@ -40,7 +40,7 @@ def ttsa(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None,
             check_step_size("upper_lr", upper_lr)
             check_step_size("lower_lr", lower_lr)
             upper_lr, lower_lr, up, low = upper_lr * horizon ** -up, lower_lr * horizon ** -low, 0.0, 0.0
-        solver = stochastic_neumann(neumann_steps, solver_eta(lower_lr, neumann_eta))
+        solver = stochastic_neumann(neumann_steps, solver_eta(lower_lr, neumann_eta, lower_opt))
         return bilevel_loop(problem, direction=directions.implicit(solver),
                             upper_opt=rule("upper_lr", upper_lr, upper_opt, up),
                             lower_opt=rule("lower_lr", lower_lr, lower_opt, low),
@@ -53,7 +53,7 @@ def alset(problem, *, upper_lr=0.05, lower_lr=0.1, upper_opt=None, lower_opt=Non
     Methods for Bilevel Problems", 2021, arXiv:2106.13781): alternating SGD with T (default 1) LL
     steps and the HIA hypergradient, constant steps alpha, beta = O(1/sqrt(K)) (pass them)."""
     with named("alset"):
-        solver = stochastic_neumann(neumann_steps, solver_eta(lower_lr, neumann_eta))
+        solver = stochastic_neumann(neumann_steps, solver_eta(lower_lr, neumann_eta, lower_opt))
         return bilevel_loop(problem, direction=directions.implicit(solver), upper_opt=rule("upper_lr", upper_lr, upper_opt),
                             lower_opt=rule("lower_lr", lower_lr, lower_opt),
                             lower_steps=lower_steps_at_least_one(lower_steps), batch_size=batch_size, name="alset",
