@@ -33,7 +33,8 @@ def _counts(info):
 
 def test_registry_has_the_eighteen_presets():
     assert set(NAMES) == {"alternating", "ba", "bsa", "aid_bio", "stocbio", "amigo", "ttsa", "stable", "alset",
-                          "soba", "saba", "srba", "mrbo", "sustain", "vrbo", "fsla", "signsgd_ul", "momentum"}
+                          "soba", "saba", "srba", "mrbo", "sustain", "vrbo", "fsla", "signsgd_ul", "momentum",
+                          "lancbio", "subbio"}
     for name in NAMES:
         assert bj.algorithms.get(name) is getattr(bj.algorithms, name)
 

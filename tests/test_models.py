@@ -47,7 +47,7 @@ def mlp_setup():
 
 # per preset: small-cost settings for a few outer steps (full batch unless the method needs batches)
 SETTINGS = {name: dict(upper_lr=0.05, lower_lr=0.1) for name in NAMES}
-for name in ("ba", "aid_bio", "stocbio", "amigo", "bsa", "alternating", "signsgd_ul"):
+for name in ("ba", "aid_bio", "stocbio", "amigo", "bsa", "alternating", "signsgd_ul", "lancbio", "subbio"):
     SETTINGS[name]["lower_steps"] = 2
 for name in ("stocbio", "bsa", "ttsa", "alset", "mrbo", "sustain", "vrbo"):
     SETTINGS[name]["neumann_steps"] = 3

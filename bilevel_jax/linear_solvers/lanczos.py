@@ -97,6 +97,8 @@ class LanczosState(NamedTuple):
     x: PyTree
     x_bar: PyTree
     w: PyTree
+    b_ref: PyTree
+    r_ref: jax.Array
     basis: PyTree
     q_next: PyTree
     alpha: jax.Array
@@ -196,7 +198,7 @@ class Lanczos(LinearSolver):
         zeros = jnp.zeros((self.m_max,), dtype)
         i0 = jnp.zeros((), jnp.int32)
         return LanczosState(
-            x=x, x_bar=vec(), w=vec(),
+            x=x, x_bar=vec(), w=vec(), b_ref=vec(), r_ref=jnp.zeros((), dtype),
             basis=jax.tree_util.tree_map(lambda l: jnp.zeros((self.m_max,) + jnp.shape(l), jnp.result_type(l)),
                                          b_like),
             q_next=vec(), alpha=zeros, beta=zeros, pivots=zeros, scale=jnp.zeros((), dtype), size=i0,
@@ -218,6 +220,8 @@ class Lanczos(LinearSolver):
         floor = _FLOOR * eps * (otu.tree_norm(b) + otu.tree_norm(w))
         start_active = r_norm > floor
         q = otu.tree_where(restart, _safe_div(r, r_norm, start_active), state.q_next)
+        b_ref = otu.tree_where(restart, b, state.b_ref)
+        r_ref = jnp.where(restart, jnp.where(start_active, r_norm, 0.0), state.r_ref).astype(dtype)
         size = jnp.where(restart, 0, state.size)
         epoch_step = jnp.where(restart, 0, state.epoch_step)
         active = jnp.where(restart, start_active, state.active)
@@ -256,7 +260,11 @@ class Lanczos(LinearSolver):
 
         # 4. the Galerkin correction on the current basis
         mask = jnp.arange(self.m_max) < size
-        c = jnp.where(mask, _project(basis, r).astype(dtype), 0.0)
+        # Q'r_k = ||r_h|| e_1 + Q'(b_k - b_h), r_h = b_h - w the restart residual (q_1 = r_h / ||r_h||):
+        # equal in exact arithmetic; this form keeps the loss of orthogonality of Q out of the
+        # fixed part (as conjugate gradient's recurrences do) and projects only the drift of b
+        e1 = (jnp.arange(self.m_max) == 0) * r_ref
+        c = jnp.where(mask, e1 + _project(basis, otu.tree_sub(b, b_ref)).astype(dtype), 0.0)
         s = tridiagonal_spd_solve(alpha, beta, c, size)
         dv = _combine(basis, s)
         x = otu.tree_add(x_bar, dv)
@@ -265,7 +273,7 @@ class Lanczos(LinearSolver):
         tail = jnp.where((size > 0) & ~exhausted, beta[last] * s[last], 0.0)
         estimate = otu.tree_norm(otu.tree_add_scale(otu.tree_sub(r, _combine(basis, c)), -tail, q_next))
 
-        new = LanczosState(x, x_bar, w, basis, q_next, alpha, beta, pivots, scale, size, epoch_step + 1, m,
+        new = LanczosState(x, x_bar, w, b_ref, r_ref, basis, q_next, alpha, beta, pivots, scale, size, epoch_step + 1, m,
                            state.count + 1, active, exhausted)
         return new, 1 + restart.astype(jnp.int32), failed, nonfinite, estimate
 
@@ -297,7 +305,7 @@ class Lanczos(LinearSolver):
         status = st.merge(st.flag(failed | nonfinite, st.BREAKDOWN), st.flag(nonfinite, st.NONFINITE))
         bad = status != st.OK
         state = state._replace(x=fail_where(bad, state.x), x_bar=fail_where(bad, state.x_bar),
-                               w=fail_where(bad, state.w))
+                               w=fail_where(bad, state.w), b_ref=fail_where(bad, state.b_ref))
         x = state.x
         if self.exact_residual:
             res = residual_norm(matvec, b, x)

@@ -1,0 +1,316 @@
+"""Krylov solvers and presets (LancBiO / SubBiO, Yang, Gao & Yuan, ICLR 2025, arXiv:2404.03331).
+
+Ground truth in NumPy (np.linalg.solve, a dense 2-D Galerkin projection), independent of the code
+under test. Each sequence of solves is one `jax.jit` of a `lax.scan` over the calls (the way a
+bilevel loop carries the solver state), so the file compiles a handful of small programs.
+"""
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import bilevel_jax as bj
+
+ls = bj.linear_solvers
+st = bj.status
+
+
+def _spd(seed, n, spectrum):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(n, n)))
+    return (q * np.asarray(spectrum)) @ q.T
+
+
+def _calls(solver, mats, rhs, x0=None):
+    """`len(mats)` solves of A_k x = b_k with the state carried across them, in one jit:
+    (xs, infos, final state)."""
+
+    @jax.jit
+    def go(solver, mats, rhs):
+        def body(state, ab):
+            a, b = ab
+            x, state, info = solver.solve(lambda v: a @ v, b, state)
+            return state, (x, info)
+
+        state, (xs, infos) = jax.lax.scan(body, solver.init(rhs[0], x0), (mats, rhs))
+        return xs, infos, state
+
+    return go(solver, jnp.asarray(mats), jnp.asarray(rhs))
+
+
+def _frozen(a, b, k):
+    return np.broadcast_to(a, (k,) + a.shape), np.broadcast_to(b, (k,) + b.shape)
+
+
+# ------------------------------------------------------------------------------------ lanczos
+def test_lanczos_m_equals_n_reproduces_the_dense_solve_with_a_falling_residual():
+    """A and b frozen, m = n: the dynamic process is Lanczos / CG from 0 (one vector per call);
+    after n calls it is the dense solution, and on a well-conditioned spectrum the residual falls
+    at every call (the A-norm error falls in exact arithmetic for any SPD A)."""
+    n = 24
+    a = _spd(0, n, np.linspace(1.0, 10.0, n))
+    b = np.random.default_rng(1).normal(size=n)
+    x_star = np.linalg.solve(a, b)
+    xs, infos, state = _calls(ls.lanczos(n, m0=n), *_frozen(a, b, n))
+    assert np.all(np.asarray(infos.status) == st.OK)
+    xs = np.asarray(xs)
+    err = np.linalg.norm(xs[-1] - x_star) / np.linalg.norm(x_star)
+    assert err < 1e-8, err
+    res = np.linalg.norm(b[None] - xs @ a, axis=1)
+    active = res > 1e-12 * np.linalg.norm(b)  # until it reaches rounding level
+    assert np.all(np.diff(res[active]) < 0), res
+    e = xs - x_star
+    a_err = np.sqrt(np.einsum("ki,ij,kj->k", e, a, e))
+    assert np.all(np.diff(a_err[a_err > 1e-12]) < 0)
+    # the Lanczos estimate of the residual is the true one for a fixed operator
+    np.testing.assert_allclose(np.asarray(infos.residual_norm)[active], res[active], rtol=1e-6, atol=1e-14)
+    # one restart (the first call), then one matvec per call
+    assert int(np.sum(infos.num_matvecs)) == n + 1
+    assert int(state.size) <= n
+    # the same in one solve: `steps` Lanczos steps per call, from a fresh state
+    one = ls.lanczos(n, m0=n, steps=n, warm_start=False)
+    x, _, info = jax.jit(lambda s, b: s.solve(lambda v: jnp.asarray(a) @ v, b, s.init(b)))(one, jnp.asarray(b))
+    assert int(info.status) == st.OK and int(info.num_matvecs) == n + 1
+    np.testing.assert_allclose(x, xs[-1], rtol=1e-10, atol=1e-12)
+
+
+def test_lanczos_restarts_with_a_small_m_still_solve():
+    """m = 3 < n: restarted every 3 calls at v_bar = v with the residual correction (restarted CG)."""
+    n, k = 12, 150
+    a = _spd(2, n, np.linspace(1.0, 20.0, n))
+    b = np.random.default_rng(3).normal(size=n)
+    xs, infos, _ = _calls(ls.lanczos(3, m0=3), *_frozen(a, b, k))
+    assert np.all(np.asarray(infos.status) == st.OK)
+    np.testing.assert_allclose(xs[-1], np.linalg.solve(a, b), rtol=1e-8)
+    assert int(np.sum(infos.num_matvecs)) == k + k // 3   # 1 + 1/m per call
+
+
+def test_lanczos_tracks_a_drifting_system_better_than_one_cg_step():
+    """A_k, b_k drift slowly: LancBiO's v_k stays closer to A_k^{-1} b_k than one warm-started CG
+    step per call (2 matvecs: the warm-start residual and the step), with fewer matvecs."""
+    n, k = 30, 120
+    rng = np.random.default_rng(4)
+    a0 = _spd(5, n, np.logspace(0, 2, n))
+    e = rng.normal(size=(n, n))
+    e = (e + e.T) / np.linalg.norm(e + e.T, 2)
+    b0, db = rng.normal(size=n), rng.normal(size=n)
+    t = np.arange(k) / k
+    mats = a0[None] + 0.5 * np.sin(3 * t)[:, None, None] * e[None]
+    rhs = b0[None] + 0.3 * np.cos(2 * t)[:, None] * db[None]
+    truth = np.linalg.solve(mats, rhs[..., None])[..., 0]
+
+    def tracking(solver):
+        xs, infos, _ = _calls(solver, mats, rhs)
+        assert np.all(np.asarray(infos.status) == st.OK)
+        err = np.linalg.norm(np.asarray(xs) - truth, axis=1) / np.linalg.norm(truth, axis=1)
+        return err[k // 2:].mean(), int(np.sum(infos.num_matvecs))
+
+    lanczos_err, lanczos_mv = tracking(ls.lanczos(10, m0=10))
+    cg_err, cg_mv = tracking(ls.cg(1, warm_start=True))
+    assert lanczos_mv <= cg_mv and lanczos_mv == k + math.ceil(k / 10)
+    assert lanczos_err < 0.5 * cg_err, (lanczos_err, cg_err)   # measured: 0.043 vs 0.152
+
+
+def _schedule(m0, inc, every, m_max, calls):
+    """The paper's m schedule and the restarts it implies, in plain Python."""
+    m, epoch, out = m0, 0, []
+    for c in range(calls):
+        if c > 0 and c % every == 0:
+            m = min(math.ceil(round(m * inc, 9)), m_max)
+        restart = epoch == 0 or epoch >= m
+        epoch = 1 if restart else epoch + 1
+        out.append((m, int(restart)))
+    return out
+
+
+def test_lanczos_dimension_schedule_and_matvec_count():
+    n, calls = 16, 90
+    a = _spd(6, n, np.linspace(1.0, 50.0, n))
+    b = np.random.default_rng(7).normal(size=n)
+    solver = ls.lanczos(8, m0=1, inc=1.5, every=10)
+
+    @jax.jit
+    def go(solver):
+        def body(state, _):
+            x, state, info = solver.solve(lambda v: jnp.asarray(a) @ v, jnp.asarray(b), state)
+            return state, (state.m, info.num_matvecs, info.status)
+        return jax.lax.scan(body, solver.init(jnp.asarray(b)), None, length=calls)[1]
+
+    ms, mvs, status = go(solver)
+    expected = _schedule(1, 1.5, 10, 8, calls)
+    assert np.all(np.asarray(status) == st.OK)
+    assert [int(m) for m in ms] == [m for m, _ in expected]
+    assert [int(v) for v in mvs] == [1 + r for _, r in expected]
+    # ceil(m inc) is meant exactly: 10 * 1.1 gives 11 (not 12 from 11.000000000000002)
+    assert _schedule(10, 1.1, 1, 80, 2)[-1][0] == 11
+    _, _, state = _calls(ls.lanczos(80, m0=10, inc=1.1, every=1), *_frozen(a, b, 2))
+    assert int(state.m) == 11
+
+
+def test_lanczos_indefinite_operator_breaks_down_loudly():
+    """A non-positive pivot of T (A has a negative eigenvalue): x NaN, BREAKDOWN, and the NaN stays
+    in the state (the next solve fails too)."""
+    n = 8
+    a = _spd(8, n, np.r_[-1.0, np.linspace(1.0, 4.0, n - 1)])
+    b = np.random.default_rng(9).normal(size=n)
+    xs, infos, state = _calls(ls.lanczos(n, m0=n), *_frozen(a, b, n))
+    status = np.asarray(infos.status)
+    assert status[-1] != st.OK and np.all(status[status != st.OK] & st.BREAKDOWN)
+    first = int(np.argmax(status != st.OK))
+    assert np.all(np.isnan(np.asarray(xs)[first:])) and np.all(np.isfinite(np.asarray(xs)[:first]))
+    assert np.all(np.isnan(np.asarray(infos.residual_norm)[first:]))
+    assert np.all(np.isnan(np.asarray(state.x)))
+
+
+def test_lanczos_invariant_subspace_is_not_a_failure():
+    """A with 2 distinct eigenvalues: beta_2 = 0 (an invariant subspace) after 2 calls. The solve is
+    exact there; the basis stops growing, later calls keep the solution, status OK, no NaN."""
+    n = 10
+    a = _spd(10, n, np.r_[np.full(5, 2.0), np.full(5, 7.0)])
+    b = np.random.default_rng(11).normal(size=n)
+    xs, infos, state = _calls(ls.lanczos(n, m0=n), *_frozen(a, b, 3 * n))
+    assert np.all(np.asarray(infos.status) == st.OK)
+    np.testing.assert_allclose(np.asarray(xs)[2:], np.broadcast_to(np.linalg.solve(a, b), (3 * n - 2, n)),
+                               rtol=1e-10)
+    # b = 0: the solution 0, no failure
+    xs0, infos0, _ = _calls(ls.lanczos(4, m0=4), *_frozen(a, np.zeros(n), 6))
+    assert np.all(np.asarray(infos0.status) == st.OK) and np.all(np.asarray(xs0) == 0)
+
+
+@pytest.mark.parametrize("where", ["b", "matvec"])
+def test_lanczos_nonfinite_input_is_nan(where):
+    n = 6
+    a = _spd(12, n, np.linspace(1.0, 3.0, n))
+    b = np.random.default_rng(13).normal(size=n)
+    if where == "b":
+        b[2] = np.nan
+    else:
+        a[1, 1] = np.inf
+    xs, infos, _ = _calls(ls.lanczos(4, m0=4), *_frozen(a, b, 3))
+    assert np.all(np.asarray(infos.status) == st.BREAKDOWN | st.NONFINITE)
+    assert np.all(np.isnan(np.asarray(xs)))
+
+
+def test_lanczos_pytree_vmap_and_traced_dimension():
+    """A pytree b gives the flat result; vmap over seeds (right-hand sides) and over a traced m0
+    with one buffer size (m_max static) compile once and match the unbatched runs."""
+    n = 9
+    a = _spd(14, n, np.linspace(1.0, 30.0, n))
+    rhs = np.random.default_rng(15).normal(size=(3, n))
+    k = 12
+
+    def run(solver, b, tree=False):
+        aj, bj_ = jnp.asarray(a), jnp.asarray(b)
+        if tree:
+            split = lambda v: {"u": v[:4], "w": v[4:].reshape(-1, 1)}
+            join = lambda t: jnp.concatenate([t["u"], t["w"].reshape(-1)])
+            mv = lambda t: split(aj @ join(t))
+            bb = split(bj_)
+        else:
+            join, mv, bb = (lambda t: t), (lambda v: aj @ v), bj_
+
+        def body(state, _):
+            x, state, _ = solver.solve(mv, bb, state)
+            return state, join(x)
+        return jax.lax.scan(body, solver.init(bb), None, length=k)[1]
+
+    flat = jax.jit(run)(ls.lanczos(4, m0=2, inc=1.5, every=3), rhs[0])
+    tree = jax.jit(lambda s, b: run(s, b, tree=True))(ls.lanczos(4, m0=2, inc=1.5, every=3), rhs[0])
+    np.testing.assert_allclose(tree, flat, rtol=1e-10, atol=1e-12)
+    seeds = jax.jit(jax.vmap(run, in_axes=(None, 0)))(ls.lanczos(4, m0=2, inc=1.5, every=3), rhs)
+    np.testing.assert_allclose(seeds[0], flat, rtol=1e-10, atol=1e-12)
+    # m0 swept as an array field, one m_max
+    solver = ls.lanczos(5, m0=1)
+    swept = jax.jit(jax.vmap(lambda m0: run(eqx.tree_at(lambda s: s.m0, solver, m0), rhs[0])))(jnp.array([2, 5]))
+    for i, m0 in enumerate((2, 5)):
+        np.testing.assert_allclose(swept[i], jax.jit(run)(ls.lanczos(5, m0=m0), rhs[0]), rtol=1e-10, atol=1e-12)
+
+
+def test_lanczos_factory_checks():
+    with pytest.raises(ValueError, match="m0"):
+        ls.lanczos(4, m0=5)
+    with pytest.raises(ValueError, match="inc"):
+        ls.lanczos(4, inc=0.9)
+    with pytest.raises(ValueError, match="m_max"):
+        ls.lanczos(0)
+    with pytest.raises(TypeError, match="every"):
+        ls.lanczos(4, every=2.5)
+    with pytest.raises(ValueError, match="m0 must be an integer"):
+        ls.lanczos(4, m0=1.5)
+
+
+# ----------------------------------------------------------------------------------- subspace
+def test_subspace_equals_the_dense_2d_galerkin_solution():
+    n, eta = 15, 0.05
+    a = _spd(16, n, np.logspace(0, 2, n))
+    rng = np.random.default_rng(17)
+    b, v_prev = rng.normal(size=n), rng.normal(size=n)
+    solver = ls.subspace(eta)
+    x, state, info = jax.jit(lambda s, b, v: s.solve(lambda u: jnp.asarray(a) @ u, b, s.init(b, v)))(
+        solver, jnp.asarray(b), jnp.asarray(v_prev))
+    w = np.stack([b, v_prev - eta * a @ v_prev], axis=1)
+    dense = w @ np.linalg.solve(w.T @ a @ w, w.T @ b)
+    assert int(info.status) == st.OK and int(info.num_matvecs) == 3
+    np.testing.assert_allclose(x, dense, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(info.residual_norm, np.linalg.norm(b - a @ dense), rtol=1e-8)
+    np.testing.assert_array_equal(state.x, x)
+    # v_prev = 0 (the first solve): the subspace is span{b}, the exact line search along b
+    x0, _, info0 = solver.solve(lambda u: jnp.asarray(a) @ u, jnp.asarray(b), solver.init(jnp.asarray(b)))
+    assert int(info0.status) == st.OK
+    np.testing.assert_allclose(x0, (b @ b) / (b @ a @ b) * b, rtol=1e-12)
+
+
+def test_subspace_failures_are_loud():
+    n = 6
+    a = _spd(18, n, np.r_[-2.0, np.linspace(1.0, 2.0, n - 1)])
+    rng = np.random.default_rng(19)
+    b = np.linalg.eigh(a)[1][:, 0]  # along the negative eigenvector: b'A b < 0
+    solver = ls.subspace(0.1)
+    x, state, info = solver.solve(lambda u: jnp.asarray(a) @ u, jnp.asarray(b), solver.init(jnp.asarray(b)))
+    assert int(info.status) == st.BREAKDOWN and np.all(np.isnan(np.asarray(x))) and np.isnan(info.residual_norm)
+    assert np.all(np.isnan(np.asarray(state.x)))
+    bad = rng.normal(size=n)
+    bad[0] = np.nan
+    x, _, info = solver.solve(lambda u: jnp.asarray(np.eye(n)) @ u, jnp.asarray(bad), solver.init(jnp.asarray(bad)))
+    assert int(info.status) == st.BREAKDOWN | st.NONFINITE and np.all(np.isnan(np.asarray(x)))
+    x, _, info = solver.solve(lambda u: u, jnp.zeros(n), solver.init(jnp.zeros(n)))
+    assert int(info.status) == st.OK and np.all(np.asarray(x) == 0)
+
+
+# ------------------------------------------------------------------------------------ presets
+def test_lancbio_preset_costs_follow_the_schedule(quad):
+    """The default schedule (m0 = 1, x1.1 every 20 steps, cap 80): HVPs = steps + restarts, the
+    restarts those of the schedule; full batch, jit + vmap over 4 seeds, every run reaches theta*."""
+    alg = bj.algorithms.lancbio(quad.problem, upper_lr=0.5, lower_lr=1.0, lower_steps=10)
+    num = 120
+    theta0s = quad.theta0 + jax.random.normal(jax.random.PRNGKey(1), (4,) + quad.theta0.shape)
+
+    @jax.jit
+    @jax.vmap
+    def go(theta0, key):
+        state = alg.init(theta0, quad.phi0, key, quad.data)
+        state, history = bj.run(alg, state, quad.data, num_steps=num, eval_every=num)
+        return state.theta, history
+
+    thetas, history = go(theta0s, jax.random.split(jax.random.PRNGKey(2), 4))
+    restarts = sum(r for _, r in _schedule(1, 1.1, 20, 80, num))
+    assert np.all(np.asarray(history["hvps"][:, -1]) == num + restarts)
+    assert np.all(np.asarray(history["status"]) == st.OK)
+    rel = np.linalg.norm(np.asarray(thetas) - np.asarray(quad.theta_star()), axis=1)
+    assert rel.max() < 1e-3 * np.linalg.norm(quad.theta_star())
+
+
+def test_preset_argument_errors_name_the_preset(quad):
+    with pytest.raises(ValueError, match="lancbio: m0"):
+        bj.algorithms.lancbio(quad.problem, m0=10, m_max=5)
+    with pytest.raises(ValueError, match="lancbio: lower_steps"):
+        bj.algorithms.lancbio(quad.problem, lower_steps=0)
+    with pytest.raises(ValueError, match="subbio: eta"):
+        bj.algorithms.subbio(quad.problem, eta=-1.0)
+    with pytest.raises(ValueError, match="subbio: eta defaults to lower_lr"):
+        bj.algorithms.subbio(quad.problem, lower_opt=optax.adam(1e-2))
+    assert bj.algorithms.subbio(quad.problem, lower_opt=optax.adam(1e-2), eta=0.5).direction.solver.eta == 0.5
+    assert bj.algorithms.get("lancbio") is bj.algorithms.lancbio
