@@ -9,11 +9,12 @@ from bilevel_jax import algorithms, datasets, linear_solvers, oracles, problems,
 from bilevel_jax.algorithms import Algorithm
 from bilevel_jax.cache import enable_compilation_cache
 from bilevel_jax.hypergrad import argmin, hypergradient, unrolled_hypergradient, zero_ig_hypergradient
+from bilevel_jax.multi_objective import MultiObjectiveProblem
 from bilevel_jax.problem import BilevelProblem
 from bilevel_jax.run import run
 
 __all__ = [
-    "Algorithm", "BilevelProblem", "algorithms", "datasets", "enable_compilation_cache", "run", "schedules", "argmin", "hypergradient", "linear_solvers", "oracles", "problems", "sampling", "status",
+    "Algorithm", "BilevelProblem", "MultiObjectiveProblem", "algorithms", "datasets", "enable_compilation_cache", "run", "schedules", "argmin", "hypergradient", "linear_solvers", "oracles", "problems", "sampling", "status",
     "unrolled_hypergradient", "zero_ig_hypergradient",
 ]
 __version__ = "0.1.0"

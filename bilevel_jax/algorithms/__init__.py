@@ -1,7 +1,9 @@
 """Bilevel algorithms: `Algorithm(init, update)` pairs built from one generic loop.
 
 Presets (paper defaults in each docstring): alternating, ba, bsa, aid_bio, stocbio, amigo, ttsa,
-stable, alset, soba, saba, srba, mrbo, sustain, vrbo, fsla, signsgd_ul, momentum, lancbio, subbio.
+stable, alset, soba, saba, srba, mrbo, sustain, vrbo, fsla, signsgd_ul, momentum, lancbio, subbio;
+Hessian-free / value-function: f2sa, bome, pbgd, pdbo, vf_penalty, pzobo, hjfbio, bsg1.
+Multi-objective (robust, n objective pairs; a `bj.MultiObjectiveProblem`, registry `MULTI_OBJECTIVE`): morbit, mmb.
 Building blocks: `bilevel_loop`, `directions`, `estimators`, and the step primitives of `steps`.
 """
 import difflib
@@ -12,20 +14,33 @@ from bilevel_jax.algorithms.double_loop import aid_bio, alternating, amigo, ba, 
 from bilevel_jax.algorithms.krylov import lancbio, subbio
 from bilevel_jax.algorithms.loop import BilevelLoop, LoopState, bilevel_loop
 from bilevel_jax.algorithms.momentum import momentum, mrbo, sustain, vrbo
+from bilevel_jax.algorithms.morbit import MMB, MULTI_OBJECTIVE, Morbit, mmb, morbit
 from bilevel_jax.algorithms.fsla import FSLA, FslaState, fsla
 from bilevel_jax.algorithms.single_loop import alset, saba, soba, srba, ttsa
 from bilevel_jax.algorithms.stable import Stable, StableState, stable
+from bilevel_jax.algorithms import value_function
+from bilevel_jax.algorithms.bsg import bsg1
+from bilevel_jax.algorithms.finite_difference import hjfbio
+from bilevel_jax.algorithms.penalty import f2sa, pbgd
+from bilevel_jax.algorithms.value_function import bome, pdbo, vf_penalty
+from bilevel_jax.algorithms.zeroth_order import pzobo
 
 ALGORITHMS = {
     "alternating": alternating, "ba": ba, "bsa": bsa, "aid_bio": aid_bio, "stocbio": stocbio, "amigo": amigo,
     "ttsa": ttsa, "stable": stable, "alset": alset, "soba": soba, "saba": saba, "srba": srba, "mrbo": mrbo,
     "sustain": sustain, "vrbo": vrbo, "fsla": fsla, "signsgd_ul": signsgd_ul, "momentum": momentum,
     "lancbio": lancbio, "subbio": subbio,
+    # Hessian-free and value-function methods (valid for LLs with many minima: bome, pdbo, vf_penalty, pbgd)
+    "f2sa": f2sa, "bome": bome, "pbgd": pbgd, "pdbo": pdbo, "vf_penalty": vf_penalty, "pzobo": pzobo,
+    "hjfbio": hjfbio, "bsg1": bsg1,
 }
 
 
 def get(name: str):
-    """The preset called `name`; an unknown name lists the valid ones."""
+    """The preset called `name` (single-problem presets, then the multi-objective ones of
+    `MULTI_OBJECTIVE`, which take a `bj.MultiObjectiveProblem`); an unknown name lists the valid ones."""
+    if name in MULTI_OBJECTIVE and name not in ALGORITHMS:
+        return MULTI_OBJECTIVE[name]
     if name not in ALGORITHMS:
         close = difflib.get_close_matches(name, ALGORITHMS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -33,5 +48,5 @@ def get(name: str):
     return ALGORITHMS[name]
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "BilevelLoop", "FSLA", "FslaState", "LoopState", "OracleCounts", "Stable", "StableState", "StepInfo",
-           "bilevel_loop", "directions", "estimators", "get", "steps", *sorted(ALGORITHMS)]
+__all__ = ["ALGORITHMS", "MULTI_OBJECTIVE", "MMB", "Morbit", "mmb", "morbit", "Algorithm", "BilevelLoop", "FSLA", "FslaState", "LoopState", "OracleCounts", "Stable", "StableState", "StepInfo",
+           "bilevel_loop", "directions", "estimators", "get", "steps", "value_function", *sorted(ALGORITHMS)]
