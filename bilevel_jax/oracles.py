@@ -139,3 +139,59 @@ def grad_hvp_cross(problem: BilevelProblem, theta, phi, v, batch, mode: str = "r
     lin = linearize_lower(problem, theta, phi, batch, mode)
     av, jv = lin.hvp_and_cross(v)
     return lin.grad_phi, av, jv
+
+
+# ------------------------------------------------------------------ first-order / Hessian-free oracles
+
+def lower_grads(problem: BilevelProblem, theta, phi, batch):
+    """(grad_theta f_lower, grad_phi f_lower) from one reverse pass."""
+    f, t, p = _on_diff(problem.f_lower, theta, phi, batch)
+    return jax.grad(f, argnums=(0, 1))(t, p)
+
+
+def lower_value_and_grads(problem: BilevelProblem, theta, phi, batch):
+    """(f_lower, (grad_theta f_lower, grad_phi f_lower)) from one reverse pass: the value-function
+    oracle of the value-function methods (g(x, y) and its gradient, Danskin's grad_theta g(x, z))."""
+    f, t, p = _on_diff(problem.f_lower, theta, phi, batch)
+    return jax.value_and_grad(f, argnums=(0, 1))(t, p)
+
+
+def finite_difference_products(problem: BilevelProblem, theta, phi, v, batch, delta):
+    """(A v, J v) by central differences of the LL gradient along v, no second-order autodiff:
+
+        A v ~ (grad_phi f_lower(theta, phi + delta v) - grad_phi f_lower(theta, phi - delta v)) / (2 delta)
+        J v ~ (grad_theta f_lower(theta, phi + delta v) - grad_theta f_lower(theta, phi - delta v)) / (2 delta)
+
+    Two gradient passes. The error is O(delta^2 ||v||^3) times the third derivative of f_lower in
+    phi (zero for a quadratic), plus the round-off eps ||grad f_lower|| / delta of the difference:
+    in float64 delta ~ 1e-5 balances the two, in float32 delta ~ 1e-2 (relative to ||v||) does.
+    """
+    f, t, p = _on_diff(problem.f_lower, theta, phi, batch)
+    grad = jax.grad(f, argnums=(0, 1))
+    (gt_plus, gp_plus) = grad(t, otu.tree_add_scale(p, delta, v))
+    (gt_minus, gp_minus) = grad(t, otu.tree_add_scale(p, -delta, v))
+    scale = 0.5 / delta
+    return (otu.tree_scale(scale, otu.tree_sub(gp_plus, gp_minus)),
+            otu.tree_scale(scale, otu.tree_sub(gt_plus, gt_minus)))
+
+
+def gaussian_jacobian_transpose(fn: Callable[[PyTree], PyTree], x, w, directions, mu, base=None):
+    """A zeroth-order estimate of (d fn / d x)^T w from perturbations of x, no derivative of fn:
+
+        (1/Q) sum_j u_j <(fn(x + mu u_j) - fn(x)) / mu, w>,     directions = [u_1, ..., u_Q]
+
+    (the Q runs of fn vmapped). With E[u u^T] = I it is unbiased up to O(mu) (exactly unbiased
+    when fn is affine); `directions` has a leading axis Q over x's structure. `base` is fn(x) when
+    the caller has it (else fn is called once more). Returns (estimate, fn(x)); fn is called Q
+    (+ 1) times.
+    """
+    y0 = fn(x) if base is None else base
+
+    def one(u):
+        y = fn(otu.tree_add_scale(x, mu, u))
+        return otu.tree_vdot(otu.tree_sub(y, y0), w) / mu
+
+    coeffs = jax.vmap(one)(directions)
+    estimate = jax.tree_util.tree_map(lambda u: jax.numpy.tensordot(coeffs, u, axes=1) / coeffs.shape[0],
+                                      directions)
+    return estimate, y0

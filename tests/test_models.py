@@ -52,6 +52,9 @@ for name in ("ba", "aid_bio", "stocbio", "amigo", "bsa", "alternating", "signsgd
 for name in ("stocbio", "bsa", "ttsa", "alset", "mrbo", "sustain", "vrbo"):
     SETTINGS[name]["neumann_steps"] = 3
 SETTINGS["vrbo"]["period"] = 2
+for name in ("f2sa", "bome", "pbgd", "pdbo", "vf_penalty", "pzobo", "bsg1"):
+    SETTINGS[name]["lower_steps"] = 2
+SETTINGS["pzobo"]["num_directions"] = 2
 SETTINGS["srba"]["period"] = 2
 
 

@@ -42,7 +42,7 @@ PyTree = Any
 def _scale(counts: OracleCounts, upper, lower) -> OracleCounts:
     """Counts with the UL oracles times `upper` and the LL oracles (gradients, HVPs, cross) times `lower`."""
     return OracleCounts(counts.lower_grads * lower, counts.upper_grads * upper, counts.hvps * lower,
-                        counts.cross * lower)
+                        counts.cross * lower, counts.values * lower)
 
 
 class Estimator(eqx.Module):

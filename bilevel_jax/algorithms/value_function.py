@@ -1,0 +1,391 @@
+"""Value-function reformulations: first-order methods that stay valid when the lower level (LL) has
+many minima (convex or PL, not strongly convex), where the implicit gradient does not exist.
+
+The optimistic bilevel problem is the single-level constrained problem (with v(theta) the LL's
+optimal value function)
+
+    min_{theta, phi} f_upper(theta, phi)   s.t.   q(theta, phi) = f_lower(theta, phi) - v(theta) <= 0,
+    v(theta) = min_z f_lower(theta, z)
+
+optionally with the smooth upper bound of v (Sow, Ji, Guan, Liang 2022, arXiv:2203.01123)
+
+    v_a(theta) = min_z f_lower(theta, z) + (a1 / 2) ||z||^2 + a2,      a1, a2 >= 0.
+
+v is never formed: a tracker z follows argmin_z of the (smoothed) LL by T gradient steps (warm-started
+across outer steps, or restarted at phi), and by Danskin's theorem
+
+    v(theta) ~ f_lower(theta, z) + (a1/2) ||z||^2 + a2,     grad v(theta) ~ grad_theta f_lower(theta, z),
+    grad q = (grad_theta f_lower(theta, phi) - grad_theta f_lower(theta, z),  grad_phi f_lower(theta, phi)).
+
+Every method here moves (theta, phi) along the first-order direction of a Lagrangian / penalty,
+
+    d = grad f_upper + lambda grad q            (or grad f_upper / lambda + grad q, `scale_upper`)
+    (theta, phi) <- (P_Theta(theta - alpha d_theta), phi - beta d_phi),
+
+and they differ only in the multiplier lambda (a `Multiplier`):
+
+- `PenaltySchedule`: lambda_k from a ramp (F2SA, V-PBGD, the penalty form of the seeds' eq. (28)),
+  with `hinge` the exact-penalty form rho max{0, q} (weight rho 1[q > 0]);
+- `Barrier`: BOME's dynamic barrier lambda = max(0, (eta ||grad q||^2 - <grad f, grad q>) / ||grad q||^2)
+  (Liu, Ye, Wright, Stone, Liu, "BOME! Bilevel Optimization Made Easy: A Simple First-Order
+  Approach", NeurIPS 2022, arXiv:2209.08709), which makes q decrease at rate eta ||grad q||^2;
+- `DualAscent`: the primal-dual form (29), max_{lambda >= 0} min_{theta, phi} f + lambda q, with
+  lambda <- P_[0, cap](lambda + gamma q) after the primal step (PDBO, Sow et al. 2022).
+
+`phi_steps` > 0 gives F2SA's order (Kwon, Kwon, Wright, Nowak, "A Fully First-Order Method for
+Stochastic Bilevel Optimization", ICML 2023, arXiv:2301.10945): T steps of phi on
+grad_phi f_upper + lambda grad_phi f_lower at fixed theta (interleaved with the tracker's), then
+the theta step; `phi_steps` = 0 is the joint step of BOME, V-PBGD and PDBO.
+
+Oracles per outer step: T tracker LL gradients (+ `phi_steps` LL and UL gradients), then one UL
+gradient at (theta, phi) and two LL value-and-gradient passes, at (theta, phi) and (theta, z);
+the two LL values are counted (`values`) when the multiplier uses q. No Hessian-vector product.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, NamedTuple, Tuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax.tree_utils as otu
+
+from bilevel_jax import oracles
+from bilevel_jax import status as st
+from bilevel_jax._checks import as_array, check_in_range, check_positive_int, check_step_size
+from bilevel_jax.algorithms._common import named, rule
+from bilevel_jax.algorithms.base import Algorithm, OracleCounts, check_key
+from bilevel_jax.algorithms.loop import BatchSize, check_data, make_samplers
+from bilevel_jax.algorithms.steps import StepRule, apply_step, draw_batches, finish, init_rule, lower_phase
+from bilevel_jax.hypergrad.inner import lower_steps as run_lower_steps
+from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.sampling import Sampler
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------------- penalty ramps
+
+class PenaltyRamp(eqx.Module):
+    """k -> min(start + rate k^power, cap): a penalty weight that grows (array fields, sweepable)."""
+
+    start: jax.Array
+    rate: jax.Array
+    power: jax.Array
+    cap: jax.Array
+
+    def __call__(self, count):
+        k = jnp.asarray(count, jnp.result_type(float))
+        return jnp.minimum(self.start + self.rate * k ** self.power, self.cap)
+
+
+def penalty_ramp(start, rate=0.0, power=1.0, cap=jnp.inf) -> PenaltyRamp:
+    """lambda_k = min(start + rate k^power, cap); `rate=0` is a constant penalty."""
+    check_step_size("penalty", start)
+    check_in_range("penalty_rate", rate, 0.0, float("inf"))
+    check_in_range("penalty_power", power, 0.0, float("inf"))
+    check_step_size("penalty_max", cap) if jnp.isfinite(cap) else None
+    return PenaltyRamp(as_array(start), as_array(rate), as_array(power), jnp.asarray(cap, jnp.result_type(float)))
+
+
+# ----------------------------------------------------------------------------------- multipliers
+
+class Gap(NamedTuple):
+    """The constraint at (theta, phi): q, grad q (theta- and phi-parts), grad f_upper."""
+    q: jax.Array
+    grad_q: Tuple[PyTree, PyTree]
+    grad_f: Tuple[PyTree, PyTree]
+
+
+class Multiplier(eqx.Module):
+    """How lambda is chosen: `value(state, gap, count)`, then `advance(state, gap, count)`."""
+
+    needs_value: bool = eqx.field(static=True, default=False)
+
+    def init(self):
+        return None
+
+    @abc.abstractmethod
+    def value(self, state, gap: Gap, count) -> jax.Array:
+        """lambda_k at this point."""
+
+    def advance(self, state, gap: Gap, count):
+        return state
+
+
+class PenaltySchedule(Multiplier):
+    """lambda_k = ramp(k); with `hinge`, the exact-penalty weight rho 1[q > 0] of eq. (28)."""
+
+    ramp: PenaltyRamp = None
+    hinge: bool = eqx.field(static=True, default=False)
+
+    def value(self, state, gap, count):
+        lam = self.ramp(count)
+        return jnp.where(gap.q > 0, lam, 0.0) if self.hinge else lam
+
+
+class Barrier(Multiplier):
+    """BOME's lambda = max(0, (phi_k - <grad f, grad q>) / ||grad q||^2), phi_k = eta ||grad q||^2
+    (`control="gradient"`, the default of the public benchmark) or eta q (`control="value"`, the
+    authors' hyper-cleaning code); 0 where grad q = 0."""
+
+    eta: jax.Array = None
+    control: str = eqx.field(static=True, default="gradient")
+
+    def value(self, state, gap, count):
+        sq = otu.tree_norm(gap.grad_q, squared=True)
+        target = self.eta * (sq if self.control == "gradient" else gap.q)
+        inner = otu.tree_vdot(gap.grad_f, gap.grad_q)
+        safe = jnp.where(sq > 0, sq, 1.0)
+        return jnp.where(sq > 0, jnp.maximum(0.0, (target - inner) / safe), 0.0)
+
+
+class DualAscent(Multiplier):
+    """lambda_{k+1} = P_[0, cap](lambda_k + lr (q_k - reg lambda_k)), from lambda_0 = start
+    (`reg` > 0 is a regularised dual, 0 the plain projected ascent)."""
+
+    lr: jax.Array = None
+    start: jax.Array = None
+    cap: jax.Array = None
+    reg: jax.Array = None
+
+    def init(self):
+        return jnp.asarray(self.start, jnp.result_type(float))
+
+    def value(self, state, gap, count):
+        return state
+
+    def advance(self, state, gap, count):
+        return jnp.clip(state + self.lr * (gap.q - self.reg * state), 0.0, self.cap)
+
+
+# ----------------------------------------------------------------------------------- the algorithm
+
+class ValueFunctionState(NamedTuple):
+    theta: PyTree
+    phi: PyTree
+    z: PyTree            # the tracker of argmin_z f_lower(theta, z) (+ a1/2 ||z||^2)
+    count: Any
+    key: Any
+    upper_opt_state: Any
+    lower_opt_state: Any
+    tracker_opt_state: Any
+    multiplier: Any      # DualAscent's lambda (None otherwise)
+    penalty: Any         # the last lambda used (a diagnostic)
+    gap: Any             # the last q(theta, phi) (a diagnostic)
+
+
+def _smoothed(problem: BilevelProblem, a1) -> BilevelProblem:
+    """The tracker's objective f_lower + (a1/2) ||z||^2 (eq. (26)); the problem itself for a1 = 0."""
+    def f_lower(theta, z, batch):
+        return problem.f_lower(theta, z, batch) + 0.5 * a1 * otu.tree_norm(oracles.differentiable(z), squared=True)
+    return BilevelProblem(problem.f_upper, f_lower, problem.project_upper)
+
+
+class ValueFunction(Algorithm):
+    """See the module docstring; build with a preset (bome, pdbo, vf_penalty, f2sa, pbgd)."""
+
+    problem: BilevelProblem = eqx.field(static=True)
+    upper: StepRule
+    lower: StepRule
+    tracker: StepRule
+    multiplier: Multiplier
+    smoothing: Tuple[jax.Array, jax.Array]     # (a1, a2) of eq. (26)
+    samplers: Tuple[Sampler, Sampler] = eqx.field(static=True)
+    tracker_steps: int = eqx.field(static=True, default=10)
+    restart_tracker: bool = eqx.field(static=True, default=False)   # z starts at phi every step (BOME)
+    phi_steps: int = eqx.field(static=True, default=0)              # F2SA's inner phi steps
+    scale_upper: bool = eqx.field(static=True, default=False)       # d = grad f / lambda + grad q (V-PBGD)
+    smooth: bool = eqx.field(static=True, default=False)
+    check: bool = eqx.field(static=True, default=False)
+    name: str = eqx.field(static=True, default="value_function")
+
+    def init(self, theta0, phi0, key, data=None) -> ValueFunctionState:
+        check_key(key)
+        theta0 = self.problem.project(theta0)
+        if data is not None:
+            check_data(data, self.samplers)
+            self.problem.validate(theta0, phi0, data)
+        zero = jnp.zeros((), jnp.result_type(float))
+        return ValueFunctionState(theta0, phi0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
+                                  init_rule(self.lower, phi0), init_rule(self.tracker, phi0), self.multiplier.init(),
+                                  zero, zero)
+
+    def _tracked(self):
+        return _smoothed(self.problem, self.smoothing[0]) if self.smooth else self.problem
+
+    def _gap(self, theta, phi, z, batches) -> Tuple[Gap, Any]:
+        p = self.problem
+        g_theta, g_phi = oracles.upper_grads(p, theta, phi, batches.upper)
+        value_y, (gx_y, gy_y) = oracles.lower_value_and_grads(p, theta, phi, batches.lower)
+        value_z, (gx_z, _) = oracles.lower_value_and_grads(p, theta, z, batches.lower)
+        if self.smooth:
+            a1, a2 = self.smoothing
+            value_z = value_z + 0.5 * a1 * otu.tree_norm(oracles.differentiable(z), squared=True) + a2
+        return Gap(value_y - value_z, (otu.tree_sub(gx_y, gx_z), gy_y), (g_theta, g_phi))
+
+    def _phi_steps(self, theta, phi, opt_state, lam, batches):
+        """F2SA's inner loop on phi: phi <- phi - beta (grad_phi f_upper + lambda grad_phi f_lower)."""
+        penalised = BilevelProblem(self.problem.f_upper,
+                                   lambda t, y, b: self.problem.f_upper(t, y, batches.upper) + lam * self.problem.f_lower(t, y, b))
+        return run_lower_steps(penalised, self.lower.build(), theta, phi, opt_state, self.phi_steps, batches.lower_at)
+
+    def update(self, state: ValueFunctionState, data):
+        check_data(data, self.samplers)
+        k = state.count
+        batches = draw_batches(self.samplers, data, state.key, k, self.tracker_steps)
+        # 1. the tracker z ~ argmin f_lower(theta_k, .) (+ a1/2 ||.||^2), T steps
+        z0 = state.phi if self.restart_tracker else state.z
+        z_opt = init_rule(self.tracker, z0) if self.restart_tracker else state.tracker_opt_state
+        z, z_opt, counts, z_status = lower_phase(self._tracked(), self.tracker, state.theta, z0, z_opt,
+                                                 self.tracker_steps, batches.lower_at, k)
+        phi, lower_state, statuses = state.phi, state.lower_opt_state, [z_status]
+        # 2. (F2SA) T steps of phi on the penalised objective at fixed theta, lambda_k from the schedule
+        if self.phi_steps:
+            phi, lower_state = self._phi_steps(state.theta, phi, lower_state, self.multiplier.ramp(k), batches)
+            counts = counts + OracleCounts.of(lower_grads=self.phi_steps, upper_grads=self.phi_steps)
+            statuses.append(self.lower.status(k))
+        # 3. the gap, the multiplier and the direction at (theta_k, phi, z)
+        gap = self._gap(state.theta, phi, z, batches)
+        lam = self.multiplier.value(state.multiplier, gap, k)
+        if self.scale_upper:
+            d = otu.tree_add_scale(gap.grad_q, 1.0 / lam, gap.grad_f)
+        else:
+            d = otu.tree_add_scale(gap.grad_f, lam, gap.grad_q)
+        counts = counts + OracleCounts.of(lower_grads=2, upper_grads=1, values=2 * int(self.multiplier.needs_value))
+        # 4. steps: theta (projected), phi (joint step unless F2SA moved it already), the dual variable
+        theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state, d[0], k,
+                                                   self.problem.project)
+        statuses.append(up_status)
+        if not self.phi_steps:
+            phi, lower_state, low_status = apply_step(self.lower, phi, lower_state, d[1], k)
+            statuses.append(low_status)
+        multiplier = self.multiplier.advance(state.multiplier, gap, k)
+        (theta, phi, z), info = finish((theta, phi, z), counts, jnp.nan, statuses, check=self.check,
+                                       where=f"{self.name} outer step")
+        new = ValueFunctionState(theta, phi, z, k + 1, state.key, upper_state, lower_state, z_opt, multiplier,
+                                 jnp.asarray(lam, jnp.result_type(float)), gap.q)
+        return new, info
+
+
+def _rule(name, lr, opt) -> StepRule:
+    """A `StepRule` given as is (a preset's schedule), else built from `lr` / the optax rule `opt`."""
+    return opt if isinstance(opt, StepRule) else rule(name, lr, opt)
+
+
+def value_function(problem: BilevelProblem, *, multiplier: Multiplier, upper_lr=0.1, lower_lr=0.1, tracker_lr=None,
+                   upper_opt=None, lower_opt=None, tracker_opt=None, tracker_steps: int = 10,
+                   restart_tracker: bool = False, phi_steps: int = 0, scale_upper: bool = False,
+                   smoothing=None, batch_size: BatchSize = None, sampler: str = "iid", check: bool = False,
+                   name: str = "value_function") -> ValueFunction:
+    """Compose a value-function method (module docstring): step rules of theta (`upper_lr`), phi
+    (`lower_lr`) and the tracker z (`tracker_lr`, default `lower_lr`), floats, arrays, schedules or
+    optax rules; `tracker_steps` T; `smoothing=(a1, a2)` for v_a of eq. (26) (None: the plain v)."""
+    with named(name):
+        if not isinstance(problem, BilevelProblem):
+            raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
+        if not isinstance(multiplier, Multiplier):
+            raise TypeError(f"multiplier must be a value_function.Multiplier, got {multiplier!r}.")
+        check_positive_int("tracker_steps", tracker_steps, minimum=1)
+        check_positive_int("phi_steps", phi_steps, minimum=0)
+        if phi_steps and not isinstance(multiplier, PenaltySchedule):
+            raise ValueError("phi_steps > 0 (F2SA's inner loop) needs a penalty schedule multiplier.")
+        upper = _rule("upper_lr", upper_lr, upper_opt)
+        lower = _rule("lower_lr", lower_lr, lower_opt)
+        tracker = lower if (tracker_lr is None and tracker_opt is None) else _rule(
+            "tracker_lr", lower_lr if tracker_lr is None else tracker_lr, tracker_opt)
+        if smoothing is None:
+            a = (as_array(0.0), as_array(0.0))
+        else:
+            if not (isinstance(smoothing, (tuple, list)) and len(smoothing) == 2):
+                raise ValueError(f"smoothing must be a pair (a1, a2) of non-negative numbers, got {smoothing!r}.")
+            for n, val in zip(("smoothing[0] (a1)", "smoothing[1] (a2)"), smoothing):
+                check_in_range(n, val, 0.0, float("inf"))
+            a = (as_array(smoothing[0]), as_array(smoothing[1]))
+        return ValueFunction(problem, upper, lower, tracker, multiplier, a,
+                             make_samplers(batch_size, sampler), tracker_steps, restart_tracker, phi_steps,
+                             scale_upper, smoothing is not None, check, name)
+
+
+# ----------------------------------------------------------------------------------- presets
+
+def bome(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, inner_lr=0.1, upper_opt=None, lower_opt=None,
+         inner_opt=None, lower_steps: int = 10, eta=0.5, control: str = "gradient", batch_size: BatchSize = None,
+         **kw) -> ValueFunction:
+    """BOME (Liu, Ye, Wright, Stone, Liu, "BOME! Bilevel Optimization Made Easy: A Simple First-Order
+    Approach", NeurIPS 2022, arXiv:2209.08709):
+
+        y_hat = T gradient steps on f_lower(x_k, .) from y_k (step `inner_lr`), held fixed,
+        q(x, y) = f_lower(x, y) - f_lower(x, y_hat),
+        lambda_k = max(0, (phi_k - <grad f_upper, grad q>) / ||grad q||^2),
+        (x, y) <- (x, y) - xi (grad f_upper + lambda_k grad q)          (one step xi on both)
+
+    with phi_k = eta ||grad q||^2 (`control="gradient"`, eta = 0.5: the public benchmark's default)
+    or eta q (`control="value"`, the authors' code, eta in {0.1, 0.5, 0.9}). Defaults: T = 10
+    (the authors' hyper-cleaning setting), xi = `upper_lr` for x and `lower_lr` (default the same)
+    for y. Valid for LLs with many minima (PL). Oracles: T + 2 LL gradients, 1 UL gradient,
+    2 LL values when `control="value"`."""
+    with named("bome"):
+        if control not in ("gradient", "value"):
+            raise ValueError(f"control must be 'gradient' or 'value', got {control!r}.")
+        check_step_size("eta", eta)
+        lower_lr = upper_lr if (lower_lr is None and lower_opt is None) else lower_lr
+        return value_function(problem, multiplier=Barrier(control == "value", as_array(eta), control),
+                              upper_lr=upper_lr, lower_lr=lower_lr, tracker_lr=inner_lr, upper_opt=upper_opt,
+                              lower_opt=lower_opt, tracker_opt=inner_opt, tracker_steps=lower_steps,
+                              restart_tracker=True, batch_size=batch_size, name="bome", **kw)
+
+
+def pdbo(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, inner_lr=None, dual_lr=1.0, dual_start=0.0,
+         dual_max=1e3, dual_reg=0.0, upper_opt=None, lower_opt=None, inner_opt=None, lower_steps: int = 10,
+         smoothing=None, batch_size: BatchSize = None, **kw) -> ValueFunction:
+    """PDBO (Sow, Ji, Guan, Liang, "A Primal-Dual Approach to Bilevel Optimization with Multiple
+    Inner Minima", 2022, arXiv:2203.01123), the primal-dual form (29) of the value-function problem:
+
+        z_k = N (warm-started) gradient steps on f_lower(x_k, .) [+ (a1/2) ||.||^2]
+        q_k = f_lower(x_k, y_k) - f_lower(x_k, z_k) [- (a1/2) ||z_k||^2 - a2]
+        (x, y) <- (P_X(x - eta_x (grad_x f + lambda_k (grad_x f_lower(x, y) - grad_x f_lower(x, z)))),
+                   y - eta_y (grad_y f + lambda_k grad_y f_lower(x, y)))
+        lambda_{k+1} = P_[0, Lambda](lambda_k + gamma (q_k - reg lambda_k))
+
+    `smoothing=(a1, a2)` uses the smooth, strictly feasible bound v_a of eq. (26) (None: the plain
+    value function, for which q >= 0 and lambda climbs to Lambda = `dual_max`). Settings
+    [verify: no public code]: N = 10, gamma = `dual_lr` = 1, Lambda = 1e3, reg = 0. Oracles: N + 2
+    LL gradients, 1 UL gradient, 2 LL values."""
+    with named("pdbo"):
+        check_step_size("dual_lr", dual_lr)
+        check_in_range("dual_start", dual_start, 0.0, float("inf"))
+        check_step_size("dual_max", dual_max)
+        check_in_range("dual_reg", dual_reg, 0.0, float("inf"))
+        mult = DualAscent(True, as_array(dual_lr), as_array(dual_start), as_array(dual_max), as_array(dual_reg))
+        return value_function(problem, multiplier=mult, upper_lr=upper_lr, lower_lr=lower_lr, tracker_lr=inner_lr,
+                              upper_opt=upper_opt, lower_opt=lower_opt, tracker_opt=inner_opt,
+                              tracker_steps=lower_steps, smoothing=smoothing, batch_size=batch_size, name="pdbo",
+                              **kw)
+
+
+def vf_penalty(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, inner_lr=None, penalty=10.0,
+               penalty_rate=0.0, penalty_max=float("inf"), upper_opt=None, lower_opt=None, inner_opt=None,
+               lower_steps: int = 10, smoothing=(0.0, 0.0), hinge: bool = True, batch_size: BatchSize = None,
+               **kw) -> ValueFunction:
+    """The penalty form (28) of the value-function problem (25)-(27) (Sow et al. 2022,
+    arXiv:2203.01123; the lecture notes' single-level reformulation):
+
+        min_{theta, phi} f_upper + rho max{0, f_lower(theta, phi) - v_a(theta)},
+
+    a joint (sub)gradient step on (theta, phi) with the weight rho 1[q > 0] (`hinge`; False: the
+    smooth penalty rho q), v_a tracked by N warm-started gradient steps, rho_k = min(`penalty` +
+    `penalty_rate` k, `penalty_max`). With a1 = a2 = 0 (default) q >= 0 and the hinge is rho q; the
+    minimiser is within O(1/rho) of the optimistic solution. Oracles: N + 2 LL gradients, 1 UL
+    gradient, 2 LL values."""
+    with named("vf_penalty"):
+        mult = PenaltySchedule(hinge, penalty_ramp(penalty, penalty_rate, 1.0, penalty_max), hinge)
+        return value_function(problem, multiplier=mult, upper_lr=upper_lr, lower_lr=lower_lr, tracker_lr=inner_lr,
+                              upper_opt=upper_opt, lower_opt=lower_opt, tracker_opt=inner_opt,
+                              tracker_steps=lower_steps, smoothing=smoothing, batch_size=batch_size,
+                              name="vf_penalty", **kw)
+
+
+__all__ = ["Barrier", "DualAscent", "Gap", "Multiplier", "PenaltyRamp", "PenaltySchedule", "ValueFunction",
+           "ValueFunctionState", "bome", "pdbo", "penalty_ramp", "value_function", "vf_penalty"]

@@ -1,0 +1,130 @@
+"""PZOBO: a zeroth-order (evolution-strategies) Jacobian of the unrolled lower level (Sow, Ji,
+Liang, "On the Convergence Theory for Hessian-Free Bilevel Algorithms", NeurIPS 2022,
+arXiv:2110.07004). No second derivative anywhere:
+
+    y_N(x)   = N gradient steps on f_lower(x, .) from y_k (warm start: y_k is the last y_N)
+    delta_j  = (y_N(x_k + mu u_j) - y_N(x_k)) / mu,   u_j ~ N(0, I), j = 1..Q   (vmapped over j,
+               the perturbed runs on the same LL batches as the unperturbed one)
+    x_{k+1}  = P_X(x_k - beta (grad_x f_upper(x_k, y_N) + (1/Q) sum_j u_j <delta_j, grad_y f_upper(x_k, y_N)>))
+
+(1/Q) sum_j u_j delta_j' estimates dy_N/dx^T: E[u u'] = I makes it unbiased up to O(mu)
+(exactly for an affine y_N). `directions="orthogonal"` draws Q = dim(x) directions as the rows of
+a random orthogonal matrix times sqrt(dim x) (still E[u u'] = I, and (1/Q) sum u_j u_j' = I for
+every draw: no sampling noise for affine maps). Defaults of the public benchmark: mu = 0.1, Q = 10,
+N = 10. Oracles per step: N (Q + 1) LL gradients, 1 UL gradient.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Tuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from bilevel_jax import oracles
+from bilevel_jax._checks import as_array, check_positive_int, check_step_size
+from bilevel_jax.algorithms._common import named, rule
+from bilevel_jax.algorithms.base import Algorithm, OracleCounts, check_key, step_key
+from bilevel_jax.algorithms.loop import BatchSize, check_data, make_samplers
+from bilevel_jax.algorithms.steps import SOLVER_STREAM, StepRule, apply_step, draw_batches, finish, init_rule
+from bilevel_jax.hypergrad.inner import lower_steps as run_lower_steps
+from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.sampling import Sampler
+
+PyTree = Any
+
+
+class PzoboState(NamedTuple):
+    theta: PyTree
+    phi: PyTree
+    count: Any
+    key: Any
+    upper_opt_state: Any
+    lower_opt_state: Any
+
+
+def draw_directions(key, like: PyTree, num: int, kind: str) -> PyTree:
+    """`num` directions shaped like `like` (a leading axis): Gaussian, or the rows of a random
+    orthogonal matrix scaled by sqrt(dim) (`num` must then be dim)."""
+    flat, unravel = ravel_pytree(like)
+    d = flat.shape[0]
+    if kind == "gaussian":
+        u = jax.random.normal(key, (num, d), flat.dtype)
+    else:
+        q, r = jnp.linalg.qr(jax.random.normal(key, (d, d), flat.dtype))
+        u = jnp.sqrt(d) * (q * jnp.sign(jnp.diag(r))).T
+    return jax.vmap(unravel)(u)
+
+
+class PZOBO(Algorithm):
+    problem: BilevelProblem = eqx.field(static=True)
+    upper: StepRule
+    lower: StepRule
+    mu: jax.Array
+    samplers: Tuple[Sampler, Sampler] = eqx.field(static=True)
+    lower_steps: int = eqx.field(static=True, default=10)
+    num_directions: int = eqx.field(static=True, default=10)
+    directions: str = eqx.field(static=True, default="gaussian")
+    check: bool = eqx.field(static=True, default=False)
+
+    def init(self, theta0, phi0, key, data=None) -> PzoboState:
+        check_key(key)
+        theta0 = self.problem.project(theta0)
+        if data is not None:
+            check_data(data, self.samplers)
+            self.problem.validate(theta0, phi0, data)
+        if self.directions == "orthogonal":
+            dim = ravel_pytree(oracles.differentiable(theta0))[0].shape[0]
+            if dim != self.num_directions:
+                raise ValueError(f"pzobo: directions='orthogonal' needs num_directions = dim(theta) = {dim}, "
+                                 f"got {self.num_directions}.")
+        return PzoboState(theta0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
+                          init_rule(self.lower, phi0))
+
+    def update(self, state: PzoboState, data):
+        check_data(data, self.samplers)
+        p, k = self.problem, state.count
+        batches = draw_batches(self.samplers, data, state.key, k, self.lower_steps)
+        theta_d, theta_s = eqx.partition(state.theta, eqx.is_inexact_array)
+        phi_s = eqx.filter(state.phi, eqx.is_inexact_array, inverse=True)
+        optimizer = self.lower.build()
+
+        def unrolled(t):
+            """y_N as a function of theta's array part (the same start and batches every call)."""
+            phi, opt_state = run_lower_steps(p, optimizer, eqx.combine(t, theta_s), state.phi, state.lower_opt_state,
+                                             self.lower_steps, batches.lower_at)
+            return oracles.differentiable(phi), opt_state
+
+        y_n, lower_state = unrolled(theta_d)
+        phi = eqx.combine(y_n, phi_s)
+        g_theta, g_phi = oracles.upper_grads(p, state.theta, phi, batches.upper)
+        u = draw_directions(step_key(state.key, k, SOLVER_STREAM), theta_d, self.num_directions, self.directions)
+        jac_t_w, _ = oracles.gaussian_jacobian_transpose(lambda t: unrolled(t)[0], theta_d, g_phi, u, self.mu, y_n)
+        d = jax.tree_util.tree_map(jnp.add, g_theta, jac_t_w)
+        theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state, d, k, p.project)
+        counts = OracleCounts.of(lower_grads=self.lower_steps * (self.num_directions + 1), upper_grads=1)
+        (theta, phi), info = finish((theta, phi), counts, jnp.nan, (up_status, self.lower.status(k)),
+                                    check=self.check, where="pzobo outer step")
+        return PzoboState(theta, phi, k + 1, state.key, upper_state, lower_state), info
+
+
+def pzobo(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None,
+          lower_steps: int = 10, num_directions: int = 10, mu=0.1, directions: str = "gaussian",
+          upper_decay=0.0, batch_size: BatchSize = None, sampler: str = "iid", check: bool = False) -> PZOBO:
+    """PZOBO (module docstring): step beta = `upper_lr` (decayed as (k+1)^-`upper_decay`), N =
+    `lower_steps` LL steps of `lower_lr` per outer step, Q = `num_directions` perturbations of size
+    `mu`; defaults mu = 0.1, Q = 10, N = 10 (the public benchmark's, full batch)."""
+    with named("pzobo"):
+        if not isinstance(problem, BilevelProblem):
+            raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
+        check_positive_int("lower_steps", lower_steps)
+        check_positive_int("num_directions", num_directions)
+        check_step_size("mu", mu)
+        if directions not in ("gaussian", "orthogonal"):
+            raise ValueError(f"directions must be 'gaussian' or 'orthogonal', got {directions!r}.")
+        return PZOBO(problem, rule("upper_lr", upper_lr, upper_opt, upper_decay), rule("lower_lr", lower_lr, lower_opt),
+                     as_array(mu), make_samplers(batch_size, sampler), lower_steps, num_directions, directions, check)
+
+
+__all__ = ["PZOBO", "PzoboState", "draw_directions", "pzobo"]
