@@ -78,7 +78,7 @@ X_AXES = ("time", "oracles", "step")
 CURVES = ("best", "all")
 
 # keys of an [algorithms.<label>] table that are not preset keyword arguments
-ALGORITHM_SPECIAL = ("preset", "step", "ratio", "static", "steps", "eval_every", "lr_decay")
+ALGORITHM_SPECIAL = ("preset", "step", "ratio", "steps", "eval_every", "lr_decay")
 
 
 def parse_value(text: str) -> Any:
@@ -203,8 +203,6 @@ def validate(cfg: dict, source: str = "config") -> dict:
         cfg["algorithms"] = {label: {**copy.deepcopy(cfg["defaults"]), **table}
                              for label, table in cfg["algorithms"].items()}
     for label, table in cfg["algorithms"].items():
-        if "static" in table and not isinstance(table["static"], list):
-            raise ConfigError(f"{source}: algorithms.{label}.static must be a list of key names.")
         if ("step" in table or "ratio" in table) and not ("step" in table and "ratio" in table):
             raise ConfigError(f"{source}: algorithms.{label}: give both step and ratio "
                               "(lower_lr = step, upper_lr = step / ratio) or neither.")

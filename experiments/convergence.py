@@ -69,14 +69,14 @@ def _value_text(v) -> str:
 
 def hp_text(result: CellResult) -> str:
     meta = result.meta
-    items = {**meta["static"], **meta["traced"]}
+    items = meta["hyperparameters"]
     return " ".join(f"{k}={_value_text(v)}" for k, v in items.items() if k not in ("batch_size",))
 
 
 def flat_keys(result: CellResult) -> dict:
     """The cell's settings with nested keys joined by underscores (for `plot.label`)."""
     out = {"label": result.meta["label"], "preset": result.meta["preset"]}
-    for k, v in {**result.meta["static"], **result.meta["traced"]}.items():
+    for k, v in result.meta["hyperparameters"].items():
         if isinstance(v, dict):
             out.update({f"{k}_{a}": b for a, b in v.items()})
         out[k] = _value_text(v)

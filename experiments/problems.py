@@ -4,15 +4,18 @@
     logreg_hpo   bj.problems.logistic_hpo on IJCNN1 (files or the IJCNN1-shaped generator),
                  scikit-learn's breast cancer, or the generator at any size; h* by L-BFGS
 
-Metrics are pure functions `(state, data) -> scalar` evaluated inside `bj.run`'s scan (data is
-the run's argument, never a closure); only the requested ones are computed. Reference values
-(F*, h*) are computed once by `Setup.compute_reference` and passed to `Setup.make_eval`.
+The keys of a `[problem]` table are the fields of the problem's options dataclass
+(`QuadraticOptions`, `LogregOptions`); `check` builds the options, so an unknown key is a
+one-line ConfigError listing the valid ones, before any data are loaded.
+
+Metrics are pure functions `(state, data) -> scalar` of the iterates and the data (data is an
+argument, never a closure); only the requested ones are computed. Reference values (F*, h*) are
+computed once by `Setup.compute_reference` and passed to `Setup.make_eval`.
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from typing import Callable, Dict, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -43,28 +46,46 @@ def _sq(x):
 QUADRATIC_METRICS = ("grad_sq", "value_gap", "theta_err", "lower_gap", "value")
 
 
-def quadratic(seed: int = 0, dim_upper: int = 5, dim_lower: int = 10, n_samples: Optional[int] = 256,
-              lower_spectrum: Sequence[float] = (0.1, 1.0), upper_spectrum: Sequence[float] = (0.1, 1.0),
-              cross: float = 0.1, reg: float = 1.0, noise: float = 1.0, lower_cross: Optional[float] = None,
-              theta_shift: float = 0.0, phi_shift: float = 0.0, lower_hessian_noise: bool = True) -> Setup:
-    """The stochastic (finite-sum, `n_samples`; 0 = deterministic) quadratic bilevel problem.
+@dataclasses.dataclass(frozen=True)
+class QuadraticOptions:
+    """The keys of a `[problem] name = "quadratic"` table (see `quadratic`)."""
+
+    seed: int = 0
+    dim_upper: int = 5
+    dim_lower: int = 10
+    n_samples: Optional[int] = 256
+    lower_spectrum: Sequence[float] = (0.1, 1.0)
+    upper_spectrum: Sequence[float] = (0.1, 1.0)
+    cross: float = 0.1
+    reg: float = 1.0
+    noise: float = 1.0
+    lower_cross: Optional[float] = None
+    theta_shift: float = 0.0
+    phi_shift: float = 0.0
+    lower_hessian_noise: bool = True
+
+
+def quadratic(**options) -> Setup:
+    """The stochastic (finite-sum, `n_samples`; 0 = deterministic) quadratic bilevel problem;
+    `options` are the fields of `QuadraticOptions`.
 
     Starts at theta0 = theta_shift * 1, phi0 = phi_shift * 1. `lower_hessian_noise = false`
     replaces the rank-one per-sample LL Hessians by their mean (exact Hessian-vector products,
     noisy gradients). Metrics (closed forms): grad_sq = ||grad F(theta)||^2, value_gap = F(theta) -
     F*, theta_err = ||theta - theta*||^2, lower_gap = ||phi - phi*(theta)||^2, value = F(theta).
     """
-    q = bj.problems.quadratic_bilevel(jax.random.PRNGKey(seed), dim_upper=dim_upper, dim_lower=dim_lower,
-                                      n_samples=n_samples or None, lower_spectrum=tuple(lower_spectrum),
-                                      upper_spectrum=tuple(upper_spectrum), cross=cross, reg=reg, noise=noise,
-                                      lower_cross=lower_cross)
+    o = options_of("quadratic", options)
+    q = bj.problems.quadratic_bilevel(jax.random.PRNGKey(o.seed), dim_upper=o.dim_upper, dim_lower=o.dim_lower,
+                                      n_samples=o.n_samples or None, lower_spectrum=tuple(o.lower_spectrum),
+                                      upper_spectrum=tuple(o.upper_spectrum), cross=o.cross, reg=o.reg,
+                                      noise=o.noise, lower_cross=o.lower_cross)
     data = q.data
-    if not lower_hessian_noise:
+    if not o.lower_hessian_noise:
         upper, lower = data
         lower = dict(lower, H=jnp.broadcast_to(q.means["H"], lower["H"].shape))
         data = (upper, lower)
-    theta0 = q.theta0 + theta_shift
-    phi0 = q.phi0 + phi_shift
+    theta0 = q.theta0 + o.theta_shift
+    phi0 = q.phi0 + o.phi_shift
 
     def compute_reference():
         ts = q.theta_star()
@@ -83,10 +104,10 @@ def quadratic(seed: int = 0, dim_upper: int = 5, dim_lower: int = 10, n_samples:
         }
         return _select(fns, names)
 
-    kind = f"{n_samples} samples" if n_samples else "deterministic"
-    if n_samples and not lower_hessian_noise:
+    kind = f"{o.n_samples} samples" if o.n_samples else "deterministic"
+    if o.n_samples and not o.lower_hessian_noise:
         kind += ", exact LL Hessians"
-    desc = f"quadratic bilevel (d_theta={dim_upper}, d_phi={dim_lower}, {kind})"
+    desc = f"quadratic bilevel (d_theta={o.dim_upper}, d_phi={o.dim_lower}, {kind})"
     return Setup(q.problem, data, theta0, phi0, desc, False, QUADRATIC_METRICS, compute_reference, make_eval)
 
 
@@ -113,13 +134,30 @@ def _load_logreg_data(data: str, path, n_train, n_val, data_seed, val_fraction):
     raise ConfigError(f"unknown logreg_hpo data {data!r}; valid: {', '.join(LOGREG_DATA)}.")
 
 
-def logreg_hpo(data: str = "ijcnn1", path: Optional[str] = None, n_train: int = 0, n_val: int = 0,
-               data_seed: int = 0, val_fraction: float = 0.5, seed: int = 0, per_feature: bool = True,
-               theta_init: str = "log_uniform", phi_init: str = "normal", eval_newton_steps: int = 6,
-               reference_steps: int = 200, test_fraction: float = 0.0, theta_shift: float = 0.0,
-               theta_bounds: Optional[Sequence[float]] = (-12.0, 12.0)) -> Setup:
+@dataclasses.dataclass(frozen=True)
+class LogregOptions:
+    """The keys of a `[problem] name = "logreg_hpo"` table (see `logreg_hpo`)."""
+
+    data: str = "ijcnn1"
+    path: Optional[str] = None
+    n_train: int = 0
+    n_val: int = 0
+    data_seed: int = 0
+    val_fraction: float = 0.5
+    seed: int = 0
+    per_feature: bool = True
+    theta_init: str = "log_uniform"
+    phi_init: str = "normal"
+    eval_newton_steps: int = 6
+    reference_steps: int = 200
+    test_fraction: float = 0.0
+    theta_shift: float = 0.0
+    theta_bounds: Optional[Sequence[float]] = (-12.0, 12.0)
+
+
+def logreg_hpo(**options) -> Setup:
     """Seed 003's hyperparameter selection: logistic regression with one regulariser exp(theta_k)
-    per feature (`bj.problems.logistic_hpo`).
+    per feature (`bj.problems.logistic_hpo`); `options` are the fields of `LogregOptions`.
 
     data: "ijcnn1" (libsvm files from `path` or $BILEVEL_JAX_IJCNN1, else the IJCNN1-shaped
       generator with n_train/n_val rows, 0 = IJCNN1's sizes), "ijcnn1_like" (always generated),
@@ -134,27 +172,29 @@ def logreg_hpo(data: str = "ijcnn1", path: Optional[str] = None, n_train: int = 
     lower_gap = ||phi - w*(theta)||^2, val_error = validation misclassification rate of phi.
     """
     from bilevel_jax.problems import logistic as lg
-    raw, source, synthetic = _load_logreg_data(data, path, n_train, n_val, data_seed, val_fraction)
+    o = options_of("logreg_hpo", options)
+    raw, source, synthetic = _load_logreg_data(o.data, o.path, o.n_train, o.n_val, o.data_seed, o.val_fraction)
     test = None
-    if test_fraction:
-        if not 0.0 < test_fraction < 1.0:
-            raise ConfigError(f"test_fraction must lie in (0, 1), got {test_fraction!r}.")
+    if o.test_fraction:
+        if not 0.0 < o.test_fraction < 1.0:
+            raise ConfigError(f"test_fraction must lie in (0, 1), got {o.test_fraction!r}.")
         (Xv, yv), lower = raw
-        n_test = int(round(test_fraction * Xv.shape[0]))
+        n_test = int(round(o.test_fraction * Xv.shape[0]))
         test = (Xv[:n_test], yv[:n_test])
         raw = ((Xv[n_test:], yv[n_test:]), lower)
-    hpo = bj.problems.logistic_hpo(raw, seed, per_feature=per_feature, theta_init=theta_init, phi_init=phi_init)
+    hpo = bj.problems.logistic_hpo(raw, o.seed, per_feature=o.per_feature, theta_init=o.theta_init,
+                                   phi_init=o.phi_init)
     problem = hpo.problem
-    if theta_bounds:
-        lo, hi = (float(b) for b in theta_bounds)
+    if o.theta_bounds:
+        lo, hi = (float(b) for b in o.theta_bounds)
         problem = dataclasses.replace(problem, project_upper=lambda t: jnp.clip(t, lo, hi))
-    hpo = hpo._replace(theta0=problem.project(hpo.theta0 + theta_shift), problem=problem)
+    hpo = hpo._replace(theta0=problem.project(hpo.theta0 + o.theta_shift), problem=problem)
 
     def w_star(theta, phi, d):
         # warm start at the recorded phi, or at 0 when phi is worse (a diverged run)
         zero = jnp.zeros_like(phi)
         start = jnp.where(problem.f_lower(theta, phi, d[1]) < problem.f_lower(theta, zero, d[1]), phi, zero)
-        return lg.newton_phi_star(theta, d[1], phi0=start, newton_steps=eval_newton_steps)
+        return lg.newton_phi_star(theta, d[1], phi0=start, newton_steps=o.eval_newton_steps)
 
     def value(s, d):
         return problem.f_upper(s.theta, w_star(s.theta, s.phi, d), d[0])
@@ -171,7 +211,7 @@ def logreg_hpo(data: str = "ijcnn1", path: Optional[str] = None, n_train: int = 
         raise ConfigError("the test_* metrics need problem.test_fraction > 0.")
 
     def compute_reference():
-        sol = hpo.solve_value(steps=reference_steps)
+        sol = hpo.solve_value(steps=o.reference_steps)
         return {"value_star": float(sol.value), "value_star_grad_norm": float(sol.grad_norm),
                 "theta_star": [float(t) for t in jnp.atleast_1d(sol.theta)],
                 "value_initial": float(hpo.value(hpo.theta0))}
@@ -202,6 +242,22 @@ def logreg_hpo(data: str = "ijcnn1", path: Optional[str] = None, n_train: int = 
 # --------------------------------------------------------------------------------------------------
 
 PROBLEMS: Dict[str, Callable[..., Setup]] = {"quadratic": quadratic, "logreg_hpo": logreg_hpo}
+OPTIONS: Dict[str, type] = {"quadratic": QuadraticOptions, "logreg_hpo": LogregOptions}
+METRICS: Dict[str, Tuple[str, ...]] = {"quadratic": QUADRATIC_METRICS, "logreg_hpo": LOGREG_METRICS}
+
+
+def options_of(name: str, options: dict):
+    """The options of problem `name` built from a table's keys; an unknown key is a ConfigError
+    that lists the valid ones (the fields of the options dataclass)."""
+    cls = OPTIONS[name]
+    try:
+        return cls(**options)
+    except TypeError as e:
+        valid = sorted(f.name for f in dataclasses.fields(cls))
+        unknown = sorted(set(options) - set(valid))
+        if not unknown:
+            raise ConfigError(f"problem {name!r}: {e}") from None
+        raise ConfigError(f"unknown key(s) {unknown} for problem {name!r}; valid keys: {', '.join(valid)}.") from None
 
 
 def _select(fns: dict, names) -> Callable:
@@ -213,16 +269,13 @@ def _select(fns: dict, names) -> Callable:
 
 
 def check(problem_cfg: dict, metrics: Sequence[str] = ()) -> None:
-    """Validate a [problem] table (name, keyword names) and metric names without building anything."""
+    """Validate a [problem] table (name; keys, by building its options) and metric names, without
+    loading data or building the problem."""
     name = problem_cfg.get("name")
     if name not in PROBLEMS:
         raise ConfigError(f"unknown problem {name!r}; valid problems: {', '.join(sorted(PROBLEMS))}.")
-    params = inspect.signature(PROBLEMS[name]).parameters
-    unknown = sorted(set(problem_cfg) - {"name"} - set(params))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} for problem {name!r}; valid keys: "
-                          f"{', '.join(sorted(params))}.")
-    valid = {"quadratic": QUADRATIC_METRICS, "logreg_hpo": LOGREG_METRICS}[name]
+    options_of(name, {k: v for k, v in problem_cfg.items() if k != "name"})
+    valid = METRICS[name]
     bad = [m for m in metrics if m not in valid]
     if bad:
         raise ConfigError(f"unknown metric(s) {bad} for problem {name!r}; valid metrics: {', '.join(valid)}.")
@@ -234,4 +287,5 @@ def build(problem_cfg: dict) -> Setup:
     return PROBLEMS[problem_cfg["name"]](**kwargs)
 
 
-__all__ = ["PROBLEMS", "Setup", "build", "check", "logreg_hpo", "quadratic"]
+__all__ = ["LogregOptions", "METRICS", "OPTIONS", "PROBLEMS", "QuadraticOptions", "Setup", "build", "check",
+           "logreg_hpo", "options_of", "quadratic"]

@@ -18,8 +18,8 @@ import jax
 from experiments import problems
 from experiments.config import ConfigError, seed_list
 from experiments.results import ResultStore, environment, write_json
-from experiments.sweep import (BatchedRunner, Cell, MetricEvaluator, check_algorithm, expand, groups, make_mesh,
-                               run_length)
+from experiments.sweep import (BatchedRunner, Cell, MetricEvaluator, check_algorithm, expand, make_mesh, run_length,
+                               traced_values)
 
 
 class RunStats(NamedTuple):
@@ -107,16 +107,18 @@ def run_cells(cfg: dict, setup, reference: dict, store: ResultStore, cells: Opti
     computed = []
     bar = _progress(len(todo), cfg["progress"], cfg["name"])
     try:
-        for chunk in groups(todo, cfg["chunk"]):
+        for chunk in runner.groups(todo, cfg["chunk"]):
             size = cfg["chunk"] * len(seeds) if cfg["chunk"] else None
+            labels = ",".join(dict.fromkeys(c.label for c in chunk))
             if bar is not None:
-                bar.set_postfix_str(f"{chunk[0].label} ({len(chunk)}x{len(seeds)})")
+                bar.set_postfix_str(f"{labels} ({len(chunk)}x{len(seeds)})")
             hist, timings = runner.run(chunk, seeds, size)
             hist = add_metrics(hist, evaluator)
             for i, cell in enumerate(chunk):
                 meta = {
                     "experiment": cfg["name"], "full": cfg["full"], "label": cell.label, "preset": cell.preset,
-                    "static": cell.static, "traced": cell.traced, "point": cell.point, "seeds": seeds,
+                    "hyperparameters": cell.spec, "traced": traced_values(runner.split(cell).dyn),
+                    "point": cell.point, "seeds": seeds,
                     "steps": run_length(cell, cfg)[0], "eval_every": run_length(cell, cfg)[1],
                     "metrics": cfg["metrics"],
                     "problem": cfg["problem"], "problem_description": setup.description,
@@ -132,7 +134,7 @@ def run_cells(cfg: dict, setup, reference: dict, store: ResultStore, cells: Opti
                 if on_cell_saved is not None:
                     on_cell_saved(cell)
             if bar is None:
-                log(f"[{cfg['name']}] {chunk[0].label}: {len(chunk)} cell(s) x {len(seeds)} seeds in "
+                log(f"[{cfg['name']}] {labels}: {len(chunk)} cell(s) x {len(seeds)} seeds in "
                     f"{timings.run_s:.1f} s (compile {timings.compile_s:.1f} s, {timings.n_devices} device(s))")
     finally:
         if bar is not None:

@@ -1,26 +1,43 @@
-"""Sweeps: seeds x hyperparameter grid in one compiled, sharded call per algorithm.
+"""Sweeps: seeds x hyperparameter grid in one compiled, sharded call per group of cells.
 
-A *cell* is one algorithm label at one grid point (all seeds of it). Cells that share their
-static settings (preset, integer counts, solver spec, ...) form a *group*: one function
+A *cell* is one algorithm label at one grid point (all seeds of it). Each cell's algorithm is
+built concretely from its config keyword arguments (`build_algorithm`) and split by the library's
+own declaration of what is a hyperparameter:
 
-    vmap over the batch axis  (grid point x seed)  of  alg = preset(problem, **hp); bj.run(alg, ...)
+    dyn, static = eqx.partition(alg, eqx.is_array)
 
-is jitted once per group, with the algorithm built *inside* the vmapped function so the swept
-float hyperparameters (step sizes, momentum weights, ...) are traced arrays. The batch axis is
-sharded over all devices (`NamedSharding` over a 1-D mesh "batch"; the batch is padded to a
-multiple of the device count with copies of its last element); the data are replicated.
+Traced (swept inside one compiled function) are exactly the array fields of the built algorithm:
+step sizes, momentum weights, the constants c and p of `bj.schedules.inverse_power` schedules
+(including the presets' decay exponents `upper_decay`/`lower_decay`), linear-solver step sizes
+and tolerances; every Python float (and a float written as an int, `upper_lr = 1`) that a preset
+turns into an array. Everything else is static: loop lengths, batch sizes, samplers, solver
+iteration counts, flags, the problem. Whether a key is one or the other is decided by the preset,
+not by this module: a grid over `upper_lr` shares one compilation, a grid over `lower_steps`,
+`batch_size` or `linear_solver.maxiter` compiles once per value.
 
-Which hyperparameters are traced: numbers whose preset default is a float or None, except the
-decay exponents (`*_decay`) and the names listed in the table's `static = [...]`. Integers
-(step counts, batch sizes, periods), booleans, strings and tables (`linear_solver = {name = "cg",
-maxiter = 10}`) are static: a grid over them makes one group per value.
+Cells whose static parts are equal (and whose array fields have the same structure, shapes and
+dtypes, and whose runs have the same length) form a *group*, also across algorithm labels: one
+function
 
-Special keys of an `[algorithms.<label>]` table: `preset` (default: the label), `step` and
-`ratio` (the benchmark parametrisation lower_lr = step, upper_lr = step / ratio),
-`static` (force names static), `lr_decay = p` (pass the step sizes as the schedules
-lr / (k + 1)^p, for presets with constant steps), `steps` / `eval_every` (this algorithm's own
-run length, e.g. fewer outer steps for double-loop methods). `batch_size = "full"` means None
-(full batch), `batch_size = {upper = 64, lower = 128}` a per-level pair.
+    vmap over the batch axis (grid point x seed) of  alg = eqx.combine(dyn, static); bj.run(alg, ...)
+
+is jitted once per group, called with the cells' `dyn` parts stacked along the batch axis. The
+batch axis is sharded over all devices (`NamedSharding` over a 1-D mesh "batch"; the batch is
+padded to a multiple of the device count with copies of its last row); the data are replicated.
+
+Keys of an `[algorithms.<label>]` table are the preset's keyword arguments, plus the special keys
+`preset` (default: the label), `step` and `ratio` (the benchmark parametrisation lower_lr = step,
+upper_lr = step / ratio), `lr_decay = p` (pass upper_lr, lower_lr, v_lr as the schedules
+`bj.schedules.inverse_power(lr, p)`, for presets with constant steps), `steps` / `eval_every`
+(this algorithm's own run length, e.g. fewer outer steps for double-loop methods). `batch_size =
+"full"` means None (full batch), `batch_size = {upper = 64, lower = 128}` an (upper, lower) pair,
+`linear_solver = {name = "cg", maxiter = 10}` the solver `bj.linear_solvers.cg(maxiter=10)`.
+A key is valid when the preset accepts it: `check_algorithm` builds every grid point (with a
+placeholder problem) and turns the preset's errors into one-line `ConfigError`s.
+
+Cell ids are a readable prefix (label and varying grid coordinates) and a hash of the experiment
+settings, the label, the preset and the cell's config keyword arguments, so they depend on the
+config only.
 
 Metrics are not computed inside the runs: `bj.run` records the iterates (theta, phi) every
 `eval_every` steps and `MetricEvaluator` evaluates the configured metrics on all of them after
@@ -34,15 +51,16 @@ seconds per outer step used for the wall-time axis of the figures.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
-import inspect
 import itertools
 import json
 import math
 import re
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional, Sequence, Tuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,26 +70,29 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import bilevel_jax as bj
 from experiments.config import ALGORITHM_SPECIAL, ConfigError, seed_list
 
-LOOP_KWARGS = ("sampler", "mode", "check_finite")   # bilevel_loop options every preset forwards
-STATIC_NAMES = ("batch_size", "upper_decay", "lower_decay")   # numbers that are never traced
-SOLVERS = {"cg": bj.linear_solvers.cg, "dense": bj.linear_solvers.dense, "gd": bj.linear_solvers.gd,
-           "neumann": bj.linear_solvers.neumann, "stochastic_neumann": bj.linear_solvers.stochastic_neumann}
+RUN_KEYS = ("steps", "eval_every")                   # the run's length, not preset arguments
+LR_KEYS = ("upper_lr", "lower_lr", "v_lr")           # the step sizes `lr_decay` turns into schedules
+
+# Keyword names that a TOML table can set, used only to *suggest* keys in the error for an unknown
+# one: the message lists those that the preset (or linear solver) accepts, found by building it
+# with each. Whether a key is valid is always decided by building, so a keyword missing here
+# still works; it is only not suggested.
+SUGGESTED_KEYS = ("upper_lr", "lower_lr", "v_lr", "lower_steps", "batch_size", "linear_solver", "warm_start",
+                  "neumann_steps", "neumann_eta", "upper_decay", "lower_decay", "inner_decay", "strongly_convex",
+                  "horizon", "period", "momentum_eta", "eta0", "eta_upper", "eta_lower", "shared_batch",
+                  "saga_init", "sampler", "mode", "check",
+                  # linear solvers (and the Krylov presets that forward them)
+                  "maxiter", "rtol", "atol", "steps", "eta", "m0", "m_max", "inc", "every", "exact_residual")
+
+_BAD_KEYWORD = re.compile(r"got (?:an unexpected|multiple values for) (?:keyword )?argument '(\w+)'")
 
 
 class Cell(NamedTuple):
     label: str            # the [algorithms.<label>] table
     preset: str           # bj.algorithms name
-    static: dict          # static keyword arguments (JSON-able spec)
-    traced: dict          # float keyword arguments (incl. step/ratio), vmapped
+    spec: dict            # the config's keyword arguments at this grid point (JSON-able, special keys kept)
     point: dict           # the grid coordinates of this cell (varying keys only)
     cell_id: str
-
-    @property
-    def kwargs(self) -> dict:
-        return {**self.static, **self.traced}
-
-    def group_key(self) -> str:
-        return json.dumps([self.label, self.preset, self.static, sorted(self.traced)], sort_keys=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,55 +120,167 @@ def _unflatten(items) -> dict:
     return out
 
 
-def preset_params(preset: str) -> Dict[str, inspect.Parameter]:
-    fn = bj.algorithms.get(preset)
-    sig = inspect.signature(fn).parameters
-    params = {k: p for k, p in sig.items() if k != "problem" and p.kind is not inspect.Parameter.VAR_KEYWORD}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.values()):   # forwarded to bilevel_loop
-        for k in LOOP_KWARGS:
-            params.setdefault(k, inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None))
-    return params
+def _grid(table: dict) -> Tuple[List[Tuple[str, list]], List[str]]:
+    """The grid axes `[(dotted key, values)]` of an algorithm table and the varying keys."""
+    items = _flatten({k: v for k, v in table.items() if k != "preset"})
+    axes = [(k, v if isinstance(v, list) else [v]) for k, v in items]
+    return axes, [k for k, vals in axes if len(vals) > 1]
 
 
-def _is_traced(name: str, value, params, forced_static) -> bool:
-    if name in ("step", "ratio"):
-        return True
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or name not in params:
-        return False
-    if name in forced_static or name in STATIC_NAMES or name.endswith("_decay"):
-        return False
-    p = params[name]
-    if isinstance(p.default, bool) or (isinstance(p.default, int) and p.default is not None):
-        return False
-    return "int" not in str(p.annotation) or "float" in str(p.annotation)
+def _points(table: dict):
+    """(config keyword arguments, varying coordinates) of every grid point, in config order."""
+    axes, varying = _grid(table)
+    for combo in itertools.product(*(vals for _, vals in axes)):
+        items = list(zip((k for k, _ in axes), combo))
+        yield _unflatten(items), {k: v for k, v in items if k in varying}
 
 
-def check_algorithm(label: str, table: dict) -> Tuple[str, dict]:
-    """Validate one [algorithms.<label>] table: (preset name, valid parameters)."""
+# --------------------------------------------------------------------------------------------------
+# building an algorithm from its config keyword arguments
+
+def _bad_keyword(error: TypeError) -> Optional[str]:
+    """The keyword a call rejected (unexpected, or given twice), from its TypeError; else None."""
+    match = _BAD_KEYWORD.search(str(error))
+    return match.group(1) if match else None
+
+
+def _accepted(build: Callable[..., Any], candidates: Sequence[str]) -> List[str]:
+    """The candidate keyword names that `build` does not reject as unknown (each is tried with a
+    placeholder value; any other error means the keyword itself was accepted)."""
+    probe = object()
+    out = []
+    for name in candidates:
+        try:
+            build(**{name: probe})
+        except TypeError as e:
+            if _bad_keyword(e) == name:
+                continue
+        except Exception:  # noqa: BLE001 - the placeholder value is rejected: the keyword exists
+            pass
+        out.append(name)
+    return out
+
+
+def _build(build: Callable[..., Any], kwargs: dict, where: str, what: str, valid_keys: Callable[[], List[str]]):
+    """`build(**kwargs)`, with every rejected keyword (unknown, or one the builder sets itself) and
+    every bad value turned into a one-line ConfigError that names `where` (the config table).
+    Rejected keywords are collected (each is dropped and the build retried) and reported together
+    with `valid_keys()`."""
+    kwargs, unknown = dict(kwargs), []
+    while True:
+        try:
+            built = build(**kwargs)
+        except TypeError as e:
+            name = _bad_keyword(e)
+            if name is not None and name in kwargs:
+                unknown.append(name)
+                del kwargs[name]
+                continue
+            if not unknown:
+                raise ConfigError(f"{where}: {e}") from None
+        except ValueError as e:
+            if not unknown:
+                raise ConfigError(f"{where}: {e}") from None
+        else:
+            if not unknown:
+                return built
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} for {what}; valid keys: "
+                          f"{', '.join(sorted(valid_keys()))}.")
+
+
+@functools.lru_cache(maxsize=None)
+def linear_solvers() -> Dict[str, Callable]:
+    """The linear-solver factories of `bj.linear_solvers` by name: the lower-case public names
+    whose call with default arguments builds a `bj.linear_solvers.LinearSolver`."""
+    out = {}
+    for name in bj.linear_solvers.__all__:
+        factory = getattr(bj.linear_solvers, name)
+        if not name.islower() or not callable(factory):
+            continue
+        try:
+            ok = isinstance(factory(), bj.linear_solvers.LinearSolver)
+        except Exception:  # noqa: BLE001 - a helper that needs arguments, not a solver factory
+            ok = False
+        if ok:
+            out[name] = factory
+    return dict(sorted(out.items()))
+
+
+def make_linear_solver(spec, where: str):
+    """`bj.linear_solvers.<name>(**kw)` of a `linear_solver = {name = ..., ...}` table."""
+    solvers = linear_solvers()
+    if not isinstance(spec, dict) or spec.get("name") not in solvers:
+        raise ConfigError(f"{where} must be a table with name one of {', '.join(solvers)}, got {spec!r}.")
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    factory = solvers[spec["name"]]
+    return _build(factory, kwargs, where, repr(spec["name"]), lambda: ["name", *_accepted(factory, SUGGESTED_KEYS)])
+
+
+def _batch_size(value):
+    if value == "full":
+        return None
+    if isinstance(value, dict):
+        return (value.get("upper"), value.get("lower"))
+    return value
+
+
+def algorithm_kwargs(spec: dict, where: str) -> dict:
+    """The preset keyword arguments of a cell's config keyword arguments: step/ratio -> lower_lr,
+    upper_lr; lr_decay -> inverse_power schedules; batch_size "full"/{upper, lower}; a
+    linear_solver table -> the solver; the run keys (steps, eval_every) left out."""
+    kw = {k: v for k, v in spec.items() if k not in RUN_KEYS + ("lr_decay",)}
+    if "step" in kw:
+        step, ratio = kw.pop("step"), kw.pop("ratio")
+        try:
+            kw["lower_lr"], kw["upper_lr"] = step, step / ratio
+        except (TypeError, ZeroDivisionError) as e:
+            raise ConfigError(f"{where}: step = {step!r}, ratio = {ratio!r}: {e}") from None
+    if "batch_size" in kw:
+        kw["batch_size"] = _batch_size(kw["batch_size"])
+    if "linear_solver" in kw:
+        kw["linear_solver"] = make_linear_solver(kw["linear_solver"], f"{where}.linear_solver")
+    decay = spec.get("lr_decay")
+    if decay:
+        for key in LR_KEYS:
+            if key in kw:
+                try:
+                    kw[key] = bj.schedules.inverse_power(kw[key], decay)
+                except (TypeError, ValueError) as e:
+                    raise ConfigError(f"{where}: lr_decay: {e}") from None
+    return kw
+
+
+def build_algorithm(problem: bj.BilevelProblem, preset: str, spec: dict, where: str = "algorithm") -> bj.Algorithm:
+    """The algorithm of a cell, built concretely: `bj.algorithms.<preset>(problem, **kwargs)`.
+    An unknown key or a bad value raises a one-line ConfigError naming `where`."""
+    factory = bj.algorithms.get(preset)
+    build = lambda **kw: factory(problem, **kw)   # noqa: E731
+    return _build(build, algorithm_kwargs(spec, where), where, repr(preset),
+                  lambda: [*ALGORITHM_SPECIAL, *_accepted(build, SUGGESTED_KEYS)])
+
+
+def _placeholder_problem() -> bj.BilevelProblem:
+    zero = lambda theta, phi, batch: 0.0   # noqa: E731 - presets store the problem, never call it
+    return bj.BilevelProblem(zero, zero)
+
+
+def check_algorithm(label: str, table: dict) -> str:
+    """Validate one [algorithms.<label>] table by building every grid point of it (with a
+    placeholder problem): the preset name, its keys (unknown ones listed with the valid ones) and
+    values. Returns the preset name."""
     preset = table.get("preset", label)
     if preset not in bj.algorithms.ALGORITHMS:
         raise ConfigError(f"algorithms.{label}: unknown algorithm {preset!r}; valid names: "
                           f"{', '.join(sorted(bj.algorithms.ALGORITHMS))} (use preset = \"...\" to give "
                           "a table another label).")
-    params = preset_params(preset)
-    unknown = sorted(set(table) - set(params) - set(ALGORITHM_SPECIAL))
-    if unknown:
-        raise ConfigError(f"algorithms.{label}: unknown key(s) {unknown} for {preset!r}; valid keys: "
-                          f"{', '.join(sorted(set(params) | set(ALGORITHM_SPECIAL)))}.")
-    for name in table.get("static", []):
-        if name not in params:
-            raise ConfigError(f"algorithms.{label}.static: {name!r} is not a parameter of {preset!r}.")
-    if "linear_solver" in table:
-        spec = table["linear_solver"]
-        if not isinstance(spec, dict) or spec.get("name") not in SOLVERS:
-            raise ConfigError(f"algorithms.{label}.linear_solver must be a table with name one of "
-                              f"{', '.join(sorted(SOLVERS))}, got {spec!r}.")
-        sp = inspect.signature(SOLVERS[spec["name"]]).parameters
-        bad = sorted(set(spec) - {"name"} - set(sp))
-        if bad:
-            raise ConfigError(f"algorithms.{label}.linear_solver: unknown key(s) {bad} for {spec['name']!r}; "
-                              f"valid keys: {', '.join(sorted(sp))}.")
-    return preset, params
+    for key in RUN_KEYS:
+        if key in table and (isinstance(table[key], bool) or not isinstance(table[key], int) or table[key] < 1):
+            raise ConfigError(f"algorithms.{label}.{key} must be a positive int, got {table[key]!r}.")
+    problem = _placeholder_problem()
+    for spec, point in _points(table):
+        where = f"algorithms.{label}" + (f" at {point}" if point else "")
+        build_algorithm(problem, preset, spec, where)
+    return preset
 
 
 def _slug(value) -> str:
@@ -162,73 +295,87 @@ def experiment_key(cfg: dict) -> dict:
 
 
 def expand(cfg: dict) -> List[Cell]:
-    """All cells of a config (the `only` labels, if given), in config order."""
+    """All cells of a config (the `only` labels, if given), in config order; each table is
+    validated first (`check_algorithm`)."""
     cells = []
     base = experiment_key(cfg)
     for label, table in cfg["algorithms"].items():
         if cfg["only"] and label not in cfg["only"]:
             continue
-        preset, params = check_algorithm(label, table)
-        forced = set(table.get("static", []))
-        items = [(k, v) for k, v in _flatten({k: v for k, v in table.items()
-                                              if k not in ("preset", "static")})]
-        for key in ("steps", "eval_every"):
-            if key in table and (not isinstance(table[key], int) or table[key] < 1):
-                raise ConfigError(f"algorithms.{label}.{key} must be a positive int, got {table[key]!r}.")
-        axes = [(k, v if isinstance(v, list) else [v]) for k, v in items]
-        varying = [k for k, vals in axes if len(vals) > 1]
-        for combo in itertools.product(*(vals for _, vals in axes)):
-            point_items = list(zip((k for k, _ in axes), combo))
-            kwargs = _unflatten(point_items)
-            static = {k: v for k, v in kwargs.items() if not _is_traced(k, v, params, forced)}
-            traced = {k: float(v) for k, v in kwargs.items() if _is_traced(k, v, params, forced)}
-            point = {k: v for k, v in point_items if k in varying}
-            digest = hashlib.sha256(json.dumps([base, label, preset, static, traced], sort_keys=True)
+        preset = check_algorithm(label, table)
+        for spec, point in _points(table):
+            digest = hashlib.sha256(json.dumps([base, label, preset, spec], sort_keys=True)
                                     .encode()).hexdigest()[:10]
             name = "-".join([label] + [f"{k}={_slug(v)}" for k, v in point.items()] + [digest])
-            cells.append(Cell(label, preset, static, traced, point, name[:180]))
+            cells.append(Cell(label, preset, spec, point, name[:180]))
     return cells
 
 
-# --------------------------------------------------------------------------------------------------
-# building an algorithm from a cell
-
 def run_length(cell: Cell, cfg: dict) -> Tuple[int, int]:
     """(steps, eval_every) of a cell: the algorithm table's own, else the experiment's."""
-    steps = cell.static.get("steps", cfg["steps"])
-    every = cell.static.get("eval_every", cfg["eval_every"])
+    steps = cell.spec.get("steps", cfg["steps"])
+    every = cell.spec.get("eval_every", cfg["eval_every"])
     if steps % every:
         raise ConfigError(f"algorithms.{cell.label}: steps={steps} is not a multiple of eval_every={every}.")
     return steps, every
 
 
-def _static_kwargs(static: dict) -> dict:
+# --------------------------------------------------------------------------------------------------
+# splitting a built algorithm into its traced and static parts, and grouping
+
+def _as_float(x):
+    """An integer array field is a float hyperparameter written as an int (`upper_lr = 1`): made a
+    float (weak type kept), so it stacks with the float values of a grid."""
+    return x * 1.0 if jnp.issubdtype(x.dtype, jnp.integer) else x
+
+
+class Split(NamedTuple):
+    """A cell's algorithm as `eqx.partition(alg, eqx.is_array)`, and its group key."""
+
+    dyn: Any              # the array fields (traced, stacked along the batch axis)
+    static: Any           # everything else (hashable; equal for equal static settings)
+    key: Hashable         # (static, structure/shapes/dtypes of dyn, steps, eval_every)
+
+
+def split(cell: Cell, problem: bj.BilevelProblem, cfg: dict) -> Split:
+    """Build the cell's algorithm for `problem` and partition it (see the module docstring)."""
+    alg = build_algorithm(problem, cell.preset, cell.spec, f"algorithms.{cell.label}")
+    dyn, static = eqx.partition(alg, eqx.is_array)
+    dyn = jax.tree_util.tree_map(_as_float, dyn)
+    leaves, treedef = jax.tree_util.tree_flatten(dyn)
+    avals = tuple((x.shape, str(x.dtype), bool(getattr(x, "weak_type", False))) for x in leaves)
+    try:
+        hash(static)
+    except TypeError as e:
+        raise ConfigError(f"algorithms.{cell.label}: the static part of {cell.preset!r} is not hashable "
+                          f"({e}); it cannot key a compiled function.") from None
+    return Split(dyn, static, (static, treedef, avals, run_length(cell, cfg)))
+
+
+def traced_values(dyn) -> Dict[str, Any]:
+    """The array fields of an algorithm as `{path: value}` (what a cell's sweep traced), JSON-able."""
     out = {}
-    for key, value in static.items():
-        if key in ("steps", "eval_every", "lr_decay"):
-            continue
-        if key == "linear_solver":
-            spec = dict(value)
-            value = SOLVERS[spec.pop("name")](**spec)
-        elif key == "batch_size":
-            if value == "full":
-                value = None
-            elif isinstance(value, dict):
-                value = (value.get("upper"), value.get("lower"))
-        out[key] = value
+    for path, x in jax.tree_util.tree_leaves_with_path(dyn):
+        arr = np.asarray(x)
+        out[jax.tree_util.keystr(path).lstrip(".")] = arr.item() if arr.ndim == 0 else arr.tolist()
     return out
 
 
-def _traced_kwargs(hp: dict, lr_decay=None) -> dict:
-    hp = dict(hp)
-    if "step" in hp:
-        step, ratio = hp.pop("step"), hp.pop("ratio")
-        hp["lower_lr"], hp["upper_lr"] = step, step / ratio
-    if lr_decay:
-        for key in ("upper_lr", "lower_lr", "v_lr"):
-            if key in hp:
-                hp[key] = bj.schedules.inverse_power(hp[key], lr_decay)
-    return hp
+def _group(cells: Sequence[Cell], key_of: Callable[[Cell], Hashable], chunk: int) -> List[List[Cell]]:
+    by_key: Dict[Hashable, List[Cell]] = {}
+    for c in cells:
+        by_key.setdefault(key_of(c), []).append(c)
+    out = []
+    for members in by_key.values():
+        step = chunk or len(members)
+        out.extend(members[i:i + step] for i in range(0, len(members), step))
+    return out
+
+
+def groups(cells: Sequence[Cell], problem: bj.BilevelProblem, cfg: dict, chunk: int = 0) -> List[List[Cell]]:
+    """Cells grouped by equal static parts (`split(...).key`; order of first appearance; a group
+    may hold several labels), each split into chunks of <= `chunk` cells."""
+    return _group(cells, lambda c: split(c, problem, cfg).key, chunk)
 
 
 def record_iterates(state, data):
@@ -238,13 +385,12 @@ def record_iterates(state, data):
     return {"theta": ravel_pytree(state.theta)[0], "phi": ravel_pytree(state.phi)[0]}
 
 
-def make_single_run(setup, cell: Cell, steps: int, eval_every: int, eval_fn=record_iterates) -> Callable:
-    """`(hp: dict of scalars, key, data) -> history` for one seed (vmapped by `BatchedRunner`)."""
-    preset = bj.algorithms.get(cell.preset)
-    static = _static_kwargs(cell.static)
+def make_single_run(setup, static, steps: int, eval_every: int, eval_fn=record_iterates) -> Callable:
+    """`(dyn, key, data) -> history` for one seed: `alg = eqx.combine(dyn, static)`, its init and
+    `bj.run` (vmapped over dyn and key by `BatchedRunner`)."""
 
-    def one(hp, key, data):
-        alg = preset(setup.problem, **static, **_traced_kwargs(hp, cell.static.get("lr_decay")))
+    def one(dyn, key, data):
+        alg = eqx.combine(dyn, static)
         state = alg.init(setup.theta0, setup.phi0, key, data)
         _, history = bj.run(alg, state, data, num_steps=steps, eval_every=eval_every, eval_fn=eval_fn)
         return history
@@ -265,18 +411,18 @@ def _pad(n: int, multiple: int) -> int:
     return int(math.ceil(n / multiple) * multiple)
 
 
-def batch_inputs(cells: Sequence[Cell], seeds: Sequence[int], size: int, dtype):
-    """Flattened (grid point x seed) hyperparameter arrays and keys, padded to `size` rows."""
-    n = len(cells) * len(seeds)
-    rows = [(c, s) for c in cells for s in seeds]
-    rows += [rows[-1]] * (size - n)
-    hp = {k: jnp.asarray([c.traced[k] for c, _ in rows], dtype) for k in cells[0].traced}
+def batch_inputs(dyns: Sequence[Any], seeds: Sequence[int], size: int):
+    """The cells' `dyn` parts stacked over (cell x seed) rows and the rows' PRNG keys, padded to
+    `size` rows with copies of the last."""
+    rows = [(d, s) for d in dyns for s in seeds]
+    rows += [rows[-1]] * (size - len(rows))
+    dyn = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *(d for d, _ in rows))
     keys = jnp.stack([jax.random.PRNGKey(s) for _, s in rows])
-    return hp, keys
+    return dyn, keys
 
 
 class Timings(NamedTuple):
-    compile_s: float          # ahead-of-time compilation of the batched call
+    compile_s: float          # ahead-of-time compilation of the batched call (0 when reused)
     run_s: float              # execution of the batched call (block_until_ready)
     batch: int                # rows of the batched call (padded)
     n_devices: int
@@ -333,28 +479,42 @@ class Iterate(NamedTuple):
 
 
 class BatchedRunner:
-    """Compiles and runs chunks of a group; keeps compiled executables for reuse."""
+    """Builds and splits the cells' algorithms, compiles one executable per (group, batch size)
+    and runs chunks of a group; keeps the compiled executables for reuse."""
 
     def __init__(self, setup, cfg: dict, mesh: Mesh):
         self.setup, self.cfg, self.mesh = setup, cfg, mesh
         self.batch_sharding = NamedSharding(mesh, PartitionSpec("batch"))
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self.data = jax.device_put(setup.data, self.replicated)
-        self.dtype = jnp.asarray(setup.theta0).dtype
-        self._compiled: Dict[Tuple[str, int], Any] = {}
-        self._per_step: Dict[str, Tuple[float, float]] = {}
+        self._splits: Dict[str, Split] = {}
+        self._compiled: Dict[Tuple[Hashable, int], Any] = {}
+        self._per_step: Dict[Hashable, Tuple[float, float]] = {}
 
-    def _executable(self, cell: Cell, size: int):
-        key = (cell.group_key(), size)
+    def split(self, cell: Cell) -> Split:
+        if cell.cell_id not in self._splits:
+            self._splits[cell.cell_id] = split(cell, self.setup.problem, self.cfg)
+        return self._splits[cell.cell_id]
+
+    def groups(self, cells: Sequence[Cell], chunk: int = 0) -> List[List[Cell]]:
+        """`groups` of these cells for this runner's problem (the splits are kept for `run`)."""
+        return _group(cells, lambda c: self.split(c).key, chunk)
+
+    @property
+    def num_compiled(self) -> int:
+        """Batched executables compiled so far (one per group and batch size)."""
+        return len(self._compiled)
+
+    def _executable(self, part: Split, dyn, keys):
+        key = (part.key, keys.shape[0])
         if key in self._compiled:
             return self._compiled[key], 0.0
-        one = make_single_run(self.setup, cell, *run_length(cell, self.cfg))
+        one = make_single_run(self.setup, part.static, *part.key[-1])
         fn = jax.jit(jax.vmap(one, in_axes=(0, 0, None)),
                      in_shardings=(self.batch_sharding, self.batch_sharding, self.replicated),
                      out_shardings=self.batch_sharding)
-        hp, keys = batch_inputs([cell], [0], size, self.dtype)
         start = time.perf_counter()
-        compiled = fn.lower(hp, keys, self.data).compile()
+        compiled = fn.lower(dyn, keys, self.data).compile()
         elapsed = time.perf_counter() - start
         self._compiled[key] = compiled
         return compiled, elapsed
@@ -363,36 +523,40 @@ class BatchedRunner:
         """(seconds per outer step, compile seconds) of one un-batched seed, metrics off."""
         if not self.cfg["timing"]:
             return float("nan"), 0.0
-        gk = cell.group_key()
-        if gk not in self._per_step:
+        part = self.split(cell)
+        if part.key not in self._per_step:
             steps = min(self.cfg["timing_steps"], run_length(cell, self.cfg)[0])
-            one = make_single_run(self.setup, cell, steps, steps, None)
+            one = make_single_run(self.setup, part.static, steps, steps, None)
             device = self.mesh.devices.flat[0]
             data = jax.device_put(self.setup.data, device)
-            hp = {k: jnp.asarray(v, self.dtype) for k, v in cell.traced.items()}
+            dyn = jax.device_put(part.dyn, device)
             key = jax.random.PRNGKey(0)
             start = time.perf_counter()
-            compiled = jax.jit(one).lower(hp, key, data).compile()
+            compiled = jax.jit(one).lower(dyn, key, data).compile()
             compile_s = time.perf_counter() - start
-            jax.block_until_ready(compiled(hp, key, data))        # warm-up (allocations)
+            jax.block_until_ready(compiled(dyn, key, data))        # warm-up (allocations)
             best = math.inf
             for _ in range(self.cfg["timing_repeats"]):           # the least disturbed of a few runs
                 start = time.perf_counter()
-                jax.block_until_ready(compiled(hp, key, data))
+                jax.block_until_ready(compiled(dyn, key, data))
                 best = min(best, time.perf_counter() - start)
-            self._per_step[gk] = (best / steps, compile_s)
-        return self._per_step[gk]
+            self._per_step[part.key] = (best / steps, compile_s)
+        return self._per_step[part.key]
 
     def run(self, cells: Sequence[Cell], seeds: Sequence[int], size: Optional[int] = None):
-        """Histories `{name: array (len(cells), len(seeds), n_evals)}` and the `Timings`."""
+        """Histories `{name: array (len(cells), len(seeds), n_evals)}` and the `Timings` of one
+        compiled call over all (cell x seed) rows; the cells must form (part of) one group."""
+        parts = [self.split(c) for c in cells]
+        if any(p.key != parts[0].key for p in parts[1:]):
+            raise ValueError("BatchedRunner.run: the cells differ in their static parts; split them with groups().")
         n_dev = self.mesh.devices.size
         size = _pad(size or len(cells) * len(seeds), n_dev)
-        compiled, compile_s = self._executable(cells[0], size)
-        hp, keys = batch_inputs(cells, seeds, size, self.dtype)
-        hp = jax.device_put(hp, self.batch_sharding)
+        dyn, keys = batch_inputs([p.dyn for p in parts], seeds, size)
+        dyn = jax.device_put(dyn, self.batch_sharding)
         keys = jax.device_put(keys, self.batch_sharding)
+        compiled, compile_s = self._executable(parts[0], dyn, keys)
         start = time.perf_counter()
-        out = jax.block_until_ready(compiled(hp, keys, self.data))
+        out = jax.block_until_ready(compiled(dyn, keys, self.data))
         run_s = time.perf_counter() - start
         n = len(cells) * len(seeds)
         hist = {k: np.asarray(v)[:n].reshape((len(cells), len(seeds)) + v.shape[1:]) for k, v in out.items()}
@@ -400,18 +564,7 @@ class BatchedRunner:
         return hist, Timings(compile_s, run_s, size, n_dev, per_step, timing_compile)
 
 
-def groups(cells: Sequence[Cell], chunk: int = 0) -> List[List[Cell]]:
-    """Cells grouped by static settings (config order), each split into chunks of <= `chunk`."""
-    by_key: Dict[str, List[Cell]] = {}
-    for c in cells:
-        by_key.setdefault(c.group_key(), []).append(c)
-    out = []
-    for members in by_key.values():
-        step = chunk or len(members)
-        out.extend(members[i:i + step] for i in range(0, len(members), step))
-    return out
-
-
-__all__ = ["BatchedRunner", "Cell", "Timings", "batch_inputs", "check_algorithm", "expand", "experiment_key",
-           "groups", "Iterate", "MetricEvaluator", "make_mesh", "make_single_run", "record_iterates",
-           "preset_params", "run_length"]
+__all__ = ["BatchedRunner", "Cell", "Iterate", "MetricEvaluator", "Split", "Timings", "algorithm_kwargs",
+           "batch_inputs", "build_algorithm", "check_algorithm", "expand", "experiment_key", "groups",
+           "linear_solvers", "make_linear_solver", "make_mesh", "make_single_run", "record_iterates", "run_length", "split",
+           "traced_values"]

@@ -94,8 +94,18 @@ def test_config_errors_list_valid_names(tmp_path):
     with pytest.raises(C.ConfigError, match="unknown key.*upper_step.*valid keys: .*lower_lr.*upper_lr"):
         runner.check(cfg)
     cfg = C.from_dict(dict(base, algorithms={"amigo": {"linear_solver": {"name": "cgg"}}}))
-    with pytest.raises(C.ConfigError, match="name one of cg, dense, gd, neumann, stochastic_neumann"):
+    with pytest.raises(C.ConfigError, match="name one of cg, dense, gd, .*neumann, stochastic_neumann"):
         sweep.expand(cfg)
+    cfg = C.from_dict(dict(base, algorithms={"amigo": {"linear_solver": {"name": "cg", "maxiters": 3}}}))
+    with pytest.raises(C.ConfigError, match=r"amigo.linear_solver: unknown key.*maxiters.*valid keys: .*maxiter, name"):
+        runner.check(cfg)
+    cfg = C.from_dict(dict(base, algorithms={"ttsa": {"lower_steps": 3, "static": ["upper_lr"]}}))
+    with pytest.raises(C.ConfigError, match=r"unknown key\(s\) \['lower_steps', 'static'\] for 'ttsa'; valid keys: "
+                                            r".*neumann_steps.*upper_lr"):
+        runner.check(cfg)                           # ttsa sets lower_steps itself; `static` is gone
+    cfg = C.from_dict(dict(base, algorithms={"soba": {"upper_lr": [0.1, -0.2]}}))
+    with pytest.raises(C.ConfigError, match=r"algorithms.soba at \{'upper_lr': -0.2\}: .*positive step size"):
+        runner.check(cfg)                           # every grid point is built before any work
     with pytest.raises(C.ConfigError, match="only= names unknown"):
         C.from_dict(dict(base, only="saba"))
 
@@ -110,22 +120,77 @@ def test_cli_reports_config_errors(tmp_path):
     assert "unknown algorithm 'sobaa'; valid names:" in out.stderr and "soba" in out.stderr
 
 
-def test_grid_expansion_static_and_traced(tmp_path):
-    from experiments import sweep
+def test_grid_expansion_and_groups(tmp_path):
+    from experiments import problems, sweep
     cfg = tiny(tmp_path, algorithms={
         "soba": {"upper_lr": [0.1, 0.2], "lower_lr": 0.2, "batch_size": 4},
         "aid_cg": {"preset": "aid_bio", "upper_lr": 0.1, "linear_solver": {"name": "cg", "maxiter": [1, 3]}},
         "saba": {"step": 0.1, "ratio": [1.0, 0.1], "batch_size": 4, "steps": 40}})
     cells = sweep.expand(cfg)
     assert [c.label for c in cells] == ["soba", "soba", "aid_cg", "aid_cg", "saba", "saba"]
-    soba = cells[0]
-    assert soba.traced == {"upper_lr": 0.1, "lower_lr": 0.2} and soba.static == {"batch_size": 4}
-    assert cells[2].static["linear_solver"] == {"name": "cg", "maxiter": 1}
-    assert cells[4].traced == {"step": 0.1, "ratio": 1.0} and cells[4].static["steps"] == 40
-    groups = sweep.groups(cells)
-    assert [len(g) for g in groups] == [2, 1, 1, 2]           # a static grid axis splits the group
+    assert cells[0].spec == {"upper_lr": 0.1, "lower_lr": 0.2, "batch_size": 4}
+    assert cells[0].point == {"upper_lr": 0.1}
+    assert cells[2].spec["linear_solver"] == {"name": "cg", "maxiter": 1}
+    assert cells[4].spec == {"step": 0.1, "ratio": 1.0, "batch_size": 4, "steps": 40}
+    problem = problems.build(cfg["problem"]).problem
+    groups = sweep.groups(cells, problem, cfg)
+    assert [len(g) for g in groups] == [2, 1, 1, 2]           # a static grid axis (CG's maxiter) splits
     assert len({c.cell_id for c in cells}) == 6
+    assert [c.cell_id for c in sweep.expand(cfg)] == [c.cell_id for c in cells]   # ids: from the config only
     assert sweep.run_length(cells[4], cfg) == (40, 10)
+    # the traced part is exactly the built algorithm's array fields (here with step/ratio applied)
+    saba = sweep.split(cells[5], problem, cfg)
+    traced = sweep.traced_values(saba.dyn)
+    assert traced["upper.learning_rate"] == pytest.approx(1.0) and traced["lower.learning_rate"] == 0.1
+    # a float hyperparameter written as an int (TOML `1`) is traced as a float: one group
+    ints = sweep.expand(tiny(tmp_path, algorithms={"soba": {"upper_lr": [1, 0.5], "lower_lr": 1}}))
+    assert [len(g) for g in sweep.groups(ints, problem, cfg)] == [2]
+
+
+def test_groups_are_static_parts_and_sweep_equals_single_runs(tmp_path):
+    """Grid points differing only in a float share one compiled function, an int (lower_steps,
+    batch_size) splits the group (across labels too: equal static parts merge), and the vmapped
+    sweep reproduces separate single runs of every cell."""
+    import jax
+    import bilevel_jax as bj
+    from experiments import problems, sweep
+    cfg = tiny(tmp_path, algorithms={
+        "soba": {"upper_lr": [0.05, 0.2], "lower_lr": 0.2, "batch_size": 4},
+        "aid": {"preset": "aid_bio", "upper_lr": 0.1, "lower_lr": 0.2, "lower_steps": [1, 2], "batch_size": "full"},
+        "soba_b": {"preset": "soba", "upper_lr": 0.1, "lower_lr": 0.2, "batch_size": [4, 8]}})
+    cells = sweep.expand(cfg)
+    setup = problems.build(cfg["problem"])
+    groups = sweep.groups(cells, setup.problem, cfg)
+    ids = lambda g: [c.cell_id for c in g]   # noqa: E731
+    assert [ids(g) for g in groups] == [ids([cells[0], cells[1], cells[4]]), ids([cells[2]]), ids([cells[3]]),
+                                        ids([cells[5]])]
+
+    runner = sweep.BatchedRunner(setup, cfg, sweep.make_mesh())
+    seeds = [0, 3]
+    soba = groups[0][:2]
+    hist, timings = runner.run(soba, seeds)
+    assert runner.num_compiled == 1 and timings.compile_s > 0
+    _, again = runner.run(soba, seeds)                  # same group and batch size: reused
+    assert runner.num_compiled == 1 and again.compile_s == 0.0
+    with pytest.raises(ValueError, match="static parts"):
+        runner.run([cells[2], cells[3]], seeds)
+
+    for group in groups[1:3]:
+        h, _ = runner.run(group, seeds)
+        hist = {k: np.concatenate([hist[k], h[k]]) for k in hist}
+    assert runner.num_compiled == 3
+    presets = {"soba": bj.algorithms.soba, "aid": bj.algorithms.aid_bio}
+    for i, cell in enumerate(soba + groups[1] + groups[2]):
+        kwargs = dict(cell.spec, batch_size=None if cell.spec["batch_size"] == "full" else cell.spec["batch_size"])
+        alg = presets[cell.label](setup.problem, **kwargs)
+        for j, seed in enumerate(seeds):
+            state = alg.init(setup.theta0, setup.phi0, jax.random.PRNGKey(seed), setup.data)
+            _, single = bj.run(alg, state, setup.data, num_steps=cfg["steps"], eval_every=cfg["eval_every"],
+                               eval_fn=sweep.record_iterates)
+            for key in ("theta", "phi", "lower_grads", "upper_grads", "hvps", "cross", "finite"):
+                np.testing.assert_allclose(hist[key][i, j], np.asarray(single[key]), rtol=1e-12, atol=1e-14,
+                                           err_msg=f"{cell.cell_id} seed {seed}: {key}")
+            assert np.all(np.isfinite(hist["theta"][i, j])) and np.all(np.abs(hist["theta"][i, j]) < 1e3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +232,8 @@ def test_resume_after_kill_computes_only_missing_cells(tmp_path):
     res = store.load(cells[2].cell_id)
     assert res.history["grad_sq"].shape == (2, 3) and res.history["lower_grads"].shape == (2, 3)
     meta = res.meta
-    assert meta["traced"] == {"upper_lr": 0.2, "lower_lr": 0.2} and meta["seeds"] == [0, 1]
+    assert meta["hyperparameters"] == {"upper_lr": 0.2, "lower_lr": 0.2, "batch_size": 4} and meta["seeds"] == [0, 1]
+    assert meta["traced"]["upper.learning_rate.c"] == 0.2 and meta["traced"]["upper.learning_rate.p"] == 0.6
     assert meta["environment"]["versions"]["jax"] and meta["environment"]["platform"] == "cpu"
     assert {"compile_s", "run_s", "n_devices", "seconds_per_step"} <= set(meta["timings"])
     assert meta["timings"]["compile_s"] >= 0 and meta["timings"]["run_s"] > 0
