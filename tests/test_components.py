@@ -105,6 +105,13 @@ def test_a_solver_step_never_silently_comes_from_an_unused_lower_lr(quad):
     bj.algorithms.stocbio(quad.problem, lower_opt=optax.adam(0.1), neumann_eta=0.5)   # explicit: fine
 
 
+def test_presets_refuse_options_that_would_change_the_method(quad):
+    with pytest.raises(TypeError, match=r"soba: unexpected keyword argument\(s\) \['lower_steps'\]"):
+        bj.algorithms.soba(quad.problem, lower_steps=3)
+    with pytest.raises(TypeError, match=r"mrbo: unexpected keyword argument\(s\) \['lower_steps'\]"):
+        bj.algorithms.mrbo(quad.problem, lower_steps=2)
+
+
 # ------------------------------------------------------------------------- loud failures
 
 def test_a_negative_traced_step_size_is_flagged(quad):

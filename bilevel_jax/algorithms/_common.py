@@ -31,6 +31,18 @@ def rule(name: str, lr, opt: Optional[optax.GradientTransformation] = None, expo
     return step_rule(name, lr, optimizer=opt, exponent=exponent, every=every, transform=transform)
 
 
+LOOP_OPTIONS = ("sampler", "mode", "check")
+
+
+def loop_options(kw: dict) -> dict:
+    """The `bilevel_loop` options a preset forwards (sampler, mode, check); anything else is an
+    error (e.g. `lower_steps` for a single-loop method, which would silently change it)."""
+    unknown = sorted(set(kw) - set(LOOP_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; the loop options are {', '.join(LOOP_OPTIONS)}.")
+    return kw
+
+
 def lower_steps_at_least_one(lower_steps) -> int:
     """Double-loop methods need LL steps: 0 would leave phi where it starts."""
     return check_positive_int("lower_steps", lower_steps, minimum=1)

@@ -11,7 +11,7 @@ from typing import Optional
 
 from bilevel_jax._checks import check_step_size
 from bilevel_jax.algorithms import directions
-from bilevel_jax.algorithms._common import lower_steps_at_least_one, named, neumann_series, rule, solver_eta
+from bilevel_jax.algorithms._common import loop_options, lower_steps_at_least_one, named, neumann_series, rule, solver_eta
 from bilevel_jax.algorithms.loop import BilevelLoop, bilevel_loop
 from bilevel_jax.hypergrad.zero_ig import sign_sgd
 from bilevel_jax.linear_solvers import LinearSolver, cg, dense, gd, stochastic_neumann
@@ -26,7 +26,7 @@ def _double_loop(preset, problem, direction, upper_lr, lower_lr, upper_opt, lowe
         return bilevel_loop(problem, direction=direction(),
                             upper_opt=rule("upper_lr", upper_lr, upper_opt, upper_decay),
                             lower_opt=rule("lower_lr", lower_lr, lower_opt, lower_decay, every=steps, **extra),
-                            lower_steps=steps, batch_size=batch_size, name=preset, **kw)
+                            lower_steps=steps, batch_size=batch_size, name=preset, **loop_options(kw))
 
 
 def alternating(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, lower_steps: int = 1,

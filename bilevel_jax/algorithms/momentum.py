@@ -14,7 +14,7 @@ from typing import Optional
 
 from bilevel_jax._checks import check_in_range
 from bilevel_jax.algorithms import directions, estimators
-from bilevel_jax.algorithms._common import named, neumann_series, rule, solver_eta
+from bilevel_jax.algorithms._common import loop_options, named, neumann_series, rule, solver_eta
 from bilevel_jax.algorithms.loop import BilevelLoop, bilevel_loop
 from bilevel_jax.linear_solvers import LinearSolver, cg, stochastic_neumann
 from bilevel_jax.schedules import OneMinus, inverse_power
@@ -26,7 +26,7 @@ def _storm_loop(preset, problem, solver, upper_lr, lower_lr, upper_opt, lower_op
         return bilevel_loop(problem, direction=directions.implicit(solver, simultaneous=True),
                             upper_opt=rule("upper_lr", upper_lr, upper_opt, decay),
                             lower_opt=rule("lower_lr", lower_lr, lower_opt, decay),
-                            estimator=estimator, batch_size=batch_size, name=preset, **kw)
+                            estimator=estimator, batch_size=batch_size, name=preset, **loop_options(kw))
 
 
 def momentum(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, eta_upper=0.5, eta_lower=0.5,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bilevel_jax._checks import check_positive_int, check_step_size
 from bilevel_jax.algorithms import directions, estimators
-from bilevel_jax.algorithms._common import lower_steps_at_least_one, named, rule, solver_eta
+from bilevel_jax.algorithms._common import loop_options, lower_steps_at_least_one, named, rule, solver_eta
 from bilevel_jax.algorithms.loop import BilevelLoop, bilevel_loop
 from bilevel_jax.linear_solvers import stochastic_neumann
 
@@ -44,7 +44,7 @@ def ttsa(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None,
         return bilevel_loop(problem, direction=directions.implicit(solver),
                             upper_opt=rule("upper_lr", upper_lr, upper_opt, up),
                             lower_opt=rule("lower_lr", lower_lr, lower_opt, low),
-                            lower_steps=1, batch_size=batch_size, name="ttsa", **kw)
+                            lower_steps=1, batch_size=batch_size, name="ttsa", **loop_options(kw))
 
 
 def alset(problem, *, upper_lr=0.05, lower_lr=0.1, upper_opt=None, lower_opt=None, lower_steps: int = 1,
@@ -57,7 +57,7 @@ def alset(problem, *, upper_lr=0.05, lower_lr=0.1, upper_opt=None, lower_opt=Non
         return bilevel_loop(problem, direction=directions.implicit(solver), upper_opt=rule("upper_lr", upper_lr, upper_opt),
                             lower_opt=rule("lower_lr", lower_lr, lower_opt),
                             lower_steps=lower_steps_at_least_one(lower_steps), batch_size=batch_size, name="alset",
-                            **kw)
+                            **loop_options(kw))
 
 
 def _amortized(preset, problem, upper_lr, lower_lr, v_lr, upper_opt, lower_opt, v_opt, batch_size,
@@ -69,7 +69,7 @@ def _amortized(preset, problem, upper_lr, lower_lr, v_lr, upper_opt, lower_opt, 
                   else rule("v_lr", lower_lr if v_lr is None else v_lr, v_opt, lower_decay))
         return bilevel_loop(problem, direction=directions.amortized(v_rule),
                             upper_opt=rule("upper_lr", upper_lr, upper_opt, upper_decay), lower_opt=lower,
-                            estimator=estimator, batch_size=batch_size, name=preset, **kw)
+                            estimator=estimator, batch_size=batch_size, name=preset, **loop_options(kw))
 
 
 def soba(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lower_opt=None, v_opt=None,
