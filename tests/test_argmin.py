@@ -282,13 +282,14 @@ def test_argmin_concave_lower_level_gives_nan_not_a_number():
         return jnp.sum(w ** 2)
 
     theta, phi0 = jnp.zeros(3), jnp.zeros(3)
-    solve = bj.argmin(f_lower, optax.sgd(0.1), 20)
-    F = lambda th: f_upper(th, solve(th, phi0, None), None)
-    assert np.all(np.isfinite(jax.jit(solve)(theta, phi0, None)))  # the iterate itself is finite
-    g = jax.jit(jax.grad(F))(theta)
-    jac = jax.jit(jax.jacfwd(lambda th: solve(th, phi0, None)))(theta)
-    assert np.all(np.isnan(g)), g
-    assert np.all(np.isnan(jac)), jac
+    for solver in (None, bj.linear_solvers.dense()):
+        solve = bj.argmin(f_lower, optax.sgd(0.1), 20, solver=solver)
+        F = lambda th: f_upper(th, solve(th, phi0, None), None)
+        assert np.all(np.isfinite(jax.jit(solve)(theta, phi0, None)))  # the iterate itself is finite
+        g = jax.jit(jax.grad(F))(theta)
+        jac = jax.jit(jax.jacfwd(lambda th: solve(th, phi0, None)))(theta)
+        assert np.all(np.isnan(g)), (solver, g)
+        assert np.all(np.isnan(jac)), (solver, jac)
 
 
 def test_argmin_reverse_mode_is_one_linear_solve(ridge):
