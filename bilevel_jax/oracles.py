@@ -22,6 +22,7 @@ from typing import Any, Callable, NamedTuple
 import equinox as eqx
 import jax
 import optax.tree_utils as otu
+from jax.flatten_util import ravel_pytree
 
 from bilevel_jax.problem import BilevelProblem
 
@@ -195,3 +196,21 @@ def gaussian_jacobian_transpose(fn: Callable[[PyTree], PyTree], x, w, directions
     estimate = jax.tree_util.tree_map(lambda u: jax.numpy.tensordot(coeffs, u, axes=1) / coeffs.shape[0],
                                       directions)
     return estimate, y0
+
+
+def lower_hessian_blocks(problem: BilevelProblem, theta, phi, batch):
+    """The dense blocks (A, J) of grad_phi f_lower's derivative at (theta, phi) as matrices over the
+    flattened differentiable leaves: A = grad^2_{phi phi} f_lower (n_phi x n_phi), J =
+    grad^2_{theta phi} f_lower (n_theta x n_phi). One forward-mode Jacobian (n_theta + n_phi
+    JVPs of grad_phi f_lower): for small problems and methods that track dense estimates (STABLE's
+    Hessian tracking); everything else stays matrix-free."""
+    f, t, p = _on_diff(problem.f_lower, theta, phi, batch)
+    t_flat, unravel_t = ravel_pytree(t)
+    p_flat, unravel_p = ravel_pytree(p)
+
+    def grad_phi_flat(tp):
+        g = jax.grad(f, argnums=1)(unravel_t(tp[:t_flat.size]), unravel_p(tp[t_flat.size:]))
+        return ravel_pytree(g)[0]
+
+    jac = jax.jacfwd(grad_phi_flat)(jax.numpy.concatenate([t_flat, p_flat]))   # (n_phi, n_theta + n_phi)
+    return jac[:, t_flat.size:], jac[:, :t_flat.size].T
