@@ -25,8 +25,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
+from jax.flatten_util import ravel_pytree
 
 from bilevel_jax import oracles
+from bilevel_jax._checks import as_array, check_in_range, check_step_size
 from bilevel_jax.algorithms._common import named, rule
 from bilevel_jax.algorithms.base import Algorithm, OracleCounts, check_key, step_key
 from bilevel_jax.algorithms.loop import BatchSize, check_data, make_samplers
@@ -100,23 +102,122 @@ class Stable(Algorithm):
         return StableState(theta, phi, count + 1, state.key, upper_state, lower_state, out.state, c_state), info
 
 
+class TrackedState(NamedTuple):
+    theta: PyTree
+    phi: PyTree
+    count: Any
+    key: Any
+    upper_opt_state: Any
+    lower_opt_state: Any
+    hessian: jax.Array     # H_yy^k, the tracked LL Hessian (n_phi x n_phi), projected onto {H >= mu I}
+    cross: jax.Array       # H_xy^k, the tracked cross block (n_theta x n_phi)
+    prev_theta: PyTree     # z_{k-1} = (theta_{k-1}, phi_{k-1}), where the tracking re-evaluates
+    prev_phi: PyTree
+    v: jax.Array           # H_yy^{-1} grad_phi f_upper of the last step (flat)
+
+
+def project_spd(h: jax.Array, mu) -> jax.Array:
+    """The Euclidean projection of a symmetric matrix onto {H : H >= mu I}: eigenvalues clipped at mu."""
+    w, q = jnp.linalg.eigh(0.5 * (h + h.T))
+    return (q * jnp.maximum(w, mu)) @ q.T
+
+
+class StableTracked(Algorithm):
+    """STABLE with the paper's recursive Hessian/Jacobian estimates (dense; small problems):
+
+        H_yy^k = (1 - tau)(H_yy^{k-1} - grad^2_yy g(z_{k-1}; xi_k)) + grad^2_yy g(z_k; xi_k),  projected onto {H >= mu I}
+        H_xy^k = (1 - tau)(H_xy^{k-1} - grad^2_xy g(z_{k-1}; xi_k)) + grad^2_xy g(z_k; xi_k)
+        theta_{k+1} = P(theta_k - alpha (grad_theta f - H_xy^k (H_yy^k)^{-1} grad_phi f))
+        phi_{k+1}   = phi_k - beta grad_phi g - (H_yy^k)^{-1} (H_xy^k)' (theta_{k+1} - theta_k)
+
+    the same minibatch xi_k at z_k and z_{k-1} (a STORM-type recursion), H^0 the first sample's.
+    Cost per step: two dense blocks, i.e. 2 (n_theta + n_phi) JVPs of grad_phi g (counted as
+    n_phi HVPs and n_theta cross products each), 1 LL and 1 UL gradient, two Cholesky solves.
+    """
+
+    problem: BilevelProblem = eqx.field(static=True)
+    upper: StepRule
+    lower: StepRule
+    tau: jax.Array
+    mu: jax.Array
+    samplers: Tuple[Sampler, Sampler] = eqx.field(static=True)
+    check: bool = eqx.field(static=True, default=False)
+
+    def init(self, theta0, phi0, key, data=None) -> TrackedState:
+        check_key(key)
+        theta0 = self.problem.project(theta0)
+        if data is not None:
+            check_data(data, self.samplers)
+            self.problem.validate(theta0, phi0, data)
+        n_t = ravel_pytree(oracles.differentiable(theta0))[0].size
+        p_flat = ravel_pytree(oracles.differentiable(phi0))[0]
+        n_p = p_flat.size
+        return TrackedState(theta0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
+                            init_rule(self.lower, phi0), jnp.zeros((n_p, n_p), p_flat.dtype),
+                            jnp.zeros((n_t, n_p), p_flat.dtype), theta0, phi0, jnp.zeros_like(p_flat))
+
+    def update(self, state: TrackedState, data):
+        check_data(data, self.samplers)
+        p, k = self.problem, state.count
+        batches = draw_batches(self.samplers, data, state.key, k)
+        h_now, j_now = oracles.lower_hessian_blocks(p, state.theta, state.phi, batches.lower)
+        h_old, j_old = oracles.lower_hessian_blocks(p, state.prev_theta, state.prev_phi, batches.lower)
+        w = jnp.where(k > 0, 1.0 - self.tau, 0.0)
+        hessian = project_spd(w * (state.hessian - h_old) + h_now, self.mu)
+        cross = w * (state.cross - j_old) + j_now
+        factor = jax.scipy.linalg.cho_factor(hessian)
+
+        g_theta, g_phi = oracles.upper_grads(p, state.theta, state.phi, batches.upper)
+        theta_flat, unravel_theta = ravel_pytree(g_theta)
+        b, unravel_phi = ravel_pytree(g_phi)
+        v = jax.scipy.linalg.cho_solve(factor, b)
+        direction = unravel_theta(theta_flat - cross @ v)
+        theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state, direction, k,
+                                                   p.project)
+        delta = ravel_pytree(otu.tree_sub(oracles.differentiable(theta), oracles.differentiable(state.theta)))[0]
+        correction = unravel_phi(jax.scipy.linalg.cho_solve(factor, cross.T @ delta))
+        g_low = oracles.lower_grad_phi(p, state.theta, state.phi, batches.lower)
+        phi, lower_state, low_status = apply_step(self.lower, state.phi, state.lower_opt_state, g_low, k)
+        phi = eqx.apply_updates(phi, otu.tree_scale(-1.0, correction))
+
+        n_t, n_p = cross.shape
+        counts = OracleCounts.of(lower_grads=1, upper_grads=1, hvps=2 * n_p, cross=2 * n_t)
+        residual = jnp.linalg.norm(h_now @ v - b)   # the step's sampled system at the tracked solution
+        (theta, phi, hessian), info = finish((theta, phi, hessian), counts, residual, (up_status, low_status),
+                                             check=self.check, where="stable outer step")
+        return TrackedState(theta, phi, k + 1, state.key, upper_state, lower_state, hessian, cross, state.theta,
+                            state.phi, v), info
+
+
 def stable(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None,
-           linear_solver: Optional[LinearSolver] = None, warm_start: bool = True, batch_size: BatchSize = None,
-           sampler: str = "iid", mode: str = "rev", check: bool = False) -> Stable:
+           linear_solver: Optional[LinearSolver] = None, warm_start: bool = True, hessian_tracking: bool = False,
+           tau=0.5, mu=1e-3, batch_size: BatchSize = None, sampler: str = "iid", mode: str = "rev",
+           check: bool = False):
     """STABLE with step sizes alpha = `upper_lr`, beta = `lower_lr` (floats, arrays or schedules, or
     whole optax rules `upper_opt`/`lower_opt`; the paper's single timescale is alpha, beta =
     Theta(K^{-1/2}) constants) and `linear_solver` (default cg(10), warm-started) for both v and
-    the correction. `batch_size`, `sampler`, `mode` and `check` as in `bilevel_loop`."""
+    the correction, matrix-free. With `hessian_tracking=True`, the paper's own estimator instead:
+    dense recursive estimates of the LL Hessian and cross block with weight `tau` (the paper's
+    Theta(K^{-1/2}) or a constant; 0.5 in the MRBO authors' re-implementation) and the projection
+    onto {H >= mu I} (`StableTracked`; small problems only). `batch_size`, `sampler`, `mode` and
+    `check` as in `bilevel_loop`. Sampling: i.i.d. minibatches (the paper's)."""
     with named("stable"):
         if not isinstance(problem, BilevelProblem):
             raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
+        oracles.check_mode(mode)
+        if hessian_tracking:
+            if linear_solver is not None:
+                raise ValueError("hessian_tracking solves with the tracked dense Hessian: linear_solver is not used.")
+            check_in_range("tau", tau, 0.0, 1.0)
+            check_step_size("mu", mu)
+            return StableTracked(problem, rule("upper_lr", upper_lr, upper_opt), rule("lower_lr", lower_lr, lower_opt),
+                                 as_array(tau), as_array(mu), make_samplers(batch_size, sampler), check)
         solver = cg(10) if linear_solver is None else linear_solver
         if not isinstance(solver, LinearSolver):
             raise TypeError(f"linear_solver must be a bj.linear_solvers solver, got {solver!r}.")
-        oracles.check_mode(mode)
         return Stable(problem, rule("upper_lr", upper_lr, upper_opt), rule("lower_lr", lower_lr, lower_opt),
                       dataclasses.replace(solver, warm_start=warm_start), make_samplers(batch_size, sampler), mode,
                       check)
 
 
-__all__ = ["Stable", "StableState", "stable"]
+__all__ = ["Stable", "StableState", "StableTracked", "TrackedState", "project_spd", "stable"]
