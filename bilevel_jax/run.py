@@ -5,7 +5,14 @@
 The inner scan makes `eval_every` outer iterations; the outer scan records, after each block,
 `eval_fn(state, data)` (a dict of scalars or arrays), the cumulative oracle counts, the last
 residual norm, the OR of the steps' status codes so far (`status`, see `bj.status`) and `finite`
-(no NONFINITE flag so far). History arrays have `num_steps // eval_every + 1` rows (row 0: the
+(no NONFINITE flag so far).
+
+Nothing is computed at every step beyond the step itself and these running sums: the NONFINITE
+flag comes from one test of the whole state (iterates, solver and estimator states) at each
+evaluation point, not from a reduction over every leaf at every step (a NaN or inf in an iterate
+stays there; a step's solver BREAKDOWN and INVALID_STEP flags are scalars it computes anyway and
+are OR-ed at every step). What a run does not return is not computed: XLA removes the unused
+parts of the carry (a jitted run whose history is discarded costs what the bare steps cost). History arrays have `num_steps // eval_every + 1` rows (row 0: the
 initial state). No host round-trip happens inside, so `jax.jit` and `jax.vmap` (or
 `eqx.filter_vmap` when the state holds an equinox model) over seeds, hyperparameters or tasks apply
 to the whole run. The state may hold equinox Modules (a neural network as phi): only its array
@@ -17,6 +24,7 @@ of `bj.status.raise_if` (the cause, without the step).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import equinox as eqx
@@ -27,6 +35,7 @@ import numpy as np
 from bilevel_jax import status as st
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.algorithms.base import Algorithm, OracleCounts
+from bilevel_jax.algorithms.steps import nonfinite_at_records
 
 _OWN_KEYS = ("step", "residual_norm", "finite", "status", *OracleCounts._fields)
 
@@ -72,37 +81,50 @@ def run(alg: Algorithm, state, data, num_steps: int, eval_every: Optional[int] =
     return state, history
 
 
-def _scan(alg, state, data, num_steps, eval_every, eval_fn):
-    """The nested scan; returns ((final state, (first failing step, its status)), history)."""
+def _scan(alg, state, data, num_steps, eval_every, eval_fn, first_failure: bool = False):
+    """The nested scan; returns ((final state, (first failing step, its status)), history).
+
+    The scan body is `alg.update` and the running sums of what it reports (oracle counts, status
+    bits, the last residual): the non-finite test of the iterates is made on the whole state at
+    the evaluation points (`steps.nonfinite_at_records`), not at every step. With
+    `first_failure`, every step is tested and the first failing one is tracked (`check=True`
+    outside a trace, which names it); otherwise (-1, OK) is returned."""
     dynamic, static = eqx.partition(state, eqx.is_array)
     float_nan = jnp.asarray(jnp.nan, jnp.result_type(float))
+    no_bad = (jnp.asarray(-1, jnp.int32), st.ok())
 
     def inner(carry, _):
         dyn, totals, status, residual, first_bad = carry
         current = eqx.combine(dyn, static)
         new, info = alg.update(current, data)
-        bad_now = (first_bad[0] < 0) & (info.status != st.OK)
-        first_bad = (jnp.where(bad_now, current.count, first_bad[0]), jnp.where(bad_now, info.status, first_bad[1]))
+        if first_failure:
+            bad_now = (first_bad[0] < 0) & (info.status != st.OK)
+            first_bad = (jnp.where(bad_now, current.count, first_bad[0]),
+                         jnp.where(bad_now, info.status, first_bad[1]))
         return (eqx.partition(new, eqx.is_array)[0], totals + info.oracles, status | info.status,
                 info.residual_norm.astype(residual.dtype), first_bad), None
 
     def block(carry, _):
         carry, _ = jax.lax.scan(inner, carry, None, length=eval_every)
-        dyn, totals, status, residual, _ = carry
+        dyn, totals, status, residual, first_bad = carry
+        if not first_failure:
+            status = status | st.nonfinite(dyn)   # sticky: a non-finite state stays reported
+        carry = (dyn, totals, status, residual, first_bad)
         return carry, _record(eqx.combine(dyn, static), data, eval_fn, totals, residual, status)
 
     zero = OracleCounts.of()
-    no_bad = (jnp.asarray(-1, jnp.int32), st.ok())
     first = _record(state, data, eval_fn, zero, float_nan, st.ok())
     carry0 = (dynamic, zero, st.ok(), float_nan, no_bad)
-    (dyn, _, _, _, first_bad), history = jax.lax.scan(block, carry0, None, length=num_steps // eval_every)
+    deferred = contextlib.nullcontext() if first_failure else nonfinite_at_records()
+    with deferred:
+        (dyn, _, _, _, first_bad), history = jax.lax.scan(block, carry0, None, length=num_steps // eval_every)
     history = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([jnp.asarray(a)[None], b]), first, history)
     return (eqx.combine(dyn, static), first_bad), history
 
 
 def _checked_run(alg, state, data, num_steps, eval_every, eval_fn):
     (state, (bad_step, bad_status)), history = eqx.filter_jit(_scan)(
-        alg, state, data, num_steps, eval_every, eval_fn)
+        alg, state, data, num_steps, eval_every, eval_fn, first_failure=True)
     bad_step, bad_status = np.asarray(bad_step), np.asarray(bad_status)
     if np.any(bad_step >= 0):
         flat_steps, flat_status = bad_step.reshape(-1), bad_status.reshape(-1)

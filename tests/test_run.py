@@ -2,6 +2,7 @@
 `jax.vmap` over hyperparameters and tasks (equal to a Python loop)."""
 import equinox as eqx
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ def fast_jit(fun):
     return jax.jit(fun, compiler_options={"xla_backend_optimization_level": 0})
 
 
-COUNT_KEYS = ("lower_grads", "upper_grads", "hvps", "cross")
+COUNT_KEYS = bj.algorithms.base.OracleCounts._fields   # lower_grads, upper_grads, hvps, cross, ...
 
 
 def test_history_rows_counts_and_metrics_match_a_manual_loop(quad):
@@ -135,3 +136,61 @@ def test_vmap_over_tasks_and_seeds_equals_a_python_loop():
     # each task went towards its own solution
     for t, theta in zip(tasks, swept):
         assert float(jnp.sum(t.grad(theta) ** 2)) < 0.1 * float(jnp.sum(t.grad(theta0) ** 2))
+
+
+def _scan_bodies(jaxpr):
+    """The body jaxprs of the scans in `jaxpr`, outermost first (depth-first)."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            body = eqn.params["jaxpr"].jaxpr
+            out.append(body)
+            out += _scan_bodies(body)
+        else:
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                out += _scan_bodies(sub)
+    return out
+
+
+def _vector_isfinite(jaxpr) -> int:
+    """is_finite applied to non-scalar operands, in `jaxpr` and its sub-jaxprs except scans."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "is_finite" and eqn.invars[0].aval.ndim > 0:
+            n += 1
+        if eqn.primitive.name != "scan":
+            n += sum(_vector_isfinite(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+    return n
+
+
+def test_the_scan_body_tests_finiteness_only_at_the_evaluation_points(quad):
+    """The per-step body of bj.run makes no finiteness reduction over the iterates (the reference
+    plain-JAX step makes none): the whole state is tested once per evaluation block. A single
+    `alg.update` outside bj.run still reports NONFINITE itself."""
+    alg = bj.algorithms.soba(quad.problem, batch_size=None)
+    state = alg.init(quad.theta0, quad.phi0, jax.random.PRNGKey(0))
+    jaxpr = jax.make_jaxpr(lambda s: bj.run(alg, s, quad.data, num_steps=4, eval_every=2))(state).jaxpr
+    block, step = _scan_bodies(jaxpr)[:2]
+    assert _vector_isfinite(step) == 0
+    assert _vector_isfinite(block) > 0
+    # check=True at the step level keeps the per-step test (it raises at the failing step)
+    checked = bj.algorithms.soba(quad.problem, batch_size=None, check=True)
+    jaxpr = jax.make_jaxpr(lambda s: bj.run(checked, s, quad.data, num_steps=4, eval_every=2))(state).jaxpr
+    assert _vector_isfinite(_scan_bodies(jaxpr)[1]) > 0
+    # outside bj.run, a step reports a non-finite iterate itself
+    upper, lower = quad.data
+    bad = (upper, {**lower, "h": lower["h"].at[0, 0].set(jnp.nan)})
+    _, info = eqx.filter_jit(alg.update)(state, bad)
+    assert int(info.status) & bj.status.NONFINITE and not bool(info.finite)
+
+
+def test_a_discarded_history_costs_nothing(quad_stoch):
+    """What a run does not return is not computed: with the history discarded, XLA removes the
+    status, counts and residual from the carry (a smaller program), and the iterates are the same."""
+    alg = bj.algorithms.soba(quad_stoch.problem, batch_size=16, sampler="shuffled")
+    state = alg.init(quad_stoch.theta0, quad_stoch.phi0, jax.random.PRNGKey(0))
+    with_history = fast_jit(lambda s: bj.run(alg, s, quad_stoch.data, num_steps=4, eval_every=2))
+    bare = fast_jit(lambda s: bj.run(alg, s, quad_stoch.data, num_steps=4, eval_every=2)[0].theta)
+    size = lambda f: len(f.lower(state).compile().as_text())
+    assert size(bare) < size(with_history)
+    np.testing.assert_array_equal(bare(state), with_history(state)[0].theta)

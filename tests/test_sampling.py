@@ -66,16 +66,53 @@ def test_iid_shapes_and_reproducibility(data):
     assert np.all(np.asarray(ids) == 0)
 
 
-def test_shuffled_covers_every_sample_once_per_epoch(data):
-    b = 4
+def test_shuffled_visits_every_block_once_per_epoch_in_a_fresh_order(data):
+    b = 3
     s = S.shuffled(b)
-    per_epoch = N // b
-    batches, ids = _draws(s, data, jax.random.PRNGKey(2), 3 * per_epoch)
-    rows = _rows(_flat(batches)).reshape(3, per_epoch * b)
-    for epoch in range(3):
-        np.testing.assert_array_equal(np.sort(rows[epoch]), np.arange(N))   # each sample exactly once
-    assert not np.array_equal(rows[0], rows[1])   # a fresh permutation per epoch
-    np.testing.assert_array_equal(np.asarray(ids), np.tile(np.arange(per_epoch), 3))
+    m = N // b
+    assert S.num_batches(s, data) == m
+    batches, ids = _draws(s, data, jax.random.PRNGKey(2), 6 * m)
+    ids = np.asarray(ids)
+    rows = _rows(_flat(batches)).reshape(6 * m, b)
+    # batch id j is the contiguous block j*b .. j*b + b - 1, read in place
+    np.testing.assert_array_equal(rows, ids[:, None] * b + np.arange(b))
+    orders = ids.reshape(6, m)
+    for order in orders:
+        np.testing.assert_array_equal(np.sort(order), np.arange(m))   # each block exactly once per epoch
+    assert len({tuple(o) for o in orders}) > 1   # a fresh order per epoch
+    # reproducible: the same (key, draw) gives the same block
+    key = jax.random.PRNGKey(2)
+    assert int(s.sample(data, key, 5)[1]) == int(ids[5])
+
+
+def test_shuffled_block_orders_look_like_uniform_permutations():
+    """The per-epoch orders (`block_order`, a keyed swap-or-not permutation) against uniformly
+    random permutations: every order of 5 blocks equally often; for 16 blocks, each block equally
+    often at each position and each ordered pair of consecutive blocks equally often."""
+    def orders(m, epochs, key=jax.random.PRNGKey(7)):
+        f = jax.jit(jax.vmap(jax.vmap(lambda e, p: S.block_order(key, e, p, m), (None, 0)), (0, None)))
+        out = np.asarray(f(jnp.arange(epochs), jnp.arange(m)))
+        assert all(np.array_equal(np.sort(o), np.arange(m)) for o in out)
+        return out
+
+    def chi2_per_dof(counts, expected):
+        counts = np.asarray(counts, float).ravel()
+        return float(((counts - expected) ** 2 / expected).sum() / (counts.size - 1))
+
+    five = orders(5, 24000)
+    _, counts = np.unique(five, axis=0, return_counts=True)
+    assert counts.size == 120 and chi2_per_dof(counts, 200.0) < 1.5   # 1 +- 0.13 for uniform orders
+    m, epochs = 16, 8000
+    sixteen = orders(m, epochs)
+    position = np.stack([np.bincount(sixteen[:, p], minlength=m) for p in range(m)])
+    assert chi2_per_dof(position, epochs / m) < 1.3
+    pairs = np.zeros((m, m))
+    np.add.at(pairs, (sixteen[:, :-1].ravel(), sixteen[:, 1:].ravel()), 1)
+    off = ~np.eye(m, dtype=bool)
+    assert chi2_per_dof(pairs[off], epochs * (m - 1) / (m * (m - 1))) < 1.3
+    # one block: always block 0; other keys give other orders
+    assert int(S.block_order(jax.random.PRNGKey(0), 3, 0, 1)) == 0
+    assert not np.array_equal(orders(16, 4, jax.random.PRNGKey(8)), sixteen[:4])
 
 
 def test_partition_batch_ids_are_consistent(data):
@@ -123,3 +160,17 @@ def test_sampler_bad_input(data):
         S.check_fits(S.iid(20), data, "upper data")
     with pytest.raises(ValueError, match="batch_size=2 was given but lower data is None"):
         S.check_fits(S.iid(2), None, "lower data")
+
+
+def test_saga_memories_work_with_shuffled_blocks(quad_stoch):
+    """SABA's memories are indexed by block id: with random reshuffling (each block once per
+    epoch) it converges as with uniformly drawn blocks; i.i.d. batches have no id and are refused."""
+    q = quad_stoch
+    for sampler in ("shuffled", "partition"):
+        alg = bj.algorithms.saba(q.problem, upper_lr=0.2, lower_lr=0.2, batch_size=16, sampler=sampler)
+        state = alg.init(q.theta0, q.phi0, jax.random.PRNGKey(5), q.data)
+        assert jax.tree_util.tree_leaves(state.estimator.lower.table)[0].shape[0] == 64 // 16
+        theta = fast_jit(lambda s: bj.run(alg, s, q.data, num_steps=300)[0].theta)(state)
+        assert float(jnp.sum(q.grad(theta) ** 2)) < 1e-3 * float(jnp.sum(q.grad(q.theta0) ** 2)), sampler
+    with pytest.raises(ValueError, match="use sampler='partition' or sampler='shuffled'"):
+        bj.algorithms.saba(q.problem, batch_size=16, sampler="iid")

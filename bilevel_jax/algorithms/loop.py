@@ -29,7 +29,7 @@ from bilevel_jax.algorithms.directions import DirectionRule, Point
 from bilevel_jax.algorithms.steps import (SOLVER_STREAM, Batches, Rule, StepRule, apply_step, as_rule, draw_batches,
                                           finish, init_rule, lower_phase)
 from bilevel_jax.problem import BilevelProblem, check_data_pair
-from bilevel_jax.sampling import Sampler, check_fits, make_sampler, num_batches, num_samples
+from bilevel_jax.sampling import BLOCK_SAMPLERS, Sampler, check_fits, make_sampler, num_batches, num_samples
 
 PyTree = Any
 BatchSize = Union[None, int, Tuple[Optional[int], Optional[int]]]
@@ -172,7 +172,9 @@ def bilevel_loop(problem: BilevelProblem, *, direction: DirectionRule, upper_opt
       lower_steps: LL steps per outer step before the directions (0 = single loop).
       estimator: `estimators.sgd()` (default), `storm`, `saga`, `sarah`.
       batch_size: None (full batch), an int, or an (upper, lower) pair.
-      sampler: "iid", "shuffled" or "partition" (SAGA memories need "partition").
+      sampler: "iid" (gathers b random samples: the theorems' sampling, slowest on CPU),
+        "shuffled" (random reshuffling of contiguous blocks, read in place) or "partition"
+        (uniformly drawn contiguous blocks, read in place); SAGA memories need a block sampler.
       mode: "rev" or "fwd" second-order products.
       check: raise (under jit, `bj.status.raise_if`) when a step's status is not OK; the status
         is always reported in `step_info.status`.
@@ -188,9 +190,9 @@ def bilevel_loop(problem: BilevelProblem, *, direction: DirectionRule, upper_opt
     if estimator.needs_separable and not direction.separable:
         raise ValueError(f"{name}: the {type(estimator).__name__} estimator needs per-level oracles; "
                          f"the {type(direction).__name__} direction rule does not provide them.")
-    if estimator.needs_separable and sampler != "partition":
+    if estimator.needs_separable and sampler not in BLOCK_SAMPLERS:
         raise ValueError(f"{name}: the {type(estimator).__name__} estimator indexes memories by batch id: "
-                         "use sampler='partition'.")
+                         "use sampler='partition' or sampler='shuffled'.")
     if (lower_steps > 0 or direction.moves_phi) and lower_opt is None:
         raise ValueError(f"{name}: lower_opt (the step rule of phi) is required when phi is updated.")
     upper = as_rule("upper_opt", upper_opt)

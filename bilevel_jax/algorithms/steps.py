@@ -15,6 +15,8 @@ rule given by the user (`optax.adam(1e-3)`), kept as a static field.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import numbers
 from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 
@@ -162,17 +164,42 @@ def lower_phase(problem: BilevelProblem, rule: StepRule, theta, phi, opt_state, 
     return phi, opt_state, OracleCounts.of(lower_grads=steps), rule.status(count)
 
 
+_NONFINITE_AT_RECORDS = contextvars.ContextVar("bilevel_jax_nonfinite_at_records", default=False)
+
+
+@contextlib.contextmanager
+def nonfinite_at_records():
+    """While tracing inside this context, `finish` leaves the NONFINITE test of the iterates to
+    the caller, which makes it on the whole state at its evaluation points (what `bj.run` does:
+    a NaN or inf in an iterate persists, so a reduction over every leaf at every step is not
+    needed to report it). Steps with `check=True` still test every step (they must raise there)."""
+    token = _NONFINITE_AT_RECORDS.set(True)
+    try:
+        yield
+    finally:
+        _NONFINITE_AT_RECORDS.reset(token)
+
+
 def finish(trees: Tuple, counts: OracleCounts, residual_norm, statuses=(), *, check: bool = False,
            where: str = "outer step") -> Tuple[Tuple, StepInfo]:
     """The end of an outer iteration: its status (the given ones, and NONFINITE when a leaf of
     `trees` is not finite) and its `StepInfo`. With `check`, the first tree carries a runtime
-    error (`bj.status.raise_if`) naming the cause when the status is not OK."""
-    status = st.merge(*statuses, st.nonfinite(*trees))
+    error (`bj.status.raise_if`) naming the cause when the status is not OK.
+
+    Inside `bj.run` (`nonfinite_at_records`) and without `check`, the NONFINITE test of `trees`
+    is not made here: `bj.run` tests the whole state at its evaluation points instead, so the
+    scan body makes no reduction over the iterates. The given statuses (a solver's BREAKDOWN, an
+    INVALID_STEP) are scalars the step computes anyway and are always reported."""
+    if _NONFINITE_AT_RECORDS.get() and not check:
+        status = st.merge(*statuses)
+    else:
+        status = st.merge(*statuses, st.nonfinite(*trees))
     if check:
         trees = (st.raise_if(trees[0], status, where),) + tuple(trees[1:])
     residual = jnp.asarray(residual_norm, jnp.result_type(float))
     return trees, StepInfo(counts, residual, status)
 
 
-__all__ = ["Batches", "Rule", "StepRule", "apply_step", "as_rule", "draw_batches", "finish", "init_rule", "lower_phase", "step_rule",
+__all__ = ["Batches", "Rule", "StepRule", "apply_step", "as_rule", "draw_batches", "finish", "init_rule", "lower_phase",
+           "nonfinite_at_records", "step_rule",
            "LOWER_STREAM", "SOLVER_STREAM", "UPPER_STREAM"]
