@@ -2,6 +2,7 @@
 import importlib.util
 import math
 import pathlib
+import sys
 
 import pytest
 
@@ -11,6 +12,7 @@ EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 def load(name):
     spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module      # dataclasses (equinox Modules) look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -30,3 +32,17 @@ def test_mlp_hpo_digits_quick_improves_the_validation_loss(capsys):
     assert out["decay_final"] != out["decay_initial"]
     printed = capsys.readouterr().out
     assert "val loss" in printed and "status ok" in printed
+
+
+def test_meta_learning_argmin_quick_learns_a_useful_prior(capsys):
+    out = load("meta_learning_argmin").main(["--quick"])
+    assert out["ok"], out
+    assert out["query_loss_final"] < 0.5 * out["query_loss_initial"], out
+    assert out["argmin_error"] < 1e-6, out          # float64 in tests: the IFT solve is exact
+    assert "held-out query loss" in capsys.readouterr().out
+
+
+def test_custom_algorithm_quick_runs_and_its_average_beats_the_last_iterate():
+    out = load("custom_algorithm").main(["--quick"])
+    assert out["ok"], out
+    assert out["average"] < out["last"], out
