@@ -360,7 +360,7 @@ def test_zero_ig_equals_grad_through_signsgd(quad):
         phi = phi_T(theta)
         return (bj.zero_ig_hypergradient(quad.problem, theta, quad.phi0, quad.data, lower_lr=lr, steps=T),
                 bj.unrolled_hypergradient(quad.problem, theta, quad.phi0, quad.data,
-                                          optimizer=bj.hypergrad.sign_sgd(lr), steps=T),
+                                          optimizer=optax.sign_sgd(lr), steps=T),
                 jax.grad(lambda th: f_upper(th, phi_T(th), upper))(theta),
                 jax.grad(f_upper, argnums=0)(theta, phi, upper), phi)
 

@@ -165,8 +165,8 @@ def test_step_sizes_must_be_positive(eta):
     for make in (ls.gd, ls.neumann, ls.stochastic_neumann):
         with pytest.raises(ValueError, match=r"eta must be a positive step size"):
             make(steps=3, eta=eta)
-    with pytest.raises(ValueError, match=r"learning_rate must be a positive step size"):
-        bj.hypergrad.sign_sgd(eta)
+    with pytest.raises(ValueError, match=r"lower_lr must be a positive step size"):
+        bj.algorithms.signsgd_ul(bj.BilevelProblem(lambda t, p, b: 0.0, lambda t, p, b: 0.0), lower_lr=eta)
 
 
 def test_tolerances_must_be_nonnegative():

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import optax
+
 from bilevel_jax._checks import check_step_size
 from bilevel_jax.algorithms import directions
 from bilevel_jax.algorithms._common import loop_options, lower_steps_at_least_one, named, neumann_series, rule, solver_eta
 from bilevel_jax.algorithms.loop import BilevelLoop, bilevel_loop
-from bilevel_jax.hypergrad.zero_ig import sign_sgd
 from bilevel_jax.linear_solvers import LinearSolver, cg, dense, gd, stochastic_neumann
 from bilevel_jax.schedules import inverse_power
 
@@ -115,7 +116,7 @@ def signsgd_ul(problem, *, upper_lr=0.1, lower_lr=0.01, upper_opt=None, lower_st
     phi <- phi - beta sign(grad_phi f_lower), whose unrolled Jacobian is zero almost surely, so the UL
     step uses the partial gradient only: theta <- theta - alpha grad_theta f_upper(theta_k, phi_{k+1})."""
     return _double_loop("signsgd_ul", problem, directions.partial, upper_lr, lower_lr, upper_opt, None,
-                        lower_steps, batch_size, lower_transform=sign_sgd, **kw)
+                        lower_steps, batch_size, lower_transform=optax.sign_sgd, **kw)
 
 
 __all__ = ["alternating", "ba", "bsa", "aid_bio", "stocbio", "amigo", "signsgd_ul"]

@@ -17,15 +17,11 @@ from bilevel_jax.hypergrad.inner import solve_lower
 from bilevel_jax.problem import BilevelProblem
 
 
-def sign_sgd(learning_rate) -> optax.GradientTransformation:
-    """phi <- phi - lr * sign(g): the LL optimizer of SignSGD + UL (Bernstein et al. 2018)."""
-    check_step_size("learning_rate", learning_rate)
-    return optax.chain(optax.scale_by_sign(), optax.scale_by_learning_rate(learning_rate))
-
-
 def zero_ig_hypergradient(problem: BilevelProblem, theta, phi0, data, *, lower_lr, steps: int):
-    """(grad_theta f_upper(theta, phi_T), phi_T), phi_T = `steps` SignSGD steps from phi0."""
+    """(grad_theta f_upper(theta, phi_T), phi_T), phi_T = `steps` SignSGD steps (`optax.sign_sgd`,
+    Bernstein et al. 2018, arXiv:1802.04434) from phi0."""
     check_positive_int("steps", steps)
+    check_step_size("lower_lr", lower_lr)
     problem.validate(theta, phi0, data)
-    phi = jax.lax.stop_gradient(solve_lower(problem, sign_sgd(lower_lr), theta, phi0, data[1], steps))
+    phi = jax.lax.stop_gradient(solve_lower(problem, optax.sign_sgd(lower_lr), theta, phi0, data[1], steps))
     return oracles.upper_grad_theta(problem, theta, phi, data[0]), phi
