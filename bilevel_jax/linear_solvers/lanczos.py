@@ -18,6 +18,11 @@ One call (`steps = 1`, LancBiO's setting) at outer step k, with j vectors in the
                 T_{j+1} = tridiag(beta, alpha, beta) grows by one row and column
   4. solve      T_{j+1} s = Q_{j+1}' r_k        (a tridiagonal system: `lax.linalg.tridiagonal_solve`)
                 dv = Q_{j+1} s,   v_k = v_bar + dv
+                Q'r_k is formed as ||r_h|| e_1 + Q'(b_k - b_h), with r_h = b_h - w the residual at the
+                restart (q_1 = r_h / ||r_h||). The same in exact arithmetic; in floating point the
+                loss of orthogonality of Q (no re-orthogonalisation) then only touches the drift of
+                b (conjugate gradient's recurrences use ||r_0|| e_1 implicitly too). Projecting r_k
+                itself stalls near a 1e-10 residual where this form reaches 1e-15 (frozen system).
   5. next       omega = u - alpha_{j+1} q_{j+1},  beta_{j+1} = ||omega||,  q_{j+2} = omega / beta_{j+1}
                 (no re-orthogonalisation, as in the paper)
 
@@ -48,6 +53,9 @@ Breakdowns are loud or a documented restart:
 - ||r|| at a restart at rounding level (v_bar already solves the system): no basis is built in
   this epoch, v = v_bar until the next restart. Not a failure.
 Non-finite b, matvec or state: x NaN, status BREAKDOWN | NONFINITE.
+With sampled operators (minibatch Hessians, a new sample per call) T mixes entries of different
+samples and is often indefinite for m >= 2 at small batches (a loud breakdown); m = 1 (a restart
+at every call: the exact line search along the residual, 2 matvecs) or large batches work.
 
 `info.residual_norm` is, by default, the Lanczos estimate ||r_k - Q_j T_j s - beta_j s_j q_{j+1}||
 of ||b - A x|| (no matvec; exact for a fixed A in exact arithmetic, where A Q_j = Q_j T_j +
@@ -86,6 +94,7 @@ class LanczosState(NamedTuple):
     """The state of `lanczos`, kept across solves (in a bilevel loop: across outer steps).
 
     x: the current solution v_k.   x_bar, w: the restart point and A v_bar (frozen).
+    b_ref, r_ref: b and ||b - w|| at the restart.
     basis: q_1..q_j as a leading axis of size m_max on every leaf (rows >= size masked).
     q_next: q_{j+1}.   alpha, beta, pivots: diagonal, off-diagonal (beta[i] between rows i and
     i+1) and LDL' pivots of T (m_max each).   scale: max ||A q_i|| of the epoch.
@@ -129,6 +138,13 @@ def _project(basis, r) -> jax.Array:
 def _combine(basis, s) -> PyTree:
     """Q s: a tree shaped like one basis vector."""
     return jax.tree_util.tree_map(lambda q: jnp.tensordot(s.astype(q.dtype), q, axes=1), basis)
+
+
+def _combine2(basis, s, c):
+    """(Q s, Q c) with one contraction of the basis."""
+    sc = jnp.stack([s, c])
+    both = jax.tree_util.tree_map(lambda q: jnp.tensordot(sc.astype(q.dtype), q, axes=1), basis)
+    return (jax.tree_util.tree_map(lambda t: t[0], both), jax.tree_util.tree_map(lambda t: t[1], both))
 
 
 def _row(basis, i) -> PyTree:
@@ -266,12 +282,12 @@ class Lanczos(LinearSolver):
         e1 = (jnp.arange(self.m_max) == 0) * r_ref
         c = jnp.where(mask, e1 + _project(basis, otu.tree_sub(b, b_ref)).astype(dtype), 0.0)
         s = tridiagonal_spd_solve(alpha, beta, c, size)
-        dv = _combine(basis, s)
+        dv, qc = _combine2(basis, s, c)   # Q s and Q c in one pass over the basis
         x = otu.tree_add(x_bar, dv)
-        # Lanczos estimate of ||b - A x||: r - Q T s - beta_j s_j q_{j+1}, with T s = Q'r
+        # Lanczos estimate of ||b - A x||: r - Q T s - beta_j s_j q_{j+1}, with T s = c
         last = jnp.maximum(size - 1, 0)
         tail = jnp.where((size > 0) & ~exhausted, beta[last] * s[last], 0.0)
-        estimate = otu.tree_norm(otu.tree_add_scale(otu.tree_sub(r, _combine(basis, c)), -tail, q_next))
+        estimate = otu.tree_norm(otu.tree_add_scale(otu.tree_sub(r, qc), -tail, q_next))
 
         new = LanczosState(x, x_bar, w, b_ref, r_ref, basis, q_next, alpha, beta, pivots, scale, size, epoch_step + 1, m,
                            state.count + 1, active, exhausted)
