@@ -26,7 +26,7 @@ demo: $(STAMP)
 # Paper figures: `make fig-quadratic`, `make fig-hpo-logreg full=true` (paper size), ARGS="key=value ...".
 # Outputs in results/<name>/ (results/<name>-full/ with full=true): the PNG, summary.md, sweep.csv and
 # cells/ (one NPZ + JSON per finished cell; a rerun computes only the missing ones).
-FIGURES := hpo-logreg inner-accuracy quadratic rates morbit
+FIGURES := hpo-logreg inner-accuracy quadratic rates morbit lancbio lancbio-dim
 fig-%: $(STAMP)
 	$(PY) -m experiments configs/$(subst -,_,$*).toml $(if $(full),full=$(full)) $(ARGS)
 
