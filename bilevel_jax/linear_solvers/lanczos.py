@@ -69,8 +69,7 @@ method's 1 + [restart].
 """
 from __future__ import annotations
 
-import numbers
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -344,7 +343,7 @@ def lanczos(m_max: int = 80, *, m0=1, inc=1.1, every: int = 20, steps: int = 1, 
     (1 + 1/m on average). `warm_start=False` starts every solve from a fresh state (x0 = 0, no
     basis). See the module docstring for breakdowns and `info.residual_norm`.
     """
-    return Lanczos(m_max=m_max, m0=as_array(m0) if isinstance(m0, numbers.Number) else m0, inc=as_array(inc),
+    return Lanczos(m_max=m_max, m0=as_array(m0), inc=as_array(inc),
                    every=every, steps=steps, warm_start=warm_start, exact_residual=exact_residual)
 
 
