@@ -17,7 +17,7 @@ neural network (an equinox Module) can be `phi`; gradients and `v` are pytrees s
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import equinox as eqx
 import jax
@@ -214,3 +214,116 @@ def lower_hessian_blocks(problem: BilevelProblem, theta, phi, batch):
 
     jac = jax.jacfwd(grad_phi_flat)(jax.numpy.concatenate([t_flat, p_flat]))   # (n_phi, n_theta + n_phi)
     return jac[:, t_flat.size:], jac[:, :t_flat.size].T
+
+
+# ------------------------------------------------------------------ constrained lower level (KKT)
+
+class Multipliers(NamedTuple):
+    """Lagrange multipliers of a constrained LL: `inequality` (lambda_P >= 0, shaped like
+    P(theta, phi)) and `equality` (lambda_Q, shaped like Q(theta, phi)); None where absent."""
+
+    inequality: PyTree = None
+    equality: PyTree = None
+
+
+def _constraint_fn(problem: BilevelProblem, theta, phi):
+    """(t, p) -> (P, Q) on the differentiable parts of (theta, phi) (None where absent)."""
+    theta_d, theta_s = eqx.partition(theta, eqx.is_inexact_array)
+    phi_d, phi_s = eqx.partition(phi, eqx.is_inexact_array)
+
+    def cons(t, p):
+        th, ph = eqx.combine(t, theta_s), eqx.combine(p, phi_s)
+        ineq = None if problem.lower_inequality is None else problem.lower_inequality(th, ph)
+        eq = None if problem.lower_equality is None else problem.lower_equality(th, ph)
+        return ineq, eq
+
+    return cons, theta_d, phi_d
+
+
+def constraint_values(problem: BilevelProblem, theta, phi) -> Multipliers:
+    """(P(theta, phi), Q(theta, phi)) as a `Multipliers`-shaped pair (None where absent)."""
+    cons, t, p = _constraint_fn(problem, theta, phi)
+    return Multipliers(*cons(t, p))
+
+
+def lagrangian(problem: BilevelProblem, theta, phi, multipliers: Multipliers, batch) -> jax.Array:
+    """L = f_lower + <lambda_P, P> + <lambda_Q, Q>."""
+    p, q = constraint_values(problem, theta, phi)
+    out = problem.f_lower(theta, phi, batch)
+    if p is not None:
+        out = out + otu.tree_vdot(multipliers.inequality, p)
+    if q is not None:
+        out = out + otu.tree_vdot(multipliers.equality, q)
+    return out
+
+
+def kkt_map(problem: BilevelProblem, theta, phi, multipliers: Multipliers, batch):
+    """G(theta, phi, lambda_P, lambda_Q) = (grad_phi L, lambda_P * P, Q): zero at a KKT point."""
+    f, t, p = _on_diff(lambda th, ph, b: lagrangian(problem, th, ph, multipliers, b), theta, phi, batch)
+    values = constraint_values(problem, theta, phi)
+    comp = None if values.inequality is None else otu.tree_mul(multipliers.inequality, values.inequality)
+    return jax.grad(f, argnums=1)(t, p), comp, values.equality
+
+
+class ConstraintLinearization(NamedTuple):
+    """P, Q at (theta, phi) and the linear maps of their derivatives (no Jacobian is formed)."""
+
+    values: Multipliers                       # (P, Q)
+    jvp_phi: Callable[[PyTree], Multipliers]  # a -> (grad_phi P a, grad_phi Q a)
+    vjp: Callable[[Multipliers], tuple]       # (mu_P, mu_Q) -> (grad_theta P'mu_P + grad_theta Q'mu_Q, grad_phi ...)
+
+
+def linearize_constraints(problem: BilevelProblem, theta, phi) -> ConstraintLinearization:
+    """One `jax.linearize` of (P, Q) in phi and one `jax.vjp` in (theta, phi)."""
+    cons, t, p = _constraint_fn(problem, theta, phi)
+    values, pull = jax.vjp(cons, t, p)
+    _, push = jax.linearize(lambda p_: cons(t, p_), p)
+    return ConstraintLinearization(Multipliers(*values), lambda a: Multipliers(*push(a)),
+                                   lambda mu: pull(tuple(mu)))
+
+
+class LagrangianLinearization(NamedTuple):
+    """grad_phi L at (theta, phi, lambda) and one pullback of (grad_phi L, P, Q) over (theta, phi):
+
+        pullback(a, mu_P, mu_Q) = (grad^2_{theta phi} L a + grad_theta P' mu_P + grad_theta Q' mu_Q,
+                                   grad^2_{phi phi} L a + grad_phi P' mu_P + grad_phi Q' mu_Q)
+
+    the transpose of the (theta, phi) columns of the KKT Jacobian: with the constraint jvps it
+    gives the KKT operator and the hypergradient's cross term from one linearization."""
+
+    grad_lagrangian: PyTree
+    constraints: ConstraintLinearization
+    pullback: Callable[[PyTree, Multipliers], tuple]
+
+
+def linearize_lagrangian(problem: BilevelProblem, theta, phi, multipliers: Multipliers, batch,
+                         cons: Optional[ConstraintLinearization] = None) -> LagrangianLinearization:
+    """Linearize (grad_phi L, P, Q) at (theta, phi) with the multipliers held fixed (one vjp)."""
+    f, t, p = _on_diff(lambda th, ph, b: lagrangian(problem, th, ph, multipliers, b), theta, phi, batch)
+    cfn = _constraint_fn(problem, theta, phi)[0]
+    cons = linearize_constraints(problem, theta, phi) if cons is None else cons
+
+    def fused(t_, p_):
+        return jax.grad(f, argnums=1)(t_, p_), cfn(t_, p_)
+
+    (grad_l, _), pull = jax.vjp(fused, t, p)
+    return LagrangianLinearization(grad_l, cons, lambda a, mu: pull((a, tuple(mu))))
+
+
+def kkt_jacobians_dense(problem: BilevelProblem, theta, phi, multipliers: Multipliers, batch):
+    """The dense reference: the Jacobians of G = kkt_map in z = (phi, lambda_P, lambda_Q) and in
+    theta, materialised with `jax.jacfwd` on flat vectors (the only place a KKT Jacobian is
+    formed; small problems and tests only). Returns `(G_z, G_theta, unravel_z, unravel_theta)`."""
+    from jax.flatten_util import ravel_pytree
+
+    theta_d, theta_s = eqx.partition(theta, eqx.is_inexact_array)
+    phi_d, phi_s = eqx.partition(phi, eqx.is_inexact_array)
+    z, unravel_z = ravel_pytree((phi_d, tuple(multipliers)))
+    t, unravel_t = ravel_pytree(theta_d)
+
+    def g(t_flat, z_flat):
+        p, mu = unravel_z(z_flat)
+        out = kkt_map(problem, eqx.combine(unravel_t(t_flat), theta_s), eqx.combine(p, phi_s), Multipliers(*mu), batch)
+        return ravel_pytree(out)[0]
+
+    return jax.jacfwd(g, argnums=1)(t, z), jax.jacfwd(g, argnums=0)(t, z), unravel_z, unravel_t

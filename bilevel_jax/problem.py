@@ -29,11 +29,22 @@ class BilevelProblem:
         for the implicit-gradient methods.
       project_upper: optional Euclidean projection `theta -> P_Theta(theta)` applied after every
         UL step (e.g. `lambda t: jnp.clip(t, 0, 1)`); None means Theta is the whole space.
+      lower_inequality: optional `P(theta, phi) -> pytree`, the LL constraints P <= 0 (elementwise).
+      lower_equality: optional `Q(theta, phi) -> pytree`, the LL constraints Q = 0. With either,
+        the LL is min_{phi in Phi(theta)} f_lower, Phi(theta) = {phi : P <= 0, Q = 0}, and
+        `bj.hypergradient` uses the KKT implicit gradient (`bj.hypergrad.kkt`).
     """
 
     f_upper: Callable[[PyTree, PyTree, PyTree], jax.Array]
     f_lower: Callable[[PyTree, PyTree, PyTree], jax.Array]
     project_upper: Optional[Callable[[PyTree], PyTree]] = None
+    lower_inequality: Optional[Callable[[PyTree, PyTree], PyTree]] = None
+    lower_equality: Optional[Callable[[PyTree, PyTree], PyTree]] = None
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the LL has constraints (`lower_inequality` or `lower_equality`)."""
+        return self.lower_inequality is not None or self.lower_equality is not None
 
     def __post_init__(self):
         for name in ("f_upper", "f_lower"):
@@ -47,6 +58,11 @@ class BilevelProblem:
                 "BilevelProblem: `project_upper` must be None or a callable theta -> theta, "
                 f"got {type(self.project_upper).__name__}."
             )
+        for name in ("lower_inequality", "lower_equality"):
+            fn = getattr(self, name)
+            if fn is not None and not callable(fn):
+                raise TypeError(f"BilevelProblem: `{name}` must be None or a callable "
+                                f"`{name}(theta, phi) -> pytree`, got {type(fn).__name__}.")
 
     def project(self, theta: PyTree) -> PyTree:
         """P_Theta(theta), the identity when the problem has no UL constraint."""
@@ -82,6 +98,19 @@ class BilevelProblem:
             if not (isinstance(out, jax.ShapeDtypeStruct) and out.shape == ()
                     and jnp.issubdtype(out.dtype, jnp.floating)):
                 raise ValueError(f"{name} must return a real scalar, got {_describe(out)}.")
+        for name in ("lower_inequality", "lower_equality"):
+            fn = getattr(self, name)
+            if fn is None:
+                continue
+            try:
+                out = eqx.filter_eval_shape(fn, theta, phi)
+            except Exception as e:  # noqa: BLE001 - re-raised with context
+                raise ValueError(f"{name}(theta, phi) fails on the given structures (theta: {_describe(theta)}; "
+                                 f"phi: {_describe(phi)}): {type(e).__name__}: {e}") from e
+            leaves = jax.tree_util.tree_leaves(out)
+            if not leaves or not all(isinstance(x, jax.ShapeDtypeStruct) and jnp.issubdtype(x.dtype, jnp.floating)
+                                     for x in leaves):
+                raise ValueError(f"{name} must return a pytree of real floating arrays, got {_describe(out)}.")
 
 
 def check_data_pair(data: Any) -> None:

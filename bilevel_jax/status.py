@@ -8,6 +8,9 @@ Like lineax's `RESULTS`, a status travels as an array (so it works under `jit`, 
                       singular lower level), or diverged; its solution is returned as NaN
     NONFINITE     2   a non-finite value (NaN/inf) in an iterate, an oracle or the data
     INVALID_STEP  4   a step size that is not a positive finite number (e.g. a swept grid value)
+    DEGENERATE    8   a constrained lower level breaks the assumptions of its KKT implicit gradient:
+                      a weakly active constraint (strict complementarity fails), a multiplier of the
+                      wrong sign, or a point that is not stationary for any multipliers (LICQ fails)
 
 `describe(code)` spells a concrete code out; `raise_if(x, code, where)` attaches an
 `eqx.error_if`-type check that raises, under `jit`, with the cause spelled out.
@@ -25,15 +28,20 @@ OK = 0
 BREAKDOWN = 1
 NONFINITE = 2
 INVALID_STEP = 4
+DEGENERATE = 8
 
-NAMES = {BREAKDOWN: "breakdown", NONFINITE: "non-finite", INVALID_STEP: "invalid step size"}
+NAMES = {BREAKDOWN: "breakdown", NONFINITE: "non-finite", INVALID_STEP: "invalid step size",
+         DEGENERATE: "degenerate constraints"}
 CAUSES = {
     BREAKDOWN: "a linear solve broke down (non-positive or non-finite curvature: is the lower level "
                "strongly convex at this point?) or diverged (step size too large for its Hessian)",
     NONFINITE: "a non-finite value (NaN/inf) appeared in an iterate, an oracle or the data",
     INVALID_STEP: "a step size is not a positive finite number",
+    DEGENERATE: "the constrained lower level is degenerate at this point (a weakly active constraint: strict "
+                "complementarity fails; a multiplier of the wrong sign; or no multipliers make it stationary: "
+                "LICQ fails or phi is not a KKT point), so its KKT implicit gradient is not defined",
 }
-_ALL = BREAKDOWN | NONFINITE | INVALID_STEP
+_ALL = BREAKDOWN | NONFINITE | INVALID_STEP | DEGENERATE
 
 
 def ok() -> jax.Array:
@@ -90,5 +98,5 @@ class BilevelError(RuntimeError):
     """Raised on the host when a checked run (`bj.run(..., check=True)`) met a non-ok status."""
 
 
-__all__ = ["OK", "BREAKDOWN", "NONFINITE", "INVALID_STEP", "BilevelError", "describe", "explain", "flag",
+__all__ = ["OK", "BREAKDOWN", "NONFINITE", "INVALID_STEP", "DEGENERATE", "BilevelError", "describe", "explain", "flag",
            "merge", "nonfinite", "ok", "raise_if"]

@@ -1,12 +1,14 @@
 """Hypergradient estimators: implicit (any linear solver), unrolled (reverse/forward),
-zero implicit gradient (SignSGD + UL), and the differentiable `argmin`."""
+zero implicit gradient (SignSGD + UL), the differentiable `argmin`, and the KKT implicit gradient
+of a constrained lower level (`kkt`)."""
 from bilevel_jax.hypergrad.argmin import argmin
 from bilevel_jax.hypergrad.implicit import HypergradInfo, hypergradient, implicit_direction
+from bilevel_jax.hypergrad.kkt import KKTInfo, kkt_argmin, kkt_direction, kkt_hypergradient, kkt_hypergradient_dense
 from bilevel_jax.hypergrad.inner import lower_step, lower_steps, solve_lower
 from bilevel_jax.hypergrad.unrolled import unrolled_hypergradient
 from bilevel_jax.hypergrad.zero_ig import zero_ig_hypergradient
 
 __all__ = [
     "argmin", "HypergradInfo", "hypergradient", "implicit_direction", "lower_step", "lower_steps",
-    "solve_lower", "unrolled_hypergradient", "zero_ig_hypergradient",
+    "solve_lower", "KKTInfo", "kkt_argmin", "kkt_direction", "kkt_hypergradient", "kkt_hypergradient_dense", "unrolled_hypergradient", "zero_ig_hypergradient",
 ]

@@ -84,6 +84,10 @@ def hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[Li
         default: every factor uses `lower_batch`.
       mode: "rev" (vjp of grad_phi f_lower) or "fwd" (forward-over-reverse).
 
+    On a constrained problem (`lower_inequality`/`lower_equality`) this is the KKT implicit
+    gradient `bj.hypergrad.kkt_hypergradient` (default solver `minres(100)`, multipliers by least
+    squares from phi; its info is a `KKTInfo`, whose first fields are those of `HypergradInfo`).
+
     Returns:
       `(g, info)` with `g = grad_theta f_upper - J v` and `info` a `HypergradInfo`: `v ~ A^{-1}
       grad_phi f_upper`, its residual norm, `status` (the solver's status, | NONFINITE if g is
@@ -93,6 +97,12 @@ def hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[Li
     """
     if not isinstance(problem, BilevelProblem):
         raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
+    if problem.constrained:  # constrained LL: the KKT implicit gradient (multipliers by least squares)
+        from bilevel_jax.hypergrad.kkt import kkt_hypergradient
+        if key is not None or lower_sampler is not None or mode != "rev":
+            raise ValueError("hypergradient: a constrained problem uses the deterministic KKT gradient; "
+                             "key, lower_sampler and mode do not apply (see bj.hypergrad.kkt_hypergradient).")
+        return kkt_hypergradient(problem, theta, phi, data, solver, x0=x0)
     solver = cg(maxiter=50) if solver is None else solver
     if not isinstance(solver, LinearSolver):
         raise TypeError(f"solver must be a bj.linear_solvers solver (e.g. cg(maxiter=50)), got {solver!r}.")

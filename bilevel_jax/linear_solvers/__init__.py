@@ -8,6 +8,7 @@ from bilevel_jax.linear_solvers.cg import CG, cg
 from bilevel_jax.linear_solvers.dense import Dense, dense
 from bilevel_jax.linear_solvers.gd import GD, Neumann, gd, neumann
 from bilevel_jax.linear_solvers.lanczos import Lanczos, LanczosState, lanczos
+from bilevel_jax.linear_solvers.minres import MINRES, minres
 from bilevel_jax.linear_solvers.sampled_neumann import SampledNeumann, sampled_neumann
 from bilevel_jax.linear_solvers.stochastic_neumann import StochasticNeumann, stochastic_neumann
 from bilevel_jax.linear_solvers.subspace import Subspace, subspace
@@ -15,5 +16,6 @@ from bilevel_jax.linear_solvers.subspace import Subspace, subspace
 __all__ = [
     "LinearSolver", "SolverInfo", "WarmStart", "fail_where", "residual_norm",
     "CG", "Dense", "GD", "Lanczos", "LanczosState", "Neumann", "StochasticNeumann", "Subspace",
+    "MINRES", "minres",
     "cg", "dense", "gd", "lanczos", "neumann", "stochastic_neumann", "subspace", "sampled_neumann", "SampledNeumann",
 ]

@@ -1,0 +1,335 @@
+"""Constrained lower levels: feasible sets, projected LL steps, an augmented-Lagrangian LL
+solver and least-squares multipliers.
+
+    Phi(theta) = {phi : P(theta, phi) <= 0,  Q(theta, phi) = 0}       (`BilevelProblem.lower_inequality`/`lower_equality`)
+
+Sets with an exact Euclidean projection in `optax.projections` (box, non-negative orthant,
+simplex, l2 ball, hyperplane, halfspace) are `ConstraintSet` Modules that give both the
+projection (for projected LL steps, `projected`) and the smooth constraint functions P, Q (for
+the KKT implicit gradient, `bj.hypergrad.kkt`): `box(0.0).problem(f_upper, f_lower)` is a
+`BilevelProblem` whose LL is constrained to phi >= 0.
+
+General (theta-dependent, nonlinear) constraints: `augmented_lagrangian`, the method of
+multipliers (Hestenes, "Multiplier and gradient methods", 1969; Powell 1969; Rockafellar, "The
+multiplier method of Hestenes and Powell applied to convex programming", 1973):
+
+    L_rho(phi) = f_lower + <lambda_Q, Q> + rho/2 ||Q||^2 + 1/(2 rho) sum (max(0, lambda_P + rho P)^2 - lambda_P^2)
+    phi <- `inner_steps` optax steps on L_rho;   lambda_P <- max(0, lambda_P + rho P),  lambda_Q <- lambda_Q + rho Q
+
+It returns phi and its multipliers. A solver that gives no multipliers (projected steps) gets
+them by least squares from stationarity (`least_squares_multipliers`; Giovannelli, Kent,
+Vicente, "Bilevel stochastic methods for optimization and machine learning: Bilevel stochastic
+descent and DARTS", 2021, arXiv:2110.00604):
+
+    lambda = argmin ||grad_phi f_lower + grad_phi P' lambda_P + grad_phi Q' lambda_Q||^2 + ||P * lambda_P||^2
+    i.e. (J J' + diag(P^2, 0)) lambda = -J grad_phi f_lower,  J = [grad_phi P; grad_phi Q]
+
+solved by CG on the normal equations (J and J' by jvp/vjp of the constraints, never formed).
+The second term makes the multipliers of inactive constraints vanish; at a KKT point the
+minimum is zero and lambda is the KKT multiplier. The system is SPD under LICQ; a breakdown of
+that solve (dependent active gradients) is reported as `bj.status.DEGENERATE`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+import optax.projections as proj
+import optax.tree_utils as otu
+
+from bilevel_jax import oracles
+from bilevel_jax import status as st
+from bilevel_jax._checks import check_positive_int, check_step_size
+from bilevel_jax.hypergrad.inner import lower_steps
+from bilevel_jax.linear_solvers import LinearSolver, SolverInfo, cg
+from bilevel_jax.linear_solvers.base import rounding_eps
+from bilevel_jax.oracles import Multipliers
+from bilevel_jax.problem import BilevelProblem
+
+PyTree = Any
+
+
+# ------------------------------------------------------------------ sets with a projection
+
+class ConstraintSet(eqx.Module):
+    """A theta-independent feasible set: its projection and its smooth constraints P <= 0, Q = 0."""
+
+    def project(self, phi: PyTree) -> PyTree:
+        raise NotImplementedError
+
+    def inequality(self, theta, phi) -> Optional[PyTree]:
+        """P(theta, phi) (<= 0 on the set), or None."""
+        return None
+
+    def equality(self, theta, phi) -> Optional[PyTree]:
+        """Q(theta, phi) (= 0 on the set), or None."""
+        return None
+
+    @property
+    def has_inequality(self) -> bool:
+        return type(self).inequality is not ConstraintSet.inequality
+
+    @property
+    def has_equality(self) -> bool:
+        return type(self).equality is not ConstraintSet.equality
+
+    def problem(self, f_upper: Callable, f_lower: Callable, project_upper: Optional[Callable] = None) -> BilevelProblem:
+        """The `BilevelProblem` whose LL is constrained to this set."""
+        return BilevelProblem(f_upper, f_lower, project_upper,
+                              lower_inequality=self.inequality if self.has_inequality else None,
+                              lower_equality=self.equality if self.has_equality else None)
+
+
+class Box(ConstraintSet):
+    """lower <= phi <= upper (scalars or pytrees like phi; None for no bound on that side).
+    P = (lower - phi, phi - upper), the absent sides left out."""
+
+    lower: Any = None
+    upper: Any = None
+
+    def project(self, phi):
+        lo = jax.tree_util.tree_map(lambda p: -jnp.inf, phi) if self.lower is None else self._like(self.lower, phi)
+        hi = jax.tree_util.tree_map(lambda p: jnp.inf, phi) if self.upper is None else self._like(self.upper, phi)
+        return proj.projection_box(phi, lo, hi)
+
+    @staticmethod
+    def _like(bound, phi):
+        if jax.tree_util.tree_structure(bound) == jax.tree_util.tree_structure(phi):
+            return bound
+        return jax.tree_util.tree_map(lambda p: jnp.broadcast_to(jnp.asarray(bound, p.dtype), p.shape), phi)
+
+    def inequality(self, theta, phi):
+        out = {}
+        if self.lower is not None:
+            out["lower"] = otu.tree_sub(self._like(self.lower, phi), phi)
+        if self.upper is not None:
+            out["upper"] = otu.tree_sub(phi, self._like(self.upper, phi))
+        return out
+
+
+class Simplex(ConstraintSet):
+    """phi >= 0, sum of all entries = scale. P = -phi, Q = sum(phi) - scale."""
+
+    scale: Any = 1.0
+
+    def project(self, phi):
+        return proj.projection_simplex(phi, self.scale)
+
+    def inequality(self, theta, phi):
+        return otu.tree_scale(-1.0, phi)
+
+    def equality(self, theta, phi):
+        return otu.tree_sum(phi) - self.scale
+
+
+class L2Ball(ConstraintSet):
+    """||phi|| <= radius. P = (||phi||^2 - radius^2) / 2 (smooth)."""
+
+    radius: Any = 1.0
+
+    def project(self, phi):
+        return proj.projection_l2_ball(phi, self.radius)
+
+    def inequality(self, theta, phi):
+        return 0.5 * (otu.tree_norm(phi, squared=True) - self.radius ** 2)
+
+
+class Hyperplane(ConstraintSet):
+    """<a, phi> = b. Q = <a, phi> - b."""
+
+    a: Any
+    b: Any = 0.0
+
+    def project(self, phi):
+        return proj.projection_hyperplane(phi, self.a, self.b)
+
+    def equality(self, theta, phi):
+        return otu.tree_vdot(self.a, phi) - self.b
+
+
+class Halfspace(ConstraintSet):
+    """<a, phi> <= b. P = <a, phi> - b."""
+
+    a: Any
+    b: Any = 0.0
+
+    def project(self, phi):
+        return proj.projection_halfspace(phi, self.a, self.b)
+
+    def inequality(self, theta, phi):
+        return otu.tree_vdot(self.a, phi) - self.b
+
+
+def box(lower=None, upper=None) -> Box:
+    """The box lower <= phi <= upper (either side may be None)."""
+    if lower is None and upper is None:
+        raise ValueError("box: give `lower`, `upper` or both (a box with no bound is the whole space).")
+    return Box(lower, upper)
+
+
+def non_negative() -> Box:
+    """phi >= 0."""
+    return Box(0.0, None)
+
+
+def simplex(scale=1.0) -> Simplex:
+    return Simplex(scale)
+
+
+def l2_ball(radius=1.0) -> L2Ball:
+    return L2Ball(radius)
+
+
+def hyperplane(a, b=0.0) -> Hyperplane:
+    return Hyperplane(a, b)
+
+
+def halfspace(a, b=0.0) -> Halfspace:
+    return Halfspace(a, b)
+
+
+# ------------------------------------------------------------------ projected LL steps
+
+class ProjectedState(NamedTuple):
+    inner: Any
+
+
+def projected(optimizer: optax.GradientTransformation, projection: Callable[[PyTree], PyTree]
+              ) -> optax.GradientTransformationExtraArgs:
+    """`optimizer`'s step followed by a Euclidean projection: the update u becomes
+    projection(params + u) - params (projected gradient descent with `optax.sgd`). Usable as the
+    `lower_opt` of any preset and with `bj.hypergrad.lower_steps`; `projection` is e.g.
+    `bj.constraints.box(0.0).project`."""
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(f"projected: optimizer must be an optax GradientTransformation, got {type(optimizer).__name__}.")
+    if not callable(projection):
+        raise TypeError(f"projected: projection must be a callable phi -> phi, got {type(projection).__name__}.")
+    inner = optax.with_extra_args_support(optimizer)
+
+    def init(params):
+        return ProjectedState(inner.init(params))
+
+    def update(updates, state, params=None, **extra):
+        if params is None:
+            raise ValueError("projected: the update needs `params` (the point to project from).")
+        u, s = inner.update(updates, state.inner, params, **extra)
+        new = projection(optax.apply_updates(params, u))
+        return otu.tree_sub(new, params), ProjectedState(s)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def solve_projected(problem: BilevelProblem, constraint_set: ConstraintSet, theta, phi0, batch, *,
+                    learning_rate, steps: int):
+    """`steps` projected gradient steps on f_lower(theta, ., batch) from P(phi0): phi only (get the
+    multipliers with `least_squares_multipliers`)."""
+    check_positive_int("steps", steps)
+    check_step_size("learning_rate", learning_rate)
+    opt = projected(optax.sgd(learning_rate), constraint_set.project)
+    phi0 = constraint_set.project(phi0)
+    phi, _ = lower_steps(problem, opt, theta, phi0, opt.init(oracles.differentiable(phi0)), steps, lambda t: batch)
+    return phi
+
+
+# ------------------------------------------------------------------ multipliers
+
+class MultiplierInfo(NamedTuple):
+    stationarity: jax.Array   # ||grad_phi L|| at the returned multipliers (0 at a KKT point)
+    solver: SolverInfo
+    status: jax.Array         # DEGENERATE when the normal equations broke down (LICQ fails)
+
+
+def least_squares_multipliers(problem: BilevelProblem, theta, phi, batch, solver: Optional[LinearSolver] = None,
+                              check_licq: bool = True):
+    """Multipliers by least squares from stationarity (module docstring): `(Multipliers,
+    MultiplierInfo)`. `solver` (default `cg(100)`) solves the SPD normal equations.
+
+    `check_licq`: the right-hand side -J grad f lies in the range of J J', so a rank-deficient
+    J J' (dependent active gradients: LICQ fails) does not stop CG on it. One more solve with a
+    fixed random right-hand side, which has a component in any null space, detects it: CG meets
+    zero curvature (BREAKDOWN) or does not reach a residual of sqrt(eps) relative; either is
+    reported as DEGENERATE (as is non-convergence of the normal equations themselves)."""
+    if not problem.constrained:
+        raise ValueError("least_squares_multipliers: the problem has no lower_inequality / lower_equality.")
+    solver = cg(100) if solver is None else solver
+    grad_f = oracles.lower_grad_phi(problem, theta, phi, batch)
+    cons = oracles.linearize_constraints(problem, theta, phi)
+    p_sq = jax.tree_util.tree_map(jnp.square, cons.values.inequality)
+
+    def transpose(mu):  # J' mu (phi-shaped)
+        return cons.vjp(mu)[1]
+
+    def matvec(mu):
+        jjt = cons.jvp_phi(transpose(mu))
+        reg = jax.tree_util.tree_map(lambda a, b: a * b, p_sq, mu.inequality)
+        return Multipliers(otu.tree_add(jjt.inequality, reg), jjt.equality)
+
+    rhs = otu.tree_scale(-1.0, cons.jvp_phi(grad_f))
+    rhs = Multipliers(*rhs)
+    mu, _, info = solver.solve(matvec, rhs, solver.init(rhs))
+    mu = Multipliers(*mu)
+    stationarity = otu.tree_norm(otu.tree_add(grad_f, transpose(mu)))
+    failed = info.status != st.OK
+    if check_licq:
+        probe = otu.tree_random_like(jax.random.PRNGKey(0), rhs)
+        _, _, pinfo = solver.solve(matvec, probe, solver.init(probe))
+        tol = jnp.sqrt(rounding_eps(rhs))
+        failed = failed | (pinfo.status != st.OK) | ~(pinfo.residual_norm <= tol * otu.tree_norm(probe))
+    status = st.merge(st.flag(failed, st.DEGENERATE), info.status & st.NONFINITE)
+    return mu, MultiplierInfo(stationarity, info, status)
+
+
+# ------------------------------------------------------------------ augmented Lagrangian
+
+def augmented_lagrangian(problem: BilevelProblem, theta, phi0, batch, *, optimizer: optax.GradientTransformation,
+                         inner_steps: int, outer_steps: int, penalty=10.0,
+                         multipliers: Optional[Multipliers] = None):
+    """The method of multipliers (module docstring) on the problem's LL constraints: `outer_steps`
+    multiplier updates, each after `inner_steps` steps of `optimizer` on L_rho (its state carried
+    across outer steps). `penalty` is rho. Returns `(phi, Multipliers)`; fixed loop lengths, so it
+    runs under jit and vmap."""
+    if not problem.constrained:
+        raise ValueError("augmented_lagrangian: the problem has no lower_inequality / lower_equality.")
+    check_positive_int("inner_steps", inner_steps)
+    check_positive_int("outer_steps", outer_steps)
+    check_step_size("penalty", penalty)
+    values = oracles.constraint_values(problem, theta, phi0)
+    if multipliers is None:
+        multipliers = Multipliers(*(None if v is None else otu.tree_zeros_like(v) for v in values))
+    rho = penalty
+
+    def objective(lam):
+        def f(th, ph, b):
+            p, q = oracles.constraint_values(problem, th, ph)
+            out = problem.f_lower(th, ph, b)
+            if q is not None:
+                out = out + otu.tree_vdot(lam.equality, q) + 0.5 * rho * otu.tree_norm(q, squared=True)
+            if p is not None:
+                shifted = jax.tree_util.tree_map(lambda l, c: jnp.maximum(0.0, l + rho * c), lam.inequality, p)
+                out = out + 0.5 / rho * (otu.tree_norm(shifted, squared=True)
+                                         - otu.tree_norm(lam.inequality, squared=True))
+            return out
+        return BilevelProblem(problem.f_upper, f)
+
+    phi_d, phi_s = eqx.partition(phi0, eqx.is_inexact_array)
+
+    def outer(carry, _):
+        phi_d, opt_state, lam = carry
+        phi, opt_state = lower_steps(objective(lam), optimizer, theta, eqx.combine(phi_d, phi_s), opt_state,
+                                     inner_steps, lambda t: batch)
+        p, q = oracles.constraint_values(problem, theta, phi)
+        lam_p = None if p is None else jax.tree_util.tree_map(lambda l, c: jnp.maximum(0.0, l + rho * c),
+                                                              lam.inequality, p)
+        lam_q = None if q is None else otu.tree_add_scale(lam.equality, rho, q)
+        return (oracles.differentiable(phi), opt_state, Multipliers(lam_p, lam_q)), None
+
+    (phi_d, _, lam), _ = jax.lax.scan(outer, (phi_d, optimizer.init(phi_d), multipliers), None, length=outer_steps)
+    return eqx.combine(phi_d, phi_s), lam
+
+
+__all__ = ["Box", "ConstraintSet", "Halfspace", "Hyperplane", "L2Ball", "MultiplierInfo", "Multipliers",
+           "ProjectedState", "Simplex", "augmented_lagrangian", "box", "halfspace", "hyperplane", "l2_ball",
+           "least_squares_multipliers", "non_negative", "projected", "simplex", "solve_projected"]

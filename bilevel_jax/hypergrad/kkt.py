@@ -1,0 +1,265 @@
+"""The KKT implicit gradient of a constrained lower level.
+
+LL: phi*(theta) = argmin_{phi in Phi(theta)} f_lower,  Phi(theta) = {phi : P(theta, phi) <= 0, Q(theta, phi) = 0}.
+With L = f_lower + lambda_P' P + lambda_Q' Q, a KKT point solves
+
+    G(theta, phi, lambda_P, lambda_Q) = (grad_phi L,  lambda_P * P,  Q) = 0.
+
+Under LICQ, strict complementarity and second-order sufficiency at phi*, the implicit function
+theorem gives d(phi, lambda)/d theta = -[d G/d(phi, lambda)]^{-1} d G/d theta (Fiacco & McCormick,
+"Nonlinear programming: sequential unconstrained minimization techniques", 1968; used for bilevel
+learning by Giovannelli, Kent, Vicente, "Bilevel stochastic methods for optimization and machine
+learning: Bilevel stochastic descent and DARTS", 2021, arXiv:2110.00604). Inactive inequalities
+(P_i < 0, lambda_i = 0) drop out: their rows read P_i lambda_i_dot = 0. On the active set A the
+system is symmetric indefinite,
+
+    K = [[grad^2_phi L,  grad_phi P_A',  grad_phi Q'],
+         [grad_phi P_A,  0,              0         ],
+         [grad_phi Q,    0,              0         ]],
+
+and the hypergradient of F(theta) = f_upper(theta, phi*(theta)) needs one adjoint solve:
+
+    K (a, b_P, b_Q) = (grad_phi f_upper, 0, 0)
+    grad F = grad_theta f_upper - grad^2_{theta phi} L a - grad_theta P_A' b_P - grad_theta Q' b_Q.
+
+(Without constraints this is `bj.hypergradient`'s grad_theta f_upper - J v with v = a.) K is
+applied matrix-free: one vjp of (grad_phi L, P, Q) over (theta, phi) gives the first block row and
+the theta part (`oracles.linearize_lagrangian`), one linearization of (P, Q) in phi the others;
+inactive multiplier components get identity rows (b_i = 0), so the operator keeps a fixed shape
+under jit. K is indefinite: solve it with MINRES (`bj.linear_solvers.minres`, the default).
+
+Active set: an inequality is active when P_i >= -tol. The point is reported `bj.status.DEGENERATE`
+when an inequality is weakly active (P_i >= -tol and lambda_i <= tol: strict complementarity
+fails, F is not differentiable there), a multiplier has the wrong sign (lambda_i < -tol), an
+inactive constraint carries a multiplier (lambda_i > tol with P_i < -tol), or the least-squares
+multipliers could not be computed (LICQ fails); by default g is then NaN (`nan_if_degenerate`).
+
+Multipliers: given, or recovered from phi by least squares on stationarity
+(`bj.constraints.least_squares_multipliers`). `kkt_hypergradient_dense` is the dense reference:
+it forms the full Jacobians of G (all constraints, in the form above) and solves directly.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax.tree_utils as otu
+
+from bilevel_jax import oracles
+from bilevel_jax import status as st
+from bilevel_jax.constraints import least_squares_multipliers
+from bilevel_jax.linear_solvers import LinearSolver, SolverInfo, fail_where, minres
+from bilevel_jax.oracles import Multipliers
+from bilevel_jax.problem import BilevelProblem
+
+PyTree = Any
+
+
+class KKTInfo(NamedTuple):
+    """What a KKT hypergradient reports (a superset of `HypergradInfo`'s fields).
+
+    v: the phi part a of the adjoint (NaN if the solve failed); adjoint: (b_P, b_Q).
+    multipliers: the lambda used (given or by least squares); active: the inequality mask (1.0 active).
+    stationarity: ||grad_phi L|| at (phi, lambda) (0 at a KKT point).
+    residual_norm / solver: the adjoint solve's; status: OK, or BREAKDOWN / NONFINITE / DEGENERATE.
+    """
+
+    v: PyTree
+    residual_norm: jax.Array
+    status: jax.Array
+    solver: SolverInfo
+    adjoint: Multipliers
+    multipliers: Multipliers
+    active: PyTree
+    stationarity: jax.Array
+
+
+class KKTDirection(NamedTuple):
+    g: PyTree
+    state: Any          # the solver's state; its x is the adjoint (a, (b_P, b_Q))
+    info: KKTInfo
+    grad_phi: PyTree    # grad_phi f_lower at the point (free)
+
+
+def _tmap(fn, *trees):
+    return None if trees[0] is None else jax.tree_util.tree_map(fn, *trees)
+
+
+def active_set(values: Multipliers, multipliers: Multipliers, tol):
+    """(mask of active inequalities as 1.0/0.0, DEGENERATE flag) from P, lambda_P and `tol`."""
+    p, lam = values.inequality, multipliers.inequality
+    if p is None:
+        return None, st.ok()
+    active = _tmap(lambda c: c >= -tol, p)
+    bad = _tmap(lambda c, l, m: (m & (l <= tol)) | (l < -tol) | (~m & (l > tol)), p, lam, active)
+    degenerate = jnp.any(jnp.stack([jnp.any(b) for b in jax.tree_util.tree_leaves(bad)]))
+    mask = _tmap(lambda m, c: m.astype(c.dtype), active, p)
+    return mask, st.flag(degenerate, st.DEGENERATE)
+
+
+def adjoint_like(phi, values: Multipliers):
+    """A zero adjoint (a, (b_P, b_Q)) shaped for the KKT system at phi (the solver state's shape)."""
+    return (otu.tree_zeros_like(oracles.differentiable(phi)),
+            tuple(None if v is None else otu.tree_zeros_like(v) for v in values))
+
+
+def kkt_direction(problem: BilevelProblem, theta, phi, upper_batch, lower_batch, solver: LinearSolver, solver_state,
+                  multipliers: Optional[Multipliers] = None, tol=1e-6, multiplier_solver: Optional[LinearSolver] = None,
+                  nan_if_degenerate: bool = True) -> KKTDirection:
+    """The KKT hypergradient at (theta, phi) with the adjoint solved by `solver` from `solver_state`
+    (module docstring). Without `multipliers` they are recovered by least squares."""
+    mult_status = st.ok()
+    if multipliers is None:
+        multipliers, minfo = least_squares_multipliers(problem, theta, phi, lower_batch, multiplier_solver)
+        mult_status = minfo.status
+    multipliers = Multipliers(*multipliers)
+    g_theta, b = oracles.upper_grads(problem, theta, phi, upper_batch)
+    cons = oracles.linearize_constraints(problem, theta, phi)
+    lin = oracles.linearize_lagrangian(problem, theta, phi, multipliers, lower_batch, cons)
+    mask, deg = active_set(cons.values, multipliers, tol)
+
+    def masked(bp):
+        return _tmap(lambda m, x: m * x, mask, bp)
+
+    def matvec(z):
+        a, (bp, bq) = z
+        _, row_phi = lin.pullback(a, Multipliers(masked(bp), bq))
+        jp, jq = cons.jvp_phi(a)
+        row_p = _tmap(lambda m, j, x: m * j + (1.0 - m) * x, mask, jp, bp)
+        return row_phi, (row_p, jq)
+
+    rhs = (b, tuple(None if v is None else otu.tree_zeros_like(v) for v in cons.values))
+    z, state, sinfo = solver.solve(matvec, rhs, solver_state)
+    a, (bp, bq) = z
+    g_cross, _ = lin.pullback(a, Multipliers(masked(bp), bq))
+    g = otu.tree_sub(g_theta, g_cross)
+    status = st.merge(sinfo.status, deg, mult_status, st.nonfinite(g))
+    fail = (status != st.OK) if nan_if_degenerate else ((status & ~st.DEGENERATE) != st.OK)
+    g = fail_where(fail, g)
+    grad_f = oracles.lower_grad_phi(problem, theta, phi, lower_batch)
+    stationarity = otu.tree_norm(lin.grad_lagrangian)
+    info = KKTInfo(a, sinfo.residual_norm, status, sinfo, Multipliers(bp, bq), multipliers, mask, stationarity)
+    return KKTDirection(g, state, info, grad_f)
+
+
+def kkt_hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[LinearSolver] = None, *,
+                      multipliers: Optional[Multipliers] = None, x0=None, tol=1e-6,
+                      multiplier_solver: Optional[LinearSolver] = None, nan_if_degenerate: bool = True):
+    """The KKT implicit hypergradient at (theta, phi) of a constrained problem (module docstring).
+
+    Args:
+      problem: a `BilevelProblem` with `lower_inequality` and/or `lower_equality`.
+      theta, phi: phi should be a KKT point of the LL at theta (the estimate is exact there).
+      data: `(upper_batch, lower_batch)`.
+      solver: the adjoint solver, for a symmetric indefinite system (default `minres(100)`).
+      multipliers: `bj.constraints.Multipliers(lambda_P, lambda_Q)`; None: least squares from phi.
+      x0: warm start of the adjoint, `(a, (b_P, b_Q))`.
+      tol: the active-set tolerance on P and lambda.
+      multiplier_solver: CG for the least-squares multipliers (default `cg(100)`).
+      nan_if_degenerate: g is NaN when the status has DEGENERATE (default); False returns the
+        one-sided estimate with the weakly active constraints held active, still flagged.
+
+    Returns:
+      `(g, KKTInfo)`; g is NaN (every leaf) when the status is not OK (up to `nan_if_degenerate`).
+    """
+    if not isinstance(problem, BilevelProblem):
+        raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
+    if not problem.constrained:
+        raise ValueError("kkt_hypergradient: the problem has no lower_inequality / lower_equality; "
+                         "use bj.hypergradient.")
+    solver = minres(100) if solver is None else solver
+    if not isinstance(solver, LinearSolver) or solver.stochastic:
+        raise TypeError(f"solver must be a deterministic bj.linear_solvers solver (e.g. minres(100)), got {solver!r}.")
+    problem.validate(theta, phi, data)
+    if x0 is not None:
+        solver = dataclasses.replace(solver, warm_start=True)
+    like = adjoint_like(phi, oracles.constraint_values(problem, theta, phi))
+    out = kkt_direction(problem, theta, phi, data[0], data[1], solver, solver.init(like, x0), multipliers, tol,
+                        multiplier_solver, nan_if_degenerate)
+    return out.g, out.info
+
+
+def kkt_hypergradient_dense(problem: BilevelProblem, theta, phi, data, multipliers: Optional[Multipliers] = None):
+    """Dense reference: grad F = grad_theta f_upper - G_theta' G_z^{-T} (grad_phi f_upper, 0, 0) with
+    the full Jacobians of G = (grad_phi L, lambda_P * P, Q) (all constraints, inactive ones
+    included) formed by `oracles.kkt_jacobians_dense` and an LU solve. Small problems only."""
+    from jax.flatten_util import ravel_pytree
+
+    if multipliers is None:
+        multipliers, _ = least_squares_multipliers(problem, theta, phi, data[1])
+    multipliers = Multipliers(*multipliers)
+    g_z, g_t, unravel_z, unravel_t = oracles.kkt_jacobians_dense(problem, theta, phi, multipliers, data[1])
+    g_theta, b = oracles.upper_grads(problem, theta, phi, data[0])
+    rhs, _ = ravel_pytree((b, tuple(None if m is None else otu.tree_zeros_like(m) for m in multipliers)))
+    w = jnp.linalg.solve(g_z.T, rhs)
+    return otu.tree_sub(g_theta, unravel_t(g_t.T @ w))
+
+
+def kkt_argmin(problem: BilevelProblem, solve_fn, solver: Optional[LinearSolver] = None, tol=1e-6):
+    """`solve(theta, phi0, batch) -> phi*(theta, batch)` for a constrained LL, differentiable by the
+    KKT implicit function theorem in both autodiff modes.
+
+    `solve_fn(theta, phi0, batch) -> (phi, Multipliers or None)` is the primal solver
+    (e.g. `bj.constraints.augmented_lagrangian`, or projected steps returning None: the
+    multipliers are then recovered by least squares); autodiff never goes through it. The tangent
+    solves K (phi_dot, lambda_dot_A) = -(d_theta G) theta_dot - (d_batch G) batch_dot on the active
+    set with `solver` (default `minres(100)`), as a `lax.custom_linear_solve` (K is symmetric, so
+    reverse mode is its transpose). theta and batch are pytrees of arrays, phi0 an array pytree.
+    """
+    solver = minres(100) if solver is None else solver
+
+    def inverse(matvec, b):
+        return solver.solve(matvec, b, solver.init(b))[0]
+
+    def solve(theta, phi0, batch):
+        @jax.custom_jvp
+        def phi_star(t, p0, bt):
+            phi, _ = _primal(t, p0, bt)
+            return phi
+
+        def _primal(t, p0, bt):
+            phi, mult = solve_fn(t, p0, bt)
+            if mult is None:
+                mult, _ = least_squares_multipliers(problem, t, phi, bt)
+            return oracles.differentiable(phi), Multipliers(*mult)
+
+        @phi_star.defjvp
+        def phi_star_jvp(primals, tangents):
+            t, p0, bt = primals
+            t_dot, _, b_dot = tangents
+            phi, mult = _primal(t, p0, bt)
+            mult = jax.lax.stop_gradient(mult)
+            cons = oracles.linearize_constraints(problem, t, phi)
+            lin = oracles.linearize_lagrangian(problem, t, phi, mult, bt, cons)
+            mask, _ = active_set(cons.values, mult, tol)
+
+            def g_active(t_, bt_):  # (grad_phi L, m * P, Q) at fixed phi and lambda
+                gl = oracles.kkt_map(problem, t_, phi, mult, bt_)[0]
+                p, q = oracles.constraint_values(problem, t_, phi)
+                return gl, (_tmap(lambda m, c: m * c, mask, p), q)
+
+            _, rhs = jax.jvp(g_active, (t, bt), (t_dot, b_dot))
+
+            def matvec(z):
+                a, (bp, bq) = z
+                _, row_phi = lin.pullback(a, Multipliers(_tmap(lambda m, x: m * x, mask, bp), bq))
+                jp, jq = cons.jvp_phi(a)
+                return row_phi, (_tmap(lambda m, j, x: m * j + (1.0 - m) * x, mask, jp, bp), jq)
+
+            # rows with no theta/batch dependence (a theta-independent box) have constant zero tangents;
+            # custom_linear_solve's transpose needs every rhs leaf linear in the input tangents
+            anchor = 0.0 * sum(jnp.sum(x) for x in jax.tree_util.tree_leaves((t_dot, b_dot)))
+            rhs = jax.tree_util.tree_map(lambda x: -x + anchor, rhs)
+            z = jax.lax.custom_linear_solve(matvec, rhs, inverse, symmetric=True)
+            return phi, z[0]
+
+        return phi_star(theta, phi0, batch)
+
+    return solve
+
+
+__all__ = ["KKTDirection", "KKTInfo", "active_set", "adjoint_like", "kkt_argmin", "kkt_direction",
+           "kkt_hypergradient", "kkt_hypergradient_dense"]
