@@ -55,7 +55,17 @@ PyTree = Any
 # ------------------------------------------------------------------ sets with a projection
 
 class ConstraintSet(eqx.Module):
-    """A theta-independent feasible set: its projection and its smooth constraints P <= 0, Q = 0."""
+    """A theta-independent feasible set: its projection and its smooth constraints P <= 0, Q = 0.
+
+    Its bound methods end up in static places (a `BilevelProblem`, a projected optax rule held by
+    an algorithm), so a set hashes and compares by identity (its fields may be arrays): reuse one
+    instance to share compilations."""
+
+    def __hash__(self):
+        return id(self)
+
+    def __eq__(self, other):
+        return self is other
 
     def project(self, phi: PyTree) -> PyTree:
         raise NotImplementedError
@@ -76,11 +86,12 @@ class ConstraintSet(eqx.Module):
     def has_equality(self) -> bool:
         return type(self).equality is not ConstraintSet.equality
 
-    def problem(self, f_upper: Callable, f_lower: Callable, project_upper: Optional[Callable] = None) -> BilevelProblem:
+    def problem(self, f_upper: Callable, f_lower: Callable, project_upper: Optional[Callable] = None,
+                pessimistic: bool = False) -> BilevelProblem:
         """The `BilevelProblem` whose LL is constrained to this set."""
         return BilevelProblem(f_upper, f_lower, project_upper,
                               lower_inequality=self.inequality if self.has_inequality else None,
-                              lower_equality=self.equality if self.has_equality else None)
+                              lower_equality=self.equality if self.has_equality else None, pessimistic=pessimistic)
 
 
 class Box(ConstraintSet):

@@ -33,6 +33,10 @@ class BilevelProblem:
       lower_equality: optional `Q(theta, phi) -> pytree`, the LL constraints Q = 0. With either,
         the LL is min_{phi in Phi(theta)} f_lower, Phi(theta) = {phi : P <= 0, Q = 0}, and
         `bj.hypergradient` uses the KKT implicit gradient (`bj.hypergrad.kkt`).
+      pessimistic: False (default) for the optimistic reading min_theta min_{phi in S(theta)} f_upper
+        when the LL has many solutions S(theta); True for the pessimistic problem
+        min_theta max_{phi in S(theta)} f_upper (`bj.algorithms.pessimistic_penalty` solves it).
+        The two coincide when S(theta) is a singleton.
     """
 
     f_upper: Callable[[PyTree, PyTree, PyTree], jax.Array]
@@ -40,6 +44,7 @@ class BilevelProblem:
     project_upper: Optional[Callable[[PyTree], PyTree]] = None
     lower_inequality: Optional[Callable[[PyTree, PyTree], PyTree]] = None
     lower_equality: Optional[Callable[[PyTree, PyTree], PyTree]] = None
+    pessimistic: bool = False
 
     @property
     def constrained(self) -> bool:
@@ -58,6 +63,8 @@ class BilevelProblem:
                 "BilevelProblem: `project_upper` must be None or a callable theta -> theta, "
                 f"got {type(self.project_upper).__name__}."
             )
+        if not isinstance(self.pessimistic, bool):
+            raise TypeError(f"BilevelProblem: `pessimistic` must be a bool, got {self.pessimistic!r}.")
         for name in ("lower_inequality", "lower_equality"):
             fn = getattr(self, name)
             if fn is not None and not callable(fn):

@@ -24,6 +24,9 @@ from bilevel_jax.algorithms.finite_difference import hjfbio
 from bilevel_jax.algorithms.penalty import f2sa, pbgd
 from bilevel_jax.algorithms.value_function import bome, pdbo, vf_penalty
 from bilevel_jax.algorithms.zeroth_order import pzobo
+# the pessimistic problem (needs a LL with many solutions; not in ALGORITHMS: the all-preset tests assume a
+# strongly convex LL and the optimistic reading)
+from bilevel_jax.algorithms.pessimistic import PessimisticPenalty, PessimisticState, pessimistic_penalty
 
 ALGORITHMS = {
     "alternating": alternating, "ba": ba, "bsa": bsa, "aid_bio": aid_bio, "stocbio": stocbio, "amigo": amigo,
@@ -49,4 +52,5 @@ def get(name: str):
 
 
 __all__ = ["ALGORITHMS", "MULTI_OBJECTIVE", "MMB", "Morbit", "mmb", "morbit", "Algorithm", "BilevelLoop", "FSLA", "FslaState", "LoopState", "OracleCounts", "Stable", "StableState", "StepInfo",
-           "bilevel_loop", "directions", "estimators", "get", "steps", "value_function", *sorted(ALGORITHMS)]
+           "bilevel_loop", "directions", "estimators", "get", "steps", "value_function",
+           "PessimisticPenalty", "PessimisticState", "pessimistic_penalty", *sorted(ALGORITHMS)]

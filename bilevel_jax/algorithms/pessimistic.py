@@ -1,0 +1,174 @@
+"""The pessimistic bilevel problem, by a penalty on the lower-level value gap.
+
+    min_{theta in Theta} max_{phi in S(theta)} f_upper(theta, phi),   S(theta) = argmin_{phi in Phi} f_lower(theta, phi)
+
+(the pessimistic form of a bilevel problem whose LL has many solutions; e.g. Dempe, "Foundations of
+Bilevel Programming", 2002, ch. 5; Liu, Mu, Yuan, Zeng, Zhang, "A generic first-order algorithmic
+framework for bi-level programming beyond lower-level singleton", ICML 2020, arXiv:2006.04045,
+for the optimistic first-order view). `BilevelProblem(..., pessimistic=True)` states it.
+
+Method (`pessimistic_penalty`). With v(theta) = min_{z in Phi} f_lower(theta, z), the follower's
+worst case over S(theta) = {phi in Phi : f_lower(theta, phi) - v(theta) <= 0} is replaced by the
+penalised inner maximisation
+
+    Phi_rho(theta) = max_{phi in Phi} h_rho(theta, phi),   h_rho = f_upper(theta, phi) - rho (f_lower(theta, phi) - v(theta)),
+
+with rho increasing (rho_k = min(rho0 + rate k^power, rho_max)). One outer step:
+
+    1. tracker   z <- `tracker_steps` (projected) gradient steps on f_lower(theta_k, .)     (v(theta) ~ f_lower(theta, z))
+    2. follower  phi <- `follower_steps` (projected) ascent steps on h_rho / rho,
+                 i.e. descent on f_lower - f_upper / rho (steps relative to h_rho's curvature ~ rho)
+    3. leader    theta <- P_Theta(theta - alpha d),  d = grad_theta f_upper(theta, phi)
+                           - rho (grad_theta f_lower(theta, phi) - grad_theta f_lower(theta, z))
+
+d is Danskin's gradient of Phi_rho at the inner maximiser phi and the tracked minimiser z (both
+maximisers/minimisers taken as unique and attained). First order: no Hessian.
+
+Assumptions (stated, not checked): f_lower(theta, .) convex on the closed convex set Phi (so S(theta)
+is convex and v is attained, tracked by projected gradient steps); for rho > rho_0,
+rho f_lower - f_upper is strongly convex on Phi around S(theta) (f_upper's curvature is dominated
+off S(theta)) and f_upper has a unique maximiser over S(theta) (e.g. f_upper concave or linear
+along S(theta) and S(theta) compact, as for a box-constrained LL); then the penalised maximiser is
+within O(1/rho) of argmax_{S(theta)} f_upper and the stationary points of Phi_rho within O(1/rho)
+of those of the pessimistic value function. The penalty's bias is O(1/rho): rho_max sets the
+accuracy, and the follower's and the leader's steps must resolve gradients scaled by rho.
+
+The same steps with the follower *descending* on f_upper + rho (f_lower - v) and
+d = grad_theta f_upper + rho (grad_theta f_lower(theta, phi) - grad_theta f_lower(theta, z)) solve the
+optimistic problem min_theta min_{phi in S(theta)} f_upper (a value-function penalty with an inner
+phi loop, as F2SA's); the problem option `BilevelProblem(..., pessimistic=...)` chooses which.
+
+Oracles per outer step: T_z + T_phi + 2 LL gradients, T_phi + 1 UL gradients.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Tuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+import optax.tree_utils as otu
+
+from bilevel_jax import oracles
+from bilevel_jax._checks import check_positive_int
+from bilevel_jax.algorithms._common import named, rule
+from bilevel_jax.algorithms.base import Algorithm, OracleCounts, check_key
+from bilevel_jax.algorithms.loop import BatchSize, check_data, make_samplers
+from bilevel_jax.algorithms.steps import StepRule, apply_step, draw_batches, finish, init_rule, lower_phase
+from bilevel_jax.algorithms.value_function import PenaltyRamp, penalty_ramp
+from bilevel_jax.constraints import ConstraintSet, projected
+from bilevel_jax.hypergrad.inner import lower_steps as run_lower_steps
+from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.sampling import Sampler
+
+PyTree = Any
+
+
+class PessimisticState(NamedTuple):
+    theta: PyTree
+    phi: PyTree          # the follower: the penalised worst (pessimistic) or best (optimistic) case in S(theta)
+    z: PyTree            # the tracker of argmin_{Phi} f_lower(theta, .)
+    count: Any
+    key: Any
+    upper_opt_state: Any
+    follower_opt_state: Any
+    tracker_opt_state: Any
+    penalty: Any         # the last rho (a diagnostic)
+    gap: Any             # the last f_lower(theta, phi) - f_lower(theta, z) (a diagnostic)
+
+
+class PessimisticPenalty(Algorithm):
+    """See the module docstring; build with `pessimistic_penalty`."""
+
+    problem: BilevelProblem = eqx.field(static=True)
+    upper: StepRule
+    follower: StepRule
+    tracker: StepRule
+    penalty: PenaltyRamp
+    samplers: Tuple[Sampler, Sampler] = eqx.field(static=True)
+    follower_steps: int = eqx.field(static=True, default=10)
+    tracker_steps: int = eqx.field(static=True, default=10)
+    check: bool = eqx.field(static=True, default=False)
+
+    def init(self, theta0, phi0, key, data=None) -> PessimisticState:
+        check_key(key)
+        theta0 = self.problem.project(theta0)
+        if data is not None:
+            check_data(data, self.samplers)
+            self.problem.validate(theta0, phi0, data)
+        zero = jnp.zeros((), jnp.result_type(float))
+        return PessimisticState(theta0, phi0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
+                                init_rule(self.follower, phi0), init_rule(self.tracker, phi0), zero, zero)
+
+    def update(self, state: PessimisticState, data):
+        check_data(data, self.samplers)
+        k, p = state.count, self.problem
+        batches = draw_batches(self.samplers, data, state.key, k, self.tracker_steps)
+        rho = self.penalty(k)
+        # 1. the tracker of v(theta)
+        z, z_opt, counts, z_status = lower_phase(p, self.tracker, state.theta, state.z, state.tracker_opt_state,
+                                                 self.tracker_steps, batches.lower_at, k)
+        # 2. the follower: ascent on h_rho / rho = f_upper / rho - (f_lower - v)
+        upper_batch = batches.upper
+        sign = 1.0 if p.pessimistic else -1.0   # the follower maximises (pessimistic) or minimises f_upper
+        scaled = BilevelProblem(p.f_upper,
+                                lambda t, y, b: p.f_lower(t, y, b) - sign * p.f_upper(t, y, upper_batch) / rho)
+        phi, f_opt = run_lower_steps(scaled, self.follower.build(), state.theta, state.phi, state.follower_opt_state,
+                                     self.follower_steps, batches.lower_at)
+        counts = counts + OracleCounts.of(lower_grads=self.follower_steps + 2, upper_grads=self.follower_steps + 1,
+                                          values=2)
+        # 3. the leader: Danskin's gradient of Phi_rho at (phi, z)
+        g_theta = oracles.upper_grad_theta(p, state.theta, phi, batches.upper)
+        value_phi, (gx_phi, _) = oracles.lower_value_and_grads(p, state.theta, phi, batches.lower)
+        value_z, (gx_z, _) = oracles.lower_value_and_grads(p, state.theta, z, batches.lower)
+        d = otu.tree_add_scale(g_theta, -sign * rho, otu.tree_sub(gx_phi, gx_z))
+        theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state, d, k, p.project)
+        (theta, phi, z), info = finish((theta, phi, z), counts, jnp.nan,
+                                       (z_status, self.follower.status(k), up_status), check=self.check,
+                                       where="pessimistic_penalty outer step")
+        return PessimisticState(theta, phi, z, k + 1, state.key, upper_state, f_opt, z_opt,
+                                jnp.asarray(rho, jnp.result_type(float)), value_phi - value_z), info
+
+
+def _projected_rule(name: str, lr, opt, project: Optional[Callable]) -> StepRule:
+    if project is None:
+        return rule(name, lr, opt)
+    base = opt if opt is not None else optax.sgd(lr)
+    if opt is None:
+        rule(name, lr)  # checks the step size, naming the argument
+    return StepRule(optimizer=projected(base, project))
+
+
+def pessimistic_penalty(problem: BilevelProblem, *, upper_lr=0.1, follower_lr=0.5, tracker_lr=0.5, upper_opt=None,
+                        follower_opt=None, tracker_opt=None, follower_steps: int = 10, tracker_steps: int = 10,
+                        penalty=2.0, penalty_rate=10.0, penalty_power=1.0, penalty_max=1e3, lower_set=None,
+                        batch_size: BatchSize = None, sampler: str = "iid", check: bool = False) -> PessimisticPenalty:
+    """The value-gap penalty method for the pessimistic problem (module docstring).
+
+    Args:
+      problem: a `BilevelProblem`; `pessimistic=True` solves the pessimistic problem, False the
+        optimistic one (the follower minimises instead of maximising f_upper over S(theta)).
+      upper_lr / upper_opt: theta's step (projected by `problem.project_upper`).
+      follower_lr / follower_opt, follower_steps: the follower's steps on f_lower - f_upper / rho.
+      tracker_lr / tracker_opt, tracker_steps: the tracker's steps on f_lower.
+      penalty, penalty_rate, penalty_power, penalty_max: rho_k = min(penalty + rate k^power, max).
+      lower_set: the LL's feasible set Phi, a `bj.constraints.ConstraintSet` or a projection
+        phi -> P_Phi(phi): follower and tracker steps are projected onto it (None: Phi = everything).
+    """
+    with named("pessimistic_penalty"):
+        if not isinstance(problem, BilevelProblem):
+            raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
+        project = lower_set.project if isinstance(lower_set, ConstraintSet) else lower_set
+        if project is not None and not callable(project):
+            raise TypeError(f"lower_set must be a bj.constraints.ConstraintSet or a projection, got {lower_set!r}.")
+        check_positive_int("follower_steps", follower_steps)
+        check_positive_int("tracker_steps", tracker_steps)
+        ramp = penalty_ramp(penalty, penalty_rate, penalty_power, penalty_max)
+        return PessimisticPenalty(problem, rule("upper_lr", upper_lr, upper_opt),
+                                  _projected_rule("follower_lr", follower_lr, follower_opt, project),
+                                  _projected_rule("tracker_lr", tracker_lr, tracker_opt, project), ramp,
+                                  make_samplers(batch_size, sampler), follower_steps, tracker_steps, check)
+
+
+__all__ = ["PessimisticPenalty", "PessimisticState", "pessimistic_penalty"]
