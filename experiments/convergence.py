@@ -20,7 +20,7 @@ import numpy as np
 
 from experiments.config import ConfigError, experiment_dir
 from experiments.plotting import Curve, band, plot_grid
-from experiments.results import CellResult, ResultStore
+from experiments.results import CellResult, ResultStore, failed_seeds, failure_text
 from experiments.runner import prepare, run_cells
 from experiments.sweep import expand
 
@@ -44,7 +44,7 @@ def curve_of(result: CellResult, label: str, metrics) -> Curve:
         arr = np.asarray(h[m], dtype=float)
         bad = ~np.asarray(h["finite"], dtype=bool)
         y[m] = np.where(bad, np.nan, arr)
-    return Curve(label, x, y)
+    return Curve(label, x, y, seeds=int(np.asarray(h["finite"]).shape[0]), failed=failure_text(h))
 
 
 def score(result: CellResult, metric: str, log: bool = True, quantile: float = 0.8) -> float:
@@ -70,7 +70,7 @@ def _value_text(v) -> str:
 def hp_text(result: CellResult) -> str:
     meta = result.meta
     items = meta["hyperparameters"]
-    return " ".join(f"{k}={_value_text(v)}" for k, v in items.items() if k not in ("batch_size",))
+    return " ".join(f"{k}={_value_text(v)}" for k, v in items.items())
 
 
 def flat_keys(result: CellResult) -> dict:
@@ -85,6 +85,7 @@ def flat_keys(result: CellResult) -> dict:
 
 class Row(NamedTuple):
     label: str
+    failed: str              # "0/3" or e.g. "2/3 diverged": the final values are over the others
     hyper: str
     final: float
     final_lo: float
@@ -97,10 +98,17 @@ class Row(NamedTuple):
 
 
 def reach(x: np.ndarray, y_median: np.ndarray, target: Optional[float]) -> float:
+    """The first x after which the curve stays at or below `target` (an oscillating curve that
+    crosses and comes back above does not count until its last crossing); inf if it ends above
+    the target or non-finite."""
     if target is None:
         return math.nan
-    hit = np.nonzero(np.asarray(y_median) <= target)[0]
-    return float(x[hit[0]]) if hit.size else math.inf
+    y = np.asarray(y_median, dtype=float)
+    above = np.nonzero(~(y <= target))[0]          # NaN counts as above
+    if not above.size:
+        return float(x[0])
+    last = above[-1]
+    return float(x[last + 1]) if last + 1 < y.size else math.inf
 
 
 def summary_rows(results: List[CellResult], labels: List[str], metric: str, target, quantiles) -> List[Row]:
@@ -108,7 +116,9 @@ def summary_rows(results: List[CellResult], labels: List[str], metric: str, targ
     for res, label in zip(results, labels):
         c = curve_of(res, label, [metric])
         med, lo, hi = band(c.y[metric], quantiles)
-        rows.append(Row(label, hp_text(res), med[-1], lo[-1], hi[-1], reach(c.x["time"], med, target),
+        n = int(np.asarray(res.history["finite"]).shape[0])
+        rows.append(Row(label, failure_text(res.history) or f"0/{n}", hp_text(res), med[-1], lo[-1], hi[-1],
+                        reach(c.x["time"], med, target),
                         reach(c.x["oracles"], med, target), float(c.x["oracles"][-1]),
                         res.meta["timings"]["seconds_per_step"], res.meta["timings"]["compile_s"]))
     return rows
@@ -122,10 +132,17 @@ def _fmt(x, spec=".3g"):
     return format(x, spec)
 
 
+def _final_text(r: Row) -> str:
+    if not np.isfinite(r.final):
+        return "no finite run"
+    return f"{_fmt(r.final)} [{_fmt(r.final_lo)}, {_fmt(r.final_hi)}]"
+
+
 def format_table(rows: List[Row], metric: str, target) -> str:
-    head = ["algorithm", f"final {metric} (median [20%, 80%])", f"time to {_fmt(target)} (s)",
-            f"oracles to {_fmt(target)}", "oracles total", "ms/step", "compile (s)", "hyperparameters"]
-    body = [[r.label, f"{_fmt(r.final)} [{_fmt(r.final_lo)}, {_fmt(r.final_hi)}]", _fmt(r.time_to_target, ".3g"),
+    head = ["algorithm", "seeds failed", f"final {metric} (median [20%, 80%] of the others)",
+            f"time to stay <= {_fmt(target)} (s)", f"oracles to stay <= {_fmt(target)}", "oracles total", "ms/step",
+            "compile (s)", "hyperparameters"]
+    body = [[r.label, r.failed, _final_text(r), _fmt(r.time_to_target, ".3g"),
              _fmt(r.oracles_to_target, ".3g"), _fmt(r.oracles_total, ".3g"), _fmt(r.seconds_per_step * 1e3, ".3f"),
              _fmt(r.compile_s, ".1f"), r.hyper] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
@@ -168,33 +185,79 @@ def write_sweep_csv(path: str, results: List[CellResult], scores: dict, metric: 
             w.writerow([r.meta["label"], r.cell_id, hp_text(r), scores[r.cell_id]])
 
 
-def title_of(cfg: dict, setup_description: str, synthetic: bool) -> str:
+def title_of(cfg: dict, setup_description: str, synthetic: bool, notes: str = "") -> str:
+    """The config's title (with the labels actually run when `only=` filters them), the problem
+    and data source, and what the plotted quantity means (`Setup.notes`)."""
     title = cfg["plot"]["title"] or cfg["title"] or cfg["name"]
+    if cfg["only"]:
+        title += f" [only: {', '.join(cfg['only'])}]"
     source = setup_description + (" [SYNTHETIC stand-in data]" if synthetic else "")
-    return f"{title}\n{source}"
+    return "\n".join(t for t in (title, source, notes) if t)
 
 
-def report(cfg: dict, store: ResultStore, cells, setup, log=print) -> dict:
+def check_reference(results: List[CellResult], reference: dict) -> str:
+    """Make every `value_gap` = h(theta_t) - h* refer to one h* that no run beats.
+
+    Each cell's gaps are first re-based to `reference` (a cell saved with an older h* is shifted
+    by the difference). If a run reached a value below h* (the reference solver stopped short),
+    h* is lowered to the best value any run reached and every gap is shifted by the same amount,
+    so gaps are never negative; `reference` gets `value_star_checked` and the returned note says
+    what happened ("" when there is no value_gap metric)."""
+    if "value_star" not in reference or not any("value_gap" in r.history for r in results):
+        return ""
+    h_star = float(reference["value_star"])
+    lowest = math.inf
+    for r in results:
+        if "value_gap" not in r.history:
+            continue
+        saved = (r.meta.get("reference") or {}).get("value_star", h_star)
+        gap = np.asarray(r.history["value_gap"], dtype=float) + (float(saved) - h_star)
+        r.history["value_gap"] = gap
+        finite = gap[np.isfinite(gap) & np.asarray(r.history["finite"], bool)]
+        if finite.size:
+            lowest = min(lowest, float(finite.min()))
+    if lowest < 0.0:
+        for r in results:
+            if "value_gap" in r.history:
+                r.history["value_gap"] = r.history["value_gap"] - lowest
+        reference["value_star_checked"] = h_star + lowest
+        return (f"h* lowered from {h_star:.6g} ({reference.get('value_star_method', 'reference solver')}) to "
+                f"{h_star + lowest:.6g}, the best value a run reached.")
+    reference["value_star_checked"] = h_star
+    return (f"h* = {h_star:.6g} ({reference.get('value_star_method', 'reference solver')}) is at least as good "
+            f"as every point the runs reached (best gap {lowest:.3g}).")
+
+
+def report(cfg: dict, store: ResultStore, cells, setup, log=print, reference: Optional[dict] = None) -> dict:
     """Figure + summary from the saved cells of `cells`."""
     results = store.load_many(c.cell_id for c in cells)
     if not results:
         raise RuntimeError(f"no results found in {store.cells_dir}.")
+    reference_note = check_reference(results, reference) if reference is not None else ""
     plot = cfg["plot"]
     chosen, labels, scores = select(cfg, results)
     curves = [curve_of(r, lab, plot["metrics"]) for r, lab in zip(chosen, labels)]
     png = store.path(plot["file"] or f"{cfg['name']}.png")
-    plot_grid(curves, plot["metrics"], plot["x"], png, title_of(cfg, setup.description, setup.synthetic),
+    notes = getattr(setup, "notes", "")
+    plot_grid(curves, plot["metrics"], plot["x"], png, title_of(cfg, setup.description, setup.synthetic, notes),
               logy=plot["logy"], logx=plot["logx"], quantiles=plot["quantiles"], ylim=plot["ylim"],
               note=f"{len(results[0].meta['seeds'])} seed(s), {cfg['steps']} steps")
     metric = plot["metrics"][0]
     rows = summary_rows(chosen, labels, metric, plot["target"], plot["quantiles"])
     table = format_table(rows, metric, plot["target"])
+    failures = [f"- {r.label}: {r.failed} (the curve and the final value are over the other seeds)"
+                for r in rows if not r.failed.startswith("0/")]
     with open(store.path("summary.md"), "w") as f:
-        f.write(f"# {cfg['name']}\n\n{setup.description}\n\n{table}\n")
+        f.write(f"# {title_of(cfg, setup.description, setup.synthetic).splitlines()[0]}\n\n{setup.description}\n\n"
+                + (f"{notes}\n\n" if notes else "") + (f"{reference_note}\n\n" if reference_note else "")
+                + f"{table}\n"
+                + ("\nFailed seeds:\n" + "\n".join(failures) + "\n" if failures else ""))
     write_sweep_csv(store.path("sweep.csv"), results, scores, plot["select_by"])
     log(table)
+    if reference_note:
+        log(reference_note)
     log(f"figure: {png}")
-    return {"figure": png, "rows": rows, "table": table, "results": results}
+    return {"figure": png, "rows": rows, "table": table, "results": results, "reference_note": reference_note}
 
 
 def main(cfg: dict, on_cell_saved=None, log=print) -> dict:
@@ -203,10 +266,10 @@ def main(cfg: dict, on_cell_saved=None, log=print) -> dict:
     log(f"[{cfg['name']}] {setup.description}")
     cells = expand(cfg)
     stats = run_cells(cfg, setup, reference, store, cells, on_cell_saved=on_cell_saved, log=log)
-    out = report(cfg, store, cells, setup, log=log)
+    out = report(cfg, store, cells, setup, log=log, reference=reference)
     out["stats"] = stats
     out["reference"] = reference
     return out
 
 
-__all__ = ["OPTIONS", "curve_of", "format_table", "main", "report", "score", "select", "summary_rows"]
+__all__ = ["OPTIONS", "check_reference", "curve_of", "reach", "title_of", "format_table", "main", "report", "score", "select", "summary_rows"]

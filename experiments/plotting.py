@@ -8,6 +8,7 @@ are metrics, columns are x axes.
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -35,7 +36,35 @@ METRIC_LABELS = {
 class Curve(NamedTuple):
     label: str
     x: Dict[str, np.ndarray]      # axis -> (evaluations,)
-    y: Dict[str, np.ndarray]      # metric -> (seeds, evaluations)
+    y: Dict[str, np.ndarray]      # metric -> (seeds, evaluations); failed seeds are NaN rows
+    seeds: int = 0                # seeds requested (0: the rows of y)
+    failed: str = ""              # e.g. "2/3 diverged" (`experiments.results.failure_text`)
+
+
+def drawn_from(curve: Curve, metric: str) -> int:
+    """How many seeds have a finite final value of `metric` (the curve's end is their median)."""
+    y = np.asarray(curve.y[metric], dtype=float)
+    return int(np.sum(np.isfinite(y[:, -1]))) if y.ndim == 2 else int(np.isfinite(y[-1]))
+
+
+def legend_label(curve: Curve, metric: str) -> str:
+    """The label, plus what a reader must know: failed seeds, and a curve drawn from fewer seeds
+    than requested ("amigo [2/3 diverged; median of 1 of 3 seeds]")."""
+    requested = curve.seeds or np.asarray(curve.y[metric]).shape[0]
+    drawn = drawn_from(curve, metric)
+    notes = [curve.failed] if curve.failed else []
+    if drawn < requested:
+        notes.append(f"ends as the median of {drawn} of {requested} seeds" if drawn else f"no finite run of {requested}")
+    return curve.label + (f" [{'; '.join(notes)}]" if notes else "")
+
+
+def figure_metadata(curves: List[Curve], metrics: Sequence[str]) -> dict:
+    """Per curve: seeds requested, seeds drawn per metric, the failure text (written next to the PNG)."""
+    return {"curves": [{"label": c.label, "seeds": c.seeds or int(np.asarray(next(iter(c.y.values()))).shape[0]),
+                        "failed": c.failed,
+                        "drawn": {m: drawn_from(c, m) for m in metrics if m in c.y},
+                        "legend": legend_label(c, next(m for m in metrics if m in c.y)) if any(m in c.y for m in metrics)
+                        else c.label} for c in curves]}
 
 
 def _pyplot():
@@ -67,9 +96,13 @@ class _quiet:
 
 
 def plot_grid(curves: List[Curve], metrics: Sequence[str], x_axes: Sequence[str], path: str, title: str = "",
-              logy: bool = True, logx: bool = False, quantiles: Sequence[float] = (0.2, 0.8),
-              note: Optional[str] = None, ylim: Sequence[float] = ()) -> str:
-    """Draw the figure and save it as PNG at `path` (returned)."""
+              logy=True, logx: bool = False, quantiles: Sequence[float] = (0.2, 0.8),
+              note: Optional[str] = None, ylim: Sequence[float] = (), axis_labels: Optional[dict] = None) -> str:
+    """Draw the figure and save it as PNG at `path` (returned), with `<path without .png>.json`
+    beside it (`figure_metadata`: seeds requested, drawn and failed per curve; also in the PNG's
+    "Description" text chunk). `logy`: a bool, or the metrics drawn on a log scale. Legend
+    labels name failed seeds and curves drawn from fewer seeds than requested (`legend_label`);
+    a seed that failed is marked with an x at its last finite value."""
     plt = _pyplot()
     rows, cols = len(metrics), len(x_axes)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols + 2.2, 3.6 * rows), squeeze=False)
@@ -78,32 +111,48 @@ def plot_grid(curves: List[Curve], metrics: Sequence[str], x_axes: Sequence[str]
     for i, metric in enumerate(metrics):
         for j, axis in enumerate(x_axes):
             ax = axes[i][j]
+            log_here = logy if isinstance(logy, bool) else metric in logy
             for k, c in enumerate(curves):
+                color = colors[k % len(colors)]
+                style = styles[(k // len(colors)) % len(styles)]
+                if metric not in c.y:      # e.g. a residual for a method without v: legend entry only
+                    ax.plot([], [], style, color=color, lw=1.6, label=legend_label(c, next(iter(c.y))))
+                    continue
                 y = np.asarray(c.y[metric], dtype=float)
-                if logy:
+                if log_here:
                     y = np.where(y > 0, y, np.nan)
                 med, lo, hi = band(y, quantiles)
                 x = np.asarray(c.x[axis], dtype=float)
-                color = colors[k % len(colors)]
-                ax.plot(x, med, styles[(k // len(colors)) % len(styles)], color=color, lw=1.6, label=c.label)
+                ax.plot(x, med, style, color=color, lw=1.6, label=legend_label(c, metric))
                 ax.fill_between(x, lo, hi, color=color, alpha=0.18, lw=0)
-            if logy:
+                raw = np.asarray(c.y[metric], dtype=float).reshape(-1, x.size)
+                for row in raw:            # a seed that stops early (NaN from some point): x at its end
+                    ok = np.nonzero(np.isfinite(row))[0]
+                    if ok.size and ok[-1] < row.size - 1:
+                        ax.plot(x[ok[-1]], row[ok[-1]], "x", color=color, ms=7, mew=2)
+            if log_here:
                 ax.set_yscale("log")
             if logx:
                 ax.set_xscale("log")
             if ylim:
                 ax.set_ylim(*ylim)
-            ax.set_xlabel(AXIS_LABELS.get(axis, axis))
+            ax.set_xlabel({**AXIS_LABELS, **(axis_labels or {})}.get(axis, axis))
             ax.set_ylabel(METRIC_LABELS.get(metric, metric))
             ax.grid(True, which="major", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=9)
     q = f"median over seeds, {int(quantiles[0] * 100)}-{int(quantiles[1] * 100)}% band"
+    if any(c.failed for c in curves):
+        q += "; x: a failed seed's last finite value"
     fig.suptitle("\n".join(t for t in (title, q + (f"; {note}" if note else "")) if t), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=130, bbox_inches="tight")
+    meta = figure_metadata(curves, metrics)
+    import json
+    fig.savefig(path, dpi=130, bbox_inches="tight", metadata={"Description": json.dumps(meta)})
     plt.close(fig)
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump(dict(meta, title=title, metrics=list(metrics), x=list(x_axes)), f, indent=1)
     return path
 
 
-__all__ = ["AXIS_LABELS", "Curve", "METRIC_LABELS", "band", "plot_grid"]
+__all__ = ["AXIS_LABELS", "Curve", "METRIC_LABELS", "band", "drawn_from", "figure_metadata", "legend_label", "plot_grid"]

@@ -85,6 +85,40 @@ def environment() -> dict:
             "cpu_count": os.cpu_count(), "x64": bool(jax.config.jax_enable_x64)}
 
 
+# --------------------------------------------------------------------------------------------------
+# failures: never hidden
+
+def failed_seeds(history: Dict[str, np.ndarray]) -> np.ndarray:
+    """(seeds,) bool: the seeds whose run went wrong: a non-finite iterate at any evaluation
+    (`finite` False) or a status other than ok (`bj.status`: breakdown, non-finite, invalid step)."""
+    finite = np.asarray(history["finite"], bool)
+    bad = ~np.all(finite.reshape(finite.shape[0], -1), axis=1)
+    if "status" in history:
+        status = np.asarray(history["status"])
+        bad |= np.any(status.reshape(status.shape[0], -1) != 0, axis=1)
+    return bad
+
+
+def failure_text(history: Dict[str, np.ndarray]) -> str:
+    """"" when every seed ran through, else e.g. "2/3 diverged" (non-finite iterates) or
+    "1/3 failed (breakdown)" (a status without non-finite iterates)."""
+    bad = failed_seeds(history)
+    if not bad.any():
+        return ""
+    finite = np.asarray(history["finite"], bool)
+    diverged = ~np.all(finite.reshape(finite.shape[0], -1), axis=1)
+    parts = []
+    if diverged.any():
+        parts.append(f"{int(diverged.sum())}/{bad.size} diverged")
+    other = bad & ~diverged
+    if other.any():
+        from bilevel_jax.status import describe
+        status = np.asarray(history["status"]).reshape(bad.size, -1)
+        codes = sorted({describe(int(np.bitwise_or.reduce(status[i]))) for i in np.nonzero(other)[0]})
+        parts.append(f"{int(other.sum())}/{bad.size} failed ({'; '.join(codes)})")
+    return ", ".join(parts)
+
+
 class ResultStore:
     """The cells of one experiment folder."""
 
@@ -124,4 +158,4 @@ class ResultStore:
         return os.path.join(self.root, name)
 
 
-__all__ = ["CellResult", "ResultStore", "environment", "versions", "write_json"]
+__all__ = ["CellResult", "ResultStore", "environment", "failed_seeds", "failure_text", "versions", "write_json"]

@@ -22,6 +22,9 @@ from experiments.sweep import (BatchedRunner, Cell, MetricEvaluator, check_algor
                                traced_values)
 
 
+REFERENCE_VERSION = 2     # bump when a reference computation changes (v2: h* over the runs' feasible box)
+
+
 class RunStats(NamedTuple):
     computed: List[str]      # cell ids computed by this call
     skipped: List[str]       # finished before (loaded from disk)
@@ -49,7 +52,7 @@ def prepare(cfg: dict, store: ResultStore):
     configure_jax(cfg)
     check(cfg)
     setup = problems.build(cfg["problem"])
-    tag = hashlib.sha256(json.dumps([cfg["problem"], cfg["x64"]], sort_keys=True).encode()).hexdigest()[:10]
+    tag = hashlib.sha256(json.dumps([cfg["problem"], cfg["x64"], REFERENCE_VERSION], sort_keys=True).encode()).hexdigest()[:10]
     path = store.path(f"reference-{tag}.json")
     if os.path.isfile(path):
         with open(path) as f:

@@ -84,7 +84,8 @@ SUGGESTED_KEYS = ("upper_lr", "lower_lr", "v_lr", "lower_steps", "batch_size", "
                   # linear solvers (and the Krylov presets that forward them)
                   "maxiter", "rtol", "atol", "steps", "eta", "m0", "m_max", "inc", "every", "exact_residual")
 
-_BAD_KEYWORD = re.compile(r"got (?:an unexpected|multiple values for) (?:keyword )?argument '(\w+)'")
+_BAD_KEYWORD = re.compile(r"got (?:an unexpected|multiple values for) (?:keyword )?argument '(\w+)'"
+                          r"|unexpected keyword argument\(s\) \['(\w+)'")
 
 
 class Cell(NamedTuple):
@@ -141,7 +142,7 @@ def _points(table: dict):
 def _bad_keyword(error: TypeError) -> Optional[str]:
     """The keyword a call rejected (unexpected, or given twice), from its TypeError; else None."""
     match = _BAD_KEYWORD.search(str(error))
-    return match.group(1) if match else None
+    return (match.group(1) or match.group(2)) if match else None
 
 
 def _accepted(build: Callable[..., Any], candidates: Sequence[str]) -> List[str]:

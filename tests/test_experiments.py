@@ -327,3 +327,82 @@ def test_quadratic_metrics_match_closed_forms():
     np.testing.assert_allclose(m["lower_gap"], jnp.sum((phi - q.phi_star(theta)) ** 2), rtol=1e-10)
     np.testing.assert_allclose(m["value_gap"], q.value(theta) - q.value(q.theta_star()), rtol=1e-9)
     np.testing.assert_allclose(m["theta_err"], jnp.sum((theta - q.theta_star()) ** 2), rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# results never hide a failure; references and targets
+
+def test_a_diverged_seed_is_reported_in_the_table_summary_and_figure(tmp_path):
+    from experiments import convergence, problems, runner
+    from experiments.results import ResultStore
+    cfg = tiny(tmp_path, seeds=3, algorithms={"soba": {"upper_lr": 0.1, "lower_lr": 0.2, "batch_size": 4}})
+    store = ResultStore(C.experiment_dir(cfg))
+    setup, reference = runner.prepare(cfg, store)
+    from experiments.sweep import expand
+    cells = expand(cfg)
+    runner.run_cells(cfg, setup, reference, store, cells, log=lambda *a: None)
+    # seed 2 of the run diverges after its first evaluation: NaN iterates, status non-finite
+    res = store.load(cells[0].cell_id)
+    h = dict(res.history)
+    for m in ("grad_sq", "lower_gap"):
+        h[m] = h[m].astype(float).copy()
+        h[m][2, 1:] = np.nan
+    h["finite"] = h["finite"].copy()
+    h["finite"][2, 1:] = False
+    h["status"] = h["status"].copy()
+    h["status"][2, 1:] = 2
+    store.save(cells[0].cell_id, h, res.meta)
+    lines = []
+    out = convergence.report(cfg, store, cells, setup, log=lines.append, reference=reference)
+    assert out["rows"][0].failed == "1/3 diverged"
+    assert "1/3 diverged" in out["table"] and "seeds failed" in out["table"]
+    summary = open(os.path.join(C.experiment_dir(cfg), "summary.md")).read()
+    assert "1/3 diverged" in summary and "Failed seeds" in summary
+    meta = json.load(open(os.path.join(C.experiment_dir(cfg), "tiny.json")))
+    curve = meta["curves"][0]
+    assert curve["seeds"] == 3 and curve["failed"] == "1/3 diverged" and curve["drawn"]["grad_sq"] == 2
+    assert "1/3 diverged" in curve["legend"] and "2 of 3 seeds" in curve["legend"]
+
+
+def test_time_to_target_is_when_the_curve_stays_below():
+    from experiments.convergence import reach
+    x = np.arange(6.0)
+    assert reach(x, np.array([1.0, 0.1, 1.0, 0.2, 0.05, 0.01]), 0.3) == 3.0      # not the first crossing at 1
+    assert reach(x, np.array([1.0, 0.1, 0.1, 0.1, 0.1, 1.0]), 0.3) == float("inf")
+    assert reach(x, np.array([1.0, 0.1, 0.1, np.nan, 0.1, 0.1]), 0.3) == 4.0     # NaN is not below
+    assert reach(x, np.full(6, 0.1), 0.3) == 0.0
+
+
+def test_hyperparameter_text_keeps_batch_size_and_titles_say_what_ran(tmp_path):
+    from experiments.convergence import hp_text, title_of
+    from experiments.results import CellResult
+    r = CellResult("c", {}, {"hyperparameters": {"upper_lr": 0.1, "batch_size": 32}})
+    assert "batch_size=32" in hp_text(r)
+    cfg = C.load(os.path.join(ROOT, "configs", "quadratic.toml"), ["only=soba,saba"])
+    title = title_of(cfg, "quadratic bilevel", False, "F = ...")
+    assert "All presets" not in title and "only: soba, saba" in title and "F = ..." in title
+
+
+def test_hpo_reference_is_feasible_and_not_above_any_point_a_run_reached(tmp_path):
+    from experiments import convergence, problems
+    cfg = C.from_dict({
+        "name": "href", "seeds": 2, "steps": 300, "eval_every": 50, "metrics": ["value_gap", "value"],
+        "timing": False, "progress": False, "results_dir": str(tmp_path), "compile_cache": False,
+        "problem": {"name": "logreg_hpo", "data": "breast_cancer", "theta_bounds": [-10.0, 2.0],
+                    "reference_steps": 60},
+        "algorithms": {"soba": {"step": 0.4, "ratio": 0.01, "batch_size": 32}},
+        "plot": {"metrics": ["value_gap"], "target": 1e-2}}, source="href")
+    setup = problems.build(cfg["problem"])
+    ref = setup.compute_reference()
+    theta = np.asarray(ref["theta_star"])
+    assert theta.min() >= -10.0 and theta.max() <= 2.0                            # feasible
+    from bilevel_jax.problems import logistic as lg
+    assert ref["value_star"] == pytest.approx(float(lg.hyper_value(theta, setup.data)), rel=1e-10)
+    assert ref["value_star"] <= float(lg.hyper_value(np.clip(np.asarray(setup.theta0), -10, 2), setup.data))
+    out = convergence.main(cfg, log=lambda *a: None)
+    values = np.concatenate([np.asarray(r.history["value"]).ravel() for r in out["results"]])
+    h_star = out["reference"]["value_star_checked"]
+    assert h_star <= np.nanmin(values) + 1e-12 and h_star <= ref["value_star"]
+    gaps = np.concatenate([np.asarray(r.history["value_gap"]).ravel() for r in out["results"]])
+    assert np.nanmin(gaps) >= 0.0
+    assert "h*" in out["reference_note"]

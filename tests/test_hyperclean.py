@@ -1,0 +1,165 @@
+"""Data hyper-cleaning (`bj.problems.hyperclean`) against dense references on tiny problems, and
+the figure module `experiments.hyperclean` end to end on tiny IDX files the test writes itself
+(no test needs the Fashion-MNIST package)."""
+import json
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bilevel_jax as bj
+from bilevel_jax.problems import hyperclean as hc
+
+
+def tiny(n=12, n_val=10, d=4, classes=3, p=0.5, seed=0, **kw):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes, d)) * 2
+
+    def split(m):
+        y = rng.integers(0, classes, m)
+        return centers[y] + rng.normal(size=(m, d)), y
+
+    return hc.hyper_cleaning(split(n), split(n_val), split(8), p, seed, num_classes=classes,
+                             normalization=(0.0, 1.0), **kw)
+
+
+def test_corruption_makes_exactly_p_n_labels_wrong():
+    y = np.arange(200) % 10
+    noisy, mask = hc.corrupt_labels(y, 0.8, jax.random.PRNGKey(3))
+    assert mask.sum() == 160
+    assert np.all(noisy[mask] != y[mask]) and np.all(noisy[~mask] == y[~mask])
+    assert noisy.min() >= 0 and noisy.max() <= 9
+    with pytest.raises(ValueError, match="corruption must lie in"):
+        hc.corrupt_labels(y, 1.5, jax.random.PRNGKey(0))
+
+
+def test_features_normalise_and_append_the_bias():
+    x = hc.features(np.array([[[0, 255]]], np.uint8))
+    np.testing.assert_allclose(x, [[-1.0, 1.0, 1.0]])
+
+
+def test_objectives_match_their_formulas_on_full_and_minibatch_data():
+    b = tiny()
+    (Xv, yv), (X, y, idx) = b.data
+    theta = jax.random.normal(jax.random.PRNGKey(1), b.theta0.shape)
+    W = b.phi0
+    z = X @ W.T
+    ce = jax.nn.logsumexp(z, axis=1) - z[jnp.arange(len(y)), y]
+    expected = jnp.mean(jax.nn.sigmoid(theta) * ce) + 0.01 * jnp.sum(W ** 2)
+    np.testing.assert_allclose(b.problem.f_lower(theta, W, (X, y, idx)), expected, rtol=1e-12)
+    rows = jnp.array([3, 7, 1])                 # a minibatch reads its own lambda_i
+    mb = jnp.mean(jax.nn.sigmoid(theta[rows]) * ce[rows]) + 0.01 * jnp.sum(W ** 2)
+    np.testing.assert_allclose(b.problem.f_lower(theta, W, (X[rows], y[rows], idx[rows])), mb, rtol=1e-12)
+    zv = Xv @ W.T
+    np.testing.assert_allclose(b.problem.f_upper(theta, W, (Xv, yv)),
+                               jnp.mean(jax.nn.logsumexp(zv, axis=1) - zv[jnp.arange(len(yv)), yv]), rtol=1e-12)
+
+
+def test_implicit_gradient_matches_finite_differences_and_the_library_estimate():
+    b = tiny()
+    theta = 0.5 * jax.random.normal(jax.random.PRNGKey(2), b.theta0.shape)
+    g = b.grad(theta)
+    eps = 1e-5
+    fd = np.array([(b.value(theta.at[i].add(eps)) - b.value(theta.at[i].add(-eps))) / (2 * eps)
+                   for i in range(theta.size)])
+    np.testing.assert_allclose(g, fd, rtol=1e-5, atol=1e-9)
+    # the closed form -(1/n) sigmoid'(lambda_i) <grad_W CE_i(W*), v>
+    W = b.phi_star(theta)
+    (Xv, yv), (X, y, idx) = b.data
+    v = jnp.linalg.solve(jax.hessian(lambda w: b.problem.f_lower(theta, w.reshape(W.shape), b.data[1]))(W.ravel()),
+                         jax.grad(lambda w: b.problem.f_upper(theta, w, b.data[0]))(W).ravel())
+    per_sample = jax.vmap(lambda x, t: jax.grad(lambda w: hc.cross_entropy(w, x[None], t[None])[0])(W).ravel())(X, y)
+    s = jax.nn.sigmoid(theta)
+    np.testing.assert_allclose(g, -(s * (1 - s)) * (per_sample @ v) / X.shape[0], rtol=1e-8, atol=1e-12)
+    est, info = bj.hypergradient(b.problem, theta, W, b.data, solver=bj.linear_solvers.cg(maxiter=200, rtol=1e-14))
+    assert int(info.status) == bj.status.OK
+    np.testing.assert_allclose(est, g, rtol=1e-6, atol=1e-12)
+    # the residual metric is ||A v - b|| with the dense A
+    np.testing.assert_allclose(b.residual(theta, W, v.reshape(W.shape)), 0.0, atol=1e-10)
+    v2 = v.reshape(W.shape) + 0.1
+    A = jax.hessian(lambda w: b.problem.f_lower(theta, w.reshape(W.shape), b.data[1]))(W.ravel())
+    rhs = jax.grad(lambda w: b.problem.f_upper(theta, w, b.data[0]))(W).ravel()
+    np.testing.assert_allclose(b.residual(theta, W, v2), jnp.linalg.norm(A @ v2.ravel() - rhs), rtol=1e-10)
+
+
+def test_downweighted_counts_corrupted_samples_below_one_half():
+    theta = jnp.array([-1.0, 2.0, -0.5, 0.3, -3.0])
+    corrupted = jnp.array([True, True, False, False, True])
+    bad, good = hc.downweighted(theta, corrupted)
+    assert float(bad) == pytest.approx(2 / 3) and float(good) == pytest.approx(1 / 2)
+
+
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_a_short_run_lowers_the_validation_loss_and_downweights_corrupted_samples(model):
+    b = tiny(n=40, n_val=40, p=0.4, model=model, hidden=8)
+    alg = bj.algorithms.soba(b.problem, upper_lr=50.0, lower_lr=0.5, batch_size=None, upper_decay=0.0,
+                             lower_decay=0.0)
+    state = alg.init(b.theta0, b.phi0, jax.random.PRNGKey(0), b.data)
+    state, hist = bj.run(alg, state, b.data, num_steps=300, eval_every=300)
+    assert bool(hist["finite"].all()) and int(hist["status"][-1]) == 0
+    if model == "linear":
+        assert float(b.value(state.theta)) < float(b.value(b.theta0))
+    bad, good = b.downweighted(state.theta)
+    assert float(bad) > 0.5 and float(good) > 0.5
+
+
+def test_minibatch_form_runs():
+    b = tiny(n=40, n_val=40)
+    alg = bj.algorithms.soba(b.problem, upper_lr=10.0, lower_lr=0.3, batch_size=8)
+    state = alg.init(b.theta0, b.phi0, jax.random.PRNGKey(0), b.data)
+    state, hist = bj.run(alg, state, b.data, num_steps=40, eval_every=20)
+    assert bool(hist["finite"].all()) and state.theta.shape == (40,)
+
+
+# ------------------------------------------------------------------------------------------------
+# the figure on tiny IDX files
+
+def _write_idx(path, array, code):
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    path.write_bytes(header + array.astype(array.dtype.newbyteorder(">")).tobytes())
+
+
+def _fake_fashion(folder, n_train=60, n_test=20, seed=0):
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        y = rng.integers(0, 10, n).astype(np.uint8)
+        # class-dependent bright pixels, so a linear model can learn something
+        x = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(y):
+            x[i, c, :] = 250
+        _write_idx(folder / f"{split}-images-idx3-ubyte", x, 0x08)
+        _write_idx(folder / f"{split}-labels-idx1-ubyte", y, 0x08)
+
+
+def test_figure_runs_on_tiny_idx_files_and_reports_every_method(tmp_path, monkeypatch):
+    from experiments import config as C
+    from experiments import hyperclean as fig
+    _fake_fashion(tmp_path)
+    cfg = C.load("configs/hyperclean.toml", [
+        f"results_dir={tmp_path / 'out'}", f"problem.path={tmp_path}", "problem.n_train=30", "problem.n_val=20",
+        "problem.n_test=20", "steps=4", "eval_every=2", "seeds=2", "only=LancBiO,SOBA,F2SA",
+        "algorithms.SOBA.steps=4", "algorithms.F2SA.steps=2", "algorithms.F2SA.lower_steps=2",
+        "algorithms.LancBiO.lower_steps=1", "progress=false"])
+    out = fig.main(cfg)
+    rows = out["summary"]["algorithms"]
+    assert set(rows) == {"LancBiO", "SOBA", "F2SA"}
+    assert all(r["failed"] == 0 and 0.0 <= r["test_accuracy"] <= 1.0 for r in rows.values())
+    assert rows["F2SA"]["residual"] is None and rows["LancBiO"]["residual"] is not None   # F2SA has no v
+    text = (tmp_path / "out" / "hyperclean" / "summary.md").read_text()
+    assert "0.800-0.815" in text and "corrupted with weight < 1/2" in text
+    meta = json.loads((tmp_path / "out" / "hyperclean" / "hyperclean.json").read_text())
+    assert [c["label"] for c in meta["curves"]] == ["LancBiO", "SOBA", "F2SA"]
+    assert all(c["seeds"] == 2 for c in meta["curves"]) and "only: LancBiO, SOBA, F2SA" in meta["title"]
+
+
+def test_figure_without_the_data_says_how_to_get_it(tmp_path, monkeypatch):
+    from experiments import config as C
+    from experiments import hyperclean as fig
+    monkeypatch.setattr(bj.datasets, "FASHION_MNIST_DIR", str(tmp_path / "none"))
+    monkeypatch.delenv("BILEVEL_JAX_FASHION_MNIST", raising=False)
+    cfg = C.load("configs/hyperclean.toml", [f"results_dir={tmp_path}", f"problem.path={tmp_path / 'none'}",
+                                              "only=SOBA", "progress=false"])
+    with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
+        fig.main(cfg)
