@@ -7,7 +7,12 @@ problems, two presets and few repeats (the smoke test), so its numbers mean noth
   steps      (steps.py)              time per outer iteration of every preset, 3 setups
   oracles    (oracle_efficiency.py)  step time / sum of its separately timed oracle calls
   compile    (compile_cache.py)      cold compile per preset; a second process with the cache
-  reference  (reference.py)          bj.algorithms.soba against a plain-JAX SOBA step
+  reference  (reference.py)          SOBA, SABA, AmIGO, StocBiO, MRBO against plain-JAX steps
+                                     (same sampling, same iterates), on quadratic and logistic
+  bilevel    (peer_bilevel.py)       against benchmark_bilevel (re-implemented) on its own quadratic
+                                     and sampling scheme: SOBA, SABA, AmIGO, StocBiO
+  bandwidth  (bandwidth.py)          device copy rate; the fraction of it each step of the two
+                                     sections above achieves (bytes it must read / time)
   vmap       (vmap_scaling.py)       S seeds in one vmapped call against one seed
   unrolled   (unrolled.py)           reverse / checkpointed / forward unrolling against T
   peer       (peer.py)               jaxopt implicit differentiation against bj.hypergradient
@@ -23,13 +28,17 @@ import sys
 import tempfile
 import time
 
-MEASURES = ("steps", "oracles", "compile", "reference", "vmap", "unrolled", "peer")
+MEASURES = ("steps", "oracles", "compile", "reference", "bilevel", "bandwidth", "vmap", "unrolled", "peer")
 
 FULL = dict(
     repeats=5,
     steps={"quadratic": 20, "logistic": 500, "logistic_full": 10},
     unit_calls={"quadratic": 100, "logistic": 2000, "logistic_full": 50}, oracle_rounds=7,
-    reference_steps={"quadratic": 50, "logistic": 500}, reference_repeats=11,
+    reference_steps={"quadratic": {"soba": 20, "saba": 20, "amigo": 4, "stocbio": 4, "mrbo": 4},
+                     "logistic": {"soba": 500, "saba": 500, "amigo": 50, "stocbio": 50, "mrbo": 50}},
+    reference_repeats=7, reference_methods=("soba", "saba", "amigo", "stocbio", "mrbo"),
+    bilevel_steps={"soba": 20, "saba": 20, "amigo": 2, "stocbio": 2}, bilevel_repeats=5,
+    bilevel_methods=("soba", "saba", "amigo", "stocbio"), copy_mib=256,
     vmap_preset="soba", vmap_seeds=(4, 16, 64), vmap_reference_seeds=(16,), vmap_steps={"quadratic": 5, "logistic": 100},
     unrolled_n=4096, unrolled_T=(10, 100, 1000), peer_maxiter=20, presets=None,
 )
@@ -37,7 +46,9 @@ QUICK = dict(
     repeats=2,
     steps={"quadratic": 4, "logistic": 4, "logistic_full": 4},
     unit_calls={"quadratic": 4, "logistic": 4, "logistic_full": 4}, oracle_rounds=2,
-    reference_steps={"quadratic": 4, "logistic": 4}, reference_repeats=2,
+    reference_steps={"quadratic": {"soba": 4, "saba": 4}, "logistic": {"soba": 4, "saba": 4}},
+    reference_repeats=2, reference_methods=("soba", "saba"),
+    bilevel_steps={"soba": 2}, bilevel_repeats=2, bilevel_methods=("soba",), copy_mib=16,
     vmap_preset="soba", vmap_seeds=(2,), vmap_reference_seeds=(2,), vmap_steps={"quadratic": 4, "logistic": 4},
     unrolled_n=64, unrolled_T=(2,), peer_maxiter=3, presets=("soba", "stocbio"),
 )
@@ -164,8 +175,16 @@ def main(argv=None):
     if "reference" in only:
         from benchmarks import reference
         section("reference", lambda: {
-            name: reference.measure(by_name[name], cfg["reference_steps"][name], cfg["reference_repeats"])
+            name: reference.measure(by_name[name], cfg["reference_steps"][name], cfg["reference_repeats"],
+                                    cfg["reference_methods"], log)
             for name in ("quadratic", "logistic")})
+    if "bilevel" in only:
+        from benchmarks import peer_bilevel
+        section("bilevel", lambda: peer_bilevel.measure(a.quick, cfg["bilevel_steps"], cfg["bilevel_repeats"],
+                                                        cfg["bilevel_methods"], log))
+    if "bandwidth" in only:
+        from benchmarks import bandwidth
+        section("bandwidth", lambda: bandwidth.measure(results, cfg["copy_mib"], repeats))
     if "vmap" in only:
         from benchmarks import vmap_scaling
         section("vmap", lambda: {

@@ -19,7 +19,7 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert (tmp_path / "bench.md").exists() and "| soba |" in proc.stdout
 
     assert {"device", "versions", "quick"} <= set(res["meta"]) and res["meta"]["quick"]
-    for section in ("steps", "oracles", "compile", "reference", "vmap", "unrolled", "peer"):
+    for section in ("steps", "oracles", "compile", "reference", "bilevel", "bandwidth", "vmap", "unrolled", "peer"):
         assert section in res and "error" not in res[section], (section, res.get(section, {}).get("error"))
     for setup in ("quadratic", "logistic", "logistic_full"):
         soba = res["steps"][setup]["presets"]["soba"]
@@ -31,9 +31,20 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert {"cold_first_call_s", "warm_first_call_s", "warm_cache_hits"} <= set(res["compile"]["presets"]["soba"])
     assert "wall_s" in res["compile"]["second_process"]
     for problem in ("quadratic", "logistic"):
-        ref = res["reference"][problem]
-        assert {"soba", "reference", "ratio", "max_abs_diff_theta"} <= set(ref)
+        rows = res["reference"][problem]["rows"]
+        assert {"soba (iid)", "soba (partition)", "saba (partition)"} <= set(rows)
+        for row in rows.values():
+            assert {"bilevel_jax", "bilevel_jax_history", "reference", "ratio", "ratio_history",
+                    "max_abs_diff_theta", "bytes_per_step"} <= set(row), row.get("error")
+            assert "cpu" in row["ratio"] and row["max_abs_diff_theta"] == 0.0   # the same iterates
         assert "1 (no vmap)" in res["vmap"][problem]["seeds"]
+    soba = res["bilevel"]["methods"]["soba"]
+    assert {"peer:peer", "peer:einsum", "bilevel_jax:peer", "bilevel_jax:einsum", "ratio", "ratio_same_objective",
+            "ratio_einsum_both", "bytes_per_step", "compile_s"} <= set(soba), soba.get("error")
+    assert all(soba["finite"].values())
+    assert res["bandwidth"]["copy"]["copy_read_GBps"] > 0
+    assert any(k.startswith("bilevel/soba") for k in res["bandwidth"]["rows"])
+    assert any(k.startswith("reference/quadratic") for k in res["bandwidth"]["rows"])
     row = next(iter(res["unrolled"]["rows"].values()))
     assert {"variant", "T", "time", "temp_bytes"} <= set(row)
     assert {"bilevel_jax", "peer_timing", "max_abs_diff", "peer"} <= set(res["peer"])
