@@ -24,6 +24,7 @@ to that problem's scale). Both methods are deterministic in the paper (full batc
 """
 from __future__ import annotations
 
+from bilevel_jax._checks import check_step_size
 from bilevel_jax.algorithms import directions
 from bilevel_jax.algorithms._common import lower_steps_at_least_one, named, rule
 from bilevel_jax.algorithms.loop import BilevelLoop, bilevel_loop
@@ -39,6 +40,7 @@ def _eta(lower_lr, eta, lower_opt):
     if callable(lower_lr):
         raise ValueError("eta defaults to lower_lr, a schedule here (a linear solve has no outer count): pass eta= "
                          "explicitly.")
+    check_step_size("lower_lr", lower_lr)
     return lower_lr
 
 
