@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-all demo bench figures clean examples fashion-mnist fig-hyperclean
+.PHONY: install test test-all demo bench figures clean examples fashion-mnist fig-hyperclean fig-hessian-free
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +26,16 @@ demo: $(STAMP)
 # Paper figures: `make fig-quadratic`, `make fig-hpo-logreg full=true` (paper size), ARGS="key=value ...".
 # Outputs in results/<name>/ (results/<name>-full/ with full=true): the PNG, summary.md, sweep.csv and
 # cells/ (one NPZ + JSON per finished cell; a rerun computes only the missing ones).
-FIGURES := hpo-logreg inner-accuracy quadratic rates morbit lancbio lancbio-dim
+FIGURES := hpo-logreg inner-accuracy quadratic rates morbit lancbio lancbio-dim hessian-free
 fig-%: $(STAMP)
 	$(PY) -m experiments configs/$(subst -,_,$*).toml $(if $(full),full=$(full)) $(ARGS)
 
 figures: $(addprefix fig-,$(FIGURES))
+
+# Hessian-free / value-function presets vs SOBA, AmIGO, StocBiO: two configs, one target (~4 min on 2 cores).
+fig-hessian-free: $(STAMP)
+	$(PY) -m experiments configs/hessian_free_quadratic.toml $(if $(full),full=$(full)) $(ARGS)
+	$(PY) -m experiments configs/hessian_free_logreg.toml $(if $(full),full=$(full)) $(ARGS)
 
 # Fashion-MNIST (Debian's dataset-fashion-mnist): installed when missing and we are root, else the
 # command to run is printed. $BILEVEL_JAX_FASHION_MNIST may point at a folder with the IDX files instead.
