@@ -8,13 +8,14 @@ grad F = grad_theta f_upper - J v with J = grad^2_{theta phi} f_lower.
 from bilevel_jax import algorithms, constraints, datasets, linear_solvers, oracles, problems, sampling, schedules, status
 from bilevel_jax.algorithms import Algorithm
 from bilevel_jax.cache import enable_compilation_cache
+from bilevel_jax.checkpoint import run_chunked
 from bilevel_jax.hypergrad import argmin, hypergradient, unrolled_hypergradient, zero_ig_hypergradient
 from bilevel_jax.multi_objective import MultiObjectiveProblem
 from bilevel_jax.problem import BilevelProblem
 from bilevel_jax.run import run
 
 __all__ = [
-    "Algorithm", "BilevelProblem", "MultiObjectiveProblem", "algorithms", "constraints", "datasets", "enable_compilation_cache", "run", "schedules", "argmin", "hypergradient", "linear_solvers", "oracles", "problems", "sampling", "status",
+    "Algorithm", "BilevelProblem", "MultiObjectiveProblem", "algorithms", "constraints", "datasets", "enable_compilation_cache", "run", "run_chunked", "schedules", "argmin", "hypergradient", "linear_solvers", "oracles", "problems", "sampling", "status",
     "unrolled_hypergradient", "zero_ig_hypergradient",
 ]
 __version__ = "0.1.0"

@@ -62,10 +62,13 @@ def _is_traced(tree) -> bool:
 
 
 def run(alg: Algorithm, state, data, num_steps: int, eval_every: Optional[int] = None,
-        eval_fn: Optional[Callable] = None, check: bool = False):
+        eval_fn: Optional[Callable] = None, check: bool = False, progress: Optional[Callable] = None):
     """Run `num_steps` outer iterations of `alg` from `state` on `data`.
 
     Returns `(final_state, history)`; history is a dict of arrays (see module docstring).
+    `progress(row)`, if given, is called on the host at every evaluation point with that point's
+    history row (a dict of NumPy values), through `jax.debug.callback`: no host round trip at the
+    other steps (e.g. `lambda row: bar.update(...)` for a tqdm bar; `bj.run_chunked` checkpoints).
     """
     if not isinstance(alg, Algorithm):
         raise TypeError(f"alg must be a bj.Algorithm (e.g. bj.algorithms.soba(problem)), got {type(alg).__name__}.")
@@ -73,15 +76,22 @@ def run(alg: Algorithm, state, data, num_steps: int, eval_every: Optional[int] =
     eval_every = num_steps if eval_every is None else check_positive_int("eval_every", eval_every)
     if num_steps % eval_every:
         raise ValueError(f"num_steps={num_steps} must be a multiple of eval_every={eval_every}.")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable (row: dict) -> None, got {type(progress).__name__}.")
     if check and not _is_traced((alg, state, data)):
-        return _checked_run(alg, state, data, num_steps, eval_every, eval_fn)
-    (state, _), history = _scan(alg, state, data, num_steps, eval_every, eval_fn)
+        return _checked_run(alg, state, data, num_steps, eval_every, eval_fn, progress)
+    (state, _), history = _scan(alg, state, data, num_steps, eval_every, eval_fn, progress=progress)
     if check:
         state = st.raise_if(state, history["status"][-1], f"bj.run of {_name(alg)}")
     return state, history
 
 
-def _scan(alg, state, data, num_steps, eval_every, eval_fn, first_failure: bool = False):
+def _report(progress: Optional[Callable], row: dict) -> None:
+    if progress is not None:
+        jax.debug.callback(lambda r: progress({k: np.asarray(v) for k, v in r.items()}), row)
+
+
+def _scan(alg, state, data, num_steps, eval_every, eval_fn, first_failure: bool = False, progress=None):
     """The nested scan; returns ((final state, (first failing step, its status)), history).
 
     The scan body is `alg.update` and the running sums of what it reports (oracle counts, status
@@ -110,7 +120,9 @@ def _scan(alg, state, data, num_steps, eval_every, eval_fn, first_failure: bool 
         if not first_failure:
             status = status | st.nonfinite(dyn)   # sticky: a non-finite state stays reported
         carry = (dyn, totals, status, residual, first_bad)
-        return carry, _record(eqx.combine(dyn, static), data, eval_fn, totals, residual, status)
+        row = _record(eqx.combine(dyn, static), data, eval_fn, totals, residual, status)
+        _report(progress, row)
+        return carry, row
 
     zero = OracleCounts.of()
     first = _record(state, data, eval_fn, zero, float_nan, st.ok())
@@ -122,9 +134,9 @@ def _scan(alg, state, data, num_steps, eval_every, eval_fn, first_failure: bool 
     return (eqx.combine(dyn, static), first_bad), history
 
 
-def _checked_run(alg, state, data, num_steps, eval_every, eval_fn):
+def _checked_run(alg, state, data, num_steps, eval_every, eval_fn, progress=None):
     (state, (bad_step, bad_status)), history = eqx.filter_jit(_scan)(
-        alg, state, data, num_steps, eval_every, eval_fn, first_failure=True)
+        alg, state, data, num_steps, eval_every, eval_fn, first_failure=True, progress=progress)
     bad_step, bad_status = np.asarray(bad_step), np.asarray(bad_status)
     if np.any(bad_step >= 0):
         flat_steps, flat_status = bad_step.reshape(-1), bad_status.reshape(-1)
