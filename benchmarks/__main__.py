@@ -31,16 +31,17 @@ import time
 MEASURES = ("steps", "oracles", "compile", "reference", "bilevel", "bandwidth", "vmap", "unrolled", "peer")
 
 FULL = dict(
-    repeats=5,
+    repeats=3,
     steps={"quadratic": 20, "logistic": 500, "logistic_full": 10},
-    unit_calls={"quadratic": 100, "logistic": 2000, "logistic_full": 50}, oracle_rounds=7,
+    unit_calls={"quadratic": 100, "logistic": 2000, "logistic_full": 50}, oracle_rounds=3,
     reference_steps={"quadratic": {"soba": 20, "saba": 20, "amigo": 4, "stocbio": 4, "mrbo": 4},
                      "logistic": {"soba": 500, "saba": 500, "amigo": 50, "stocbio": 50, "mrbo": 50}},
-    reference_repeats=7, reference_methods=("soba", "saba", "amigo", "stocbio", "mrbo"),
+    reference_repeats=5, reference_methods=("soba", "saba", "amigo", "stocbio", "mrbo"),
     bilevel_steps={"soba": 20, "saba": 20, "amigo": 2, "stocbio": 2}, bilevel_repeats=5,
     bilevel_methods=("soba", "saba", "amigo", "stocbio"), copy_mib=256,
-    vmap_preset="soba", vmap_seeds=(4, 16, 64), vmap_reference_seeds=(16,), vmap_steps={"quadratic": 5, "logistic": 100},
+    vmap_preset="soba", vmap_seeds=(4, 16), vmap_reference_seeds=(16,), vmap_steps={"quadratic": 5, "logistic": 100},
     unrolled_n=4096, unrolled_T=(10, 100, 1000), peer_maxiter=20, presets=None,
+    full_batch_only="defaults",   # logistic_full: the presets whose default is full batch, and soba
 )
 QUICK = dict(
     repeats=2,
@@ -50,7 +51,7 @@ QUICK = dict(
     reference_repeats=2, reference_methods=("soba", "saba"),
     bilevel_steps={"soba": 2}, bilevel_repeats=2, bilevel_methods=("soba",), copy_mib=16,
     vmap_preset="soba", vmap_seeds=(2,), vmap_reference_seeds=(2,), vmap_steps={"quadratic": 4, "logistic": 4},
-    unrolled_n=64, unrolled_T=(2,), peer_maxiter=3, presets=("soba", "stocbio"),
+    unrolled_n=64, unrolled_T=(2,), peer_maxiter=3, presets=("soba", "stocbio"), full_batch_only=None,
 )
 
 
@@ -150,7 +151,14 @@ def main(argv=None):
 
     if "steps" in only:
         from benchmarks import steps
-        section("steps", lambda: steps.measure(all_setups, presets, cfg["steps"], repeats, log))
+        restrict = None
+        if cfg.get("full_batch_only") == "defaults":
+            import inspect
+            full_batch = [n for n in presets if inspect.signature(bj.algorithms.get(n)).parameters.get("batch_size")
+                          is not None and inspect.signature(bj.algorithms.get(n)).parameters["batch_size"].default is None]
+            restrict = {"logistic_full": full_batch + [n for n in ("soba",) if n in presets]}
+            results["config"]["logistic_full_presets"] = restrict["logistic_full"]
+        section("steps", lambda: steps.measure(all_setups, presets, cfg["steps"], repeats, log, restrict))
     if "oracles" in only and isinstance(results.get("steps"), dict) and "error" not in results["steps"]:
         from benchmarks import oracle_efficiency
         section("oracles", lambda: {
@@ -176,7 +184,7 @@ def main(argv=None):
         from benchmarks import reference
         section("reference", lambda: {
             name: reference.measure(by_name[name], cfg["reference_steps"][name], cfg["reference_repeats"],
-                                    cfg["reference_methods"], log)
+                                    cfg["reference_methods"], log, history_for=("soba",))
             for name in ("quadratic", "logistic")})
     if "bilevel" in only:
         from benchmarks import peer_bilevel

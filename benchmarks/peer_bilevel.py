@@ -33,6 +33,7 @@ objective), so that the table separates what the toolkit does from what the obje
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from typing import Callable, Dict, NamedTuple
@@ -96,8 +97,8 @@ def _level(key, n, dz, dx, high_z, high_x, high_cross, mu):
 
 def _value_hessian_min_eig(inner, outer) -> float:
     """The smallest eigenvalue of the Hessian of x -> f_outer(z*(x), x), z*(x) = argmin f_inner."""
-    m_in = {k: np.asarray(v, np.float64).mean(0) for k, v in inner.items()}
-    m_out = {k: np.asarray(v, np.float64).mean(0) for k, v in outer.items()}
+    m_in = {k: np.asarray(jnp.mean(v, axis=0), np.float64) for k, v in inner.items()}
+    m_out = {k: np.asarray(jnp.mean(v, axis=0), np.float64) for k, v in outer.items()}
     jac = -np.linalg.solve(m_in["A"], m_in["C"].T)            # dz* / dx, (dz, dx)
     cross = m_out["C"] @ jac                                  # (dx, dx)
     hess = jac.T @ m_out["A"] @ jac + m_out["B"] + cross + cross.T
@@ -328,7 +329,28 @@ def batch_bytes(problem: PeerProblem) -> Dict[str, int]:
     return {"upper": b * per_sample(problem.outer, "ABCab"), "lower": b * per_sample(problem.inner, "ACa")}
 
 
+@contextlib.contextmanager
+def _no_persistent_cache():
+    """JAX's persistent compilation cache off: the peer's executables embed its data (hundreds of
+    MiB of constants), which the cache would hash and write to disk at every compilation."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
+
+
 def measure(quick: bool, num_steps: Dict[str, int], repeats: int, methods=METHODS, log=print) -> dict:
+    with _no_persistent_cache():
+        return _measure(quick, num_steps, repeats, methods, log)
+
+
+def _measure(quick, num_steps, repeats, methods, log) -> dict:
     t0 = time.perf_counter()
     problem = peer_quadratic(quick)
     out = {"problem": problem.description, "peer": PEER, "bar": BAR, "setup_s": time.perf_counter() - t0,

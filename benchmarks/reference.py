@@ -347,17 +347,18 @@ def _theta(out):
     return np.asarray(out.theta if hasattr(out, "theta") else out[0])
 
 
-def measure_one(setup: Setup, name: str, sampler: str, num_steps: int, repeats: int) -> dict:
-    """One method on one setup: bare bj, bj with its history and the reference, interleaved; the
-    states are built before the timed calls (SABA's tables included)."""
+def measure_one(setup: Setup, name: str, sampler: str, num_steps: int, repeats: int, history: bool = True) -> dict:
+    """One method on one setup: bare bj, bj with its history (if `history`) and the reference,
+    interleaved; the states are built before the timed calls (SABA's tables included)."""
     if setup.batch_size is None:
         raise ValueError("the references sample minibatches: give the setup a batch size.")
     upper_lr = setup.preset_kwargs.get("upper_lr", UPPER_LR)
     key = jax.random.PRNGKey(0)
     pairs = {"bilevel_jax": toolkit_run(setup, name, num_steps, sampler, upper_lr),
-             "bilevel_jax_history": toolkit_run(setup, name, num_steps, sampler, upper_lr, history=True),
              "reference": REFERENCES[name](setup.problem.f_upper, setup.problem.f_lower, setup.batch_size,
                                            num_steps, sampler, upper_lr)}
+    if history:
+        pairs["bilevel_jax_history"] = toolkit_run(setup, name, num_steps, sampler, upper_lr, history=True)
     fns, args = {}, {}
     for k, (init, run) in pairs.items():
         fns[k] = jax.jit(run)
@@ -375,13 +376,15 @@ def measure_one(setup: Setup, name: str, sampler: str, num_steps: int, repeats: 
     for k in fns:
         out[k] = res[k]
     out["ratio"] = timing.ratios(res, "bilevel_jax", "reference")
-    out["ratio_history"] = timing.ratios(res, "bilevel_jax_history", "reference")
+    if history:
+        out["ratio_history"] = timing.ratios(res, "bilevel_jax_history", "reference")
     return out
 
 
-def measure(setup: Setup, num_steps: Dict[str, int], repeats: int, methods=METHODS, log=print) -> dict:
+def measure(setup: Setup, num_steps: Dict[str, int], repeats: int, methods=METHODS, log=print,
+            history_for=METHODS) -> dict:
     """Every method on `setup` with its preset's default sampler, and SOBA also with 'partition'
-    (blocks read in place): {row name: measure_one(...)}."""
+    (blocks read in place): {row name: measure_one(...)}; bj with its history for `history_for`."""
     rows = [(m, DEFAULT_SAMPLER[m]) for m in methods]
     if "soba" in methods:
         rows.insert(1, ("soba", "partition"))
@@ -389,11 +392,12 @@ def measure(setup: Setup, num_steps: Dict[str, int], repeats: int, methods=METHO
     for name, sampler in rows:
         label = f"{name} ({sampler})"
         try:
-            r = measure_one(setup, name, sampler, num_steps[name], repeats)
+            r = measure_one(setup, name, sampler, num_steps[name], repeats, name in history_for)
+            hist = (f"; with history {r['ratio_history']['median']:.3f}, cpu {r['ratio_history']['cpu']['median']:.3f}"
+                    if "ratio_history" in r else "")
             log(f"  {setup.name:10s} {label:20s} bj {r['bilevel_jax']['median'] * 1e3:.4g} ms, "
                 f"ref {r['reference']['median'] * 1e3:.4g} ms, ratio {r['ratio']['median']:.3f} "
-                f"(cpu {r['ratio']['cpu']['median']:.3f}; with history {r['ratio_history']['median']:.3f}, "
-                f"cpu {r['ratio_history']['cpu']['median']:.3f}), |dtheta| {r['max_abs_diff_theta']:.2g}")
+                f"(cpu {r['ratio']['cpu']['median']:.3f}{hist}), |dtheta| {r['max_abs_diff_theta']:.2g}")
         except Exception as e:  # noqa: BLE001 - one failing method must not stop the bench
             import traceback
             r = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}

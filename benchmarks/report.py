@@ -128,10 +128,11 @@ def markdown(res: dict) -> str:
                 if "error" in r:
                     rows.append([problem, label, "ERROR"] + ["-"] * 6)
                     continue
-                q = r["ratio"]
-                rows.append([problem, label, _auto(r["bilevel_jax"]), _auto(r["bilevel_jax_history"]), _auto(r["reference"]),
-                             f"{q['median']:.3f} [{q['q25']:.3f}-{q['q75']:.3f}]", f"{q['cpu']['median']:.3f}",
-                             f"{r['ratio_history']['median']:.3f} / {r['ratio_history']['cpu']['median']:.3f}",
+                q, h = r["ratio"], r.get("ratio_history")
+                rows.append([problem, label, _auto(r["bilevel_jax"]), _auto(r.get("bilevel_jax_history")),
+                             _auto(r["reference"]), f"{q['median']:.3f} [{q['q25']:.3f}-{q['q75']:.3f}]",
+                             f"{q['cpu']['median']:.3f}",
+                             f"{h['median']:.3f} / {h['cpu']['median']:.3f}" if h else "-",
                              f"{r['max_abs_diff_theta']:.2g}"])
         lines += _table(["problem", "method (sampler)", "bj / step", "bj + history", "reference / step", "ratio (wall)",
                          "ratio (cpu)", "with history (wall / cpu)", "max |theta diff|"], rows) + [""]

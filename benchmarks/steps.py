@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Optional
 
 import jax
 import numpy as np
@@ -57,11 +57,14 @@ def measure_preset(setup: Setup, name: str, num_steps: int, repeats: int, budget
 
 
 def measure(setups: Iterable[Setup], presets: Iterable[str], num_steps: Dict[str, int], repeats: int,
-            log=print) -> dict:
+            log=print, only: Optional[Dict[str, Iterable[str]]] = None) -> dict:
+    """Every preset on every setup; `only` restricts a setup (by name) to some presets."""
     out = {}
     for setup in setups:
         res = {}
         for name in presets:
+            if only is not None and setup.name in only and name not in only[setup.name]:
+                continue
             t0 = time.perf_counter()
             try:
                 res[name] = measure_preset(setup, name, num_steps[setup.name], repeats)
