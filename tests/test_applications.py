@@ -133,6 +133,7 @@ def _load(name):
     return module
 
 
+@pytest.mark.slow   # the library path is covered by test_pruning_run_...; `make examples` runs it
 def test_pruning_example_quick():
     out = _load("pruning_digits").main(["--quick"])
     assert out["status"] == "ok" and out["finite"]
@@ -140,6 +141,7 @@ def test_pruning_example_quick():
     assert out["acc_pruned"] > out["acc_random_mask"]
 
 
+@pytest.mark.slow   # covered by test_subset_selection_run_...; `make examples` runs it
 def test_subset_selection_example_quick():
     out = _load("subset_selection_digits").main(["--quick"])
     assert out["status"] == "ok" and out["finite"]
