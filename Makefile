@@ -51,7 +51,9 @@ fashion-mnist:
 fig-hyperclean: $(STAMP) fashion-mnist
 	$(PY) -m experiments configs/hyperclean.toml $(if $(full),full=$(full)) $(ARGS)
 
-# Benchmarks (jaxopt is installed here only, as the peer): writes results/bench/bench.json.
+# Benchmarks (jaxopt is installed here only, as the peer; benchmark_bilevel is a benchopt repository, not a
+# package: its solvers are re-implemented in benchmarks/peer_bilevel.py): writes results/bench/bench.json
+# and bench.md. ARGS="--quick" for a smoke run, ARGS="--only reference,bilevel,bandwidth" for a part.
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m benchmarks $(ARGS)

@@ -168,8 +168,9 @@ def markdown(res: dict) -> str:
     if bw and "error" not in bw:
         c = bw["copy"]
         lines += ["## Memory bandwidth", "",
-                  f"Device copy (`x + 1` over {c['size_mib']} MiB float32): {c['copy_read_GBps']:.3g} GB/s read "
-                  f"({c['copy_GBps']:.3g} GB/s read + write; best call {c['best_copy_read_GBps']:.3g}). A step's rate: "
+                  f"Device copy (`x + 1` in place over {c['size_mib']} MiB float32): {c['copy_read_GBps']:.3g} GB/s read "
+                  f"({c['copy_GBps']:.3g} GB/s read + write; best call {c['best_copy_read_GBps']:.3g}; a streaming "
+                  f"`jnp.sum` reads {c['read_GBps']:.3g} GB/s). A step's rate: "
                   "the minibatches it must read (UL batch + LL batches, each once) / its median time; fraction = "
                   "step rate / copy read rate.", ""]
         rows = [[k, f"{v['bytes_per_step'] / 2 ** 20:.3g}", f"{v['GBps']:.3g}", f"{v['fraction_of_copy']:.2f}"]
