@@ -17,7 +17,6 @@ from typing import Callable
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 
 from bilevel_jax._checks import as_array, check_in_range, check_positive_int, check_step_size
 

@@ -11,7 +11,6 @@ import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
-import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
 import bilevel_jax as bj  # noqa: E402

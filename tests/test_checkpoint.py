@@ -2,7 +2,6 @@
 an equinox MLP in the state; `bj.run`'s progress callback fires at the evaluation points only."""
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

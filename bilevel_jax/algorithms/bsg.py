@@ -15,7 +15,6 @@ gradients, 1 UL gradient.
 """
 from __future__ import annotations
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu

@@ -26,7 +26,6 @@ from typing import Any, NamedTuple, Optional
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import optax
 
 from bilevel_jax import oracles

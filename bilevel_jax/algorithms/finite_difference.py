@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import jax
-import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from bilevel_jax import oracles

@@ -30,9 +30,9 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax._checks import check_in_range
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts, check_key
-from bilevel_jax.algorithms.loop import BatchSize, check_data, make_samplers
-from bilevel_jax.algorithms.steps import StepRule, apply_step, draw_batches, finish, init_rule
+from bilevel_jax.algorithms.base import Algorithm, OracleCounts
+from bilevel_jax.algorithms.loop import BatchSize, make_samplers
+from bilevel_jax.algorithms.steps import StepRule, apply_step, check_data, draw_batches, finish, init_rule, start
 from bilevel_jax.problem import BilevelProblem
 from bilevel_jax.sampling import Sampler
 from bilevel_jax.schedules import OneMinus, as_schedule
@@ -65,11 +65,7 @@ class FSLA(Algorithm):
     name: str = eqx.field(static=True, default="fsla")
 
     def init(self, theta0, phi0, key, data=None) -> FslaState:
-        check_key(key)
-        theta0 = self.problem.project(theta0)
-        if data is not None:
-            check_data(data, self.samplers)
-            self.problem.validate(theta0, phi0, data)
+        theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
         v0 = otu.tree_zeros_like(oracles.differentiable(phi0))
         return FslaState(theta0, phi0, v0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
                          init_rule(self.lower, phi0), init_rule(self.v_rule, v0),

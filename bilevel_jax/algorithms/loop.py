@@ -24,12 +24,12 @@ from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.algorithms import estimators as est
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts, check_key, step_key
+from bilevel_jax.algorithms.base import Algorithm, step_key
 from bilevel_jax.algorithms.directions import DirectionRule, Point
-from bilevel_jax.algorithms.steps import (SOLVER_STREAM, Batches, Rule, StepRule, apply_step, as_rule, draw_batches,
-                                          finish, init_rule, lower_phase)
-from bilevel_jax.problem import BilevelProblem, check_data_pair
-from bilevel_jax.sampling import BLOCK_SAMPLERS, Sampler, check_fits, make_sampler, num_batches, num_samples
+from bilevel_jax.algorithms.steps import (SOLVER_STREAM, Batches, Rule, StepRule, apply_step, as_rule, check_data,
+                                          draw_batches, finish, init_rule, lower_phase, start)
+from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.sampling import BLOCK_SAMPLERS, Sampler, make_sampler, num_batches, num_samples
 
 PyTree = Any
 BatchSize = Union[None, int, Tuple[Optional[int], Optional[int]]]
@@ -41,13 +41,6 @@ def make_samplers(batch_size: BatchSize, sampler: str) -> Tuple[Sampler, Sampler
     if len(sizes) != 2:
         raise ValueError(f"batch_size must be None, an int or an (upper, lower) pair, got {batch_size!r}.")
     return make_sampler(sizes[0], sampler), make_sampler(sizes[1], sampler)
-
-
-def check_data(data, samplers: Tuple[Sampler, Sampler]) -> None:
-    """`data` is an (upper, lower) pair that the samplers can draw from (clear errors otherwise)."""
-    check_data_pair(data)
-    for name, d, s in zip(("upper data", "lower data"), data, samplers):
-        check_fits(s, d, name)
 
 
 def full_batches(data) -> Batches:
@@ -105,11 +98,7 @@ class BilevelLoop(Algorithm):
         return lambda point, batches: self.direction.evaluate(self.problem, point, batches, key, self.mode)
 
     def init(self, theta0, phi0, key, data=None) -> LoopState:
-        check_key(key)
-        theta0 = self.problem.project(theta0)
-        if data is not None:
-            check_data(data, self.samplers)
-            self.problem.validate(theta0, phi0, data)
+        theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
         state = LoopState(theta0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
                           init_rule(self.lower, phi0), self.direction.init(theta0, phi0), None)
         if isinstance(self.estimator, est.SGD):

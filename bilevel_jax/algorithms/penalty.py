@@ -27,9 +27,9 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax._checks import check_positive_int, check_step_size
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts, check_key
-from bilevel_jax.algorithms.loop import BatchSize, check_data, make_samplers
-from bilevel_jax.algorithms.steps import StepRule, apply_step, draw_batches, finish, init_rule
+from bilevel_jax.algorithms.base import Algorithm, OracleCounts
+from bilevel_jax.algorithms.loop import BatchSize, make_samplers
+from bilevel_jax.algorithms.steps import StepRule, apply_step, check_data, draw_batches, finish, init_rule, start
 from bilevel_jax.algorithms.value_function import PenaltyRamp, PenaltySchedule, ValueFunction, penalty_ramp, value_function
 from bilevel_jax.problem import BilevelProblem
 from bilevel_jax.sampling import Sampler
@@ -83,11 +83,7 @@ class GradientPenalty(Algorithm):
     check: bool = eqx.field(static=True, default=False)
 
     def init(self, theta0, phi0, key, data=None) -> GradientPenaltyState:
-        check_key(key)
-        theta0 = self.problem.project(theta0)
-        if data is not None:
-            check_data(data, self.samplers)
-            self.problem.validate(theta0, phi0, data)
+        theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
         return GradientPenaltyState(theta0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
                                     init_rule(self.lower, phi0))
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
@@ -53,9 +52,10 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts, check_key
-from bilevel_jax.algorithms.loop import BatchSize, check_data, make_samplers
-from bilevel_jax.algorithms.steps import StepRule, apply_step, draw_batches, finish, init_rule, lower_phase
+from bilevel_jax.algorithms.base import Algorithm, OracleCounts
+from bilevel_jax.algorithms.loop import BatchSize, make_samplers
+from bilevel_jax.algorithms.steps import (StepRule, apply_step, check_data, draw_batches,
+                                          finish, init_rule, lower_phase, start)
 from bilevel_jax.algorithms.value_function import PenaltyRamp, penalty_ramp
 from bilevel_jax.constraints import ConstraintSet, projected
 from bilevel_jax.hypergrad.inner import lower_steps as run_lower_steps
@@ -92,11 +92,7 @@ class PessimisticPenalty(Algorithm):
     check: bool = eqx.field(static=True, default=False)
 
     def init(self, theta0, phi0, key, data=None) -> PessimisticState:
-        check_key(key)
-        theta0 = self.problem.project(theta0)
-        if data is not None:
-            check_data(data, self.samplers)
-            self.problem.validate(theta0, phi0, data)
+        theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
         zero = jnp.zeros((), jnp.result_type(float))
         return PessimisticState(theta0, phi0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
                                 init_rule(self.follower, phi0), init_rule(self.tracker, phi0), zero, zero)

@@ -30,9 +30,10 @@ from jax.flatten_util import ravel_pytree
 from bilevel_jax import oracles
 from bilevel_jax._checks import as_array, check_in_range, check_step_size
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts, check_key, step_key
-from bilevel_jax.algorithms.loop import BatchSize, check_data, make_samplers
-from bilevel_jax.algorithms.steps import SOLVER_STREAM, StepRule, apply_step, draw_batches, finish, init_rule
+from bilevel_jax.algorithms.base import Algorithm, OracleCounts, step_key
+from bilevel_jax.algorithms.loop import BatchSize, make_samplers
+from bilevel_jax.algorithms.steps import (SOLVER_STREAM, StepRule, apply_step, check_data,
+                                          draw_batches, finish, init_rule, start)
 from bilevel_jax.hypergrad.implicit import implicit_direction, make_matvec
 from bilevel_jax.linear_solvers import LinearSolver, cg
 from bilevel_jax.problem import BilevelProblem
@@ -66,11 +67,7 @@ class Stable(Algorithm):
     check: bool = eqx.field(static=True, default=False)
 
     def init(self, theta0, phi0, key, data=None) -> StableState:
-        check_key(key)
-        theta0 = self.problem.project(theta0)
-        if data is not None:
-            check_data(data, self.samplers)
-            self.problem.validate(theta0, phi0, data)
+        theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
         phi_d = oracles.differentiable(phi0)
         return StableState(theta0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
                            init_rule(self.lower, phi0), self.solver.init(phi_d), self.solver.init(phi_d))
@@ -144,11 +141,7 @@ class StableTracked(Algorithm):
     check: bool = eqx.field(static=True, default=False)
 
     def init(self, theta0, phi0, key, data=None) -> TrackedState:
-        check_key(key)
-        theta0 = self.problem.project(theta0)
-        if data is not None:
-            check_data(data, self.samplers)
-            self.problem.validate(theta0, phi0, data)
+        theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
         n_t = ravel_pytree(oracles.differentiable(theta0))[0].size
         p_flat = ravel_pytree(oracles.differentiable(phi0))[0]
         n_p = p_flat.size

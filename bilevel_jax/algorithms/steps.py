@@ -28,10 +28,10 @@ import optax
 from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax._checks import as_array, check_step_size
-from bilevel_jax.algorithms.base import OracleCounts, StepInfo
+from bilevel_jax.algorithms.base import OracleCounts, StepInfo, check_key
 from bilevel_jax.hypergrad.inner import lower_steps as run_lower_steps
-from bilevel_jax.problem import BilevelProblem
-from bilevel_jax.sampling import Sampler
+from bilevel_jax.problem import BilevelProblem, check_data_pair
+from bilevel_jax.sampling import Sampler, check_fits
 from bilevel_jax.schedules import InversePower, inverse_power
 
 PyTree = Any
@@ -180,6 +180,24 @@ def nonfinite_at_records():
         _NONFINITE_AT_RECORDS.reset(token)
 
 
+def check_data(data, samplers: Tuple[Sampler, Sampler]) -> None:
+    """`data` is an (upper, lower) pair that the samplers can draw from (clear errors otherwise)."""
+    check_data_pair(data)
+    for name, d, s in zip(("upper data", "lower data"), data, samplers):
+        check_fits(s, d, name)
+
+
+def start(problem: BilevelProblem, samplers: Tuple[Sampler, Sampler], theta0, phi0, key, data=None):
+    """The checks every `init` makes before building a state: a PRNG key, data the samplers fit
+    and the objectives accept (when `data` is given); returns P_Theta(theta0)."""
+    check_key(key)
+    theta0 = problem.project(theta0)
+    if data is not None:
+        check_data(data, samplers)
+        problem.validate(theta0, phi0, data)
+    return theta0
+
+
 def finish(trees: Tuple, counts: OracleCounts, residual_norm, statuses=(), *, check: bool = False,
            where: str = "outer step") -> Tuple[Tuple, StepInfo]:
     """The end of an outer iteration: its status (the given ones, and NONFINITE when a leaf of
@@ -200,6 +218,6 @@ def finish(trees: Tuple, counts: OracleCounts, residual_norm, statuses=(), *, ch
     return trees, StepInfo(counts, residual, status)
 
 
-__all__ = ["Batches", "Rule", "StepRule", "apply_step", "as_rule", "draw_batches", "finish", "init_rule", "lower_phase",
+__all__ = ["check_data", "start", "Batches", "Rule", "StepRule", "apply_step", "as_rule", "draw_batches", "finish", "init_rule", "lower_phase",
            "nonfinite_at_records", "step_rule",
            "LOWER_STREAM", "SOLVER_STREAM", "UPPER_STREAM"]

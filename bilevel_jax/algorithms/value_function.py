@@ -52,12 +52,12 @@ import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from bilevel_jax import oracles
-from bilevel_jax import status as st
 from bilevel_jax._checks import as_array, check_in_range, check_positive_int, check_step_size
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts, check_key
-from bilevel_jax.algorithms.loop import BatchSize, check_data, make_samplers
-from bilevel_jax.algorithms.steps import StepRule, apply_step, draw_batches, finish, init_rule, lower_phase
+from bilevel_jax.algorithms.base import Algorithm, OracleCounts
+from bilevel_jax.algorithms.loop import BatchSize, make_samplers
+from bilevel_jax.algorithms.steps import (StepRule, apply_step, check_data, draw_batches,
+                                          finish, init_rule, lower_phase, start)
 from bilevel_jax.hypergrad.inner import lower_steps as run_lower_steps
 from bilevel_jax.problem import BilevelProblem
 from bilevel_jax.sampling import Sampler
@@ -202,11 +202,7 @@ class ValueFunction(Algorithm):
     name: str = eqx.field(static=True, default="value_function")
 
     def init(self, theta0, phi0, key, data=None) -> ValueFunctionState:
-        check_key(key)
-        theta0 = self.problem.project(theta0)
-        if data is not None:
-            check_data(data, self.samplers)
-            self.problem.validate(theta0, phi0, data)
+        theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
         zero = jnp.zeros((), jnp.result_type(float))
         return ValueFunctionState(theta0, phi0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
                                   init_rule(self.lower, phi0), init_rule(self.tracker, phi0), self.multiplier.init(),

@@ -25,9 +25,10 @@ from jax.flatten_util import ravel_pytree
 from bilevel_jax import oracles
 from bilevel_jax._checks import as_array, check_positive_int, check_step_size
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts, check_key, step_key
-from bilevel_jax.algorithms.loop import BatchSize, check_data, make_samplers
-from bilevel_jax.algorithms.steps import SOLVER_STREAM, StepRule, apply_step, draw_batches, finish, init_rule
+from bilevel_jax.algorithms.base import Algorithm, OracleCounts, step_key
+from bilevel_jax.algorithms.loop import BatchSize, make_samplers
+from bilevel_jax.algorithms.steps import (SOLVER_STREAM, StepRule, apply_step, check_data,
+                                          draw_batches, finish, init_rule, start)
 from bilevel_jax.hypergrad.inner import lower_steps as run_lower_steps
 from bilevel_jax.problem import BilevelProblem
 from bilevel_jax.sampling import Sampler
@@ -69,11 +70,7 @@ class PZOBO(Algorithm):
     check: bool = eqx.field(static=True, default=False)
 
     def init(self, theta0, phi0, key, data=None) -> PzoboState:
-        check_key(key)
-        theta0 = self.problem.project(theta0)
-        if data is not None:
-            check_data(data, self.samplers)
-            self.problem.validate(theta0, phi0, data)
+        theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
         if self.directions == "orthogonal":
             dim = ravel_pytree(oracles.differentiable(theta0))[0].shape[0]
             if dim != self.num_directions:

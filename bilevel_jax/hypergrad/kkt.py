@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple, Optional
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
