@@ -17,30 +17,20 @@ is NONFINITE, with x NaN, when x is non-finite.
 """
 from __future__ import annotations
 
-from typing import ClassVar
-
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from bilevel_jax import status as st
-from bilevel_jax._checks import as_array, check_bool, check_positive_int
-from bilevel_jax.linear_solvers.base import LinearSolver, WarmStart, fail_where, make_info
-from bilevel_jax.linear_solvers.gd import _check_eta
+from bilevel_jax._checks import as_array
+from bilevel_jax.linear_solvers.base import WarmStart, fail_where, make_info
+from bilevel_jax.linear_solvers.stochastic_neumann import StochasticNeumann
 
 
-class SampledNeumann(LinearSolver):
-    """N = `steps` terms of the Neumann series, a fresh minibatch per factor; `eta` an array field."""
-
-    steps: int = eqx.field(default=10, static=True)
-    eta: float = 0.1
-    stochastic: ClassVar[bool] = True
-
-    def __check_init__(self):
-        check_positive_int("steps", self.steps)
-        _check_eta(self.eta)
-        check_bool("warm_start", self.warm_start)
+class SampledNeumann(StochasticNeumann):
+    """N = `steps` terms of the Neumann series, a fresh minibatch per factor; `eta` an array field.
+    The same fields and checks as the HIA (`StochasticNeumann`), another estimator of the same
+    truncated series: every term instead of one randomly truncated product."""
 
     def solve(self, matvec, b, state, key=None):
         del state
