@@ -133,6 +133,7 @@ def _fake_fashion(folder, n_train=60, n_test=20, seed=0):
         _write_idx(folder / f"{split}-labels-idx1-ubyte", y, 0x08)
 
 
+@pytest.mark.slow   # the figure end to end; `make fig-hyperclean` runs it, the problem tests stay fast
 def test_figure_runs_on_tiny_idx_files_and_reports_every_method(tmp_path, monkeypatch):
     from experiments import config as C
     from experiments import hyperclean as fig

@@ -389,6 +389,7 @@ def test_presets_on_the_synthetic_problem_reduce_the_hypergradient(synthetic):
         assert float(res) < 1e-3
 
 
+@pytest.mark.slow   # the figure end to end; `make fig-lancbio` runs it, the solver tests stay fast
 def test_lancbio_figure_runs_and_states_the_claims(tmp_path):
     """The fig-lancbio-dim machinery on a tiny problem: cells, figure, summary with the claims."""
     from experiments import config, lancbio
