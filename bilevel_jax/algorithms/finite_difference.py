@@ -16,8 +16,6 @@ so estimators (STORM, SAGA) apply to it as to SOBA.
 """
 from __future__ import annotations
 
-from typing import ClassVar
-
 import jax
 import optax.tree_utils as otu
 
@@ -26,22 +24,15 @@ from bilevel_jax import status as st
 from bilevel_jax._checks import as_array, check_step_size
 from bilevel_jax.algorithms._common import named, rule
 from bilevel_jax.algorithms.base import OracleCounts
-from bilevel_jax.algorithms.directions import (AmortizedState, DirectionRule, Directions, Evaluation, LowerTerms,
-                                               Separable, UpperTerms)
+from bilevel_jax.algorithms.directions import Amortized, Evaluation, LowerTerms, Separable, UpperTerms
 from bilevel_jax.algorithms.loop import BilevelLoop, bilevel_loop
-from bilevel_jax.algorithms.steps import StepRule, apply_step, init_rule
 
 
-class FiniteDifference(DirectionRule):
-    """SOBA's directions with A v and J v from central differences of step `delta`."""
+class FiniteDifference(Amortized):
+    """SOBA's directions (`Amortized`: same state, directions and v step) with A v and J v from
+    central differences of step `delta` instead of the fused vjp."""
 
-    v_rule: StepRule
-    delta: jax.Array
-    separable: ClassVar[bool] = True
-
-    def init(self, theta, phi):
-        v = otu.tree_zeros_like(oracles.differentiable(phi))
-        return AmortizedState(v, init_rule(self.v_rule, v))
+    delta: jax.Array = None
 
     def evaluate(self, problem, point, batches, key, mode):
         g_theta, g_phi = oracles.upper_grads(problem, point.theta, point.phi, batches.upper)
@@ -51,18 +42,6 @@ class FiniteDifference(DirectionRule):
         counts = OracleCounts.of(lower_grads=3, upper_grads=1)
         return Evaluation(Separable(UpperTerms(g_theta, g_phi), LowerTerms(grad_phi, av, jv)), point.rule_state,
                           counts, otu.tree_norm(otu.tree_sub(av, g_phi)), st.ok())
-
-    def directions(self, estimate):
-        return Directions(otu.tree_sub(estimate.upper.g_theta, estimate.lower.cross), estimate.lower.grad_phi)
-
-    def advance(self, rule_state, estimate, count):
-        d_v = otu.tree_sub(estimate.lower.hvp, estimate.upper.g_phi)
-        v, opt_state, status = apply_step(self.v_rule, rule_state.v, rule_state.opt_state, d_v, count)
-        return AmortizedState(v, opt_state), status
-
-    @property
-    def moves_phi(self):
-        return True
 
 
 def hjfbio(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lower_opt=None, v_opt=None,
