@@ -74,7 +74,7 @@ def measure(results: dict, size_mib: int, repeats: int) -> dict:
     for name, r in (bilevel.get("methods") or {}).items():
         if "bytes_per_step" not in r:
             continue
-        for label in ("peer:peer", "peer:einsum", "bilevel_jax:peer", "bilevel_jax:einsum"):
+        for label in ("peer:peer", "peer:einsum", "bilevel_jax", "bilevel_jax:peer"):
             who = label.split(":")[0]
             rows[f"bilevel/{name}/{label}"] = fraction(r["bytes_per_step"][who], r[label]["median"], copy)
     return {"copy": copy, "rows": rows}

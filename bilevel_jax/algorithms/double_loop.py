@@ -34,7 +34,8 @@ def alternating(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_op
                 batch_size=None, **kw) -> BilevelLoop:
     """Alternating (S)GD that ignores the implicit gradient (the baseline of the bilevel literature):
         phi <- T steps of phi - beta grad_phi f_lower(theta_k, phi);  theta <- theta - alpha grad_theta f_upper.
-    Converges to a stationary point of f_upper(., phi*(.)) only when the implicit term vanishes."""
+    Converges to a stationary point of f_upper(., phi*(.)) only when the implicit term vanishes.
+    Sampling: any; full batch by default."""
     return _double_loop("alternating", problem, directions.partial, upper_lr, lower_lr, upper_opt, lower_opt,
                         lower_steps, batch_size, **kw)
 
@@ -44,7 +45,8 @@ def ba(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, l
     """BA, Bilevel Approximation (Ghadimi & Wang, "Approximation Methods for Bilevel Programming",
     2018, arXiv:1802.02246, Alg. 1), deterministic:
         phi_{k+1} = T GD steps from phi_k;  theta_{k+1} = P(theta_k - alpha [grad_theta f_u - J A^{-1} grad_phi f_u])
-    with the exact Hessian inverse (`dense()` solver; the paper grows T like log k, here T is fixed)."""
+    with the exact Hessian inverse (`dense()` solver; the paper grows T like log k, here T is fixed).
+    Sampling: full batch (the paper's deterministic BA)."""
     return _double_loop("ba", problem, lambda: directions.implicit(linear_solver or dense()), upper_lr, lower_lr,
                         upper_opt, lower_opt, lower_steps, batch_size, **kw)
 
@@ -76,7 +78,9 @@ def aid_bio(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=No
             **kw) -> BilevelLoop:
     """AID-BiO (Ji, Yang, Liang, "Bilevel Optimization: Convergence Analysis and Enhanced Design",
     2021, arXiv:2010.07962): D warm-started GD steps, v by N CG steps warm-started at v_{k-1},
-    theta <- theta - alpha (grad_theta f_u - J v). Cost: D LL gradients, N(+1) HVPs, 1 J v, 1 UL gradient."""
+    theta <- theta - alpha (grad_theta f_u - J v). Cost: D LL gradients, N(+1) HVPs, 1 J v, 1 UL gradient.
+    Sampling: full batch (the paper's deterministic AID-BiO, `batch_size=None`); minibatches are an
+    extension."""
     return _double_loop("aid_bio", problem, lambda: directions.implicit(linear_solver or cg(10), warm_start),
                         upper_lr, lower_lr, upper_opt, lower_opt, lower_steps, batch_size, **kw)
 
@@ -103,7 +107,9 @@ def amigo(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None
     """AmIGO (Arbel & Mairal, "Amortized Implicit Differentiation for Stochastic Bilevel
     Optimization", 2022, arXiv:2111.14580): T warm-started SGD steps on phi, M warm-started steps
     on 0.5 v'Av - v'b (`gd(M, eta)`, default M = 10, eta = lower_lr) or CG (AmIGO-CG: pass
-    `linear_solver=cg(M)`), then theta <- theta - gamma (grad_theta f_u - J v)."""
+    `linear_solver=cg(M)`), then theta <- theta - gamma (grad_theta f_u - J v).
+    Sampling: i.i.d. minibatches, a fresh one per step (the paper's); `sampler="shuffled"` is the zero-copy
+    option."""
     with named("amigo"):
         solver = linear_solver or gd(10, solver_eta(lower_lr, None, lower_opt))
     return _double_loop("amigo", problem, lambda: directions.implicit(solver, warm_start), upper_lr, lower_lr,
@@ -114,7 +120,8 @@ def signsgd_ul(problem, *, upper_lr=0.1, lower_lr=0.01, upper_opt=None, lower_st
                **kw) -> BilevelLoop:
     """SignSGD + UL (Fan, Ram, Liu, "Sign-MAML", 2021, arXiv:2109.07497): T SignSGD steps
     phi <- phi - beta sign(grad_phi f_lower), whose unrolled Jacobian is zero almost surely, so the UL
-    step uses the partial gradient only: theta <- theta - alpha grad_theta f_upper(theta_k, phi_{k+1})."""
+    step uses the partial gradient only: theta <- theta - alpha grad_theta f_upper(theta_k, phi_{k+1}).
+    Sampling: full batch by default; the paper draws i.i.d. task minibatches (`sampler="iid"`)."""
     return _double_loop("signsgd_ul", problem, directions.partial, upper_lr, lower_lr, upper_opt, None,
                         lower_steps, batch_size, lower_transform=optax.sign_sgd, **kw)
 

@@ -69,7 +69,9 @@ def lancbio(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=No
     ||A v - b|| in `step_info.residual_norm` at one more (uncounted) HVP; by default the Lanczos
     estimate (see `bj.linear_solvers.lanczos`). A Lanczos breakdown (non-positive pivot of T:
     the LL Hessian is not positive definite, or drifts too fast) gives NaN and BREAKDOWN.
-    Other arguments as in `bilevel_loop` (`upper_opt`/`lower_opt` take whole optax rules)."""
+    Other arguments as in `bilevel_loop` (`upper_opt`/`lower_opt` take whole optax rules).
+    Sampling: full batch (the paper's deterministic analysis; `batch_size=None`); minibatches are an
+    extension."""
     with named("lancbio"):
         solver = lanczos(m_max, m0=m0, inc=inc, every=every, exact_residual=exact_residual)
         return _krylov_loop("lancbio", problem, solver, upper_lr, lower_lr, upper_opt, lower_opt, lower_steps,
@@ -84,7 +86,9 @@ def subbio(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=Non
     `lower_lr`, the paper's theta), then theta <- theta - lambda (grad_theta f_upper - J v_k).
     Cost per step: T LL gradients, 3 HVPs, 1 J v, 1 UL gradient. (The authors' synthetic-problem
     code evaluates A_k (I - eta A_k) at the wrong point, v in place of phi; here A_k is the Hessian at
-    (theta_k, phi_{k+1}) throughout.) Other arguments as in `bilevel_loop`."""
+    (theta_k, phi_{k+1}) throughout.) Other arguments as in `bilevel_loop`.
+    Sampling: full batch (the paper's deterministic analysis; `batch_size=None`); minibatches are an
+    extension."""
     with named("subbio"):
         solver = subspace(_eta(lower_lr, eta, lower_opt))
         return _krylov_loop("subbio", problem, solver, upper_lr, lower_lr, upper_opt, lower_opt, lower_steps,

@@ -35,7 +35,8 @@ def momentum(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=N
     Optimization via Double-Momentum", 2021, arXiv:2102.07367):
         h_l^k = (1 - eta_l) grad_phi f_l(z_k) + eta_l (h_l^{k-1} + grad_phi f_l(z_k) - grad_phi f_l(z_{k-1}))
         h_u^k = (1 - eta_u) hgrad(z_k) + eta_u (h_u^{k-1} + hgrad(z_k) - hgrad(z_{k-1}))
-    i.e. STORM with weight a = eta; constant steps; hgrad by `linear_solver` (default cg(10))."""
+    i.e. STORM with weight a = eta; constant steps; hgrad by `linear_solver` (default cg(10)).
+    Sampling: i.i.d. minibatches (the paper's); `sampler="shuffled"` is the zero-copy option."""
     with named("momentum"):
         check_in_range("eta_upper", eta_upper, 0.0, 1.0)
         check_in_range("eta_lower", eta_lower, 0.0, 1.0)
@@ -57,7 +58,8 @@ def mrbo(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None,
     `neumann_steps` terms, a fresh LL minibatch per factor unless `shared_batch`, see `stocbio`; the
     same factor batches at the current and the previous point); steps ~ (k+1)^{-1/3}, momentum
     eta_k = eta0 (k+1)^{-2/3} (a_k = 1 - eta_k); O~(eps^{-3/2}).
-    (The authors' code re-assigns the schedule inside the epoch loop so it never decays; not copied.)"""
+    (The authors' code re-assigns the schedule inside the epoch loop so it never decays; not copied.)
+    Sampling: i.i.d. minibatches (the paper's)."""
     with named("mrbo"):
         solver = neumann_series(neumann_steps, solver_eta(lower_lr, neumann_eta, lower_opt), batch_size, shared_batch)
         estimator = estimators.storm(_storm_weight(eta0, 2.0 / 3.0))
@@ -68,7 +70,7 @@ def mrbo(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None,
 def sustain(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, neumann_steps: int = 10,
             neumann_eta=None, eta0=0.5, batch_size=64, **kw) -> BilevelLoop:
     """SUSTAIN (Khanduri et al. 2021, arXiv:2102.07367): as MRBO with the HIA (stochastic Neumann)
-    hypergradient."""
+    hypergradient. Sampling: i.i.d. minibatches (the paper's)."""
     with named("sustain"):
         solver = stochastic_neumann(neumann_steps, solver_eta(lower_lr, neumann_eta, lower_opt))
         # joint: the HIA factors' minibatches are drawn once for the current and the previous point
@@ -83,7 +85,7 @@ def vrbo(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None,
     hypergradient) refreshed with full-data estimates every `period` steps, Neumann hypergradient
     (a fresh LL minibatch per factor unless `shared_batch`, see `stocbio`), constant steps. (The
     paper also runs recursive LL steps inside each period; here each outer step makes one
-    simultaneous LL step.)"""
+    simultaneous LL step.) Sampling: i.i.d. minibatches between the full-data refreshes (the paper's)."""
     with named("vrbo"):
         solver = neumann_series(neumann_steps, solver_eta(lower_lr, neumann_eta, lower_opt), batch_size, shared_batch)
         estimator = estimators.sarah(period)

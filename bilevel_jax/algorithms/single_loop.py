@@ -51,7 +51,8 @@ def alset(problem, *, upper_lr=0.05, lower_lr=0.1, upper_opt=None, lower_opt=Non
           neumann_steps: int = 10, neumann_eta=None, batch_size=64, **kw) -> BilevelLoop:
     """ALSET (Chen, Sun, Yin, "Closing the Gap: Tighter Analysis of Alternating Stochastic Gradient
     Methods for Bilevel Problems", 2021, arXiv:2106.13781): alternating SGD with T (default 1) LL
-    steps and the HIA hypergradient, constant steps alpha, beta = O(1/sqrt(K)) (pass them)."""
+    steps and the HIA hypergradient, constant steps alpha, beta = O(1/sqrt(K)) (pass them).
+    Sampling: i.i.d. minibatches (the paper's); `sampler="shuffled"` is the zero-copy option."""
     with named("alset"):
         solver = stochastic_neumann(neumann_steps, solver_eta(lower_lr, neumann_eta, lower_opt))
         return bilevel_loop(problem, direction=directions.implicit(solver), upper_opt=rule("upper_lr", upper_lr, upper_opt),
@@ -96,7 +97,10 @@ def saba(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lowe
     f_upper per UL batch id), constant steps; O((n+m)^{2/3}/T) convergence. Needs fixed partitions
     (batch ids), read in place. Memories start as the paper's SAGA initialisation, m_i = the oracle
     at the initial point on batch i and S = their mean (`saga_init="point"`, one pass over the
-    batches at `init`), or at zero (`saga_init="zero"`, benchmark_bilevel's default)."""
+    batches at `init`), or at zero (`saga_init="zero"`, benchmark_bilevel's default).
+    Sampling: the paper draws one sample index uniformly per step; here a block id uniformly from fixed
+    contiguous blocks (`sampler="partition"`, the default; `"shuffled"` visits the same blocks without
+    replacement per epoch)."""
     kw.setdefault("sampler", "partition")
     with named("saba"):
         estimator = estimators.saga(saga_init)
@@ -108,7 +112,9 @@ def srba(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lowe
          batch_size=64, period: int = 64, **kw) -> BilevelLoop:
     """SRBA (Dagreou, Moreau, Vaiter, Ablin, "A Lower Bound and a Near-Optimal Algorithm for Bilevel
     Empirical Risk Minimization", 2023, arXiv:2302.08766): SOBA's directions with SARAH recursions,
-    refreshed with full-batch oracles every `period` steps; constant steps."""
+    refreshed with full-batch oracles every `period` steps; constant steps.
+    Sampling: i.i.d. minibatches between the full-batch refreshes (the paper's uniform index
+    sampling); `sampler="shuffled"` is the zero-copy option."""
     with named("srba"):
         estimator = estimators.sarah(period)
     return _amortized("srba", problem, upper_lr, lower_lr, v_lr, upper_opt, lower_opt, v_opt, batch_size,

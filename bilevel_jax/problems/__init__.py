@@ -6,7 +6,8 @@ from bilevel_jax.problems.hyperclean import HyperCleaning, fashion_mnist_hyper_c
 from bilevel_jax.problems.pruning import Pruning
 from bilevel_jax.problems.subset_selection import SubsetSelection
 from bilevel_jax.problems.logistic import LOGISTIC, LogisticHPO, ValueSolution, logistic_hpo
-from bilevel_jax.problems.quadratic import QuadraticBilevel, quadratic_bilevel
+from bilevel_jax.problems.quadratic import (QuadraticBilevel, quadratic_bilevel, quadratic_lower, quadratic_problem,
+                                             quadratic_upper)
 from bilevel_jax.problems.ridge import RIDGE, RidgeHPO, ridge_hpo
 
 __all__ = [
@@ -15,5 +16,5 @@ __all__ = [
     "Pruning", "pruning", "SubsetSelection", "subset_selection",
     "LancBiOSynthetic", "lancbio_synthetic",
     "LOGISTIC", "LogisticHPO", "ValueSolution", "logistic_hpo",
-    "QuadraticBilevel", "quadratic_bilevel", "RIDGE", "RidgeHPO", "ridge_hpo",
+    "QuadraticBilevel", "quadratic_bilevel", "quadratic_problem", "quadratic_upper", "quadratic_lower", "RIDGE", "RidgeHPO", "ridge_hpo",
 ]
