@@ -18,7 +18,8 @@ run is reproducible and needs no sampler state in the carry. Kinds:
 
 For `shuffled` and `partition`, `batch_id` is the block index (the row of SAGA-style memories:
 SABA, SRBA); for `iid` and `full` it is 0. Samples n - (n // b) * b .. n - 1 (the tail that does
-not fill a block) are never drawn by the block samplers.
+not fill a block) are never drawn by the block samplers; every algorithm's `init` warns when
+there are such samples (`check_fits`).
 
 `data` is a pytree whose leaves share a leading sample axis (or None: `full` returns None).
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import warnings
 from typing import Any, ClassVar, Optional, Tuple
 
 import equinox as eqx
@@ -79,11 +81,18 @@ def num_batches(sampler: Sampler, data: PyTree) -> int:
 
 
 def check_fits(sampler: Sampler, data: PyTree, name: str) -> None:
+    """A clear error when `sampler` cannot draw from `data`; a warning when a block sampler leaves
+    out the tail of n samples that does not fill a block (n not a multiple of the batch size)."""
     n = num_samples(data, name)
     if sampler.batch_size is not None and n is not None and sampler.batch_size > n:
         raise ValueError(f"batch_size={sampler.batch_size} is larger than {name}'s {n} samples.")
     if sampler.batch_size is not None and n is None:
         raise ValueError(f"batch_size={sampler.batch_size} was given but {name} is None.")
+    if sampler.blocks and n % sampler.batch_size:
+        left = n % sampler.batch_size
+        warnings.warn(f"{sampler.kind}(batch_size={sampler.batch_size}) on {name}'s {n} samples: {n} is not a "
+                      f"multiple of {sampler.batch_size}, the last {left} samples ({n - left}..{n - 1}) are never "
+                      "drawn; use a batch size that divides n, or the iid sampler.", stacklevel=2)
 
 
 def _take(data, idx):

@@ -162,6 +162,20 @@ def test_sampler_bad_input(data):
         S.check_fits(S.iid(2), None, "lower data")
 
 
+def test_block_samplers_say_when_samples_are_left_out(data, quad_stoch, recwarn):
+    for kind in ("partition", "shuffled"):
+        with pytest.warns(UserWarning, match=rf"{kind}\(batch_size=5\) on upper data's 12 samples: .* the last 2 "
+                                             r"samples \(10..11\) are never drawn"):
+            S.check_fits(S.make_sampler(5, kind), data, "upper data")
+    S.check_fits(S.partition(4), data, "upper data")        # 12 = 3 blocks of 4
+    S.check_fits(S.iid(5), data, "upper data")              # i.i.d. indices reach every sample
+    assert not recwarn.list
+    q = quad_stoch                                          # 64 samples per level: the init says it
+    alg = bj.algorithms.soba(q.problem, batch_size=10, sampler="partition")
+    with pytest.warns(UserWarning, match=r"lower data's 64 samples: .* the last 4 samples \(60..63\)"):
+        alg.init(q.theta0, q.phi0, jax.random.PRNGKey(0), q.data)
+
+
 def test_saga_memories_work_with_shuffled_blocks(quad_stoch):
     """SABA's memories are indexed by block id: with random reshuffling (each block once per
     epoch) it converges as with uniformly drawn blocks; i.i.d. batches have no id and are refused."""
