@@ -1,4 +1,4 @@
-"""Run an experiment config: `python -m experiments <config.toml> [key=value ...]`.
+"""Run an experiment config: `python -m experiments <config.toml> [key=value ...] [job flags]`.
 
 Examples:
 
@@ -21,15 +21,36 @@ TPUs; on CPU one device, or N with `devices=N`). Caveat for N host devices on a 
 fewer than about 2N cores: jaxlib's batched LAPACK kernels (linalg.solve/cholesky under vmap, used
 by the `ba`/`stable` presets) wait inside the shared CPU thread pool and can deadlock when every
 pool thread does so; metric evaluation therefore always runs on one device on CPU.
+
+Several processes and hosts, with JAX's own runtime (`jax.distributed`): start the same command
+on every host, naming the coordinator (host 0's address and a free port), the number of
+processes and this process's id, as flags or in the environment variables
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID:
+
+    # on host i = 0 .. N-1 (host 0 is 10.0.0.1)
+    python -m experiments configs/hpo_logreg.toml --coordinator-address=10.0.0.1:1234 \
+        --num-processes=N --process-id=i
+
+Under Slurm or Open MPI, `--distributed` alone lets JAX read all three from the cluster
+(`srun python -m experiments configs/hpo_logreg.toml --distributed`). The batch axis is then
+sharded over the devices of all processes (`devices=N`: the first N of each); process 0 decides
+which cells are missing and writes every finished cell, once, atomically (the other processes
+need no results folder), so a restarted job computes only the missing cells. On CPU hosts the
+collectives are JAX's CPU collectives (gloo, JAX's default; `jax_cpu_collectives_implementation`
+selects another); give each process several host devices with `devices=N` or
+XLA_FLAGS=--xla_force_host_platform_device_count=N. Only the figures built on
+`experiments.runner` (MULTI_PROCESS = True: convergence, hessian_free, rates) span processes.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
 import time
 
-USAGE = "usage: python -m experiments <config.toml> [key=value ...]   (see the module docstring)"
+USAGE = ("usage: python -m experiments <config.toml> [key=value ...] [--coordinator-address=HOST:PORT "
+         "--num-processes=N --process-id=I | --distributed]   (see the module docstring)")
 
 
 def set_host_devices(devices) -> None:
@@ -52,22 +73,73 @@ def figure_module(cfg: dict):
                           "(valid: convergence, rates).") from e
 
 
+def parse_args(argv):
+    """(config path, overrides, job flags) of the command line; a ConfigError for a bad flag."""
+    from experiments.config import ConfigError
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise ConfigError(f"{message} ({USAGE})")
+
+    parser = Parser(prog="python -m experiments", add_help=False)
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--coordinator-address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"))
+    parser.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"))
+    parser.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"))
+    parser.add_argument("--distributed", action="store_true")
+    return parser.parse_intermixed_args(argv)
+
+
+def _env_int(name: str):
+    from experiments.config import ConfigError
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"${name} must be an integer, got {value!r}.") from None
+
+
+def join_job(args) -> None:
+    """`jax.distributed.initialize` when any job setting is given (or `--distributed`: all of them
+    from the cluster, Slurm or Open MPI); a single-process run otherwise. Before any JAX work."""
+    given = dict(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                 process_id=args.process_id)
+    if not args.distributed and all(x is None for x in given.values()):
+        return
+    import jax
+    from experiments.config import ConfigError
+    try:
+        jax.distributed.initialize(**given)
+    except ValueError as e:   # a missing or bad setting: JAX's message
+        raise ConfigError(f"cannot join the multi-process job: {e}") from None
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__ if argv else USAGE)
         return 0 if argv else 2
+    import jax
     from experiments.config import ConfigError, load
     try:
-        cfg = load(argv[0], argv[1:])
+        args = parse_args(argv)
+        cfg = load(args.config, args.overrides)
+        join_job(args)
         set_host_devices(cfg["devices"])
         module = figure_module(cfg)
+        if jax.process_count() > 1 and not getattr(module, "MULTI_PROCESS", False):
+            raise ConfigError(f"figure {cfg['figure']!r} runs on one process; the figures that span processes "
+                              "are those built on experiments.runner (convergence, hessian_free, rates).")
         start = time.perf_counter()
         module.main(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[{cfg['name']}] done in {time.perf_counter() - start:.1f} s")
+    job = f" (process {jax.process_index()} of {jax.process_count()})" if jax.process_count() > 1 else ""
+    print(f"[{cfg['name']}] done in {time.perf_counter() - start:.1f} s{job}")
     return 0
 
 

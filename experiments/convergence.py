@@ -21,10 +21,11 @@ import numpy as np
 from experiments.config import ConfigError, experiment_dir
 from experiments.plotting import Curve, band, plot_grid
 from experiments.results import CellResult, ResultStore, failed_seeds, failure_text
-from experiments.runner import prepare, run_cells
+from experiments.runner import is_writer, prepare, run_cells
 from experiments.sweep import expand
 
 OPTIONS: Dict[str, type] = {}   # this figure has no [options]
+MULTI_PROCESS = True   # its cells run through experiments.runner: a job may span processes and hosts
 
 
 def oracle_calls(history) -> np.ndarray:
@@ -266,6 +267,8 @@ def main(cfg: dict, on_cell_saved=None, log=print) -> dict:
     log(f"[{cfg['name']}] {setup.description}")
     cells = expand(cfg)
     stats = run_cells(cfg, setup, reference, store, cells, on_cell_saved=on_cell_saved, log=log)
+    if not is_writer():                  # another process of a multi-process job: process 0 reports
+        return {"stats": stats}
     out = report(cfg, store, cells, setup, log=log, reference=reference)
     out["stats"] = stats
     out["reference"] = reference

@@ -30,10 +30,11 @@ from experiments import convergence
 from experiments.config import ConfigError, experiment_dir
 from experiments.plotting import AXIS_LABELS, Curve, band, plot_grid
 from experiments.results import ResultStore, failure_text
-from experiments.runner import prepare, run_cells
+from experiments.runner import is_writer, prepare, run_cells
 from experiments.sweep import expand
 
 AXES = ("time", "step", "first_order", "second_order", "all_oracles")
+MULTI_PROCESS = True   # its cells run through experiments.runner: a job may span processes and hosts
 OPTIONS = {"x": ["time", "first_order", "all_oracles"],
            "hessian_free": ["hjfbio", "pzobo", "bsg1", "f2sa", "bome", "pbgd", "pdbo", "vf_penalty"],
            "penalty": ["f2sa", "bome", "pbgd", "pdbo", "vf_penalty"]}
@@ -157,6 +158,8 @@ def main(cfg: dict, log=print) -> dict:
     log(f"[{cfg['name']}] {setup.description}")
     cells = expand(cfg)
     run_cells(cfg, setup, reference, store, cells, log=log)
+    if not is_writer():                  # another process of a multi-process job: process 0 reports
+        return {}
     results = store.load_many(c.cell_id for c in cells)
     ref_note = convergence.check_reference(results, reference)
     plot = cfg["plot"]

@@ -35,9 +35,10 @@ import numpy as np
 from experiments.config import ConfigError, experiment_dir
 from experiments.plotting import _pyplot
 from experiments.results import ResultStore, write_json
-from experiments.runner import prepare, run_cells
+from experiments.runner import is_writer, prepare, run_cells
 from experiments.sweep import expand
 
+MULTI_PROCESS = True   # its cells run through experiments.runner: a job may span processes and hosts
 OPTIONS = {
     "horizons": [512, 1024, 2048, 4096, 8192, 16384],
     "horizon_algorithm": "ttsa",
@@ -128,6 +129,8 @@ def main(cfg: dict, on_cell_saved=None, log=print) -> dict:
     hcells, acells = expand(hcfg), expand(acfg)
     run_cells(hcfg, setup, reference, store, hcells, on_cell_saved=on_cell_saved, log=log)
     run_cells(acfg, setup, reference, store, acells, on_cell_saved=on_cell_saved, log=log)
+    if not is_writer():                  # another process of a multi-process job: process 0 reports
+        return {}
     tol = opts["tolerance"]
 
     # A: fixed horizons -> averages over k < K (per seed), mean over seeds

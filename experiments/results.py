@@ -77,11 +77,12 @@ def git_commit() -> Optional[str]:
 
 
 def environment() -> dict:
-    """Package versions, devices and host, recorded in every cell."""
+    """Package versions, devices (of all processes of the job) and host, recorded in every cell."""
     import jax
     devices = jax.devices()
     return {"versions": versions(), "git_commit": git_commit(), "platform": devices[0].platform,
-            "device_kind": devices[0].device_kind, "n_devices": len(devices), "machine": platform.machine(),
+            "device_kind": devices[0].device_kind, "n_devices": len(devices), "processes": jax.process_count(),
+            "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "x64": bool(jax.config.jax_enable_x64)}
 
 

@@ -3,6 +3,17 @@ once, run the missing cells group by group, save each finished cell atomically.
 
     setup, reference = prepare(cfg)
     stats = run_cells(cfg, setup, reference, store, cells)     # skips finished cells
+    if not is_writer():                                        # a multi-process job's other processes
+        return                                                 # are done: process 0 reports
+
+Multi-process jobs (`jax.distributed`, joined by `python -m experiments`): every process runs the
+same figure module on the same config; the batched calls are collectives over the devices of all
+processes (`experiments.sweep`). Process 0 is the only one that writes: it decides which cells
+are missing from its store, before any other collective, and broadcasts that to the others
+(`finished_cells`), so all of them compute the same cells, also after a restart; it computes the
+reference values, evaluates the metrics of the gathered histories and saves each finished cell
+(atomically, once). The other processes need the config, the code and the data, not the results
+folder; after their last `run_cells` call they have nothing left to do (`is_writer()` is False).
 """
 from __future__ import annotations
 
@@ -14,12 +25,14 @@ import time
 from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from experiments import problems
 from experiments.config import ConfigError, seed_list
 from experiments.results import ResultStore, environment, write_json
-from experiments.sweep import (BatchedRunner, Cell, MetricEvaluator, check_algorithm, expand, make_mesh, run_length,
-                               traced_values)
+from experiments.sweep import (BatchedRunner, Cell, MetricEvaluator, check_algorithm, expand, local_mesh, make_mesh,
+                               run_length, traced_values)
 
 
 REFERENCE_VERSION = 2     # bump when a reference computation changes (v2: h* over the runs' feasible box)
@@ -47,11 +60,20 @@ def check(cfg: dict) -> None:
         check_algorithm(label, table)
 
 
+def is_writer() -> bool:
+    """Whether this process writes results: always in a single-process run, process 0 only in a
+    multi-process job (see the module docstring)."""
+    return jax.process_index() == 0
+
+
 def prepare(cfg: dict, store: ResultStore):
-    """(setup, reference): the problem and its reference values (cached in the experiment folder)."""
+    """(setup, reference): the problem and its reference values (cached in the experiment folder;
+    None on the processes of a multi-process job that do not write, which never use them)."""
     configure_jax(cfg)
     check(cfg)
     setup = problems.build(cfg["problem"])
+    if not is_writer():
+        return setup, None
     tag = hashlib.sha256(json.dumps([cfg["problem"], cfg["x64"], REFERENCE_VERSION], sort_keys=True).encode()).hexdigest()[:10]
     path = store.path(f"reference-{tag}.json")
     if os.path.isfile(path):
@@ -88,13 +110,35 @@ def add_metrics(hist: dict, evaluator) -> dict:
     return hist
 
 
+def finished_cells(store: ResultStore, cells: Sequence[Cell]) -> List[bool]:
+    """Which of `cells` have a result in `store`, as process 0 sees it. In a multi-process job this
+    is the collective every `run_cells` starts with: the processes first check that their configs
+    expand to the same cell ids, then process 0's answer is broadcast to all of them, so they
+    compute the same missing cells (and the others never read the store)."""
+    if jax.process_count() > 1:
+        digest = hashlib.sha256("\n".join(c.cell_id for c in cells).encode()).digest()
+        try:
+            multihost_utils.assert_equal(np.frombuffer(digest, np.uint8))
+        except AssertionError:
+            raise ConfigError(f"process {jax.process_index()}: the processes' configs expand to different cells; "
+                              "give every process the same config file and overrides.") from None
+    found = np.array([is_writer() and store.has(c.cell_id) for c in cells], np.int32)
+    return [bool(x) for x in multihost_utils.broadcast_one_to_all(found)]
+
+
 def run_cells(cfg: dict, setup, reference: dict, store: ResultStore, cells: Optional[Sequence[Cell]] = None,
               on_cell_saved: Optional[Callable[[Cell], None]] = None, log: Callable = print) -> RunStats:
-    """Compute the cells of `cfg` (default: all) that have no result file yet, and save them."""
+    """Compute the cells of `cfg` (default: all) that have no result file yet, and save them.
+    In a multi-process job every process calls this with the same arguments; process 0 saves the
+    cells (and calls `on_cell_saved`, `log`), the others compute with it (see the module docstring)."""
     start = time.perf_counter()
     cells = expand(cfg) if cells is None else list(cells)
-    todo = [c for c in cells if not store.has(c.cell_id)]
-    done = [c.cell_id for c in cells if store.has(c.cell_id)]
+    found = finished_cells(store, cells) if cells else []
+    todo = [c for c, f in zip(cells, found) if not f]
+    done = [c.cell_id for c, f in zip(cells, found) if f]
+    writer = is_writer()
+    if not writer:
+        log = lambda *a: None   # noqa: E731 - process 0 reports
     if done:
         log(f"[{cfg['name']}] {len(done)} finished cell(s) found in {store.cells_dir}; "
             f"{len(todo)} to compute.")
@@ -103,12 +147,13 @@ def run_cells(cfg: dict, setup, reference: dict, store: ResultStore, cells: Opti
     n_dev = None if cfg["devices"] == "auto" else int(cfg["devices"])
     mesh = make_mesh(n_dev)
     runner = BatchedRunner(setup, cfg, mesh)
-    evaluator = MetricEvaluator(setup, cfg["metrics"], reference, mesh, rows=cfg["eval_rows"])
+    if writer:
+        evaluator = MetricEvaluator(setup, cfg["metrics"], reference, local_mesh(mesh), rows=cfg["eval_rows"])
+        env = environment()
+        env["mesh_devices"] = int(mesh.devices.size)
     seeds = seed_list(cfg)
-    env = environment()
-    env["mesh_devices"] = int(mesh.devices.size)
     computed = []
-    bar = _progress(len(todo), cfg["progress"], cfg["name"])
+    bar = _progress(len(todo), cfg["progress"] and writer, cfg["name"])
     try:
         for chunk in runner.groups(todo, cfg["chunk"]):
             size = cfg["chunk"] * len(seeds) if cfg["chunk"] else None
@@ -116,6 +161,9 @@ def run_cells(cfg: dict, setup, reference: dict, store: ResultStore, cells: Opti
             if bar is not None:
                 bar.set_postfix_str(f"{labels} ({len(chunk)}x{len(seeds)})")
             hist, timings = runner.run(chunk, seeds, size)
+            if not writer:
+                computed.extend(c.cell_id for c in chunk)
+                continue
             hist = add_metrics(hist, evaluator)
             for i, cell in enumerate(chunk):
                 meta = {
@@ -145,4 +193,4 @@ def run_cells(cfg: dict, setup, reference: dict, store: ResultStore, cells: Opti
     return RunStats(computed, done, time.perf_counter() - start)
 
 
-__all__ = ["ConfigError", "RunStats", "check", "configure_jax", "prepare", "run_cells"]
+__all__ = ["ConfigError", "RunStats", "check", "configure_jax", "finished_cells", "is_writer", "prepare", "run_cells"]

@@ -24,6 +24,10 @@ function
 is jitted once per group, called with the cells' `dyn` parts stacked along the batch axis. The
 batch axis is sharded over all devices (`NamedSharding` over a 1-D mesh "batch"; the batch is
 padded to a multiple of the device count with copies of its last row); the data are replicated.
+In a multi-process job (`jax.distributed`, see `experiments.__main__`) "all devices" are those of
+every process: each process builds the same inputs, `jax.device_put` places its own devices'
+shards (JAX checks that the processes' values agree), and the histories are gathered back to
+every process (`multihost_utils.process_allgather`) after the call.
 
 Keys of an `[algorithms.<label>]` table are the preset's keyword arguments, plus the special keys
 `preset` (default: the label), `step` and `ratio` (the benchmark parametrisation lower_lr = step,
@@ -64,6 +68,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -400,12 +405,26 @@ def make_single_run(setup, static, steps: int, eval_every: int, eval_fn=record_i
 
 
 def make_mesh(n_devices: Optional[int] = None) -> Mesh:
+    """The 1-D mesh "batch" over the devices of every process of the job (`jax.devices()`), or over
+    the first `n_devices` of each process."""
     devices = jax.devices()
     if n_devices is not None:
-        if n_devices > len(devices):
-            raise ConfigError(f"devices={n_devices} but only {len(devices)} are available: {devices}.")
-        devices = devices[:n_devices]
+        local = jax.local_devices()
+        if n_devices > len(local):
+            where = " per process" if jax.process_count() > 1 else ""
+            raise ConfigError(f"devices={n_devices} but only {len(local)} are available{where}: {local}.")
+        by_process: Dict[int, list] = {}
+        for d in devices:
+            by_process.setdefault(d.process_index, []).append(d)
+        devices = [d for mine in by_process.values() for d in mine[:n_devices]]
     return Mesh(np.asarray(devices), ("batch",))
+
+
+def local_mesh(mesh: Mesh) -> Mesh:
+    """The devices of `mesh` that this process drives (all of them in a single-process run): for
+    work that one process does alone, such as the metrics of the cells it writes."""
+    mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    return Mesh(np.asarray(mine), mesh.axis_names)
 
 
 def _pad(n: int, multiple: int) -> int:
@@ -479,6 +498,18 @@ class Iterate(NamedTuple):
     phi: Any
 
 
+def check_init(cell: Cell, part: Split, setup) -> None:
+    """Trace the cell's `init` on the problem's data (`jax.eval_shape`: no computation), so what
+    `init` rejects (a batch size larger than the data, data the objectives refuse) is a one-line
+    ConfigError naming the algorithm table before any run, not a traceback from inside `jit`."""
+    alg = eqx.combine(part.dyn, part.static)
+    try:
+        jax.eval_shape(lambda key, data: alg.init(setup.theta0, setup.phi0, key, data),
+                       jax.random.PRNGKey(0), setup.data)
+    except ValueError as e:
+        raise ConfigError(f"algorithms.{cell.label}: {e}") from None
+
+
 class BatchedRunner:
     """Builds and splits the cells' algorithms, compiles one executable per (group, batch size)
     and runs chunks of a group; keeps the compiled executables for reuse."""
@@ -489,12 +520,19 @@ class BatchedRunner:
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self.data = jax.device_put(setup.data, self.replicated)
         self._splits: Dict[str, Split] = {}
+        self._checked: set = set()
         self._compiled: Dict[Tuple[Hashable, int], Any] = {}
         self._per_step: Dict[Hashable, Tuple[float, float]] = {}
 
     def split(self, cell: Cell) -> Split:
+        """The cell's `Split`; the first cell of each group also has its `init` checked on the
+        data (`check_init`)."""
         if cell.cell_id not in self._splits:
-            self._splits[cell.cell_id] = split(cell, self.setup.problem, self.cfg)
+            part = split(cell, self.setup.problem, self.cfg)
+            if part.key not in self._checked:
+                check_init(cell, part, self.setup)
+                self._checked.add(part.key)
+            self._splits[cell.cell_id] = part
         return self._splits[cell.cell_id]
 
     def groups(self, cells: Sequence[Cell], chunk: int = 0) -> List[List[Cell]]:
@@ -521,14 +559,15 @@ class BatchedRunner:
         return compiled, elapsed
 
     def seconds_per_step(self, cell: Cell) -> Tuple[float, float]:
-        """(seconds per outer step, compile seconds) of one un-batched seed, metrics off."""
+        """(seconds per outer step, compile seconds) of one un-batched seed, metrics off, on this
+        process's first device of the mesh (a run of this process alone)."""
         if not self.cfg["timing"]:
             return float("nan"), 0.0
         part = self.split(cell)
         if part.key not in self._per_step:
             steps = min(self.cfg["timing_steps"], run_length(cell, self.cfg)[0])
             one = make_single_run(self.setup, part.static, steps, steps, None)
-            device = self.mesh.devices.flat[0]
+            device = local_mesh(self.mesh).devices.flat[0]
             data = jax.device_put(self.setup.data, device)
             dyn = jax.device_put(part.dyn, device)
             key = jax.random.PRNGKey(0)
@@ -546,7 +585,10 @@ class BatchedRunner:
 
     def run(self, cells: Sequence[Cell], seeds: Sequence[int], size: Optional[int] = None):
         """Histories `{name: array (len(cells), len(seeds), n_evals)}` and the `Timings` of one
-        compiled call over all (cell x seed) rows; the cells must form (part of) one group."""
+        compiled call over all (cell x seed) rows; the cells must form (part of) one group.
+        In a multi-process job every process calls this with the same cells (it is a collective)
+        and gets all the histories; the timing pass runs on process 0 only (the process that
+        records it), the others report NaN."""
         parts = [self.split(c) for c in cells]
         if any(p.key != parts[0].key for p in parts[1:]):
             raise ValueError("BatchedRunner.run: the cells differ in their static parts; split them with groups().")
@@ -560,12 +602,13 @@ class BatchedRunner:
         out = jax.block_until_ready(compiled(dyn, keys, self.data))
         run_s = time.perf_counter() - start
         n = len(cells) * len(seeds)
-        hist = {k: np.asarray(v)[:n].reshape((len(cells), len(seeds)) + v.shape[1:]) for k, v in out.items()}
-        per_step, timing_compile = self.seconds_per_step(cells[0])
+        out = multihost_utils.process_allgather(out, tiled=True)     # np.asarray in a single process
+        hist = {k: v[:n].reshape((len(cells), len(seeds)) + v.shape[1:]) for k, v in out.items()}
+        per_step, timing_compile = self.seconds_per_step(cells[0]) if jax.process_index() == 0 else (math.nan, 0.0)
         return hist, Timings(compile_s, run_s, size, n_dev, per_step, timing_compile)
 
 
 __all__ = ["BatchedRunner", "Cell", "Iterate", "MetricEvaluator", "Split", "Timings", "algorithm_kwargs",
-           "batch_inputs", "build_algorithm", "check_algorithm", "expand", "experiment_key", "groups",
-           "linear_solvers", "make_linear_solver", "make_mesh", "make_single_run", "record_iterates", "run_length", "split",
+           "batch_inputs", "build_algorithm", "check_algorithm", "check_init", "expand", "experiment_key", "groups",
+           "linear_solvers", "local_mesh", "make_linear_solver", "make_mesh", "make_single_run", "record_iterates", "run_length", "split",
            "traced_values"]

@@ -120,6 +120,16 @@ def test_cli_reports_config_errors(tmp_path):
     assert "unknown algorithm 'sobaa'; valid names:" in out.stderr and "soba" in out.stderr
 
 
+def test_a_batch_size_larger_than_the_data_is_a_one_line_error(tmp_path, capsys):
+    from experiments.__main__ import main
+    path = tmp_path / "big.toml"
+    path.write_text('steps = 10\neval_every = 5\nmetrics = ["grad_sq"]\ntiming = false\nprogress = false\n'
+                    'compile_cache = false\n[problem]\nname = "quadratic"\ndim_upper = 2\ndim_lower = 3\n'
+                    'n_samples = 16\n[algorithms.soba]\nbatch_size = 32\n')
+    assert main([str(path), f"results_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err == "error: algorithms.soba: batch_size=32 is larger than upper data's 16 samples.\n"
+
+
 def test_grid_expansion_and_groups(tmp_path):
     from experiments import problems, sweep
     cfg = tiny(tmp_path, algorithms={
