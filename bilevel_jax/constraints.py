@@ -31,6 +31,7 @@ that solve (dependent active gradients) is reported as `bj.status.DEGENERATE`.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
 
 import equinox as eqx
@@ -233,6 +234,29 @@ def projected(optimizer: optax.GradientTransformation, projection: Callable[[PyT
     return optax.GradientTransformationExtraArgs(init, update)
 
 
+@dataclasses.dataclass(frozen=True)
+class ProjectedTransform:
+    """`learning_rate -> projected(transform(learning_rate), projection)`: the `transform` of a
+    `bj.algorithms.steps.StepRule` whose steps are projected (its step size stays an array field, so
+    a sweep can vmap over it). A frozen dataclass: equal parts compare and hash equal, so equal
+    configurations cross `jit` without recompiling."""
+
+    transform: Callable
+    projection: Callable
+
+    def __call__(self, learning_rate) -> optax.GradientTransformationExtraArgs:
+        return projected(self.transform(learning_rate), self.projection)
+
+
+def feasible_set(problem: BilevelProblem) -> Optional[ConstraintSet]:
+    """The `ConstraintSet` whose `.problem(...)` built `problem` (its constraint functions are that
+    set's bound methods), else None."""
+    owners = {getattr(fn, "__self__", None) for fn in (problem.lower_inequality, problem.lower_equality)
+              if fn is not None}
+    owner = owners.pop() if len(owners) == 1 else None
+    return owner if isinstance(owner, ConstraintSet) else None
+
+
 def solve_projected(problem: BilevelProblem, constraint_set: ConstraintSet, theta, phi0, batch, *,
                     learning_rate, steps: int):
     """`steps` projected gradient steps on f_lower(theta, ., batch) from P(phi0): phi only (get the
@@ -261,8 +285,9 @@ def least_squares_multipliers(problem: BilevelProblem, theta, phi, batch, solver
     `check_licq`: the right-hand side -J grad f lies in the range of J J', so a rank-deficient
     J J' (dependent active gradients: LICQ fails) does not stop CG on it. One more solve with a
     fixed random right-hand side, which has a component in any null space, detects it: CG meets
-    zero curvature (BREAKDOWN) or does not reach a residual of sqrt(eps) relative; either is
-    reported as DEGENERATE (as is non-convergence of the normal equations themselves)."""
+    zero curvature (BREAKDOWN) or does not reach a residual of sqrt(eps) relative (`singular`);
+    either is reported as DEGENERATE (as is non-convergence of the normal equations themselves).
+    (The KKT hypergradient checks LICQ on the active constraints instead, `licq_status`.)"""
     if not problem.constrained:
         raise ValueError("least_squares_multipliers: the problem has no lower_inequality / lower_equality.")
     solver = cg(100) if solver is None else solver
@@ -285,12 +310,45 @@ def least_squares_multipliers(problem: BilevelProblem, theta, phi, batch, solver
     stationarity = otu.tree_norm(otu.tree_add(grad_f, transpose(mu)))
     failed = info.status != st.OK
     if check_licq:
-        probe = otu.tree_random_like(jax.random.PRNGKey(0), rhs)
-        _, _, pinfo = solver.solve(matvec, probe, solver.init(probe))
-        tol = jnp.sqrt(rounding_eps(rhs))
-        failed = failed | (pinfo.status != st.OK) | ~(pinfo.residual_norm <= tol * otu.tree_norm(probe))
+        failed = failed | singular(matvec, rhs, solver)
     status = st.merge(st.flag(failed, st.DEGENERATE), info.status & st.NONFINITE)
     return mu, MultiplierInfo(stationarity, info, status)
+
+
+def singular(matvec: Callable, like: PyTree, solver: LinearSolver) -> jax.Array:
+    """Whether the symmetric positive semi-definite operator `matvec` is numerically singular: one
+    solve with a fixed random right-hand side (shaped like `like`), which has a component in any
+    null space, meets zero curvature (BREAKDOWN) or does not reach a residual of sqrt(eps)
+    relative. (A consistent right-hand side, such as the least-squares one, does not reveal it.)"""
+    probe = otu.tree_random_like(jax.random.PRNGKey(0), like)
+    _, _, info = solver.solve(matvec, probe, solver.init(probe))
+    tol = jnp.sqrt(rounding_eps(like))
+    return (info.status != st.OK) | ~(info.residual_norm <= tol * otu.tree_norm(probe))
+
+
+def licq_status(cons: oracles.ConstraintLinearization, active: Optional[PyTree], solver: Optional[LinearSolver] = None
+                ) -> jax.Array:
+    """DEGENERATE when the gradients of the active constraints are linearly dependent (LICQ fails),
+    else OK. `cons`: `oracles.linearize_constraints` at the point; `active`: the inequality mask
+    (1.0 active, 0.0 not; as `bj.hypergrad.kkt.active_set` gives), None without inequalities; every
+    equality is active. The Gram matrix J_A J_A' of the active rows (identity rows for the inactive
+    ones, by jvp/vjp of the constraints, never formed) is tested by `singular` with `solver`
+    (default `cg(100)`). Used for given multipliers and least-squares ones alike."""
+    solver = cg(100) if solver is None else solver
+
+    def masked(mu):
+        ineq = None if active is None else jax.tree_util.tree_map(lambda m, x: m * x, active, mu.inequality)
+        return Multipliers(ineq, mu.equality)
+
+    def matvec(mu):
+        mu = Multipliers(*mu)
+        jp, jq = cons.jvp_phi(cons.vjp(masked(mu))[1])
+        ip = None if active is None else jax.tree_util.tree_map(lambda m, j, x: m * j + (1.0 - m) * x, active, jp,
+                                                                mu.inequality)
+        return Multipliers(ip, jq)
+
+    like = Multipliers(*(None if v is None else otu.tree_zeros_like(v) for v in cons.values))
+    return st.flag(singular(matvec, like, solver), st.DEGENERATE)
 
 
 # ------------------------------------------------------------------ augmented Lagrangian
@@ -342,5 +400,6 @@ def augmented_lagrangian(problem: BilevelProblem, theta, phi0, batch, *, optimiz
 
 
 __all__ = ["Box", "ConstraintSet", "Halfspace", "Hyperplane", "L2Ball", "MultiplierInfo", "Multipliers",
-           "ProjectedState", "Simplex", "augmented_lagrangian", "box", "halfspace", "hyperplane", "l2_ball",
-           "least_squares_multipliers", "non_negative", "projected", "simplex", "solve_projected"]
+           "ProjectedState", "ProjectedTransform", "Simplex", "augmented_lagrangian", "box", "feasible_set",
+           "halfspace", "hyperplane", "l2_ball", "least_squares_multipliers", "licq_status", "non_negative",
+           "projected", "simplex", "singular", "solve_projected"]

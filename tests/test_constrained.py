@@ -1,6 +1,11 @@
 """Constrained lower levels: the KKT implicit gradient against closed forms, finite differences
 and the dense reference; degeneracy reported; MINRES; projected and augmented-Lagrangian LL
 solvers; kkt_argmin; the KKT direction rule and the constrained presets."""
+import dataclasses
+import functools
+
+import chex
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,11 +21,12 @@ NONE = (None, None)
 
 # ------------------------------------------------------------------ problems with closed forms
 
-def box_quadratic(key=jax.random.PRNGKey(0), dim_t=3, weak=False):
+@functools.lru_cache(maxsize=None)   # one problem object per variant: the jitted `hypergradient` compiles once
+def box_quadratic(seed=0, dim_t=3, weak=False):
     """LL 1/2 phi'H phi - phi'(B theta + c) on the box 0 <= phi <= 1 (H dense), built backwards from
     a KKT point with both bounds active somewhere, two free components, and strict
     complementarity (or, with `weak`, one bound active with a zero multiplier)."""
-    k = jax.random.split(key, 5)
+    k = jax.random.split(jax.random.PRNGKey(seed), 5)
     d = 6
     m = jax.random.normal(k[0], (d, d)) / jnp.sqrt(d)
     h = m @ m.T + jnp.eye(d)
@@ -94,18 +100,26 @@ def simplex_logistic(key=jax.random.PRNGKey(2), d=5, n=40):
 
 # ------------------------------------------------------------------ the KKT hypergradient
 
+@functools.partial(jax.jit, static_argnums=0, static_argnames="nan_if_degenerate")
+def hypergradient(problem, theta, phi, multipliers=None, nan_if_degenerate=False):
+    """bj.hypergradient's KKT path (minres(100); multipliers given, or by least squares when None),
+    compiled once per problem and variant and shared by the tests."""
+    return bj.hypergrad.kkt_hypergradient(problem, theta, phi, NONE, multipliers=multipliers,
+                                          nan_if_degenerate=nan_if_degenerate)
+
+
 def test_box_quadratic_matches_closed_form():
     problem, theta, phi, mult, F = box_quadratic()
     g_ref = jax.grad(F)(theta)
-    g, info = jax.jit(lambda t, p: bj.hypergradient(problem, t, p, NONE))(theta, phi)  # least-squares multipliers
+    g, info = hypergradient(problem, theta, phi)  # least-squares multipliers
     assert int(info.status) == st.OK
     np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-8)
     np.testing.assert_allclose(info.multipliers.inequality["lower"], mult.inequality["lower"], atol=1e-10)
     np.testing.assert_allclose(info.multipliers.inequality["upper"], mult.inequality["upper"], atol=1e-10)
     assert np.asarray(info.active["lower"]).tolist() == [1, 1, 0, 0, 0, 0]
     assert np.asarray(info.active["upper"]).tolist() == [0, 0, 1, 0, 0, 1]
-    g2, info2 = jax.jit(lambda t, p, m: bj.hypergrad.kkt_hypergradient(problem, t, p, NONE, multipliers=m))(
-        theta, phi, mult)
+    g2, info2 = hypergradient(problem, theta, phi, mult)
+    assert int(info2.status) == st.OK
     np.testing.assert_allclose(g2, g_ref, atol=1e-8)
     dense = jax.jit(lambda t, p, m: bj.hypergrad.kkt_hypergradient_dense(problem, t, p, NONE, m))
     np.testing.assert_allclose(dense(theta, phi, mult), g_ref, atol=1e-10)
@@ -145,29 +159,52 @@ def test_simplex_logistic_matches_finite_differences():
     np.testing.assert_allclose(dense, g, atol=1e-9)
 
 
-def test_weakly_active_constraint_is_reported():
+def test_weakly_active_constraint_is_reported_and_the_estimate_kept_everywhere():
+    """One rule for DEGENERATE (bj.hypergrad.kkt): the one-sided estimate, finite and flagged, from
+    bj.hypergradient, kkt_hypergradient and the KKT rule inside a loop alike; NaN only on request."""
     problem, theta, phi, mult, F = box_quadratic(weak=True)
-    both = jax.jit(lambda t, p: (bj.hypergradient(problem, t, p, NONE),
-                                 bj.hypergrad.kkt_hypergradient(problem, t, p, NONE, nan_if_degenerate=False)))
-    (g, info), (g2, info2) = both(theta, phi)
-    assert int(info.status) & st.DEGENERATE
-    assert np.all(np.isnan(np.asarray(g)))
-    assert int(info2.status) == st.DEGENERATE and np.all(np.isfinite(np.asarray(g2)))
+    (g, info), (g_nan, info_nan) = hypergradient(problem, theta, phi), hypergradient(problem, theta, phi,
+                                                                                     nan_if_degenerate=True)
+    assert int(info.status) == st.DEGENERATE and int(info_nan.status) == st.DEGENERATE
     assert "degenerate" in st.describe(info.status)
+    assert np.all(np.isfinite(np.asarray(g))) and np.all(np.isnan(np.asarray(g_nan)))
+    # the estimate holds the weakly active bound phi_1 >= 0 active: the gradient of the smooth piece
+    # of F on which it stays active (phi_0 = phi_1 = 0, phi_2 = phi_5 = 1; F's closed form is that piece)
+    np.testing.assert_allclose(g, jax.grad(F)(theta), atol=1e-8)
+    # inside a loop: one aid_bio step (the KKT rule, dispatched) from the KKT point, which projected
+    # LL steps keep, with upper_lr = 1: theta_1 = theta_0 - g, the same estimate and status
+    alg = bj.algorithms.aid_bio(problem, upper_lr=1.0, lower_lr=0.1, lower_steps=1,
+                                linear_solver=bj.linear_solvers.minres(50))
+    state, step = eqx.filter_jit(alg.update)(alg.init(theta, phi, jax.random.PRNGKey(0)), NONE)
+    np.testing.assert_allclose(state.phi, phi, atol=1e-15)
+    np.testing.assert_allclose(theta - state.theta, g, atol=1e-10)
+    assert int(step.status) == st.DEGENERATE
+    # ... and NaN on request (the rule's nan_if_degenerate)
+    alg_nan = eqx.tree_at(lambda a: a.direction, alg, bj.algorithms.kkt(problem, bj.linear_solvers.minres(50),
+                                                                        nan_if_degenerate=True))
+    state, step = eqx.filter_jit(alg_nan.update)(alg_nan.init(theta, phi, jax.random.PRNGKey(0)), NONE)
+    assert int(step.status) == st.DEGENERATE | st.NONFINITE and np.all(np.isnan(np.asarray(state.theta)))
 
 
 def test_wrong_sign_multiplier_and_dependent_constraints_are_reported():
+    """Degeneracy of given multipliers (wrong sign; LICQ: the same active constraint twice, checked
+    on the active set's Gram matrix whether the multipliers are given or by least squares)."""
     problem, theta, phi, mult, _ = box_quadratic()
     bad = Multipliers({"lower": -mult.inequality["lower"], "upper": mult.inequality["upper"]}, None)
-    given = jax.jit(lambda t, p, m: bj.hypergrad.kkt_hypergradient(problem, t, p, NONE, multipliers=m))
-    assert int(given(theta, phi, bad)[1].status) & st.DEGENERATE
-    # LICQ fails: the same active constraint twice (singular least-squares normal equations, found
-    # by the random probe): never a finite-looking number
+    assert int(hypergradient(problem, theta, phi, bad)[1].status) == st.DEGENERATE
+    # LICQ fails: phi_1 >= 0 and phi_2 >= 0 (both active) stated twice each
     twice = bj.BilevelProblem(problem.f_upper, problem.f_lower,
-                              lower_inequality=lambda t, p: jnp.stack([-p[0], -p[0]]))
-    phi0 = jnp.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
-    g, info = jax.jit(lambda t, p: bj.hypergradient(twice, t, p, NONE))(theta, phi0)
-    assert int(info.status) != st.OK and np.all(np.isnan(np.asarray(g)))
+                              lower_inequality=lambda t, p: {"lower": -p, "upper": p - 1.0, "again": -p[:2]})
+    lam = mult.inequality
+    split = Multipliers({"lower": lam["lower"].at[:2].multiply(0.5), "upper": lam["upper"],
+                         "again": 0.5 * lam["lower"][:2]}, None)
+    (g_ls, info_ls), (g_given, info_given) = hypergradient(twice, theta, phi), hypergradient(twice, theta, phi, split)
+    assert int(info_ls.status) == st.DEGENERATE and int(info_given.status) == st.DEGENERATE
+    # (the same point and multipliers without the duplicates are OK: test_box_quadratic_matches_closed_form)
+    # theta-independent duplicates: phi*(theta) is unchanged, and so is the (kept) estimate
+    g_ref = jax.grad(box_quadratic()[4])(theta)
+    np.testing.assert_allclose(g_given, g_ref, atol=1e-8)
+    np.testing.assert_allclose(g_ls, g_ref, atol=1e-8)
 
 
 def test_kkt_hypergradient_jit_vmap_and_warm_start():
@@ -178,6 +215,9 @@ def test_kkt_hypergradient_jit_vmap_and_warm_start():
     gs, infos = jax.jit(jax.vmap(lambda t, p: bj.hypergradient(problem, t, p, NONE)))(thetas, phis)
     assert np.all(np.asarray(infos.status) == st.OK)
     np.testing.assert_allclose(gs, jax.vmap(jax.grad(F))(thetas), atol=1e-8)
+    for i in range(4):   # vmapped = per theta
+        chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: x[i], (gs, infos)),
+                                    hypergradient(problem, thetas[i], phis[i]), rtol=0, atol=1e-12)
     info0 = jax.tree_util.tree_map(lambda x: x[0], infos)
     phi = phis[0]
     g = jax.jit(lambda t, p, x0: bj.hypergradient(problem, t, p, NONE, x0=x0, solver=bj.linear_solvers.minres(3))[0])(
@@ -228,6 +268,10 @@ def test_projected_and_augmented_lagrangian_solvers():
                                                                outer_steps=20, penalty=10.0))
     phi_a, lam = alm(theta)
     np.testing.assert_allclose(phi_a, phi, atol=1e-8)
+    thetas = theta + 0.01 * jax.random.normal(jax.random.PRNGKey(5), (3, 3))   # vmapped = per theta
+    vmapped = jax.jit(jax.vmap(alm))(thetas)
+    for i in range(3):
+        chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: x[i], vmapped), alm(thetas[i]), rtol=0, atol=1e-12)
     np.testing.assert_allclose(lam.inequality["lower"], mult.inequality["lower"], atol=1e-8)
     np.testing.assert_allclose(lam.inequality["upper"], mult.inequality["upper"], atol=1e-8)
     eq, theta_e, phi_star, _ = equality_quadratic()
@@ -249,37 +293,116 @@ def test_sets_project_onto_their_constraints():
         np.testing.assert_allclose(s.project(p), p, atol=1e-12)   # idempotent
 
 
-def test_kkt_argmin_gradients_match_closed_form():
+def test_kkt_argmin_gradients_match_closed_form_jit_vmap():
+    """Projected steps (least-squares multipliers) and the augmented Lagrangian (multipliers given
+    by the solver) as primal solvers; both autodiff modes; vmapped over thetas = per theta."""
     problem, theta, phi, mult, F = box_quadratic()
     ss = bj.constraints.box(0.0, 1.0)
-    solve = bj.hypergrad.kkt_argmin(
+    projected = bj.hypergrad.kkt_argmin(
         problem, lambda t, p0, b: (bj.constraints.solve_projected(problem, ss, t, p0, b, learning_rate=0.3,
                                                                   steps=300), None))
-    F_hat = lambda t: problem.f_upper(t, solve(t, jnp.zeros(6), None), None)
-    np.testing.assert_allclose(jax.jit(jax.grad(F_hat))(theta), jax.grad(F)(theta), atol=1e-8)
-    np.testing.assert_allclose(jax.jit(jax.jacfwd(F_hat))(theta), jax.grad(F)(theta), atol=1e-8)
+    alm = bj.hypergrad.kkt_argmin(
+        problem, lambda t, p0, b: bj.constraints.augmented_lagrangian(problem, t, p0, b, optimizer=optax.sgd(0.05),
+                                                                      inner_steps=200, outer_steps=20))
+    F_hat = lambda t, solve: problem.f_upper(t, solve(t, jnp.zeros(6), None), None)
+    both = lambda t: (jax.grad(F_hat)(t, projected), jax.grad(F_hat)(t, alm))
+    np.testing.assert_allclose(jax.jit(jax.jacfwd(F_hat), static_argnums=1)(theta, projected), jax.grad(F)(theta),
+                               atol=1e-8)
+    thetas = theta + 0.01 * jax.random.normal(jax.random.PRNGKey(4), (2, 3))
+    vmapped, single = jax.jit(jax.vmap(both))(thetas), jax.jit(both)(thetas[-1])
+    ref = jax.jit(jax.vmap(jax.grad(F)))(thetas)
+    for g_v, g in zip(vmapped, single):
+        np.testing.assert_allclose(g_v, ref, atol=1e-8)
+        np.testing.assert_allclose(g_v[-1], g, rtol=0, atol=1e-12)   # vmapped = per theta
 
 
-# ------------------------------------------------------------------ the KKT direction rule and BSG with constraints
+# ------------------------------------------------------------------ the KKT rules in the loops: aid_bio, soba, BSG
 
-def test_bsg_constrained_converges_to_the_closed_form_theta_star():
+SEEDS = jax.random.split(jax.random.PRNGKey(0), 2)
+
+
+@pytest.fixture(scope="module")
+def tilted():
     """f_upper + ||theta - theta0||^2 - <grad F(theta0), theta>, so that theta* = theta0 (F is then a
-    convex quadratic while the active set stays, checked); BSG with constraints reaches it, jit +
-    vmap over seeds."""
+    convex quadratic while the active set stays, checked), phi* the box quadratic's KKT point; runs
+    start at theta0 + 0.05 N(0, I) (per seed) and phi = 0.5."""
     problem, theta0, phi, mult, F = box_quadratic()
-    g0 = jax.grad(F)(theta0)
+    g0 = jax.jit(jax.grad(F))(theta0)
     shift = lambda t: jnp.sum((t - theta0) ** 2) - g0 @ t
-    assert np.all(np.linalg.eigvalsh(np.asarray(jax.hessian(lambda t: F(t) + shift(t))(theta0))) > 0.1)
-    tilted = bj.constraints.box(0.0, 1.0)
-    prob = tilted.problem(lambda t, p, b: problem.f_upper(t, p, b) + shift(t), problem.f_lower)
-    alg = bj.algorithms.bsg_constrained(prob, lower_set=tilted, upper_lr=0.2, lower_lr=0.3, lower_steps=20)
+    assert np.all(np.linalg.eigvalsh(np.asarray(jax.jit(jax.hessian(lambda t: F(t) + shift(t)))(theta0))) > 0.1)
+    prob = bj.constraints.box(0.0, 1.0).problem(lambda t, p, b: problem.f_upper(t, p, b) + shift(t), problem.f_lower)
 
-    def run(key):
-        t0 = theta0 + 0.05 * jax.random.normal(key, (3,))
-        state = alg.init(t0, jnp.full(6, 0.5), key)
-        state, hist = bj.run(alg, state, NONE, num_steps=150)
-        return state
+    def runs(alg, num_steps):
+        """(final state, last step's residual) of jit(vmap(run)) over SEEDS, and of jit(run) on the last
+        seed alone."""
+        def run(key):
+            state = alg.init(theta0 + 0.05 * jax.random.normal(key, (3,)), jnp.full(6, 0.5), key)
+            state, hist = bj.run(alg, state, NONE, num_steps=num_steps)
+            return state, hist["residual_norm"][-1]
+        return jax.jit(jax.vmap(run))(SEEDS), jax.jit(run)(SEEDS[-1])
 
-    states = jax.jit(jax.vmap(run))(jax.random.split(jax.random.PRNGKey(0), 2))
-    np.testing.assert_allclose(states.theta, jnp.broadcast_to(theta0, (2, 3)), atol=1e-6)
-    np.testing.assert_allclose(states.phi, jnp.broadcast_to(phi, (2, 6)), atol=1e-6)
+    return prob, theta0, phi, runs
+
+
+def _converged(runs, theta_star, phi_star, rtol):
+    (states, _), (single, _) = runs
+    err = np.linalg.norm(np.asarray(states.theta) - theta_star, axis=-1) / np.linalg.norm(theta_star)
+    assert np.all(err < rtol), err
+    np.testing.assert_allclose(states.phi, jnp.broadcast_to(phi_star, states.phi.shape), atol=10 * rtol)
+    # vmapped over seeds = the seed run alone
+    chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: x[-1], states), single, rtol=0, atol=1e-12)
+    return err
+
+
+def test_aid_bio_dispatches_to_kkt_and_reaches_theta_star(tilted):
+    """aid_bio on a constrained problem: the KKT rule (warm-started MINRES) and projected LL steps
+    onto the set the problem was built from, with no constraint argument; theta* to 1e-3 (reached
+    to ~1e-15); BSG with constraints is the same composition; amigo dispatches alike."""
+    prob, theta_star, phi_star, runs = tilted
+    alg = bj.algorithms.aid_bio(prob, upper_lr=0.2, lower_lr=0.3, lower_steps=20)
+    assert isinstance(alg.direction, bj.algorithms.KKT) and isinstance(alg.direction.solver, bj.linear_solvers.MINRES)
+    assert isinstance(alg.lower.transform, bj.constraints.ProjectedTransform)
+    err = _converged(runs(alg, 150), theta_star, phi_star, 1e-3)
+    assert np.all(err < 1e-10)
+    bsg = bj.algorithms.bsg_constrained(prob, upper_lr=0.2, lower_lr=0.3, lower_steps=20,
+                                        linear_solver=bj.linear_solvers.minres(10, warm_start=True))
+    assert eqx.tree_equal(dataclasses.replace(bsg, name="aid_bio"), alg)
+    amigo = bj.algorithms.amigo(prob, upper_lr=0.2, lower_lr=0.3, lower_steps=20, batch_size=None)
+    assert eqx.tree_equal(dataclasses.replace(amigo, name="aid_bio"), alg)
+
+
+def test_soba_amortized_kkt_reaches_theta_star(tilted):
+    """soba on a constrained problem: the amortized KKT rule (one step per outer step on the KKT
+    normal equations, the adjoint z = (a, b_P, b_Q) a loop variable) and projected phi steps;
+    theta* to 1e-3 full batch, jit + vmap over seeds."""
+    prob, theta_star, phi_star, runs = tilted
+    alg = bj.algorithms.soba(prob, upper_lr=0.03, lower_lr=0.3, v_lr=0.07, upper_decay=0.0, lower_decay=0.0,
+                             batch_size=None)
+    assert isinstance(alg.direction, bj.algorithms.AmortizedKKT)
+    (states, residual), _ = out = runs(alg, 2000)
+    _converged(out, theta_star, phi_star, 1e-3)
+    assert np.all(np.asarray(residual) < 1e-3)   # ||K z - r||: the amortized adjoint solves the KKT system
+
+
+def test_presets_refuse_or_dispatch_constrained_problems():
+    """Every preset but aid_bio, amigo and soba would ignore the LL constraints: a clear error naming
+    it. A constrained problem not built from a set needs lower_set=; lower_set on an unconstrained
+    problem is an error; an amortized rule with SAGA memories is refused."""
+    problem, *_ = box_quadratic()
+    for name in sorted(bj.algorithms.ALGORITHMS):
+        if name in ("aid_bio", "amigo", "soba"):
+            continue
+        with pytest.raises(ValueError, match=f"^{name}: .*constrained"):
+            bj.algorithms.get(name)(problem)
+    bare = bj.BilevelProblem(problem.f_upper, problem.f_lower, lower_inequality=lambda t, p: -p)
+    with pytest.raises(ValueError, match="aid_bio: .*lower_set="):
+        bj.algorithms.aid_bio(bare)
+    alg = bj.algorithms.soba(bare, lower_set=lambda p: jnp.maximum(p, 0.0))
+    assert isinstance(alg.direction, bj.algorithms.AmortizedKKT)
+    plain = bj.BilevelProblem(problem.f_upper, problem.f_lower)
+    with pytest.raises(ValueError, match="amigo: lower_set"):
+        bj.algorithms.amigo(plain, lower_set=bj.constraints.box(0.0))
+    with pytest.raises(ValueError, match="SAGA"):
+        bj.algorithms.bilevel_loop(problem, direction=bj.algorithms.amortized_kkt(problem, optax.sgd(0.1)),
+                                   upper_opt=optax.sgd(0.1), lower_opt=optax.sgd(0.1),
+                                   estimator=bj.algorithms.estimators.saga(), sampler="partition")

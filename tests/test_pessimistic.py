@@ -8,6 +8,7 @@ the optimistic theta*; they differ. Closed forms:
     optimistic:  F_o = 1/2 (theta - 1)^2 + s min(0, theta) + mu/2 theta^2  ->  theta* = 1 / (1 + mu),       phi_2 = 0
 The penalty's stationary point is theta_rho = (1 - s) / (1 + mu (rho - 1) / rho): O(1/rho) bias
 (5e-4 relative at rho = 1000)."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +30,7 @@ def f_upper(theta, phi, batch):
 
 def _solve(pessimistic, seeds=3, steps=500):
     problem = BOX.problem(f_upper, f_lower, pessimistic=pessimistic)
-    alg = bj.algorithms.pessimistic_penalty(problem, upper_lr=0.3, lower_set=BOX, penalty=2.0, penalty_rate=0.01,
+    alg = bj.algorithms.pessimistic_penalty(problem, upper_lr=0.3, penalty=2.0, penalty_rate=0.01,
                                             penalty_power=2.0, penalty_max=1000.0)
 
     def run(key):
@@ -38,10 +39,16 @@ def _solve(pessimistic, seeds=3, steps=500):
         state, _ = bj.run(alg, state, (None, None), num_steps=steps)
         return state
 
-    return jax.jit(jax.vmap(run))(jax.random.split(jax.random.PRNGKey(0), seeds))
+    keys = jax.random.split(jax.random.PRNGKey(0), seeds)
+    states = jax.jit(jax.vmap(run))(keys)
+    if pessimistic:   # vmapped over seeds = the seed run alone (the optimistic run is the same code)
+        chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: x[-1], states), jax.jit(run)(keys[-1]),
+                                    rtol=0, atol=1e-12)
+    return states
 
 
 def test_pessimistic_and_optimistic_solutions_differ_and_are_reached():
+    """jit + vmap over seeds; the LL's feasible set comes from the problem (built from the box)."""
     pess, opt = _solve(True), _solve(False)
     theta_p, theta_o = (1 - S) / (1 + MU), 1 / (1 + MU)
     np.testing.assert_allclose(pess.theta[:, 0], theta_p, rtol=1e-3)
@@ -59,5 +66,10 @@ def test_pessimistic_penalty_arguments():
         bj.algorithms.pessimistic_penalty(problem, follower_steps=0)
     with pytest.raises(TypeError, match="lower_set"):
         bj.algorithms.pessimistic_penalty(problem, lower_set=3)
+    bare = bj.BilevelProblem(f_upper, f_lower, lower_inequality=BOX.inequality, pessimistic=True)
+    bj.algorithms.pessimistic_penalty(bare)   # the box's own constraint function: its set is found
+    bare = bj.BilevelProblem(f_upper, f_lower, lower_inequality=lambda t, p: -p, pessimistic=True)
+    with pytest.raises(ValueError, match="pessimistic_penalty: .*lower_set="):
+        bj.algorithms.pessimistic_penalty(bare)   # no projection for the constraints
     with pytest.raises(TypeError, match="pessimistic"):
         bj.BilevelProblem(f_upper, f_lower, pessimistic="yes")

@@ -28,7 +28,7 @@ from bilevel_jax.algorithms.zeroth_order import pzobo
 # strongly convex LL and the optimistic reading)
 from bilevel_jax.algorithms.pessimistic import PessimisticPenalty, PessimisticState, pessimistic_penalty
 # constrained LLs (need lower_inequality / lower_equality and a feasible set: not in ALGORITHMS either)
-from bilevel_jax.algorithms.constrained import KKT, bsg_constrained, kkt
+from bilevel_jax.algorithms.constrained import KKT, AmortizedKKT, amortized_kkt, bsg_constrained, kkt
 
 ALGORITHMS = {
     "alternating": alternating, "ba": ba, "bsa": bsa, "aid_bio": aid_bio, "stocbio": stocbio, "amigo": amigo,
@@ -55,4 +55,5 @@ def get(name: str):
 
 __all__ = ["ALGORITHMS", "MULTI_OBJECTIVE", "MMB", "Morbit", "mmb", "morbit", "Algorithm", "BilevelLoop", "FSLA", "FslaState", "LoopState", "OracleCounts", "Stable", "StableState", "StepInfo",
            "bilevel_loop", "directions", "estimators", "get", "steps", "value_function",
-           "PessimisticPenalty", "PessimisticState", "pessimistic_penalty", "KKT", "bsg_constrained", "kkt", *sorted(ALGORITHMS)]
+           "PessimisticPenalty", "PessimisticState", "pessimistic_penalty", "KKT", "AmortizedKKT", "amortized_kkt",
+           "bsg_constrained", "kkt", *sorted(ALGORITHMS)]

@@ -17,7 +17,7 @@ carries the oracle calls of the step, the residual of its linear solve and its `
 from __future__ import annotations
 
 import abc
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
@@ -29,7 +29,27 @@ PyTree = Any
 
 
 class Algorithm(eqx.Module):
-    """Base class of the bilevel algorithms."""
+    """Base class of the bilevel algorithms.
+
+    An algorithm built on a constrained problem (`BilevelProblem.lower_inequality` /
+    `lower_equality`) must honour the constraints, by its own account (`handles_constraints`) or
+    its direction rule's (a `handles_constraints` class attribute, as the KKT rules of
+    `bj.algorithms.constrained` have); otherwise construction raises instead of silently solving
+    the unconstrained problem."""
+
+    handles_constraints: ClassVar[bool] = False
+
+    def __check_init__(self):
+        problem = getattr(self, "problem", None)
+        rule = getattr(self, "direction", None)
+        if getattr(problem, "constrained", False) and not (self.handles_constraints
+                                                           or getattr(rule, "handles_constraints", False)):
+            name = getattr(self, "name", None)
+            raise ValueError(f"{name + ': ' if isinstance(name, str) else ''}the problem's lower level is constrained "
+                             "(lower_inequality / lower_equality) and this algorithm would ignore the constraints. "
+                             "Constrained lower levels: aid_bio, amigo, soba (KKT implicit gradient), "
+                             "bsg_constrained, pessimistic_penalty, or "
+                             "bilevel_loop(direction=bj.algorithms.kkt(problem)).")
 
     @abc.abstractmethod
     def init(self, theta0: PyTree, phi0: PyTree, key: jax.Array, data: Any = None):

@@ -14,19 +14,22 @@ import optax
 from bilevel_jax._checks import check_step_size
 from bilevel_jax.algorithms import directions
 from bilevel_jax.algorithms._common import loop_options, lower_steps_at_least_one, named, neumann_series, rule, solver_eta
+from bilevel_jax.algorithms.constrained import constrained_lower, implicit_or_kkt
 from bilevel_jax.algorithms.loop import BilevelLoop, bilevel_loop
 from bilevel_jax.linear_solvers import LinearSolver, cg, dense, gd, stochastic_neumann
 from bilevel_jax.schedules import inverse_power
 
 
 def _double_loop(preset, problem, direction, upper_lr, lower_lr, upper_opt, lower_opt, lower_steps, batch_size,
-                 upper_decay=0.0, lower_decay=0.0, lower_transform=None, **kw) -> BilevelLoop:
+                 upper_decay=0.0, lower_decay=0.0, lower_transform=None, lower_set=None, **kw) -> BilevelLoop:
     with named(preset):
         steps = lower_steps_at_least_one(lower_steps)
         extra = {} if lower_transform is None else {"transform": lower_transform}
-        return bilevel_loop(problem, direction=direction(),
+        direction = direction()
+        lower = rule("lower_lr", lower_lr, lower_opt, lower_decay, every=steps, **extra)
+        return bilevel_loop(problem, direction=direction,
                             upper_opt=rule("upper_lr", upper_lr, upper_opt, upper_decay),
-                            lower_opt=rule("lower_lr", lower_lr, lower_opt, lower_decay, every=steps, **extra),
+                            lower_opt=constrained_lower(problem, direction, lower, lower_set),
                             lower_steps=steps, batch_size=batch_size, name=preset, **loop_options(kw))
 
 
@@ -75,14 +78,16 @@ def bsa(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, 
 
 def aid_bio(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, lower_steps: int = 10,
             linear_solver: Optional[LinearSolver] = None, warm_start: bool = True, batch_size=None,
-            **kw) -> BilevelLoop:
+            lower_set=None, **kw) -> BilevelLoop:
     """AID-BiO (Ji, Yang, Liang, "Bilevel Optimization: Convergence Analysis and Enhanced Design",
     2021, arXiv:2010.07962): D warm-started GD steps, v by N CG steps warm-started at v_{k-1},
     theta <- theta - alpha (grad_theta f_u - J v). Cost: D LL gradients, N(+1) HVPs, 1 J v, 1 UL gradient.
     Sampling: full batch (the paper's deterministic AID-BiO, `batch_size=None`); minibatches are an
-    extension."""
-    return _double_loop("aid_bio", problem, lambda: directions.implicit(linear_solver or cg(10), warm_start),
-                        upper_lr, lower_lr, upper_opt, lower_opt, lower_steps, batch_size, **kw)
+    extension. On a constrained LL (`lower_inequality`/`lower_equality`): projected LL steps onto
+    `lower_set` (default: the `bj.constraints` set the problem was built from) and the KKT adjoint
+    by N warm-started MINRES steps (`bj.algorithms.constrained`)."""
+    return _double_loop("aid_bio", problem, lambda: implicit_or_kkt(problem, linear_solver, warm_start, lambda: cg(10)),
+                        upper_lr, lower_lr, upper_opt, lower_opt, lower_steps, batch_size, lower_set=lower_set, **kw)
 
 
 def stocbio(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, lower_steps: int = 10,
@@ -103,17 +108,21 @@ def stocbio(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=No
 
 
 def amigo(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, lower_steps: int = 10,
-          linear_solver: Optional[LinearSolver] = None, warm_start: bool = True, batch_size=64, **kw) -> BilevelLoop:
+          linear_solver: Optional[LinearSolver] = None, warm_start: bool = True, batch_size=64, lower_set=None,
+          **kw) -> BilevelLoop:
     """AmIGO (Arbel & Mairal, "Amortized Implicit Differentiation for Stochastic Bilevel
     Optimization", 2022, arXiv:2111.14580): T warm-started SGD steps on phi, M warm-started steps
     on 0.5 v'Av - v'b (`gd(M, eta)`, default M = 10, eta = lower_lr) or CG (AmIGO-CG: pass
     `linear_solver=cg(M)`), then theta <- theta - gamma (grad_theta f_u - J v).
     Sampling: i.i.d. minibatches, a fresh one per step (the paper's); `sampler="shuffled"` is the zero-copy
-    option."""
+    option. On a constrained LL: projected LL steps onto `lower_set` (default: the problem's
+    `bj.constraints` set) and the indefinite KKT adjoint by M warm-started MINRES steps (default
+    `minres(10)`: GD and CG need a positive definite system; `bj.algorithms.constrained`)."""
     with named("amigo"):
-        solver = linear_solver or gd(10, solver_eta(lower_lr, None, lower_opt))
-    return _double_loop("amigo", problem, lambda: directions.implicit(solver, warm_start), upper_lr, lower_lr,
-                        upper_opt, lower_opt, lower_steps, batch_size, **kw)
+        direction = implicit_or_kkt(problem, linear_solver, warm_start,
+                                    lambda: gd(10, solver_eta(lower_lr, None, lower_opt)))
+    return _double_loop("amigo", problem, lambda: direction, upper_lr, lower_lr,
+                        upper_opt, lower_opt, lower_steps, batch_size, lower_set=lower_set, **kw)
 
 
 def signsgd_ul(problem, *, upper_lr=0.1, lower_lr=0.01, upper_opt=None, lower_steps: int = 10, batch_size=None,

@@ -42,11 +42,10 @@ Oracles per outer step: T_z + T_phi + 2 LL gradients, T_phi + 1 UL gradients.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Tuple
+from typing import Any, Callable, ClassVar, NamedTuple, Optional, Tuple
 
 import equinox as eqx
 import jax.numpy as jnp
-import optax
 import optax.tree_utils as otu
 
 from bilevel_jax import oracles
@@ -57,7 +56,7 @@ from bilevel_jax.algorithms.loop import BatchSize, make_samplers
 from bilevel_jax.algorithms.steps import (StepRule, apply_step, check_data, draw_batches,
                                           finish, init_rule, lower_phase, start)
 from bilevel_jax.algorithms.value_function import PenaltyRamp, penalty_ramp
-from bilevel_jax.constraints import ConstraintSet, projected
+from bilevel_jax.algorithms.constrained import lower_projection, project_rule
 from bilevel_jax.hypergrad.inner import lower_steps as run_lower_steps
 from bilevel_jax.problem import BilevelProblem
 from bilevel_jax.sampling import Sampler
@@ -90,6 +89,7 @@ class PessimisticPenalty(Algorithm):
     follower_steps: int = eqx.field(static=True, default=10)
     tracker_steps: int = eqx.field(static=True, default=10)
     check: bool = eqx.field(static=True, default=False)
+    handles_constraints: ClassVar[bool] = True   # by projected follower and tracker steps
 
     def init(self, theta0, phi0, key, data=None) -> PessimisticState:
         theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
@@ -128,12 +128,8 @@ class PessimisticPenalty(Algorithm):
 
 
 def _projected_rule(name: str, lr, opt, project: Optional[Callable]) -> StepRule:
-    if project is None:
-        return rule(name, lr, opt)
-    base = opt if opt is not None else optax.sgd(lr)
-    if opt is None:
-        rule(name, lr)  # checks the step size, naming the argument
-    return StepRule(optimizer=projected(base, project))
+    step = rule(name, lr, opt)
+    return step if project is None else project_rule(step, project)
 
 
 def pessimistic_penalty(problem: BilevelProblem, *, upper_lr=0.1, follower_lr=0.5, tracker_lr=0.5, upper_opt=None,
@@ -150,14 +146,15 @@ def pessimistic_penalty(problem: BilevelProblem, *, upper_lr=0.1, follower_lr=0.
       tracker_lr / tracker_opt, tracker_steps: the tracker's steps on f_lower.
       penalty, penalty_rate, penalty_power, penalty_max: rho_k = min(penalty + rate k^power, max).
       lower_set: the LL's feasible set Phi, a `bj.constraints.ConstraintSet` or a projection
-        phi -> P_Phi(phi): follower and tracker steps are projected onto it (None: Phi = everything).
+        phi -> P_Phi(phi): follower and tracker steps are projected onto it. None: on a constrained
+        problem the set it was built from (`ConstraintSet.problem`; an error if there is none),
+        else Phi = everything.
     """
     with named("pessimistic_penalty"):
         if not isinstance(problem, BilevelProblem):
             raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
-        project = lower_set.project if isinstance(lower_set, ConstraintSet) else lower_set
-        if project is not None and not callable(project):
-            raise TypeError(f"lower_set must be a bj.constraints.ConstraintSet or a projection, got {lower_set!r}.")
+        project = (lower_projection(problem, lower_set) if (lower_set is not None or problem.constrained)
+                   else None)
         check_positive_int("follower_steps", follower_steps)
         check_positive_int("tracker_steps", tracker_steps)
         ramp = penalty_ramp(penalty, penalty_rate, penalty_power, penalty_max)

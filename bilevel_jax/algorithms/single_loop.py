@@ -9,6 +9,7 @@ from __future__ import annotations
 from bilevel_jax._checks import check_positive_int, check_step_size
 from bilevel_jax.algorithms import directions, estimators
 from bilevel_jax.algorithms._common import loop_options, lower_steps_at_least_one, named, rule, solver_eta
+from bilevel_jax.algorithms.constrained import amortized_or_kkt, constrained_lower
 from bilevel_jax.algorithms.loop import BilevelLoop, bilevel_loop
 from bilevel_jax.linear_solvers import stochastic_neumann
 
@@ -62,19 +63,23 @@ def alset(problem, *, upper_lr=0.05, lower_lr=0.1, upper_opt=None, lower_opt=Non
 
 
 def _amortized(preset, problem, upper_lr, lower_lr, v_lr, upper_opt, lower_opt, v_opt, batch_size,
-               upper_decay=0.0, lower_decay=0.0, estimator=None, **kw) -> BilevelLoop:
-    """SOBA's directions with step rules for theta, phi and v (v_lr defaults to lower_lr)."""
+               upper_decay=0.0, lower_decay=0.0, estimator=None, direction=directions.amortized, lower_set=None,
+               **kw) -> BilevelLoop:
+    """SOBA's directions with step rules for theta, phi and v (v_lr defaults to lower_lr);
+    `direction(v_rule)` builds the rule."""
     with named(preset):
         lower = rule("lower_lr", lower_lr, lower_opt, lower_decay)
         v_rule = (lower if (v_lr is None and v_opt is None)
                   else rule("v_lr", lower_lr if v_lr is None else v_lr, v_opt, lower_decay))
-        return bilevel_loop(problem, direction=directions.amortized(v_rule),
-                            upper_opt=rule("upper_lr", upper_lr, upper_opt, upper_decay), lower_opt=lower,
+        direction = direction(v_rule)
+        return bilevel_loop(problem, direction=direction,
+                            upper_opt=rule("upper_lr", upper_lr, upper_opt, upper_decay),
+                            lower_opt=constrained_lower(problem, direction, lower, lower_set),
                             estimator=estimator, batch_size=batch_size, name=preset, **loop_options(kw))
 
 
 def soba(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lower_opt=None, v_opt=None,
-         batch_size=64, upper_decay=0.6, lower_decay=0.4, **kw) -> BilevelLoop:
+         batch_size=64, upper_decay=0.6, lower_decay=0.4, lower_set=None, **kw) -> BilevelLoop:
     """SOBA (Dagreou, Ablin, Vaiter, Moreau, "A framework for bilevel optimization that enables
     stochastic and global variance reduction algorithms", 2022, arXiv:2201.13409): simultaneous
     steps at (theta_k, phi_k, v_k) with one LL batch i and one UL batch j,
@@ -85,9 +90,13 @@ def soba(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lowe
     min_{t<T} E||grad h(x_t)||^2 is O(log T T^{-2/5}). (Summaries that quote O(T^{-1/2}), "the sample
     complexity of SGD", refer to constant steps of order T^{-1/2}: pass `upper_decay=lower_decay=0`
     and steps scaled by T^{-1/2}; not checked against the paper here.) v_lr defaults to lower_lr
-    (rho). Sampling: i.i.d. minibatches (the paper's); `sampler="shuffled"` is benchmark_bilevel's."""
+    (rho). Sampling: i.i.d. minibatches (the paper's); `sampler="shuffled"` is benchmark_bilevel's.
+    On a constrained LL: the amortized KKT rule (`bj.algorithms.amortized_kkt`: v is the KKT adjoint,
+    moved by v_lr on the normal equations, so v_lr < 2 / sigma_max(K)^2) and phi's steps projected
+    onto `lower_set` (default: the `bj.constraints` set the problem was built from)."""
     return _amortized("soba", problem, upper_lr, lower_lr, v_lr, upper_opt, lower_opt, v_opt, batch_size,
-                      upper_decay, lower_decay, **kw)
+                      upper_decay, lower_decay, direction=lambda v_rule: amortized_or_kkt(problem, v_rule),
+                      lower_set=lower_set, **kw)
 
 
 def saba(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lower_opt=None, v_opt=None,

@@ -31,8 +31,21 @@ under jit. K is indefinite: solve it with MINRES (`bj.linear_solvers.minres`, th
 Active set: an inequality is active when P_i >= -tol. The point is reported `bj.status.DEGENERATE`
 when an inequality is weakly active (P_i >= -tol and lambda_i <= tol: strict complementarity
 fails, F is not differentiable there), a multiplier has the wrong sign (lambda_i < -tol), an
-inactive constraint carries a multiplier (lambda_i > tol with P_i < -tol), or the least-squares
-multipliers could not be computed (LICQ fails); by default g is then NaN (`nan_if_degenerate`).
+inactive constraint carries a multiplier (lambda_i > tol with P_i < -tol), or the gradients of
+the active constraints (P_i >= -tol, and all of Q) are linearly dependent (LICQ fails: the
+multipliers are not unique), whether the multipliers are given or recovered by least squares
+(`bj.constraints.licq_status`).
+
+DEGENERATE is a loss of the implicit function theorem's assumptions at this point, not a failed
+solve, and g is kept: the estimate with the active set as detected (weakly active constraints held
+active: the gradient of the smooth piece of F on which they stay active, a one-sided derivative)
+and the given / least-squares multipliers (under a LICQ failure the adjoint multipliers are not
+unique; g is still exact when the dependent constraints do not depend on theta). The same
+estimate, with the same status, comes from `bj.hypergradient`, `kkt_hypergradient` and the `KKT`
+direction rules inside the loops, so a run can pass through such a point (iterates of an LL
+solver are rarely exactly complementary) while the status records it; `bj.run(..., check=True)`
+stops on it, and `nan_if_degenerate=True` makes g NaN instead. A failed solve is never kept: a
+BREAKDOWN (e.g. an inconsistent singular KKT system) or a non-finite value makes g NaN (every leaf).
 
 Multipliers: given, or recovered from phi by least squares on stationarity
 (`bj.constraints.least_squares_multipliers`). `kkt_hypergradient_dense` is the dense reference:
@@ -49,7 +62,7 @@ import optax.tree_utils as otu
 
 from bilevel_jax import oracles
 from bilevel_jax import status as st
-from bilevel_jax.constraints import least_squares_multipliers
+from bilevel_jax.constraints import least_squares_multipliers, licq_status
 from bilevel_jax.linear_solvers import LinearSolver, SolverInfo, fail_where, minres
 from bilevel_jax.oracles import Multipliers
 from bilevel_jax.problem import BilevelProblem
@@ -105,48 +118,95 @@ def adjoint_like(phi, values: Multipliers):
             tuple(None if v is None else otu.tree_zeros_like(v) for v in values))
 
 
-def kkt_direction(problem: BilevelProblem, theta, phi, upper_batch, lower_batch, solver: LinearSolver, solver_state,
-                  multipliers: Optional[Multipliers] = None, tol=1e-6, multiplier_solver: Optional[LinearSolver] = None,
-                  nan_if_degenerate: bool = True) -> KKTDirection:
-    """The KKT hypergradient at (theta, phi) with the adjoint solved by `solver` from `solver_state`
-    (module docstring). Without `multipliers` they are recovered by least squares."""
+def kkt_operator(lin: oracles.LagrangianLinearization, mask):
+    """The active-set KKT operator (module docstring) at a linearization, as one function
+    z -> (K z, cross(z)) on z = (a, (b_P, b_Q)), both from one pullback of `lin` and the
+    constraints' jvp: inactive components of b_P sit on identity rows, and
+    cross(z) = grad^2_{theta phi} L a + grad_theta P_A' b_P + grad_theta Q' b_Q is the
+    hypergradient's correction."""
+    cons = lin.constraints
+
+    def apply(z):
+        a, (bp, bq) = z
+        cross, row_phi = lin.pullback(a, Multipliers(_tmap(lambda m, x: m * x, mask, bp), bq))
+        jp, jq = cons.jvp_phi(a)
+        return (row_phi, (_tmap(lambda m, j, x: m * j + (1.0 - m) * x, mask, jp, bp), jq)), cross
+
+    return apply
+
+
+def keep_or_fail(g, status, nan_if_degenerate: bool):
+    """g NaN (every leaf) when `status` has BREAKDOWN / NONFINITE / INVALID_STEP, and with DEGENERATE
+    only under `nan_if_degenerate` (the module docstring's rule, shared by every KKT path)."""
+    fail = (status != st.OK) if nan_if_degenerate else ((status & ~st.DEGENERATE) != st.OK)
+    return fail_where(fail, g)
+
+
+class KKTSystem(NamedTuple):
+    """The KKT system of the hypergradient at (theta, phi): K z = rhs, grad F = g_theta - cross(z).
+
+    operator: `kkt_operator`'s z -> (K z, cross(z)); rhs: (grad_phi f_upper, (0, 0));
+    g_theta: grad_theta f_upper.
+    multipliers: the lambda used; active: the inequality mask; status: DEGENERATE / NONFINITE of
+    the point and the multipliers (not of a solve); stationarity: ||grad_phi L||.
+    """
+
+    g_theta: PyTree
+    rhs: Any
+    operator: Any
+    multipliers: Multipliers
+    active: PyTree
+    status: jax.Array
+    stationarity: jax.Array
+
+    def matvec(self, z):
+        return self.operator(z)[0]
+
+
+def kkt_system(problem: BilevelProblem, theta, phi, upper_batch, lower_batch, multipliers: Optional[Multipliers] = None,
+               tol=1e-6, multiplier_solver: Optional[LinearSolver] = None) -> KKTSystem:
+    """The KKT system at (theta, phi) (module docstring): multipliers given or by least squares, the
+    active set, the degeneracy checks (weak activity, multiplier signs, LICQ of the active
+    constraints) and the matrix-free operator. The full solve (`kkt_direction`) and the amortized
+    rule (`bj.algorithms.amortized_kkt`) are both built on it."""
     mult_status = st.ok()
     if multipliers is None:
-        multipliers, minfo = least_squares_multipliers(problem, theta, phi, lower_batch, multiplier_solver)
+        multipliers, minfo = least_squares_multipliers(problem, theta, phi, lower_batch, multiplier_solver,
+                                                       check_licq=False)
         mult_status = minfo.status
     multipliers = Multipliers(*multipliers)
     g_theta, b = oracles.upper_grads(problem, theta, phi, upper_batch)
     cons = oracles.linearize_constraints(problem, theta, phi)
     lin = oracles.linearize_lagrangian(problem, theta, phi, multipliers, lower_batch, cons)
     mask, deg = active_set(cons.values, multipliers, tol)
-
-    def masked(bp):
-        return _tmap(lambda m, x: m * x, mask, bp)
-
-    def matvec(z):
-        a, (bp, bq) = z
-        _, row_phi = lin.pullback(a, Multipliers(masked(bp), bq))
-        jp, jq = cons.jvp_phi(a)
-        row_p = _tmap(lambda m, j, x: m * j + (1.0 - m) * x, mask, jp, bp)
-        return row_phi, (row_p, jq)
-
+    licq = licq_status(cons, mask, multiplier_solver)
     rhs = (b, tuple(None if v is None else otu.tree_zeros_like(v) for v in cons.values))
-    z, state, sinfo = solver.solve(matvec, rhs, solver_state)
-    a, (bp, bq) = z
-    g_cross, _ = lin.pullback(a, Multipliers(masked(bp), bq))
-    g = otu.tree_sub(g_theta, g_cross)
-    status = st.merge(sinfo.status, deg, mult_status, st.nonfinite(g))
-    fail = (status != st.OK) if nan_if_degenerate else ((status & ~st.DEGENERATE) != st.OK)
-    g = fail_where(fail, g)
+    status = st.merge(mult_status, deg, licq, st.nonfinite(multipliers))
+    return KKTSystem(g_theta, rhs, kkt_operator(lin, mask), multipliers, mask, status,
+                     otu.tree_norm(lin.grad_lagrangian))
+
+
+def kkt_direction(problem: BilevelProblem, theta, phi, upper_batch, lower_batch, solver: LinearSolver, solver_state,
+                  multipliers: Optional[Multipliers] = None, tol=1e-6, multiplier_solver: Optional[LinearSolver] = None,
+                  nan_if_degenerate: bool = False) -> KKTDirection:
+    """The KKT hypergradient at (theta, phi) with the adjoint solved by `solver` from `solver_state`
+    (module docstring; g kept and flagged at a DEGENERATE point unless `nan_if_degenerate`).
+    Without `multipliers` they are recovered by least squares."""
+    system = kkt_system(problem, theta, phi, upper_batch, lower_batch, multipliers, tol, multiplier_solver)
+    z, state, sinfo = solver.solve(system.matvec, system.rhs, solver_state)
+    g = otu.tree_sub(system.g_theta, system.operator(z)[1])
+    status = st.merge(sinfo.status, system.status, st.nonfinite(g))
+    g = keep_or_fail(g, status, nan_if_degenerate)
     grad_f = oracles.lower_grad_phi(problem, theta, phi, lower_batch)
-    stationarity = otu.tree_norm(lin.grad_lagrangian)
-    info = KKTInfo(a, sinfo.residual_norm, status, sinfo, Multipliers(bp, bq), multipliers, mask, stationarity)
+    a, (bp, bq) = z
+    info = KKTInfo(a, sinfo.residual_norm, status, sinfo, Multipliers(bp, bq), system.multipliers, system.active,
+                   system.stationarity)
     return KKTDirection(g, state, info, grad_f)
 
 
 def kkt_hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[LinearSolver] = None, *,
                       multipliers: Optional[Multipliers] = None, x0=None, tol=1e-6,
-                      multiplier_solver: Optional[LinearSolver] = None, nan_if_degenerate: bool = True):
+                      multiplier_solver: Optional[LinearSolver] = None, nan_if_degenerate: bool = False):
     """The KKT implicit hypergradient at (theta, phi) of a constrained problem (module docstring).
 
     Args:
@@ -155,14 +215,17 @@ def kkt_hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optiona
       data: `(upper_batch, lower_batch)`.
       solver: the adjoint solver, for a symmetric indefinite system (default `minres(100)`).
       multipliers: `bj.constraints.Multipliers(lambda_P, lambda_Q)`; None: least squares from phi.
+        Either way they are checked (signs, complementarity, LICQ of the active constraints).
       x0: warm start of the adjoint, `(a, (b_P, b_Q))`.
       tol: the active-set tolerance on P and lambda.
-      multiplier_solver: CG for the least-squares multipliers (default `cg(100)`).
-      nan_if_degenerate: g is NaN when the status has DEGENERATE (default); False returns the
-        one-sided estimate with the weakly active constraints held active, still flagged.
+      multiplier_solver: CG for the least-squares multipliers and the LICQ check (default `cg(100)`).
+      nan_if_degenerate: False (default): at a DEGENERATE point g is the one-sided estimate with
+        the weakly active constraints held active, flagged in the status (as in the loops' `KKT`
+        rules); True: g is NaN there.
 
     Returns:
-      `(g, KKTInfo)`; g is NaN (every leaf) when the status is not OK (up to `nan_if_degenerate`).
+      `(g, KKTInfo)`. g is NaN (every leaf) when the status has BREAKDOWN or NONFINITE (a failed
+      adjoint solve, a non-finite value), and with DEGENERATE only under `nan_if_degenerate`.
     """
     if not isinstance(problem, BilevelProblem):
         raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
@@ -207,6 +270,9 @@ def kkt_argmin(problem: BilevelProblem, solve_fn, solver: Optional[LinearSolver]
     solves K (phi_dot, lambda_dot_A) = -(d_theta G) theta_dot - (d_batch G) batch_dot on the active
     set with `solver` (default `minres(100)`), as a `lax.custom_linear_solve` (K is symmetric, so
     reverse mode is its transpose). theta and batch are pytrees of arrays, phi0 an array pytree.
+    A derivative has no status: at a DEGENERATE point (module docstring) it is the one-sided one
+    with the weakly active constraints held active (check the point with `kkt_hypergradient`); a
+    breakdown of the tangent solve makes it NaN.
     """
     solver = minres(100) if solver is None else solver
 
@@ -234,6 +300,7 @@ def kkt_argmin(problem: BilevelProblem, solve_fn, solver: Optional[LinearSolver]
             cons = oracles.linearize_constraints(problem, t, phi)
             lin = oracles.linearize_lagrangian(problem, t, phi, mult, bt, cons)
             mask, _ = active_set(cons.values, mult, tol)
+            operator = kkt_operator(lin, mask)
 
             def g_active(t_, bt_):  # (grad_phi L, m * P, Q) at fixed phi and lambda
                 gl = oracles.kkt_map(problem, t_, phi, mult, bt_)[0]
@@ -241,18 +308,11 @@ def kkt_argmin(problem: BilevelProblem, solve_fn, solver: Optional[LinearSolver]
                 return gl, (_tmap(lambda m, c: m * c, mask, p), q)
 
             _, rhs = jax.jvp(g_active, (t, bt), (t_dot, b_dot))
-
-            def matvec(z):
-                a, (bp, bq) = z
-                _, row_phi = lin.pullback(a, Multipliers(_tmap(lambda m, x: m * x, mask, bp), bq))
-                jp, jq = cons.jvp_phi(a)
-                return row_phi, (_tmap(lambda m, j, x: m * j + (1.0 - m) * x, mask, jp, bp), jq)
-
             # rows with no theta/batch dependence (a theta-independent box) have constant zero tangents;
             # custom_linear_solve's transpose needs every rhs leaf linear in the input tangents
             anchor = 0.0 * sum(jnp.sum(x) for x in jax.tree_util.tree_leaves((t_dot, b_dot)))
             rhs = jax.tree_util.tree_map(lambda x: -x + anchor, rhs)
-            z = jax.lax.custom_linear_solve(matvec, rhs, inverse, symmetric=True)
+            z = jax.lax.custom_linear_solve(lambda z_: operator(z_)[0], rhs, inverse, symmetric=True)
             return phi, z[0]
 
         return phi_star(theta, phi0, batch)
@@ -260,5 +320,5 @@ def kkt_argmin(problem: BilevelProblem, solve_fn, solver: Optional[LinearSolver]
     return solve
 
 
-__all__ = ["KKTDirection", "KKTInfo", "active_set", "adjoint_like", "kkt_argmin", "kkt_direction",
-           "kkt_hypergradient", "kkt_hypergradient_dense"]
+__all__ = ["KKTDirection", "KKTInfo", "KKTSystem", "active_set", "adjoint_like", "kkt_argmin", "kkt_direction",
+           "kkt_hypergradient", "kkt_hypergradient_dense", "kkt_operator", "kkt_system", "keep_or_fail"]
