@@ -10,7 +10,9 @@ Like lineax's `RESULTS`, a status travels as an array (so it works under `jit`, 
     INVALID_STEP  4   a step size that is not a positive finite number (e.g. a swept grid value)
     DEGENERATE    8   a constrained lower level breaks the assumptions of its KKT implicit gradient:
                       a weakly active constraint (strict complementarity fails), a multiplier of the
-                      wrong sign, or a point that is not stationary for any multipliers (LICQ fails)
+                      wrong sign, or a point that is not stationary for any multipliers (LICQ fails);
+                      a loss of differentiability, not a failed solve: the KKT estimate is kept,
+                      flagged (`bj.hypergrad.kkt`; `nan_if_degenerate=True` makes it NaN)
 
 `describe(code)` spells a concrete code out; `raise_if(x, code, where)` attaches an
 `eqx.error_if`-type check that raises, under `jit`, with the cause spelled out.

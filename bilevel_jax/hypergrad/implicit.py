@@ -87,6 +87,8 @@ def hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[Li
     On a constrained problem (`lower_inequality`/`lower_equality`) this is the KKT implicit
     gradient `bj.hypergrad.kkt_hypergradient` (default solver `minres(100)`, multipliers by least
     squares from phi; its info is a `KKTInfo`, whose first fields are those of `HypergradInfo`).
+    There a DEGENERATE status (a weakly active constraint, LICQ failure) keeps g, the one-sided
+    estimate, flagged, as the loops' KKT rules do (see `bj.hypergrad.kkt`).
 
     Returns:
       `(g, info)` with `g = grad_theta f_upper - J v` and `info` a `HypergradInfo`: `v ~ A^{-1}
