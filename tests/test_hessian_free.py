@@ -4,11 +4,15 @@
   error ratio when delta halves is 4), and PZOBO's zeroth-order Jacobian is unbiased on an affine
   map (its Gaussian average converges like 1/sqrt(Q); orthogonal directions are exact).
 - Full batch on the strongly convex quadratic (closed-form theta*): hjfbio and pzobo reach
-  ||theta - theta*|| / ||theta*|| < 1e-3 from 4 starts (jit + vmap), BSG-1 on a single-residual LL
-  (where its rank-one adjoint is exact); the penalty methods' gap to theta* shrinks like 1/lambda.
+  ||theta - theta*|| / ||theta*|| < 1e-3 from 4 starts (jit + vmap); BSG-1 does where its rank-one
+  adjoint is exact (a LL value function constant in theta; scalar phi, or phi* moving along an
+  eigenvector of the LL Hessian), its bias elsewhere is measured (bounded for grad v = 0, growing
+  like 1/||phi - phi*|| otherwise) and its divergence / 0/0 breakdown are loud; the penalty
+  methods' gap to theta* shrinks like 1/lambda.
 - A lower level with many minima (`flat_bilevel`, closed-form optimistic solution): the
   value-function methods reach it, an implicit-gradient preset reports a non-ok status.
-- Minibatches: each preset decreases ||grad F||^2 over 4 seeds (vmap), finite.
+- Minibatches: each preset decreases ||grad F||^2 over 4 seeds (vmap), finite (the biased bsg1 and
+  bome to their floors).
 Oracle counts per step are checked against each method's cost (gradients, values, no HVP).
 """
 import jax
@@ -103,30 +107,112 @@ def test_hjfbio_and_pzobo_reach_theta_star(quad):
         assert _rel(state.theta, quad.theta_star()).max() < 1e-3, (name, _rel(state.theta, quad.theta_star()))
 
 
-def test_bsg1_reaches_theta_star_where_the_rank_one_adjoint_is_exact():
-    """g = (a y - b'x - c)^2 / 2 with scalar y (a single residual: A = a^2, J = -a b, and the
-    rank-one model of BSG-1 is exact while grad_y g != 0); f = |x - x0|^2/2 + (y - y0)^2/2."""
+def _single_residual():
+    """g = (a y - b'x - c)^2 / 2 with scalar y (a single residual: A = a^2, J = -a b, v(x) = 0);
+    f = |x - x0|^2/2 + (y - y0)^2/2, so F(x) = |x - x0|^2/2 + ((b'x + c)/a - y0)^2/2 and theta*
+    solves (I + b b'/a^2) x = x0 + b (y0 - c/a)/a."""
     a, b, c = 1.3, jnp.array([0.5, -1.0, 0.25]), 0.4
     x0, y0 = jnp.array([1.0, 2.0, -1.0]), 0.7
     f_lower = lambda x, y, batch: 0.5 * (a * y[0] - b @ x - c) ** 2
     f_upper = lambda x, y, batch: 0.5 * jnp.sum((x - x0) ** 2) + 0.5 * (y[0] - y0) ** 2
-    # F(x) = |x - x0|^2/2 + ((b'x + c)/a - y0)^2/2: theta* solves (I + b b'/a^2) x = x0 + b (y0 - c/a)/a
     theta_star = jnp.linalg.solve(jnp.eye(3) + jnp.outer(b, b) / a ** 2, x0 + b * (y0 - c / a) / a)
     q = bj.problems.QuadraticBilevel(bj.BilevelProblem(f_upper, f_lower), (None, None), jnp.zeros(3),
                                      jnp.zeros(1), {})
-    alg = bj.algorithms.bsg1(q.problem, upper_lr=0.5, lower_lr=0.5 / a ** 2)
-    theta0s, keys = _starts(q)
-    state, hist = _runs(alg, q, theta0s, keys, 200)
-    assert bool(hist["finite"].all())
-    assert tuple(int(hist[k][0, -1]) for k in KEYS) == (400, 200, 0, 0, 0)
-    assert _rel(state.theta, theta_star).max() < 1e-3, _rel(state.theta, theta_star)
+    return q, theta_star, 0.5 / a ** 2
+
+
+def _flat_value(quad, C):
+    """`quad` with the LL cross matrix C and the theta-terms (1/2) theta'C'H^-1 C theta + theta'C'H^-1 h
+    that make the LL value function v(theta) = min_phi f_lower constant (grad v = 0); phi0 =
+    phi*(0) + u_0 (u_0 the first eigenvector of H). The UL and H, h are quad's."""
+    m = quad.means
+    H_inv = jnp.linalg.inv(m["H"])
+    lower = {"H": m["H"][None], "C": C[None], "h": m["h"][None], "B": (C.T @ H_inv @ C)[None],
+             "b": (C.T @ H_inv @ m["h"])[None]}
+    u = jnp.linalg.eigh(m["H"])[1][:, 0]
+    return quad._replace(data=(quad.data[0], lower), phi0=-H_inv @ m["h"] + u, means=dict(m, C=C))
+
+
+def _eigen_coupled(quad):
+    """grad v = 0 and phi*(theta) = u c'theta + m moving along one eigenvector u of H (C = -H u c'):
+    e = phi - phi*(theta) starts along u (phi0 - phi*(theta0) = u (1 - c'theta0)) and the LL steps and
+    the drift of phi* keep it there, so grad_phi f_lower = lambda_u e is along u and BSG-1's
+    correction J A^-1 P_w grad_phi f_upper = J A^-1 grad_phi f_upper exactly (module docstring)."""
+    m = quad.means
+    u = jnp.linalg.eigh(m["H"])[1][:, 0]
+    c = jnp.array([1.0, -0.5, 0.8, 0.3])
+    return _flat_value(quad, -m["H"] @ jnp.outer(u, c))
+
+
+def test_bsg1_reaches_theta_star_where_the_rank_one_adjoint_is_exact(quad):
+    """Full batch, 4 starts (jit + vmap): the single-residual LL (scalar y) and a 6-dim LL with
+    grad v = 0 whose solution moves along an eigenvector of its Hessian, under a generic quadratic
+    UL. Linear convergence, measured worst seed: 1e-9 after 30 steps (scalar), 1e-6 after 60 (6-dim).
+    The runs stop before the rounding level (~50 and ~80 steps), where the ratio is 0/0 (module
+    docstring)."""
+    eigen = _eigen_coupled(quad)
+    cases = [_single_residual() + (30,), (eigen, eigen.theta_star(), 1.0, 60)]
+    for q, theta_star, lower_lr, steps in cases:
+        alg = bj.algorithms.bsg1(q.problem, upper_lr=0.5, lower_lr=lower_lr, batch_size=None)
+        theta0s, keys = _starts(q)
+        state, hist = _runs(alg, q, theta0s, keys, steps)
+        assert bool(hist["finite"].all()) and bool((hist["status"] == 0).all())
+        assert tuple(int(hist[k][0, -1]) for k in KEYS) == (2 * steps, steps, 0, 0, 0)
+        assert _rel(state.theta, theta_star).max() < 1e-4, _rel(state.theta, theta_star)
+
+
+def test_bsg1_bias_on_generic_quadratics(quad):
+    """Where the rank-one model is not exact (module docstring), measured:
+    - grad v = 0, generic coupling C: the iterates settle at a bounded distance from theta*
+      (0.2 relative here: only the adjoint's component along grad_y g is kept);
+    - grad v != 0 (quad itself): at theta*, with phi = phi*(theta*) + s w, the BSG-1 direction (the
+      hypergradient there is 0) is grad v <A w, b> / (s |A w|^2) + O(1): its error grows like 1/s as
+      the LL is solved more accurately, with exactly that constant."""
+    flat_v = _flat_value(quad, quad.means["C"])
+    alg = bj.algorithms.bsg1(flat_v.problem, upper_lr=0.5, lower_lr=1.0, batch_size=None)
+    theta0s, keys = _starts(flat_v)
+    state, hist = _runs(alg, flat_v, theta0s, keys, 200)
+    assert bool(hist["finite"].all()) and bool((hist["status"] == 0).all())
+    rel = _rel(state.theta, flat_v.theta_star())
+    assert np.all((rel > 0.05) & (rel < 0.5)), rel
+
+    p, m, ts = quad.problem, quad.means, quad.theta_star()
+    phi_star = quad.phi_star(ts)
+    grad_v = jax.grad(lambda t: p.f_lower(t, quad.phi_star(t), quad.data[1]))(ts)
+    b = jax.grad(p.f_upper, 1)(ts, phi_star, quad.data[0])
+    w = jnp.linspace(-1.0, 1.0, phi_star.shape[0])
+    aw = m["H"] @ w
+    constant = float(jnp.linalg.norm(grad_v) * jnp.abs(aw @ b) / (aw @ aw))
+    assert constant > 0.1 and float(jnp.linalg.norm(quad.grad(ts))) < 1e-12
+    rule = bj.algorithms.bsg.RankOne(jnp.asarray(0.0))
+    batches = bj.algorithms.loop.full_batches(quad.data)
+    for s in (1e-3, 1e-4, 1e-5):
+        point = bj.algorithms.directions.Point(ts, phi_star + s * w, None)
+        d = rule.evaluate(p, point, batches, None, "rev").oracles.hypergrad
+        np.testing.assert_allclose(s * float(jnp.linalg.norm(d)), constant, rtol=30 * s)
+
+
+def test_bsg1_divergence_and_breakdown_are_loud(quad):
+    """On quad (grad v != 0) full-batch runs grow geometrically until they overflow: NaN and
+    NONFINITE, never a finite-looking theta with an ok status at the end. Where grad_y g = 0 exactly
+    (phi0 = phi*(theta0) of g = |phi - theta|^2/2) the ratio is 0/0: BREAKDOWN and NaN."""
+    alg = bj.algorithms.bsg1(quad.problem, upper_lr=0.1, lower_lr=0.5, lower_steps=5, batch_size=None)
+    state = alg.init(quad.theta0, quad.phi0, jax.random.PRNGKey(0), quad.data)
+    state, hist = jax.jit(lambda s: bj.run(alg, s, quad.data, num_steps=2000, eval_every=500))(state)
+    assert int(hist["status"][-1]) & bj.status.NONFINITE and not bool(jnp.isfinite(state.theta).any())
+
+    problem = bj.BilevelProblem(lambda t, y, b: jnp.sum((y - 1.0) ** 2), lambda t, y, b: 0.5 * jnp.sum((y - t) ** 2))
+    alg = bj.algorithms.bsg1(problem, batch_size=None)
+    state = alg.init(jnp.ones(2), jnp.ones(2), jax.random.PRNGKey(0))
+    state, info = jax.jit(lambda s: alg.update(s, (None, None)))(state)
+    assert int(info.status) & bj.status.BREAKDOWN and not bool(jnp.isfinite(state.theta).any())
 
 
 # penalty methods: (preset, settings at penalty lambda, number of steps); steps scale like 1/lambda
 def _penalty_settings(name, lam):
     if name == "f2sa":
         return dict(upper_lr=0.3 / lam, lower_lr=0.5 / lam, inner_lr=1.0, lower_steps=5, penalty=lam,
-                    penalty_rate=0.0)
+                    penalty_rate=0.0, batch_size=None)
     if name == "vf_penalty":
         return dict(upper_lr=0.3 / lam, lower_lr=0.3 / lam, inner_lr=1.0, lower_steps=5, penalty=lam)
     if name == "pdbo":   # the dual variable climbs to its cap (q >= 0 for the plain value function)
@@ -160,9 +246,9 @@ def test_oracle_counts_of_the_value_function_methods(quad):
     cases = {"bome": (dict(lower_steps=T), (T + 2, 1, 0, 0, 0)),
              "pdbo": (dict(lower_steps=T), (T + 2, 1, 0, 0, 2)),
              "vf_penalty": (dict(lower_steps=T), (T + 2, 1, 0, 0, 2)),
-             "f2sa": (dict(lower_steps=T), (2 * T + 2, T + 1, 0, 0, 0)),
+             "f2sa": (dict(lower_steps=T, batch_size=None), (2 * T + 2, T + 1, 0, 0, 0)),
              "pbgd": (dict(lower_steps=T), (T + 2, 1, 0, 0, 0)),
-             "bsg1": (dict(lower_steps=T), (T + 1, 1, 0, 0, 0))}
+             "bsg1": (dict(lower_steps=T, batch_size=None), (T + 1, 1, 0, 0, 0))}
     for name, (kw, per_step) in cases.items():
         alg = bj.algorithms.get(name)(quad.problem, **kw)
         state = alg.init(quad.theta0, quad.phi0, jax.random.PRNGKey(0), quad.data)
@@ -224,22 +310,27 @@ def test_bome_step_size_neighbourhood_shrinks(flat):
 
 # ------------------------------------------------------------------------------- minibatches
 
+# preset: (settings, bound on the mean over seeds of ||grad F||^2 / ||grad F(theta0)||^2 after 300 steps)
 STOCHASTIC = {
-    "hjfbio": dict(upper_lr=0.2, lower_lr=0.2),
-    "pzobo": dict(upper_lr=0.3, lower_lr=0.2, lower_steps=20, upper_decay=0.5),   # Gaussian Q = 10: a decaying step
-    "f2sa": dict(upper_lr=0.05, lower_lr=0.05, inner_lr=0.2, lower_steps=5, penalty=5.0, penalty_rate=0.0),
-    "bome": dict(upper_lr=0.2, inner_lr=0.3, lower_steps=10, eta=0.02),   # a small eta: a smaller O(step) bias
-    "pbgd": dict(upper_lr=0.2, inner_lr=0.2, lower_steps=5, gamma=5.0, gamma_max=5.0),
-    "vf_penalty": dict(upper_lr=0.05, lower_lr=0.05, inner_lr=0.3, lower_steps=10, penalty=10.0),
-    "pdbo": dict(upper_lr=0.05, lower_lr=0.05, inner_lr=0.3, lower_steps=10, dual_max=10.0),
+    "hjfbio": (dict(upper_lr=0.2, lower_lr=0.2), 0.1),
+    "pzobo": (dict(upper_lr=0.3, lower_lr=0.2, lower_steps=20, upper_decay=0.5), 0.1),   # Gaussian Q = 10: decaying
+    # biased (grad v != 0 here) but bounded: LL noise keeps grad_y g from 0 (bj.algorithms.bsg); measured 0.36
+    "bsg1": (dict(upper_lr=0.1, lower_lr=0.3, lower_steps=5, upper_decay=0.5), 0.5),
+    "f2sa": (dict(upper_lr=0.05, lower_lr=0.05, inner_lr=0.2, lower_steps=5, penalty=5.0, penalty_rate=0.0), 0.1),
+    # minibatch noise in grad q turns the barrier into the penalty f + eta q (bj.algorithms.bome): a penalty-sized
+    # eta, and its O(1/eta) floor (measured 0.11; eta = 0.02 reaches 0.01 at step 210, then rises as phi drifts)
+    "bome": (dict(upper_lr=0.02, inner_lr=0.3, lower_steps=10, eta=20.0), 0.2),
+    "pbgd": (dict(upper_lr=0.2, inner_lr=0.2, lower_steps=5, gamma=5.0, gamma_max=5.0), 0.1),
+    "vf_penalty": (dict(upper_lr=0.05, lower_lr=0.05, inner_lr=0.3, lower_steps=10, penalty=10.0), 0.1),
+    "pdbo": (dict(upper_lr=0.05, lower_lr=0.05, inner_lr=0.3, lower_steps=10, dual_max=10.0), 0.1),
 }
 
 
 @pytest.mark.parametrize("name", sorted(STOCHASTIC))
 def test_minibatch_decrease_of_grad_norm(quad_stoch, name):
     q = quad_stoch
-    kw = {"batch_size": 32, **STOCHASTIC[name]}
-    alg = bj.algorithms.get(name)(q.problem, **kw)
+    settings, bound = STOCHASTIC[name]
+    alg = bj.algorithms.get(name)(q.problem, **{"batch_size": 32, **settings})
     keys = jax.random.split(jax.random.PRNGKey(3), SEEDS)
     state, hist = _runs(alg, q, jnp.broadcast_to(q.theta0, (SEEDS,) + q.theta0.shape), keys, 300)
     assert bool(hist["finite"].all())
@@ -247,7 +338,7 @@ def test_minibatch_decrease_of_grad_norm(quad_stoch, name):
     g0 = jnp.sum(q.grad(q.theta0) ** 2)
     g = jnp.sum(jax.vmap(q.grad)(state.theta) ** 2, axis=1)
     assert bool(jnp.all(g < 0.5 * g0)), (name, np.asarray(g / g0))
-    assert float(g.mean() / g0) < 0.1, (name, np.asarray(g / g0))
+    assert float(g.mean() / g0) < bound, (name, np.asarray(g / g0))
 
 
 def test_bad_arguments_name_the_preset_and_the_argument(quad):

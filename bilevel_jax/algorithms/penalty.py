@@ -40,7 +40,7 @@ PyTree = Any
 def f2sa(problem: BilevelProblem, *, upper_lr=0.01, lower_lr=0.01, inner_lr=None, upper_opt=None, lower_opt=None,
          inner_opt=None, lower_steps: int = 10, penalty=1.0, penalty_rate=0.1, penalty_power=1.0,
          penalty_max=float("inf"), upper_decay=0.0, lower_decay=0.0, inner_decay=0.0,
-         batch_size: BatchSize = None, **kw) -> ValueFunction:
+         batch_size: BatchSize = 64, **kw) -> ValueFunction:
     """F2SA (module docstring) with T = `lower_steps` inner steps of y (step alpha = `lower_lr`) and
     z (gamma = `inner_lr`, default alpha), x step xi alpha = `upper_lr`, and
     lambda_k = min(`penalty` + `penalty_rate` k^`penalty_power`, `penalty_max`).
@@ -48,7 +48,8 @@ def f2sa(problem: BilevelProblem, *, upper_lr=0.01, lower_lr=0.01, inner_lr=None
     LancBiO authors' hyper-cleaning settings); the benchmark decays the steps as k^{-4/7} (x, z),
     k^{-5/7} (y) with lambda ~ k^{1/7} (`upper_decay=4/7, lower_decay=5/7, inner_decay=4/7,
     penalty_power=1/7`), the rates of the paper's stochastic analysis [verify]. The y steps must
-    stay stable: alpha lambda_k L_g < 2 (cap lambda with `penalty_max`). Oracles per step: 2T + 2 LL
+    stay stable: alpha lambda_k L_g < 2 (cap lambda with `penalty_max`). A stochastic method:
+    minibatches of 64 by default (`batch_size=None`: full batch). Oracles per step: 2T + 2 LL
     gradients, T + 1 UL gradients, no HVP."""
     with named("f2sa"):
         check_positive_int("lower_steps", lower_steps)
