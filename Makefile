@@ -14,11 +14,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The suite runs on TEST_WORKERS processes (pytest-xdist; CI has 2 cores). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest tests -x
+	$(PY) -m pytest tests -x -n $(TEST_WORKERS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest tests --runslow
+	$(PY) -m pytest tests --runslow -n $(TEST_WORKERS)
 
 demo: $(STAMP)
 	$(PY) -m experiments.demo
