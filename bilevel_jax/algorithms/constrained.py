@@ -244,7 +244,8 @@ def bsg_constrained(problem: BilevelProblem, *, lower_set=None, upper_lr=0.1, lo
     `bj.constraints.ConstraintSet`, or a projection phi -> P_Phi(phi); default the set the problem
     was built from) for the projected LL steps (`lower_lr`, or the optax rule `lower_opt`, then
     projected); the problem's constraint functions give the KKT system. UL steps
-    `upper_lr` / (k+1)^`upper_decay`."""
+    `upper_lr` / (k+1)^`upper_decay`. Sampling: full batch by default; the paper's stochastic BSG
+    draws i.i.d. samples (`batch_size=b`)."""
     with named("bsg_constrained"):
         _check_problem("bsg_constrained", problem)
         if lower_opt is None:

@@ -241,7 +241,8 @@ def morbit(problem: MultiObjectiveProblem, *, upper_lr=0.01, lower_lr=0.1, lam_l
       horizon: K; sets the theorem's constant steps alpha = upper_lr K^-3/5, beta = lower_lr K^-2/5,
         gamma = lam_lr K^-3/5.
       uniform: keep lambda = 1/n (the average-objective multi-task baseline).
-      batch_size, sampler: per-task minibatches (each task's data has its own sample axis).
+      batch_size, sampler: per-task minibatches (each task's data has its own sample axis); the
+        paper's analysis draws them i.i.d. (`sampler="iid"`, the default).
       mode, check: as in every preset.
     """
     with named("morbit"):
@@ -413,6 +414,7 @@ def mmb(problem: MultiObjectiveProblem, *, upper_lr=0.01, lower_lr=0.1, lam_lr=0
       momentum: b in (0, 1], the moving-average weight (1: plain stochastic gradient; not a value
         from the paper).
       blocks: B, sampled blocks per iteration (default all n).
+      batch_size, sampler: per-task minibatches, i.i.d. in the paper's analysis (`sampler="iid"`).
       linear_solver: default `gd(1, v_lr, warm_start=True)`, v_lr defaulting to lower_lr.
     """
     with named("mmb"):

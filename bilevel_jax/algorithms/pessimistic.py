@@ -149,6 +149,8 @@ def pessimistic_penalty(problem: BilevelProblem, *, upper_lr=0.1, follower_lr=0.
         phi -> P_Phi(phi): follower and tracker steps are projected onto it. None: on a constrained
         problem the set it was built from (`ConstraintSet.problem`; an error if there is none),
         else Phi = everything.
+      batch_size, sampler: full batch by default; minibatches (i.i.d. by default) make every step
+        stochastic (the method is ours: no paper fixes a sampling scheme).
     """
     with named("pessimistic_penalty"):
         if not isinstance(problem, BilevelProblem):
