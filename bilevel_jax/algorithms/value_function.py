@@ -321,7 +321,10 @@ def bome(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, inner_lr=0.1, 
     or eta q (`control="value"`, the authors' code, eta in {0.1, 0.5, 0.9}). Defaults: T = 10
     (the authors' hyper-cleaning setting), xi = `upper_lr` for x and `lower_lr` (default the same)
     for y. Valid for LLs with many minima (PL). Oracles: T + 2 LL gradients, 1 UL gradient,
-    2 LL values when `control="value"`.
+    2 LL values when `control="value"`. Its limit points are KKT points of min f s.t. q <= 0, where
+    grad q -> 0 (no LICQ): with a constant step the iterates settle in an O(step) neighbourhood,
+    plus the truncation of the T-step y_hat (strongly convex quadratic of the tests, T = 40:
+    5e-2 relative from theta* at step 0.1, 7e-3 at 0.01; 1.5e-3 at 0.003 with T = 100).
 
     Minibatches (the paper's analysis is deterministic): lambda = eta - <grad f, grad q> / ||grad q||^2
     projects grad f off grad q only while grad q is accurate. Near the LL solution the minibatch
