@@ -39,6 +39,12 @@ def test_registry_has_the_eighteen_presets():
         assert bj.algorithms.get(name) is getattr(bj.algorithms, name)
 
 
+def test_every_preset_says_which_sampling_its_paper_assumes():
+    for name in NAMES:
+        doc = " ".join(bj.algorithms.get(name).__doc__.split())
+        assert "Sampling:" in doc or "i.i.d." in doc, name
+
+
 # --------------------------------------------------------------------------- SignSGD + UL
 
 def test_signsgd_ul_uses_the_partial_gradient_at_the_post_ll_point(quad):

@@ -92,7 +92,7 @@ def bsg1(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None,
     """BSG-1 (module docstring: where its rank-one adjoint is exact, and where it diverges) with
     T = `lower_steps` warm-started LL steps of `lower_lr`, UL step `upper_lr` (decayed as
     (k+1)^-`upper_decay`), `eps` in the denominator. A stochastic method: minibatches of 64 by
-    default (`batch_size=None`: full batch)."""
+    default (`batch_size=None`: full batch), i.i.d. as in the paper's analysis."""
     with named("bsg1"):
         check_in_range("eps", eps, 0.0, float("inf"))
         return bilevel_loop(problem, direction=RankOne(as_array(eps)),

@@ -48,7 +48,8 @@ def hjfbio(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lo
            delta=1e-5, batch_size=64, upper_decay=0.0, lower_decay=0.0, **kw) -> BilevelLoop:
     """HJFBiO (module docstring): steps beta = `upper_lr`, alpha = `lower_lr`, eta = `v_lr` (default
     alpha), constant by default (`upper_decay`/`lower_decay` give (k+1)^-p decays), difference step
-    `delta` (default 1e-5). `batch_size`, `sampler`, `estimator`, `check` as in `bilevel_loop`."""
+    `delta` (default 1e-5). `batch_size`, `sampler`, `estimator`, `check` as in `bilevel_loop`;
+    the paper's analysis draws i.i.d. minibatches (`sampler="iid"`, the default)."""
     with named("hjfbio"):
         check_step_size("delta", delta)
         lower = rule("lower_lr", lower_lr, lower_opt, lower_decay)

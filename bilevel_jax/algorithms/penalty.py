@@ -49,7 +49,7 @@ def f2sa(problem: BilevelProblem, *, upper_lr=0.01, lower_lr=0.01, inner_lr=None
     k^{-5/7} (y) with lambda ~ k^{1/7} (`upper_decay=4/7, lower_decay=5/7, inner_decay=4/7,
     penalty_power=1/7`), the rates of the paper's stochastic analysis [verify]. The y steps must
     stay stable: alpha lambda_k L_g < 2 (cap lambda with `penalty_max`). A stochastic method:
-    minibatches of 64 by default (`batch_size=None`: full batch). Oracles per step: 2T + 2 LL
+    minibatches of 64 by default (`batch_size=None`: full batch), i.i.d. as in the paper's analysis. Oracles per step: 2T + 2 LL
     gradients, T + 1 UL gradients, no HVP."""
     with named("f2sa"):
         check_positive_int("lower_steps", lower_steps)
@@ -121,7 +121,8 @@ def pbgd(problem: BilevelProblem, *, penalty: str = "value", upper_lr=0.1, lower
     with gamma_k = min(gamma + (gamma_max - gamma) k / ramp_steps, gamma_max), the linear ramp of
     the authors' code [verify the exact ramp]; alpha = `upper_lr` on x and `lower_lr` (default the
     same) on y. Oracles: V-PBGD T + 2 LL gradients, 1 UL gradient; G-PBGD 1 LL gradient, 1 UL
-    gradient, 1 HVP, 1 cross product."""
+    gradient, 1 HVP, 1 cross product. Sampling: full batch (the paper's deterministic analysis);
+    `batch_size=b` draws i.i.d. minibatches."""
     with named("pbgd"):
         if penalty not in ("value", "gradient"):
             raise ValueError(f"penalty must be 'value' (V-PBGD) or 'gradient' (G-PBGD), got {penalty!r}.")

@@ -334,7 +334,8 @@ def bome(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, inner_lr=0.1, 
     and 6.5 at eta = 0.02, 0.5, 5, and ||phi - phi*(theta)||^2 settles near 53, 4 and 0.5 (about
     2 / eta): with eta = 0.02, ||grad F||^2 rises from 1.5 to 15 over 2000 steps while full batch it
     decreases. Not a defect of the update: with minibatches take eta of order the penalty a
-    penalty method would need (5 to 10 there), or larger batches for q."""
+    penalty method would need (5 to 10 there), or larger batches for q. Sampling: full batch (the
+    paper's deterministic analysis); `batch_size=b` draws i.i.d. minibatches."""
     with named("bome"):
         if control not in ("gradient", "value"):
             raise ValueError(f"control must be 'gradient' or 'value', got {control!r}.")
@@ -361,7 +362,8 @@ def pdbo(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, inner_lr=None, 
     `smoothing=(a1, a2)` uses the smooth, strictly feasible bound v_a of eq. (26) (None: the plain
     value function, for which q >= 0 and lambda climbs to Lambda = `dual_max`). Settings
     [verify: no public code]: N = 10, gamma = `dual_lr` = 1, Lambda = 1e3, reg = 0. Oracles: N + 2
-    LL gradients, 1 UL gradient, 2 LL values."""
+    LL gradients, 1 UL gradient, 2 LL values. Sampling: full batch (the paper's deterministic
+    analysis); `batch_size=b` draws i.i.d. minibatches."""
     with named("pdbo"):
         check_step_size("dual_lr", dual_lr)
         check_in_range("dual_start", dual_start, 0.0, float("inf"))
@@ -387,7 +389,8 @@ def vf_penalty(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, inner_lr=
     smooth penalty rho q), v_a tracked by N warm-started gradient steps, rho_k = min(`penalty` +
     `penalty_rate` k, `penalty_max`). With a1 = a2 = 0 (default) q >= 0 and the hinge is rho q; the
     minimiser is within O(1/rho) of the optimistic solution. Oracles: N + 2 LL gradients, 1 UL
-    gradient, 2 LL values."""
+    gradient, 2 LL values. Sampling: full batch (a deterministic reformulation); `batch_size=b`
+    draws i.i.d. minibatches."""
     with named("vf_penalty"):
         mult = PenaltySchedule(hinge, penalty_ramp(penalty, penalty_rate, 1.0, penalty_max), hinge)
         return value_function(problem, multiplier=mult, upper_lr=upper_lr, lower_lr=lower_lr, tracker_lr=inner_lr,

@@ -111,7 +111,8 @@ def pzobo(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None
           upper_decay=0.0, batch_size: BatchSize = None, sampler: str = "iid", check: bool = False) -> PZOBO:
     """PZOBO (module docstring): step beta = `upper_lr` (decayed as (k+1)^-`upper_decay`), N =
     `lower_steps` LL steps of `lower_lr` per outer step, Q = `num_directions` perturbations of size
-    `mu`; defaults mu = 0.1, Q = 10, N = 10 (the public benchmark's, full batch)."""
+    `mu`; defaults mu = 0.1, Q = 10, N = 10 (the public benchmark's, full batch). Sampling: full
+    batch by default; the paper's stochastic variant draws i.i.d. minibatches (`batch_size=b`)."""
     with named("pzobo"):
         if not isinstance(problem, BilevelProblem):
             raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
