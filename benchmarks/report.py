@@ -36,7 +36,7 @@ def markdown(res: dict) -> str:
     v = m["versions"]
     lines = ["# bilevel_jax bench" + (" (--quick: sizes too small to mean anything)" if m.get("quick") else ""), "",
              f"- device: {m['device']}",
-             f"- versions: " + ", ".join(f"{k} {v[k]}" for k in v if v[k]) + f"; python {m['python']}"
+             "- versions: " + ", ".join(f"{k} {v[k]}" for k in v if v[k]) + f"; python {m['python']}"
              + (f"; XLA_FLAGS={m['xla_flags']}" if m.get("xla_flags") else ""),
              f"- load average (1/5/15 min) at start {tuple(round(x, 2) for x in m['load_avg_start'])}, "
              f"end {tuple(round(x, 2) for x in m.get('load_avg_end', ()))}; total {res.get('total_s', 0):.0f} s",

@@ -120,6 +120,14 @@ class BilevelProblem:
                 raise ValueError(f"{name} must return a pytree of real floating arrays, got {_describe(out)}.")
 
 
+def check_problem(problem: Any, where: str = "") -> BilevelProblem:
+    """`problem` if it is a `BilevelProblem`, else a TypeError (prefixed with `where`)."""
+    if not isinstance(problem, BilevelProblem):
+        prefix = f"{where}: " if where else ""
+        raise TypeError(f"{prefix}problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
+    return problem
+
+
 def check_data_pair(data: Any) -> None:
     """`data` must be `(upper_data, lower_data)`; each a pytree or None."""
     if not (isinstance(data, (tuple, list)) and len(data) == 2):

@@ -20,7 +20,7 @@ import numpy as np
 
 from experiments.config import ConfigError, experiment_dir
 from experiments.plotting import Curve, band, plot_grid
-from experiments.results import CellResult, ResultStore, failed_seeds, failure_text
+from experiments.results import CellResult, ResultStore, failure_text
 from experiments.runner import is_writer, prepare, run_cells
 from experiments.sweep import expand
 

@@ -33,8 +33,6 @@ a rerun computes only the missing ones).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from typing import Dict, List
@@ -42,14 +40,15 @@ from typing import Dict, List
 import numpy as np
 
 from experiments.config import ConfigError, experiment_dir, seed_list
-from experiments.plotting import METRIC_LABELS, Curve, band, plot_grid
+from experiments.curves import (build_algorithm, check_curves, check_metrics, check_problem, results_of,
+                                selected_labels)
+from experiments.plotting import METRIC_LABELS, Curve, plot_grid
 from experiments.results import ResultStore, environment, failure_text, failed_seeds, write_json
 
 METRICS = ("test_accuracy", "test_loss", "residual", "downweighted", "val_loss")
 PROBLEM_KEYS = {"name": "hyperclean", "data": "fashion_mnist", "path": "", "corruption": 0.5, "n_train": 5000,
                 "n_val": 5000, "n_test": 10000, "model": "linear", "hidden": 64, "depth": 1, "reg": 0.01,
                 "data_seed": 0}
-SPECIAL = ("preset", "steps", "label")
 # the paper's reported range for Fashion-MNIST at p = 0.5 (arXiv:2404.03331, section 4 figure)
 PAPER_RANGE = {0.5: (0.80, 0.815)}
 
@@ -60,46 +59,12 @@ METRIC_LABELS.setdefault("downweighted", r"corrupted samples with $\sigma(\lambd
 
 def check(cfg: dict) -> dict:
     """The [problem] table with defaults filled; every name checked before any work."""
-    problem = {**PROBLEM_KEYS, **cfg["problem"]}
-    unknown = sorted(set(problem) - set(PROBLEM_KEYS))
-    if unknown:
-        raise ConfigError(f"[problem]: unknown keys {unknown}; valid: {', '.join(sorted(PROBLEM_KEYS))}.")
-    if problem["name"] != "hyperclean":
-        raise ConfigError(f"figure hyperclean runs the problem 'hyperclean', got {problem['name']!r}.")
+    problem = check_problem(cfg, PROBLEM_KEYS, "hyperclean", "hyperclean")
     if problem["data"] not in ("fashion_mnist",):
         raise ConfigError(f"[problem] data must be 'fashion_mnist', got {problem['data']!r}.")
-    bad = [m for m in cfg["metrics"] if m not in METRICS]
-    if bad:
-        raise ConfigError(f"unknown metrics {bad}; valid: {', '.join(METRICS)}.")
-    import bilevel_jax as bj
-    for label, table in cfg["algorithms"].items():
-        preset = table.get("preset", label)
-        if preset not in bj.algorithms.ALGORITHMS:
-            raise ConfigError(f"algorithms.{label}: unknown algorithm {preset!r}; valid names: "
-                              f"{', '.join(sorted(bj.algorithms.ALGORITHMS))}.")
-        steps = table.get("steps", cfg["steps"])
-        if not isinstance(steps, int) or steps < 1 or steps % cfg["eval_every"]:
-            raise ConfigError(f"algorithms.{label}.steps must be a positive multiple of eval_every "
-                              f"({cfg['eval_every']}), got {steps!r}.")
-        for k, v in table.items():
-            if isinstance(v, list):
-                raise ConfigError(f"algorithms.{label}.{k}: this figure draws one curve per label (no grids).")
+    check_metrics(cfg, METRICS)
+    check_curves(cfg)
     return problem
-
-
-def build_algorithm(problem, label: str, table: dict):
-    """`bj.algorithms.<preset>(problem, **kwargs)` of an [algorithms.<label>] table; errors name the table."""
-    import bilevel_jax as bj
-    from experiments.sweep import make_linear_solver
-    kw = {k: v for k, v in table.items() if k not in SPECIAL}
-    if isinstance(kw.get("linear_solver"), dict):
-        kw["linear_solver"] = make_linear_solver(kw["linear_solver"], f"algorithms.{label}.linear_solver")
-    if kw.get("batch_size", "full") == "full":
-        kw["batch_size"] = None
-    try:
-        return bj.algorithms.get(table.get("preset", label))(problem, **kw)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"algorithms.{label}: {e}") from None
 
 
 def load_problem(problem_cfg: dict):
@@ -139,13 +104,6 @@ def _init_like(phi0, key):
     new = [jax.random.normal(k, x.shape, x.dtype) * jnp.sqrt(2.0 / x.shape[-1]) if x.ndim == 2 else jnp.zeros_like(x)
            for k, x in zip(keys, leaves)]
     return eqx.combine(jax.tree_util.tree_unflatten(treedef, new), phi0)
-
-
-def _cell_id(label: str, table: dict, problem: dict, cfg: dict, steps: int) -> str:
-    key = json.dumps([label, table, problem, cfg["x64"], seed_list(cfg), steps, cfg["eval_every"], cfg["metrics"]],
-                     sort_keys=True, default=str)
-    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in label)
-    return f"{safe}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
 def run_cell(cfg: dict, bundle, inputs, label: str, table: dict):
@@ -307,33 +265,29 @@ def main(cfg: dict) -> dict:
     import jax
     jax.config.update("jax_enable_x64", bool(cfg["x64"]))
     problem_cfg = check(cfg)
-    labels = [k for k in cfg["algorithms"] if not cfg["only"] or k in cfg["only"]]
+    labels = selected_labels(cfg)
     root = experiment_dir(cfg)
-    store = ResultStore(root)
     seeds = seed_list(cfg)
-    results, bundle, inputs = {}, None, None
-    for label in labels:
-        table = cfg["algorithms"][label]
-        steps = int(table.get("steps", cfg["steps"]))
-        cell = _cell_id(label, table, problem_cfg, cfg, steps)
-        if store.has(cell):
-            r = store.load(cell)
-            results[label] = (r.history, r.meta)
-            continue
-        if bundle is None:
+    loaded = {}
+
+    def run_label(label, table):
+        if not loaded:
             start = time.perf_counter()
-            bundle = load_problem(problem_cfg)
-            inputs = seed_inputs(bundle, problem_cfg, seeds)
-            print(f"[{cfg['name']}] {bundle.description} (loaded in {time.perf_counter() - start:.1f} s)", flush=True)
+            loaded["bundle"] = load_problem(problem_cfg)
+            loaded["inputs"] = seed_inputs(loaded["bundle"], problem_cfg, seeds)
+            print(f"[{cfg['name']}] {loaded['bundle'].description} (loaded in {time.perf_counter() - start:.1f} s)",
+                  flush=True)
         t0 = time.perf_counter()
-        history, meta = run_cell(cfg, bundle, inputs, label, table)
-        store.save(cell, history, meta)
-        results[label] = (history, meta)
+        history, meta = run_cell(cfg, loaded["bundle"], loaded["inputs"], label, table)
         if cfg["progress"]:
             t = meta["timings"]
             print(f"[{cfg['name']}] {label}: {time.perf_counter() - t0:.1f} s (compile {t['compile_s']:.1f} s, "
                   f"{1e3 * t['seconds_per_step']:.1f} ms/step, {len(seeds)} seeds)"
                   + (f" -- {failure_text(history)}" if failure_text(history) else ""), flush=True)
+        return history, meta
+
+    results = results_of(cfg, problem_cfg, ResultStore(root), run_label)
+    bundle = loaded.get("bundle")
     description = (bundle.description if bundle is not None else
                    f"data hyper-cleaning on Fashion-MNIST: n_train={problem_cfg['n_train']}, n_val={problem_cfg['n_val']}, "
                    f"n_test={problem_cfg['n_test']}, corruption p={problem_cfg['corruption']:g}, {problem_cfg['model']} "

@@ -30,7 +30,6 @@ measured numbers) and `summary.json`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -39,12 +38,12 @@ from typing import Dict, List
 import numpy as np
 
 from experiments.config import ConfigError, experiment_dir, seed_list
+from experiments.curves import build_algorithm, check_curves, check_metrics, check_problem, results_of
 from experiments.plotting import METRIC_LABELS, Curve, band, plot_grid
 from experiments.results import ResultStore, environment, write_json
 
 METRICS = ("hypergrad_norm", "residual", "lower_grad_norm", "value")
 PROBLEM_KEYS = {"name": "lancbio_synthetic", "n": 200, "kappa": 1e3, "newton_steps": 6}
-SPECIAL = ("preset", "steps", "label")
 CLAIMS = ("comparison", "dimension")
 
 METRIC_LABELS.setdefault("hypergrad_norm", r"$\|\nabla\Phi(\theta_k)\|$")
@@ -59,48 +58,13 @@ def _synthetic():
 
 
 def _check(cfg: dict) -> dict:
-    problem = {**PROBLEM_KEYS, **cfg["problem"]}
-    unknown = sorted(set(problem) - set(PROBLEM_KEYS))
-    if unknown:
-        raise ConfigError(f"[problem]: unknown keys {unknown}; valid: {', '.join(sorted(PROBLEM_KEYS))}.")
-    if problem["name"] != "lancbio_synthetic":
-        raise ConfigError(f"figure lancbio runs the problem lancbio_synthetic, got {problem['name']!r}.")
-    bad = [m for m in cfg["metrics"] if m not in METRICS]
-    if bad:
-        raise ConfigError(f"unknown metrics {bad}; valid: {', '.join(METRICS)}.")
+    problem = check_problem(cfg, PROBLEM_KEYS, "lancbio_synthetic", "lancbio")
+    check_metrics(cfg, METRICS)
     claims = cfg["options"].get("claims", "comparison")
     if claims not in CLAIMS or set(cfg["options"]) - {"claims"}:
         raise ConfigError(f"[options]: claims = one of {CLAIMS}; got {cfg['options']!r}.")
-    import bilevel_jax as bj
-    for label, table in cfg["algorithms"].items():
-        preset = table.get("preset", label)
-        if preset not in bj.algorithms.ALGORITHMS:
-            bj.algorithms.get(preset)  # raises with the valid names
-        if "steps" in table and (table["steps"] < 1 or table["steps"] % cfg["eval_every"]):
-            raise ConfigError(f"algorithms.{label}.steps must be a positive multiple of eval_every.")
-        for k, v in table.items():
-            if isinstance(v, list):
-                raise ConfigError(f"algorithms.{label}.{k}: this figure draws one curve per label (no grids).")
+    check_curves(cfg)
     return problem
-
-
-def _solver(spec: dict):
-    import bilevel_jax as bj
-    spec = dict(spec)
-    name = spec.pop("name", None)
-    if name not in bj.linear_solvers.__all__ or not name.islower():
-        raise ConfigError(f"linear_solver name {name!r}: use one of "
-                          f"{', '.join(n for n in bj.linear_solvers.__all__ if n.islower() and '_' not in n[:1])}.")
-    return getattr(bj.linear_solvers, name)(**spec)
-
-
-def build_algorithm(problem, label: str, table: dict):
-    import bilevel_jax as bj
-    kw = {k: v for k, v in table.items() if k not in SPECIAL}
-    if isinstance(kw.get("linear_solver"), dict):
-        kw["linear_solver"] = _solver(kw["linear_solver"])
-    kw.setdefault("batch_size", None)
-    return bj.algorithms.get(table.get("preset", label))(problem, **kw)
 
 
 _EVALUATORS: dict = {}
@@ -134,13 +98,6 @@ def _record(state, data):
     import jax.numpy as jnp
     v = state.v
     return {"theta": state.theta, "phi": state.phi, "v": jnp.full_like(state.phi, jnp.nan) if v is None else v}
-
-
-def _cell_id(label: str, table: dict, problem: dict, cfg: dict, steps: int) -> str:
-    key = json.dumps([label, table, problem, cfg["x64"], seed_list(cfg), steps, cfg["eval_every"]], sort_keys=True,
-                     default=str)
-    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in label)
-    return f"{safe}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
 def run_cell(cfg: dict, problem_cfg: dict, label: str, table: dict) -> tuple:
@@ -313,26 +270,18 @@ def main(cfg: dict) -> None:
     import jax
     jax.config.update("jax_enable_x64", bool(cfg["x64"]))
     problem_cfg = _check(cfg)
-    labels = [k for k in cfg["algorithms"] if not cfg["only"] or k in cfg["only"]]
     root = experiment_dir(cfg)
-    store = ResultStore(root)
-    results = {}
-    for label in labels:
-        table = cfg["algorithms"][label]
-        steps = int(table.get("steps", cfg["steps"]))
-        cell = _cell_id(label, table, problem_cfg, cfg, steps)
-        if store.has(cell):
-            r = store.load(cell)
-            results[label] = (r.history, r.meta)
-            continue
+
+    def run_label(label, table):
         t0 = time.perf_counter()
         history, meta = run_cell(cfg, problem_cfg, label, table)
-        store.save(cell, history, meta)
-        results[label] = (history, meta)
         if cfg["progress"]:
             t = meta["timings"]
             print(f"[{cfg['name']}] {label}: {time.perf_counter() - t0:.1f} s (compile {t['compile_s']:.1f} s, "
                   f"{1e3 * (t['seconds_per_step'] or float('nan')):.3f} ms/step)", flush=True)
+        return history, meta
+
+    results = results_of(cfg, problem_cfg, ResultStore(root), run_label)
     metrics = [m for m in cfg["plot"]["metrics"]]
     curves = _curves(results, cfg["metrics"])
     path = plot_grid(curves, metrics, cfg["plot"]["x"], os.path.join(root, cfg["plot"]["file"] or f"{cfg['name']}.png"),

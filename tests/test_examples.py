@@ -4,7 +4,6 @@ import math
 import pathlib
 import sys
 
-import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 

@@ -343,7 +343,7 @@ def test_quadratic_metrics_match_closed_forms():
 # results never hide a failure; references and targets
 
 def test_a_diverged_seed_is_reported_in_the_table_summary_and_figure(tmp_path):
-    from experiments import convergence, problems, runner
+    from experiments import convergence, runner
     from experiments.results import ResultStore
     cfg = tiny(tmp_path, seeds=3, algorithms={"soba": {"upper_lr": 0.1, "lower_lr": 0.2, "batch_size": 4}})
     store = ResultStore(C.experiment_dir(cfg))

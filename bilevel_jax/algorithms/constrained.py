@@ -76,7 +76,7 @@ from bilevel_jax.algorithms.steps import Rule, StepRule, as_rule, init_rule
 from bilevel_jax.constraints import ConstraintSet, ProjectedTransform, feasible_set, projected
 from bilevel_jax.hypergrad.kkt import adjoint_like, keep_or_fail, kkt_direction, kkt_system
 from bilevel_jax.linear_solvers import LinearSolver, minres
-from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.problem import BilevelProblem, check_problem
 
 PyTree = Any
 
@@ -222,7 +222,7 @@ def implicit_or_kkt(problem: BilevelProblem, linear_solver: Optional[LinearSolve
                     default: Callable[[], LinearSolver]) -> DirectionRule:
     """An AID preset's direction rule: `implicit(linear_solver or default(), warm_start)`, or on a
     constrained problem `kkt` with `linear_solver` (default `minres(10)`; `warm_start` as given)."""
-    if not problem.constrained:
+    if not check_problem(problem).constrained:
         return implicit(linear_solver or default(), warm_start)
     solver = minres(10) if linear_solver is None else linear_solver
     if isinstance(solver, LinearSolver) and solver.warm_start != warm_start:
@@ -232,7 +232,7 @@ def implicit_or_kkt(problem: BilevelProblem, linear_solver: Optional[LinearSolve
 
 def amortized_or_kkt(problem: BilevelProblem, v_rule: StepRule) -> DirectionRule:
     """SOBA's direction rule: `Amortized(v_rule)`, or `amortized_kkt` on a constrained problem."""
-    return amortized_kkt(problem, v_rule) if problem.constrained else Amortized(v_rule)
+    return amortized_kkt(problem, v_rule) if check_problem(problem).constrained else Amortized(v_rule)
 
 
 # ------------------------------------------------------------------ BSG with constraints

@@ -33,7 +33,7 @@ from bilevel_jax.algorithms._common import named, rule
 from bilevel_jax.algorithms.base import Algorithm, OracleCounts
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
 from bilevel_jax.algorithms.steps import StepRule, apply_step, check_data, draw_batches, finish, init_rule, start
-from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.problem import BilevelProblem, check_problem
 from bilevel_jax.sampling import Sampler
 from bilevel_jax.schedules import OneMinus, as_schedule
 
@@ -104,8 +104,7 @@ def fsla(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, uppe
     whole optax rules; STORM weight a_k = 1 - `momentum_eta` (a float or a schedule eta_k).
     Sampling: i.i.d. minibatches (the paper's). See the module docstring for the update."""
     with named("fsla"):
-        if not isinstance(problem, BilevelProblem):
-            raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
+        check_problem(problem)
         check_in_range("momentum_eta", momentum_eta, 0.0, 1.0)
         oracles.check_mode(mode)
         weight = OneMinus(as_schedule(momentum_eta)) if callable(momentum_eta) else as_schedule(1.0 - momentum_eta)

@@ -28,7 +28,7 @@ from bilevel_jax.algorithms.base import Algorithm, step_key
 from bilevel_jax.algorithms.directions import DirectionRule, Point
 from bilevel_jax.algorithms.steps import (SOLVER_STREAM, Batches, Rule, StepRule, apply_step, as_rule, check_data,
                                           draw_batches, finish, init_rule, lower_phase, start)
-from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.problem import BilevelProblem, check_problem
 from bilevel_jax.sampling import BLOCK_SAMPLERS, Sampler, make_sampler, num_batches, num_samples
 
 PyTree = Any
@@ -169,8 +169,7 @@ def bilevel_loop(problem: BilevelProblem, *, direction: DirectionRule, upper_opt
         is always reported in `step_info.status`.
       name: the preset's name, used in error messages.
     """
-    if not isinstance(problem, BilevelProblem):
-        raise TypeError(f"{name}: problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
+    check_problem(problem, name)
     if not isinstance(direction, DirectionRule):
         raise TypeError(f"{name}: direction must be a DirectionRule, got {direction!r}.")
     check_positive_int("lower_steps", lower_steps, minimum=0)

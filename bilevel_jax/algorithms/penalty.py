@@ -31,7 +31,7 @@ from bilevel_jax.algorithms.base import Algorithm, OracleCounts
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
 from bilevel_jax.algorithms.steps import StepRule, apply_step, check_data, draw_batches, finish, init_rule, start
 from bilevel_jax.algorithms.value_function import PenaltyRamp, PenaltySchedule, ValueFunction, penalty_ramp, value_function
-from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.problem import BilevelProblem, check_problem
 from bilevel_jax.sampling import Sampler
 
 PyTree = Any
@@ -139,8 +139,7 @@ def pbgd(problem: BilevelProblem, *, penalty: str = "value", upper_lr=0.1, lower
                                   tracker_opt=inner_opt, tracker_steps=lower_steps, scale_upper=True,
                                   batch_size=batch_size, sampler=sampler, check=check, name="pbgd")
         oracles.check_mode(mode)
-        if not isinstance(problem, BilevelProblem):
-            raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
+        check_problem(problem)
         return GradientPenalty(problem, rule("upper_lr", upper_lr, upper_opt), rule("lower_lr", lower_lr, lower_opt),
                                ramp, make_samplers(batch_size, sampler), mode, check)
 

@@ -58,7 +58,7 @@ from bilevel_jax.algorithms.steps import (StepRule, apply_step, check_data, draw
 from bilevel_jax.algorithms.value_function import PenaltyRamp, penalty_ramp
 from bilevel_jax.algorithms.constrained import lower_projection, project_rule
 from bilevel_jax.hypergrad.inner import lower_steps as run_lower_steps
-from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.problem import BilevelProblem, check_problem
 from bilevel_jax.sampling import Sampler
 
 PyTree = Any
@@ -153,8 +153,7 @@ def pessimistic_penalty(problem: BilevelProblem, *, upper_lr=0.1, follower_lr=0.
         stochastic (the method is ours: no paper fixes a sampling scheme).
     """
     with named("pessimistic_penalty"):
-        if not isinstance(problem, BilevelProblem):
-            raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
+        check_problem(problem)
         project = (lower_projection(problem, lower_set) if (lower_set is not None or problem.constrained)
                    else None)
         check_positive_int("follower_steps", follower_steps)

@@ -36,7 +36,7 @@ from bilevel_jax.algorithms.steps import (SOLVER_STREAM, StepRule, apply_step, c
                                           draw_batches, finish, init_rule, start)
 from bilevel_jax.hypergrad.implicit import implicit_direction, make_matvec
 from bilevel_jax.linear_solvers import LinearSolver, cg
-from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.problem import BilevelProblem, check_problem
 from bilevel_jax.sampling import Sampler
 
 PyTree = Any
@@ -195,8 +195,7 @@ def stable(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=Non
     onto {H >= mu I} (`StableTracked`; small problems only). `batch_size`, `sampler`, `mode` and
     `check` as in `bilevel_loop`. Sampling: i.i.d. minibatches (the paper's)."""
     with named("stable"):
-        if not isinstance(problem, BilevelProblem):
-            raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
+        check_problem(problem)
         oracles.check_mode(mode)
         if hessian_tracking:
             if linear_solver is not None:

@@ -59,7 +59,7 @@ from bilevel_jax.algorithms.loop import BatchSize, make_samplers
 from bilevel_jax.algorithms.steps import (StepRule, apply_step, check_data, draw_batches,
                                           finish, init_rule, lower_phase, start)
 from bilevel_jax.hypergrad.inner import lower_steps as run_lower_steps
-from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.problem import BilevelProblem, check_problem
 from bilevel_jax.sampling import Sampler
 
 PyTree = Any
@@ -279,8 +279,7 @@ def value_function(problem: BilevelProblem, *, multiplier: Multiplier, upper_lr=
     (`lower_lr`) and the tracker z (`tracker_lr`, default `lower_lr`), floats, arrays, schedules or
     optax rules; `tracker_steps` T; `smoothing=(a1, a2)` for v_a of eq. (26) (None: the plain v)."""
     with named(name):
-        if not isinstance(problem, BilevelProblem):
-            raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
+        check_problem(problem)
         if not isinstance(multiplier, Multiplier):
             raise TypeError(f"multiplier must be a value_function.Multiplier, got {multiplier!r}.")
         check_positive_int("tracker_steps", tracker_steps, minimum=1)

@@ -30,7 +30,7 @@ from bilevel_jax.algorithms.loop import BatchSize, make_samplers
 from bilevel_jax.algorithms.steps import (SOLVER_STREAM, StepRule, apply_step, check_data,
                                           draw_batches, finish, init_rule, start)
 from bilevel_jax.hypergrad.inner import lower_steps as run_lower_steps
-from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.problem import BilevelProblem, check_problem
 from bilevel_jax.sampling import Sampler
 
 PyTree = Any
@@ -114,8 +114,7 @@ def pzobo(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None
     `mu`; defaults mu = 0.1, Q = 10, N = 10 (the public benchmark's, full batch). Sampling: full
     batch by default; the paper's stochastic variant draws i.i.d. minibatches (`batch_size=b`)."""
     with named("pzobo"):
-        if not isinstance(problem, BilevelProblem):
-            raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
+        check_problem(problem)
         check_positive_int("lower_steps", lower_steps)
         check_positive_int("num_directions", num_directions)
         check_step_size("mu", mu)

@@ -19,7 +19,7 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax.linear_solvers import LinearSolver, SolverInfo, cg, fail_where
-from bilevel_jax.problem import BilevelProblem, check_same_structure
+from bilevel_jax.problem import BilevelProblem, check_problem, check_same_structure
 
 PyTree = Any
 
@@ -97,8 +97,7 @@ def hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[Li
       OK: the solve failed (a concave or singular lower level: BREAKDOWN; NaN in the data:
       NONFINITE; v is NaN too) or g itself is non-finite. Never a finite-looking value.
     """
-    if not isinstance(problem, BilevelProblem):
-        raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
+    check_problem(problem)
     if problem.constrained:  # constrained LL: the KKT implicit gradient (multipliers by least squares)
         from bilevel_jax.hypergrad.kkt import kkt_hypergradient
         if key is not None or lower_sampler is not None or mode != "rev":

@@ -65,7 +65,7 @@ from bilevel_jax import status as st
 from bilevel_jax.constraints import least_squares_multipliers, licq_status
 from bilevel_jax.linear_solvers import LinearSolver, SolverInfo, fail_where, minres
 from bilevel_jax.oracles import Multipliers
-from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.problem import BilevelProblem, check_problem
 
 PyTree = Any
 
@@ -227,8 +227,7 @@ def kkt_hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optiona
       `(g, KKTInfo)`. g is NaN (every leaf) when the status has BREAKDOWN or NONFINITE (a failed
       adjoint solve, a non-finite value), and with DEGENERATE only under `nan_if_degenerate`.
     """
-    if not isinstance(problem, BilevelProblem):
-        raise TypeError(f"problem must be a bj.BilevelProblem, got {type(problem).__name__}.")
+    check_problem(problem)
     if not problem.constrained:
         raise ValueError("kkt_hypergradient: the problem has no lower_inequality / lower_equality; "
                          "use bj.hypergradient.")
