@@ -44,6 +44,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=N. Only the figures built on
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -63,14 +64,18 @@ def set_host_devices(devices) -> None:
     jax.config.update("jax_num_cpu_devices", max(1, int(devices)))
 
 
+FIGURES = ("convergence", "hessian_free", "hyperclean", "lancbio", "morbit", "rates")
+
+
 def figure_module(cfg: dict):
+    """The module `experiments.<figure>` that runs the config (one of FIGURES)."""
     name = cfg["figure"]
-    try:
-        return importlib.import_module(f"experiments.{name}")
-    except ModuleNotFoundError as e:
+    if name not in FIGURES:
         from experiments.config import ConfigError
-        raise ConfigError(f"unknown figure {name!r}: no module experiments.{name} "
-                          "(valid: convergence, rates).") from e
+        close = difflib.get_close_matches(str(name), FIGURES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown figure {name!r}.{hint} Valid: {', '.join(FIGURES)}.")
+    return importlib.import_module(f"experiments.{name}")
 
 
 def parse_args(argv):
@@ -119,7 +124,7 @@ def join_job(args) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv or "-h" in argv or "--help" in argv:
         print(__doc__ if argv else USAGE)
         return 0 if argv else 2
     import jax

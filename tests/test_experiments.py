@@ -416,3 +416,13 @@ def test_hpo_reference_is_feasible_and_not_above_any_point_a_run_reached(tmp_pat
     gaps = np.concatenate([np.asarray(r.history["value_gap"]).ravel() for r in out["results"]])
     assert np.nanmin(gaps) >= 0.0
     assert "h*" in out["reference_note"]
+
+
+def test_every_config_names_a_known_figure_and_a_typo_gets_the_closest():
+    import glob
+    import importlib
+    main = importlib.import_module("experiments.__main__")
+    for path in glob.glob(os.path.join(ROOT, "configs", "*.toml")):
+        assert C.load(path)["figure"] in main.FIGURES, path
+    with pytest.raises(C.ConfigError, match="unknown figure 'hesian_free'. Did you mean 'hessian_free'"):
+        main.figure_module({"figure": "hesian_free"})
