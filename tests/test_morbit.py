@@ -122,6 +122,7 @@ def test_one_step_is_the_weighted_sum_of_per_task_hypergradients_one_task_at_a_t
     np.testing.assert_allclose(new.lam, lam_new, rtol=1e-12, atol=1e-12)
     assert int(info.status) == bj.status.OK
     assert int(info.oracles.lower_grads) == n and int(info.oracles.cross) == n
+    assert int(info.oracles.upper_grads) == n and int(info.oracles.values) == n   # lambda's ascent: n UL values
 
 
 def test_the_list_of_pairs_form_matches_the_shared_form(q):

@@ -181,16 +181,16 @@ class Morbit(Algorithm):
         theta, upper_state, up_status = apply_step(self.upper, theta, state.upper_opt_state, direction, k, p.project)
 
         lam, lam_state, lam_status = state.lam, state.lam_opt_state, st.ok()
-        upper_grads = n
+        num_values = 0
         if not self.uniform:
             values = p.map_tasks(lambda pair, phi_i, batch_i: pair.f_upper(theta, phi_i, batch_i), out.phi,
                                  out.upper_batch)
             ascent = values - self.mu * (state.lam - 1.0 / n)
             lam, lam_state, lam_status = apply_step(self.lam_rule, state.lam, state.lam_opt_state, -ascent, k,
                                                     lambda l: project_simplex(l, self.delta))
-            upper_grads = 2 * n   # the values at theta^{k+1}: one more UL pass per task
+            num_values = n   # f_upper at theta^{k+1}, one per task
 
-        counts = OracleCounts.of(lower_grads=n * self.lower_steps, upper_grads=upper_grads, cross=n,
+        counts = OracleCounts.of(lower_grads=n * self.lower_steps, upper_grads=n, cross=n, values=num_values,
                                  hvps=jnp.sum(out.matvecs))
         (theta, phi, lam), info = finish(
             (theta, out.phi, lam), counts, jnp.max(out.residual_norm),
@@ -358,7 +358,7 @@ class MMB(Algorithm):
                                           put(state.solver, out.solver))
 
         b = self.blocks if p.shared else n
-        counts = OracleCounts.of(lower_grads=b, upper_grads=2 * b, cross=b, hvps=jnp.sum(out.matvecs))
+        counts = OracleCounts.of(lower_grads=b, upper_grads=b, cross=b, values=b, hvps=jnp.sum(out.matvecs))
         (theta, phi, lam, eta), info = finish(
             (theta, phi, lam, eta), counts, jnp.max(out.residual_norm),
             (any_status(out.status), up_status, lam_status), check=self.check, where="mmb outer step")
