@@ -505,3 +505,41 @@ def test_factory_argument_checks():
         ls.CG(maxiter=0)  # the classes check too
     with pytest.raises(ValueError, match=r"eta must be a positive step size"):
         dataclasses.replace(ls.gd(), eta=-1.0)
+
+
+# ------------------------------------------------------------------------------------ damping
+def test_damped_solves_the_shifted_system_where_the_undamped_breaks_down():
+    """A indefinite (lambda_min = -0.5): CG and the dense factorisation break down (NaN); damped by
+    1 they solve (A + I) x = b to rounding, with the inner solver's count and status."""
+    a = _spd(3, 6, np.array([-0.5, 0.2, 1.0, 2.0, 3.0, 4.0]))
+    b = np.random.default_rng(4).normal(size=6)
+    expected = np.linalg.solve(a + np.eye(6), b)
+    for inner in (ls.cg(30), ls.dense()):
+        x, info = _solve(inner, a, b)
+        _failed(x, info, st.BREAKDOWN)
+        x, info = _solve(ls.damped(inner, 1.0), a, b)
+        _ok(info)
+        np.testing.assert_allclose(x, expected, rtol=1e-10)
+        assert int(info.num_matvecs) == int(_solve(inner, a + np.eye(6), b)[1].num_matvecs)
+    # the damping is an array field: one compilation serves a sweep over it
+    sweep = jax.vmap(lambda lam: ls.damped(ls.dense(), lam).solve(lambda v: a @ v, b, ls.dense().init(b))[0])
+    lams = jnp.array([1.0, 2.0, 5.0])
+    np.testing.assert_allclose(sweep(lams), [np.linalg.solve(a + lam * np.eye(6), b) for lam in lams], rtol=1e-10)
+
+
+def test_damped_forwards_the_key_of_a_stochastic_solver_and_checks_its_input(small):
+    a, b, _ = small
+    inner = ls.stochastic_neumann(steps=5, eta=0.1)
+    solver = ls.damped(inner, 0.3)
+    assert solver.stochastic and not ls.damped(ls.cg()).stochastic
+    key = jax.random.PRNGKey(5)
+    x, _, info = solver.solve(lambda v, k: a @ v, b, solver.init(b), key=key)
+    x_ref, _, _ = inner.solve(lambda v, k: a @ v + 0.3 * v, b, inner.init(b), key=key)
+    np.testing.assert_array_equal(x, x_ref)
+    _ok(info)
+    with pytest.raises(ValueError, match=r"damping must lie in \[0.0, inf\)"):
+        ls.damped(ls.cg(), -1.0)
+    with pytest.raises(TypeError, match="already damped"):
+        ls.damped(ls.damped(ls.cg()))
+    with pytest.raises(TypeError, match="solver must be a bj.linear_solvers solver"):
+        ls.damped(lambda v: v)

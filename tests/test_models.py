@@ -97,3 +97,21 @@ def test_hypergradient_of_an_mlp_phi_matches_the_dense_solve(mlp_setup):
     chex.assert_trees_all_close(info.v, info_dense.v, rtol=1e-7, atol=1e-10)
     # v is shaped like the model's array part (None at the activation)
     assert jax.tree_util.tree_structure(info.v) == jax.tree_util.tree_structure(eqx.filter(model, eqx.is_inexact_array))
+
+
+def test_a_random_mlp_breaks_down_undamped_and_the_damped_solve_is_the_proximal_hypergradient(mlp_setup):
+    """At a random init with a tiny weight decay the MLP's LL Hessian is indefinite (lambda_min ~
+    -0.86): the dense solve reports BREAKDOWN with NaN; `damped(cg, 2)` returns the hypergradient of
+    the LL with (2/2) ||params||^2 added (same J, Hessian + 2 I), = the dense reference of that LL."""
+    problem, _, data = mlp_setup
+    theta, model = jnp.asarray(-8.0), make_mlp(jax.random.PRNGKey(0))
+    g, info = bj.hypergradient(problem, theta, model, data, bj.linear_solvers.dense())
+    assert int(info.status) & bj.status.BREAKDOWN and not bool(jnp.isfinite(g))
+    g_damped, info = bj.hypergradient(problem, theta, model, data,
+                                      bj.linear_solvers.damped(bj.linear_solvers.cg(maxiter=200), 2.0))
+    assert int(info.status) == bj.status.OK
+    proximal = bj.BilevelProblem(f_upper, lambda t, m, b: f_lower(t, m, b) + otu.tree_norm(
+        eqx.filter(m, eqx.is_inexact_array), squared=True))
+    g_ref, info_ref = bj.hypergradient(proximal, theta, model, data, bj.linear_solvers.dense())
+    assert int(info_ref.status) == bj.status.OK
+    chex.assert_trees_all_close(g_damped, g_ref, rtol=1e-8, atol=1e-12)

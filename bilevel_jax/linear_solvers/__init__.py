@@ -5,6 +5,7 @@
 """
 from bilevel_jax.linear_solvers.base import LinearSolver, SolverInfo, WarmStart, fail_where, residual_norm
 from bilevel_jax.linear_solvers.cg import CG, cg
+from bilevel_jax.linear_solvers.damped import Damped, damped
 from bilevel_jax.linear_solvers.dense import Dense, dense
 from bilevel_jax.linear_solvers.gd import GD, Neumann, gd, neumann
 from bilevel_jax.linear_solvers.lanczos import Lanczos, LanczosState, lanczos
@@ -15,7 +16,7 @@ from bilevel_jax.linear_solvers.subspace import Subspace, subspace
 
 __all__ = [
     "LinearSolver", "SolverInfo", "WarmStart", "fail_where", "residual_norm",
-    "CG", "Dense", "GD", "Lanczos", "LanczosState", "Neumann", "StochasticNeumann", "Subspace",
+    "CG", "Damped", "Dense", "GD", "Lanczos", "LanczosState", "Neumann", "StochasticNeumann", "Subspace",
     "MINRES", "minres",
-    "cg", "dense", "gd", "lanczos", "neumann", "stochastic_neumann", "subspace", "sampled_neumann", "SampledNeumann",
+    "cg", "damped", "dense", "gd", "lanczos", "neumann", "stochastic_neumann", "subspace", "sampled_neumann", "SampledNeumann",
 ]
