@@ -11,7 +11,10 @@
   (`scale_upper`: d = grad f / gamma + grad q).
 - G-PBGD (same paper): a joint step on f(x, y) + (gamma / 2) ||grad_y g(x, y)||^2, whose gradient
   (grad f + gamma (J grad_y g, A grad_y g)) needs one linearisation of grad_y g (1 HVP + 1 cross):
-  not Hessian-free, but valid where grad_y g = 0 characterises the LL solutions (PL).
+  not Hessian-free, but valid where grad_y g = 0 characterises the LL solutions (PL). With
+  minibatches, grad_y g is taken on a second, independent LL batch: the product A_B grad_y g_B'
+  is then unbiased for A grad_y g, while one batch for both estimates the gradient of
+  E||grad_y g_B||^2, the penalty plus the minibatch variance of grad_y g (a biased problem).
 
 Both penalties reach the bilevel solution as the penalty grows: the minimiser of the penalised
 problem is within O(1/lambda) (O(1/gamma)) of it.
@@ -32,7 +35,7 @@ from bilevel_jax.algorithms.loop import BatchSize, make_samplers
 from bilevel_jax.algorithms.steps import StepRule, apply_step, check_data, draw_batches, finish, init_rule, start
 from bilevel_jax.algorithms.value_function import PenaltyRamp, PenaltySchedule, ValueFunction, penalty_ramp, value_function
 from bilevel_jax.problem import BilevelProblem, check_problem
-from bilevel_jax.sampling import Sampler
+from bilevel_jax.sampling import Full, Sampler
 
 PyTree = Any
 
@@ -91,17 +94,21 @@ class GradientPenalty(Algorithm):
     def update(self, state: GradientPenaltyState, data):
         check_data(data, self.samplers)
         p, k = self.problem, state.count
-        batches = draw_batches(self.samplers, data, state.key, k)
+        stochastic = not isinstance(self.samplers[1], Full)
+        batches = draw_batches(self.samplers, data, state.key, k, lower_steps=int(stochastic))
         g_theta, g_phi = oracles.upper_grads(p, state.theta, state.phi, batches.upper)
         lin = oracles.linearize_lower(p, state.theta, state.phi, batches.lower, self.mode)
-        # grad of (1/2) ||grad_phi f_lower||^2 = (J grad_phi f_lower, A grad_phi f_lower)
-        a_g, j_g = lin.hvp_and_cross(lin.grad_phi)
+        # grad of (1/2) ||grad_phi f_lower||^2 = (J grad_phi f_lower, A grad_phi f_lower); with minibatches
+        # grad_phi f_lower from an independent batch (module docstring: unbiased product)
+        g_lower = (oracles.lower_grad_phi(p, state.theta, state.phi, batches.lower_at(0)) if stochastic
+                   else lin.grad_phi)
+        a_g, j_g = lin.hvp_and_cross(g_lower)
         gamma = self.penalty(k)
         theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state,
                                                    otu.tree_add_scale(g_theta, gamma, j_g), k, p.project)
         phi, lower_state, low_status = apply_step(self.lower, state.phi, state.lower_opt_state,
                                                   otu.tree_add_scale(g_phi, gamma, a_g), k)
-        counts = OracleCounts.of(lower_grads=1, upper_grads=1, hvps=1, cross=1)
+        counts = OracleCounts.of(lower_grads=1 + int(stochastic), upper_grads=1, hvps=1, cross=1)
         (theta, phi), info = finish((theta, phi), counts, otu.tree_norm(lin.grad_phi), (up_status, low_status),
                                     check=self.check, where="pbgd outer step")
         return GradientPenaltyState(theta, phi, k + 1, state.key, upper_state, lower_state), info
@@ -120,8 +127,8 @@ def pbgd(problem: BilevelProblem, *, penalty: str = "value", upper_lr=0.1, lower
 
     with gamma_k = min(gamma + (gamma_max - gamma) k / ramp_steps, gamma_max), the linear ramp of
     the authors' code [verify the exact ramp]; alpha = `upper_lr` on x and `lower_lr` (default the
-    same) on y. Oracles: V-PBGD T + 2 LL gradients, 1 UL gradient; G-PBGD 1 LL gradient, 1 UL
-    gradient, 1 HVP, 1 cross product. Sampling: full batch (the paper's deterministic analysis);
+    same) on y. Oracles: V-PBGD T + 2 LL gradients, 1 UL gradient; G-PBGD 1 LL gradient (2 with
+    minibatches: the independent batch of the module docstring), 1 UL gradient, 1 HVP, 1 cross product. Sampling: full batch (the paper's deterministic analysis);
     `batch_size=b` draws i.i.d. minibatches."""
     with named("pbgd"):
         if penalty not in ("value", "gradient"):
