@@ -1,6 +1,6 @@
 """Model pruning by bilevel optimisation: a relaxed mask on the weights of an equinox model.
 
-The lecture notes' eq. 8 (Zhang et al., "Advancing Model Pruning via Bi-level Optimization",
+Bi-level pruning (Zhang et al., "Advancing Model Pruning via Bi-level Optimization",
 NeurIPS 2022, arXiv:2210.04092), `bj.problems.pruning`:
 
     min_{theta in [0,1]^{10x64}}  CE_val(theta (.) phi*(theta)) + sparsity * mean(theta)

@@ -1,4 +1,5 @@
-"""`make demo`: the hyperparameter-selection comparison of seed 003 on real, embedded data.
+"""`make demo`: the hyperparameter-selection comparison of Dagréou et al. 2022
+(arXiv:2201.13409) on real, embedded data.
 
     python -m experiments.demo [key=value ...]       # same overrides as `python -m experiments`
 

@@ -1,4 +1,5 @@
-"""Robust multi-task learning with MORBiT (seed 000's robust multi-objective bilevel problem).
+"""Robust multi-task learning with MORBiT (the robust multi-objective bilevel
+problem of Gu, Lu, Ram, Weng, ICLR 2023, arXiv:2203.01924).
 
 (a) Sinusoid robust meta-regression (Gu, Lu, Ram, Weng, "Min-Max Multi-objective Bilevel
     Optimization with Applications in Robust Machine Learning", ICLR 2023, arXiv:2203.01924):
@@ -17,7 +18,7 @@
     loss at heads fitted on the training samples of each task. Runs when `bj.datasets.fashion_mnist`
     finds the IDX files (Debian's dataset-fashion-mnist), else it is skipped with a message.
 
-The summary puts seed 000's claim (the robust solution lowers the worst task's loss at some cost
+The summary puts the paper's claim (the robust solution lowers the worst task's loss at some cost
 in the mean) next to the measured final numbers.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ from experiments.config import ConfigError, experiment_dir, seed_list
 from experiments.plotting import Curve, plot_grid
 from experiments.results import environment, write_json
 
-CLAIM = ("seed 000 (robust multi-objective bilevel, eqs. 33-37): optimising for the worst-case scalarisation "
+CLAIM = ("Gu et al. 2023 (robust multi-objective bilevel): optimising for the worst-case scalarisation "
          "finds theta so that all objectives are good; the robust solution lowers the worst task's loss at some "
          "cost in the mean (MORBiT paper, sinusoid meta-regression: lower maximum task loss than uniform "
          "weights, with a comparable or slightly higher mean).")

@@ -158,7 +158,7 @@ class LogregOptions:
 
 
 def logreg_hpo(**options) -> Setup:
-    """Seed 003's hyperparameter selection: logistic regression with one regulariser exp(theta_k)
+    """Dagréou et al. 2022's hyperparameter selection (arXiv:2201.13409): logistic regression with one regulariser exp(theta_k)
     per feature (`bj.problems.logistic_hpo`); `options` are the fields of `LogregOptions`.
 
     data: "ijcnn1" (libsvm files from `path` or $BILEVEL_JAX_IJCNN1, else the IJCNN1-shaped

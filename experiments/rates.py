@@ -1,6 +1,7 @@
-"""Empirical convergence rates of TTSA (seeds 001/002) on the stochastic quadratic problem.
+"""Empirical convergence rates of TTSA (Hong, Wai, Wang, Yang, SIAM J. Optim. 2023,
+arXiv:2007.05170) on the stochastic quadratic problem.
 
-The theory (seed 001, "TTSA Analysis", eq. 39-52):
+The theory (Hong et al.'s analysis):
   weakly convex UL, with K iterations and alpha = O(K^-3/5), beta = O(K^-2/5) held for all k <= K:
       (1/K) sum_k Delta_phi^k = O~(K^-2/5),  near-stationarity (1/K) sum_k E||grad F||^2 = O~(K^-2/5)
   strongly convex UL, alpha_k ~ 1/k, beta_k ~ k^-2/3:

@@ -5,7 +5,8 @@ dispatch that makes aid_bio, amigo and soba use them on a constrained problem.
 LL: min_{phi in Phi(theta)} f_lower, Phi(theta) = {P(theta, phi) <= 0, Q(theta, phi) = 0}. At
 (theta, phi) the multipliers lambda are recovered by least squares from stationarity, the active
 set A is read from them and the constraint values, and the adjoint z = (a, b_P, b_Q) of the
-symmetric indefinite KKT system (`bj.hypergrad.kkt`; lecture notes, seed 000, eqs. 8-17)
+symmetric indefinite KKT system (`bj.hypergrad.kkt`; the KKT implicit
+function theorem, as in Giovannelli, Kent, Vicente 2021, arXiv:2110.00604)
 
     K z = r,   K = [[grad^2_phi L, grad_phi P_A', grad_phi Q'], [grad_phi P_A, 0, 0], [grad_phi Q, 0, 0]],
     r = (grad_phi f_upper, 0, 0),

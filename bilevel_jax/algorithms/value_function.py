@@ -380,7 +380,7 @@ def vf_penalty(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, inner_lr=
                lower_steps: int = 10, smoothing=(0.0, 0.0), hinge: bool = True, batch_size: BatchSize = None,
                **kw) -> ValueFunction:
     """The penalty form (28) of the value-function problem (25)-(27) (Sow et al. 2022,
-    arXiv:2203.01123; the lecture notes' single-level reformulation):
+    arXiv:2203.01123; the single-level value-function reformulation):
 
         min_{theta, phi} f_upper + rho max{0, f_lower(theta, phi) - v_a(theta)},
 

@@ -1,7 +1,7 @@
 """Model pruning as a bilevel problem: a relaxed mask on a model's weights.
 
 Zhang, Yao, Ram, Zhao, Chen, Hong, Wang, Liu, "Advancing Model Pruning via Bi-level
-Optimization", NeurIPS 2022, arXiv:2210.04092 (BiP); the form of the lecture notes' eq. 8:
+Optimization", NeurIPS 2022, arXiv:2210.04092 (BiP); in the form:
 
     f_upper(theta, phi; D_val) = 1/m sum_j l(y_j, M_{theta (.) phi}(x_j)) + sparsity * mean(theta)
     f_lower(theta, phi; D_tr)  = 1/n sum_i l(y_i, M_{theta (.) phi}(x_i)) + rho ||phi||^2
