@@ -49,7 +49,7 @@ def unrolled_gd_closed_form(inst, theta, beta, T, K=None):
     """(phi_T, grad) of T GD steps on the quadratic LL from phi0, differentiating the last K:
     phi_t = phi_{t-1} - beta (H phi_{t-1} + C theta + h), so phi_T = phi* + (I - beta H)^T (phi0 - phi*)
     and, with phi_{T-K} held constant, d phi_T / d theta = -beta sum_{j<K} (I - beta H)^j C
-    (seed 002, eq. 30-32)."""
+    (the forward-mode unrolled recursion)."""
     m = {k: np.asarray(v) for k, v in inst.means.items()}
     step = np.eye(len(m["h"])) - beta * m["H"]
     phi_star = closed_form("quad", inst, theta)[0]

@@ -115,7 +115,7 @@ def test_cg_many_iterations_past_convergence_do_not_drift():
 
 
 def _numpy_cg_residuals(a, b, iters):
-    """Relative residuals ||r_k|| / ||b||, k = 1..iters, of textbook CG (seed 001, Alg. 7)."""
+    """Relative residuals ||r_k|| / ||b||, k = 1..iters, of textbook CG (Hestenes & Stiefel 1952)."""
     r, d, out = b.copy(), b.copy(), []
     for _ in range(iters):
         ad = a @ d

@@ -1,4 +1,4 @@
-"""Logistic-regression HPO (seed 003): the reference evaluators agree with the toolkit's
+"""Logistic-regression HPO (Dagréou et al. 2022, arXiv:2201.13409): the reference evaluators agree with the toolkit's
 hypergradient, with autodiff through Newton and with finite differences."""
 import jax
 import jax.numpy as jnp
