@@ -277,7 +277,8 @@ def test_sarah_refresh_costs_one_pass_over_the_data(quad_stoch):
 def test_stable_correction_tracks_phi_star(quad):
     """From phi_0 = phi*(theta_0) with a negligible LL step, phi_{k+1} = phi_k - A^{-1} J^T (theta_{k+1} - theta_k)
     equals phi*(theta_{k+1}) on a quadratic (phi* is affine in theta)."""
-    alg = bj.algorithms.stable(quad.problem, upper_lr=0.5, lower_lr=1e-12, linear_solver=bj.linear_solvers.cg(10))
+    alg = bj.algorithms.stable(quad.problem, batch_size=None, upper_lr=0.5, lower_lr=1e-12,
+                               linear_solver=bj.linear_solvers.cg(10))
     theta0 = jnp.array([2.0, -1.0, 0.5, 3.0])
     state = alg.init(theta0, quad.phi_star(theta0), jax.random.PRNGKey(0), quad.data)
     _, hist = _history(alg, state, quad.data, num_steps=6)

@@ -74,7 +74,7 @@ def test_non_finite_iterates_are_reported(quad):
     with pytest.raises(Exception, match="soba outer step failed: a non-finite value"):
         jax.block_until_ready(fast_jit(lambda s: bj.run(checked, s, quad.data, num_steps=60))(state))
     # STABLE (its own loop) reports and checks the same way
-    stable = bj.algorithms.stable(quad.problem, upper_lr=0.1, lower_lr=1e10, check=True)
+    stable = bj.algorithms.stable(quad.problem, batch_size=None, upper_lr=0.1, lower_lr=1e10, check=True)
     state = stable.init(quad.theta0, quad.phi0 + 1.0, jax.random.PRNGKey(0), quad.data)
     with pytest.raises(Exception, match="stable outer step failed"):
         jax.block_until_ready(fast_jit(lambda s: bj.run(stable, s, quad.data, num_steps=60))(state))

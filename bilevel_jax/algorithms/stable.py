@@ -184,7 +184,7 @@ class StableTracked(Algorithm):
 
 def stable(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None,
            linear_solver: Optional[LinearSolver] = None, warm_start: bool = True, hessian_tracking: bool = False,
-           tau=0.5, mu=1e-3, batch_size: BatchSize = None, sampler: str = "iid", mode: str = "rev",
+           tau=0.5, mu=1e-3, batch_size: BatchSize = 64, sampler: str = "iid", mode: str = "rev",
            check: bool = False):
     """STABLE with step sizes alpha = `upper_lr`, beta = `lower_lr` (floats, arrays or schedules, or
     whole optax rules `upper_opt`/`lower_opt`; the paper's single timescale is alpha, beta =
@@ -193,7 +193,7 @@ def stable(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=Non
     dense recursive estimates of the LL Hessian and cross block with weight `tau` (the paper's
     Theta(K^{-1/2}) or a constant; 0.5 in the MRBO authors' re-implementation) and the projection
     onto {H >= mu I} (`StableTracked`; small problems only). `batch_size`, `sampler`, `mode` and
-    `check` as in `bilevel_loop`. Sampling: i.i.d. minibatches (the paper's)."""
+    `check` as in `bilevel_loop` (default minibatches of 64). Sampling: i.i.d. minibatches (the paper's)."""
     with named("stable"):
         check_problem(problem)
         oracles.check_mode(mode)
