@@ -16,6 +16,7 @@ of error message (the valid names listed).
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 from typing import Any, Dict, Iterable, List, Tuple
 
@@ -23,6 +24,16 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
+
+
+def did_you_mean(names: Iterable[str], valid: Iterable[str]) -> str:
+    """" Did you mean 'x'?" for the first of `names` with a close valid spelling, else ""."""
+    valid = [str(v) for v in valid]
+    for name in names:
+        close = difflib.get_close_matches(str(name), valid, n=1)
+        if close:
+            return f" Did you mean {close[0]!r}?"
+    return ""
 
 
 class ConfigError(ValueError):
@@ -116,7 +127,7 @@ def _check_keys(table: dict, schema: dict, where: str) -> None:
     unknown = sorted(set(table) - set(schema))
     if unknown:
         raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
-                          f"in {where}; valid keys: {', '.join(sorted(schema))}.")
+                          f"in {where}.{did_you_mean(unknown, schema)} Valid keys: {', '.join(sorted(schema))}.")
     for key, value in table.items():
         types = schema[key][0]
         ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
@@ -133,8 +144,8 @@ def apply_overrides(cfg: dict, overrides: Iterable[str], where: str = "command l
     for item in overrides:
         path, value = parse_override(item) if isinstance(item, str) else item
         if path[0] not in TOP_LEVEL:
-            raise ConfigError(f"unknown key {path[0]!r} in override {'.'.join(path)}={value!r} ({where}); "
-                              f"valid keys: {', '.join(sorted(TOP_LEVEL))}.")
+            raise ConfigError(f"unknown key {path[0]!r} in override {'.'.join(path)}={value!r} ({where})."
+                              f"{did_you_mean([path[0]], TOP_LEVEL)} Valid keys: {', '.join(sorted(TOP_LEVEL))}.")
         _set(cfg, path, value, where)
     return cfg
 

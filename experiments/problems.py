@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 import bilevel_jax as bj
-from experiments.config import ConfigError
+from experiments.config import ConfigError, did_you_mean
 
 
 class Setup(NamedTuple):
@@ -302,7 +302,8 @@ def options_of(name: str, options: dict):
         unknown = sorted(set(options) - set(valid))
         if not unknown:
             raise ConfigError(f"problem {name!r}: {e}") from None
-        raise ConfigError(f"unknown key(s) {unknown} for problem {name!r}; valid keys: {', '.join(valid)}.") from None
+        raise ConfigError(f"unknown key(s) {unknown} for problem {name!r}.{did_you_mean(unknown, valid)} "
+                          f"Valid keys: {', '.join(valid)}.") from None
 
 
 def _select(fns: dict, names) -> Callable:

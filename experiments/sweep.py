@@ -73,7 +73,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import bilevel_jax as bj
-from experiments.config import ALGORITHM_SPECIAL, ConfigError, seed_list
+from experiments.config import ALGORITHM_SPECIAL, ConfigError, did_you_mean, seed_list
 
 RUN_KEYS = ("steps", "eval_every")                   # the run's length, not preset arguments
 LR_KEYS = ("upper_lr", "lower_lr", "v_lr")           # the step sizes `lr_decay` turns into schedules
@@ -190,8 +190,9 @@ def _build(build: Callable[..., Any], kwargs: dict, where: str, what: str, valid
         else:
             if not unknown:
                 return built
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} for {what}; valid keys: "
-                          f"{', '.join(sorted(valid_keys()))}.")
+        valid = sorted(valid_keys())
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} for {what}.{did_you_mean(unknown, valid)} "
+                          f"Valid keys: {', '.join(valid)}.")
 
 
 @functools.lru_cache(maxsize=None)

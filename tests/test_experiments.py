@@ -44,7 +44,7 @@ def test_parse_override(text, expected):
 def test_override_errors():
     with pytest.raises(C.ConfigError, match="key=value"):
         C.parse_override("steps")
-    with pytest.raises(C.ConfigError, match="valid keys: .*eval_every.*steps"):
+    with pytest.raises(C.ConfigError, match="[Vv]alid keys: .*eval_every.*steps"):
         C.apply_overrides({}, ["stpes=3"])
 
 
@@ -68,11 +68,11 @@ def test_overrides_and_paper_precedence(tmp_path):
 def test_config_errors_list_valid_names(tmp_path):
     base = {"steps": 10, "eval_every": 5, "metrics": ["grad_sq"], "problem": {"name": "quadratic"},
             "algorithms": {"soba": {}}}
-    with pytest.raises(C.ConfigError, match=r"unknown key 'stepz'.*valid keys: .*eval_every.*steps"):
+    with pytest.raises(C.ConfigError, match=r"unknown key 'stepz'.*Did you mean 'steps'\? Valid keys: .*eval_every.*steps"):
         C.from_dict(dict(base, stepz=3))
     with pytest.raises(C.ConfigError, match="multiple of eval_every"):
         C.from_dict(dict(base, steps=12))
-    with pytest.raises(C.ConfigError, match=r"\[plot\].*valid keys: .*metrics"):
+    with pytest.raises(C.ConfigError, match=r"\[plot\].*[Vv]alid keys: .*metrics"):
         C.from_dict(dict(base, plot={"metricz": ["grad_sq"]}))
     with pytest.raises(C.ConfigError, match="valid axes: time, oracles, step"):
         C.from_dict(dict(base, plot={"x": ["walltime"]}))
@@ -82,7 +82,7 @@ def test_config_errors_list_valid_names(tmp_path):
     with pytest.raises(C.ConfigError, match="unknown problem 'quadratc'; valid problems: logreg_hpo, quadratic"):
         runner.check(cfg)
     cfg = C.from_dict(dict(base, problem={"name": "quadratic", "dim": 3}))
-    with pytest.raises(C.ConfigError, match="valid keys: .*dim_lower.*dim_upper"):
+    with pytest.raises(C.ConfigError, match="Valid keys: .*dim_lower.*dim_upper"):
         runner.check(cfg)
     cfg = C.from_dict(dict(base, metrics=["gradient"]))
     with pytest.raises(C.ConfigError, match="valid metrics: grad_sq"):
@@ -91,16 +91,17 @@ def test_config_errors_list_valid_names(tmp_path):
     with pytest.raises(C.ConfigError, match="unknown algorithm 'sobb'; valid names: .*saba.*soba.*ttsa"):
         runner.check(cfg)
     cfg = C.from_dict(dict(base, algorithms={"soba": {"upper_step": 0.1}}))
-    with pytest.raises(C.ConfigError, match="unknown key.*upper_step.*valid keys: .*lower_lr.*upper_lr"):
+    with pytest.raises(C.ConfigError, match="unknown key.*upper_step.*[Vv]alid keys: .*lower_lr.*upper_lr"):
         runner.check(cfg)
     cfg = C.from_dict(dict(base, algorithms={"amigo": {"linear_solver": {"name": "cgg"}}}))
     with pytest.raises(C.ConfigError, match="name one of cg, dense, gd, .*neumann, stochastic_neumann"):
         sweep.expand(cfg)
     cfg = C.from_dict(dict(base, algorithms={"amigo": {"linear_solver": {"name": "cg", "maxiters": 3}}}))
-    with pytest.raises(C.ConfigError, match=r"amigo.linear_solver: unknown key.*maxiters.*valid keys: .*maxiter, name"):
+    with pytest.raises(C.ConfigError,
+                       match=r"amigo.linear_solver: unknown key.*maxiters.*Did you mean .maxiter.\? Valid keys: .*maxiter, name"):
         runner.check(cfg)
     cfg = C.from_dict(dict(base, algorithms={"ttsa": {"lower_steps": 3, "static": ["upper_lr"]}}))
-    with pytest.raises(C.ConfigError, match=r"unknown key\(s\) \['lower_steps', 'static'\] for 'ttsa'; valid keys: "
+    with pytest.raises(C.ConfigError, match=r"unknown key\(s\) \['lower_steps', 'static'\] for 'ttsa'\..* Valid keys: "
                                             r".*neumann_steps.*upper_lr"):
         runner.check(cfg)                           # ttsa sets lower_steps itself; `static` is gone
     cfg = C.from_dict(dict(base, algorithms={"soba": {"upper_lr": [0.1, -0.2]}}))
