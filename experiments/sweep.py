@@ -35,7 +35,8 @@ upper_lr = step / ratio), `lr_decay = p` (pass upper_lr, lower_lr, v_lr as the s
 `bj.schedules.inverse_power(lr, p)`, for presets with constant steps), `steps` / `eval_every`
 (this algorithm's own run length, e.g. fewer outer steps for double-loop methods). `batch_size =
 "full"` means None (full batch), `batch_size = {upper = 64, lower = 128}` an (upper, lower) pair,
-`linear_solver = {name = "cg", maxiter = 10}` the solver `bj.linear_solvers.cg(maxiter=10)`.
+`linear_solver = {name = "cg", maxiter = 10}` the solver `bj.linear_solvers.cg(maxiter=10)`, and
+`linear_solver = {name = "damped", damping = 0.01, solver = {name = "cg", maxiter = 10}}` damps it.
 A key is valid when the preset accepts it: `check_algorithm` builds every grid point (with a
 placeholder problem) and turns the preset's errors into one-line `ConfigError`s.
 
@@ -214,10 +215,17 @@ def linear_solvers() -> Dict[str, Callable]:
 
 
 def make_linear_solver(spec, where: str):
-    """`bj.linear_solvers.<name>(**kw)` of a `linear_solver = {name = ..., ...}` table."""
+    """`bj.linear_solvers.<name>(**kw)` of a `linear_solver = {name = ..., ...}` table; the wrapper
+    `{name = "damped", damping = ..., solver = {name = ..., ...}}` damps the inner table's solver."""
     solvers = linear_solvers()
+    if isinstance(spec, dict) and spec.get("name") == "damped":
+        inner = make_linear_solver(spec.get("solver"), f"{where}.solver")
+        rest = {k: v for k, v in spec.items() if k not in ("name", "solver")}
+        return _build(lambda **kw: bj.linear_solvers.damped(inner, **kw), rest, where, "'damped'",
+                      lambda: ["damping", "name", "solver"])
     if not isinstance(spec, dict) or spec.get("name") not in solvers:
-        raise ConfigError(f"{where} must be a table with name one of {', '.join(solvers)}, got {spec!r}.")
+        raise ConfigError(f"{where} must be a table with name one of {', '.join([*solvers, 'damped'])}, "
+                          f"got {spec!r}.")
     kwargs = {k: v for k, v in spec.items() if k != "name"}
     factory = solvers[spec["name"]]
     return _build(factory, kwargs, where, repr(spec["name"]), lambda: ["name", *_accepted(factory, SUGGESTED_KEYS)])

@@ -132,6 +132,7 @@ def test_a_batch_size_larger_than_the_data_is_a_one_line_error(tmp_path, capsys)
 
 
 def test_grid_expansion_and_groups(tmp_path):
+    import bilevel_jax as bj
     from experiments import problems, sweep
     cfg = tiny(tmp_path, algorithms={
         "soba": {"upper_lr": [0.1, 0.2], "lower_lr": 0.2, "batch_size": 4},
@@ -156,6 +157,11 @@ def test_grid_expansion_and_groups(tmp_path):
     # a float hyperparameter written as an int (TOML `1`) is traced as a float: one group
     ints = sweep.expand(tiny(tmp_path, algorithms={"soba": {"upper_lr": [1, 0.5], "lower_lr": 1}}))
     assert [len(g) for g in sweep.groups(ints, problem, cfg)] == [2]
+    # a damped solver's table nests its solver's; the damping is an array field: one group of two
+    damped = sweep.expand(tiny(tmp_path, algorithms={"aid_bio": {"upper_lr": 0.1, "linear_solver": {
+        "name": "damped", "damping": [0.0, 0.5], "solver": {"name": "cg", "maxiter": 3}}}}))
+    assert [len(g) for g in sweep.groups(damped, problem, cfg)] == [2]
+    assert isinstance(sweep.split(damped[1], problem, cfg).static.direction.solver, bj.linear_solvers.Damped)
 
 
 def test_groups_are_static_parts_and_sweep_equals_single_runs(tmp_path):
