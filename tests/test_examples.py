@@ -45,3 +45,25 @@ def test_custom_algorithm_quick_runs_and_its_average_beats_the_last_iterate():
     out = load("custom_algorithm").main(["--quick"])
     assert out["ok"], out
     assert out["average"] < out["last"], out
+
+
+def test_pessimistic_hpo_quick_reaches_both_exact_solutions_and_they_differ(capsys):
+    import jax
+    import jax.numpy as jnp
+    ex = load("pessimistic_hpo")
+    out = ex.main(["--quick"])
+    assert out["ok"], out
+    assert out["theta_star_optimistic"] - out["theta_star_pessimistic"] > 0.3, out   # the robust theta differs
+    assert out["pessimistic"]["worst"] < out["optimistic"]["worst"], out
+    # the exact value functions against a dense scan of the LL solution segment
+    data = ex.make_data(jax.random.PRNGKey(0))
+    (Xv, yv), (X, y) = data
+    for theta in (-2.0, -0.5, 1.0):
+        worst, best = ex.exact_values(jnp.asarray(theta), data)
+        x1, x3 = X[:, 0], X[:, 2]
+        a = jnp.array([[jnp.mean(x1 * x1), jnp.mean(x1 * x3)], [jnp.mean(x1 * x3), jnp.mean(x3 * x3) + jnp.exp(theta)]])
+        s, w3 = jnp.linalg.solve(a, jnp.array([jnp.mean(x1 * y), jnp.mean(x3 * y)]))
+        t = jnp.linspace(jnp.maximum(0.0, s - ex.B), jnp.minimum(ex.B, s), 20001)
+        losses = jax.vmap(lambda ti: ex.f_upper(None, jnp.stack([ti, s - ti, w3]), (Xv, yv)))(t)
+        assert abs(float(losses.max() - worst)) < 1e-12 and abs(float(losses.min() - best)) < 1e-8
+    assert "the robust theta lowers the worst case" in capsys.readouterr().out
