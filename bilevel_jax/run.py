@@ -35,7 +35,7 @@ import numpy as np
 from bilevel_jax import status as st
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.algorithms.base import Algorithm, OracleCounts
-from bilevel_jax.algorithms.steps import nonfinite_at_records
+from bilevel_jax.algorithms.steps import float_dtype, nonfinite_at_records
 
 _OWN_KEYS = ("step", "residual_norm", "finite", "status", *OracleCounts._fields)
 
@@ -100,7 +100,7 @@ def _scan(alg, state, data, num_steps, eval_every, eval_fn, first_failure: bool 
     `first_failure`, every step is tested and the first failing one is tracked (`check=True`
     outside a trace, which names it); otherwise (-1, OK) is returned."""
     dynamic, static = eqx.partition(state, eqx.is_array)
-    float_nan = jnp.asarray(jnp.nan, jnp.result_type(float))
+    float_nan = jnp.asarray(jnp.nan, float_dtype((state.theta, state.phi)))   # the run's precision
     no_bad = (jnp.asarray(-1, jnp.int32), st.ok())
 
     def inner(carry, _):

@@ -372,3 +372,19 @@ def test_bad_preset_hyperparameters(quad):
         bj.algorithms.stable(lambda: None)
     with pytest.raises(TypeError, match="problem must be a bj.BilevelProblem"):
         bj.algorithms.soba(lambda: None)
+
+
+def test_a_float32_run_stays_float32_under_x64():
+    """The suite runs with x64 on; a float32 problem must keep float32 iterates and residuals (a
+    float64 penalty weight once promoted theta and broke the scan's carry)."""
+    q = bj.problems.quadratic_bilevel(jax.random.PRNGKey(0), 3, 4, n_samples=16, dtype=jnp.float32)
+    for name in ("soba", "f2sa", "bome", "pdbo"):
+        alg = bj.algorithms.get(name)(q.problem, batch_size=8)
+        state = alg.init(q.theta0, q.phi0, jax.random.PRNGKey(0), q.data)
+        state, hist = bj.run(alg, state, q.data, num_steps=2)
+        assert state.theta.dtype == state.phi.dtype == hist["residual_norm"].dtype == jnp.float32, name
+    box = bj.constraints.box(jnp.zeros(4, jnp.float32), jnp.ones(4, jnp.float32))
+    problem = box.problem(q.problem.f_upper, q.problem.f_lower, pessimistic=True)
+    alg = bj.algorithms.pessimistic_penalty(problem, follower_steps=2, tracker_steps=2)
+    state, hist = bj.run(alg, alg.init(q.theta0, q.phi0, jax.random.PRNGKey(0), q.data), q.data, num_steps=2)
+    assert state.theta.dtype == hist["residual_norm"].dtype == jnp.float32

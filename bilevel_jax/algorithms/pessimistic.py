@@ -54,7 +54,7 @@ from bilevel_jax.algorithms._common import named, rule
 from bilevel_jax.algorithms.base import Algorithm, OracleCounts
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
 from bilevel_jax.algorithms.steps import (StepRule, apply_step, check_data, draw_batches,
-                                          finish, init_rule, lower_phase, start)
+                                          finish, float_dtype, init_rule, lower_phase, start)
 from bilevel_jax.algorithms.value_function import PenaltyRamp, penalty_ramp
 from bilevel_jax.algorithms.constrained import lower_projection, project_rule
 from bilevel_jax.hypergrad.inner import lower_steps as run_lower_steps
@@ -93,7 +93,7 @@ class PessimisticPenalty(Algorithm):
 
     def init(self, theta0, phi0, key, data=None) -> PessimisticState:
         theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
-        zero = jnp.zeros((), jnp.result_type(float))
+        zero = jnp.zeros((), float_dtype((theta0, phi0)))
         return PessimisticState(theta0, phi0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
                                 init_rule(self.follower, phi0), init_rule(self.tracker, phi0), zero, zero)
 
@@ -101,7 +101,8 @@ class PessimisticPenalty(Algorithm):
         check_data(data, self.samplers)
         k, p = state.count, self.problem
         batches = draw_batches(self.samplers, data, state.key, k, self.tracker_steps)
-        rho = self.penalty(k)
+        dtype = float_dtype((state.theta, state.phi))   # the run's precision (rho must not promote it)
+        rho = jnp.asarray(self.penalty(k), dtype)
         # 1. the tracker of v(theta)
         z, z_opt, counts, z_status = lower_phase(p, self.tracker, state.theta, state.z, state.tracker_opt_state,
                                                  self.tracker_steps, batches.lower_at, k)
@@ -124,7 +125,7 @@ class PessimisticPenalty(Algorithm):
                                        (z_status, self.follower.status(k), up_status), check=self.check,
                                        where="pessimistic_penalty outer step")
         return PessimisticState(theta, phi, z, k + 1, state.key, upper_state, f_opt, z_opt,
-                                jnp.asarray(rho, jnp.result_type(float)), value_phi - value_z), info
+                                rho, jnp.asarray(value_phi - value_z, dtype)), info
 
 
 def _projected_rule(name: str, lr, opt, project: Optional[Callable]) -> StepRule:

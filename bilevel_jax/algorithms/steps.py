@@ -214,10 +214,16 @@ def finish(trees: Tuple, counts: OracleCounts, residual_norm, statuses=(), *, ch
         status = st.merge(*statuses, st.nonfinite(*trees))
     if check:
         trees = (st.raise_if(trees[0], status, where),) + tuple(trees[1:])
-    residual = jnp.asarray(residual_norm, jnp.result_type(float))
-    return trees, StepInfo(counts, residual, status)
+    return trees, StepInfo(counts, jnp.asarray(residual_norm, float_dtype(trees)), status)
 
 
-__all__ = ["check_data", "start", "Batches", "Rule", "StepRule", "apply_step", "as_rule", "draw_batches", "finish", "init_rule", "lower_phase",
+def float_dtype(trees):
+    """The dtype of the iterates' first floating leaf (the run's precision: a float32 run reports
+    float32 residuals under x64 too); the default float when there is none."""
+    leaves = [leaf for leaf in jax.tree_util.tree_leaves(trees) if eqx.is_inexact_array(leaf)]
+    return leaves[0].dtype if leaves else jnp.result_type(float)
+
+
+__all__ = ["check_data", "float_dtype", "start", "Batches", "Rule", "StepRule", "apply_step", "as_rule", "draw_batches", "finish", "init_rule", "lower_phase",
            "nonfinite_at_records", "step_rule",
            "LOWER_STREAM", "SOLVER_STREAM", "UPPER_STREAM"]

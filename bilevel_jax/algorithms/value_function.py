@@ -57,7 +57,7 @@ from bilevel_jax.algorithms._common import named, rule
 from bilevel_jax.algorithms.base import Algorithm, OracleCounts
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
 from bilevel_jax.algorithms.steps import (StepRule, apply_step, check_data, draw_batches,
-                                          finish, init_rule, lower_phase, start)
+                                          finish, float_dtype, init_rule, lower_phase, start)
 from bilevel_jax.hypergrad.inner import lower_steps as run_lower_steps
 from bilevel_jax.problem import BilevelProblem, check_problem
 from bilevel_jax.sampling import Sampler
@@ -203,7 +203,7 @@ class ValueFunction(Algorithm):
 
     def init(self, theta0, phi0, key, data=None) -> ValueFunctionState:
         theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
-        zero = jnp.zeros((), jnp.result_type(float))
+        zero = jnp.zeros((), float_dtype((theta0, phi0)))
         return ValueFunctionState(theta0, phi0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
                                   init_rule(self.lower, phi0), init_rule(self.tracker, phi0), self.multiplier.init(),
                                   zero, zero)
@@ -230,6 +230,7 @@ class ValueFunction(Algorithm):
     def update(self, state: ValueFunctionState, data):
         check_data(data, self.samplers)
         k = state.count
+        dtype = float_dtype((state.theta, state.phi))   # the run's precision (lambda must not promote it)
         batches = draw_batches(self.samplers, data, state.key, k, self.tracker_steps)
         # 1. the tracker z ~ argmin f_lower(theta_k, .) (+ a1/2 ||.||^2), T steps
         z0 = state.phi if self.restart_tracker else state.z
@@ -239,12 +240,13 @@ class ValueFunction(Algorithm):
         phi, lower_state, statuses = state.phi, state.lower_opt_state, [z_status]
         # 2. (F2SA) T steps of phi on the penalised objective at fixed theta, lambda_k from the schedule
         if self.phi_steps:
-            phi, lower_state = self._phi_steps(state.theta, phi, lower_state, self.multiplier.ramp(k), batches)
+            phi, lower_state = self._phi_steps(state.theta, phi, lower_state,
+                                               jnp.asarray(self.multiplier.ramp(k), dtype), batches)
             counts = counts + OracleCounts.of(lower_grads=self.phi_steps, upper_grads=self.phi_steps)
             statuses.append(self.lower.status(k))
         # 3. the gap, the multiplier and the direction at (theta_k, phi, z)
         gap = self._gap(state.theta, phi, z, batches)
-        lam = self.multiplier.value(state.multiplier, gap, k)
+        lam = jnp.asarray(self.multiplier.value(state.multiplier, gap, k), dtype)
         if self.scale_upper:
             d = otu.tree_add_scale(gap.grad_q, 1.0 / lam, gap.grad_f)
         else:
@@ -261,7 +263,7 @@ class ValueFunction(Algorithm):
         (theta, phi, z), info = finish((theta, phi, z), counts, jnp.nan, statuses, check=self.check,
                                        where=f"{self.name} outer step")
         new = ValueFunctionState(theta, phi, z, k + 1, state.key, upper_state, lower_state, z_opt, multiplier,
-                                 jnp.asarray(lam, jnp.result_type(float)), gap.q)
+                                 lam, jnp.asarray(gap.q, dtype))
         return new, info
 
 

@@ -98,7 +98,8 @@ def rounding_eps(tree: PyTree) -> float:
 
 
 def make_info(residual, num_matvecs, status=st.OK) -> SolverInfo:
-    return SolverInfo(jnp.asarray(residual, jnp.result_type(float)), jnp.asarray(num_matvecs, jnp.int32),
+    dtype = residual.dtype if isinstance(residual, jax.Array) else jnp.result_type(float)   # the solve's precision
+    return SolverInfo(jnp.asarray(residual, dtype), jnp.asarray(num_matvecs, jnp.int32),
                       jnp.asarray(status, jnp.int32))
 
 
