@@ -143,9 +143,9 @@ def main(argv=None):
         try:
             results[name] = fn()
         except Exception as e:  # noqa: BLE001 - report and go on with the other measures
-            import traceback
-            results[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-            log(traceback.format_exc())
+            from benchmarks import timing
+            results[name] = timing.error_row(e)
+            log(results[name]["traceback"])
         results.setdefault("section_s", {})[name] = time.perf_counter() - t0
         log(f"[{name}] {time.perf_counter() - t0:.1f} s")
 

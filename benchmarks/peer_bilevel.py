@@ -408,8 +408,7 @@ def _measure(quick, num_steps, repeats, methods, log) -> dict:
                 f"{row['ratio_same_objective']['median']:.3f}, cpu {row['ratio_same_objective']['cpu']['median']:.3f}; "
                 f"both einsum {row['ratio_einsum_both']['median']:.3f}, cpu {row['ratio_einsum_both']['cpu']['median']:.3f})")
         except Exception as e:  # noqa: BLE001 - one failing method must not stop the bench
-            import traceback
-            row = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            row = timing.error_row(e)
             log(f"  peer {name:8s} ERROR {row['error']}")
         out["methods"][name] = row
     return out

@@ -399,8 +399,7 @@ def measure(setup: Setup, num_steps: Dict[str, int], repeats: int, methods=METHO
                 f"ref {r['reference']['median'] * 1e3:.4g} ms, ratio {r['ratio']['median']:.3f} "
                 f"(cpu {r['ratio']['cpu']['median']:.3f}{hist}), |dtheta| {r['max_abs_diff_theta']:.2g}")
         except Exception as e:  # noqa: BLE001 - one failing method must not stop the bench
-            import traceback
-            r = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            r = timing.error_row(e)
             log(f"  {setup.name:10s} {label:20s} ERROR {r['error']}")
         out["rows"][label] = r
     return out

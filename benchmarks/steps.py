@@ -8,7 +8,6 @@ step is the call time / K. One call's history gives the oracle calls per step
 from __future__ import annotations
 
 import time
-import traceback
 from typing import Dict, Iterable, Optional
 
 import jax
@@ -69,7 +68,7 @@ def measure(setups: Iterable[Setup], presets: Iterable[str], num_steps: Dict[str
             try:
                 res[name] = measure_preset(setup, name, num_steps[setup.name], repeats)
             except Exception as e:  # noqa: BLE001 - one failing preset must not stop the bench
-                res[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+                res[name] = timing.error_row(e)
             r = res[name]
             if "error" in r:
                 log(f"  {setup.name:14s} {name:12s} ERROR {r['error']}")

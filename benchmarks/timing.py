@@ -11,6 +11,7 @@ XLA:CPU programs that run on one thread; a multi-threaded call counts the time o
 from __future__ import annotations
 
 import time
+import traceback
 from typing import Callable, Dict, List, Sequence
 
 import jax
@@ -89,3 +90,9 @@ def ratios(res: Dict[str, dict], a: str, b: str) -> Dict[str, object]:
 def wall(fn: Callable, *args) -> float:
     """Seconds of one blocking call (no warm-up): compile times, process starts."""
     return _once(fn, args)
+
+
+def error_row(error: Exception) -> Dict[str, str]:
+    """The row of a measurement that raised (inside its `except`): the error and its traceback, so
+    one failing preset or section is reported and the bench goes on."""
+    return {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}

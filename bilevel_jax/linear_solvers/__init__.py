@@ -3,7 +3,7 @@
     state = solver.init(b_like, x0=None)
     x, state, info = solver.solve(matvec, b, state, key=None)
 """
-from bilevel_jax.linear_solvers.base import LinearSolver, SolverInfo, WarmStart, fail_where, residual_norm
+from bilevel_jax.linear_solvers.base import KrylovSolver, LinearSolver, SolverInfo, WarmStart, fail_where, residual_norm
 from bilevel_jax.linear_solvers.cg import CG, cg
 from bilevel_jax.linear_solvers.damped import Damped, damped
 from bilevel_jax.linear_solvers.dense import Dense, dense
@@ -15,7 +15,7 @@ from bilevel_jax.linear_solvers.stochastic_neumann import StochasticNeumann, sto
 from bilevel_jax.linear_solvers.subspace import Subspace, subspace
 
 __all__ = [
-    "LinearSolver", "SolverInfo", "WarmStart", "fail_where", "residual_norm",
+    "KrylovSolver", "LinearSolver", "SolverInfo", "WarmStart", "fail_where", "residual_norm",
     "CG", "Damped", "Dense", "GD", "Lanczos", "LanczosState", "Neumann", "StochasticNeumann", "Subspace",
     "MINRES", "minres",
     "cg", "damped", "dense", "gd", "lanczos", "neumann", "stochastic_neumann", "subspace", "sampled_neumann", "SampledNeumann",

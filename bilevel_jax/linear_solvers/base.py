@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from bilevel_jax import status as st
+from bilevel_jax._checks import check_bool, check_in_range, check_positive_int
 
 PyTree = Any
 
@@ -77,6 +78,22 @@ class LinearSolver(eqx.Module):
         """`(x, new_state, SolverInfo)` for A x = b."""
 
 
+class KrylovSolver(LinearSolver):
+    """Base of the Krylov solvers that run `maxiter` iterations (a static `lax.scan` length) and
+    freeze once the residual is below max(rtol ||b||, atol) or at rounding level; `rtol`, `atol` are
+    array fields (a sweep may vmap over them). Subclasses set their own `maxiter` default."""
+
+    maxiter: int = eqx.field(default=50, static=True)
+    rtol: Any = 0.0
+    atol: Any = 0.0
+
+    def __check_init__(self):
+        check_positive_int("maxiter", self.maxiter)
+        check_in_range("rtol", self.rtol, 0.0, float("inf"))
+        check_in_range("atol", self.atol, 0.0, float("inf"))
+        check_bool("warm_start", self.warm_start)
+
+
 def start(solver: LinearSolver, matvec: Callable, b: PyTree, state) -> tuple:
     """`(x0, r0, extra_matvecs)`: the initial point and residual of a solve. With
     `solver.warm_start`, x0 = state.x and r0 = b - A x0 (one matvec); else x0 = 0 and r0 = b (none;
@@ -113,5 +130,5 @@ def fail_where(failed, x: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda a: jnp.where(failed, jnp.nan, a), x)
 
 
-__all__ = ["LinearSolver", "SolverInfo", "WarmStart", "fail_where", "make_info", "residual_norm", "rounding_eps",
+__all__ = ["KrylovSolver", "LinearSolver", "SolverInfo", "WarmStart", "fail_where", "make_info", "residual_norm", "rounding_eps",
            "start"]

@@ -32,30 +32,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import equinox as eqx
 import optax.tree_utils as otu
 
 from bilevel_jax import status as st
-from bilevel_jax._checks import as_array, check_bool, check_in_range, check_positive_int
-from bilevel_jax.linear_solvers.base import (LinearSolver, WarmStart, fail_where, make_info, residual_norm,
+from bilevel_jax._checks import as_array
+from bilevel_jax.linear_solvers.base import (KrylovSolver, WarmStart, fail_where, make_info, residual_norm,
                                              rounding_eps, start)
 
 _ROUNDING = 4.0  # the c above: multiples of eps treated as rounding level
 
 
-class CG(LinearSolver):
+class CG(KrylovSolver):
     """Conjugate gradient: `maxiter` iterations, freezing at `max(rtol ||b||, atol)` (and at
     rounding level). `rtol`, `atol` are array fields (a sweep may vmap over them)."""
-
-    maxiter: int = eqx.field(default=50, static=True)
-    rtol: float = 0.0
-    atol: float = 0.0
-
-    def __check_init__(self):
-        check_positive_int("maxiter", self.maxiter)
-        check_in_range("rtol", self.rtol, 0.0, float("inf"))
-        check_in_range("atol", self.atol, 0.0, float("inf"))
-        check_bool("warm_start", self.warm_start)
 
     def solve(self, matvec, b, state, key=None):
         del key

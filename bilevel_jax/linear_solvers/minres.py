@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from bilevel_jax import status as st
-from bilevel_jax._checks import as_array, check_bool, check_in_range, check_positive_int
-from bilevel_jax.linear_solvers.base import (LinearSolver, WarmStart, fail_where, make_info, residual_norm,
+from bilevel_jax._checks import as_array
+from bilevel_jax.linear_solvers.base import (KrylovSolver, WarmStart, fail_where, make_info, residual_norm,
                                              rounding_eps, start)
 
 _ROUNDING = 4.0
@@ -44,19 +44,11 @@ _SINGULAR = 100.0  # gamma_k <= this * eps * ||A||: T_k numerically singular
 _BLOWUP = 10.0     # ||A|| ||x|| > ||b|| / (this * eps): x explained only by a singular A
 
 
-class MINRES(LinearSolver):
+class MINRES(KrylovSolver):
     """MINRES for symmetric (indefinite) A: `maxiter` iterations, freezing at
     `max(rtol ||b||, atol)` (and rounding level). `rtol`, `atol` are array fields."""
 
     maxiter: int = eqx.field(default=100, static=True)
-    rtol: float = 0.0
-    atol: float = 0.0
-
-    def __check_init__(self):
-        check_positive_int("maxiter", self.maxiter)
-        check_in_range("rtol", self.rtol, 0.0, float("inf"))
-        check_in_range("atol", self.atol, 0.0, float("inf"))
-        check_bool("warm_start", self.warm_start)
 
     def solve(self, matvec, b, state, key=None):
         del key
