@@ -48,7 +48,8 @@ class Algorithm(eqx.Module):
             raise ValueError(f"{name + ': ' if isinstance(name, str) else ''}the problem's lower level is constrained "
                              "(lower_inequality / lower_equality) and this algorithm would ignore the constraints. "
                              "Constrained lower levels: aid_bio, amigo, soba (KKT implicit gradient), "
-                             "bsg_constrained, pessimistic_penalty, or "
+                             "bsg_constrained, pessimistic_penalty, the value-function presets (f2sa, bome, "
+                             "pbgd, pdbo, vf_penalty, smoothing_pg) and pzobo (projected steps), or "
                              "bilevel_loop(direction=bj.algorithms.kkt(problem)).")
 
     @abc.abstractmethod

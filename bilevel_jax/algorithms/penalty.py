@@ -53,7 +53,8 @@ def f2sa(problem: BilevelProblem, *, upper_lr=0.01, lower_lr=0.01, inner_lr=None
     penalty_power=1/7`), the rates of the paper's stochastic analysis [verify]. The y steps must
     stay stable: alpha lambda_k L_g < 2 (cap lambda with `penalty_max`). A stochastic method:
     minibatches of 64 by default (`batch_size=None`: full batch), i.i.d. as in the paper's analysis. Oracles per step: 2T + 2 LL
-    gradients, T + 1 UL gradients, no HVP."""
+    gradients, T + 1 UL gradients, no HVP. `lower_set=`: a constrained LL (projected y and z steps,
+    `value_function` module docstring)."""
     with named("f2sa"):
         check_positive_int("lower_steps", lower_steps)
         inner = lower_lr if inner_lr is None else inner_lr
@@ -116,8 +117,8 @@ class GradientPenalty(Algorithm):
 
 def pbgd(problem: BilevelProblem, *, penalty: str = "value", upper_lr=0.1, lower_lr=None, inner_lr=None,
          upper_opt=None, lower_opt=None, inner_opt=None, lower_steps: int = 10, gamma=1.0, gamma_max=10.0,
-         ramp_steps: int = 1000, batch_size: BatchSize = None, sampler: str = "iid", mode: str = "rev",
-         check: bool = False):
+         ramp_steps: int = 1000, lower_set=None, batch_size: BatchSize = None, sampler: str = "iid",
+         mode: str = "rev", check: bool = False):
     """PBGD (Shen & Chen, "On Penalty-based Bilevel Gradient Descent Method", ICML 2023,
     arXiv:2302.05185), `penalty="value"` (V-PBGD) or `"gradient"` (G-PBGD):
 
@@ -129,7 +130,9 @@ def pbgd(problem: BilevelProblem, *, penalty: str = "value", upper_lr=0.1, lower
     the authors' code [verify the exact ramp]; alpha = `upper_lr` on x and `lower_lr` (default the
     same) on y. Oracles: V-PBGD T + 2 LL gradients, 1 UL gradient; G-PBGD 1 LL gradient (2 with
     minibatches: the independent batch of the module docstring), 1 UL gradient, 1 HVP, 1 cross product. Sampling: full batch (the paper's deterministic analysis);
-    `batch_size=b` draws i.i.d. minibatches."""
+    `batch_size=b` draws i.i.d. minibatches. A constrained LL (`lower_set=`, or a problem built from a
+    `bj.constraints` set): V-PBGD projects its y and omega steps (`value_function` module docstring);
+    G-PBGD refuses it (grad_y g = 0 characterises unconstrained LL minima only)."""
     with named("pbgd"):
         if penalty not in ("value", "gradient"):
             raise ValueError(f"penalty must be 'value' (V-PBGD) or 'gradient' (G-PBGD), got {penalty!r}.")
@@ -144,9 +147,13 @@ def pbgd(problem: BilevelProblem, *, penalty: str = "value", upper_lr=0.1, lower
             return value_function(problem, multiplier=PenaltySchedule(False, ramp, False), upper_lr=upper_lr,
                                   lower_lr=lower_lr, tracker_lr=inner_lr, upper_opt=upper_opt, lower_opt=lower_opt,
                                   tracker_opt=inner_opt, tracker_steps=lower_steps, scale_upper=True,
-                                  batch_size=batch_size, sampler=sampler, check=check, name="pbgd")
+                                  lower_set=lower_set, batch_size=batch_size, sampler=sampler, check=check,
+                                  name="pbgd")
         oracles.check_mode(mode)
-        check_problem(problem)
+        if lower_set is not None or check_problem(problem).constrained:
+            raise ValueError("penalty='gradient' (G-PBGD) needs an unconstrained lower level: its penalty "
+                             "||grad_y g||^2 vanishes at unconstrained LL minima only; use penalty='value' "
+                             "(projected steps) on a constrained lower level.")
         return GradientPenalty(problem, rule("upper_lr", upper_lr, upper_opt), rule("lower_lr", lower_lr, lower_opt),
                                ramp, make_samplers(batch_size, sampler), mode, check)
 

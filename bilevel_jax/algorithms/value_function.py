@@ -37,6 +37,18 @@ Stochastic Bilevel Optimization", ICML 2023, arXiv:2301.10945): T steps of phi o
 grad_phi f_upper + lambda grad_phi f_lower at fixed theta (interleaved with the tracker's), then
 the theta step; `phi_steps` = 0 is the joint step of BOME, V-PBGD and PDBO.
 
+Constrained lower levels (`lower_set=`, or a problem built by `bj.constraints.<set>.problem`):
+with Phi a closed convex set with a Euclidean projection P_Phi,
+
+    v(theta) = min_{z in Phi} f_lower(theta, z),   q(theta, phi) = f_lower(theta, phi) - v(theta),  phi in Phi,
+
+and every LL-side step is projected: the tracker z <- P_Phi(z - gamma grad_z f_lower) (projected
+gradient steps converge to argmin_Phi for a convex LL), phi <- P_Phi(phi - beta d_phi) (the
+projected step of the single-level problem min_{theta, phi in Phi} f + lambda q) and F2SA's inner
+phi steps. Danskin's theorem is unchanged (z minimises over Phi, theta-independent). The optimistic
+solution is reached as without constraints: a flat LL coordinate left to the UL is set by the UL
+within Phi (the tests' box with a flat coordinate, closed form).
+
 Oracles per outer step: T tracker LL gradients (+ `phi_steps` LL and UL gradients), then one UL
 gradient at (theta, phi) and two LL value-and-gradient passes, at (theta, phi) and (theta, z);
 the two LL values are counted (`values`) when the multiplier uses q. No Hessian-vector product.
@@ -44,7 +56,7 @@ the two LL values are counted (`values`) when the multiplier uses q. No Hessian-
 from __future__ import annotations
 
 import abc
-from typing import Any, NamedTuple, Tuple
+from typing import Any, ClassVar, NamedTuple, Tuple
 
 import equinox as eqx
 import jax
@@ -55,6 +67,7 @@ from bilevel_jax import oracles
 from bilevel_jax._checks import as_array, check_in_range, check_positive_int, check_step_size
 from bilevel_jax.algorithms._common import named, rule
 from bilevel_jax.algorithms.base import Algorithm, OracleCounts
+from bilevel_jax.algorithms.constrained import lower_projection, project_rule
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
 from bilevel_jax.algorithms.steps import (StepRule, apply_step, check_data, draw_batches,
                                           finish, float_dtype, init_rule, lower_phase, start)
@@ -200,6 +213,9 @@ class ValueFunction(Algorithm):
     smooth: bool = eqx.field(static=True, default=False)
     check: bool = eqx.field(static=True, default=False)
     name: str = eqx.field(static=True, default="value_function")
+    # a constrained LL is handled by projected phi / tracker step rules (`value_function` builds them,
+    # and refuses a constrained problem it has no projection for)
+    handles_constraints: ClassVar[bool] = True
 
     def init(self, theta0, phi0, key, data=None) -> ValueFunctionState:
         theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
@@ -275,11 +291,14 @@ def _rule(name, lr, opt) -> StepRule:
 def value_function(problem: BilevelProblem, *, multiplier: Multiplier, upper_lr=0.1, lower_lr=0.1, tracker_lr=None,
                    upper_opt=None, lower_opt=None, tracker_opt=None, tracker_steps: int = 10,
                    restart_tracker: bool = False, phi_steps: int = 0, scale_upper: bool = False,
-                   smoothing=None, batch_size: BatchSize = None, sampler: str = "iid", check: bool = False,
-                   name: str = "value_function") -> ValueFunction:
+                   smoothing=None, lower_set=None, batch_size: BatchSize = None, sampler: str = "iid",
+                   check: bool = False, name: str = "value_function") -> ValueFunction:
     """Compose a value-function method (module docstring): step rules of theta (`upper_lr`), phi
     (`lower_lr`) and the tracker z (`tracker_lr`, default `lower_lr`), floats, arrays, schedules or
-    optax rules; `tracker_steps` T; `smoothing=(a1, a2)` for v_a of eq. (26) (None: the plain v)."""
+    optax rules; `tracker_steps` T; `smoothing=(a1, a2)` for v_a of eq. (26) (None: the plain v).
+    `lower_set`: the LL's feasible set Phi (a `bj.constraints` set or a projection phi -> P_Phi(phi));
+    phi and tracker steps are projected onto it. None: on a constrained problem the set it was built
+    from (an error if there is none), else Phi = everything."""
     with named(name):
         check_problem(problem)
         if not isinstance(multiplier, Multiplier):
@@ -292,6 +311,9 @@ def value_function(problem: BilevelProblem, *, multiplier: Multiplier, upper_lr=
         lower = _rule("lower_lr", lower_lr, lower_opt)
         tracker = lower if (tracker_lr is None and tracker_opt is None) else _rule(
             "tracker_lr", lower_lr if tracker_lr is None else tracker_lr, tracker_opt)
+        if lower_set is not None or problem.constrained:
+            project = lower_projection(problem, lower_set)
+            lower, tracker = project_rule(lower, project), project_rule(tracker, project)
         if smoothing is None:
             a = (as_array(0.0), as_array(0.0))
         else:
@@ -336,7 +358,8 @@ def bome(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, inner_lr=0.1, 
     2 / eta): with eta = 0.02, ||grad F||^2 rises from 1.5 to 15 over 2000 steps while full batch it
     decreases. Not a defect of the update: with minibatches take eta of order the penalty a
     penalty method would need (5 to 10 there), or larger batches for q. Sampling: full batch (the
-    paper's deterministic analysis); `batch_size=b` draws i.i.d. minibatches."""
+    paper's deterministic analysis); `batch_size=b` draws i.i.d. minibatches. `lower_set=`: a
+    constrained LL (projected y and y_hat steps, module docstring)."""
     with named("bome"):
         if control not in ("gradient", "value"):
             raise ValueError(f"control must be 'gradient' or 'value', got {control!r}.")
@@ -364,7 +387,8 @@ def pdbo(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, inner_lr=None, 
     value function, for which q >= 0 and lambda climbs to Lambda = `dual_max`). Settings
     [verify: no public code]: N = 10, gamma = `dual_lr` = 1, Lambda = 1e3, reg = 0. Oracles: N + 2
     LL gradients, 1 UL gradient, 2 LL values. Sampling: full batch (the paper's deterministic
-    analysis); `batch_size=b` draws i.i.d. minibatches."""
+    analysis); `batch_size=b` draws i.i.d. minibatches. `lower_set=`: a constrained LL
+    (projected y and z steps, module docstring; the paper's Phi)."""
     with named("pdbo"):
         check_step_size("dual_lr", dual_lr)
         check_in_range("dual_start", dual_start, 0.0, float("inf"))
@@ -391,7 +415,8 @@ def vf_penalty(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, inner_lr=
     `penalty_rate` k, `penalty_max`). With a1 = a2 = 0 (default) q >= 0 and the hinge is rho q; the
     minimiser is within O(1/rho) of the optimistic solution. Oracles: N + 2 LL gradients, 1 UL
     gradient, 2 LL values. Sampling: full batch (a deterministic reformulation); `batch_size=b`
-    draws i.i.d. minibatches."""
+    draws i.i.d. minibatches. `lower_set=`: a constrained LL (projected y and z steps, module
+    docstring; eq. (25)'s Phi)."""
     with named("vf_penalty"):
         mult = PenaltySchedule(hinge, penalty_ramp(penalty, penalty_rate, 1.0, penalty_max), hinge)
         return value_function(problem, multiplier=mult, upper_lr=upper_lr, lower_lr=lower_lr, tracker_lr=inner_lr,

@@ -15,7 +15,7 @@ N = 10. Oracles per step: N (Q + 1) LL gradients, 1 UL gradient.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Tuple
+from typing import Any, ClassVar, NamedTuple, Tuple
 
 import equinox as eqx
 import jax
@@ -26,6 +26,7 @@ from bilevel_jax import oracles
 from bilevel_jax._checks import as_array, check_positive_int, check_step_size
 from bilevel_jax.algorithms._common import named, rule
 from bilevel_jax.algorithms.base import Algorithm, OracleCounts, step_key
+from bilevel_jax.algorithms.constrained import lower_projection, project_rule
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
 from bilevel_jax.algorithms.steps import (SOLVER_STREAM, StepRule, apply_step, check_data,
                                           draw_batches, finish, init_rule, start)
@@ -68,6 +69,7 @@ class PZOBO(Algorithm):
     num_directions: int = eqx.field(static=True, default=10)
     directions: str = eqx.field(static=True, default="gaussian")
     check: bool = eqx.field(static=True, default=False)
+    handles_constraints: ClassVar[bool] = True   # by projected LL steps (`pzobo` builds them)
 
     def init(self, theta0, phi0, key, data=None) -> PzoboState:
         theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
@@ -108,11 +110,15 @@ class PZOBO(Algorithm):
 
 def pzobo(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None,
           lower_steps: int = 10, num_directions: int = 10, mu=0.1, directions: str = "gaussian",
-          upper_decay=0.0, batch_size: BatchSize = None, sampler: str = "iid", check: bool = False) -> PZOBO:
+          upper_decay=0.0, lower_set=None, batch_size: BatchSize = None, sampler: str = "iid",
+          check: bool = False) -> PZOBO:
     """PZOBO (module docstring): step beta = `upper_lr` (decayed as (k+1)^-`upper_decay`), N =
     `lower_steps` LL steps of `lower_lr` per outer step, Q = `num_directions` perturbations of size
     `mu`; defaults mu = 0.1, Q = 10, N = 10 (the public benchmark's, full batch). Sampling: full
-    batch by default; the paper's stochastic variant draws i.i.d. minibatches (`batch_size=b`)."""
+    batch by default; the paper's stochastic variant draws i.i.d. minibatches (`batch_size=b`).
+    `lower_set`: a constrained LL's feasible set (a `bj.constraints` set or a projection; default the
+    set a constrained problem was built from): y_N(x) is then N projected gradient steps, and the
+    Gaussian estimate differentiates that map (no derivative of the projection is needed)."""
     with named("pzobo"):
         check_problem(problem)
         check_positive_int("lower_steps", lower_steps)
@@ -120,7 +126,10 @@ def pzobo(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None
         check_step_size("mu", mu)
         if directions not in ("gaussian", "orthogonal"):
             raise ValueError(f"directions must be 'gaussian' or 'orthogonal', got {directions!r}.")
-        return PZOBO(problem, rule("upper_lr", upper_lr, upper_opt, upper_decay), rule("lower_lr", lower_lr, lower_opt),
+        lower = rule("lower_lr", lower_lr, lower_opt)
+        if lower_set is not None or problem.constrained:
+            lower = project_rule(lower, lower_projection(problem, lower_set))
+        return PZOBO(problem, rule("upper_lr", upper_lr, upper_opt, upper_decay), lower,
                      as_array(mu), make_samplers(batch_size, sampler), lower_steps, num_directions, directions, check)
 
 
