@@ -80,7 +80,7 @@ def run(alg: Algorithm, state, data, num_steps: int, eval_every: Optional[int] =
         raise TypeError(f"progress must be a callable (row: dict) -> None, got {type(progress).__name__}.")
     if check and not _is_traced((alg, state, data)):
         return _checked_run(alg, state, data, num_steps, eval_every, eval_fn, progress)
-    (state, _), history = _scan(alg, state, data, num_steps, eval_every, eval_fn, progress=progress)
+    (state, _), history = _jit_scan(alg, state, data, num_steps, eval_every, eval_fn, progress=progress)
     if check:
         state = st.raise_if(state, history["status"][-1], f"bj.run of {_name(alg)}")
     return state, history
@@ -134,8 +134,14 @@ def _scan(alg, state, data, num_steps, eval_every, eval_fn, first_failure: bool 
     return (eqx.combine(dyn, static), first_bad), history
 
 
+# One compiled program per configuration: the static parts (the algorithm's configuration, the
+# state's and data's structures and shapes, num_steps, eval_every, eval_fn, progress) are the cache
+# key, so a second call with equal ones reuses it (eval_fn and progress compare by identity).
+_jit_scan = eqx.filter_jit(_scan)
+
+
 def _checked_run(alg, state, data, num_steps, eval_every, eval_fn, progress=None):
-    (state, (bad_step, bad_status)), history = eqx.filter_jit(_scan)(
+    (state, (bad_step, bad_status)), history = _jit_scan(
         alg, state, data, num_steps, eval_every, eval_fn, first_failure=True, progress=progress)
     bad_step, bad_status = np.asarray(bad_step), np.asarray(bad_status)
     if np.any(bad_step >= 0):

@@ -24,11 +24,15 @@ u = grad_phi f_upper. `jax.jacfwd`, `jax.jvp` and higher derivatives (`jax.hessi
 jacrev) work as well: the rule re-enters the custom_jvp for phi*, so every order of derivative is
 implicit (d A / d theta included, through custom_linear_solve's own derivative).
 
-phi0 gets a zero tangent (the solution does not depend on the initial point); integer batch leaves
-get float0 tangents. Only inexact-array leaves of theta, phi and batch are variables: an equinox
-Module as phi (a neural network) is split with `eqx.partition` before the custom_jvp and the scan.
+phi0 gets a zero tangent (the solution does not depend on the initial point); integer leaves are
+constants. Only inexact-array leaves of theta, phi and batch are variables: an equinox Module as
+phi (a neural network) is split with `eqx.partition` before the custom_jvp and the scan.
 A failed linear solve (a lower level that is not strongly convex at phi*) returns NaN tangents,
 never a finite-looking derivative.
+
+Compiled once per configuration (`eqx.filter_jit`): a second call of `solve`, or of `jax.grad`
+through it, with the same f_lower, optimizer and solver objects and arrays of the same shapes,
+reuses the compiled program (JAX differentiates the cached program).
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ from bilevel_jax import oracles
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.hypergrad.inner import solve_lower
 from bilevel_jax.linear_solvers import LinearSolver, cg
+from bilevel_jax.precision import Precision, check_precision, wrap_problem
 from bilevel_jax.problem import BilevelProblem
 
 
@@ -51,13 +56,8 @@ def _no_upper(theta, phi, batch):
     return jnp.zeros(())
 
 
-def _where_inexact(values, reference):
-    """`values` at the inexact-array leaves of `reference`, None elsewhere (same structure)."""
-    return jax.tree_util.tree_map(lambda x, v: v if eqx.is_inexact_array(x) else None, reference, values)
-
-
 def argmin(f_lower: Callable, optimizer: optax.GradientTransformation, steps: int,
-           solver: Optional[LinearSolver] = None, mode: str = "rev") -> Callable:
+           solver: Optional[LinearSolver] = None, mode: str = "rev", precision: Optional[Precision] = None) -> Callable:
     """`solve(theta, phi0, batch) -> phi*(theta, batch)`, differentiable by the implicit function theorem.
 
     Args:
@@ -69,6 +69,9 @@ def argmin(f_lower: Callable, optimizer: optax.GradientTransformation, steps: in
         Called as `solver.solve(matvec, b, solver.init(b))` once per JVP/VJP (a fresh state: the
         solve does not depend on the previous one).
       mode: "rev" or "fwd" derivative products for the A-matvec (`oracles.linearize_lower`).
+      precision: a `bj.Precision` policy (`bj.precision`): f_lower and its derivatives evaluated in
+        its compute dtype; theta and phi0 cast to its state dtype, in which the inner optimizer's
+        state, phi* and the tangent solve are kept.
 
     Works under `jit`, `vmap`, `jax.grad`, `jax.jacfwd`, `jax.jacrev` and `jax.hessian`. theta and
     batch are pytrees of arrays (integer batch leaves are constants); phi0 is a pytree whose
@@ -81,42 +84,61 @@ def argmin(f_lower: Callable, optimizer: optax.GradientTransformation, steps: in
     solver = cg(maxiter=50) if solver is None else solver
     if not isinstance(solver, LinearSolver) or solver.stochastic:
         raise TypeError("argmin needs a deterministic bj.linear_solvers solver (cg, gd, neumann, dense).")
-    problem = BilevelProblem(_no_upper, f_lower)
-
-    def inverse(matvec, b):
-        """A^{-1} b with the user's solver (NaN where the solve failed, by the solver protocol)."""
-        return solver.solve(matvec, b, solver.init(b))[0]
+    problem = wrap_problem(BilevelProblem(_no_upper, f_lower), check_precision(precision))
 
     def solve(theta, phi0, batch):
-        problem.validate(theta, phi0, (None, batch))
-        theta_d, theta_s = eqx.partition(theta, eqx.is_inexact_array)
-        phi0_d, phi_s = eqx.partition(phi0, eqx.is_inexact_array)
-        batch_a, batch_s = eqx.partition(batch, eqx.is_array)  # integer arrays pass, as constants
-
-        def full(t, p, b):
-            return eqx.combine(t, theta_s), eqx.combine(p, phi_s), eqx.combine(b, batch_s)
-
-        @jax.custom_jvp
-        def phi_star(t, p0, b):
-            theta, phi0, batch = full(t, p0, b)
-            return oracles.differentiable(solve_lower(problem, optimizer, theta, phi0, batch, steps))
-
-        @phi_star.defjvp
-        def phi_star_jvp(primals, tangents):
-            t, p0, b = primals
-            t_dot, _, b_dot = tangents  # the solution does not depend on phi0
-            p = phi_star(t, p0, b)  # re-entering the custom_jvp keeps higher orders implicit
-            b_x, b_int = eqx.partition(b, eqx.is_inexact_array)
-
-            def grad_phi(t, b_x):
-                return oracles.lower_grad_phi(problem, *full(t, p, eqx.combine(b_x, b_int)))
-
-            # d_theta g . theta_dot + d_batch g . batch_dot, at fixed phi*: linear in the tangents
-            _, g_dot = jax.jvp(grad_phi, (t, b_x), (t_dot, _where_inexact(b_dot, b)))
-            matvec = oracles.linearize_lower(problem, *full(t, p, b), mode).hvp
-            p_dot = jax.lax.custom_linear_solve(matvec, otu.tree_scale(-1.0, g_dot), inverse, symmetric=True)
-            return p, p_dot
-
-        return eqx.combine(phi_star(theta_d, phi0_d, batch_a), phi_s)
+        if precision is not None:
+            theta, phi0 = precision.cast_state(theta), precision.cast_state(phi0)
+        return _solve(problem, optimizer, steps, solver, mode, theta, phi0, batch)
 
     return solve
+
+
+@eqx.filter_jit
+def _solve(problem: BilevelProblem, optimizer: optax.GradientTransformation, steps: int, solver: LinearSolver,
+           mode: str, theta, phi0, batch):
+    """The `solve` of `argmin`, compiled once per configuration: f_lower, the optimizer (the same
+    objects), `steps`, the solver's configuration, `mode` and the arrays' shapes are the cache key,
+    so a second call (and its derivatives: JAX differentiates the cached program) reuses it."""
+    problem.validate(theta, phi0, (None, batch))
+    theta_d, theta_s = eqx.partition(theta, eqx.is_inexact_array)
+    phi0_d, phi_s = eqx.partition(phi0, eqx.is_inexact_array)
+    batch_d, batch_s = eqx.partition(batch, eqx.is_inexact_array)
+    # The arrays that are not variables (integer leaves, the solver's fields) are an argument of the
+    # custom_jvp, not a closure: its rule runs when JAX differentiates the compiled program, after
+    # this trace has ended.
+    consts, static = eqx.partition((theta_s, phi_s, batch_s, solver), eqx.is_array)
+
+    def unpack(t, p, b, c):
+        """(theta, phi, batch, solver) from the variables and the constants."""
+        theta_s, phi_s, batch_s, solver = eqx.combine(c, static)
+        return eqx.combine(t, theta_s), eqx.combine(p, phi_s), eqx.combine(b, batch_s), solver
+
+    @jax.custom_jvp
+    def phi_star(t, p0, b, c):
+        theta, phi0, batch, _ = unpack(t, p0, b, c)
+        return oracles.differentiable(solve_lower(problem, optimizer, theta, phi0, batch, steps))
+
+    @phi_star.defjvp
+    def phi_star_jvp(primals, tangents):
+        t, p0, b, c = primals
+        t_dot, _, b_dot, _ = tangents  # the solution does not depend on phi0; c holds no variable
+        p = phi_star(t, p0, b, c)  # re-entering the custom_jvp keeps higher orders implicit
+
+        def grad_phi(t, b):
+            theta, phi, batch, _ = unpack(t, p, b, c)
+            return oracles.lower_grad_phi(problem, theta, phi, batch)
+
+        # d_theta g . theta_dot + d_batch g . batch_dot, at fixed phi*: linear in the tangents
+        _, g_dot = jax.jvp(grad_phi, (t, b), (t_dot, b_dot))
+        theta, phi, batch, solver = unpack(t, p, b, c)
+        matvec = oracles.linearize_lower(problem, theta, phi, batch, mode).hvp
+
+        def inverse(matvec, r):
+            """A^{-1} r with the user's solver (NaN where the solve failed, by the solver protocol)."""
+            return solver.solve(matvec, r, solver.init(r))[0]
+
+        p_dot = jax.lax.custom_linear_solve(matvec, otu.tree_scale(-1.0, g_dot), inverse, symmetric=True)
+        return p, p_dot
+
+    return eqx.combine(phi_star(theta_d, phi0_d, batch_d, consts), phi_s)

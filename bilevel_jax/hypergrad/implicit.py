@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
 
+import equinox as eqx
 import jax
 import optax.tree_utils as otu
 
 from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax.linear_solvers import LinearSolver, SolverInfo, cg, fail_where
+from bilevel_jax.precision import Precision, check_precision, diagnose, wrap_problem
 from bilevel_jax.problem import BilevelProblem, check_problem, check_same_structure
 
 PyTree = Any
@@ -69,7 +71,8 @@ def implicit_direction(problem: BilevelProblem, theta, phi, upper_batch, lower_b
 
 
 def hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[LinearSolver] = None, *,
-                  x0=None, key=None, lower_sampler: Optional[Callable] = None, mode: str = "rev"):
+                  x0=None, key=None, lower_sampler: Optional[Callable] = None, mode: str = "rev",
+                  precision: Optional[Precision] = None):
     """The implicit hypergradient at (theta, phi).
 
     Args:
@@ -83,6 +86,10 @@ def hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[Li
       lower_sampler: `key -> lower batch` for stochastic solvers (a fresh minibatch per factor);
         default: every factor uses `lower_batch`.
       mode: "rev" (vjp of grad_phi f_lower) or "fwd" (forward-over-reverse).
+      precision: a `bj.Precision` policy (`bj.precision`): the objectives evaluated in its compute
+        dtype, theta, phi, x0, v, the solver's state and g in its state dtype (theta, phi, x0 are
+        cast to it). A failed result whose cause is the compute dtype's range (an overflow or
+        underflow of a value or gradient, `bj.precision.precision_status`) gets the status PRECISION.
 
     On a constrained problem (`lower_inequality`/`lower_equality`) this is the KKT implicit
     gradient `bj.hypergrad.kkt_hypergradient` (default solver `minres(100)`, multipliers by least
@@ -98,6 +105,9 @@ def hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[Li
       NONFINITE; v is NaN too) or g itself is non-finite. Never a finite-looking value.
     """
     check_problem(problem)
+    if check_precision(precision) is not None:  # the policy: objectives wrapped, theta, phi, x0 in the state dtype
+        problem = wrap_problem(problem, precision)
+        theta, phi, x0 = (precision.cast_state(tree) for tree in (theta, phi, x0))
     if problem.constrained:  # constrained LL: the KKT implicit gradient (multipliers by least squares)
         from bilevel_jax.hypergrad.kkt import kkt_hypergradient
         if key is not None or lower_sampler is not None or mode != "rev":
@@ -108,16 +118,25 @@ def hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[Li
     if not isinstance(solver, LinearSolver):
         raise TypeError(f"solver must be a bj.linear_solvers solver (e.g. cg(maxiter=50)), got {solver!r}.")
     oracles.check_mode(mode)
-    problem.validate(theta, phi, data)
-    phi_d = oracles.differentiable(phi)
     if x0 is not None:
-        check_same_structure("x0", phi_d, x0)
+        check_same_structure("x0", oracles.differentiable(phi), x0)
         solver = dataclasses.replace(solver, warm_start=True)
     if solver.stochastic and key is None:
         raise ValueError("this solver is stochastic: pass `key=`.")
+    return _hypergradient(problem, theta, phi, data, solver, x0, key, lower_sampler, mode)
 
+
+@eqx.filter_jit
+def _hypergradient(problem: BilevelProblem, theta, phi, data, solver: LinearSolver, x0, key,
+                   lower_sampler: Optional[Callable], mode: str):
+    """`hypergradient` after its argument checks, compiled once per configuration: the problem
+    (equal when it holds the same functions), the solver's configuration, `lower_sampler`, `mode`
+    and the structures and shapes of the arrays are the cache key. The structural validation runs
+    while tracing, i.e. once per key (it depends on nothing else)."""
+    problem.validate(theta, phi, data)
+    phi_d = oracles.differentiable(phi)
     out = implicit_direction(problem, theta, phi, data[0], data[1], solver, solver.init(phi_d, x0), key,
                              lower_sampler, mode)
-    status = st.merge(out.info.status, st.nonfinite(out.g))
+    status = diagnose(problem, theta, phi, data, st.merge(out.info.status, st.nonfinite(out.g)))
     g = fail_where(status != st.OK, out.g)  # as for the solvers: g is NaN (every leaf) iff status is not OK
     return g, HypergradInfo(v=out.v, residual_norm=out.info.residual_norm, status=status, solver=out.info)

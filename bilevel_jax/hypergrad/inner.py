@@ -77,9 +77,14 @@ def lower_steps(problem: BilevelProblem, optimizer: optax.GradientTransformation
     return eqx.combine(phi_d, phi_s), opt_state
 
 
+@eqx.filter_jit
 def solve_lower(problem: BilevelProblem, optimizer: optax.GradientTransformation, theta, phi0, batch,
                 steps: int, checkpoint: bool = False):
-    """phi_T after `steps` deterministic LL steps from phi0 (fresh optimizer state)."""
+    """phi_T after `steps` deterministic LL steps from phi0 (fresh optimizer state).
+
+    Compiled once per configuration: the problem (equal when it holds the same functions), the
+    optimizer (an optax transform is a pair of functions: pass the same object again, a new
+    `optax.sgd(0.1)` is a new function), `steps`, `checkpoint` and the arrays' shapes are the key."""
     opt_state = optimizer.init(oracles.differentiable(phi0))
     phi, _ = lower_steps(problem, optimizer, theta, phi0, opt_state, steps, lambda t: batch, checkpoint)
     return phi
