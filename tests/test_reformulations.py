@@ -94,3 +94,56 @@ def test_pzobo_on_a_box_constrained_strongly_convex_lower_level():
     assert bool((hist["status"] == bj.status.OK).all())
     np.testing.assert_allclose(state.theta, [2.0, 2.0], atol=1e-6)
     np.testing.assert_allclose(state.phi, [1.0, 1.0], atol=1e-12)
+
+
+# ------------------------------------------------------------------------------- smoothing_pg
+
+def test_smoothing_pg_on_a_box_constrained_convex_lower_level_against_the_upper_level():
+    """The UL pulls phi_0 to 0 while the LL (convex, flat in phi_1, Phi = [0, 1]^2) pins phi_0 =
+    clip(theta): F(theta) = (theta - 1)^2 / 2 + clip(theta)^2 / 2 + 1/2, theta* = 0.5, phi* = (0.5, 1).
+    The value-function constraint is quadratic (not calm): a penalty bias O(1/rho), rho driven up by
+    the method (1 -> 1e3) while the smoothing mu -> 0."""
+    problem = BOX.problem(lambda t, p, b: 0.5 * jnp.sum((t - 1.0) ** 2) + 0.5 * p[0] ** 2 + 0.5 * (p[1] - 2.0) ** 2,
+                          _box_flat_lower)
+    alg = bj.algorithms.smoothing_pg(problem, upper_lr=0.5)
+    state, hist = _run(alg, jnp.array([-1.0]), jnp.array([0.3, 0.2]), 3000)
+    assert bool((hist["status"] == bj.status.OK).all())
+    mu, rho = state.multiplier
+    assert float(mu) < 1e-4 and float(rho) == 1e3
+    np.testing.assert_allclose(state.theta, [0.5], atol=3e-3)
+    np.testing.assert_allclose(state.phi, [0.5, 1.0], atol=3e-3)
+    # the calm case (the UL agrees with the LL at the boundary): exact
+    alg = bj.algorithms.smoothing_pg(BOX.problem(_box_upper, _box_flat_lower), upper_lr=0.5)
+    state, _ = _run(alg, jnp.array([-1.0]), jnp.array([0.3, 0.2]), 1000)
+    np.testing.assert_allclose(state.theta, BOX_THETA, atol=1e-5)
+    np.testing.assert_allclose(state.phi, BOX_PHI, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- optimality_penalty
+
+def test_optimality_penalty_reaches_theta_star_and_its_multiplier_is_the_adjoint(quad):
+    """Augmented Lagrangian of grad_y g = 0 on the strongly convex quadratic (defaults only, full
+    batch): theta* to rounding level (no O(1/rho) bias at rho = 1), phi = phi*(theta*), and the
+    multiplier mu* = -A^{-1} grad_y f(theta*, phi*) (the negative adjoint, dense solve)."""
+    alg = bj.algorithms.optimality_penalty(quad.problem)
+    state, hist = _run_data(alg, quad, 2000)
+    assert bool((hist["status"] == bj.status.OK).all())
+    ts = quad.theta_star()
+    np.testing.assert_allclose(state.theta, ts, rtol=0, atol=1e-10 * float(jnp.linalg.norm(ts)))
+    ps = quad.phi_star(ts)
+    np.testing.assert_allclose(state.phi, ps, atol=1e-10)
+    hess = jax.hessian(quad.problem.f_lower, 1)(ts, ps, quad.data[1])
+    adjoint = jnp.linalg.solve(hess, jax.grad(quad.problem.f_upper, 1)(ts, ps, quad.data[0]))
+    np.testing.assert_allclose(state.multiplier, -adjoint, atol=1e-9)
+    # G-PBGD (no multiplier) at the same penalty stays O(1/gamma) away
+    gpbgd = bj.algorithms.pbgd(quad.problem, penalty="gradient", gamma=1.0, gamma_max=1.0)
+    state, _ = _run_data(gpbgd, quad, 2000)
+    assert float(jnp.linalg.norm(state.theta - ts) / jnp.linalg.norm(ts)) > 1e-2
+
+
+def _run_data(alg, q, steps):
+    @jax.jit
+    def go(theta0):
+        state = alg.init(theta0, q.phi0, jax.random.PRNGKey(0), q.data)
+        return bj.run(alg, state, q.data, num_steps=steps)
+    return go(q.theta0)

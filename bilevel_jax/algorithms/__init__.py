@@ -3,6 +3,7 @@
 Presets (paper defaults in each docstring): alternating, ba, bsa, aid_bio, stocbio, amigo, ttsa,
 stable, alset, soba, saba, srba, mrbo, sustain, vrbo, fsla, signsgd_ul, momentum, lancbio, subbio;
 Hessian-free / value-function: f2sa, bome, pbgd, pdbo, vf_penalty, pzobo, hjfbio, bsg1.
+Reformulations: smoothing_pg (value function), optimality_penalty (grad_y g = 0).
 Multi-objective (robust, n objective pairs; a `bj.MultiObjectiveProblem`, registry `MULTI_OBJECTIVE`): morbit, mmb.
 Building blocks: `bilevel_loop`, `directions`, `estimators`, and the step primitives of `steps`.
 """
@@ -21,8 +22,8 @@ from bilevel_jax.algorithms.stable import Stable, StableState, stable
 from bilevel_jax.algorithms import value_function
 from bilevel_jax.algorithms.bsg import bsg1
 from bilevel_jax.algorithms.finite_difference import hjfbio
-from bilevel_jax.algorithms.penalty import f2sa, pbgd
-from bilevel_jax.algorithms.value_function import bome, pdbo, vf_penalty
+from bilevel_jax.algorithms.penalty import f2sa, optimality_penalty, pbgd
+from bilevel_jax.algorithms.value_function import bome, pdbo, smoothing_pg, vf_penalty
 from bilevel_jax.algorithms.zeroth_order import pzobo
 # the pessimistic problem (needs a LL with many solutions; not in ALGORITHMS: the all-preset tests assume a
 # strongly convex LL and the optimistic reading)
@@ -38,6 +39,8 @@ ALGORITHMS = {
     # Hessian-free and value-function methods (valid for LLs with many minima: bome, pdbo, vf_penalty, pbgd)
     "f2sa": f2sa, "bome": bome, "pbgd": pbgd, "pdbo": pdbo, "vf_penalty": vf_penalty, "pzobo": pzobo,
     "hjfbio": hjfbio, "bsg1": bsg1,
+    # reformulations: value function (smoothing_pg), optimality conditions grad_y g = 0 (optimality_penalty)
+    "smoothing_pg": smoothing_pg, "optimality_penalty": optimality_penalty,
 }
 
 

@@ -15,9 +15,19 @@
   minibatches, grad_y g is taken on a second, independent LL batch: the product A_B grad_y g_B'
   is then unbiased for A grad_y g, while one batch for both estimates the gradient of
   E||grad_y g_B||^2, the penalty plus the minibatch variance of grad_y g (a biased problem).
+- The optimality-condition reformulation min f(x, y) s.t. grad_y g(x, y) = 0 (Dempe & Dutta, "Is
+  bilevel programming a special case of a mathematical program with complementarity
+  constraints?", Math. Programming 131, 2012: for an unconstrained LL, convex in y, its global
+  solutions are the bilevel problem's) by its augmented Lagrangian, c = grad_y g,
+      L_rho(x, y, mu) = f(x, y) + <mu, c(x, y)> + (rho / 2) ||c(x, y)||^2,
+      (x, y) <- (x, y) - alpha (grad f + (J (mu + rho c), A (mu + rho c))),   mu <- mu + sigma c(x_k, y_k)
+  (`optimality_penalty`): G-PBGD is its sigma = 0 case (the same `GradientPenalty` step, one
+  linearisation of c per step). At a solution mu* = -A^{-1} grad_y f, the negative adjoint, and
+  the x-part grad_x f + J mu* is the implicit hypergradient: the multiplier removes the penalty's
+  O(1/rho) bias, so a constant rho suffices.
 
 Both penalties reach the bilevel solution as the penalty grows: the minimiser of the penalised
-problem is within O(1/lambda) (O(1/gamma)) of it.
+problem is within O(1/lambda) (O(1/gamma)) of it; the augmented Lagrangian at a fixed rho.
 """
 from __future__ import annotations
 
@@ -28,11 +38,12 @@ import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from bilevel_jax import oracles
-from bilevel_jax._checks import check_positive_int, check_step_size
+from bilevel_jax._checks import as_array, check_positive_int, check_step_size
 from bilevel_jax.algorithms._common import named, rule
 from bilevel_jax.algorithms.base import Algorithm, OracleCounts
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
-from bilevel_jax.algorithms.steps import StepRule, apply_step, check_data, draw_batches, finish, init_rule, start
+from bilevel_jax.algorithms.steps import (StepRule, apply_step, check_data, draw_batches, finish, float_dtype,
+                                          init_rule, start)
 from bilevel_jax.algorithms.value_function import PenaltyRamp, PenaltySchedule, ValueFunction, penalty_ramp, value_function
 from bilevel_jax.problem import BilevelProblem, check_problem
 from bilevel_jax.sampling import Full, Sampler
@@ -74,10 +85,12 @@ class GradientPenaltyState(NamedTuple):
     key: Any
     upper_opt_state: Any
     lower_opt_state: Any
+    multiplier: Any = None   # mu, shaped like phi's array part (zeros for G-PBGD)
 
 
 class GradientPenalty(Algorithm):
-    """G-PBGD: joint step on f_upper + (gamma_k / 2) ||grad_phi f_lower||^2 (module docstring)."""
+    """Joint step on the augmented Lagrangian f_upper + <mu, c> + (gamma_k / 2) ||c||^2 of
+    c = grad_phi f_lower = 0, mu <- mu + dual_lr c (module docstring); G-PBGD is dual_lr = 0."""
 
     problem: BilevelProblem = eqx.field(static=True)
     upper: StepRule
@@ -86,11 +99,13 @@ class GradientPenalty(Algorithm):
     samplers: Tuple[Sampler, Sampler] = eqx.field(static=True)
     mode: str = eqx.field(static=True, default="rev")
     check: bool = eqx.field(static=True, default=False)
+    dual_lr: Any = None      # sigma (None: G-PBGD, no multiplier)
+    name: str = eqx.field(static=True, default="pbgd")
 
     def init(self, theta0, phi0, key, data=None) -> GradientPenaltyState:
         theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
         return GradientPenaltyState(theta0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
-                                    init_rule(self.lower, phi0))
+                                    init_rule(self.lower, phi0), otu.tree_zeros_like(oracles.differentiable(phi0)))
 
     def update(self, state: GradientPenaltyState, data):
         check_data(data, self.samplers)
@@ -103,16 +118,20 @@ class GradientPenalty(Algorithm):
         # grad_phi f_lower from an independent batch (module docstring: unbiased product)
         g_lower = (oracles.lower_grad_phi(p, state.theta, state.phi, batches.lower_at(0)) if stochastic
                    else lin.grad_phi)
-        a_g, j_g = lin.hvp_and_cross(g_lower)
-        gamma = self.penalty(k)
+        gamma = jnp.asarray(self.penalty(k), float_dtype((state.theta, state.phi)))
+        # (J w, A w) with w = mu + gamma grad_phi f_lower: the gradient of <mu, c> + (gamma / 2) ||c||^2
+        a_w, j_w = lin.hvp_and_cross(otu.tree_add_scale(state.multiplier, gamma, g_lower))
         theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state,
-                                                   otu.tree_add_scale(g_theta, gamma, j_g), k, p.project)
+                                                   otu.tree_add(g_theta, j_w), k, p.project)
         phi, lower_state, low_status = apply_step(self.lower, state.phi, state.lower_opt_state,
-                                                  otu.tree_add_scale(g_phi, gamma, a_g), k)
+                                                  otu.tree_add(g_phi, a_w), k)
+        multiplier = (state.multiplier if self.dual_lr is None
+                      else otu.tree_add_scale(state.multiplier, self.dual_lr, lin.grad_phi))
         counts = OracleCounts.of(lower_grads=1 + int(stochastic), upper_grads=1, hvps=1, cross=1)
-        (theta, phi), info = finish((theta, phi), counts, otu.tree_norm(lin.grad_phi), (up_status, low_status),
-                                    check=self.check, where="pbgd outer step")
-        return GradientPenaltyState(theta, phi, k + 1, state.key, upper_state, lower_state), info
+        (theta, phi, multiplier), info = finish((theta, phi, multiplier), counts, otu.tree_norm(lin.grad_phi),
+                                                (up_status, low_status), check=self.check,
+                                                where=f"{self.name} outer step")
+        return GradientPenaltyState(theta, phi, k + 1, state.key, upper_state, lower_state, multiplier), info
 
 
 def pbgd(problem: BilevelProblem, *, penalty: str = "value", upper_lr=0.1, lower_lr=None, inner_lr=None,
@@ -158,4 +177,39 @@ def pbgd(problem: BilevelProblem, *, penalty: str = "value", upper_lr=0.1, lower
                                ramp, make_samplers(batch_size, sampler), mode, check)
 
 
-__all__ = ["GradientPenalty", "GradientPenaltyState", "f2sa", "pbgd"]
+def optimality_penalty(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, upper_opt=None, lower_opt=None,
+                       penalty=1.0, penalty_rate=0.0, penalty_max=float("inf"), dual_lr=None,
+                       batch_size: BatchSize = None, sampler: str = "iid", mode: str = "rev",
+                       check: bool = False) -> GradientPenalty:
+    """The optimality-condition reformulation min_{x, y} f(x, y) s.t. grad_y g(x, y) = 0 (Dempe &
+    Dutta, "Is bilevel programming a special case of a mathematical program with complementarity
+    constraints?", Math. Programming 131:37-48, 2012) by a single-loop augmented Lagrangian
+    (module docstring):
+
+        c_k = grad_y g(x_k, y_k),   w_k = mu_k + rho_k c_k,
+        (x, y) <- (x, y) - alpha (grad_x f + J w_k,  grad_y f + A w_k),   mu <- mu + sigma c_k
+
+    with rho_k = min(`penalty` + `penalty_rate` k, `penalty_max`) (a constant rho by default: the
+    multiplier removes the O(1/rho) bias of the plain penalty), sigma = `dual_lr` (default rho_0: the
+    method of multipliers' rule, Hestenes 1969 / Powell 1969), alpha = `upper_lr` on x and
+    `lower_lr` (default the same) on y. The paper gives the reformulation and its equivalence (global
+    solutions, LL convex in y; local solutions may differ), not an algorithm: the augmented
+    Lagrangian and its single-loop form are ours. Valid where grad_y g = 0 characterises the LL
+    solutions (strongly convex or PL LL, unconstrained); the step must resolve the penalty's
+    curvature, alpha rho L_g^2 < 2 (L_g the LL Hessian's largest eigenvalue). Oracles per step: 1 LL
+    gradient (2 with minibatches, as G-PBGD), 1 UL gradient, 1 HVP, 1 cross product. Sampling: full
+    batch by default (a deterministic reformulation); `batch_size=b` draws i.i.d. minibatches."""
+    with named("optimality_penalty"):
+        check_step_size("penalty", penalty)
+        sigma = penalty if dual_lr is None else dual_lr
+        check_step_size("dual_lr", sigma)
+        oracles.check_mode(mode)
+        check_problem(problem)
+        ramp = penalty_ramp(penalty, penalty_rate, 1.0, penalty_max)
+        lower_lr = upper_lr if (lower_lr is None and lower_opt is None) else lower_lr
+        return GradientPenalty(problem, rule("upper_lr", upper_lr, upper_opt), rule("lower_lr", lower_lr, lower_opt),
+                               ramp, make_samplers(batch_size, sampler), mode, check, as_array(sigma),
+                               "optimality_penalty")
+
+
+__all__ = ["GradientPenalty", "GradientPenaltyState", "f2sa", "optimality_penalty", "pbgd"]

@@ -19,7 +19,8 @@ across outer steps, or restarted at phi), and by Danskin's theorem
 
 Every method here moves (theta, phi) along the first-order direction of a Lagrangian / penalty,
 
-    d = grad f_upper + lambda grad q            (or grad f_upper / lambda + grad q, `scale_upper`)
+    d = grad f_upper + lambda grad q            (or (grad f_upper + lambda grad q) / s, `scale_upper`:
+                                                  s = lambda for V-PBGD, rho for smoothing_pg)
     (theta, phi) <- (P_Theta(theta - alpha d_theta), phi - beta d_phi),
 
 and they differ only in the multiplier lambda (a `Multiplier`):
@@ -112,7 +113,7 @@ class Gap(NamedTuple):
 
 
 class Multiplier(eqx.Module):
-    """How lambda is chosen: `value(state, gap, count)`, then `advance(state, gap, count)`."""
+    """How lambda is chosen: `value(state, gap, count)`, then `advance(state, gap, count, moved)`."""
 
     needs_value: bool = eqx.field(static=True, default=False)
 
@@ -123,8 +124,17 @@ class Multiplier(eqx.Module):
     def value(self, state, gap: Gap, count) -> jax.Array:
         """lambda_k at this point."""
 
-    def advance(self, state, gap: Gap, count):
+    def advance(self, state, gap: Gap, count, moved):
+        """The state after the step; `moved` = ||(theta, phi)_{k+1} - (theta, phi)_k||."""
         return state
+
+    def smoothing(self, state, fixed):
+        """(a1, a2) of v_a at this step: the preset's `fixed` pair, or one the multiplier controls."""
+        return fixed
+
+    def scale(self, state, lam):
+        """s of the scaled direction (grad f + lambda grad q) / s (`scale_upper`): lambda itself."""
+        return lam
 
 
 class PenaltySchedule(Multiplier):
@@ -169,8 +179,47 @@ class DualAscent(Multiplier):
     def value(self, state, gap, count):
         return state
 
-    def advance(self, state, gap, count):
+    def advance(self, state, gap, count, moved):
         return jnp.clip(state + self.lr * (gap.q - self.reg * state), 0.0, self.cap)
+
+
+class SmoothingControl(Multiplier):
+    """The smoothing projected gradient method's parameters (`smoothing_pg`): state (mu, rho); v is
+    smoothed by a1 = mu (a2 = 0), lambda = rho 1[q > 0] (`hinge`) or rho; after a step that moved
+    less than eta mu (the smoothed problem is resolved at this mu), mu <- shrink mu and, where the
+    smoothed constraint is still violated (q > 0), rho <- min(grow rho, rho_max)."""
+
+    mu: jax.Array = None
+    rho: jax.Array = None
+    shrink: jax.Array = None
+    grow: jax.Array = None
+    rho_max: jax.Array = None
+    eta: jax.Array = None
+    hinge: bool = eqx.field(static=True, default=True)
+
+    def init(self):
+        dtype = jnp.result_type(float)
+        return jnp.asarray(self.mu, dtype), jnp.asarray(self.rho, dtype)
+
+    def value(self, state, gap, count):
+        mu, rho = state
+        if not self.hinge:
+            return rho
+        # rho d/dq of the smoothed max{0, q}: (q + sqrt(q^2 + 4 mu^2)) / 2 (Chen-Harker-Kanzow-Smale)
+        root = jnp.sqrt(gap.q ** 2 + 4.0 * mu ** 2)   # 0 only at q = 0 once mu underflows: weight 1/2 there
+        return rho * 0.5 * (1.0 + gap.q / jnp.where(root > 0, root, 1.0))
+
+    def advance(self, state, gap, count, moved):
+        mu, rho = state
+        resolved = moved <= self.eta * mu
+        return (jnp.where(resolved, self.shrink * mu, mu),
+                jnp.where(resolved & (gap.q > 0), jnp.minimum(self.grow * rho, self.rho_max), rho))
+
+    def smoothing(self, state, fixed):
+        return state[0], jnp.zeros_like(state[0])
+
+    def scale(self, state, lam):
+        return state[1]   # rho: (grad f + rho 1[q > 0] grad q) / rho
 
 
 # ----------------------------------------------------------------------------------- the algorithm
@@ -209,7 +258,7 @@ class ValueFunction(Algorithm):
     tracker_steps: int = eqx.field(static=True, default=10)
     restart_tracker: bool = eqx.field(static=True, default=False)   # z starts at phi every step (BOME)
     phi_steps: int = eqx.field(static=True, default=0)              # F2SA's inner phi steps
-    scale_upper: bool = eqx.field(static=True, default=False)       # d = grad f / lambda + grad q (V-PBGD)
+    scale_upper: bool = eqx.field(static=True, default=False)       # d = (grad f + lambda grad q) / s (V-PBGD)
     smooth: bool = eqx.field(static=True, default=False)
     check: bool = eqx.field(static=True, default=False)
     name: str = eqx.field(static=True, default="value_function")
@@ -224,16 +273,16 @@ class ValueFunction(Algorithm):
                                   init_rule(self.lower, phi0), init_rule(self.tracker, phi0), self.multiplier.init(),
                                   zero, zero)
 
-    def _tracked(self):
-        return _smoothed(self.problem, self.smoothing[0]) if self.smooth else self.problem
+    def _tracked(self, a):
+        return _smoothed(self.problem, a[0]) if self.smooth else self.problem
 
-    def _gap(self, theta, phi, z, batches) -> Tuple[Gap, Any]:
+    def _gap(self, theta, phi, z, batches, a) -> Tuple[Gap, Any]:
         p = self.problem
         g_theta, g_phi = oracles.upper_grads(p, theta, phi, batches.upper)
         value_y, (gx_y, gy_y) = oracles.lower_value_and_grads(p, theta, phi, batches.lower)
         value_z, (gx_z, _) = oracles.lower_value_and_grads(p, theta, z, batches.lower)
         if self.smooth:
-            a1, a2 = self.smoothing
+            a1, a2 = a
             value_z = value_z + 0.5 * a1 * otu.tree_norm(oracles.differentiable(z), squared=True) + a2
         return Gap(value_y - value_z, (otu.tree_sub(gx_y, gx_z), gy_y), (g_theta, g_phi))
 
@@ -248,10 +297,11 @@ class ValueFunction(Algorithm):
         k = state.count
         dtype = float_dtype((state.theta, state.phi))   # the run's precision (lambda must not promote it)
         batches = draw_batches(self.samplers, data, state.key, k, self.tracker_steps)
+        a = self.multiplier.smoothing(state.multiplier, self.smoothing)
         # 1. the tracker z ~ argmin f_lower(theta_k, .) (+ a1/2 ||.||^2), T steps
         z0 = state.phi if self.restart_tracker else state.z
         z_opt = init_rule(self.tracker, z0) if self.restart_tracker else state.tracker_opt_state
-        z, z_opt, counts, z_status = lower_phase(self._tracked(), self.tracker, state.theta, z0, z_opt,
+        z, z_opt, counts, z_status = lower_phase(self._tracked(a), self.tracker, state.theta, z0, z_opt,
                                                  self.tracker_steps, batches.lower_at, k)
         phi, lower_state, statuses = state.phi, state.lower_opt_state, [z_status]
         # 2. (F2SA) T steps of phi on the penalised objective at fixed theta, lambda_k from the schedule
@@ -261,12 +311,11 @@ class ValueFunction(Algorithm):
             counts = counts + OracleCounts.of(lower_grads=self.phi_steps, upper_grads=self.phi_steps)
             statuses.append(self.lower.status(k))
         # 3. the gap, the multiplier and the direction at (theta_k, phi, z)
-        gap = self._gap(state.theta, phi, z, batches)
+        gap = self._gap(state.theta, phi, z, batches, a)
         lam = jnp.asarray(self.multiplier.value(state.multiplier, gap, k), dtype)
+        d = otu.tree_add_scale(gap.grad_f, lam, gap.grad_q)
         if self.scale_upper:
-            d = otu.tree_add_scale(gap.grad_q, 1.0 / lam, gap.grad_f)
-        else:
-            d = otu.tree_add_scale(gap.grad_f, lam, gap.grad_q)
+            d = otu.tree_scale(1.0 / jnp.asarray(self.multiplier.scale(state.multiplier, lam), dtype), d)
         counts = counts + OracleCounts.of(lower_grads=2, upper_grads=1, values=2 * int(self.multiplier.needs_value))
         # 4. steps: theta (projected), phi (joint step unless F2SA moved it already), the dual variable
         theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state, d[0], k,
@@ -275,7 +324,9 @@ class ValueFunction(Algorithm):
         if not self.phi_steps:
             phi, lower_state, low_status = apply_step(self.lower, phi, lower_state, d[1], k)
             statuses.append(low_status)
-        multiplier = self.multiplier.advance(state.multiplier, gap, k)
+        new_point, old_point = oracles.differentiable((theta, phi)), oracles.differentiable((state.theta, state.phi))
+        moved = otu.tree_norm(otu.tree_sub(new_point, old_point))
+        multiplier = self.multiplier.advance(state.multiplier, gap, k, moved)
         (theta, phi, z), info = finish((theta, phi, z), counts, jnp.nan, statuses, check=self.check,
                                        where=f"{self.name} outer step")
         new = ValueFunctionState(theta, phi, z, k + 1, state.key, upper_state, lower_state, z_opt, multiplier,
@@ -425,5 +476,63 @@ def vf_penalty(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, inner_lr=
                               name="vf_penalty", **kw)
 
 
+def smoothing_pg(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, inner_lr=None, upper_opt=None,
+                 lower_opt=None, inner_opt=None, lower_steps: int = 10, penalty=1.0, penalty_grow=2.0,
+                 penalty_max=1e3, smoothing=1.0, smoothing_shrink=0.5, eta=0.1, hinge: bool = True,
+                 lower_set=None, batch_size: BatchSize = None, **kw) -> ValueFunction:
+    """Smoothing projected gradient on the value-function reformulation (Lin, Xu, Ye, "On solving
+    simple bilevel programs with a nonconvex lower level program", Math. Programming 144:277-305,
+    2014): the simple bilevel program (Phi and Theta closed convex, Phi independent of theta)
+
+        min_{theta in Theta, phi in Phi} f(theta, phi)   s.t.   q = g(theta, phi) - v(theta) <= 0,
+        v(theta) = min_{z in Phi} g(theta, z)
+
+    whose constraint is non-smooth (v is not differentiable where argmin_Phi g is not a singleton,
+    and max{0, q} at q = 0), by projected gradient steps on a smooth approximation of its exact
+    penalty, the smoothing parameter mu driven to 0 and the penalty rho increased by the method:
+
+        q_mu = g(theta, phi) - v_mu(theta),  v_mu(theta) = min_{z in Phi} g(theta, z) + (mu/2) ||z||^2
+        P_mu(t) = (t + sqrt(t^2 + 4 mu^2)) / 2          (smoothed max{0, t}; `hinge=False`: t)
+        d = (grad f + rho P_mu'(q_mu) grad q_mu) / rho  (grad v_mu = grad_theta g(theta, z_mu), Danskin)
+        (theta, phi) <- (P_Theta(theta - alpha d_theta), P_Phi(phi - alpha d_phi)),
+        z_mu tracked by T warm-started projected gradient steps on g + (mu/2) ||.||^2,
+
+    the direction scaled by 1/rho so that a constant step stays stable as rho grows (as V-PBGD).
+    Parameter control: when a step moves less than eta mu_k (the smoothed problem is resolved at
+    this mu), mu_{k+1} = `smoothing_shrink` mu_k and, if the smoothed constraint is still violated
+    (q_mu > 0), rho_{k+1} = min(`penalty_grow` rho_k, `penalty_max`). Defaults: mu_0 = `smoothing` =
+    1, shrink 0.5, rho_0 = `penalty` = 1, grow 2, rho_max = 1e3, eta = 0.1, T = `lower_steps` = 10,
+    alpha = `upper_lr` = 0.1 on theta, `lower_lr` (default the same) on phi, `inner_lr` (default
+    `lower_lr`) on z; needs alpha L_g < 2 (L_g: the LL Hessian's largest eigenvalue).
+
+    Where it departs from the paper [verify]: the paper smooths v by the integral entropy function
+    -mu ln int_Phi exp(-g(theta, z) / mu) dz (valid for a non-convex LL; an integral over Phi that
+    does not scale past a few LL dimensions) and takes Armijo line-search steps; here v is smoothed
+    by the quadratic regularisation above (gradient consistent for an LL convex in phi, the class
+    of the entry "convex constraint" of the method tables) and the step is constant; the smoothing
+    of max{0, .} (CHKS here) and the exact test and factors of the mu / rho updates were not
+    verified. Accuracy and speed: the penalty's bias is O(1/rho_max) where the value-function
+    constraint is not calm (e.g. q quadratic in phi), and theta moves at the rate alpha / rho: on
+    the tests' 4 x 6 quadratic (L_g = 1) the defaults are 0.18 relative from theta* after 4,000
+    steps, `upper_lr=0.5` 3.7e-3. Oracles per step: T + 2 LL gradients, 1 UL gradient, 2 LL values.
+    Sampling: full batch (a deterministic method); `batch_size=b` draws i.i.d. minibatches.
+    `lower_set=`: Phi, as in the other value-function presets (module docstring)."""
+    with named("smoothing_pg"):
+        check_step_size("penalty", penalty)
+        check_in_range("penalty_grow", penalty_grow, 1.0, float("inf"))
+        check_step_size("penalty_max", penalty_max)
+        check_step_size("smoothing", smoothing)
+        check_in_range("smoothing_shrink", smoothing_shrink, 0.0, 1.0, closed_low=False)
+        check_step_size("eta", eta)
+        control = SmoothingControl(True, as_array(smoothing), as_array(penalty), as_array(smoothing_shrink),
+                                   as_array(penalty_grow), as_array(penalty_max), as_array(eta), hinge)
+        lower_lr = upper_lr if (lower_lr is None and lower_opt is None) else lower_lr
+        return value_function(problem, multiplier=control, upper_lr=upper_lr, lower_lr=lower_lr,
+                              tracker_lr=inner_lr, upper_opt=upper_opt, lower_opt=lower_opt, tracker_opt=inner_opt,
+                              tracker_steps=lower_steps, scale_upper=True, smoothing=(0.0, 0.0), lower_set=lower_set,
+                              batch_size=batch_size, name="smoothing_pg", **kw)
+
+
 __all__ = ["Barrier", "DualAscent", "Gap", "Multiplier", "PenaltyRamp", "PenaltySchedule", "ValueFunction",
-           "ValueFunctionState", "bome", "pdbo", "penalty_ramp", "value_function", "vf_penalty"]
+           "ValueFunctionState", "SmoothingControl", "bome", "pdbo", "penalty_ramp", "smoothing_pg", "value_function",
+           "vf_penalty"]
