@@ -142,6 +142,46 @@ def grad_hvp_cross(problem: BilevelProblem, theta, phi, v, batch, mode: str = "r
     return lin.grad_phi, av, jv
 
 
+class StepTranspose(NamedTuple):
+    """One adjoint step of a differentiated LL step (see `lower_step_transpose`)."""
+
+    cross: PyTree   # J w: this step's contribution to the theta-gradient
+    phi: PyTree     # the adjoint of phi before the step
+    state: PyTree   # the adjoint of the optimizer state's inexact leaves before the step
+
+
+def lower_step_transpose(problem: BilevelProblem, rule: Callable, theta, phi, opt_state, batch, a_phi, a_state
+                         ) -> StepTranspose:
+    """The transpose of one LL step's Jacobian applied to an adjoint, in mixed mode (Kemaev,
+    Calian, Zintgraf, Farquhar, van Hasselt, "Scalable Meta-Learning via Mixed-Mode
+    Differentiation", ICML 2025, arXiv:2505.00793).
+
+    The step is (phi', s') = rule(G, s, phi) with G = grad_phi f_lower(theta, phi, batch) and
+    `rule(G, s, phi_d) -> (phi_d', s')` an optimizer's update with the gradient as an input (no
+    derivative of f_lower inside). With (a_phi, a_state) the adjoint of (phi', s'):
+
+        (w, a_state_prev, a_rule) = (d rule / d(G, s, phi))^T (a_phi, a_state)
+        a_phi_prev = a_rule + A w,       cross = J w
+
+    The rule is transposed by reverse mode (parameter-sized, elementwise for optax rules); A w and
+    J w come from one forward-over-reverse product of grad f_lower (`linearize_lower(mode="fwd")`,
+    using A = A^T), so no intermediate of f_lower's reverse pass outlives the step. For plain SGD
+    (rule G -> phi - lr G) it is a_phi_prev = a_phi - lr A a_phi, cross = -lr J a_phi. `a_state`
+    and the returned state adjoint are shaped like the inexact leaves of `opt_state` (integer
+    leaves such as step counts carry no adjoint)."""
+    s_d, s_rest = eqx.partition(opt_state, eqx.is_inexact_array)
+    lin = linearize_lower(problem, theta, phi, batch, mode="fwd")
+
+    def rule_d(g, s, p):
+        p_new, s_new = rule(g, eqx.combine(s, s_rest), p)
+        return p_new, differentiable(s_new)
+
+    _, pull = jax.vjp(rule_d, lin.grad_phi, s_d, differentiable(phi))
+    w, a_state_prev, a_rule = pull((a_phi, a_state))
+    aw, jw = lin.hvp_and_cross(w)
+    return StepTranspose(cross=jw, phi=otu.tree_add(a_rule, aw), state=a_state_prev)
+
+
 # ------------------------------------------------------------------ first-order / Hessian-free oracles
 
 def lower_grads(problem: BilevelProblem, theta, phi, batch):

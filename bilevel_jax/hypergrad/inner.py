@@ -42,6 +42,13 @@ def _lower_objective(problem: BilevelProblem, theta, phi_static, batch) -> Calla
     return value_fn
 
 
+def apply_rule(optimizer: optax.GradientTransformation, grad, opt_state, phi_d, /, **extra_args):
+    """phi_d + optimizer.update(grad, opt_state, phi_d, **extra_args) and the new state: the rule
+    alone, with the gradient as an input (mixed-mode unrolling differentiates it separately)."""
+    updates, opt_state = optax.with_extra_args_support(optimizer).update(grad, opt_state, phi_d, **extra_args)
+    return eqx.apply_updates(phi_d, updates), opt_state
+
+
 def lower_step(problem: BilevelProblem, optimizer: optax.GradientTransformation, theta, phi, opt_state, batch):
     """One LL step: (phi, opt_state) -> (phi', opt_state').
 
@@ -52,9 +59,8 @@ def lower_step(problem: BilevelProblem, optimizer: optax.GradientTransformation,
     phi_d, phi_s = eqx.partition(phi, eqx.is_inexact_array)
     value_fn = _lower_objective(problem, theta, phi_s, batch)
     value, grad = jax.value_and_grad(value_fn)(phi_d)
-    updates, opt_state = optax.with_extra_args_support(optimizer).update(
-        grad, opt_state, phi_d, value=value, grad=grad, value_fn=value_fn)
-    return eqx.combine(eqx.apply_updates(phi_d, updates), phi_s), opt_state
+    phi_d, opt_state = apply_rule(optimizer, grad, opt_state, phi_d, value=value, grad=grad, value_fn=value_fn)
+    return eqx.combine(phi_d, phi_s), opt_state
 
 
 def lower_steps(problem: BilevelProblem, optimizer: optax.GradientTransformation, theta, phi, opt_state,

@@ -1,0 +1,145 @@
+"""`bj.unrolled_hypergradient(..., mode="mixed")`: the reverse scan of forward-over-reverse
+products (Kemaev, Calian, Zintgraf, Farquhar, van Hasselt, "Scalable Meta-Learning via
+Mixed-Mode Differentiation", ICML 2025, arXiv:2505.00793) against the closed form of unrolled GD
+on a quadratic, against reverse and forward mode on an `eqx.nn.MLP` lower level (every mode takes
+the whole model as phi), its temporary memory against reverse mode, and its refusals."""
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import bilevel_jax as bj
+
+
+def _mlp_problem(width, batch, din=4, key=0):
+    """LL: regularised least squares of an MLP, theta = (log weight decay, a cubic output term)."""
+    k1, k2 = jax.random.split(jax.random.PRNGKey(key))
+    mlp = eqx.nn.MLP(din, 1, width, 2, key=k1)
+    x = jax.random.normal(k2, (batch, din))
+    y = jnp.sin(x[:, 0]) + 0.5 * x[:, 1]
+
+    def predict(phi, x):
+        return jax.vmap(phi)(x)[:, 0]
+
+    def f_lower(theta, phi, b):
+        x, y = b
+        out = predict(phi, x)
+        sq = sum(jnp.sum(w ** 2) for w in jax.tree_util.tree_leaves(eqx.filter(phi, eqx.is_inexact_array)))
+        return jnp.mean((out - y) ** 2) + jnp.exp(theta[0]) * sq + theta[1] * jnp.mean(out ** 3)
+
+    def f_upper(theta, phi, b):
+        x, y = b
+        return jnp.mean((predict(phi, x) - y) ** 2) + 0.1 * jnp.sum(theta ** 2)
+
+    return bj.BilevelProblem(f_upper, f_lower), mlp, ((x[::2], y[::2]), (x, y))
+
+
+def _leaves(tree):
+    return jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_inexact_array))
+
+
+def _assert_same(out, reference, name):
+    (g, phi), (g_ref, phi_ref) = out, reference
+    np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-14, err_msg=name)
+    for a, b in zip(_leaves(phi), _leaves(phi_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15, err_msg=name)
+
+
+def test_every_mode_takes_an_mlp_and_mixed_equals_reverse():
+    """An eqx.nn.MLP as phi (its activation functions are static fields) in the three modes, with
+    heavy-ball steps (a momentum state); truncate=K carries that state into the last K steps."""
+    problem, mlp, data = _mlp_problem(width=16, batch=32)
+    theta = jnp.array([-3.0, 0.3])
+
+    @eqx.filter_jit
+    def run(theta):
+        kw = dict(optimizer=optax.sgd(0.05, momentum=0.9), steps=20)
+        out = {m: bj.unrolled_hypergradient(problem, theta, mlp, data, mode=m, **kw)
+               for m in ("reverse", "forward", "mixed")}
+        out.update({f"{m}/truncate": bj.unrolled_hypergradient(problem, theta, mlp, data, mode=m, truncate=7, **kw)
+                    for m in ("reverse", "mixed")})
+        return out
+
+    out = run(theta)
+    for name in ("forward", "mixed"):
+        _assert_same(out[name], out["reverse"], name)
+    _assert_same(out["mixed/truncate"], out["reverse/truncate"], "truncate")
+    for name, (_, phi) in out.items():
+        assert isinstance(phi, eqx.nn.MLP) and phi.activation is mlp.activation, name
+    assert np.linalg.norm(out["mixed"][0] - out["mixed/truncate"][0]) > 1e-4   # truncation does matter
+    assert np.all(np.abs(out["reverse"][0]) > 1e-4)                             # both coordinates are coupled
+
+
+def test_mixed_equals_reverse_with_adamw_and_a_schedule():
+    """A rule whose state has integer counts (a schedule's and Adam's) and whose update reads the
+    parameters (decoupled weight decay): the rule's own transpose carries both."""
+    problem, mlp, data = _mlp_problem(width=8, batch=16, key=1)
+    opt = optax.adamw(optax.linear_schedule(0.01, 0.002, 20), weight_decay=0.1)
+
+    @eqx.filter_jit
+    def run(theta):
+        return [bj.unrolled_hypergradient(problem, theta, mlp, data, optimizer=opt, steps=20, mode=m)
+                for m in ("reverse", "mixed")]
+
+    rev, mix = run(jnp.array([-3.0, 0.3]))
+    _assert_same(mix, rev, "adamw")
+    assert np.all(np.abs(rev[0]) > 1e-5)
+
+
+def test_mixed_sgd_closed_form(quad):
+    """T GD steps on the quadratic LL A(phi) = H phi + C theta + h: d phi_T / d theta =
+    -beta sum_{j<K} (I - beta H)^j C (the last K steps differentiated), exact in float64."""
+    m = {k: np.asarray(v) for k, v in quad.means.items()}
+    theta = np.asarray(quad.theta0) + 0.3
+    beta, T, K = 0.5 / np.linalg.eigvalsh(m["H"]).max(), 30, 9
+    step = np.eye(len(m["h"])) - beta * m["H"]
+    phi = np.asarray(quad.phi0)
+    for _ in range(T):
+        phi = phi - beta * (m["H"] @ phi + m["C"] @ theta + m["h"])
+    g_phi = m["P"] @ phi + m["S"] @ theta + m["p"]
+    direct = m["S"].T @ phi + m["reg"] * theta
+
+    @jax.jit
+    def mixed(theta):
+        return [bj.unrolled_hypergradient(quad.problem, theta, quad.phi0, quad.data, optimizer=optax.sgd(beta),
+                                          steps=T, mode="mixed", truncate=k) for k in (None, K)]
+
+    for (g, phi_T), k in zip(mixed(jnp.asarray(theta)), (T, K)):
+        z = -beta * sum(np.linalg.matrix_power(step, j) for j in range(k)) @ m["C"]
+        np.testing.assert_allclose(phi_T, phi, rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(g, direct + z.T @ g_phi, rtol=1e-10, atol=1e-12)
+
+
+def _temp_bytes(problem, mlp, data, theta, mode, steps):
+    fn = jax.jit(lambda th, d: bj.unrolled_hypergradient(problem, th, mlp, d, optimizer=optax.sgd(0.05),
+                                                         steps=steps, mode=mode)[0])
+    compiled = fn.lower(theta, data).compile()
+    return compiled.memory_analysis().temp_size_in_bytes, compiled
+
+
+def test_mixed_memory_at_least_5x_below_reverse():
+    """XLA's buffer assignment (deterministic): at T = 100 on an MLP LL, reverse mode keeps every
+    step's activations; mixed mode keeps the T iterates and one step's products."""
+    problem, mlp, data = _mlp_problem(width=32, batch=256)
+    theta = jnp.array([-4.0, 0.1])
+    rev, c_rev = _temp_bytes(problem, mlp, data, theta, "reverse", 100)
+    mix, c_mix = _temp_bytes(problem, mlp, data, theta, "mixed", 100)
+    print(f"temp bytes at T = 100: reverse {rev}, mixed {mix}, ratio {rev / mix:.1f}")
+    n_params = sum(w.size for w in _leaves(mlp))
+    assert rev >= 5 * mix, (rev, mix)
+    assert mix <= 100 * n_params * 8 * 3, (mix, n_params)   # O(T d): the iterates, a few copies at most
+    np.testing.assert_allclose(c_mix(theta, data), c_rev(theta, data), rtol=1e-10, atol=1e-14)
+
+
+def test_mixed_refusals(quad):
+    kw = dict(steps=3, mode="mixed")
+    with pytest.raises(ValueError, match="mode='reverse'"):   # its update needs value_fn
+        bj.unrolled_hypergradient(quad.problem, quad.theta0, quad.phi0, quad.data, optimizer=optax.lbfgs(), **kw)
+    with pytest.raises(ValueError, match="checkpoint"):
+        bj.unrolled_hypergradient(quad.problem, quad.theta0, quad.phi0, quad.data, optimizer=optax.sgd(0.1),
+                                  checkpoint=True, **kw)
+    with pytest.raises(ValueError, match="mixed"):
+        bj.unrolled_hypergradient(quad.problem, quad.theta0, quad.phi0, quad.data, optimizer=optax.sgd(0.1),
+                                  steps=3, mode="mixd")
