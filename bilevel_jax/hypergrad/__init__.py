@@ -1,7 +1,9 @@
 """Hypergradient estimators: implicit (any linear solver), unrolled (reverse/forward),
-zero implicit gradient (SignSGD + UL), the differentiable `argmin`, and the KKT implicit gradient
+zero implicit gradient (SignSGD + UL), the differentiable `argmin`, jaxopt-style `custom_root` /
+`custom_fixed_point`, and the KKT implicit gradient
 of a constrained lower level (`kkt`)."""
 from bilevel_jax.hypergrad.argmin import argmin
+from bilevel_jax.hypergrad.custom_root import custom_fixed_point, custom_root, root_jvp, root_vjp
 from bilevel_jax.hypergrad.implicit import HypergradInfo, hypergradient, implicit_direction
 from bilevel_jax.hypergrad.kkt import KKTInfo, kkt_argmin, kkt_direction, kkt_hypergradient, kkt_hypergradient_dense
 from bilevel_jax.hypergrad.inner import lower_step, lower_steps, solve_lower
@@ -9,6 +11,6 @@ from bilevel_jax.hypergrad.unrolled import unrolled_hypergradient
 from bilevel_jax.hypergrad.zero_ig import zero_ig_hypergradient
 
 __all__ = [
-    "argmin", "HypergradInfo", "hypergradient", "implicit_direction", "lower_step", "lower_steps",
+    "argmin", "custom_fixed_point", "custom_root", "root_jvp", "root_vjp", "HypergradInfo", "hypergradient", "implicit_direction", "lower_step", "lower_steps",
     "solve_lower", "KKTInfo", "kkt_argmin", "kkt_direction", "kkt_hypergradient", "kkt_hypergradient_dense", "unrolled_hypergradient", "zero_ig_hypergradient",
 ]

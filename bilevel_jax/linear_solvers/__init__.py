@@ -10,6 +10,7 @@ from bilevel_jax.linear_solvers.dense import Dense, dense
 from bilevel_jax.linear_solvers.gd import GD, Neumann, gd, neumann
 from bilevel_jax.linear_solvers.lanczos import Lanczos, LanczosState, lanczos
 from bilevel_jax.linear_solvers.minres import MINRES, minres
+from bilevel_jax.linear_solvers.normal import Normal, normal
 from bilevel_jax.linear_solvers.sampled_neumann import SampledNeumann, sampled_neumann
 from bilevel_jax.linear_solvers.stochastic_neumann import StochasticNeumann, stochastic_neumann
 from bilevel_jax.linear_solvers.subspace import Subspace, subspace
@@ -17,6 +18,6 @@ from bilevel_jax.linear_solvers.subspace import Subspace, subspace
 __all__ = [
     "KrylovSolver", "LinearSolver", "SolverInfo", "WarmStart", "fail_where", "residual_norm",
     "CG", "Damped", "Dense", "GD", "Lanczos", "LanczosState", "Neumann", "StochasticNeumann", "Subspace",
-    "MINRES", "minres",
+    "MINRES", "minres", "Normal", "normal",
     "cg", "damped", "dense", "gd", "lanczos", "neumann", "stochastic_neumann", "subspace", "sampled_neumann", "SampledNeumann",
 ]

@@ -68,6 +68,9 @@ class LinearSolver(eqx.Module):
     # no initial point (Neumann series, dense) ignore it. Subclasses give every field a default.
     warm_start: bool = eqx.field(default=False, static=True)
     stochastic: ClassVar[bool] = False
+    # whether the solver assumes a symmetric A (all but `normal`, which sees A'A): callers whose
+    # operator may not be symmetric (`bj.custom_root`) check it when this is True
+    needs_symmetric: ClassVar[bool] = True
 
     def init(self, b_like: PyTree, x0: Optional[PyTree] = None):
         """The state before the first solve: `x0` (default zeros shaped like `b_like`)."""

@@ -44,6 +44,10 @@ class Damped(LinearSolver):
     def stochastic(self) -> bool:   # type: ignore[override]
         return self.solver.stochastic
 
+    @property
+    def needs_symmetric(self) -> bool:   # type: ignore[override]
+        return self.solver.needs_symmetric
+
     def init(self, b_like, x0: Optional[Any] = None):
         return self.solver.init(b_like, x0)
 
