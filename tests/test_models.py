@@ -49,9 +49,11 @@ def mlp_setup():
 SETTINGS = {name: dict(upper_lr=0.05, lower_lr=0.1) for name in NAMES}
 for name in ("ba", "aid_bio", "stocbio", "amigo", "bsa", "alternating", "signsgd_ul", "lancbio", "subbio"):
     SETTINGS[name]["lower_steps"] = 2
-for name in ("stocbio", "bsa", "ttsa", "alset", "mrbo", "sustain", "vrbo"):
+for name in ("stocbio", "bsa", "ttsa", "alset", "mrbo", "sustain", "vrbo", "vrbo_single_loop"):
     SETTINGS[name]["neumann_steps"] = 3
-SETTINGS["vrbo"]["period"] = 2
+for name in ("vrbo", "vrbo_single_loop"):
+    SETTINGS[name]["period"] = 2
+SETTINGS["vrbo"]["lower_steps"] = 2
 for name in ("f2sa", "bome", "pbgd", "pdbo", "vf_penalty", "pzobo", "bsg1"):
     SETTINGS[name]["lower_steps"] = 2
 SETTINGS["pzobo"]["num_directions"] = 2

@@ -1,9 +1,9 @@
 """Bilevel algorithms: `Algorithm(init, update)` pairs built from one generic loop.
 
 Presets (paper defaults in each docstring): alternating, ba, bsa, aid_bio, stocbio, amigo, ttsa,
-stable, alset, soba, saba, srba, mrbo, sustain, vrbo, fsla, signsgd_ul, momentum, lancbio, subbio;
+stable, alset, soba, saba, srba, mrbo, sustain, vrbo (double loop), vrbo_single_loop, fsla, signsgd_ul, momentum, lancbio, subbio;
 Hessian-free / value-function: f2sa, bome, pbgd, pdbo, vf_penalty, pzobo, hjfbio, bsg1.
-Reformulations: smoothing_pg (value function), optimality_penalty (grad_y g = 0).
+Reformulations: smoothing_pg (value function), optimality_penalty and cdb (grad_y g = 0).
 Multi-objective (robust, n objective pairs; a `bj.MultiObjectiveProblem`, registry `MULTI_OBJECTIVE`): morbit, mmb.
 Building blocks: `bilevel_loop`, `directions`, `estimators`, and the step primitives of `steps`.
 """
@@ -14,7 +14,7 @@ from bilevel_jax.algorithms.base import Algorithm, OracleCounts, StepInfo
 from bilevel_jax.algorithms.double_loop import aid_bio, alternating, amigo, ba, bsa, signsgd_ul, stocbio
 from bilevel_jax.algorithms.krylov import lancbio, subbio
 from bilevel_jax.algorithms.loop import BilevelLoop, LoopState, bilevel_loop
-from bilevel_jax.algorithms.momentum import momentum, mrbo, sustain, vrbo
+from bilevel_jax.algorithms.momentum import momentum, mrbo, sustain, vrbo, vrbo_single_loop
 from bilevel_jax.algorithms.morbit import MMB, MULTI_OBJECTIVE, Morbit, mmb, morbit
 from bilevel_jax.algorithms.fsla import FSLA, FslaState, fsla
 from bilevel_jax.algorithms.single_loop import alset, saba, soba, srba, ttsa
@@ -34,7 +34,7 @@ from bilevel_jax.algorithms.constrained import KKT, AmortizedKKT, amortized_kkt,
 ALGORITHMS = {
     "alternating": alternating, "ba": ba, "bsa": bsa, "aid_bio": aid_bio, "stocbio": stocbio, "amigo": amigo,
     "ttsa": ttsa, "stable": stable, "alset": alset, "soba": soba, "saba": saba, "srba": srba, "mrbo": mrbo,
-    "sustain": sustain, "vrbo": vrbo, "fsla": fsla, "signsgd_ul": signsgd_ul, "momentum": momentum,
+    "sustain": sustain, "vrbo": vrbo, "vrbo_single_loop": vrbo_single_loop, "fsla": fsla, "signsgd_ul": signsgd_ul, "momentum": momentum,
     "lancbio": lancbio, "subbio": subbio,
     # Hessian-free and value-function methods (valid for LLs with many minima: bome, pdbo, vf_penalty, pbgd)
     "f2sa": f2sa, "bome": bome, "pbgd": pbgd, "pdbo": pdbo, "vf_penalty": vf_penalty, "pzobo": pzobo,

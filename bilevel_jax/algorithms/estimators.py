@@ -120,22 +120,31 @@ class Recursive(Estimator):
             weights = jax.tree_util.tree_map(lambda m: weights if m else None, mask)
         return weights
 
-    def estimate(self, evaluate, point, state, count, batches, full, passes):
+    def recurse(self, evaluate, point, state, count, batches):
+        """One recursion d = o(z; xi) + w_k (d_prev - o(z_prev; xi)) on `batches`, the same sample
+        at z = `point` and z_prev = `state.prev`, without the refresh: `(estimate, evaluation at
+        point, new state, oracle counts)`. `estimate` is this plus the periodic refresh; a
+        recursive LL phase (VRBO's inner loop, `bilevel_loop(lower_recursion=True)`) calls it
+        once per LL step."""
         if self.joint:
             ev, old = _both_points(evaluate, point, state.prev, batches)
         else:
             ev = evaluate(point, batches)
             old = evaluate(state.prev, batches).oracles
 
-        def recurse(schedule, new, d, o):
+        def one(schedule, new, d, o):
             if schedule is None:
                 return new
             w = jnp.where(count > 0, schedule(count), 0.0)
             return otu.tree_add_scale(new, w, otu.tree_sub(d, o))
 
         weights = self._weights(ev.oracles)
-        out = jax.tree_util.tree_map(recurse, weights, ev.oracles, state.d, old, is_leaf=_is_weight)
-        counts = _scale(ev.counts, 2, 2)
+        out = jax.tree_util.tree_map(one, weights, ev.oracles, state.d, old, is_leaf=_is_weight)
+        return out, ev, RecursiveState(out, point), _scale(ev.counts, 2, 2)
+
+    def estimate(self, evaluate, point, state, count, batches, full, passes):
+        out, ev, _, counts = self.recurse(evaluate, point, state, count, batches)
+        weights = self._weights(ev.oracles)
         if self.refresh_period is not None:
             refresh = (count % self.refresh_period) == 0
             fresh = jax.lax.cond(refresh, lambda: evaluate(point, full).oracles, lambda: out)

@@ -4,7 +4,9 @@ One outer iteration k (a `lax.scan` body; the whole run is a nested scan, see `b
 with the public primitives of `bj.algorithms.steps`:
 
     1. LL phase     phi <- `lower_steps` steps of the LL rule on grad_phi f_lower(theta_k, ., xi_t)
-                    (0 steps: single loop; T steps: double loop, warm-started at phi_k)
+                    (0 steps: single loop; T steps: double loop, warm-started at phi_k); or, with
+                    `lower_recursion`, on the estimator's recursive estimate of D_phi (VRBO's inner
+                    SARAH loop: the rule's other variables and the UL estimate recurse with it)
     2. directions   the direction rule's oracles at (theta_k, phi, rule state) on fresh UL/LL
                     minibatches, through an estimator (SGD, STORM, SAGA, SARAH), into
                     D_theta [, D_phi]; the rule moves its own variables (SOBA's v)
@@ -24,7 +26,7 @@ from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.algorithms import estimators as est
-from bilevel_jax.algorithms.base import Algorithm, step_key
+from bilevel_jax.algorithms.base import Algorithm, OracleCounts, step_key
 from bilevel_jax.algorithms.directions import DirectionRule, Point
 from bilevel_jax.algorithms.steps import (SOLVER_STREAM, Batches, Rule, StepRule, apply_step, as_rule, check_data,
                                           draw_batches, finish, init_rule, lower_phase, start)
@@ -93,6 +95,7 @@ class BilevelLoop(Algorithm):
     mode: str = eqx.field(static=True, default="rev")
     check: bool = eqx.field(static=True, default=False)
     name: str = eqx.field(static=True, default="bilevel_loop")
+    lower_recursion: bool = eqx.field(static=True, default=False)
 
     def _evaluate(self, key):
         return lambda point, batches: self.direction.evaluate(self.problem, point, batches, key, self.mode)
@@ -122,19 +125,23 @@ class BilevelLoop(Algorithm):
         check_data(data, self.samplers)
         count = state.count
         batches = draw_batches(self.samplers, data, state.key, count, self.lower_steps)
-        phi, lower_state, ll_counts, ll_status = lower_phase(
-            self.problem, self.lower, state.theta, state.phi, state.lower_opt_state, self.lower_steps,
-            batches.lower_at, count)
-        point = Point(state.theta, phi, state.direction)
+        rule_state, est_state = state.direction, state.estimator
+        if self.lower_recursion:
+            phi, lower_state, rule_state, est_state, ll_counts, ll_status = self._recursive_phase(state, batches)
+        else:
+            phi, lower_state, ll_counts, ll_status = lower_phase(
+                self.problem, self.lower, state.theta, state.phi, state.lower_opt_state, self.lower_steps,
+                batches.lower_at, count)
+        point = Point(state.theta, phi, rule_state)
         estimate, ev, est_state, counts = self.estimator.estimate(
-            self._evaluate(step_key(state.key, count, SOLVER_STREAM)), point, state.estimator, count, batches,
+            self._evaluate(step_key(state.key, count, SOLVER_STREAM)), point, est_state, count, batches,
             full_batches(data), passes(self.samplers, data))
         dirs = self.direction.directions(estimate)
 
         theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state, dirs.theta, count,
                                                    self.problem.project)
         low_status = st.ok()
-        if dirs.phi is not None:
+        if dirs.phi is not None and not self.lower_recursion:
             phi, lower_state, low_status = apply_step(self.lower, phi, lower_state, dirs.phi, count)
         rule_state, rule_status = self.direction.advance(ev.rule_state, estimate, count)
 
@@ -145,12 +152,51 @@ class BilevelLoop(Algorithm):
         new_state = LoopState(theta, phi, count + 1, state.key, upper_state, lower_state, rule_state, est_state)
         return new_state, info
 
+    def _recursive_phase(self, state: LoopState, batches: Batches):
+        """The recursive LL phase at theta_k (VRBO's inner loop, Yang, Ji & Liang 2021,
+        arXiv:2106.04692, Algorithm 2): for t < T, on fresh UL and LL batches xi_t,
+
+            d_t = o(theta_k, phi_t; xi_t) + d_{t-1} - o(z_prev; xi_t)      (`Recursive.recurse`)
+            phi_{t+1} = phi_t + lower rule(D_phi(d_t)),   the rule's own variables advance on d_t
+
+        where z_prev is the previous evaluation point (at t = 0: theta_{k-1} and the phi of the
+        last direction, so the first difference carries the change of theta). Outer step 0 has no
+        LL phase: the recursion starts from the first direction estimate (a refresh).
+        Returns `(phi, lower_state, rule_state, estimator_state, counts, status)`."""
+        count = state.count
+        key = step_key(state.key, count, SOLVER_STREAM)
+        zero = jnp.zeros((), jnp.int32)
+        # the carry's array leaves go through scan and cond; static leaves (a Module's functions) are closed over
+        dyn0, static = eqx.partition((state.phi, state.lower_opt_state, state.direction, state.estimator, st.ok()),
+                                     eqx.is_array)
+
+        def step(dyn, t):
+            phi, lower_state, rule_state, est_state, status = eqx.combine(dyn, static)
+            phase = Batches(batches.upper_at(t), batches.lower_at(t), zero, zero, batches.lower_at,
+                            batches.fresh_lower)
+            evaluate = self._evaluate(jax.random.fold_in(key, t + 1))
+            estimate, ev, est_state, counts = self.estimator.recurse(
+                evaluate, Point(state.theta, phi, rule_state), est_state, count, phase)
+            phi, lower_state, low_status = apply_step(self.lower, phi, lower_state,
+                                                      self.direction.directions(estimate).phi, count)
+            rule_state, rule_status = self.direction.advance(ev.rule_state, estimate, count)
+            status = st.merge(status, ev.status, low_status, rule_status)
+            return eqx.filter((phi, lower_state, rule_state, est_state, status), eqx.is_array), counts
+
+        def run():
+            dyn, counts = jax.lax.scan(step, dyn0, jnp.arange(self.lower_steps))
+            return dyn, jax.tree_util.tree_map(lambda c: jnp.sum(c, dtype=c.dtype), counts)
+
+        dyn, counts = jax.lax.cond(count > 0, run, lambda: (dyn0, OracleCounts.of()))
+        phi, lower_state, rule_state, est_state, status = eqx.combine(dyn, static)
+        return phi, lower_state, rule_state, est_state, counts, status
+
 
 def bilevel_loop(problem: BilevelProblem, *, direction: DirectionRule, upper_opt: Rule,
                  lower_opt: Optional[Rule] = None, lower_steps: int = 0,
                  estimator: Optional[est.Estimator] = None, batch_size: BatchSize = None,
                  sampler: str = "iid", mode: str = "rev", check: bool = False,
-                 name: str = "bilevel_loop") -> BilevelLoop:
+                 name: str = "bilevel_loop", lower_recursion: bool = False) -> BilevelLoop:
     """Compose an `Algorithm` from a direction rule, step rules, LL steps and an estimator.
 
     Args:
@@ -159,6 +205,11 @@ def bilevel_loop(problem: BilevelProblem, *, direction: DirectionRule, upper_opt
       upper_opt / lower_opt: the step rules of theta and phi: optax transforms (`optax.sgd(0.1)`)
         or `StepRule`s (`bj.algorithms.steps.step_rule`, whose step sizes are sweepable fields).
       lower_steps: LL steps per outer step before the directions (0 = single loop).
+      lower_recursion: the LL steps move phi along the estimator's recursive estimate of D_phi
+        instead of plain LL gradients, and the rule's own variables and the UL estimate recurse
+        with them (`_recursive_phase`; VRBO's inner loop); needs a `Recursive` estimator (STORM,
+        SARAH), a rule with D_phi (e.g. `implicit(solver, simultaneous=True)`) and `lower_steps`
+        >= 1; phi is not moved again after the theta step.
       estimator: `estimators.sgd()` (default), `storm`, `saga`, `sarah`.
       batch_size: None (full batch), an int, or an (upper, lower) pair.
       sampler: "iid" (gathers b random samples: the theorems' sampling, slowest on CPU),
@@ -181,12 +232,15 @@ def bilevel_loop(problem: BilevelProblem, *, direction: DirectionRule, upper_opt
     if estimator.needs_separable and sampler not in BLOCK_SAMPLERS:
         raise ValueError(f"{name}: the {type(estimator).__name__} estimator indexes memories by batch id: "
                          "use sampler='partition' or sampler='shuffled'.")
+    if lower_recursion and not (isinstance(estimator, est.Recursive) and direction.moves_phi and lower_steps >= 1):
+        raise ValueError(f"{name}: lower_recursion needs a recursive estimator (estimators.sarah / storm), a direction "
+                         "rule with an LL direction (implicit(..., simultaneous=True), amortized) and lower_steps >= 1.")
     if (lower_steps > 0 or direction.moves_phi) and lower_opt is None:
         raise ValueError(f"{name}: lower_opt (the step rule of phi) is required when phi is updated.")
     upper = as_rule("upper_opt", upper_opt)
     lower = None if lower_opt is None else as_rule("lower_opt", lower_opt)
     return BilevelLoop(problem, direction, upper, lower, estimator, make_samplers(batch_size, sampler),
-                       lower_steps, mode, check, name)
+                       lower_steps, mode, check, name, bool(lower_recursion))
 
 
 __all__ = ["BilevelLoop", "LoopState", "bilevel_loop", "check_data", "full_batches", "make_samplers", "passes"]

@@ -35,7 +35,7 @@ from bilevel_jax.sampling import Sampler, check_fits
 from bilevel_jax.schedules import InversePower, inverse_power
 
 PyTree = Any
-UPPER_STREAM, LOWER_STREAM, SOLVER_STREAM = 0, 1, 2
+UPPER_STREAM, LOWER_STREAM, SOLVER_STREAM, PHASE_UPPER_STREAM = 0, 1, 2, 3
 
 
 class StepRule(eqx.Module):
@@ -137,22 +137,27 @@ class Batches(NamedTuple):
     lower_id: jax.Array
     lower_at: Callable   # t -> the LL batch of LL-phase step t
     fresh_lower: Callable  # key -> an independent LL batch (a stochastic solver's factors)
+    upper_at: Optional[Callable] = None  # t -> a UL batch for LL-phase step t (a recursive LL phase)
 
 
 def draw_batches(samplers: Tuple[Sampler, Sampler], data, key: jax.Array, count, lower_steps: int = 0) -> Batches:
     """The batches of outer iteration `count`: `lower_steps` LL-phase batches, then one UL and
     one LL batch for the directions. Draws are numbered per level from the root `key`, so a run
-    is reproducible and the samplers need no state."""
+    is reproducible and the samplers need no state. `upper_at(t)` draws UL batches for the
+    LL-phase steps from a stream of their own (only a recursive LL phase, whose steps evaluate
+    the hypergradient, draws them)."""
     upper_sampler, lower_sampler = samplers
     upper_data, lower_data = data
     key_up = jax.random.fold_in(key, UPPER_STREAM)
     key_low = jax.random.fold_in(key, LOWER_STREAM)
+    key_phase = jax.random.fold_in(key, PHASE_UPPER_STREAM)
     first = count * (lower_steps + 1)
     upper, up_id = upper_sampler.sample(upper_data, key_up, count)
     lower, low_id = lower_sampler.sample(lower_data, key_low, first + lower_steps)
     return Batches(upper, lower, up_id, low_id,
                    lambda t: lower_sampler.sample(lower_data, key_low, first + t)[0],
-                   lambda k: lower_sampler.sample(lower_data, k, 0)[0])
+                   lambda k: lower_sampler.sample(lower_data, k, 0)[0],
+                   lambda t: upper_sampler.sample(upper_data, key_phase, count * lower_steps + t)[0])
 
 
 def lower_phase(problem: BilevelProblem, rule: StepRule, theta, phi, opt_state, steps: int,
@@ -226,4 +231,4 @@ def float_dtype(trees):
 
 __all__ = ["check_data", "float_dtype", "start", "Batches", "Rule", "StepRule", "apply_step", "as_rule", "draw_batches", "finish", "init_rule", "lower_phase",
            "nonfinite_at_records", "step_rule",
-           "LOWER_STREAM", "SOLVER_STREAM", "UPPER_STREAM"]
+           "LOWER_STREAM", "PHASE_UPPER_STREAM", "SOLVER_STREAM", "UPPER_STREAM"]
