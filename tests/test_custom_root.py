@@ -331,3 +331,14 @@ def test_fixed_point_matches_jaxopt():
     loss = lambda s: jax.jit(jax.grad(lambda W, theta: jnp.sum(jnp.sin(s(jnp.zeros(5), W, theta))), argnums=(0, 1)))(W, theta)
     for g, r in zip(loss(ours), loss(theirs)):
         np.testing.assert_allclose(g, r, rtol=1e-8, atol=1e-12)
+
+
+def test_from_jaxopt_doc_blocks_run():
+    """The python blocks of docs/from_jaxopt.md run as written (their asserts included)."""
+    import pathlib
+    import re
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "from_jaxopt.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 3
+    for block in blocks:
+        exec(compile(block, "docs/from_jaxopt.md", "exec"), {})
