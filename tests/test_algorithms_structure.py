@@ -35,7 +35,7 @@ def test_registry_has_the_eighteen_presets():
     assert set(NAMES) == {"alternating", "ba", "bsa", "aid_bio", "stocbio", "amigo", "ttsa", "stable", "alset",
                           "soba", "saba", "srba", "mrbo", "sustain", "vrbo", "vrbo_single_loop", "fsla", "signsgd_ul", "momentum",
                           "lancbio", "subbio", "f2sa", "bome", "pbgd", "pdbo", "vf_penalty", "pzobo", "hjfbio", "bsg1",
-                          "smoothing_pg", "optimality_penalty", "cdb"}
+                          "smoothing_pg", "optimality_penalty", "cdb", "ebsa"}
     for name in NAMES:
         assert bj.algorithms.get(name) is getattr(bj.algorithms, name)
 

@@ -58,6 +58,9 @@ for name in ("f2sa", "bome", "pbgd", "pdbo", "vf_penalty", "pzobo", "bsg1"):
     SETTINGS[name]["lower_steps"] = 2
 SETTINGS["pzobo"]["num_directions"] = 2
 SETTINGS["srba"]["period"] = 2
+# CDB's penalty gradient beta J c on theta is ~57 at the random init (c = grad_phi f_lower ~ 7.8): a
+# smaller beta keeps theta where the LL stays strongly convex (theta = -1.4 after one step at beta = 1)
+SETTINGS["cdb"]["penalty"] = 0.01
 
 
 @pytest.mark.parametrize("name", NAMES)

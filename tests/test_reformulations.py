@@ -5,6 +5,7 @@ levels in the value-function family.
   reach the optimistic solution theta* = 2, phi* = (1, 1) (the unconstrained problem's is 2.5,
   (2.5, 2)); pzobo reaches theta* of a box-constrained strongly convex LL.
 """
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,3 +148,96 @@ def _run_data(alg, q, steps):
         state = alg.init(theta0, q.phi0, jax.random.PRNGKey(0), q.data)
         return bj.run(alg, state, q.data, num_steps=steps)
     return go(q.theta0)
+
+
+# ------------------------------------------------------------------------------- cdb
+
+def _lasso_bilevel():
+    """UL f = ||y - b||^2 / 2 + lam ||x||_1 (non-smooth), LL g = (y - Qx)' H (y - Qx) / 2 (strongly
+    convex, Q orthogonal): y*(x) = Qx, F(x) = ||x - Q'b||^2 / 2 + lam ||x||_1, x* = soft(Q'b, lam)
+    = (1.5, 0, -1): a kink at the solution's second coordinate."""
+    Q, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(1), (3, 3)))
+    H = jnp.array([[2.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 1.5]])
+    b, lam = Q @ jnp.array([2.0, 0.3, -1.5]), 0.5
+    problem = bj.BilevelProblem(lambda x, y, _: 0.5 * jnp.sum((y - b) ** 2) + lam * jnp.sum(jnp.abs(x)),
+                                lambda x, y, _: 0.5 * (y - Q @ x) @ H @ (y - Q @ x))
+    return problem, Q, np.array([1.5, 0.0, -1.0])
+
+
+def test_cdb_reaches_the_solution_of_a_non_smooth_l1_upper_level():
+    problem, Q, x_star = _lasso_bilevel()
+    # the subgradient method's diminishing steps on x (measured max error 7e-4 after 2000 steps)
+    alg = bj.algorithms.cdb(problem, upper_lr=1.0, upper_decay=0.75, lower_lr=0.3)
+    state, hist = _run(alg, jnp.ones(3), jnp.zeros(3), 2000)
+    assert bool((hist["status"] == bj.status.OK).all())
+    np.testing.assert_allclose(state.theta, x_star, atol=3e-3)
+    # y follows the LL solution Q x within the x oscillation across the kink (4e-4 measured)
+    np.testing.assert_allclose(state.phi, Q @ state.theta, atol=2e-3)
+    # one step's cost: 1 linearisation, two warm-started cg(20) solves (21 HVPs each) + 1 pullback
+    _, info = eqx.filter_jit(alg.update)(alg.init(jnp.ones(3), jnp.zeros(3), jax.random.PRNGKey(0)), NONE)
+    assert tuple(int(c) for c in info.oracles[:4]) == (1, 1, 43, 1)
+
+
+def test_cdb_defaults_on_the_strongly_convex_quadratic(quad):
+    """Only the problem (full batch, constant steps 0.1): theta* within 1e-3 in 2000 steps (2.4e-4
+    measured). The UL sees the Newton point y_hat = y - A^{-1} grad_y g, which is phi*(theta) for a
+    quadratic LL, while y itself contracts only at the rate 1 - alpha beta lambda_min(A)^2 of the
+    penalty's gradient beta A c (0.999 here: y is 0.07 away after 2000 steps)."""
+    state, hist = _run_data(bj.algorithms.cdb(quad.problem), quad, 2000)
+    assert bool((hist["status"] == bj.status.OK).all())
+    ts = quad.theta_star()
+    assert float(jnp.linalg.norm(state.theta - ts) / jnp.linalg.norm(ts)) < 1e-3
+    hess = jax.hessian(quad.problem.f_lower, 1)(state.theta, state.phi, quad.data[1])
+    y_hat = state.phi - jnp.linalg.solve(hess, jax.grad(quad.problem.f_lower, 1)(state.theta, state.phi, quad.data[1]))
+    np.testing.assert_allclose(y_hat, quad.phi_star(state.theta), atol=1e-10)
+
+
+# ------------------------------------------------------------------------------- ebsa
+
+def test_ebsa_reaches_the_optimistic_solution_of_a_double_well_lower_level():
+    """g = ((y - x)^2 - 1)^2 (non-convex, two global minima y = x +- 1, a local maximum y = x),
+    f = x^2 / 2 + (y - 2)^2 / 2: the optimistic branch y = x + 1 gives x* = 0.5, y* = 1.5 (F = 0.25;
+    the other minimum's branch: x = 1.5, F = 1.125). From a start in its basin, to rounding level
+    (no constraint: no barrier, the augmented Lagrangian is exact)."""
+    problem = bj.BilevelProblem(lambda x, y, b: 0.5 * jnp.sum(x ** 2) + 0.5 * jnp.sum((y - 2.0) ** 2),
+                                lambda x, y, b: jnp.sum(((y - x) ** 2 - 1.0) ** 2))
+    # L_g = g''(x + 1) = 8: alpha rho L_g^2 < 2 needs a smaller step or penalty than the defaults
+    alg = bj.algorithms.ebsa(problem, upper_lr=0.05, penalty=0.1)
+    state, hist = _run(alg, jnp.array([0.0]), jnp.array([0.8]), 2000)
+    assert bool((hist["status"] == bj.status.OK).all())
+    np.testing.assert_allclose(state.theta, [0.5], atol=1e-10)
+    np.testing.assert_allclose(state.phi, [1.5], atol=1e-10)
+
+
+def test_ebsa_on_a_box_constrained_non_convex_lower_level_and_its_loud_failure():
+    """g = t^2 + 3 sin^2 t, t = y - x (non-convex: g'' = 2 + 6 cos 2t in [-4, 8], one stationary
+    point t = 0), Phi = [0, 2] by the log barrier; f = (x - 1)^2 / 2 + y^2 / 2: x* = y* = 0.5, an
+    interior solution (barrier bias O(mu): 6e-6 in x, 2e-5 in y at mu = 5e-5 after 2000 steps).
+    With the default step (alpha rho L_g^2 = 6.4 > 2) the iterates leave the barrier's domain: NaN
+    and NONFINITE, never a finite wrong answer."""
+    problem = bj.constraints.box(0.0, 2.0).problem(
+        lambda x, y, b: 0.5 * jnp.sum((x - 1.0) ** 2) + 0.5 * jnp.sum(y ** 2),
+        lambda x, y, b: jnp.sum((y - x) ** 2 + 3.0 * jnp.sin(y - x) ** 2))
+    alg = bj.algorithms.ebsa(problem, upper_lr=0.05, penalty=0.1)
+    state, hist = _run(alg, jnp.array([1.5]), jnp.array([1.0]), 2000)
+    assert bool((hist["status"] == bj.status.OK).all())
+    np.testing.assert_allclose(state.theta, [0.5], atol=2e-5)
+    np.testing.assert_allclose(state.phi, [0.5], atol=5e-5)
+    state, hist = _run(bj.algorithms.ebsa(problem), jnp.array([1.5]), jnp.array([1.0]), 200)
+    assert int(hist["status"][-1]) & bj.status.NONFINITE and not bool(jnp.isfinite(state.phi).any())
+    with pytest.raises(ValueError, match="ebsa: equality constraints"):
+        bj.algorithms.ebsa(bj.constraints.simplex().problem(problem.f_upper, problem.f_lower))
+
+
+def test_ebsa_defaults_and_smoothing_pg_on_the_strongly_convex_quadratic(quad):
+    """issue 21's rule (only the problem, full batch, a well-conditioned quadratic: L_g = 1,
+    condition number 10): ebsa (no constraint: optimality_penalty's update) to 1e-8 in 2000 steps.
+    smoothing_pg's steps scale like 1/rho (documented: 0.18 after 4000 steps with the defaults);
+    with upper_lr=0.5 it is 3.7e-3 from theta* after 4000 (rho = 1e3: the O(1/rho) bias)."""
+    ts = quad.theta_star()
+    state, hist = _run_data(bj.algorithms.ebsa(quad.problem), quad, 2000)
+    assert bool((hist["status"] == bj.status.OK).all())
+    assert float(jnp.linalg.norm(state.theta - ts) / jnp.linalg.norm(ts)) < 1e-8
+    state, hist = _run_data(bj.algorithms.smoothing_pg(quad.problem, upper_lr=0.5), quad, 4000)
+    assert bool((hist["status"] == bj.status.OK).all())
+    assert float(jnp.linalg.norm(state.theta - ts) / jnp.linalg.norm(ts)) < 1e-2

@@ -3,7 +3,7 @@
 Presets (paper defaults in each docstring): alternating, ba, bsa, aid_bio, stocbio, amigo, ttsa,
 stable, alset, soba, saba, srba, mrbo, sustain, vrbo (double loop), vrbo_single_loop, fsla, signsgd_ul, momentum, lancbio, subbio;
 Hessian-free / value-function: f2sa, bome, pbgd, pdbo, vf_penalty, pzobo, hjfbio, bsg1.
-Reformulations: smoothing_pg (value function), optimality_penalty and cdb (grad_y g = 0).
+Reformulations: smoothing_pg (value function), optimality_penalty, cdb and ebsa (grad_y g = 0).
 Multi-objective (robust, n objective pairs; a `bj.MultiObjectiveProblem`, registry `MULTI_OBJECTIVE`): morbit, mmb.
 Building blocks: `bilevel_loop`, `directions`, `estimators`, and the step primitives of `steps`.
 """
@@ -21,8 +21,9 @@ from bilevel_jax.algorithms.single_loop import alset, saba, soba, srba, ttsa
 from bilevel_jax.algorithms.stable import Stable, StableState, stable
 from bilevel_jax.algorithms import value_function
 from bilevel_jax.algorithms.bsg import bsg1
+from bilevel_jax.algorithms.cdb import CDB, CDBState, cdb
 from bilevel_jax.algorithms.finite_difference import hjfbio
-from bilevel_jax.algorithms.penalty import f2sa, optimality_penalty, pbgd
+from bilevel_jax.algorithms.penalty import ebsa, f2sa, optimality_penalty, pbgd
 from bilevel_jax.algorithms.value_function import bome, pdbo, smoothing_pg, vf_penalty
 from bilevel_jax.algorithms.zeroth_order import pzobo
 # the pessimistic problem (needs a LL with many solutions; not in ALGORITHMS: the all-preset tests assume a
@@ -41,6 +42,10 @@ ALGORITHMS = {
     "hjfbio": hjfbio, "bsg1": bsg1,
     # reformulations: value function (smoothing_pg), optimality conditions grad_y g = 0 (optimality_penalty)
     "smoothing_pg": smoothing_pg, "optimality_penalty": optimality_penalty,
+    # constraint dissolving (grad_y g = 0 dissolved; non-smooth UL)
+    "cdb": cdb,
+    # barrier-smoothed LL (inequality constraints, non-convex LL) + augmented Lagrangian on its stationarity
+    "ebsa": ebsa,
 }
 
 
@@ -57,6 +62,6 @@ def get(name: str):
 
 
 __all__ = ["ALGORITHMS", "MULTI_OBJECTIVE", "MMB", "Morbit", "mmb", "morbit", "Algorithm", "BilevelLoop", "FSLA", "FslaState", "LoopState", "OracleCounts", "Stable", "StableState", "StepInfo",
-           "bilevel_loop", "directions", "estimators", "get", "steps", "value_function",
+           "CDB", "CDBState", "bilevel_loop", "directions", "estimators", "get", "steps", "value_function",
            "PessimisticPenalty", "PessimisticState", "pessimistic_penalty", "KKT", "AmortizedKKT", "amortized_kkt",
            "bsg_constrained", "kkt", *sorted(ALGORITHMS)]

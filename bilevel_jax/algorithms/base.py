@@ -49,7 +49,7 @@ class Algorithm(eqx.Module):
                              "(lower_inequality / lower_equality) and this algorithm would ignore the constraints. "
                              "Constrained lower levels: aid_bio, amigo, soba (KKT implicit gradient), "
                              "bsg_constrained, pessimistic_penalty, the value-function presets (f2sa, bome, "
-                             "pbgd, pdbo, vf_penalty, smoothing_pg) and pzobo (projected steps), or "
+                             "pbgd, pdbo, vf_penalty, smoothing_pg) and pzobo (projected steps), ebsa (log barrier), or "
                              "bilevel_loop(direction=bj.algorithms.kkt(problem)).")
 
     @abc.abstractmethod
