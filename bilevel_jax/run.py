@@ -25,12 +25,14 @@ of `bj.status.raise_if` (the cause, without the step).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Optional
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from bilevel_jax import status as st
 from bilevel_jax._checks import check_positive_int
@@ -66,9 +68,18 @@ def run(alg: Algorithm, state, data, num_steps: int, eval_every: Optional[int] =
     """Run `num_steps` outer iterations of `alg` from `state` on `data`.
 
     Returns `(final_state, history)`; history is a dict of arrays (see module docstring).
-    `progress(row)`, if given, is called on the host at every evaluation point with that point's
-    history row (a dict of NumPy values), through `jax.debug.callback`: no host round trip at the
-    other steps (e.g. `lambda row: bar.update(...)` for a tqdm bar; `bj.run_chunked` checkpoints).
+
+    `progress(row)`, if given, is called on the host at every evaluation point after row 0, in
+    order, with that point's history row (a dict of NumPy values), through an unordered
+    `io_callback`: no host round trip at the other steps (e.g. `lambda row: bar.update(...)` for a
+    tqdm bar). Under `jax.vmap` (over seeds, step sizes, tasks) it is called once per evaluation
+    point for the whole batch: every value of the row carries the batch axes in front
+    (`row["step"][i]`, `row[metric][i]` belong to batch element i, e.g. seed i). An exception
+    raised by `progress` stops the run; called outside a trace, `bj.run` re-raises it with its own
+    type (it then waits for the run to finish); under the caller's `jit` or `vmap` it surfaces as
+    JAX's runtime error (whose message holds the original traceback) when the results are read
+    (`bj.run_chunked(..., batched=True)` runs seeds under vmap and re-raises it). `progress` is
+    part of the compiled program's configuration: pass the same function again to reuse it.
     """
     if not isinstance(alg, Algorithm):
         raise TypeError(f"alg must be a bj.Algorithm (e.g. bj.algorithms.soba(problem)), got {type(alg).__name__}.")
@@ -78,17 +89,66 @@ def run(alg: Algorithm, state, data, num_steps: int, eval_every: Optional[int] =
         raise ValueError(f"num_steps={num_steps} must be a multiple of eval_every={eval_every}.")
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be a callable (row: dict) -> None, got {type(progress).__name__}.")
-    if check and not _is_traced((alg, state, data)):
-        return _checked_run(alg, state, data, num_steps, eval_every, eval_fn, progress)
-    (state, _), history = _jit_scan(alg, state, data, num_steps, eval_every, eval_fn, progress=progress)
+    traced = _is_traced((alg, state, data))
+    if check and not traced:
+        return raise_callback_errors(progress, _checked_run, alg, state, data, num_steps, eval_every, eval_fn,
+                                     progress)
+    scan = _jit_scan if traced else functools.partial(raise_callback_errors, progress, _jit_scan)
+    (state, _), history = scan(alg, state, data, num_steps, eval_every, eval_fn, progress=progress)
     if check:
         state = st.raise_if(state, history["status"][-1], f"bj.run of {_name(alg)}")
     return state, history
 
 
+# The exception a progress callback raised, by id(callback), until its bj.run re-raises it.
+_FAILED: dict = {}
+
+
+def _call_progress(progress: Callable, row: dict) -> None:
+    """Host side of `_report`: `progress` on NumPy values; its exception is kept for
+    `raise_callback_errors` (XLA turns an exception in a host callback into a runtime error
+    without its type)."""
+    try:
+        progress({k: np.asarray(v) for k, v in row.items()})
+    except BaseException as e:
+        _FAILED[id(progress)] = e
+        raise
+
+
 def _report(progress: Optional[Callable], row: dict) -> None:
-    if progress is not None:
-        jax.debug.callback(lambda r: progress({k: np.asarray(v) for k, v in r.items()}), row)
+    """`progress(row)` on the host, once per call of the compiled program: under `vmap` once for the
+    whole batch (a `custom_vmap` rule broadcasts the row's unbatched values and emits the batched
+    row), not once per batch element as a batched `jax.debug.callback` would."""
+    if progress is None:
+        return
+
+    @jax.custom_batching.custom_vmap
+    def emit(row):
+        io_callback(functools.partial(_call_progress, progress), None, row, ordered=False)
+        return jnp.zeros((), jnp.int32)
+
+    @emit.def_vmap
+    def emit_batched(axis_size, in_batched, row):
+        row = jax.tree_util.tree_map(
+            lambda x, batched: x if batched else jnp.broadcast_to(x, (axis_size, *jnp.shape(x))), row, in_batched[0])
+        return emit(row), False
+
+    emit(row)
+
+
+def raise_callback_errors(callback: Optional[Callable], fn: Callable, /, *args, **kwargs):
+    """`fn(*args, **kwargs)` run to completion; when `callback` raised in a host callback, its own
+    exception (type, message, traceback) instead of XLA's runtime error."""
+    if callback is None:
+        return fn(*args, **kwargs)
+    _FAILED.pop(id(callback), None)
+    try:
+        return jax.block_until_ready(fn(*args, **kwargs))
+    except jax.errors.JaxRuntimeError:
+        error = _FAILED.pop(id(callback), None)
+        if error is None:
+            raise
+        raise error from None
 
 
 def _scan(alg, state, data, num_steps, eval_every, eval_fn, first_failure: bool = False, progress=None):
@@ -154,4 +214,4 @@ def _checked_run(alg, state, data, num_steps, eval_every, eval_fn, progress=None
     return state, history
 
 
-__all__ = ["run"]
+__all__ = ["raise_callback_errors", "run"]
