@@ -31,7 +31,10 @@ and they differ only in the multiplier lambda (a `Multiplier`):
   (Liu, Ye, Wright, Stone, Liu, "BOME! Bilevel Optimization Made Easy: A Simple First-Order
   Approach", NeurIPS 2022, arXiv:2209.08709), which makes q decrease at rate eta ||grad q||^2;
 - `DualAscent`: the primal-dual form (29), max_{lambda >= 0} min_{theta, phi} f + lambda q, with
-  lambda <- P_[0, cap](lambda + gamma q) after the primal step (PDBO, Sow et al. 2022).
+  lambda <- P_[0, cap](lambda + gamma q) after the primal step (PDBO, Sow et al. 2022);
+- `SmoothingControl`: the smoothing projected gradient method's (mu, rho): v smoothed by a1 = mu,
+  a smoothed exact penalty rho max{0, q}, mu shrunk and rho grown once a step moves less than
+  eta mu (`smoothing_pg`; Lin, Xu, Ye 2014).
 
 `phi_steps` > 0 gives F2SA's order (Kwon, Kwon, Wright, Nowak, "A Fully First-Order Method for
 Stochastic Bilevel Optimization", ICML 2023, arXiv:2301.10945): T steps of phi on
