@@ -119,6 +119,7 @@ class Multiplier(eqx.Module):
     """How lambda is chosen: `value(state, gap, count)`, then `advance(state, gap, count, moved)`."""
 
     needs_value: bool = eqx.field(static=True, default=False)
+    needs_movement: ClassVar[bool] = False   # whether `advance` reads `moved` (else it is not computed)
 
     def init(self):
         return None
@@ -128,7 +129,8 @@ class Multiplier(eqx.Module):
         """lambda_k at this point."""
 
     def advance(self, state, gap: Gap, count, moved):
-        """The state after the step; `moved` = ||(theta, phi)_{k+1} - (theta, phi)_k||."""
+        """The state after the step; `moved` = ||(theta, phi)_{k+1} - (theta, phi)_k|| (None unless
+        `needs_movement`)."""
         return state
 
     def smoothing(self, state, fixed):
@@ -192,6 +194,7 @@ class SmoothingControl(Multiplier):
     less than eta mu (the smoothed problem is resolved at this mu), mu <- shrink mu and, where the
     smoothed constraint is still violated (q > 0), rho <- min(grow rho, rho_max)."""
 
+    needs_movement: ClassVar[bool] = True
     mu: jax.Array = None
     rho: jax.Array = None
     shrink: jax.Array = None
@@ -327,8 +330,10 @@ class ValueFunction(Algorithm):
         if not self.phi_steps:
             phi, lower_state, low_status = apply_step(self.lower, phi, lower_state, d[1], k)
             statuses.append(low_status)
-        new_point, old_point = oracles.differentiable((theta, phi)), oracles.differentiable((state.theta, state.phi))
-        moved = otu.tree_norm(otu.tree_sub(new_point, old_point))
+        moved = None
+        if self.multiplier.needs_movement:
+            new_point, old_point = oracles.differentiable((theta, phi)), oracles.differentiable((state.theta, state.phi))
+            moved = otu.tree_norm(otu.tree_sub(new_point, old_point))
         multiplier = self.multiplier.advance(state.multiplier, gap, k, moved)
         (theta, phi, z), info = finish((theta, phi, z), counts, jnp.nan, statuses, check=self.check,
                                        where=f"{self.name} outer step")
