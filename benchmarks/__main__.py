@@ -14,7 +14,10 @@ problems, two presets and few repeats (the smoke test), so its numbers mean noth
   bandwidth  (bandwidth.py)          device copy rate; the fraction of it each step of the two
                                      sections above achieves (bytes it must read / time)
   vmap       (vmap_scaling.py)       S seeds in one vmapped call against one seed
-  unrolled   (unrolled.py)           reverse / checkpointed / forward unrolling against T
+  unrolled   (unrolled.py)           reverse / checkpointed / forward / mixed unrolling against T;
+                                     reverse against mixed on an MLP lower level (memory, time)
+  second_order (second_order.py)     mode="fwd" against "rev" for (A v, J v) and an implicit
+                                     hypergradient, MLP phi at three widths (memory, time)
   peer       (peer.py)               jaxopt implicit differentiation against bj.hypergradient
 """
 from __future__ import annotations
@@ -28,7 +31,8 @@ import sys
 import tempfile
 import time
 
-MEASURES = ("steps", "oracles", "compile", "reference", "bilevel", "bandwidth", "vmap", "unrolled", "peer")
+MEASURES = ("steps", "oracles", "compile", "reference", "bilevel", "bandwidth", "vmap", "unrolled", "second_order",
+            "peer")
 
 FULL = dict(
     repeats=3,
@@ -41,6 +45,8 @@ FULL = dict(
     bilevel_methods=("soba", "saba", "amigo", "stocbio"), copy_mib=256,
     vmap_preset="soba", vmap_seeds=(4, 16), vmap_reference_seeds=(16,), vmap_steps={"quadratic": 5, "logistic": 100},
     unrolled_n=4096, unrolled_T=(10, 100, 1000), peer_maxiter=20, presets=None,
+    unrolled_mlp_width=256, unrolled_mlp_n=512, unrolled_mlp_time_max_T=100,
+    second_order_widths=(64, 256, 1024), second_order_n=512, second_order_cg=10,
     full_batch_only="defaults",   # logistic_full: the presets whose default is full batch, and soba
 )
 QUICK = dict(
@@ -52,6 +58,8 @@ QUICK = dict(
     bilevel_steps={"soba": 2}, bilevel_repeats=2, bilevel_methods=("soba",), copy_mib=16,
     vmap_preset="soba", vmap_seeds=(2,), vmap_reference_seeds=(2,), vmap_steps={"quadratic": 4, "logistic": 4},
     unrolled_n=64, unrolled_T=(2,), peer_maxiter=3, presets=("soba", "stocbio"), full_batch_only=None,
+    unrolled_mlp_width=8, unrolled_mlp_n=16, unrolled_mlp_time_max_T=2,
+    second_order_widths=(4, 8, 16), second_order_n=16, second_order_cg=2,
 )
 
 
@@ -201,7 +209,14 @@ def main(argv=None):
             for name in ("quadratic", "logistic")})
     if "unrolled" in only:
         from benchmarks import unrolled
-        section("unrolled", lambda: unrolled.measure(by_name["logistic_full"], cfg["unrolled_n"], cfg["unrolled_T"], repeats))
+        section("unrolled", lambda: {
+            **unrolled.measure(by_name["logistic_full"], cfg["unrolled_n"], cfg["unrolled_T"], repeats),
+            "mlp": unrolled.measure_mlp(cfg["unrolled_mlp_width"], cfg["unrolled_mlp_n"], cfg["unrolled_T"],
+                                        cfg["unrolled_mlp_time_max_T"], repeats)})
+    if "second_order" in only:
+        from benchmarks import second_order
+        section("second_order", lambda: second_order.measure(cfg["second_order_widths"], cfg["second_order_n"],
+                                                             cfg["second_order_cg"], repeats))
     if "peer" in only:
         from benchmarks import peer
         s = by_name["logistic_full"]

@@ -198,6 +198,28 @@ def markdown(res: dict) -> str:
         lines += _table(["variant", "T", "time / hypergradient", "XLA temp (MiB)", "compile (s)"], rows)
         lines += ["", "- max |difference| between variants: " +
                   ", ".join(f"{k} {d:.2g}" for k, d in un["max_abs_diff_between_variants"].items()), ""]
+        mlp = un.get("mlp")
+        if mlp:
+            lines += ["### Reverse against mixed mode on an MLP lower level", "", mlp["problem"], ""]
+            rows = [[r["variant"], str(r["T"]), _mib(r["temp_bytes"]), _n(r.get("temp_reverse_over_mixed"), ".3g"),
+                     _auto(r.get("time")), _n(r.get("time_vs_reverse", {}).get("median")),
+                     _n(r.get("time_vs_reverse", {}).get("cpu", {}).get("median")), f"{r['compile_s']:.2f}"]
+                    for r in mlp["rows"].values()]
+            lines += _table(["mode", "T", "XLA temp (MiB)", "reverse / mixed temp", "time / hypergradient",
+                             "mixed / reverse time", "(CPU time)", "compile (s)"], rows)
+            lines += ["", "- max relative |mixed - reverse|: " +
+                      ", ".join(f"{k} {d:.2g}" for k, d in mlp["max_rel_diff_mixed_reverse"].items()), ""]
+
+    so = res.get("second_order", {})
+    if so and "error" not in so:
+        lines += ["## Second-order products: mode=\"fwd\" against \"rev\"", "", so["problem"], ""]
+        rows = [[r["computation"], str(r["width"]), str(r["params"]), _mib(r["temp_bytes"]["rev"]),
+                 _mib(r["temp_bytes"]["fwd"]), _auto(r["time"]["rev"]), _auto(r["time"]["fwd"]),
+                 _n(r["fwd_over_rev"]["median"]), _n(r["fwd_over_rev"]["cpu"]["median"]),
+                 f"{r['max_abs_diff']:.2g}"]
+                for r in so["rows"].values()]
+        lines += _table(["computation", "width", "parameters", "rev temp (MiB)", "fwd temp (MiB)", "rev time",
+                         "fwd time", "fwd / rev time", "(CPU time)", "max abs diff"], rows) + [""]
 
     pe = res.get("peer", {})
     if pe and "error" not in pe:
@@ -210,7 +232,8 @@ def markdown(res: dict) -> str:
                       f"[{pe['ratio']['q25']:.3f}-{pe['ratio']['q75']:.3f}]; max |bj - peer| = {pe['max_abs_diff']:.2g} "
                       f"(max |g| = {pe['max_abs_grad']:.2g})", ""]
 
-    errors = [k for k in ("steps", "oracles", "compile", "reference", "bilevel", "bandwidth", "vmap", "unrolled", "peer")
+    errors = [k for k in ("steps", "oracles", "compile", "reference", "bilevel", "bandwidth", "vmap", "unrolled",
+                          "second_order", "peer")
               if isinstance(res.get(k), dict) and "error" in res[k]]
     if errors:
         lines += [f"- sections with errors: {errors} (see the JSON)", ""]

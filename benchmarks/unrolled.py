@@ -3,21 +3,29 @@ steps T: reverse mode, reverse with `checkpoint=True`, and forward mode. Peak me
 buffer assignment of the compiled program (`.lower(...).compile().memory_analysis()`:
 temp_size_in_bytes, the scratch memory beyond arguments and outputs), time per hypergradient as
 usual. Problem: the logistic HPO objective on the first `n` training and validation rows
-(full-batch LL gradient descent, step 0.5)."""
+(full-batch LL gradient descent, step 0.5).
+
+`measure_mlp`: reverse against mixed mode (`mode="mixed"`, forward-over-reverse products in a
+reverse scan over the T stored iterates) on an MLP lower level (hyper-cleaning of a two-hidden-
+layer MLP, `second_order.mlp_hyper_cleaning`, full batch, GD step 0.1): the temporary memory at
+every T (compiled only), the time where T <= `time_max_T` (reverse mode at T = 1000 would
+allocate its whole tape on the 2-core CI machine)."""
 from __future__ import annotations
 
 import time
 
+import equinox as eqx
 import jax
 import numpy as np
 import optax
 
 import bilevel_jax as bj
-from benchmarks import timing
+from benchmarks import second_order, timing
 from benchmarks.setups import Setup
 
 VARIANTS = {"reverse": {"mode": "reverse"}, "reverse_checkpoint": {"mode": "reverse", "checkpoint": True},
-            "forward": {"mode": "forward"}}
+            "forward": {"mode": "forward"}, "mixed": {"mode": "mixed"}}
+MLP_LR = 0.1
 LR = 0.5
 
 
@@ -52,3 +60,33 @@ def measure(setup: Setup, n: int, steps_list, repeats: int) -> dict:
                  for T in steps_list}
     return {"problem": f"{setup.description}; first {n} rows of each split, GD step {LR}", "rows": rows,
             "max_abs_diff_between_variants": agreement}
+
+
+def measure_mlp(width: int, n: int, steps_list, time_max_T: int, repeats: int) -> dict:
+    inst = second_order.mlp_hyper_cleaning(width, n)
+    phi_d, phi_s = eqx.partition(inst.phi0, eqx.is_inexact_array)
+    opt, rows, grads = optax.sgd(MLP_LR), {}, {}
+    for T in steps_list:
+        compiled, args = {}, (inst.theta0, phi_d, inst.data)
+        for mode in ("reverse", "mixed"):
+            def hypergrad(theta, p, data, mode=mode, T=T):
+                return bj.unrolled_hypergradient(inst.problem, theta, eqx.combine(p, phi_s), data, optimizer=opt,
+                                                 steps=T, mode=mode)[0]
+
+            t0 = time.perf_counter()
+            compiled[mode] = jax.jit(hypergrad).lower(*args).compile()
+            rows[f"{mode}/T={T}"] = {"variant": mode, "T": T, "compile_s": time.perf_counter() - t0,
+                                     "temp_bytes": int(compiled[mode].memory_analysis().temp_size_in_bytes)}
+        if T <= time_max_T:
+            t = timing.interleaved(compiled, {m: args for m in compiled}, repeats=repeats)
+            for mode in compiled:
+                rows[f"{mode}/T={T}"]["time"] = {k: v for k, v in t[mode].items() if not k.endswith("samples")}
+                grads[(mode, T)] = np.asarray(compiled[mode](*args))
+            rows[f"mixed/T={T}"]["time_vs_reverse"] = timing.ratios(t, "mixed", "reverse")
+        rows[f"mixed/T={T}"]["temp_reverse_over_mixed"] = rows[f"reverse/T={T}"]["temp_bytes"] / rows[f"mixed/T={T}"]["temp_bytes"]
+    agreement = {f"T={T}": float(np.max(np.abs(grads[("mixed", T)] - grads[("reverse", T)]))
+                              / np.max(np.abs(grads[("reverse", T)])))
+                 for T in steps_list if T <= time_max_T}
+    return {"problem": f"{inst.description.split(':')[0]}: MLP 65 -> {width} -> {width} -> 10 "
+                       f"({second_order.n_params(inst.phi0)} parameters), n = {n}, full-batch GD step {MLP_LR}, "
+                       "float32", "rows": rows, "max_rel_diff_mixed_reverse": agreement}

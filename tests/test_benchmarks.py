@@ -22,7 +22,8 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert (tmp_path / "bench.md").exists() and "| soba |" in proc.stdout
 
     assert {"device", "versions", "quick"} <= set(res["meta"]) and res["meta"]["quick"]
-    for section in ("steps", "oracles", "compile", "reference", "bilevel", "bandwidth", "vmap", "unrolled", "peer"):
+    for section in ("steps", "oracles", "compile", "reference", "bilevel", "bandwidth", "vmap", "unrolled",
+                    "second_order", "peer"):
         assert section in res and "error" not in res[section], (section, res.get(section, {}).get("error"))
     for setup in ("quadratic", "logistic", "logistic_full"):
         soba = res["steps"][setup]["presets"]["soba"]
@@ -50,6 +51,10 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert any(k.startswith("reference/quadratic") for k in res["bandwidth"]["rows"])
     row = next(iter(res["unrolled"]["rows"].values()))
     assert {"variant", "T", "time", "temp_bytes"} <= set(row)
+    assert {"reverse/T=2", "mixed/T=2"} <= set(res["unrolled"]["mlp"]["rows"])
+    assert res["unrolled"]["mlp"]["max_rel_diff_mixed_reverse"]["T=2"] < 1e-5       # float32
+    for row in res["second_order"]["rows"].values():
+        assert {"rev", "fwd"} <= set(row["temp_bytes"]) and row["max_abs_diff"] <= 1e-5 * max(1.0, row["max_abs"])
     assert {"bilevel_jax", "peer_timing", "max_abs_diff", "peer"} <= set(res["peer"])
 
 
