@@ -11,7 +11,8 @@ directory that others can write to.
 from __future__ import annotations
 
 import os
-from typing import Optional
+import types
+from typing import Any, Callable, Optional
 
 import jax
 
@@ -52,4 +53,60 @@ def enable_compilation_cache(path: Optional[str] = None, *, min_compile_time_sec
     return path
 
 
-__all__ = ["CACHE_ENV", "DEFAULT_DIR", "enable_compilation_cache"]
+class SameCode:
+    """A function as a static argument of a compiled program, equal to another `SameCode` of a
+    function with the same code, defaults and closure: a lambda written again at the same place
+    (`eval_fn=lambda s, d: ...` in every call of `bj.run`) is the same configuration, so the
+    compiled program is reused. Closure values compare by value for numbers, strings and tuples of
+    them, by identity otherwise (arrays, lists, modules), recursively for functions; as for
+    `jax.jit`, mutating a captured object does not retrace. Calling it calls the function."""
+
+    __slots__ = ("fn", "key")
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.key = _code_key(fn, frozenset())
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, SameCode) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+def same_code(fn: Optional[Callable]) -> Optional[SameCode]:
+    """`fn` as a `SameCode` (None stays None; a `SameCode` is returned as it is)."""
+    return fn if fn is None or isinstance(fn, SameCode) else SameCode(fn)
+
+
+def _code_key(obj: Any, seen: frozenset) -> tuple:
+    """The comparison key of `SameCode`: code, globals, defaults and closure values of a function."""
+    if isinstance(obj, (bool, int, str, bytes, type(None))):
+        return (type(obj), obj)
+    if isinstance(obj, (float, complex)):
+        return (type(obj), repr(obj))   # -0.0 and 0.0 differ, nan equals nan
+    if isinstance(obj, tuple):
+        return (tuple, tuple(_code_key(x, seen) for x in obj))
+    if isinstance(obj, types.FunctionType) and id(obj) not in seen:
+        seen = seen | {id(obj)}
+        cells = tuple(_code_key(_cell_value(c), seen) for c in obj.__closure__ or ())
+        kwdefaults = tuple(sorted((k, _code_key(v, seen)) for k, v in (obj.__kwdefaults__ or {}).items()))
+        return (types.FunctionType, obj.__code__, id(obj.__globals__), _code_key(obj.__defaults__, seen),
+                kwdefaults, cells)
+    return ("id", id(obj))   # alive as long as the function that holds it (SameCode.fn)
+
+
+_EMPTY_CELL = object()
+
+
+def _cell_value(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:   # a closure variable not bound yet
+        return _EMPTY_CELL
+
+
+__all__ = ["CACHE_ENV", "DEFAULT_DIR", "SameCode", "enable_compilation_cache", "same_code"]

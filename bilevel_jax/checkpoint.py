@@ -44,6 +44,7 @@ import numpy as np
 
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.algorithms.base import Algorithm
+from bilevel_jax.cache import same_code
 from bilevel_jax.run import raise_callback_errors, run
 
 STATE_FILE, HISTORY_FILE, META_FILE = "state.eqx", "history.npz", "meta.json"
@@ -268,8 +269,8 @@ def run_chunked(alg: Algorithm, state, data, num_steps: int, *, chunk: int, dire
     while meta["steps_done"] < num_steps:
         steps = min(chunk, num_steps - meta["steps_done"])
         if batched:
-            state, new = raise_callback_errors(progress, _run_batched, alg, state, data, steps, eval_every, eval_fn,
-                                               progress)
+            state, new = raise_callback_errors(progress, _run_batched, alg, state, data, steps, eval_every,
+                                               same_code(eval_fn), same_code(progress))
         else:
             state, new = run(alg, state, data, steps, eval_every, eval_fn, progress=progress)
         history = _append(history, jax.device_get(new), axis=1 if batched else 0)

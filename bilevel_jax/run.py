@@ -36,6 +36,7 @@ from jax.experimental import io_callback
 
 from bilevel_jax import status as st
 from bilevel_jax._checks import check_positive_int
+from bilevel_jax.cache import same_code
 from bilevel_jax.algorithms.base import Algorithm, OracleCounts
 from bilevel_jax.algorithms.steps import float_dtype, nonfinite_at_records
 
@@ -79,7 +80,8 @@ def run(alg: Algorithm, state, data, num_steps: int, eval_every: Optional[int] =
     type (it then waits for the run to finish); under the caller's `jit` or `vmap` it surfaces as
     JAX's runtime error (whose message holds the original traceback) when the results are read
     (`bj.run_chunked(..., batched=True)` runs seeds under vmap and re-raises it). `progress` is
-    part of the compiled program's configuration: pass the same function again to reuse it.
+    part of the compiled program's configuration, as `eval_fn` is: both compare by code and
+    closure (`bj.cache.SameCode`), so a lambda written again in the next call reuses the program.
     """
     if not isinstance(alg, Algorithm):
         raise TypeError(f"alg must be a bj.Algorithm (e.g. bj.algorithms.soba(problem)), got {type(alg).__name__}.")
@@ -87,8 +89,12 @@ def run(alg: Algorithm, state, data, num_steps: int, eval_every: Optional[int] =
     eval_every = num_steps if eval_every is None else check_positive_int("eval_every", eval_every)
     if num_steps % eval_every:
         raise ValueError(f"num_steps={num_steps} must be a multiple of eval_every={eval_every}.")
+    if eval_fn is not None and not callable(eval_fn):
+        raise TypeError(f"eval_fn must be a callable (state, data) -> dict, got {type(eval_fn).__name__}.")
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be a callable (row: dict) -> None, got {type(progress).__name__}.")
+    # compared by code and closure: a lambda written again in the next call is the same program
+    eval_fn, progress = same_code(eval_fn), same_code(progress)
     traced = _is_traced((alg, state, data))
     if check and not traced:
         return raise_callback_errors(progress, _checked_run, alg, state, data, num_steps, eval_every, eval_fn,
@@ -100,7 +106,7 @@ def run(alg: Algorithm, state, data, num_steps: int, eval_every: Optional[int] =
     return state, history
 
 
-# The exception a progress callback raised, by id(callback), until its bj.run re-raises it.
+# The exception a progress callback raised, by callback (a SameCode), until bj.run re-raises it.
 _FAILED: dict = {}
 
 
@@ -111,7 +117,7 @@ def _call_progress(progress: Callable, row: dict) -> None:
     try:
         progress({k: np.asarray(v) for k, v in row.items()})
     except BaseException as e:
-        _FAILED[id(progress)] = e
+        _FAILED[progress] = e
         raise
 
 
@@ -141,11 +147,12 @@ def raise_callback_errors(callback: Optional[Callable], fn: Callable, /, *args, 
     exception (type, message, traceback) instead of XLA's runtime error."""
     if callback is None:
         return fn(*args, **kwargs)
-    _FAILED.pop(id(callback), None)
+    callback = same_code(callback)
+    _FAILED.pop(callback, None)
     try:
         return jax.block_until_ready(fn(*args, **kwargs))
     except jax.errors.JaxRuntimeError:
-        error = _FAILED.pop(id(callback), None)
+        error = _FAILED.pop(callback, None)
         if error is None:
             raise
         raise error from None

@@ -116,3 +116,35 @@ def test_solve_lower_and_grad_through_argmin_compile_once(counted):
         phi = solve_lower(theta)
         dense, _ = bj.hypergradient(counted.problem, theta, phi, counted.data, bj.linear_solvers.dense())
         np.testing.assert_allclose(g, dense, rtol=1e-10)
+
+
+def test_a_lambda_written_again_is_the_same_configuration(counted):
+    """eval_fn and progress compare by code and closure (bj.cache.SameCode): the README's inline
+    `eval_fn=lambda s, d: ...` in every call reuses the program; another captured value does not."""
+    alg = bj.algorithms.soba(counted.problem, upper_lr=0.1, lower_lr=0.1, batch_size=None)
+    state = alg.init(THETA, PHI0, jax.random.PRNGKey(0), counted.data)
+    rows = []
+
+    def run(scale):
+        return bj.run(alg, state, counted.data, num_steps=10, eval_every=5, progress=lambda r: rows.append(r),
+                      eval_fn=lambda s, d: {"val": scale * counted.f_upper(s.theta, s.phi, d[0])})
+
+    first, n_first = counted.traces_of(lambda: run(2.0))
+    assert n_first >= 1
+    again, n = counted.traces_of(lambda: run(2.0))
+    assert n == 0 and len(rows) == 4
+    np.testing.assert_array_equal(again[1]["val"], first[1]["val"])
+    other, n = counted.traces_of(lambda: run(3.0))   # another captured value: another program
+    assert n >= 1
+    np.testing.assert_allclose(other[1]["val"], 1.5 * first[1]["val"], rtol=1e-12)
+
+
+def test_same_code_keys():
+    from bilevel_jax.cache import SameCode
+    make = lambda c: (lambda x: c * x)   # noqa: E731
+    a = jnp.ones(2)
+    assert SameCode(make(1.0)) == SameCode(make(1.0)) and hash(SameCode(make(1.0))) == hash(SameCode(make(1.0)))
+    assert SameCode(make(1.0)) != SameCode(make(2.0)) and SameCode(make(0.0)) != SameCode(make(-0.0))
+    assert SameCode(make(a)) == SameCode(make(a)) != SameCode(make(jnp.ones(2)))   # arrays: by identity
+    assert SameCode(lambda x: x) != SameCode(lambda x: x)                           # two places: two codes
+    assert SameCode(make(2.0))(3.0) == 6.0
