@@ -238,7 +238,7 @@ def _claims(kind: str, table: dict) -> List[str]:
                        f"timing): " + ", ".join(f"{k} {_fmt(finite[k])}" for k in order) + ".")
         hv = lanc[name]["hvps_per_step"]
         out.append(f"\"HVPs average 1 + 1/m per outer step\": {name} made {hv:.3f} HVPs per step "
-                   f"(m grows from m0 to m_max by the schedule).")
+                   f"(m grows from m_start to m_max by the schedule).")
     if kind == "dimension" and lanc:
         def dim(label):
             digits = "".join(ch for ch in label.split("m")[-1] if ch.isdigit())

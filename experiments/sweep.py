@@ -88,7 +88,8 @@ SUGGESTED_KEYS = ("upper_lr", "lower_lr", "v_lr", "lower_steps", "batch_size", "
                   "horizon", "period", "momentum_eta", "eta0", "eta_upper", "eta_lower", "shared_batch",
                   "saga_init", "sampler", "mode", "check",
                   # linear solvers (and the Krylov presets that forward them)
-                  "maxiter", "rtol", "atol", "steps", "eta", "m0", "m_max", "inc", "every", "exact_residual")
+                  "maxiter", "rtol", "atol", "steps", "eta", "m_start", "m_max", "inc", "every", "m0", "correction",
+                  "exact_residual")
 
 _BAD_KEYWORD = re.compile(r"got (?:an unexpected|multiple values for) (?:keyword )?argument '(\w+)'"
                           r"|unexpected keyword argument\(s\) \['(\w+)'")

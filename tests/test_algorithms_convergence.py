@@ -88,7 +88,7 @@ DETERMINISTIC = {
                           period=16), (1, 1, 100, 1)),
     "momentum": ("quad", dict(upper_lr=0.5, lower_lr=1.0), (2, 2, 20, 2)),
     # LancBiO with a fixed m = 4: 1 + 1/m HVPs per step (a restart every 4 steps); SubBiO: 3 HVPs
-    "lancbio": ("quad", dict(upper_lr=0.5, lower_lr=1.0, lower_steps=10, m0=4, m_max=4), (10, 1, 1.25, 1)),
+    "lancbio": ("quad", dict(upper_lr=0.5, lower_lr=1.0, lower_steps=10, m_start=4, m_max=4), (10, 1, 1.25, 1)),
     "subbio": ("quad", dict(upper_lr=0.5, lower_lr=1.0, lower_steps=10), (10, 1, 3, 1)),
 }
 
@@ -133,7 +133,7 @@ STOCHASTIC = {
     "momentum": ("quad_stoch", dict()),
     # with 32-sample Hessians, a tridiagonal T built from different samples is indefinite for m >= 2
     # (a loud breakdown); m = 1 restarts every step (the 1-D residual correction)
-    "lancbio": ("quad_stoch", dict(m0=1, m_max=1)),
+    "lancbio": ("quad_stoch", dict(m_start=1, m_max=1)),
     "subbio": ("quad_stoch", dict()),
 }
 

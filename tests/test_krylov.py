@@ -55,7 +55,7 @@ def test_lanczos_m_equals_n_reproduces_the_dense_solve_with_a_falling_residual()
     a = _spd(0, n, np.linspace(1.0, 10.0, n))
     b = np.random.default_rng(1).normal(size=n)
     x_star = np.linalg.solve(a, b)
-    xs, infos, state = _calls(ls.lanczos(n, m0=n), *_frozen(a, b, n))
+    xs, infos, state = _calls(ls.lanczos(n, m_start=n), *_frozen(a, b, n))
     assert np.all(np.asarray(infos.status) == st.OK)
     xs = np.asarray(xs)
     err = np.linalg.norm(xs[-1] - x_star) / np.linalg.norm(x_star)
@@ -72,7 +72,7 @@ def test_lanczos_m_equals_n_reproduces_the_dense_solve_with_a_falling_residual()
     assert int(np.sum(infos.num_matvecs)) == n + 1
     assert int(state.size) <= n
     # the same in one solve: `steps` Lanczos steps per call, from a fresh state
-    one = ls.lanczos(n, m0=n, steps=n, warm_start=False)
+    one = ls.lanczos(n, m_start=n, steps=n, warm_start=False)
     x, _, info = jax.jit(lambda s, b: s.solve(lambda v: jnp.asarray(a) @ v, b, s.init(b)))(one, jnp.asarray(b))
     assert int(info.status) == st.OK and int(info.num_matvecs) == n + 1
     np.testing.assert_allclose(x, xs[-1], rtol=1e-10, atol=1e-12)
@@ -83,7 +83,7 @@ def test_lanczos_restarts_with_a_small_m_still_solve():
     n, k = 12, 150
     a = _spd(2, n, np.linspace(1.0, 20.0, n))
     b = np.random.default_rng(3).normal(size=n)
-    xs, infos, _ = _calls(ls.lanczos(3, m0=3), *_frozen(a, b, k))
+    xs, infos, _ = _calls(ls.lanczos(3, m_start=3), *_frozen(a, b, k))
     assert np.all(np.asarray(infos.status) == st.OK)
     np.testing.assert_allclose(xs[-1], np.linalg.solve(a, b), rtol=1e-8)
     assert int(np.sum(infos.num_matvecs)) == k + k // 3   # 1 + 1/m per call
@@ -109,7 +109,7 @@ def test_lanczos_tracks_a_drifting_system_better_than_one_cg_step():
         err = np.linalg.norm(np.asarray(xs) - truth, axis=1) / np.linalg.norm(truth, axis=1)
         return err[k // 2:].mean(), int(np.sum(infos.num_matvecs))
 
-    lanczos_err, lanczos_mv = tracking(ls.lanczos(10, m0=10))
+    lanczos_err, lanczos_mv = tracking(ls.lanczos(10, m_start=10))
     cg_err, cg_mv = tracking(ls.cg(1, warm_start=True))
     assert lanczos_mv <= cg_mv and lanczos_mv == k + math.ceil(k / 10)
     assert lanczos_err < 0.5 * cg_err, (lanczos_err, cg_err)   # measured: 0.043 vs 0.152
@@ -131,7 +131,7 @@ def test_lanczos_dimension_schedule_and_matvec_count():
     n, calls = 16, 90
     a = _spd(6, n, np.linspace(1.0, 50.0, n))
     b = np.random.default_rng(7).normal(size=n)
-    solver = ls.lanczos(8, m0=1, inc=1.5, every=10)
+    solver = ls.lanczos(8, m_start=1, inc=1.5, every=10)
 
     @jax.jit
     def go(solver):
@@ -147,7 +147,7 @@ def test_lanczos_dimension_schedule_and_matvec_count():
     assert [int(v) for v in mvs] == [1 + r for _, r in expected]
     # ceil(m inc) is meant exactly: 10 * 1.1 gives 11 (not 12 from 11.000000000000002)
     assert _schedule(10, 1.1, 1, 80, 2)[-1][0] == 11
-    _, _, state = _calls(ls.lanczos(80, m0=10, inc=1.1, every=1), *_frozen(a, b, 2))
+    _, _, state = _calls(ls.lanczos(80, m_start=10, inc=1.1, every=1), *_frozen(a, b, 2))
     assert int(state.m) == 11
 
 
@@ -157,7 +157,7 @@ def test_lanczos_indefinite_operator_breaks_down_loudly():
     n = 8
     a = _spd(8, n, np.r_[-1.0, np.linspace(1.0, 4.0, n - 1)])
     b = np.random.default_rng(9).normal(size=n)
-    xs, infos, state = _calls(ls.lanczos(n, m0=n), *_frozen(a, b, n))
+    xs, infos, state = _calls(ls.lanczos(n, m_start=n), *_frozen(a, b, n))
     status = np.asarray(infos.status)
     assert status[-1] != st.OK and np.all(status[status != st.OK] & st.BREAKDOWN)
     first = int(np.argmax(status != st.OK))
@@ -172,12 +172,12 @@ def test_lanczos_invariant_subspace_is_not_a_failure():
     n = 10
     a = _spd(10, n, np.r_[np.full(5, 2.0), np.full(5, 7.0)])
     b = np.random.default_rng(11).normal(size=n)
-    xs, infos, state = _calls(ls.lanczos(n, m0=n), *_frozen(a, b, 3 * n))
+    xs, infos, state = _calls(ls.lanczos(n, m_start=n), *_frozen(a, b, 3 * n))
     assert np.all(np.asarray(infos.status) == st.OK)
     np.testing.assert_allclose(np.asarray(xs)[2:], np.broadcast_to(np.linalg.solve(a, b), (3 * n - 2, n)),
                                rtol=1e-10)
     # b = 0: the solution 0, no failure
-    xs0, infos0, _ = _calls(ls.lanczos(4, m0=4), *_frozen(a, np.zeros(n), 6))
+    xs0, infos0, _ = _calls(ls.lanczos(4, m_start=4), *_frozen(a, np.zeros(n), 6))
     assert np.all(np.asarray(infos0.status) == st.OK) and np.all(np.asarray(xs0) == 0)
 
 
@@ -190,13 +190,13 @@ def test_lanczos_nonfinite_input_is_nan(where):
         b[2] = np.nan
     else:
         a[1, 1] = np.inf
-    xs, infos, _ = _calls(ls.lanczos(4, m0=4), *_frozen(a, b, 3))
+    xs, infos, _ = _calls(ls.lanczos(4, m_start=4), *_frozen(a, b, 3))
     assert np.all(np.asarray(infos.status) == st.BREAKDOWN | st.NONFINITE)
     assert np.all(np.isnan(np.asarray(xs)))
 
 
 def test_lanczos_pytree_vmap_and_traced_dimension():
-    """A pytree b gives the flat result; vmap over seeds (right-hand sides) and over a traced m0
+    """A pytree b gives the flat result; vmap over seeds (right-hand sides) and over a traced m_start
     with one buffer size (m_max static) compile once and match the unbatched runs."""
     n = 9
     a = _spd(14, n, np.linspace(1.0, 30.0, n))
@@ -218,29 +218,29 @@ def test_lanczos_pytree_vmap_and_traced_dimension():
             return state, join(x)
         return jax.lax.scan(body, solver.init(bb), None, length=k)[1]
 
-    flat = jax.jit(run)(ls.lanczos(4, m0=2, inc=1.5, every=3), rhs[0])
-    tree = jax.jit(lambda s, b: run(s, b, tree=True))(ls.lanczos(4, m0=2, inc=1.5, every=3), rhs[0])
+    flat = jax.jit(run)(ls.lanczos(4, m_start=2, inc=1.5, every=3), rhs[0])
+    tree = jax.jit(lambda s, b: run(s, b, tree=True))(ls.lanczos(4, m_start=2, inc=1.5, every=3), rhs[0])
     np.testing.assert_allclose(tree, flat, rtol=1e-10, atol=1e-12)
-    seeds = jax.jit(jax.vmap(run, in_axes=(None, 0)))(ls.lanczos(4, m0=2, inc=1.5, every=3), rhs)
+    seeds = jax.jit(jax.vmap(run, in_axes=(None, 0)))(ls.lanczos(4, m_start=2, inc=1.5, every=3), rhs)
     np.testing.assert_allclose(seeds[0], flat, rtol=1e-10, atol=1e-12)
-    # m0 swept as an array field, one m_max
-    solver = ls.lanczos(5, m0=1)
-    swept = jax.jit(jax.vmap(lambda m0: run(eqx.tree_at(lambda s: s.m0, solver, m0), rhs[0])))(jnp.array([2, 5]))
+    # m_start swept as an array field, one m_max
+    solver = ls.lanczos(5, m_start=1)
+    swept = jax.jit(jax.vmap(lambda m0: run(eqx.tree_at(lambda s: s.m_start, solver, m0), rhs[0])))(jnp.array([2, 5]))
     for i, m0 in enumerate((2, 5)):
-        np.testing.assert_allclose(swept[i], jax.jit(run)(ls.lanczos(5, m0=m0), rhs[0]), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(swept[i], jax.jit(run)(ls.lanczos(5, m_start=m0), rhs[0]), rtol=1e-10, atol=1e-12)
 
 
 def test_lanczos_factory_checks():
-    with pytest.raises(ValueError, match="m0"):
-        ls.lanczos(4, m0=5)
+    with pytest.raises(ValueError, match="m_start"):
+        ls.lanczos(4, m_start=5)
     with pytest.raises(ValueError, match="inc"):
         ls.lanczos(4, inc=0.9)
     with pytest.raises(ValueError, match="m_max"):
         ls.lanczos(0)
     with pytest.raises(TypeError, match="every"):
         ls.lanczos(4, every=2.5)
-    with pytest.raises(ValueError, match="m0 must be an integer"):
-        ls.lanczos(4, m0=1.5)
+    with pytest.raises(ValueError, match="m_start must be an integer"):
+        ls.lanczos(4, m_start=1.5)
 
 
 # ----------------------------------------------------------------------------------- subspace
@@ -283,7 +283,7 @@ def test_subspace_failures_are_loud():
 
 # ------------------------------------------------------------------------------------ presets
 def test_lancbio_preset_costs_follow_the_schedule(quad):
-    """The default schedule (m0 = 1, x1.1 every 20 steps, cap 80): HVPs = steps + restarts, the
+    """The default schedule (m_start = 1, x1.1 every 20 steps, cap 80): HVPs = steps + restarts, the
     restarts those of the schedule; full batch, jit + vmap over 4 seeds, every run reaches theta*."""
     alg = bj.algorithms.lancbio(quad.problem, upper_lr=0.5, lower_lr=1.0, lower_steps=10)
     num = 120
@@ -305,8 +305,8 @@ def test_lancbio_preset_costs_follow_the_schedule(quad):
 
 
 def test_preset_argument_errors_name_the_preset(quad):
-    with pytest.raises(ValueError, match="lancbio: m0"):
-        bj.algorithms.lancbio(quad.problem, m0=10, m_max=5)
+    with pytest.raises(ValueError, match="lancbio: m_start"):
+        bj.algorithms.lancbio(quad.problem, m_start=10, m_max=5)
     with pytest.raises(ValueError, match="lancbio: lower_steps"):
         bj.algorithms.lancbio(quad.problem, lower_steps=0)
     with pytest.raises(ValueError, match="subbio: eta"):
@@ -410,3 +410,94 @@ def test_lancbio_figure_runs_and_states_the_claims(tmp_path):
     cells = sorted(p.name for p in (root / "cells").iterdir())
     lancbio.main(cfg)
     assert sorted(p.name for p in (root / "cells").iterdir()) == cells
+
+
+# ------------------------------------------------------------- lanczos: minimal-residual correction
+def _dense_min_residual(a, b, state):
+    """The minimal-residual correction computed densely: s = argmin ||(b - w) - A Q s|| over the
+    state's basis Q (its first `size` rows), x = v_bar + Q s."""
+    size = int(state.size)
+    q = np.asarray(state.basis)[:size].T
+    s = np.linalg.lstsq(a @ q, b - np.asarray(state.w), rcond=None)[0]
+    return np.asarray(state.x_bar) + q @ s
+
+
+@pytest.mark.parametrize("spectrum", ["spd", "indefinite"])
+def test_lanczos_min_residual_equals_the_dense_least_squares_correction(spectrum):
+    """A fixed, b drifting from call to call, m = 6 on n = 10 (a restart after 6 calls): after every
+    call, x = v_bar + Q s with s the dense least-squares solution over the current basis, to
+    1e-10 (float64). On an indefinite A (where the Galerkin T has a non-positive pivot and breaks
+    down loudly) the minimal-residual correction is defined: status OK, the same dense reference."""
+    n, m, calls = 10, 6, 9
+    eig = np.linspace(1.0, 8.0, n) if spectrum == "spd" else np.r_[-2.0, -0.5, np.linspace(1.0, 8.0, n - 2)]
+    a = _spd(20, n, eig)
+    rng = np.random.default_rng(21)
+    b0, drift = rng.normal(size=n), rng.normal(size=n)
+    solver = ls.lanczos(m, m_start=m, correction="min_residual")
+    solve = jax.jit(lambda s, b: solver.solve(lambda v: jnp.asarray(a) @ v, b, s))
+    state = solver.init(jnp.asarray(b0))
+    residuals = []
+    for k in range(calls):
+        b = b0 + 0.05 * k * drift
+        x, state, info = solve(state, jnp.asarray(b))
+        assert int(info.status) == st.OK, k
+        np.testing.assert_allclose(x, _dense_min_residual(a, b, state), rtol=1e-10, atol=1e-12, err_msg=str(k))
+        residuals.append(float(np.linalg.norm(b - a @ np.asarray(x))))
+    # within an epoch on a fixed system the residual is minimal over a growing subspace: it never rises
+    fixed = _calls(solver, *_frozen(a, b0, m))[1].residual_norm
+    assert np.all(np.diff(np.asarray(fixed)) <= 1e-12)
+    if spectrum == "indefinite":
+        assert int(_calls(ls.lanczos(m, m_start=m), *_frozen(a, b0, m))[1].status[-1]) & st.BREAKDOWN
+
+
+def test_lanczos_corrections_solve_the_system_at_m_equal_n_and_bad_names_are_refused():
+    n = 8
+    a = _spd(22, n, np.linspace(1.0, 5.0, n))
+    b = np.random.default_rng(23).normal(size=n)
+    for correction in ls.lanczos.__globals__["CORRECTIONS"]:
+        xs, infos, _ = _calls(ls.lanczos(n, m_start=n, correction=correction), *_frozen(a, b, n))
+        np.testing.assert_allclose(xs[-1], np.linalg.solve(a, b), rtol=1e-10, err_msg=correction)
+    with pytest.raises(ValueError, match="correction must be one of"):
+        ls.lanczos(4, correction="petrov")
+
+
+# ------------------------------------------------------------------- lancbio options (issue 23, 21)
+def test_lancbio_dimension_above_phi_is_capped_with_a_warning(quad):
+    """A Lanczos dimension of 50 on a 6-d phi: the basis of a drifting operator stops being a basis
+    past n vectors (the correction diverged, status OK, before the cap); now a warning at init, m
+    capped at n = 6, and theta* reached."""
+    alg = bj.algorithms.lancbio(quad.problem, upper_lr=0.5, lower_lr=1.0, lower_steps=10, m_start=50, m_max=50)
+    with pytest.warns(UserWarning, match="m_start=50 exceeds the dimension n=6"):
+        state = alg.init(quad.theta0, quad.phi0, jax.random.PRNGKey(0), quad.data)
+    assert int(state.direction.solver.m) == 6
+    state, history = jax.jit(lambda s: bj.run(alg, s, quad.data, num_steps=200, eval_every=200))(state)
+    assert np.all(np.asarray(history["status"]) == st.OK)
+    theta_star = quad.theta_star()
+    assert float(jnp.linalg.norm(state.theta - theta_star) / jnp.linalg.norm(theta_star)) < 1e-8
+
+
+def test_lancbio_theorem_schedule_and_min_residual_option(quad):
+    """m0 = 2 on epochs of m = 4: theta stays exactly where it is in the first 2 steps of every
+    epoch and moves in the other 2; with the minimal-residual correction, theta* is reached."""
+    alg = bj.algorithms.lancbio(quad.problem, upper_lr=0.5, lower_lr=1.0, lower_steps=10, m_start=4, m_max=4, m0=2,
+                                correction="min_residual")
+    assert alg.direction.rule.solver.correction == "min_residual" and alg.direction.m0 == 2
+    state = alg.init(quad.theta0, quad.phi0, jax.random.PRNGKey(0), quad.data)
+    update = eqx.filter_jit(alg.update)
+    moved = []
+    for _ in range(12):
+        new, info = update(state, quad.data)
+        assert int(info.status) == st.OK
+        moved.append(bool(jnp.any(new.theta != state.theta)))
+        state = new
+    assert moved == [k % 4 >= 2 for k in range(12)]
+    state, _ = jax.jit(lambda s: bj.run(alg, s, quad.data, num_steps=300, eval_every=300))(state)
+    theta_star = quad.theta_star()
+    assert float(jnp.linalg.norm(state.theta - theta_star) / jnp.linalg.norm(theta_star)) < 1e-8
+    with pytest.raises(ValueError, match="lancbio: m0=4 must be below the starting dimension"):
+        bj.algorithms.lancbio(quad.problem, m_start=4, m_max=4, m0=4)
+    with pytest.raises(ValueError, match="lancbio: correction must be one of"):
+        bj.algorithms.lancbio(quad.problem, correction="cg")
+    with pytest.warns(UserWarning, match="capped at 6"), pytest.raises(ValueError, match="theta would never move"):
+        bj.algorithms.lancbio(quad.problem, m_start=8, m_max=8, m0=6).init(quad.theta0, quad.phi0,
+                                                                          jax.random.PRNGKey(0), quad.data)

@@ -48,7 +48,7 @@ def ba(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, l
     """BA, Bilevel Approximation (Ghadimi & Wang, "Approximation Methods for Bilevel Programming",
     2018, arXiv:1802.02246, Alg. 1), deterministic:
         phi_{k+1} = T GD steps from phi_k;  theta_{k+1} = P(theta_k - alpha [grad_theta f_u - J A^{-1} grad_phi f_u])
-    with the exact Hessian inverse (`dense()` solver; the paper grows T like log k, here T is fixed).
+    with the exact Hessian inverse (`dense()` solver) and a fixed T = `lower_steps`.
     Sampling: full batch (the paper's deterministic BA)."""
     return _double_loop("ba", problem, lambda: directions.implicit(linear_solver or dense()), upper_lr, lower_lr,
                         upper_opt, lower_opt, lower_steps, batch_size, **kw)
@@ -65,7 +65,10 @@ def bsa(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, 
     with `inner_decay=True`, beta_t = lower_lr/(t+1)^{lower_decay} decays over the inner steps
     t = 0..T-1 and restarts at every outer iteration, as Algorithm 2 is written (the inner loop's
     own SGD schedule). eta = `neumann_eta` (default lower_lr); N = `neumann_steps` terms.
-    The paper grows T like log k; here T is fixed. Sampling: i.i.d. minibatches (the paper's)."""
+    T is fixed here. The complexities quoted for BSA, O(eps^-2) samples of f_upper and O(eps^-3) of
+    f_lower, imply inner loops that grow with the outer iteration (about eps^-1, i.e. sqrt(k), LL
+    steps over the eps^-2 outer steps); that growth is not reproduced (pass a larger `lower_steps`).
+    Sampling: i.i.d. minibatches (the paper's)."""
     with named("bsa"):
         eta = solver_eta(lower_lr, neumann_eta, lower_opt)
         solver = stochastic_neumann(neumann_steps, eta)

@@ -28,7 +28,8 @@ def ttsa(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None,
       - otherwise the anytime decays alpha_k = upper_lr (k+1)^{-3/5}, beta_k = lower_lr (k+1)^{-2/5}
         (weakly convex UL), or with `strongly_convex` alpha_k ~ 1/(k+1), beta_k ~ (k+1)^{-2/3}
         (O(K^{-2/3}), Theorem 2); `upper_decay`/`lower_decay` override the exponents.
-    The number of HIA terms is fixed (`neumann_steps`; the paper grows it like log k).
+    The number of HIA terms is fixed (`neumann_steps`); the HIA's bias (a truncated Neumann series)
+    decays geometrically in it.
     Sampling: i.i.d. minibatches (the paper's)."""
     default_up, default_low = (1.0, 2.0 / 3.0) if strongly_convex else (0.6, 0.4)
     up = default_up if upper_decay is None else upper_decay

@@ -9,14 +9,18 @@ b_k = grad_phi f_upper at the current (theta_k, phi_k)); the solver only sees `m
 
 One call (`steps = 1`, LancBiO's setting) at outer step k, with j vectors in the current basis:
 
-  0. schedule   every `every` calls, m <- min(ceil(m * inc), m_max)      (m starts at m0)
+  0. schedule   every `every` calls, m <- min(ceil(m * inc), m_max, n)   (m starts at min(m_start, n),
+                n = the system's dimension: a basis never has more than n vectors)
   1. restart    when the epoch has made m steps (and at the first call):
                     v_bar = v_{k-1},   w = A_k v_bar                       (1 matvec, then frozen)
                     q_1 = (b_k - w) / ||b_k - w||,  j = 0, beta_0 = 0
   2. residual   r_k = b_k - w                        (w frozen since the restart)
   3. Lanczos    u = A_k q_{j+1} - beta_j q_j,   alpha_{j+1} = q_{j+1}' u      (1 matvec)
                 T_{j+1} = tridiag(beta, alpha, beta) grows by one row and column
-  4. solve      T_{j+1} s = Q_{j+1}' r_k        (a tridiagonal system: `lax.linalg.tridiagonal_solve`)
+  4. solve      correction="galerkin" (default):
+                    T_{j+1} s = Q_{j+1}' r_k       (a tridiagonal system: `lax.linalg.tridiagonal_solve`)
+                correction="min_residual":
+                    s = argmin ||Q_{j+2}' r_k - T~_{j+1} s||, T~ = [T_{j+1}; beta_{j+1} e_{j+1}']
                 dv = Q_{j+1} s,   v_k = v_bar + dv
                 Q'r_k is formed as ||r_h|| e_1 + Q'(b_k - b_h), with r_h = b_h - w the residual at the
                 restart (q_1 = r_h / ||r_h||). The same in exact arithmetic; in floating point the
@@ -26,22 +30,33 @@ One call (`steps = 1`, LancBiO's setting) at outer step k, with j vectors in the
   5. next       omega = u - alpha_{j+1} q_{j+1},  beta_{j+1} = ||omega||,  q_{j+2} = omega / beta_{j+1}
                 (no re-orthogonalisation, as in the paper)
 
-Step 4 is the Galerkin condition on the correction: dv minimises 1/2 dv'A dv - r_k'dv over the
-subspace span(Q_j) when A is fixed (then T_j = Q_j'A Q_j), i.e. dv is the best approximation of
-A^{-1} r_k in the A-norm there. For a fixed A and b, the iterates between two restarts are those
-of conjugate gradient started at v_bar, and with m >= n the process solves A v = b (in exact
-arithmetic, in at most n calls). The cost is 1 matvec per call plus 1 per restart: on average
+Step 4, "galerkin", is the Galerkin condition on the correction: dv minimises 1/2 dv'A dv - r_k'dv
+over the subspace span(Q_j) when A is fixed (then T_j = Q_j'A Q_j), i.e. dv is the best
+approximation of A^{-1} r_k in the A-norm there; it is the authors' public code (T_j s = Q_j'r). For
+a fixed A and b, the iterates between two restarts are those of conjugate gradient started at
+v_bar, and with m = n the process solves A v = b (in exact arithmetic, in at most n calls).
+"min_residual" is the subproblem of the paper's presentation, min over dv in span(Q_j) of
+||(b_k - A v_bar) - A dv||: with the Lanczos relation A Q_j = Q_{j+1} T~_j (exact for a fixed A;
+up to the drift of A_k otherwise, the paper's Proposition) it is the (j+1) x j least-squares
+problem above, MINRES's iterates for a fixed system (the residual norm is minimal, and falls, in
+the subspace). It needs no positive definite T (a symmetric indefinite or drifting operator gives
+no pivot breakdown: only non-finite values are flagged); the small problem is solved densely
+(`jnp.linalg.lstsq` on an (m_max + 1) x m_max matrix, O(m_max^3) flops per call, no matvec).
+The default stays "galerkin": the authors' experiments, CG's A-norm optimality (the error that
+enters the hypergradient through J v is measured in the A-norm by the implicit function theorem's
+bound |J(v - v*)| <= ||J A^{-1/2}|| ||v - v*||_A), and its pivot check, which reports an LL Hessian
+that is not positive definite instead of solving the wrong problem. The cost is 1 matvec per call plus 1 per restart: on average
 1 + 1/m matvecs per call, the paper's (1 + 1/m) Hessian-vector products per outer iteration.
 
 Fixed-size buffers: the basis (m_max vectors, a leading axis of size m_max on every leaf of b),
 the diagonal, off-diagonal and LDL' pivots of T (m_max each). Entries past the current size j are
 masked (a masked row of T is the identity, its right-hand side zero), so the basis is never
 re-allocated and everything runs inside `lax.scan` and under `vmap`. The current m is a traced
-int32 in the state; `m0` and `inc` are array fields (a sweep may vmap over them), `m_max`,
-`every` and `steps` are static.
+int32 in the state; `m_start` and `inc` are array fields (a sweep may vmap over them), `m_max`,
+`every`, `steps` and `correction` are static.
 
 Breakdowns are loud or a documented restart:
-- non-positive (or non-finite) pivot of T: the pivots d_1 = alpha_1, d_i = alpha_i -
+- (galerkin) non-positive (or non-finite) pivot of T: the pivots d_1 = alpha_1, d_i = alpha_i -
   beta_{i-1}^2 / d_{i-1} of T = L D L' are updated once per new row (O(1)); T must be positive
   definite (A symmetric positive definite and a slowly drifting A_k). When the new pivot is
   <= c eps max_i ||A q_i||, x is NaN (every leaf) and the status BREAKDOWN (| NONFINITE when a
@@ -70,6 +85,8 @@ method's 1 + [restart].
 from __future__ import annotations
 
 from typing import Any, NamedTuple
+
+import warnings
 
 import equinox as eqx
 import jax
@@ -173,22 +190,60 @@ def tridiagonal_spd_solve(diag, off, rhs, size) -> jax.Array:
     return jnp.where(mask, s, 0.0)
 
 
+def _size(tree) -> int:
+    """The dimension n of a vector tree (static)."""
+    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _least_squares_correction(alpha, beta, c, extra, tail, size, m_max):
+    """s = argmin ||[c; extra] - T~ s|| over the leading `size` entries (rows >= size masked, s = 0
+    there): T~ is the (size + 1) x size tridiagonal T with the row `tail` e_size' appended (tail =
+    beta_size); `extra` is the right-hand side's component along q_{size+1}. Dense, in an (m_max + 1) x m_max
+    matrix whose masked columns are unit columns below the active block (so they decouple)."""
+    idx = jnp.arange(m_max)
+    active = idx < size
+    t = (jnp.diag(jnp.where(active, alpha, 0.0))
+         + jnp.diag(jnp.where(idx[:-1] < size - 1, beta[:-1], 0.0), 1)
+         + jnp.diag(jnp.where(idx[:-1] < size - 1, beta[:-1], 0.0), -1))
+    rows = jnp.arange(m_max + 1)[:, None]
+    below = jnp.where((rows == idx[None, :] + 1) & ~active[None, :], 1.0, 0.0)      # masked columns
+    last = jnp.where((rows == size) & (idx[None, :] == size - 1), tail, 0.0)
+    mat = jnp.concatenate([t, jnp.zeros((1, m_max), t.dtype)]) + below.astype(t.dtype) + last.astype(t.dtype)
+    rhs = jnp.concatenate([jnp.where(active, c, 0.0), jnp.zeros((1,), c.dtype)])
+    rhs = rhs.at[size].set(jnp.where(size > 0, extra, 0.0))
+    s = jnp.linalg.lstsq(mat, rhs)[0]
+    return jnp.where(active, s, 0.0)
+
+
+def _tridiagonal_matvec(alpha, beta, s, size):
+    """T s for the leading `size` rows (zero below)."""
+    idx = jnp.arange(alpha.shape[0])
+    off = jnp.where(idx < size - 1, beta, 0.0)
+    ts = alpha * s + off * jnp.roll(s, -1) + jnp.roll(off * s, 1)
+    return jnp.where(idx < size, ts, 0.0)
+
+
 def _next_m(m, inc, m_max):
     grown = jnp.ceil(m * inc * (1.0 - _CEIL_RTOL)).astype(jnp.int32)
     return jnp.clip(jnp.maximum(grown, m), 1, m_max).astype(jnp.int32)
 
 
+CORRECTIONS = ("galerkin", "min_residual")
+
+
 class Lanczos(LinearSolver):
-    """LancBiO's dynamic Lanczos solver (see the module docstring). `m0`, `inc` are array fields;
-    `m_max` (the buffer size), `every`, `steps` (Lanczos steps per solve) are static."""
+    """LancBiO's dynamic Lanczos solver (see the module docstring). `m_start`, `inc` are array
+    fields; `m_max` (the buffer size), `every`, `steps` (Lanczos steps per solve) and `correction`
+    are static."""
 
     m_max: int = eqx.field(default=80, static=True)
-    m0: Any = 1
+    m_start: Any = 1
     inc: Any = 1.1
     every: int = eqx.field(default=20, static=True)
     steps: int = eqx.field(default=1, static=True)
     exact_residual: bool = eqx.field(default=False, static=True)
     warm_start: bool = eqx.field(default=True, static=True)
+    correction: str = eqx.field(default="galerkin", static=True)
 
     def __check_init__(self):
         check_positive_int("m_max", self.m_max)
@@ -196,17 +251,26 @@ class Lanczos(LinearSolver):
         check_positive_int("steps", self.steps)
         check_bool("warm_start", self.warm_start)
         check_bool("exact_residual", self.exact_residual)
-        check_in_range("m0", self.m0, 1, self.m_max)
+        check_in_range("m_start", self.m_start, 1, self.m_max)
         check_in_range("inc", self.inc, 1.0, float("inf"))
-        m0 = self.m0
-        if not isinstance(m0, jax.core.Tracer):
-            arr = np.asarray(m0)
+        if self.correction not in CORRECTIONS:
+            raise ValueError(f"correction must be one of {CORRECTIONS}, got {self.correction!r}.")
+        m_start = self.m_start
+        if not isinstance(m_start, jax.core.Tracer):
+            arr = np.asarray(m_start)
             if not np.issubdtype(arr.dtype, np.integer) and not np.all(arr == np.round(arr)):
-                raise ValueError(f"m0 must be an integer (a subspace dimension), got {m0!r}.")
+                raise ValueError(f"m_start must be an integer (a subspace dimension), got {m_start!r}.")
 
     def init(self, b_like, x0=None) -> LanczosState:
         """The state before the first solve: x = x0 (default 0), an empty basis; the first solve
-        restarts (v_bar = x0)."""
+        restarts (v_bar = x0). The dimension m starts at min(m_start, n), n the system's dimension
+        (a warning when m_start > n: no basis of R^n has more than n vectors; with a drifting
+        operator a larger one stops being a basis and the correction diverges)."""
+        n = _size(b_like)
+        m_start = self.m_start
+        if not isinstance(m_start, jax.core.Tracer) and np.any(np.asarray(m_start) > n):
+            warnings.warn(f"lanczos: m_start={np.asarray(m_start).tolist()} exceeds the dimension n={n} of the "
+                          f"system; the subspace dimension is capped at {n}.", stacklevel=2)
         x = otu.tree_zeros_like(b_like) if x0 is None else x0
         dtype = _dtype(b_like)
         vec = lambda: otu.tree_zeros_like(b_like)
@@ -217,14 +281,14 @@ class Lanczos(LinearSolver):
             basis=jax.tree_util.tree_map(lambda l: jnp.zeros((self.m_max,) + jnp.shape(l), jnp.result_type(l)),
                                          b_like),
             q_next=vec(), alpha=zeros, beta=zeros, pivots=zeros, scale=jnp.zeros((), dtype), size=i0,
-            epoch_step=i0, m=jnp.asarray(self.m0, jnp.int32), count=i0, active=jnp.zeros((), bool),
+            epoch_step=i0, m=jnp.minimum(jnp.asarray(m_start, jnp.int32), n), count=i0, active=jnp.zeros((), bool),
             exhausted=jnp.zeros((), bool))
 
     def _step(self, matvec, b, state: LanczosState, eps):
         """One dynamic Lanczos step: `(state, matvecs, failed, nonfinite, estimate)`."""
         dtype = state.alpha.dtype
         m = jnp.where((state.count > 0) & (state.count % self.every == 0),
-                      _next_m(state.m, self.inc, self.m_max), state.m)
+                      _next_m(state.m, self.inc, min(self.m_max, _size(b))), state.m)
         restart = (state.epoch_step == 0) | (state.epoch_step >= m)
 
         # 1. restart: w = A v_bar, frozen until the next restart (a matvec only when restarting)
@@ -260,7 +324,7 @@ class Lanczos(LinearSolver):
         beta_new = otu.tree_norm(omega).astype(dtype)
         invariant = beta_new <= _LUCKY * eps * gain
         finite = jnp.isfinite(a) & jnp.isfinite(d) & jnp.isfinite(beta_new) & jnp.isfinite(gain)
-        pivot_ok = finite & (d > _PIVOT * eps * scale)
+        pivot_ok = finite & ((d > _PIVOT * eps * scale) | (self.correction == "min_residual"))
         failed = grow & ~pivot_ok
         nonfinite = ~jnp.isfinite(r_norm) | (grow & ~finite)
 
@@ -273,20 +337,28 @@ class Lanczos(LinearSolver):
         size = size + grow.astype(jnp.int32)
         exhausted = exhausted | (grow & invariant)
 
-        # 4. the Galerkin correction on the current basis
+        # 4. the correction on the current basis (Galerkin, or minimal residual)
         mask = jnp.arange(self.m_max) < size
         # Q'r_k = ||r_h|| e_1 + Q'(b_k - b_h), r_h = b_h - w the restart residual (q_1 = r_h / ||r_h||):
         # equal in exact arithmetic; this form keeps the loss of orthogonality of Q out of the
         # fixed part (as conjugate gradient's recurrences do) and projects only the drift of b
         e1 = (jnp.arange(self.m_max) == 0) * r_ref
-        c = jnp.where(mask, e1 + _project(basis, otu.tree_sub(b, b_ref)).astype(dtype), 0.0)
-        s = tridiagonal_spd_solve(alpha, beta, c, size)
-        dv, qc = _combine2(basis, s, c)   # Q s and Q c in one pass over the basis
-        x = otu.tree_add(x_bar, dv)
-        # Lanczos estimate of ||b - A x||: r - Q T s - beta_j s_j q_{j+1}, with T s = c
+        drift = otu.tree_sub(b, b_ref)
+        c = jnp.where(mask, e1 + _project(basis, drift).astype(dtype), 0.0)
         last = jnp.maximum(size - 1, 0)
+        if self.correction == "galerkin":
+            s = tridiagonal_spd_solve(alpha, beta, c, size)
+            ts = c
+        else:   # q_{j+1}'r_k = q_{j+1}'(b_k - b_h) (q_{j+1} is orthogonal to r_h); 0 when the basis is invariant
+            extra = jnp.where(exhausted, 0.0, otu.tree_vdot(q_next, drift)).astype(dtype)
+            tail = jnp.where(exhausted, 0.0, beta[last])
+            s = _least_squares_correction(alpha, beta, c, extra, tail, size, self.m_max)
+            ts = _tridiagonal_matvec(alpha, beta, s, size)
+        dv, qts = _combine2(basis, s, ts)   # Q s and Q T s in one pass over the basis
+        x = otu.tree_add(x_bar, dv)
+        # Lanczos estimate of ||b - A x||: r - Q T s - beta_j s_j q_{j+1}
         tail = jnp.where((size > 0) & ~exhausted, beta[last] * s[last], 0.0)
-        estimate = otu.tree_norm(otu.tree_add_scale(otu.tree_sub(r, qc), -tail, q_next))
+        estimate = otu.tree_norm(otu.tree_add_scale(otu.tree_sub(r, qts), -tail, q_next))
 
         new = LanczosState(x, x_bar, w, b_ref, r_ref, basis, q_next, alpha, beta, pivots, scale, size, epoch_step + 1, m,
                            state.count + 1, active, exhausted)
@@ -330,21 +402,26 @@ class Lanczos(LinearSolver):
         return x, state, make_info(res, matvecs, status)
 
 
-def lanczos(m_max: int = 80, *, m0=1, inc=1.1, every: int = 20, steps: int = 1, warm_start: bool = True,
-            exact_residual: bool = False) -> Lanczos:
+def lanczos(m_max: int = 80, *, m_start=1, inc=1.1, every: int = 20, steps: int = 1, warm_start: bool = True,
+            exact_residual: bool = False, correction: str = "galerkin") -> Lanczos:
     """LancBiO's dynamic Lanczos solver (Yang, Gao & Yuan, ICLR 2025, arXiv:2404.03331).
 
     One Lanczos vector per solve (`steps` per solve), the basis kept in the state across solves,
     restarted every m solves at v_bar = the last solution with the frozen w = A v_bar and the
-    residual correction v = v_bar + Q_j T_j^{-1} Q_j'(b - w). The dimension m starts at `m0` and is
-    multiplied by `inc` (rounded up) every `every` solves, capped at `m_max` (the buffer size). A
-    fixed dimension m: `lanczos(m, m0=m)`. The paper's synthetic-problem setting is the default:
-    m0 = 1, inc = 1.1, every = 20, m_max = 80. Cost: 1 matvec per solve + 1 per restart
+    residual correction v = v_bar + Q_j s, s from `correction`: "galerkin" (default, T_j s =
+    Q_j'(b - w), the authors' code) or "min_residual" (the least-squares s of minimal ||(b - w) -
+    A Q_j s|| through the Lanczos relation); the module docstring states why Galerkin is the
+    default. The dimension m starts at `m_start` and is multiplied by `inc` (rounded up) every
+    `every` solves, capped at `m_max` (the buffer size) and at the system's dimension n. A fixed
+    dimension m: `lanczos(m, m_start=m)`. The paper's synthetic-problem setting is the default:
+    m_start = 1, inc = 1.1, every = 20, m_max = 80. Cost: 1 matvec per solve + 1 per restart
     (1 + 1/m on average). `warm_start=False` starts every solve from a fresh state (x0 = 0, no
     basis). See the module docstring for breakdowns and `info.residual_norm`.
+    (`m_start` was called `m0` before 0.2; LancBiO's theorem uses m0 for another count, see
+    `bj.algorithms.lancbio`.)
     """
-    return Lanczos(m_max=m_max, m0=as_array(m0), inc=as_array(inc),
-                   every=every, steps=steps, warm_start=warm_start, exact_residual=exact_residual)
+    return Lanczos(m_max=m_max, m_start=as_array(m_start), inc=as_array(inc), every=every, steps=steps,
+                   warm_start=warm_start, exact_residual=exact_residual, correction=correction)
 
 
-__all__ = ["Lanczos", "LanczosState", "lanczos", "tridiagonal_spd_solve"]
+__all__ = ["CORRECTIONS", "Lanczos", "LanczosState", "lanczos", "tridiagonal_spd_solve"]
