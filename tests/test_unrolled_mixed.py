@@ -88,6 +88,36 @@ def test_mixed_equals_reverse_with_adamw_and_a_schedule():
     assert np.all(np.abs(rev[0]) > 1e-5)
 
 
+class _Hyper(eqx.Module):
+    """theta as an equinox Module with a non-array field (a function)."""
+    log_decay: jax.Array
+    scale: jax.Array
+    transform: object = jnp.exp
+
+
+def test_every_mode_takes_a_module_as_theta():
+    inner, mlp, data = _mlp_problem(width=4, batch=16, key=2)
+
+    def as_array(th):
+        return jnp.stack([th.log_decay, th.scale])
+
+    problem = bj.BilevelProblem(lambda th, phi, b: inner.f_upper(as_array(th), phi, b),
+                                lambda th, phi, b: inner.f_lower(as_array(th), phi, b) + th.transform(th.scale))
+    theta = _Hyper(jnp.array(-2.0), jnp.array(0.4))
+
+    @eqx.filter_jit
+    def run(theta):
+        return {m: bj.unrolled_hypergradient(problem, theta, mlp, data, optimizer=optax.sgd(0.1), steps=5, mode=m)[0]
+                for m in ("reverse", "forward", "mixed")}
+
+    out = run(theta)
+    for m, g in out.items():
+        assert isinstance(g, _Hyper) and g.transform is None, m   # shaped like theta's inexact arrays
+        np.testing.assert_allclose([g.log_decay, g.scale], [out["reverse"].log_decay, out["reverse"].scale],
+                                   rtol=1e-11, err_msg=m)
+    assert abs(out["reverse"].log_decay) > 1e-6
+
+
 def test_mixed_sgd_closed_form(quad):
     """T GD steps on the quadratic LL A(phi) = H phi + C theta + h: d phi_T / d theta =
     -beta sum_{j<K} (I - beta H)^j C (the last K steps differentiated), exact in float64."""
