@@ -115,7 +115,9 @@ class GradientPenaltyState(NamedTuple):
 
 class GradientPenalty(Algorithm):
     """Joint step on the augmented Lagrangian f_upper + <mu, c> + (gamma_k / 2) ||c||^2 of
-    c = grad_phi f_lower = 0, mu <- mu + dual_lr c (module docstring); G-PBGD is dual_lr = 0."""
+    c = grad_phi f_lower = 0, mu <- mu + dual_lr c (module docstring): `optimality_penalty`;
+    G-PBGD without the multiplier (`dual_lr` None: mu stays 0); EBSA with c the gradient of the
+    log-barrier LL (`barrier`, `ebsa`)."""
 
     problem: BilevelProblem = eqx.field(static=True)
     upper: StepRule
