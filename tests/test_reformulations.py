@@ -3,7 +3,11 @@ levels in the value-function family.
 
 - Box-constrained LL with many minima (flat in one coordinate): f2sa, bome, pbgd, pdbo, vf_penalty
   reach the optimistic solution theta* = 2, phi* = (1, 1) (the unconstrained problem's is 2.5,
-  (2.5, 2)); pzobo reaches theta* of a box-constrained strongly convex LL.
+  (2.5, 2)), and against a UL that pulls the other way (theta* = 0.5) within their O(1/penalty)
+  bias; pzobo reaches theta* of a box-constrained strongly convex LL.
+- smoothing_pg on a box-constrained convex LL; optimality_penalty on the strongly convex quadratic
+  (its multiplier is the negative adjoint); cdb on a non-smooth l1 UL; ebsa on a non-convex
+  double-well LL and a box-constrained non-convex LL (and its loud failure).
 """
 import equinox as eqx
 import jax
@@ -61,6 +65,30 @@ def test_value_function_presets_reach_the_optimistic_solution_of_a_box_constrain
     np.testing.assert_allclose(state.theta, BOX_THETA, atol=1e-5)
     np.testing.assert_allclose(state.phi, BOX_PHI, atol=1e-6)
     assert float(jnp.max(state.z)) <= 1.0 and float(jnp.min(state.z)) >= 0.0   # the tracker stays in Phi
+
+
+# the same LL against the UL (it pulls phi_0 to 0): F(theta) = (theta - 1)^2 / 2 + clip(theta)^2 / 2 + 1/2,
+# theta* = 0.5, phi* = (0.5, 1); the value-function constraint is not calm here (q quadratic in phi_0):
+# penalties are O(1/lambda) away (2.5e-3 measured at lambda = 100; bome 2.5e-4, pdbo 9.5e-3 after 3000 steps)
+VALUE_FUNCTION_BOX_CONFLICT = {
+    "f2sa": dict(upper_lr=0.01, lower_lr=0.005, inner_lr=0.5, lower_steps=5, penalty=100.0, penalty_rate=0.0,
+                 batch_size=None),
+    "bome": dict(upper_lr=0.03, inner_lr=0.5),
+    "pbgd": dict(upper_lr=0.5, inner_lr=0.5, gamma=100.0, gamma_max=100.0),
+    "vf_penalty": dict(upper_lr=0.003, lower_lr=0.003, inner_lr=0.5, penalty=100.0),
+    "pdbo": dict(upper_lr=0.003, lower_lr=0.003, inner_lr=0.5, dual_lr=10.0, dual_max=100.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_FUNCTION_BOX_CONFLICT))
+def test_value_function_presets_on_a_box_constrained_flat_lower_level_against_the_upper_level(name):
+    problem = BOX.problem(lambda t, p, b: 0.5 * jnp.sum((t - 1.0) ** 2) + 0.5 * p[0] ** 2 + 0.5 * (p[1] - 2.0) ** 2,
+                          _box_flat_lower)
+    alg = bj.algorithms.get(name)(problem, **VALUE_FUNCTION_BOX_CONFLICT[name])
+    state, hist = _run(alg, jnp.array([-1.0]), jnp.array([0.3, 0.2]), 3000)
+    assert bool((hist["status"] == bj.status.OK).all())
+    np.testing.assert_allclose(state.theta, [0.5], atol=1.2e-2)
+    np.testing.assert_allclose(state.phi, [0.5, 1.0], atol=1.2e-2)
 
 
 def test_lower_set_on_an_unconstrained_problem_and_a_bare_projection():
