@@ -22,6 +22,16 @@ not fill a block) are never drawn by the block samplers; every algorithm's `init
 there are such samples (`check_fits`).
 
 `data` is a pytree whose leaves share a leading sample axis (or None: `full` returns None).
+
+Shards (data-parallel sampling). A sampler with `shards=D` sees the n samples as D contiguous
+shards of n / D and draws batch_size / D samples from each shard: `iid` draws each shard's indices
+with its own key (`fold_in(key, shard)`), the block samplers cut every shard into the same
+(n / D) / (b / D) = n / b blocks and draw the same block position on every shard, so a global
+batch id still names one fixed set of b samples (SAGA memories per batch id keep their meaning).
+The batch of a draw is the D local batches, shard after shard. With `axis_name` set the sampler
+runs inside `jax.shard_map` on one device's shard (`lax.axis_index(axis_name)` is the shard) and
+returns only the local batch: the same draws as `shards=D` on one device, no sample crosses
+devices (`bj.data_parallel`).
 """
 from __future__ import annotations
 
@@ -47,16 +57,76 @@ class Sampler(eqx.Module):
     """
 
     batch_size: Optional[int] = eqx.field(static=True, default=None)
+    shards: int = eqx.field(static=True, default=1)
+    axis_name: Optional[str] = eqx.field(static=True, default=None)
     kind: ClassVar[str] = "full"
     blocks: ClassVar[bool] = False   # draws contiguous blocks with a batch id (`block(data, id)`)
 
     def __check_init__(self):
         if self.batch_size is not None:
             check_positive_int("batch_size", self.batch_size)
+        check_positive_int("shards", self.shards)
+        if self.batch_size is not None and self.batch_size % self.shards:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by shards={self.shards}: every shard "
+                             "draws batch_size / shards samples; use a batch size that is a multiple of the number "
+                             "of devices.")
+
+    @property
+    def local_batch_size(self) -> Optional[int]:
+        """The samples one shard draws per draw (batch_size / shards)."""
+        return None if self.batch_size is None else self.batch_size // self.shards
+
+    def sample(self, data: PyTree, key: jax.Array, draw) -> Tuple[PyTree, jax.Array]:
+        """The batch of draw number `draw` (a traced int) from the level's root `key`: the local
+        batch inside `shard_map` (`axis_name`), else the D shards' batches one after the other."""
+        if self.axis_name is not None:
+            return self.draw(data, key, draw, jax.lax.axis_index(self.axis_name))
+        if self.shards == 1 or data is None:
+            return self.draw(data, key, draw, None)
+        shard_ids = jnp.arange(self.shards)
+        batches, ids = jax.vmap(lambda d, i: self.draw(d, key, draw, i))(split_shards(data, self.shards), shard_ids)
+        return merge_shards(batches), ids[0]
+
+    def block(self, data: PyTree, batch_id) -> PyTree:
+        """The (global) block `batch_id`: block `batch_id` of every shard (of this device's shard
+        inside `shard_map`)."""
+        if self.axis_name is not None or self.shards == 1 or data is None:
+            return self.local_block(data, batch_id)
+        return merge_shards(jax.vmap(lambda d: self.local_block(d, batch_id))(split_shards(data, self.shards)))
+
+    def local_block(self, data: PyTree, batch_id) -> PyTree:
+        """Block `batch_id` of one shard (the whole data for samplers without blocks)."""
+        return data
+
+    def shard_size(self, data: PyTree) -> Optional[int]:
+        """The samples of one shard (of `data` as this sampler sees it: local inside `shard_map`)."""
+        n = num_samples(data)
+        if n is None or self.axis_name is not None:
+            return n
+        return n // self.shards
+
+    def num_blocks(self, data: PyTree) -> int:
+        """How many distinct batch ids the sampler draws: (n / D) // (b / D) for the block samplers,
+        1 for full and i.i.d. batches."""
+        n = self.shard_size(data)
+        if not self.blocks or n is None:
+            return 1
+        return n // self.local_batch_size
 
     @abc.abstractmethod
-    def sample(self, data: PyTree, key: jax.Array, draw) -> Tuple[PyTree, jax.Array]:
-        """The batch of draw number `draw` (a traced int) from the level's root `key`."""
+    def draw(self, data: PyTree, key: jax.Array, draw, shard) -> Tuple[PyTree, jax.Array]:
+        """`local_batch_size` samples of one shard `data` (the shard index `shard`, None when
+        unsharded) for draw number `draw` from the level's root `key`, and the batch id."""
+
+
+def split_shards(data: PyTree, shards: int) -> PyTree:
+    """Every leaf [n, ...] as [shards, n / shards, ...] (n divisible by shards: `check_fits`)."""
+    return jax.tree_util.tree_map(lambda x: x.reshape((shards, x.shape[0] // shards) + x.shape[1:]), data)
+
+
+def merge_shards(data: PyTree) -> PyTree:
+    """The inverse of `split_shards`: [shards, m, ...] -> [shards * m, ...]."""
+    return jax.tree_util.tree_map(lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), data)
 
 
 def num_samples(data: PyTree, name: str = "data") -> Optional[int]:
@@ -74,25 +144,33 @@ def num_samples(data: PyTree, name: str = "data") -> Optional[int]:
 def num_batches(sampler: Sampler, data: PyTree) -> int:
     """How many distinct batch ids `sampler` draws from `data` (n // b for the block samplers, 1
     for full and i.i.d. batches)."""
-    n = num_samples(data)
-    if not sampler.blocks or n is None:
-        return 1
-    return n // sampler.batch_size
+    return sampler.num_blocks(data)
 
 
 def check_fits(sampler: Sampler, data: PyTree, name: str) -> None:
-    """A clear error when `sampler` cannot draw from `data`; a warning when a block sampler leaves
-    out the tail of n samples that does not fill a block (n not a multiple of the batch size)."""
+    """A clear error when `sampler` cannot draw from `data` (a batch larger than the data, n not
+    divisible by the shards); a warning when a block sampler leaves out the tail of a shard that
+    does not fill a block (n / shards not a multiple of batch_size / shards)."""
     n = num_samples(data, name)
-    if sampler.batch_size is not None and n is not None and sampler.batch_size > n:
-        raise ValueError(f"batch_size={sampler.batch_size} is larger than {name}'s {n} samples.")
-    if sampler.batch_size is not None and n is None:
-        raise ValueError(f"batch_size={sampler.batch_size} was given but {name} is None.")
-    if sampler.blocks and n % sampler.batch_size:
-        left = n % sampler.batch_size
-        warnings.warn(f"{sampler.kind}(batch_size={sampler.batch_size}) on {name}'s {n} samples: {n} is not a "
-                      f"multiple of {sampler.batch_size}, the last {left} samples ({n - left}..{n - 1}) are never "
-                      "drawn; use a batch size that divides n, or the iid sampler.", stacklevel=2)
+    if n is None:
+        if sampler.batch_size is not None:
+            raise ValueError(f"batch_size={sampler.batch_size} was given but {name} is None.")
+        return
+    shards = sampler.shards
+    total = n * shards if sampler.axis_name is not None else n
+    if sampler.axis_name is None and n % shards:
+        raise ValueError(f"{name} has {n} samples, not divisible by shards={shards}: every shard must hold the "
+                         "same number of samples (drop or pad the last samples).")
+    if sampler.batch_size is not None and sampler.batch_size > total:
+        raise ValueError(f"batch_size={sampler.batch_size} is larger than {name}'s {total} samples.")
+    local_n, b = sampler.shard_size(data), sampler.local_batch_size
+    if sampler.blocks and local_n % b:
+        left = local_n % b
+        where = f"each of the {shards} shards of {local_n} samples" if shards > 1 else f"{name}'s {n} samples"
+        warnings.warn(f"{sampler.kind}(batch_size={sampler.batch_size}) on {where}: {local_n} is not a "
+                      f"multiple of {b}, the last {left} samples ({local_n - left}..{local_n - 1}"
+                      f"{' of every shard' if shards > 1 else ''}) are never drawn; use a batch size that divides "
+                      "n, or the iid sampler.", stacklevel=2)
 
 
 def _take(data, idx):
@@ -178,9 +256,8 @@ class Full(Sampler):
     def sample(self, data, key, draw):
         return data, jnp.zeros((), jnp.int32)
 
-    def block(self, data, batch_id):
-        """The only block: the whole data."""
-        return data
+    def draw(self, data, key, draw, shard):
+        return data, jnp.zeros((), jnp.int32)
 
 
 class IID(Sampler):
@@ -190,9 +267,11 @@ class IID(Sampler):
 
     kind: ClassVar[str] = "iid"
 
-    def sample(self, data, key, draw):
-        n = num_samples(data)
-        idx = jax.random.randint(jax.random.fold_in(key, draw), (self.batch_size,), 0, n)
+    def draw(self, data, key, draw, shard):
+        key = jax.random.fold_in(key, draw)
+        if shard is not None:
+            key = jax.random.fold_in(key, shard)
+        idx = jax.random.randint(key, (self.local_batch_size,), 0, num_samples(data))
         return _take(data, idx), jnp.zeros((), jnp.int32)
 
 
@@ -206,15 +285,15 @@ class Shuffled(Sampler):
     kind: ClassVar[str] = "shuffled"
     blocks: ClassVar[bool] = True
 
-    def sample(self, data, key, draw):
-        m = num_samples(data) // self.batch_size
+    def draw(self, data, key, draw, shard):
+        m = num_samples(data) // self.local_batch_size
         epoch, position = jnp.divmod(jnp.asarray(draw, jnp.int32), m)
         batch_id = block_order(key, epoch, position, m)
-        return self.block(data, batch_id), batch_id
+        return self.local_block(data, batch_id), batch_id
 
-    def block(self, data, batch_id):
-        """Block `batch_id` (samples batch_id * b ... batch_id * b + b - 1), read in place."""
-        return _block(data, batch_id, self.batch_size)
+    def local_block(self, data, batch_id):
+        """Block `batch_id` (samples batch_id * b ... batch_id * b + b - 1 of the shard), read in place."""
+        return _block(data, batch_id, self.local_batch_size)
 
 
 class Partition(Sampler):
@@ -225,43 +304,44 @@ class Partition(Sampler):
     kind: ClassVar[str] = "partition"
     blocks: ClassVar[bool] = True
 
-    def sample(self, data, key, draw):
-        n = num_samples(data)
-        batch_id = jax.random.randint(jax.random.fold_in(key, draw), (), 0, n // self.batch_size).astype(jnp.int32)
-        return self.block(data, batch_id), batch_id
+    def draw(self, data, key, draw, shard):
+        m = num_samples(data) // self.local_batch_size
+        batch_id = jax.random.randint(jax.random.fold_in(key, draw), (), 0, m).astype(jnp.int32)
+        return self.local_block(data, batch_id), batch_id
 
-    def block(self, data, batch_id):
-        """Block `batch_id` (samples batch_id * b ... batch_id * b + b - 1), read in place."""
-        return _block(data, batch_id, self.batch_size)
-
-
-def full() -> Sampler:
-    return Full()
+    def local_block(self, data, batch_id):
+        """Block `batch_id` (samples batch_id * b ... batch_id * b + b - 1 of the shard), read in place."""
+        return _block(data, batch_id, self.local_batch_size)
 
 
-def iid(batch_size: int) -> Sampler:
+def full(shards: int = 1) -> Sampler:
+    return Full(shards=shards)
+
+
+def iid(batch_size: int, shards: int = 1) -> Sampler:
     check_positive_int("batch_size", batch_size)
-    return IID(batch_size)
+    return IID(batch_size, shards)
 
 
-def shuffled(batch_size: int) -> Sampler:
+def shuffled(batch_size: int, shards: int = 1) -> Sampler:
     check_positive_int("batch_size", batch_size)
-    return Shuffled(batch_size)
+    return Shuffled(batch_size, shards)
 
 
-def partition(batch_size: int) -> Sampler:
+def partition(batch_size: int, shards: int = 1) -> Sampler:
     check_positive_int("batch_size", batch_size)
-    return Partition(batch_size)
+    return Partition(batch_size, shards)
 
 
 SAMPLERS = {"iid": iid, "shuffled": shuffled, "partition": partition}
 BLOCK_SAMPLERS = ("shuffled", "partition")   # batch ids for SAGA-type memories
 
 
-def make_sampler(batch_size: Optional[int], kind: str = "iid") -> Sampler:
-    """`batch_size=None` means full batch; otherwise a sampler of the given kind."""
+def make_sampler(batch_size: Optional[int], kind: str = "iid", shards: int = 1) -> Sampler:
+    """`batch_size=None` means full batch; otherwise a sampler of the given kind, drawing
+    batch_size / shards samples from each of `shards` contiguous shards."""
     if batch_size is None:
-        return full()
+        return full(shards)
     if kind not in SAMPLERS:
         raise ValueError(f"unknown sampler {kind!r}; valid: {sorted(SAMPLERS)}.")
-    return SAMPLERS[kind](batch_size)
+    return SAMPLERS[kind](batch_size, shards)

@@ -9,6 +9,8 @@ Building blocks: `bilevel_loop`, `directions`, `estimators`, and the step primit
 """
 import difflib
 
+from bilevel_jax.algorithms.parallel import DataParallel, data_parallel, preset_options, shard
+
 from bilevel_jax.algorithms import directions, estimators, steps
 from bilevel_jax.algorithms.base import Algorithm, OracleCounts, StepInfo
 from bilevel_jax.algorithms.double_loop import aid_bio, alternating, amigo, ba, bsa, signsgd_ul, stocbio
@@ -49,6 +51,14 @@ ALGORITHMS = {
 }
 
 
+# every preset (and bilevel_loop) also takes mesh= / shards= (data-parallel runs, `parallel.data_parallel`)
+for _name in (*ALGORITHMS, "bilevel_loop", "pessimistic_penalty", "bsg_constrained"):
+    globals()[_name] = preset_options(globals()[_name])
+    if _name in ALGORITHMS:
+        ALGORITHMS[_name] = globals()[_name]
+del _name
+
+
 def get(name: str):
     """The preset called `name` (single-problem presets, then the multi-objective ones of
     `MULTI_OBJECTIVE`, which take a `bj.MultiObjectiveProblem`); an unknown name lists the valid ones."""
@@ -61,7 +71,7 @@ def get(name: str):
     return ALGORITHMS[name]
 
 
-__all__ = ["ALGORITHMS", "MULTI_OBJECTIVE", "MMB", "Morbit", "mmb", "morbit", "Algorithm", "BilevelLoop", "FSLA", "FslaState", "LoopState", "OracleCounts", "Stable", "StableState", "StepInfo",
+__all__ = ["DataParallel", "data_parallel", "shard", "ALGORITHMS", "MULTI_OBJECTIVE", "MMB", "Morbit", "mmb", "morbit", "Algorithm", "BilevelLoop", "FSLA", "FslaState", "LoopState", "OracleCounts", "Stable", "StableState", "StepInfo",
            "CDB", "CDBState", "bilevel_loop", "directions", "estimators", "get", "steps", "value_function",
            "PessimisticPenalty", "PessimisticState", "pessimistic_penalty", "KKT", "AmortizedKKT", "amortized_kkt",
            "bsg_constrained", "kkt", *sorted(ALGORITHMS)]

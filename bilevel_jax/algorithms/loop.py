@@ -31,7 +31,7 @@ from bilevel_jax.algorithms.directions import DirectionRule, Point
 from bilevel_jax.algorithms.steps import (SOLVER_STREAM, Batches, Rule, StepRule, apply_step, as_rule, check_data,
                                           draw_batches, finish, init_rule, lower_phase, start)
 from bilevel_jax.problem import BilevelProblem, check_problem
-from bilevel_jax.sampling import BLOCK_SAMPLERS, Sampler, make_sampler, num_batches, num_samples
+from bilevel_jax.sampling import BLOCK_SAMPLERS, Sampler, make_sampler, num_batches
 
 PyTree = Any
 BatchSize = Union[None, int, Tuple[Optional[int], Optional[int]]]
@@ -54,8 +54,8 @@ def full_batches(data) -> Batches:
 def passes(samplers: Tuple[Sampler, Sampler], data) -> Tuple[int, int]:
     """How many minibatch oracles one full pass over each level's data counts as."""
     def one(s, d):
-        n = num_samples(d)
-        return 1 if (s.batch_size is None or n is None) else n // s.batch_size
+        n = s.shard_size(d)
+        return 1 if (s.batch_size is None or n is None) else n // s.local_batch_size
 
     return one(samplers[0], data[0]), one(samplers[1], data[1])
 
