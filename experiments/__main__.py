@@ -31,6 +31,11 @@ JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID:
     python -m experiments configs/hpo_logreg.toml --coordinator-address=10.0.0.1:1234 \
         --num-processes=N --process-id=i
 
+Every process first prints a line naming the coordinator and the processes it waits for; if
+not all of them have joined within `--init-timeout` seconds (or $BILEVEL_INIT_TIMEOUT, or the
+config's `init_timeout`; default 300), it stops with exit status 2 and an error that says which
+process waited for what (instead of JAX aborting the process after its own deadline).
+
 Under Slurm or Open MPI, `--distributed` alone lets JAX read all three from the cluster
 (`srun python -m experiments configs/hpo_logreg.toml --distributed`). The batch axis is then
 sharded over the devices of all processes (`devices=N`: the first N of each); process 0 decides
@@ -48,10 +53,11 @@ import difflib
 import importlib
 import os
 import sys
+import threading
 import time
 
 USAGE = ("usage: python -m experiments <config.toml> [key=value ...] [--coordinator-address=HOST:PORT "
-         "--num-processes=N --process-id=I | --distributed]   (see the module docstring)")
+         "--num-processes=N --process-id=I | --distributed] [--init-timeout=SECONDS]   (see the module docstring)")
 
 
 def set_host_devices(devices) -> None:
@@ -93,6 +99,7 @@ def parse_args(argv):
     parser.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"))
     parser.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"))
     parser.add_argument("--distributed", action="store_true")
+    parser.add_argument("--init-timeout", type=int, default=_env_int("BILEVEL_INIT_TIMEOUT"))
     return parser.parse_intermixed_args(argv)
 
 
@@ -107,19 +114,58 @@ def _env_int(name: str):
         raise ConfigError(f"${name} must be an integer, got {value!r}.") from None
 
 
-def join_job(args) -> None:
+def job_text(args) -> str:
+    """Who this process is and whom it waits for (the startup line of a multi-process job)."""
+    if args.coordinator_address is None and args.num_processes is None and args.process_id is None:
+        return "coordinator, process count and id from the cluster (Slurm / Open MPI)"
+    n, i = args.num_processes, args.process_id
+    where = "this process" if i == 0 else "process 0"
+    return (f"process {i} of {n}: coordinator {args.coordinator_address or '(not given)'} ({where}); "
+            f"waiting for all {n} processes (ids 0..{n - 1 if isinstance(n, int) else '?'})")
+
+
+def _timed_out(args, timeout: int) -> None:
+    """The watchdog's end of a join that did not complete: a clear error, exit status 2."""
+    if args.process_id == 0:
+        what = (f"not all {args.num_processes} processes connected to the coordinator at "
+                f"{args.coordinator_address} (this process)")
+    elif args.process_id is None:
+        what = "the job the cluster describes did not assemble"
+    else:
+        what = (f"process {args.process_id} got no answer from the coordinator at {args.coordinator_address} "
+                "(process 0), or not every process joined")
+    print(f"error: the multi-process job did not start within {timeout} s: {what}. Start every process with "
+          "the same --coordinator-address and --num-processes and a distinct --process-id in 0..N-1, or raise "
+          "--init-timeout.", file=sys.stderr, flush=True)
+    os._exit(2)
+
+
+def join_job(args, timeout: int = 300) -> None:
     """`jax.distributed.initialize` when any job setting is given (or `--distributed`: all of them
-    from the cluster, Slurm or Open MPI); a single-process run otherwise. Before any JAX work."""
+    from the cluster, Slurm or Open MPI); a single-process run otherwise. Before any JAX work.
+
+    Prints the startup line (`job_text`). A watchdog ends the process with a clear error when the
+    job has not assembled after `timeout` seconds (JAX's own deadline, set a little later, aborts
+    the process without a Python exception)."""
     given = dict(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
                  process_id=args.process_id)
     if not args.distributed and all(x is None for x in given.values()):
         return
     import jax
     from experiments.config import ConfigError
+    if timeout < 1:
+        raise ConfigError(f"the initialisation timeout must be >= 1 s, got {timeout}.")
+    print(f"[job] {job_text(args)}; timeout {timeout} s", flush=True)
+    watchdog = threading.Timer(timeout, _timed_out, (args, timeout))
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        jax.distributed.initialize(**given)
+        jax.distributed.initialize(**given, initialization_timeout=timeout + 30)
     except ValueError as e:   # a missing or bad setting: JAX's message
         raise ConfigError(f"cannot join the multi-process job: {e}") from None
+    finally:
+        watchdog.cancel()
+    print(f"[job] joined: process {jax.process_index()} of {jax.process_count()}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -132,7 +178,7 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         cfg = load(args.config, args.overrides)
-        join_job(args)
+        join_job(args, args.init_timeout if args.init_timeout is not None else cfg["init_timeout"])
         set_host_devices(cfg["devices"])
         module = figure_module(cfg)
         if jax.process_count() > 1 and not getattr(module, "MULTI_PROCESS", False):

@@ -40,6 +40,17 @@ class ConfigError(ValueError):
     """A config or override that does not fit the schema; the message lists the valid choices."""
 
 
+def check_names(names: Iterable[str], valid: Iterable[str], where: str, what: str = "key") -> None:
+    """A ConfigError for the `names` that are not `valid`, with the closest valid spelling and the
+    valid ones listed (`what`: "key", "optimizer", ...)."""
+    valid = sorted(str(v) for v in valid)
+    unknown = sorted(set(map(str, names)) - set(valid))
+    if unknown:
+        listed = ", ".join(valid) if valid else "none"
+        raise ConfigError(f"unknown {what}{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in "
+                          f"{where}.{did_you_mean(unknown, valid)} Valid {what}s: {listed}.")
+
+
 # key -> (accepted types, default). `None` default: required or derived (see `_fill_defaults`).
 TOP_LEVEL: Dict[str, Tuple[tuple, Any]] = {
     "name": ((str,), None),            # results go to <results_dir>/<name>[-full]/
@@ -62,6 +73,7 @@ TOP_LEVEL: Dict[str, Tuple[tuple, Any]] = {
     "eval_rows": ((int,), 64),          # recorded iterates per metric-evaluation call
     "progress": ((bool,), True),
     "compile_cache": ((bool,), True),   # persistent XLA cache in <results_dir>/.jax-cache
+    "init_timeout": ((int,), 300),      # multi-process job: seconds to wait for every process to join
     "problem": ((dict,), None),
     "algorithms": ((dict,), None),
     "defaults": ((dict,), {}),          # keys merged into every [algorithms.*] table (which wins)
@@ -124,10 +136,7 @@ def _set(cfg: dict, path: List[str], value: Any, where: str) -> None:
 
 
 def _check_keys(table: dict, schema: dict, where: str) -> None:
-    unknown = sorted(set(table) - set(schema))
-    if unknown:
-        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
-                          f"in {where}.{did_you_mean(unknown, schema)} Valid keys: {', '.join(sorted(schema))}.")
+    check_names(table, schema, where)
     for key, value in table.items():
         types = schema[key][0]
         ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
@@ -183,7 +192,7 @@ def validate(cfg: dict, source: str = "config") -> dict:
     """Check the schema (types, unknown keys, positive counts); returns `cfg` with defaults filled."""
     _check_keys(cfg, TOP_LEVEL, source)
     cfg = _fill_defaults(cfg, source)
-    for key in ("steps", "eval_every", "timing_steps", "timing_repeats"):
+    for key in ("steps", "eval_every", "timing_steps", "timing_repeats", "init_timeout"):
         if cfg[key] < 1:
             raise ConfigError(f"{source}: {key} must be >= 1, got {cfg[key]}.")
     if cfg["steps"] % cfg["eval_every"]:
@@ -276,5 +285,5 @@ def experiment_dir(cfg: dict) -> str:
     return os.path.join(cfg["results_dir"], cfg["name"] + ("-full" if cfg["full"] else ""))
 
 
-__all__ = ["ConfigError", "apply_overrides", "experiment_dir", "from_dict", "load", "parse_override",
+__all__ = ["ConfigError", "apply_overrides", "check_names", "experiment_dir", "from_dict", "load", "parse_override",
            "parse_value", "seed_list", "validate"]

@@ -18,9 +18,10 @@ from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 
-from experiments.config import ConfigError, experiment_dir
+from experiments.config import ConfigError, check_names, experiment_dir
 from experiments.plotting import Curve, band, plot_grid
 from experiments.results import CellResult, ResultStore, failure_text
+from experiments import runner
 from experiments.runner import is_writer, prepare, run_cells
 from experiments.sweep import expand
 
@@ -261,7 +262,14 @@ def report(cfg: dict, store: ResultStore, cells, setup, log=print, reference: Op
     return {"figure": png, "rows": rows, "table": table, "results": results, "reference_note": reference_note}
 
 
+def check(cfg: dict) -> None:
+    """Every table of the config (no [options] here) and name in it, before any work."""
+    check_names(cfg["options"], OPTIONS, "[options] of figure 'convergence'")
+    runner.check(cfg)
+
+
 def main(cfg: dict, on_cell_saved=None, log=print) -> dict:
+    check(cfg)
     store = ResultStore(experiment_dir(cfg))
     setup, reference = prepare(cfg, store)
     log(f"[{cfg['name']}] {setup.description}")
@@ -275,4 +283,4 @@ def main(cfg: dict, on_cell_saved=None, log=print) -> dict:
     return out
 
 
-__all__ = ["OPTIONS", "check_reference", "curve_of", "reach", "title_of", "format_table", "main", "report", "score", "select", "summary_rows"]
+__all__ = ["OPTIONS", "check", "check_reference", "curve_of", "reach", "title_of", "format_table", "main", "report", "score", "select", "summary_rows"]

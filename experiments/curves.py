@@ -8,17 +8,15 @@ import hashlib
 import json
 from typing import Callable, Dict, Sequence, Tuple
 
-from experiments.config import ConfigError, seed_list
+from experiments.config import ConfigError, check_names, seed_list
 
 SPECIAL = ("preset", "steps", "label")
 
 
 def check_problem(cfg: dict, defaults: dict, name: str, figure: str) -> dict:
     """The [problem] table with `defaults` filled in; unknown keys and another problem are errors."""
+    check_names(cfg["problem"], defaults, f"[problem] of figure {figure!r}")
     problem = {**defaults, **cfg["problem"]}
-    unknown = sorted(set(problem) - set(defaults))
-    if unknown:
-        raise ConfigError(f"[problem]: unknown keys {unknown}; valid: {', '.join(sorted(defaults))}.")
     if problem["name"] != name:
         raise ConfigError(f"figure {figure} runs the problem {name!r}, got {problem['name']!r}.")
     return problem
@@ -32,8 +30,10 @@ def check_metrics(cfg: dict, valid: Sequence[str]) -> None:
 
 def check_curves(cfg: dict) -> None:
     """Every [algorithms.<label>] table names a known preset, runs a positive multiple of
-    `eval_every` steps and holds no list (one curve per label)."""
+    `eval_every` steps, holds no list (one curve per label) and builds (on a placeholder problem:
+    an unknown key is an error that names the closest valid one)."""
     import bilevel_jax as bj
+    from experiments.sweep import placeholder_problem
     for label, table in cfg["algorithms"].items():
         preset = table.get("preset", label)
         if preset not in bj.algorithms.ALGORITHMS:
@@ -46,22 +46,15 @@ def check_curves(cfg: dict) -> None:
         for key, value in table.items():
             if isinstance(value, list):
                 raise ConfigError(f"algorithms.{label}.{key}: this figure draws one curve per label (no grids).")
+        build_algorithm(placeholder_problem(), label, table)
 
 
 def build_algorithm(problem, label: str, table: dict):
     """`bj.algorithms.<preset>(problem, **kwargs)` of an [algorithms.<label>] table (full batch
     unless `batch_size` is given; `batch_size = "full"` says so); errors name the table."""
-    import bilevel_jax as bj
-    from experiments.sweep import make_linear_solver
-    kw = {k: v for k, v in table.items() if k not in SPECIAL}
-    if isinstance(kw.get("linear_solver"), dict):
-        kw["linear_solver"] = make_linear_solver(kw["linear_solver"], f"algorithms.{label}.linear_solver")
-    if kw.get("batch_size", "full") == "full":
-        kw["batch_size"] = None
-    try:
-        return bj.algorithms.get(table.get("preset", label))(problem, **kw)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"algorithms.{label}: {e}") from None
+    from experiments import sweep
+    kw = {"batch_size": "full", **{k: v for k, v in table.items() if k not in SPECIAL}}
+    return sweep.build_algorithm(problem, table.get("preset", label), kw, f"algorithms.{label}")
 
 
 def cell_id(label: str, table: dict, problem: dict, cfg: dict) -> str:

@@ -29,9 +29,10 @@ from typing import Dict, List
 import numpy as np
 
 from experiments import convergence
-from experiments.config import ConfigError, experiment_dir
+from experiments.config import ConfigError, check_names, experiment_dir
 from experiments.plotting import AXIS_LABELS, Curve, band, plot_grid
 from experiments.results import ResultStore, failure_text
+from experiments import runner
 from experiments.runner import is_writer, prepare, run_cells
 from experiments.sweep import expand
 
@@ -46,10 +47,7 @@ LABELS = {"first_order": "first-order oracle calls (LL + UL gradients + function
 
 
 def options(cfg: dict) -> dict:
-    unknown = sorted(set(cfg["options"]) - set(OPTIONS))
-    if unknown:
-        raise ConfigError(f"unknown [options] key(s) {unknown} for figure 'hessian_free'; valid: "
-                          f"{', '.join(sorted(OPTIONS))}.")
+    check_names(cfg["options"], OPTIONS, "[options] of figure 'hessian_free'")
     opts = {**OPTIONS, **cfg["options"]}
     bad = [x for x in opts["x"] if x not in AXES]
     if bad:
@@ -155,8 +153,15 @@ def claims(rows: List[dict], opts: dict, metric: str, target) -> List[str]:
     return out
 
 
-def main(cfg: dict, log=print) -> dict:
+def check(cfg: dict) -> dict:
+    """The [options] with defaults filled; every table of the config and name in it checked before any work."""
     opts = options(cfg)
+    runner.check(cfg)
+    return opts
+
+
+def main(cfg: dict, log=print) -> dict:
+    opts = check(cfg)
     store = ResultStore(experiment_dir(cfg))
     setup, reference = prepare(cfg, store)
     log(f"[{cfg['name']}] {setup.description}")

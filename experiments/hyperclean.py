@@ -39,7 +39,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from experiments.config import ConfigError, experiment_dir, seed_list
+from experiments.config import ConfigError, check_names, experiment_dir, seed_list
 from experiments.curves import (build_algorithm, check_curves, check_metrics, check_problem, results_of,
                                 selected_labels)
 from experiments.plotting import METRIC_LABELS, Curve, plot_grid
@@ -60,6 +60,7 @@ METRIC_LABELS.setdefault("downweighted", r"corrupted samples with $\sigma(\lambd
 def check(cfg: dict) -> dict:
     """The [problem] table with defaults filled; every name checked before any work."""
     problem = check_problem(cfg, PROBLEM_KEYS, "hyperclean", "hyperclean")
+    check_names(cfg["options"], (), "[options] of figure 'hyperclean'")
     if problem["data"] not in ("fashion_mnist",):
         raise ConfigError(f"[problem] data must be 'fashion_mnist', got {problem['data']!r}.")
     check_metrics(cfg, METRICS)

@@ -37,7 +37,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from experiments.config import ConfigError, experiment_dir, seed_list
+from experiments.config import ConfigError, check_names, experiment_dir, seed_list
 from experiments.curves import build_algorithm, check_curves, check_metrics, check_problem, results_of
 from experiments.plotting import METRIC_LABELS, Curve, band, plot_grid
 from experiments.results import ResultStore, environment, write_json
@@ -57,12 +57,14 @@ def _synthetic():
     return importlib.import_module("bilevel_jax.problems.lancbio_synthetic")
 
 
-def _check(cfg: dict) -> dict:
+def check(cfg: dict) -> dict:
+    """The [problem] table with defaults filled; every table of the config and name in it checked before any work."""
     problem = check_problem(cfg, PROBLEM_KEYS, "lancbio_synthetic", "lancbio")
     check_metrics(cfg, METRICS)
+    check_names(cfg["options"], ("claims",), "[options] of figure 'lancbio'")
     claims = cfg["options"].get("claims", "comparison")
-    if claims not in CLAIMS or set(cfg["options"]) - {"claims"}:
-        raise ConfigError(f"[options]: claims = one of {CLAIMS}; got {cfg['options']!r}.")
+    if claims not in CLAIMS:
+        raise ConfigError(f"[options]: claims = one of {CLAIMS}; got {claims!r}.")
     check_curves(cfg)
     return problem
 
@@ -269,7 +271,7 @@ def _claims(kind: str, table: dict) -> List[str]:
 def main(cfg: dict) -> None:
     import jax
     jax.config.update("jax_enable_x64", bool(cfg["x64"]))
-    problem_cfg = _check(cfg)
+    problem_cfg = check(cfg)
     root = experiment_dir(cfg)
 
     def run_label(label, table):

@@ -35,7 +35,7 @@ import optax
 
 import bilevel_jax as bj
 from bilevel_jax.problems import multitask as mt
-from experiments.config import ConfigError, experiment_dir, seed_list
+from experiments.config import ConfigError, check_names, experiment_dir, seed_list
 from experiments.plotting import Curve, plot_grid
 from experiments.results import environment, write_json
 
@@ -63,25 +63,46 @@ OPTIONS = {
 ALGORITHM_KEYS = ("upper_lr", "upper_clip", "lower_lr", "lam_lr", "lower_opt", "mu_lambda", "delta", "lower_steps", "uniform",
                   "batch_size", "label", "linear_solver_maxiter")
 METRICS = ("train_max", "train_mean", "test_max", "test_mean")
+PROBLEM_KEYS = {"name": "sinusoid", "tasks": 20}
+# lower_opt names: the LL rule on the heads with step lower_lr ("sgd": the preset's own steps)
+LOWER_OPTIMIZERS = {"sgd": None, "adam": optax.adam}
 
 
 def options(cfg: dict) -> dict:
-    unknown = sorted(set(cfg["options"]) - set(OPTIONS))
-    if unknown:
-        raise ConfigError(f"unknown [options] key(s) {unknown} for figure 'morbit'; valid: {', '.join(sorted(OPTIONS))}.")
+    check_names(cfg["options"], OPTIONS, "[options] of figure 'morbit'")
     return {**OPTIONS, **cfg["options"]}
 
 
-def build(problem, spec: dict):
+def check(cfg: dict) -> dict:
+    """The [options] with defaults filled; the [problem] and [algorithms.*] tables checked (unknown
+    keys and optimizer names name the closest valid one) before any work."""
+    opts = options(cfg)
+    check_names(cfg["problem"], PROBLEM_KEYS, "[problem] of figure 'morbit'")
+    if cfg["problem"]["name"] != PROBLEM_KEYS["name"]:
+        raise ConfigError(f"figure 'morbit' needs [problem] name = \"sinusoid\", got {cfg['problem']['name']!r}.")
+    tasks = cfg["problem"].get("tasks", PROBLEM_KEYS["tasks"])
+    if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 2:
+        raise ConfigError(f"[problem] tasks must be an int >= 2, got {tasks!r}.")
+    for label, spec in cfg["algorithms"].items():
+        lower_options(spec, f"algorithms.{label}")
+    return opts
+
+
+def lower_options(spec: dict, where: str) -> dict:
+    """The table's keys checked; the preset keywords of its LL rule (`lower_opt`, `lower_lr`)."""
+    check_names(spec, ALGORITHM_KEYS, where)
+    name = spec.get("lower_opt", "sgd")
+    check_names([name], LOWER_OPTIMIZERS, f"{where}.lower_opt", what="optimizer")
+    if LOWER_OPTIMIZERS[name] is None:
+        return {"lower_lr": spec["lower_lr"]} if "lower_lr" in spec else {}
+    return {"lower_opt": LOWER_OPTIMIZERS[name](spec.get("lower_lr", 0.005))}
+
+
+def build(problem, spec: dict, where: str = "algorithms"):
     """A morbit preset from an [algorithms.<label>] table."""
-    unknown = sorted(set(spec) - set(ALGORITHM_KEYS))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in an [algorithms] table of figure 'morbit'; "
-                          f"valid: {', '.join(ALGORITHM_KEYS)}.")
-    kw = {k: spec[k] for k in ("upper_lr", "lower_lr", "lam_lr", "mu_lambda", "delta", "lower_steps", "uniform",
+    kw = {k: spec[k] for k in ("upper_lr", "lam_lr", "mu_lambda", "delta", "lower_steps", "uniform",
                                "batch_size") if k in spec}
-    if spec.get("lower_opt", "sgd") == "adam":
-        kw["lower_opt"] = optax.adam(kw.pop("lower_lr", 0.005))
+    kw.update(lower_options(spec, where))
     if "upper_clip" in spec:   # SGD on the UL direction clipped to a global norm (see the config)
         kw["upper_opt"] = optax.chain(optax.clip_by_global_norm(spec["upper_clip"]), optax.sgd(kw.pop("upper_lr", 0.007)))
     kw["linear_solver"] = bj.linear_solvers.cg(int(spec.get("linear_solver_maxiter", 10)), warm_start=True)
@@ -89,11 +110,11 @@ def build(problem, spec: dict):
 
 
 # ------------------------------------------------------------------------------------ (a) sinusoids
-def sinusoid_run(cfg: dict, opts: dict, spec: dict, seeds) -> Dict[str, np.ndarray]:
+def sinusoid_run(cfg: dict, opts: dict, spec: dict, seeds, where: str) -> Dict[str, np.ndarray]:
     n = int(cfg["problem"].get("tasks", 20))
     steps, every = cfg["steps"], cfg["eval_every"]
     template = mt.sinusoid_tasks(jax.random.PRNGKey(0), n, opts["support"], opts["query"], opts["reg"])
-    alg = build(template.problem, spec)
+    alg = build(template.problem, spec, where)
 
     def one(seed):
         k_train, k_test, k_init = jax.random.split(jax.random.PRNGKey(seed), 3)
@@ -153,12 +174,12 @@ def fmnist_tasks(m: int, rs: np.random.RandomState):
     return stack(up), stack(lo), stack(te)
 
 
-def fmnist_run(cfg: dict, opts: dict, spec: dict, seeds) -> Dict[str, np.ndarray]:
+def fmnist_run(cfg: dict, opts: dict, spec: dict, seeds, where: str) -> Dict[str, np.ndarray]:
     m, D = opts["fmnist_samples"], opts["fmnist_dim"]
     upper, lower, test = fmnist_tasks(m, np.random.RandomState(0))
     n = len(PAIRS)
     problem = bj.MultiObjectiveProblem(_logistic, FmnistLower(opts["reg"]), num_tasks=n)
-    alg = build(problem, {k: v for k, v in spec.items() if k != "lower_opt"})
+    alg = build(problem, {k: v for k, v in spec.items() if k != "lower_opt"}, where)
     data = (upper, lower)
 
     def fit_heads(theta):
@@ -215,9 +236,7 @@ def _verdict(results, prefix: str) -> str:
 
 
 def main(cfg: dict) -> None:
-    opts = options(cfg)
-    if cfg["problem"].get("name") != "sinusoid":
-        raise ConfigError("figure 'morbit' needs [problem] name = \"sinusoid\".")
+    opts = check(cfg)
     out = experiment_dir(cfg)
     os.makedirs(out, exist_ok=True)
     seeds = seed_list(cfg)
@@ -227,7 +246,7 @@ def main(cfg: dict) -> None:
         if cfg["only"] and label not in cfg["only"]:
             continue
         start = time.perf_counter()
-        results[spec.get("label", label)] = sinusoid_run(cfg, opts, spec, seeds)
+        results[spec.get("label", label)] = sinusoid_run(cfg, opts, spec, seeds, f"algorithms.{label}")
         times[label] = time.perf_counter() - start
         print(f"[morbit] (a) {label}: {len(seeds)} repeats x {cfg['steps']} steps in {times[label]:.1f} s", flush=True)
     steps = next(iter(results.values()))["step"][0]
@@ -260,7 +279,7 @@ def main(cfg: dict) -> None:
             if cfg["only"] and label not in cfg["only"]:
                 continue
             start = time.perf_counter()
-            fm[spec.get("label", label)] = fmnist_run(cfg, opts, spec, seeds)
+            fm[spec.get("label", label)] = fmnist_run(cfg, opts, spec, seeds, f"algorithms.{label}")
             print(f"[morbit] (b) {label}: {time.perf_counter() - start:.1f} s", flush=True)
         fsteps = next(iter(fm.values()))["step"][0]
         plot_grid([Curve(l, {"step": fsteps}, {m: h[m] for m in ("test_max", "test_mean")}) for l, h in fm.items()],

@@ -33,9 +33,10 @@ from typing import Dict, List, NamedTuple
 
 import numpy as np
 
-from experiments.config import ConfigError, experiment_dir
+from experiments.config import ConfigError, check_names, experiment_dir
 from experiments.plotting import _pyplot
 from experiments.results import ResultStore, write_json
+from experiments import runner
 from experiments.runner import is_writer, prepare, run_cells
 from experiments.sweep import expand
 
@@ -74,12 +75,8 @@ class Check(NamedTuple):
 
 
 def options(cfg: dict) -> dict:
-    opts = dict(OPTIONS)
-    unknown = sorted(set(cfg["options"]) - set(OPTIONS))
-    if unknown:
-        raise ConfigError(f"unknown [options] key(s) {unknown} for figure 'rates'; "
-                          f"valid: {', '.join(sorted(OPTIONS))}.")
-    opts.update(cfg["options"])
+    check_names(cfg["options"], OPTIONS, "[options] of figure 'rates'")
+    opts = {**OPTIONS, **cfg["options"]}
     for role in ("horizon_algorithm", "anytime_algorithm", "strongly_convex_algorithm"):
         if opts[role] not in cfg["algorithms"]:
             raise ConfigError(f"[options] {role} = {opts[role]!r} is not an [algorithms] table; "
@@ -121,8 +118,15 @@ def tail_indices(steps: np.ndarray, start: float, points: int) -> np.ndarray:
     return np.unique(np.clip(np.searchsorted(steps, targets), 1, len(steps) - 1))
 
 
-def main(cfg: dict, on_cell_saved=None, log=print) -> dict:
+def check(cfg: dict) -> dict:
+    """The [options] with defaults filled; every table of the config and name in it checked before any work."""
     opts = options(cfg)
+    runner.check(cfg)
+    return opts
+
+
+def main(cfg: dict, on_cell_saved=None, log=print) -> dict:
+    opts = check(cfg)
     store = ResultStore(experiment_dir(cfg))
     setup, reference = prepare(cfg, store)
     log(f"[{cfg['name']}] {setup.description}")

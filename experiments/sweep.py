@@ -275,7 +275,7 @@ def build_algorithm(problem: bj.BilevelProblem, preset: str, spec: dict, where: 
                   lambda: [*ALGORITHM_SPECIAL, *_accepted(build, SUGGESTED_KEYS)])
 
 
-def _placeholder_problem() -> bj.BilevelProblem:
+def placeholder_problem() -> bj.BilevelProblem:
     zero = lambda theta, phi, batch: 0.0   # noqa: E731 - presets store the problem, never call it
     return bj.BilevelProblem(zero, zero)
 
@@ -292,7 +292,7 @@ def check_algorithm(label: str, table: dict) -> str:
     for key in RUN_KEYS:
         if key in table and (isinstance(table[key], bool) or not isinstance(table[key], int) or table[key] < 1):
             raise ConfigError(f"algorithms.{label}.{key} must be a positive int, got {table[key]!r}.")
-    problem = _placeholder_problem()
+    problem = placeholder_problem()
     for spec, point in _points(table):
         where = f"algorithms.{label}" + (f" at {point}" if point else "")
         build_algorithm(problem, preset, spec, where)
@@ -620,5 +620,5 @@ class BatchedRunner:
 
 __all__ = ["BatchedRunner", "Cell", "Iterate", "MetricEvaluator", "Split", "Timings", "algorithm_kwargs",
            "batch_inputs", "build_algorithm", "check_algorithm", "check_init", "expand", "experiment_key", "groups",
-           "linear_solvers", "local_mesh", "make_linear_solver", "make_mesh", "make_single_run", "record_iterates", "run_length", "split",
+           "linear_solvers", "local_mesh", "make_linear_solver", "make_mesh", "placeholder_problem", "make_single_run", "record_iterates", "run_length", "split",
            "traced_values"]

@@ -151,3 +151,45 @@ def test_job_settings_errors(tmp_path, capsys, monkeypatch):
                          env={k: v for k, v in os.environ.items() if k != "JAX_COORDINATOR_ADDRESS"})
     assert out.returncode == 2
     assert out.stderr == "error: cannot join the multi-process job: coordinator_address should be defined.\n"
+
+
+def test_a_missing_process_gives_a_startup_line_and_a_clear_error_after_the_timeout(tmp_path):
+    """Process 0 alone (timeout from the config), process 1 alone with no coordinator listening
+    (timeout from the environment): each prints who it waits for, then exits with status 2 and
+    an error after the timeout (not JAX's abort after its 300 s default)."""
+    config = str(tmp_path / "dist.toml")
+    with open(config, "w") as f:
+        f.write(CONFIG)
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    base = [sys.executable, "-m", "experiments", config, f"results_dir={tmp_path}", "--num-processes=2"]
+    alone = subprocess.Popen(base + ["init_timeout=2", f"--coordinator-address=127.0.0.1:{ports[0]}",
+                                     "--process-id=0"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    orphan = subprocess.Popen(base + [f"--coordinator-address=127.0.0.1:{ports[1]}", "--process-id=1"], cwd=ROOT,
+                              env=dict(env, BILEVEL_INIT_TIMEOUT="2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    (out0, err0), (out1, err1) = alone.communicate(timeout=120), orphan.communicate(timeout=120)
+    assert alone.returncode == 2 and orphan.returncode == 2
+    assert out0.startswith(f"[job] process 0 of 2: coordinator 127.0.0.1:{ports[0]} (this process); "
+                           "waiting for all 2 processes (ids 0..1); timeout 2 s")
+    assert out1.startswith(f"[job] process 1 of 2: coordinator 127.0.0.1:{ports[1]} (process 0)")
+    assert err0.startswith("error: the multi-process job did not start within 2 s: not all 2 processes connected "
+                           f"to the coordinator at 127.0.0.1:{ports[0]} (this process).")
+    assert err1.startswith("error: the multi-process job did not start within 2 s: process 1 got no answer from "
+                           f"the coordinator at 127.0.0.1:{ports[1]} (process 0)")
+
+
+def test_init_timeout_settings_are_checked(tmp_path, capsys):
+    from experiments.__main__ import main
+    config = str(tmp_path / "dist.toml")
+    with open(config, "w") as f:
+        f.write(CONFIG)
+    assert main([config, "--init-timeout=soon"]) == 2
+    assert "argument --init-timeout: invalid int value: 'soon'" in capsys.readouterr().err
+    assert main([config, "init_timeout=0"]) == 2
+    assert capsys.readouterr().err.endswith("init_timeout must be >= 1, got 0.\n")

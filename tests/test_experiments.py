@@ -433,3 +433,54 @@ def test_every_config_names_a_known_figure_and_a_typo_gets_the_closest():
         assert C.load(path)["figure"] in main.FIGURES, path
     with pytest.raises(C.ConfigError, match="unknown figure 'hesian_free'. Did you mean 'hessian_free'"):
         main.figure_module({"figure": "hesian_free"})
+
+
+def _misspelled(cfg: dict, where: tuple):
+    """(a copy of cfg with a misspelled key added to the table at `where`, the key it misspells or
+    None for a table with no key to misspell)."""
+    import copy
+    bad = copy.deepcopy(cfg)
+    table = bad
+    for part in where:
+        table = table[part]
+    keys = [k for k in table if k not in ("name", "preset")]
+    if not keys:
+        table["bogus_key"] = 1
+        return bad, None
+    table[keys[0] + keys[0][-1]] = table[keys[0]]
+    return bad, keys[0]
+
+
+def test_every_table_of_every_config_rejects_an_unknown_key_with_the_closest_valid_one(tmp_path):
+    """configs/*.toml through its figure's `check` (what runs before any work): the shipped config
+    passes; a misspelled key in [problem], [options] or an [algorithms.*] table is an error that
+    names the key it misspells (top-level and [plot] keys: `config.validate`, tested above)."""
+    import glob
+    import importlib
+    main = importlib.import_module("experiments.__main__")
+    for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.toml"))):
+        cfg = C.load(path, [f"results_dir={tmp_path}"])
+        module = main.figure_module(cfg)
+        module.check(cfg)
+        for where in [("problem",), ("options",), *(("algorithms", label) for label in cfg["algorithms"])]:
+            bad, key = _misspelled(cfg, where)
+            match = ("unknown key.*'bogus_key'" if key is None
+                     else rf"unknown key.*'{key}{key[-1]}'.*Did you mean '{key}'\?")
+            with pytest.raises(C.ConfigError, match=match):
+                module.check(bad)
+
+
+def test_morbit_rejects_an_unknown_problem_key_and_optimizer_name(tmp_path):
+    from experiments import morbit
+    cfg = C.load(os.path.join(ROOT, "configs", "morbit.toml"), [f"results_dir={tmp_path}", "problem.taks=5"])
+    with pytest.raises(C.ConfigError, match=r"unknown key 'taks' in \[problem\] of figure 'morbit'\. "
+                                            r"Did you mean 'tasks'\? Valid keys: name, tasks\."):
+        morbit.check(cfg)
+    cfg = C.load(os.path.join(ROOT, "configs", "morbit.toml"),
+                 [f"results_dir={tmp_path}", 'algorithms.robust.lower_opt="adamw"'])
+    with pytest.raises(C.ConfigError, match=r"unknown optimizer 'adamw' in algorithms.robust.lower_opt\. "
+                                            r"Did you mean 'adam'\? Valid optimizers: adam, sgd\."):
+        morbit.check(cfg)
+    # "sgd": the preset's own LL steps with lower_lr; "adam": optax.adam(lower_lr)
+    assert morbit.lower_options({"lower_opt": "sgd", "lower_lr": 0.1}, "t") == {"lower_lr": 0.1}
+    assert set(morbit.lower_options({"lower_opt": "adam", "lower_lr": 0.1}, "t")) == {"lower_opt"}
