@@ -21,6 +21,7 @@ import bilevel_jax as bj  # noqa: E402
 
 CASES = [("soba", "iid"), ("soba", "shuffled"), ("amigo", "iid"), ("amigo", "shuffled"), ("stocbio", "iid"),
          ("stocbio", "shuffled"), ("saba", "partition")]
+GROWTH = [("soba", "iid"), ("stocbio", "shuffled"), ("saba", "partition")]
 
 
 def collectives(preset, sampler, mesh, n, batch):
@@ -47,8 +48,9 @@ def main(steps: int = 6, n: int = 64, batch: int = 16):
         s1, h1 = eqx.filter_jit(bj.run)(one, s1, inst.data, steps)
         s4, h4 = eqx.filter_jit(bj.run)(many, s4, placed, steps)
         ops = collectives(preset, sampler, mesh, n, batch)
-        # 4x the samples and the batch: a collective that moved samples would grow with them
-        ops_more = collectives(preset, sampler, mesh, 4 * n, 4 * batch)
+        # 4x the samples and the batch: a collective that moved samples would grow with them (one case per
+        # sampler kind: the draws are the only code that differs between kinds)
+        ops_more = collectives(preset, sampler, mesh, 4 * n, 4 * batch) if (name, sampler) in GROWTH else ops
         print(json.dumps({
             "preset": name, "sampler": sampler,
             "theta_diff": float(jnp.max(jnp.abs(s1.theta - s4.theta))),
@@ -62,5 +64,50 @@ def main(steps: int = 6, n: int = 64, batch: int = 16):
         }), flush=True)
 
 
+
+
+def fsdp(steps: int = 3):
+    """An MLP phi on a 2 x 2 mesh (data x model): iterates of `model_axis=` equal to `shards=2` on one
+    device, and the compiled step's argument bytes (the state) against the replicated layout."""
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "model"))
+    x = jax.random.normal(jax.random.PRNGKey(0), (32, 16))
+    y = jnp.sin(x[:, 0])
+    net = eqx.nn.MLP(16, 1, 128, 2, key=jax.random.PRNGKey(1))
+
+    def fit(theta, phi, batch):
+        return jnp.mean((jax.vmap(phi)(batch[0])[:, 0] - batch[1]) ** 2)
+
+    def f_lower(theta, phi, batch):
+        weights = jax.tree_util.tree_leaves(eqx.filter(phi, eqx.is_inexact_array))
+        return fit(theta, phi, batch) + 0.5 * jnp.exp(theta[0]) * sum(jnp.sum(w ** 2) for w in weights)
+
+    problem, data = bj.BilevelProblem(fit, f_lower), ((x, y), (x, y))
+    placed = bj.shard(data, mesh)
+    soba = bj.algorithms.soba(problem, batch_size=8, upper_lr=0.01, lower_lr=0.05)
+    out = {}
+    for name, alg, d in [("one", bj.data_parallel(soba, shards=2), data),
+                         ("replicated", bj.data_parallel(soba, mesh=mesh), placed),
+                         ("fsdp", bj.data_parallel(soba, mesh=mesh, model_axis="model"), placed)]:
+        state = alg.init(jnp.zeros(1), net, jax.random.PRNGKey(2), d)
+        if name == "fsdp":
+            state = bj.algorithms.parallel.shard_model(state, mesh)
+        update = eqx.filter_jit(alg.update)
+        memory = update.lower(state, d).compile().compiled.memory_analysis()
+        for _ in range(steps):
+            state, info = update(state, d)
+        out[name] = (state, memory.argument_size_in_bytes, int(info.status))
+
+    def diff(a, b):
+        return max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(
+            jax.tree_util.tree_leaves(eqx.filter(a.phi, eqx.is_array)),
+            jax.tree_util.tree_leaves(eqx.filter(b.phi, eqx.is_array))))
+
+    print(json.dumps({"fsdp": True, "replicated_diff": diff(out["one"][0], out["replicated"][0]),
+                      "fsdp_diff": diff(out["one"][0], out["fsdp"][0]),
+                      "bytes": [out["replicated"][1], out["fsdp"][1]],
+                      "status": [out[k][2] for k in out]}), flush=True)
+
+
 if __name__ == "__main__":
-    main(*map(int, sys.argv[1:]))
+    main()
+    fsdp()

@@ -100,7 +100,16 @@ def test_mesh_equals_shards_on_four_devices():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 7
+    fsdp = [row for row in rows if row.get("fsdp")]
+    rows = [row for row in rows if not row.get("fsdp")]
+    assert len(rows) == 7 and len(fsdp) == 1
+    # FSDP (issue 20 item 3): an MLP phi split over a second mesh axis, the iterates of one device, and the
+    # per-device state bytes about halved on a model axis of 2 (small leaves stay replicated)
+    fsdp = fsdp[0]
+    assert fsdp["replicated_diff"] < 1e-12 and fsdp["fsdp_diff"] < 1e-12, fsdp
+    assert fsdp["status"] == [0, 0, 0], fsdp
+    replicated, split = fsdp["bytes"]
+    assert split < 0.6 * replicated, fsdp
     for row in rows:
         assert row["devices"] == 4
         assert row["theta_diff"] < 1e-12 and row["phi_diff"] < 1e-12, row
