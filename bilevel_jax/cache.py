@@ -10,11 +10,13 @@ directory that others can write to.
 """
 from __future__ import annotations
 
+import functools
 import os
 import types
 from typing import Any, Callable, Optional
 
 import jax
+import optax
 
 CACHE_ENV = "BILEVEL_JAX_CACHE"
 DEFAULT_DIR = os.path.join("~", ".cache", "bilevel_jax")
@@ -82,6 +84,15 @@ def same_code(fn: Optional[Callable]) -> Optional[SameCode]:
     return fn if fn is None or isinstance(fn, SameCode) else SameCode(fn)
 
 
+def same_code_rule(optimizer):
+    """An optax transform with its `init` and `update` as `SameCode`: `optax.adam(1e-3)` built
+    again is the same static argument of a compiled program (another learning rate is not).
+    Anything else is returned as it is."""
+    if not isinstance(optimizer, optax.GradientTransformation):
+        return optimizer
+    return optimizer._replace(init=same_code(optimizer.init), update=same_code(optimizer.update))
+
+
 def _code_key(obj: Any, seen: frozenset) -> tuple:
     """The comparison key of `SameCode`: code, globals, defaults and closure values of a function."""
     if isinstance(obj, (bool, int, str, bytes, type(None))):
@@ -90,6 +101,9 @@ def _code_key(obj: Any, seen: frozenset) -> tuple:
         return (type(obj), repr(obj))   # -0.0 and 0.0 differ, nan equals nan
     if isinstance(obj, tuple):
         return (tuple, tuple(_code_key(x, seen) for x in obj))
+    if isinstance(obj, functools.partial):
+        keywords = tuple(sorted((k, _code_key(v, seen)) for k, v in obj.keywords.items()))
+        return (functools.partial, _code_key(obj.func, seen), _code_key(obj.args, seen), keywords)
     if isinstance(obj, types.FunctionType) and id(obj) not in seen:
         seen = seen | {id(obj)}
         cells = tuple(_code_key(_cell_value(c), seen) for c in obj.__closure__ or ())
@@ -109,4 +123,4 @@ def _cell_value(cell):
         return _EMPTY_CELL
 
 
-__all__ = ["CACHE_ENV", "DEFAULT_DIR", "SameCode", "enable_compilation_cache", "same_code"]
+__all__ = ["CACHE_ENV", "DEFAULT_DIR", "SameCode", "enable_compilation_cache", "same_code", "same_code_rule"]

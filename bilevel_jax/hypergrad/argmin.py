@@ -45,6 +45,7 @@ import optax
 import optax.tree_utils as otu
 
 from bilevel_jax import oracles
+from bilevel_jax.cache import same_code_rule
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.hypergrad.inner import solve_lower
 from bilevel_jax.linear_solvers import LinearSolver, cg
@@ -85,6 +86,7 @@ def argmin(f_lower: Callable, optimizer: optax.GradientTransformation, steps: in
     if not isinstance(solver, LinearSolver) or solver.stochastic:
         raise TypeError("argmin needs a deterministic bj.linear_solvers solver (cg, gd, neumann, dense).")
     problem = wrap_problem(BilevelProblem(_no_upper, f_lower), check_precision(precision))
+    optimizer = same_code_rule(optimizer)   # optax.lbfgs() built again is the same configuration
 
     def solve(theta, phi0, batch):
         if precision is not None:
@@ -97,9 +99,10 @@ def argmin(f_lower: Callable, optimizer: optax.GradientTransformation, steps: in
 @eqx.filter_jit
 def _solve(problem: BilevelProblem, optimizer: optax.GradientTransformation, steps: int, solver: LinearSolver,
            mode: str, theta, phi0, batch):
-    """The `solve` of `argmin`, compiled once per configuration: f_lower, the optimizer (the same
-    objects), `steps`, the solver's configuration, `mode` and the arrays' shapes are the cache key,
-    so a second call (and its derivatives: JAX differentiates the cached program) reuses it."""
+    """The `solve` of `argmin`, compiled once per configuration: f_lower (the same object), the
+    optimizer (by code and closure), `steps`, the solver's configuration, `mode` and the arrays'
+    shapes are the cache key, so a second call (and its derivatives: JAX differentiates the
+    cached program) reuses it."""
     problem.validate(theta, phi0, (None, batch))
     theta_d, theta_s = eqx.partition(theta, eqx.is_inexact_array)
     phi0_d, phi_s = eqx.partition(phi0, eqx.is_inexact_array)

@@ -27,6 +27,7 @@ import jax
 import optax
 
 from bilevel_jax import oracles
+from bilevel_jax.cache import same_code_rule
 from bilevel_jax.problem import BilevelProblem
 
 PyTree = Any
@@ -83,14 +84,20 @@ def lower_steps(problem: BilevelProblem, optimizer: optax.GradientTransformation
     return eqx.combine(phi_d, phi_s), opt_state
 
 
-@eqx.filter_jit
 def solve_lower(problem: BilevelProblem, optimizer: optax.GradientTransformation, theta, phi0, batch,
                 steps: int, checkpoint: bool = False):
     """phi_T after `steps` deterministic LL steps from phi0 (fresh optimizer state).
 
     Compiled once per configuration: the problem (equal when it holds the same functions), the
-    optimizer (an optax transform is a pair of functions: pass the same object again, a new
-    `optax.sgd(0.1)` is a new function), `steps`, `checkpoint` and the arrays' shapes are the key."""
+    optimizer (its functions compared by code and closure, `bj.cache.same_code_rule`: a new
+    `optax.lbfgs()` in every call is the same configuration), `steps`, `checkpoint` and the
+    arrays' shapes are the key."""
+    return _solve_lower(problem, same_code_rule(optimizer), theta, phi0, batch, steps, checkpoint)
+
+
+@eqx.filter_jit
+def _solve_lower(problem: BilevelProblem, optimizer: optax.GradientTransformation, theta, phi0, batch,
+                 steps: int, checkpoint: bool):
     opt_state = optimizer.init(oracles.differentiable(phi0))
     phi, _ = lower_steps(problem, optimizer, theta, phi0, opt_state, steps, lambda t: batch, checkpoint)
     return phi
