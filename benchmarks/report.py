@@ -201,12 +201,12 @@ def markdown(res: dict) -> str:
         mlp = un.get("mlp")
         if mlp:
             lines += ["### Reverse against mixed mode on an MLP lower level", "", mlp["problem"], ""]
-            rows = [[r["variant"], str(r["T"]), _mib(r["temp_bytes"]), _n(r.get("temp_reverse_over_mixed"), ".3g"),
+            rows = [[r["variant"], str(r["T"]), _mib(r["temp_bytes"]), _n(r.get("temp_reverse_over"), ".3g"),
                      _auto(r.get("time")), _n(r.get("time_vs_reverse", {}).get("median")),
                      _n(r.get("time_vs_reverse", {}).get("cpu", {}).get("median")), f"{r['compile_s']:.2f}"]
                     for r in mlp["rows"].values()]
-            lines += _table(["mode", "T", "XLA temp (MiB)", "reverse / mixed temp", "time / hypergradient",
-                             "mixed / reverse time", "(CPU time)", "compile (s)"], rows)
+            lines += _table(["variant", "T", "XLA temp (MiB)", "reverse temp / this", "time / hypergradient",
+                             "time / reverse's", "(CPU time)", "compile (s)"], rows)
             lines += ["", "- max relative |mixed - reverse|: " +
                       ", ".join(f"{k} {d:.2g}" for k, d in mlp["max_rel_diff_mixed_reverse"].items()), ""]
 

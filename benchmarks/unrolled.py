@@ -5,8 +5,8 @@ temp_size_in_bytes, the scratch memory beyond arguments and outputs), time per h
 usual. Problem: the logistic HPO objective on the first `n` training and validation rows
 (full-batch LL gradient descent, step 0.5).
 
-`measure_mlp`: reverse against mixed mode (`mode="mixed"`, forward-over-reverse products in a
-reverse scan over the T stored iterates) on an MLP lower level (hyper-cleaning of a two-hidden-
+`measure_mlp`: reverse (plain and with `checkpoint=True`) against mixed mode (`mode="mixed"`,
+forward-over-reverse products in a reverse scan over the T stored iterates) on an MLP lower level (hyper-cleaning of a two-hidden-
 layer MLP, `second_order.mlp_hyper_cleaning`, full batch, GD step 0.1): the temporary memory at
 every T (compiled only), the time where T <= `time_max_T` (reverse mode at T = 1000 would
 allocate its whole tape on the 2-core CI machine)."""
@@ -26,6 +26,7 @@ from benchmarks.setups import Setup
 VARIANTS = {"reverse": {"mode": "reverse"}, "reverse_checkpoint": {"mode": "reverse", "checkpoint": True},
             "forward": {"mode": "forward"}, "mixed": {"mode": "mixed"}}
 MLP_LR = 0.1
+MLP_VARIANTS = ("reverse", "reverse_checkpoint", "mixed")
 LR = 0.5
 
 
@@ -68,10 +69,10 @@ def measure_mlp(width: int, n: int, steps_list, time_max_T: int, repeats: int) -
     opt, rows, grads = optax.sgd(MLP_LR), {}, {}
     for T in steps_list:
         compiled, args = {}, (inst.theta0, phi_d, inst.data)
-        for mode in ("reverse", "mixed"):
-            def hypergrad(theta, p, data, mode=mode, T=T):
+        for mode in MLP_VARIANTS:
+            def hypergrad(theta, p, data, kw=VARIANTS[mode], T=T):
                 return bj.unrolled_hypergradient(inst.problem, theta, eqx.combine(p, phi_s), data, optimizer=opt,
-                                                 steps=T, mode=mode)[0]
+                                                 steps=T, **kw)[0]
 
             t0 = time.perf_counter()
             compiled[mode] = jax.jit(hypergrad).lower(*args).compile()
@@ -82,8 +83,10 @@ def measure_mlp(width: int, n: int, steps_list, time_max_T: int, repeats: int) -
             for mode in compiled:
                 rows[f"{mode}/T={T}"]["time"] = {k: v for k, v in t[mode].items() if not k.endswith("samples")}
                 grads[(mode, T)] = np.asarray(compiled[mode](*args))
-            rows[f"mixed/T={T}"]["time_vs_reverse"] = timing.ratios(t, "mixed", "reverse")
-        rows[f"mixed/T={T}"]["temp_reverse_over_mixed"] = rows[f"reverse/T={T}"]["temp_bytes"] / rows[f"mixed/T={T}"]["temp_bytes"]
+            for mode in MLP_VARIANTS[1:]:
+                rows[f"{mode}/T={T}"]["time_vs_reverse"] = timing.ratios(t, mode, "reverse")
+        for mode in MLP_VARIANTS[1:]:
+            rows[f"{mode}/T={T}"]["temp_reverse_over"] = rows[f"reverse/T={T}"]["temp_bytes"] / rows[f"{mode}/T={T}"]["temp_bytes"]
     agreement = {f"T={T}": float(np.max(np.abs(grads[("mixed", T)] - grads[("reverse", T)]))
                               / np.max(np.abs(grads[("reverse", T)])))
                  for T in steps_list if T <= time_max_T}
