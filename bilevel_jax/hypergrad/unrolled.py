@@ -19,7 +19,10 @@ B_t = d phi_t / d theta, the hypergradient of F_T(theta) = f_upper(theta, phi_T(
   optimizer's rule only and one forward-over-reverse product (A w, J w) of grad_phi f_lower. For
   SGD with step lr:  alpha_{t-1} = alpha_t - lr A_t alpha_t,  g -= lr J_t alpha_t. The inner
   gradient's intermediates (activations) never outlive one step, so the temporary memory is
-  O(T d) parameters instead of O(T x activations) (measured: `make bench`, "unrolled").
+  O(T d) parameters instead of O(T x activations). Reverse mode with `checkpoint=True` holds the
+  same O(T d) (each step's input, the step recomputed) but differentiates each step
+  reverse-over-reverse: on a 65-256-256-10 MLP (T = 100, float32, CPU) both hold 16x less than
+  plain reverse mode, mixed in 0.71-0.75x its CPU time, checkpointed in 0.80x (`make bench`).
 All modes differentiate the same T-step map, so they agree to rounding for the same T. theta and
 phi may be equinox models: only their inexact-array leaves are differentiated (g is shaped like
 `eqx.filter(theta, eqx.is_inexact_array)`).
@@ -94,7 +97,7 @@ def unrolled_hypergradient(problem: BilevelProblem, theta, phi0, data, *,
     mode: "reverse" (any optax rule, L-BFGS and line searches included; `checkpoint=True`
     recomputes each step in the backward pass), "forward" (one JVP per theta coordinate: small
     theta) or "mixed" (reverse scan of forward-over-reverse products over T stored iterates: the
-    least memory for neural-network LLs; rules that depend only on (grad, state, params), i.e. sgd,
+    memory of `checkpoint=True`, in less time; rules that depend only on (grad, state, params), i.e. sgd,
     momentum, adam, schedules, ..., not L-BFGS or line searches). `truncate=K` (reverse, mixed)
     differentiates only the last K of the `steps` steps.
 
