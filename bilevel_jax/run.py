@@ -38,6 +38,7 @@ from bilevel_jax import status as st
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.cache import same_code
 from bilevel_jax.algorithms.base import Algorithm, OracleCounts
+from bilevel_jax.algorithms.parallel import data_parallel
 from bilevel_jax.algorithms.steps import float_dtype, nonfinite_at_records
 
 _OWN_KEYS = ("step", "residual_norm", "finite", "status", *OracleCounts._fields)
@@ -65,10 +66,13 @@ def _is_traced(tree) -> bool:
 
 
 def run(alg: Algorithm, state, data, num_steps: int, eval_every: Optional[int] = None,
-        eval_fn: Optional[Callable] = None, check: bool = False, progress: Optional[Callable] = None):
+        eval_fn: Optional[Callable] = None, check: bool = False, progress: Optional[Callable] = None,
+        mesh=None):
     """Run `num_steps` outer iterations of `alg` from `state` on `data`.
 
     Returns `(final_state, history)`; history is a dict of arrays (see module docstring).
+    `mesh=` (a `jax.sharding.Mesh` with a `"data"` axis) runs the steps data-parallel:
+    `bj.data_parallel(alg, mesh=mesh)` (place `data` with `bj.shard`).
 
     `progress(row)`, if given, is called on the host at every evaluation point after row 0, in
     order, with that point's history row (a dict of NumPy values), through an unordered
@@ -76,15 +80,17 @@ def run(alg: Algorithm, state, data, num_steps: int, eval_every: Optional[int] =
     tqdm bar). Under `jax.vmap` (over seeds, step sizes, tasks) it is called once per evaluation
     point for the whole batch: every value of the row carries the batch axes in front
     (`row["step"][i]`, `row[metric][i]` belong to batch element i, e.g. seed i). An exception
-    raised by `progress` stops the run; called outside a trace, `bj.run` re-raises it with its own
-    type (it then waits for the run to finish); under the caller's `jit` or `vmap` it surfaces as
-    JAX's runtime error (whose message holds the original traceback) when the results are read
-    (`bj.run_chunked(..., batched=True)` runs seeds under vmap and re-raises it). `progress` is
-    part of the compiled program's configuration, as `eval_fn` is: both compare by code and
-    closure (`bj.cache.SameCode`), so a lambda written again in the next call reuses the program.
+    raised by `progress` stops the run; `bj.run` re-raises it with its own type when called outside
+    a trace (it then waits for the run to finish) or under an eager `jax.vmap`; under the caller's
+    `jit` it surfaces as JAX's runtime error (whose message holds the original traceback) when the
+    results are read. `progress` is part of the compiled program's configuration, as `eval_fn` is:
+    both compare by code and closure (`bj.cache.SameCode`), so a lambda written again in the next
+    call reuses the program.
     """
     if not isinstance(alg, Algorithm):
         raise TypeError(f"alg must be a bj.Algorithm (e.g. bj.algorithms.soba(problem)), got {type(alg).__name__}.")
+    if mesh is not None:
+        alg = data_parallel(alg, mesh=mesh)
     check_positive_int("num_steps", num_steps)
     eval_every = num_steps if eval_every is None else check_positive_int("eval_every", eval_every)
     if num_steps % eval_every:
@@ -99,7 +105,9 @@ def run(alg: Algorithm, state, data, num_steps: int, eval_every: Optional[int] =
     if check and not traced:
         return raise_callback_errors(progress, _checked_run, alg, state, data, num_steps, eval_every, eval_fn,
                                      progress)
-    scan = _jit_scan if traced else functools.partial(raise_callback_errors, progress, _jit_scan)
+    # outside a trace: run to completion, the callback's exception re-raised with its type; under an
+    # eager vmap the batched program runs here too (the same), under jit it is only traced here
+    scan = functools.partial(raise_callback_errors, progress, _jit_scan, wait=not traced)
     (state, _), history = scan(alg, state, data, num_steps, eval_every, eval_fn, progress=progress)
     if check:
         state = st.raise_if(state, history["status"][-1], f"bj.run of {_name(alg)}")
@@ -142,15 +150,16 @@ def _report(progress: Optional[Callable], row: dict) -> None:
     emit(row)
 
 
-def raise_callback_errors(callback: Optional[Callable], fn: Callable, /, *args, **kwargs):
-    """`fn(*args, **kwargs)` run to completion; when `callback` raised in a host callback, its own
-    exception (type, message, traceback) instead of XLA's runtime error."""
+def raise_callback_errors(callback: Optional[Callable], fn: Callable, /, *args, wait: bool = True, **kwargs):
+    """`fn(*args, **kwargs)`, run to completion when `wait`; when `callback` raised in a host
+    callback meanwhile, its own exception (type, message, traceback) instead of XLA's runtime error."""
     if callback is None:
         return fn(*args, **kwargs)
     callback = same_code(callback)
     _FAILED.pop(callback, None)
     try:
-        return jax.block_until_ready(fn(*args, **kwargs))
+        out = fn(*args, **kwargs)
+        return jax.block_until_ready(out) if wait else out
     except jax.errors.JaxRuntimeError:
         error = _FAILED.pop(callback, None)
         if error is None:

@@ -188,7 +188,11 @@ def test_an_exception_in_progress_keeps_its_type(quad, tmp_path):
         bj.run(alg, state, quad.data, num_steps=6, eval_every=2, progress=stop_at_4)
     with pytest.raises(Stop, match="enough at step 4"):
         bj.run(alg, state, quad.data, num_steps=6, eval_every=2, progress=stop_at_4, check=True)
-    states = jax.vmap(lambda k: alg.init(quad.theta0, quad.phi0, k))(jax.random.split(jax.random.PRNGKey(0), 2))
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    with pytest.raises(Stop, match="enough at step 4"):   # bj.run under an eager vmap over seeds
+        jax.vmap(lambda k: bj.run(alg, alg.init(quad.theta0, quad.phi0, k), quad.data, num_steps=6, eval_every=2,
+                                  progress=stop_at_4))(keys)
+    states = jax.vmap(lambda k: alg.init(quad.theta0, quad.phi0, k))(keys)
     with pytest.raises(Stop, match="enough at step 4"):
         bj.run_chunked(alg, states, quad.data, num_steps=6, chunk=6, eval_every=2, directory=str(tmp_path),
                        batched=True, progress=stop_at_4)
