@@ -478,17 +478,25 @@ def test_lancbio_dimension_above_phi_is_capped_with_a_warning(quad):
 
 def test_lancbio_theorem_schedule_and_min_residual_option(quad):
     """m0 = 2 on epochs of m = 4: theta stays exactly where it is in the first 2 steps of every
-    epoch and moves in the other 2; with the minimal-residual correction, theta* is reached."""
+    epoch and moves in the other 2; the minimal-residual v of every step is the dense least-squares
+    correction over the state's basis with the step's A and b (the LL is quadratic: A is fixed), and
+    theta* is reached."""
     alg = bj.algorithms.lancbio(quad.problem, upper_lr=0.5, lower_lr=1.0, lower_steps=10, m_start=4, m_max=4, m0=2,
                                 correction="min_residual")
     assert alg.direction.rule.solver.correction == "min_residual" and alg.direction.m0 == 2
     state = alg.init(quad.theta0, quad.phi0, jax.random.PRNGKey(0), quad.data)
     update = eqx.filter_jit(alg.update)
+    hessian = jax.jit(jax.hessian(quad.problem.f_lower, 1))
+    grad_upper = jax.jit(jax.grad(quad.problem.f_upper, 1))
     moved = []
     for _ in range(12):
         new, info = update(state, quad.data)
         assert int(info.status) == st.OK
         moved.append(bool(jnp.any(new.theta != state.theta)))
+        a = np.asarray(hessian(state.theta, new.phi, quad.data[1]))
+        b = np.asarray(grad_upper(state.theta, new.phi, quad.data[0]))
+        np.testing.assert_allclose(new.v, _dense_min_residual(a, b, new.direction.solver), rtol=1e-10,
+                                   atol=1e-12)
         state = new
     assert moved == [k % 4 >= 2 for k in range(12)]
     state, _ = jax.jit(lambda s: bj.run(alg, s, quad.data, num_steps=300, eval_every=300))(state)
