@@ -152,8 +152,8 @@ def test_same_code_keys():
 
 def test_an_optax_rule_built_again_is_the_same_configuration(counted):
     """solve_lower and bj.argmin compare the optimizer's functions by code and closure
-    (bj.cache.same_code_rule): `optax.lbfgs()` written in every call compiles once; another
-    learning rate is another program."""
+    (bj.cache.same_code_rule): `optax.lbfgs()` or `optax.sgd(0.3)` written in every call compiles
+    once; another learning rate is another program."""
     lower = lambda opt, th: bj.hypergrad.solve_lower(counted.problem, opt, th, PHI0, counted.data[1], steps=20)
     counted.traces_of(lambda: lower(optax.lbfgs(), THETA))
     phi, n = counted.traces_of(lambda: lower(optax.lbfgs(), THETA + 0.5))
@@ -170,7 +170,7 @@ def test_an_optax_rule_built_again_is_the_same_configuration(counted):
     np.testing.assert_allclose(phi, jnp.linalg.solve(A, X.T @ y / X.shape[0]), rtol=1e-8)
 
     grad = lambda th: jax.grad(lambda t: counted.f_upper(
-        t, bj.argmin(counted.f_lower, optax.lbfgs(), 20)(t, PHI0, counted.data[1]), counted.data[0]))(th)
+        t, bj.argmin(counted.f_lower, optax.sgd(0.3), 20)(t, PHI0, counted.data[1]), counted.data[0]))(th)
     counted.traces_of(lambda: grad(THETA))
     _, n = counted.traces_of(lambda: grad(THETA + 0.5))
     assert n == 0
