@@ -13,6 +13,7 @@ import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
@@ -108,6 +109,31 @@ def fsdp(steps: int = 3):
                       "status": [out[k][2] for k in out]}), flush=True)
 
 
+def entry_points():
+    """`bj.hypergradient`, a gradient through `bj.argmin` and `bj.run` with `mesh=` against one device."""
+    inst = bj.problems.quadratic_bilevel(jax.random.PRNGKey(1), dim_upper=3, dim_lower=5, n_samples=64)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    placed = bj.shard(inst.data, mesh)
+    theta = inst.theta0 + 0.3
+    phi = inst.phi_star(theta)
+    g1, _ = bj.hypergradient(inst.problem, theta, phi, inst.data)
+    g4, info = bj.hypergradient(inst.problem, theta, phi, placed, mesh=mesh)
+
+    def grad_through(solve, data):
+        return jax.grad(lambda t: inst.problem.f_upper(t, solve(t, inst.phi0, data[1]), data[0]))(theta)
+
+    a = grad_through(bj.argmin(inst.problem.f_lower, optax.sgd(0.3), 100), inst.data)
+    b = grad_through(bj.argmin(inst.problem.f_lower, optax.sgd(0.3), 100, mesh=mesh), placed)
+    alg = bj.algorithms.soba(inst.problem, batch_size=16, shards=4)
+    s1, _ = bj.run(alg, alg.init(inst.theta0, inst.phi0, jax.random.PRNGKey(0), inst.data), inst.data, 10)
+    s4, _ = bj.run(alg, alg.init(inst.theta0, inst.phi0, jax.random.PRNGKey(0), placed), placed, 10, mesh=mesh)
+    print(json.dumps({"entry_points": True, "hypergradient": float(jnp.max(jnp.abs(g1 - g4))),
+                      "exact": float(jnp.max(jnp.abs(g4 - inst.grad(theta)))), "status": int(info.status),
+                      "argmin": float(jnp.max(jnp.abs(a - b))), "run": float(jnp.max(jnp.abs(s1.theta - s4.theta)))}),
+          flush=True)
+
+
 if __name__ == "__main__":
     main()
     fsdp()
+    entry_points()

@@ -101,8 +101,13 @@ def test_mesh_equals_shards_on_four_devices():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     fsdp = [row for row in rows if row.get("fsdp")]
-    rows = [row for row in rows if not row.get("fsdp")]
-    assert len(rows) == 7 and len(fsdp) == 1
+    entry = [row for row in rows if row.get("entry_points")]
+    rows = [row for row in rows if not (row.get("fsdp") or row.get("entry_points"))]
+    assert len(rows) == 7 and len(fsdp) == 1 and len(entry) == 1
+    # bj.hypergradient, a grad through bj.argmin and bj.run with mesh= equal one device
+    entry = entry[0]
+    assert entry["hypergradient"] < 1e-12 and entry["exact"] < 1e-10 and entry["status"] == 0, entry
+    assert entry["argmin"] < 1e-12 and entry["run"] < 1e-12, entry
     # FSDP (issue 20 item 3): an MLP phi split over a second mesh axis, the iterates of one device, and the
     # per-device state bytes about halved on a model axis of 2 (small leaves stay replicated)
     fsdp = fsdp[0]

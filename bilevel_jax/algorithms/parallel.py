@@ -11,13 +11,11 @@ memories per batch id are unchanged). Every objective is the mean over the globa
 
     f(theta, phi; B) = (1/D) sum_d f(theta, phi; B_d)        (equal local batch sizes),
 
-so an oracle is its local value on the local samples followed by a `pmean` over the devices: the
-whole outer iteration runs in `jax.shard_map` with the objectives wrapped in `lax.pmean`, and
-reverse-mode derivatives of the replicated parameters come back summed by the `pvary`/`psum` pair
-that shard_map's varying-axes typing inserts (an explicit `psum` of a gradient would count it D
-times). Gradients, Hessian- and Jacobian-vector products and values therefore cross the devices
-as parameter-sized (or scalar) all-reduces; the samples never do. Iterates, solver, estimator
-and optimiser states are replicated.
+so an oracle is its local value on the local samples followed by a `pmean` over the devices
+(`bj.sharding`): the whole outer iteration runs in `jax.shard_map` with the objectives wrapped in
+`lax.pmean`; gradients, Hessian- and Jacobian-vector products and values cross the devices as
+parameter-sized (or scalar) all-reduces, the samples never do. Iterates, solver, estimator and
+optimiser states are replicated (or split over a second mesh axis, `model_axis=`).
 
 `shards=D` without a mesh is the same sampling layout on one device (the D local batches one
 after the other): the iterates of `mesh=` with D devices equal those of `shards=D` up to the
@@ -32,44 +30,15 @@ from typing import Any, Callable, Optional
 
 import equinox as eqx
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.algorithms.base import Algorithm
 from bilevel_jax.problem import BilevelProblem
 from bilevel_jax.sampling import Sampler
+from bilevel_jax.sharding import DATA_AXIS, check_mesh, local_problem, model_spec, shard, shard_model, sharded
 
 PyTree = Any
-DATA_AXIS = "data"
-
-
-def shard(data: PyTree, mesh: Mesh, axis: str = DATA_AXIS) -> PyTree:
-    """`data` with every array leaf split along its leading (sample) axis over the mesh axis
-    `axis` (other mesh axes replicate it); None and scalar leaves are left as they are."""
-    _check_mesh(mesh, axis)
-    sharding = NamedSharding(mesh, PartitionSpec(axis))
-    size = mesh.shape[axis]
-
-    def place(x):
-        if not eqx.is_array_like(x) or jax.numpy.ndim(x) == 0:
-            return x
-        if x.shape[0] % size:
-            raise ValueError(f"bj.shard: a leaf with {x.shape[0]} samples is not divisible by the {size} devices "
-                             f"of mesh axis {axis!r}; drop or pad the last samples.")
-        return jax.device_put(x, sharding)
-
-    return jax.tree_util.tree_map(place, data)
-
-
-class AxisMean(eqx.Module):
-    """`fn(theta, phi, batch)` averaged over the devices of mesh axis `axis` (inside shard_map):
-    the global mean objective from each device's local batch."""
-
-    fn: Callable = eqx.field(static=True)
-    axis: str = eqx.field(static=True)
-
-    def __call__(self, theta, phi, batch):
-        return jax.lax.pmean(self.fn(theta, phi, batch), self.axis)
 
 
 def rebuild(tree: Any, on_problem: Callable, on_sampler: Callable) -> Any:
@@ -116,39 +85,7 @@ def with_shards(alg: Algorithm, shards: int) -> Algorithm:
 def localize(alg: Algorithm, axis: str) -> Algorithm:
     """The per-device view of a sharded `alg` inside `shard_map`: samplers draw from the local
     shard (`axis_name`) and the objectives are `AxisMean`s over `axis`."""
-    def local_problem(problem: BilevelProblem) -> BilevelProblem:
-        return dataclasses.replace(problem, f_upper=AxisMean(problem.f_upper, axis),
-                                   f_lower=AxisMean(problem.f_lower, axis))
-
-    return rebuild(alg, local_problem, lambda s: dataclasses.replace(s, axis_name=axis))
-
-
-def _check_mesh(mesh, axis: str) -> None:
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
-    if axis not in mesh.axis_names:
-        raise ValueError(f"mesh has axes {mesh.axis_names}; the sample axis {axis!r} is not one of them.")
-
-
-def model_spec(x, mesh: Mesh, axis: str, min_size: int = 1024) -> PartitionSpec:
-    """Where a state leaf lives on the mesh axis `axis` (FSDP-style): split along its first
-    dimension divisible by the axis size when it has at least `min_size` elements, replicated
-    otherwise (scalars, biases, step counts)."""
-    size = mesh.shape[axis]
-    if not eqx.is_array(x) or x.size < min_size:
-        return PartitionSpec()
-    for dim, n in enumerate(x.shape):
-        if n % size == 0:
-            return PartitionSpec(*([None] * dim), axis)
-    return PartitionSpec()
-
-
-def shard_model(tree: PyTree, mesh: Mesh, axis: str = "model") -> PyTree:
-    """`tree` (phi, or a whole algorithm state) with its large leaves split over the mesh axis
-    `axis` (`model_spec`): the per-device bytes of phi-sized state fall like 1 / mesh.shape[axis]."""
-    _check_mesh(mesh, axis)
-    return jax.tree_util.tree_map(
-        lambda x: jax.device_put(x, NamedSharding(mesh, model_spec(x, mesh, axis))) if eqx.is_array(x) else x, tree)
+    return rebuild(alg, lambda p: local_problem(p, axis), lambda s: dataclasses.replace(s, axis_name=axis))
 
 
 class DataParallel(Algorithm):
@@ -174,28 +111,15 @@ class DataParallel(Algorithm):
         return self.algorithm.init(theta0, phi0, key, data)
 
     def update(self, state, data):
-        local = localize(self.algorithm, self.axis)
-        (alg_dyn, state_dyn), static = eqx.partition((local, state), eqx.is_array)
-        data_dyn, data_static = eqx.partition(data, eqx.is_array)
-        replicated, split = PartitionSpec(), PartitionSpec(self.axis)
-
-        def step(alg_dyn, state_dyn, data_dyn):
-            alg, current = eqx.combine((alg_dyn, state_dyn), static)
-            new, info = alg.update(current, eqx.combine(data_dyn, data_static))
-            return eqx.partition(new, eqx.is_array)[0], info
-
-        data_specs = jax.tree_util.tree_map(lambda x: split if x.ndim else replicated, data_dyn)
-        state_dyn = self._place(state_dyn)
-        new_dyn, info = jax.shard_map(step, mesh=self.mesh, in_specs=(replicated, replicated, data_specs),
-                                      out_specs=replicated, axis_names=frozenset({self.axis}))(
-            alg_dyn, state_dyn, data_dyn)
-        return eqx.combine(self._place(new_dyn), static[1]), info
+        step = sharded(lambda alg, state, data: alg.update(state, data), self.mesh, self.axis)
+        new, info = step(localize(self.algorithm, self.axis), self._place(state), data)
+        return self._place(new), info
 
     def _place(self, tree):
         if self.model_axis is None:
             return tree
         return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(
-            x, NamedSharding(self.mesh, model_spec(x, self.mesh, self.model_axis))), tree)
+            x, NamedSharding(self.mesh, model_spec(x, self.mesh, self.model_axis))) if eqx.is_array(x) else x, tree)
 
 
 def data_parallel(alg: Algorithm, *, mesh: Optional[Mesh] = None, shards: Optional[int] = None,
@@ -209,13 +133,13 @@ def data_parallel(alg: Algorithm, *, mesh: Optional[Mesh] = None, shards: Option
     if mesh is None and shards is None:
         return alg
     if mesh is not None:
-        _check_mesh(mesh, axis)
+        check_mesh(mesh, axis)
         size = mesh.shape[axis]
         if shards is not None and shards != size:
             raise ValueError(f"shards={shards} differs from the {size} devices of mesh axis {axis!r}.")
         shards = size
         if model_axis is not None:
-            _check_mesh(mesh, model_axis)
+            check_mesh(mesh, model_axis)
     elif model_axis is not None:
         raise ValueError("model_axis needs a mesh.")
     alg = with_shards(alg, shards)
@@ -238,5 +162,4 @@ def preset_options(build: Callable) -> Callable:
     return preset
 
 
-__all__ = ["AxisMean", "DATA_AXIS", "DataParallel", "data_parallel", "localize", "model_spec", "preset_options", "rebuild",
-           "shard", "shard_model", "with_shards"]
+__all__ = ["DataParallel", "data_parallel", "localize", "preset_options", "rebuild", "shard", "shard_model", "with_shards"]

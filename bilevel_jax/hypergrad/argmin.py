@@ -40,6 +40,7 @@ from typing import Callable, Optional
 
 import equinox as eqx
 import jax
+from jax.sharding import Mesh
 import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
@@ -51,6 +52,7 @@ from bilevel_jax.hypergrad.inner import solve_lower
 from bilevel_jax.linear_solvers import LinearSolver, cg
 from bilevel_jax.precision import Precision, check_precision, wrap_problem
 from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.sharding import local_problem, sharded
 
 
 def _no_upper(theta, phi, batch):
@@ -58,7 +60,8 @@ def _no_upper(theta, phi, batch):
 
 
 def argmin(f_lower: Callable, optimizer: optax.GradientTransformation, steps: int,
-           solver: Optional[LinearSolver] = None, mode: str = "rev", precision: Optional[Precision] = None) -> Callable:
+           solver: Optional[LinearSolver] = None, mode: str = "rev", precision: Optional[Precision] = None,
+           mesh: Optional[Mesh] = None) -> Callable:
     """`solve(theta, phi0, batch) -> phi*(theta, batch)`, differentiable by the implicit function theorem.
 
     Args:
@@ -73,6 +76,9 @@ def argmin(f_lower: Callable, optimizer: optax.GradientTransformation, steps: in
       precision: a `bj.Precision` policy (`bj.precision`): f_lower and its derivatives evaluated in
         its compute dtype; theta and phi0 cast to its state dtype, in which the inner optimizer's
         state, phi* and the tangent solve are kept.
+      mesh: a `jax.sharding.Mesh` whose axis `"data"` splits the batch's samples (`bj.shard`): the
+        solve and its derivatives run in `jax.shard_map` on each device's shard with f_lower
+        averaged over the devices (`bj.sharding`; parameter-sized all-reduces only).
 
     Works under `jit`, `vmap`, `jax.grad`, `jax.jacfwd`, `jax.jacrev` and `jax.hessian`. theta and
     batch are pytrees of arrays (integer batch leaves are constants); phi0 is a pytree whose
@@ -88,9 +94,14 @@ def argmin(f_lower: Callable, optimizer: optax.GradientTransformation, steps: in
     problem = wrap_problem(BilevelProblem(_no_upper, f_lower), check_precision(precision))
     optimizer = same_code_rule(optimizer)   # optax.lbfgs() built again is the same configuration
 
+    local = problem if mesh is None else local_problem(problem)
+
     def solve(theta, phi0, batch):
         if precision is not None:
             theta, phi0 = precision.cast_state(theta), precision.cast_state(phi0)
+        if mesh is not None:
+            return sharded(lambda t, p, b: _solve(local, optimizer, steps, solver, mode, t, p, b), mesh)(
+                theta, phi0, batch)
         return _solve(problem, optimizer, steps, solver, mode, theta, phi0, batch)
 
     return solve

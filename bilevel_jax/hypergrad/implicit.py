@@ -15,6 +15,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import equinox as eqx
 import jax
+from jax.sharding import Mesh
 import optax.tree_utils as otu
 
 from bilevel_jax import oracles
@@ -22,6 +23,7 @@ from bilevel_jax import status as st
 from bilevel_jax.linear_solvers import LinearSolver, SolverInfo, cg, fail_where
 from bilevel_jax.precision import Precision, check_precision, diagnose, wrap_problem
 from bilevel_jax.problem import BilevelProblem, check_problem, check_same_structure
+from bilevel_jax.sharding import local_problem, sharded
 
 PyTree = Any
 
@@ -72,7 +74,7 @@ def implicit_direction(problem: BilevelProblem, theta, phi, upper_batch, lower_b
 
 def hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[LinearSolver] = None, *,
                   x0=None, key=None, lower_sampler: Optional[Callable] = None, mode: str = "rev",
-                  precision: Optional[Precision] = None):
+                  precision: Optional[Precision] = None, mesh: Optional[Mesh] = None):
     """The implicit hypergradient at (theta, phi).
 
     Args:
@@ -90,6 +92,10 @@ def hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[Li
         dtype, theta, phi, x0, v, the solver's state and g in its state dtype (theta, phi, x0 are
         cast to it). A failed result whose cause is the compute dtype's range (an overflow or
         underflow of a value or gradient, `bj.precision.precision_status`) gets the status PRECISION.
+      mesh: a `jax.sharding.Mesh` whose axis `"data"` splits the samples of `data` (`bj.shard`):
+        the computation runs in `jax.shard_map`, each device on its shard, the objectives
+        averaged over the devices (`bj.sharding`; parameter-sized all-reduces only). The same g as
+        on one device (up to the order of sums).
 
     On a constrained problem (`lower_inequality`/`lower_equality`) this is the KKT implicit
     gradient `bj.hypergrad.kkt_hypergradient` (default solver `minres(100)`, multipliers by least
@@ -123,6 +129,11 @@ def hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[Li
         solver = dataclasses.replace(solver, warm_start=True)
     if solver.stochastic and key is None:
         raise ValueError("this solver is stochastic: pass `key=`.")
+    if mesh is not None:
+        local = local_problem(problem)
+        return sharded(lambda theta, phi, x0, key, data: _hypergradient(local, theta, phi, data, solver, x0, key,
+                                                                        lower_sampler, mode), mesh)(
+            theta, phi, x0, key, data)
     return _hypergradient(problem, theta, phi, data, solver, x0, key, lower_sampler, mode)
 
 
