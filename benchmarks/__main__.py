@@ -19,6 +19,8 @@ problems, two presets and few repeats (the smoke test), so its numbers mean noth
   second_order (second_order.py)     mode="fwd" against "rev" for (A v, J v) and an implicit
                                      hypergradient, MLP phi at three widths (memory, time)
   peer       (peer.py)               jaxopt implicit differentiation against bj.hypergradient
+  precision  (precision.py)          bj.Precision (bfloat16, float16 compute; float32 states) against
+                                     float32: hypergradient (logistic, MLP) and SOBA step time, error
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import tempfile
 import time
 
 MEASURES = ("steps", "oracles", "compile", "reference", "bilevel", "bandwidth", "vmap", "unrolled", "second_order",
-            "peer")
+            "peer", "precision")
 
 FULL = dict(
     repeats=3,
@@ -47,6 +49,7 @@ FULL = dict(
     unrolled_n=4096, unrolled_T=(10, 100, 1000), peer_maxiter=20, presets=None,
     unrolled_mlp_width=256, unrolled_mlp_n=512, unrolled_mlp_time_max_T=100,
     second_order_widths=(64, 256, 1024), second_order_n=512, second_order_cg=10,
+    precision_width=1024, precision_n=4096, precision_cg=20, precision_soba_steps=200,
     full_batch_only="defaults",   # logistic_full: the presets whose default is full batch, and soba
 )
 QUICK = dict(
@@ -60,6 +63,7 @@ QUICK = dict(
     unrolled_n=64, unrolled_T=(2,), peer_maxiter=3, presets=("soba", "stocbio"), full_batch_only=None,
     unrolled_mlp_width=8, unrolled_mlp_n=16, unrolled_mlp_time_max_T=2,
     second_order_widths=(4, 8, 16), second_order_n=16, second_order_cg=2,
+    precision_width=8, precision_n=16, precision_cg=2, precision_soba_steps=2,
 )
 
 
@@ -221,6 +225,11 @@ def main(argv=None):
         from benchmarks import peer
         s = by_name["logistic_full"]
         section("peer", lambda: peer.measure(s, bj.problems.logistic_hpo(s.data, key=0), cfg["peer_maxiter"], repeats))
+
+    if "precision" in only:
+        from benchmarks import precision
+        section("precision", lambda: precision.measure(by_name["logistic_full"], cfg["precision_width"], cfg["precision_n"],
+                                                       cfg["precision_cg"], cfg["precision_soba_steps"], repeats))
 
     if cache_dir is not None:
         shutil.rmtree(cache_dir, ignore_errors=True)

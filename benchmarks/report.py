@@ -232,8 +232,20 @@ def markdown(res: dict) -> str:
                       f"[{pe['ratio']['q25']:.3f}-{pe['ratio']['q75']:.3f}]; max |bj - peer| = {pe['max_abs_diff']:.2g} "
                       f"(max |g| = {pe['max_abs_grad']:.2g})", ""]
 
+    pr = res.get("precision", {})
+    if pr and "error" not in pr:
+        lines += ["## Mixed precision: bj.Precision(compute) with float32 states, against float32", "",
+                  f"- logistic: {pr['problems']['logistic']}", f"- mlp: {pr['problems']['mlp']}",
+                  f"- hypergradient: cg({pr['cg_iterations']}); soba: {pr['soba_steps']} full-batch steps (time per step)",
+                  ""]
+        rows = [[comp, name, _auto(r["time"]), _n(r.get("over_float32", {}).get("median")),
+                 _n(r.get("over_float32", {}).get("cpu", {}).get("median")), f"{r['rel_error']:.2g}", r["status"]]
+                for comp, by_precision in pr["rows"].items() for name, r in by_precision.items()]
+        lines += _table(["computation", "compute dtype", "time", "time / float32's", "(CPU time)",
+                         "relative error vs float32", "status"], rows) + [""]
+
     errors = [k for k in ("steps", "oracles", "compile", "reference", "bilevel", "bandwidth", "vmap", "unrolled",
-                          "second_order", "peer")
+                          "second_order", "peer", "precision")
               if isinstance(res.get(k), dict) and "error" in res[k]]
     if errors:
         lines += [f"- sections with errors: {errors} (see the JSON)", ""]

@@ -56,6 +56,10 @@ def test_quick_bench_writes_every_section(tmp_path):
     for row in res["second_order"]["rows"].values():
         assert {"rev", "fwd"} <= set(row["temp_bytes"]) and row["max_abs_diff"] <= 1e-5 * max(1.0, row["max_abs"])
     assert {"bilevel_jax", "peer_timing", "max_abs_diff", "peer"} <= set(res["peer"])
+    assert "error" not in res["precision"], res["precision"].get("error")
+    for row in res["precision"]["rows"].values():    # float32 against itself; bf16 / f16 oracles, f32 states
+        assert row["float32"]["rel_error"] == 0.0 and all(r["status"] == "ok" for r in row.values())
+        assert row["bfloat16"]["rel_error"] < 5e-2 and row["float16"]["rel_error"] < 1e-2
 
 
 def test_library_quadratic_is_the_peer_objective_on_converted_data():
