@@ -6,7 +6,8 @@ usual. Problem: the logistic HPO objective on the first `n` training and validat
 (full-batch LL gradient descent, step 0.5).
 
 `measure_mlp`: reverse (plain and with `checkpoint=True`) against mixed mode (`mode="mixed"`,
-forward-over-reverse products in a reverse scan over the T stored iterates) on an MLP lower level (hyper-cleaning of a two-hidden-
+forward-over-reverse products in a reverse scan; sqrt(T) checkpoints by default, all T iterates
+with `checkpoint=False`) on an MLP lower level (hyper-cleaning of a two-hidden-
 layer MLP, `second_order.mlp_hyper_cleaning`, full batch, GD step 0.1): the temporary memory at
 every T (compiled only), the time where T <= `time_max_T` (reverse mode at T = 1000 would
 allocate its whole tape on the 2-core CI machine)."""
@@ -24,9 +25,10 @@ from benchmarks import second_order, timing
 from benchmarks.setups import Setup
 
 VARIANTS = {"reverse": {"mode": "reverse"}, "reverse_checkpoint": {"mode": "reverse", "checkpoint": True},
-            "forward": {"mode": "forward"}, "mixed": {"mode": "mixed"}}
+            "forward": {"mode": "forward"}, "mixed": {"mode": "mixed"},
+            "mixed_all_iterates": {"mode": "mixed", "checkpoint": False}}
 MLP_LR = 0.1
-MLP_VARIANTS = ("reverse", "reverse_checkpoint", "mixed")
+MLP_VARIANTS = ("reverse", "reverse_checkpoint", "mixed", "mixed_all_iterates")
 LR = 0.5
 
 

@@ -1,8 +1,9 @@
 """`bj.unrolled_hypergradient(..., mode="mixed")`: the reverse scan of forward-over-reverse
 products (Kemaev, Calian, Zintgraf, Farquhar, van Hasselt, "Scalable Meta-Learning via
-Mixed-Mode Differentiation", ICML 2025, arXiv:2505.00793) against the closed form of unrolled GD
-on a quadratic, against reverse and forward mode on an `eqx.nn.MLP` lower level (every mode takes
-the whole model as phi), its temporary memory against reverse mode, and its refusals."""
+Mixed-Mode Differentiation", ICML 2025, arXiv:2505.00793), with sqrt(T) checkpoints (the default)
+or all T iterates, against the closed form of unrolled GD on a quadratic, against reverse and
+forward mode on an `eqx.nn.MLP` lower level (every mode takes the whole model as phi), its
+temporary memory against reverse mode, and its refusals."""
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -47,23 +48,23 @@ def _assert_same(out, reference, name):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15, err_msg=name)
 
 
-def test_every_mode_takes_an_mlp_and_mixed_equals_reverse():
-    """An eqx.nn.MLP as phi (its activation functions are static fields) in the three modes, with
-    heavy-ball steps (a momentum state); truncate=K carries that state into the last K steps."""
+def test_mixed_equals_reverse_on_an_mlp():
+    """An eqx.nn.MLP as phi (its activation functions are static fields), with heavy-ball steps (a momentum state); truncate=K carries that state into the last K steps.
+    Mixed mode's segments: T = 20 is 4 of 5 steps, K = 7 one stored step and 2 segments of 3."""
     problem, mlp, data = _mlp_problem(width=16, batch=32)
     theta = jnp.array([-3.0, 0.3])
 
     @eqx.filter_jit
     def run(theta):
         kw = dict(optimizer=optax.sgd(0.05, momentum=0.9), steps=20)
-        out = {m: bj.unrolled_hypergradient(problem, theta, mlp, data, mode=m, **kw)
-               for m in ("reverse", "forward", "mixed")}
+        out = {m: bj.unrolled_hypergradient(problem, theta, mlp, data, mode=m, **kw) for m in ("reverse", "mixed")}
+        out["mixed/all"] = bj.unrolled_hypergradient(problem, theta, mlp, data, mode="mixed", checkpoint=False, **kw)
         out.update({f"{m}/truncate": bj.unrolled_hypergradient(problem, theta, mlp, data, mode=m, truncate=7, **kw)
                     for m in ("reverse", "mixed")})
         return out
 
     out = run(theta)
-    for name in ("forward", "mixed"):
+    for name in ("mixed", "mixed/all"):
         _assert_same(out[name], out["reverse"], name)
     _assert_same(out["mixed/truncate"], out["reverse/truncate"], "truncate")
     for name, (_, phi) in out.items():
@@ -74,17 +75,19 @@ def test_every_mode_takes_an_mlp_and_mixed_equals_reverse():
 
 def test_mixed_equals_reverse_with_adamw_and_a_schedule():
     """A rule whose state has integer counts (a schedule's and Adam's) and whose update reads the
-    parameters (decoupled weight decay): the rule's own transpose carries both."""
+    parameters (decoupled weight decay): the rule's own transpose carries both. T = 23: three
+    stored steps, then 4 recomputed segments of 5."""
     problem, mlp, data = _mlp_problem(width=8, batch=16, key=1)
     opt = optax.adamw(optax.linear_schedule(0.01, 0.002, 20), weight_decay=0.1)
 
     @eqx.filter_jit
     def run(theta):
-        return [bj.unrolled_hypergradient(problem, theta, mlp, data, optimizer=opt, steps=20, mode=m)
-                for m in ("reverse", "mixed")]
+        return [bj.unrolled_hypergradient(problem, theta, mlp, data, optimizer=opt, steps=23, mode=m, checkpoint=c)
+                for m, c in (("reverse", False), ("mixed", True), ("mixed", False))]
 
-    rev, mix = run(jnp.array([-3.0, 0.3]))
+    rev, mix, mix_all = run(jnp.array([-3.0, 0.3]))
     _assert_same(mix, rev, "adamw")
+    _assert_same(mix_all, rev, "adamw, all iterates")
     assert np.all(np.abs(rev[0]) > 1e-5)
 
 
@@ -95,7 +98,8 @@ class _Hyper(eqx.Module):
     transform: object = jnp.exp
 
 
-def test_every_mode_takes_a_module_as_theta():
+def test_every_mode_takes_modules_as_theta_and_phi():
+    """theta an equinox Module with a function field, phi an eqx.nn.MLP, in the three modes."""
     inner, mlp, data = _mlp_problem(width=4, batch=16, key=2)
 
     def as_array(th):
@@ -142,24 +146,30 @@ def test_mixed_sgd_closed_form(quad):
         np.testing.assert_allclose(g, direct + z.T @ g_phi, rtol=1e-10, atol=1e-12)
 
 
-def _temp_bytes(problem, mlp, data, theta, mode, steps):
+def _temp_bytes(problem, mlp, data, theta, mode, steps, checkpoint=None):
     fn = jax.jit(lambda th, d: bj.unrolled_hypergradient(problem, th, mlp, d, optimizer=optax.sgd(0.05),
-                                                         steps=steps, mode=mode)[0])
+                                                         steps=steps, mode=mode, checkpoint=checkpoint)[0])
     compiled = fn.lower(theta, data).compile()
     return compiled.memory_analysis().temp_size_in_bytes, compiled
 
 
 def test_mixed_memory_at_least_5x_below_reverse():
     """XLA's buffer assignment (deterministic): at T = 100 on an MLP LL, reverse mode keeps every
-    step's activations; mixed mode keeps the T iterates and one step's products."""
-    problem, mlp, data = _mlp_problem(width=32, batch=256)
+    step's activations (and iterate); mixed mode keeps 2 sqrt(T) = 20 iterates and one segment's
+    products (all T = 100 iterates with checkpoint=False). The MLP is wide for its batch (width 64,
+    64 samples: activations per step about the parameters' size), where storing all T iterates
+    saves less than 5x and the checkpointed default still saves more."""
+    problem, mlp, data = _mlp_problem(width=64, batch=64)
     theta = jnp.array([-4.0, 0.1])
     rev, c_rev = _temp_bytes(problem, mlp, data, theta, "reverse", 100)
     mix, c_mix = _temp_bytes(problem, mlp, data, theta, "mixed", 100)
-    print(f"temp bytes at T = 100: reverse {rev}, mixed {mix}, ratio {rev / mix:.1f}")
+    mix_all, _ = _temp_bytes(problem, mlp, data, theta, "mixed", 100, checkpoint=False)
+    print(f"temp bytes at T = 100: reverse {rev}, mixed {mix} ({rev / mix:.1f}x), all iterates {mix_all} "
+          f"({rev / mix_all:.1f}x)")
     n_params = sum(w.size for w in _leaves(mlp))
     assert rev >= 5 * mix, (rev, mix)
-    assert mix <= 100 * n_params * 8 * 3, (mix, n_params)   # O(T d): the iterates, a few copies at most
+    assert mix <= 20 * n_params * 8 * 3, (mix, n_params)          # O(sqrt(T) d): a few copies at most
+    assert 100 * n_params * 8 <= mix_all <= 100 * n_params * 8 * 3, (mix_all, n_params)   # O(T d)
     np.testing.assert_allclose(c_mix(theta, data), c_rev(theta, data), rtol=1e-10, atol=1e-14)
 
 
@@ -169,7 +179,7 @@ def test_mixed_refusals(quad):
         bj.unrolled_hypergradient(quad.problem, quad.theta0, quad.phi0, quad.data, optimizer=optax.lbfgs(), **kw)
     with pytest.raises(ValueError, match="checkpoint"):
         bj.unrolled_hypergradient(quad.problem, quad.theta0, quad.phi0, quad.data, optimizer=optax.sgd(0.1),
-                                  checkpoint=True, **kw)
+                                  steps=3, mode="forward", checkpoint=True)
     with pytest.raises(ValueError, match="mixed"):
         bj.unrolled_hypergradient(quad.problem, quad.theta0, quad.phi0, quad.data, optimizer=optax.sgd(0.1),
                                   steps=3, mode="mixd")
