@@ -72,12 +72,12 @@ def test_bfloat16_hypergradient_on_the_logistic_hpo(hpo):
         assert g.dtype == info.v.dtype == jnp.float32
         assert _rel(g, ref) < tol
     # bj.argmin under the policy: jax.grad through the bfloat16 LL solution
-    solve = bj.argmin(hpo.problem.f_lower, optax.lbfgs(), 30, solver=bj.linear_solvers.cg(30, rtol=1e-3),
+    # (30 gradient steps from the float64 solution: phi* where the bfloat16 LL gradient vanishes)
+    solve = bj.argmin(hpo.problem.f_lower, optax.sgd(1.0), 30, solver=bj.linear_solvers.cg(30, rtol=1e-3),
                       precision=BF16)
-    assert solve(theta, jnp.zeros_like(w), hpo.data[1]).dtype == jnp.float32
-    h = lambda t: hpo.problem.f_upper(t, solve(t, jnp.zeros_like(w), hpo.data[1]), hpo.data[0])
-    # measured 2.7e-2: phi* is where the bfloat16 LL gradient vanishes (kappa * eps_bf16 away from the exact one)
-    assert _rel(jax.grad(h)(theta), ref) < 5e-2
+    assert solve(theta, w, hpo.data[1]).dtype == jnp.float32
+    h = lambda t: hpo.problem.f_upper(t, solve(t, w, hpo.data[1]), hpo.data[0])
+    assert _rel(jax.grad(h)(theta), ref) < 2e-2
 
 
 def _mlp_problem(n=2048):
@@ -218,6 +218,4 @@ def test_float16_underflow_is_flagged_and_loss_scaling_recovers(hpo):
     flat = bj.BilevelProblem(lambda t, p, b: 0.5 * jnp.sum((p - t) ** 2), lambda t, p, b: 0.5 * jnp.sum((p - t) ** 2))
     zeros = jnp.zeros(3, jnp.float32)
     assert precision_status(wrap_problem(flat, F16), zeros, zeros, (None, None)) == st.OK
-    # bfloat16 shares float32's exponent range: no fault
-    assert precision_status(wrap_problem(small, BF16), t32, w32, hpo.data) == st.OK
     np.testing.assert_equal(st.describe(st.PRECISION), "compute-dtype range")
