@@ -45,7 +45,7 @@ from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax._checks import check_positive_int, check_step_size
 from bilevel_jax.hypergrad.inner import lower_steps
-from bilevel_jax.linear_solvers import LinearSolver, SolverInfo, cg
+from bilevel_jax.linear_solvers import LinearSolver, SolverInfo, cg, fail_where
 from bilevel_jax.linear_solvers.base import rounding_eps
 from bilevel_jax.oracles import Multipliers
 from bilevel_jax.problem import BilevelProblem
@@ -175,10 +175,51 @@ class Halfspace(ConstraintSet):
         return otu.tree_vdot(self.a, phi) - self.b
 
 
+def require(where: str, value, ok: Callable, what: str):
+    """`value`, checked: `ok(value)` (a boolean array, or a pytree of them) must hold everywhere.
+    A concrete value that fails raises a ValueError naming `where` and `what` at once; a traced one
+    (a swept parameter under jit / vmap) is returned with an `eqx.error_if` that raises the same
+    message when the program runs."""
+    message = f"{where}: {what}."
+    with jax.ensure_compile_time_eval():   # concrete values are checked now, under jit too
+        flags = [jnp.all(b) for b in jax.tree_util.tree_leaves(ok(value))]
+        good = jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+    if isinstance(good, jax.core.Tracer):
+        return eqx.error_if(jax.tree_util.tree_map(jnp.asarray, value), ~good, message)
+    if not bool(good):
+        raise ValueError(message)
+    return value
+
+
+def _pairs(fn, lower, upper):
+    """`fn(l, u)` leaf by leaf; a bound given as one scalar or array is broadcast over the other's leaves."""
+    if jax.tree_util.tree_structure(lower) == jax.tree_util.tree_structure(upper):
+        return jax.tree_util.tree_map(fn, lower, upper)
+    if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(lower)):
+        return jax.tree_util.tree_map(lambda u: fn(lower, u), upper)
+    return jax.tree_util.tree_map(lambda l: fn(l, upper), lower)
+
+
+def _not_nan(tree):
+    return jax.tree_util.tree_map(lambda x: ~jnp.isnan(jnp.asarray(x)), tree)
+
+
+def _nonzero(a):
+    return jnp.asarray(otu.tree_norm(a) > 0)
+
+
 def box(lower=None, upper=None) -> Box:
-    """The box lower <= phi <= upper (either side may be None)."""
+    """The box lower <= phi <= upper (either side may be None; scalars or pytrees like phi). The
+    bounds are checked: no NaN, and lower <= upper everywhere (an empty box raises)."""
     if lower is None and upper is None:
         raise ValueError("box: give `lower`, `upper` or both (a box with no bound is the whole space).")
+    if lower is not None:
+        lower = require("box", lower, _not_nan, "the lower bound has NaN entries")
+    if upper is not None:
+        upper = require("box", upper, _not_nan, "the upper bound has NaN entries")
+    if lower is not None and upper is not None:
+        lower = require("box", lower, lambda lo: _pairs(lambda l, u: jnp.asarray(l) <= jnp.asarray(u), lo, upper),
+                        "lower > upper somewhere: the box is empty")
     return Box(lower, upper)
 
 
@@ -188,19 +229,33 @@ def non_negative() -> Box:
 
 
 def simplex(scale=1.0) -> Simplex:
-    return Simplex(scale)
+    """{phi >= 0, sum(phi) = scale}; scale must be a positive finite number."""
+    return Simplex(require("simplex", scale, lambda s: jnp.isfinite(s) & (jnp.asarray(s) > 0),
+                           f"scale must be a positive finite number, got {_show(scale)}"))
 
 
 def l2_ball(radius=1.0) -> L2Ball:
-    return L2Ball(radius)
+    """{||phi|| <= radius}; radius must be a positive finite number."""
+    return L2Ball(require("l2_ball", radius, lambda r: jnp.isfinite(r) & (jnp.asarray(r) > 0),
+                          f"radius must be a positive finite number, got {_show(radius)}"))
 
 
 def hyperplane(a, b=0.0) -> Hyperplane:
-    return Hyperplane(a, b)
+    """{<a, phi> = b}; a must be finite and nonzero (a = 0 is the whole space or empty)."""
+    a = require("hyperplane", a, lambda x: _nonzero(x) & jnp.isfinite(otu.tree_norm(x)),
+                "`a` must be a finite nonzero vector (a = 0 gives the whole space or an empty set)")
+    return Hyperplane(a, require("hyperplane", b, lambda x: jnp.isfinite(x), f"`b` must be finite, got {_show(b)}"))
 
 
 def halfspace(a, b=0.0) -> Halfspace:
-    return Halfspace(a, b)
+    """{<a, phi> <= b}; a must be finite and nonzero (a = 0 is the whole space or empty)."""
+    a = require("halfspace", a, lambda x: _nonzero(x) & jnp.isfinite(otu.tree_norm(x)),
+                "`a` must be a finite nonzero vector (a = 0 gives the whole space or an empty set)")
+    return Halfspace(a, require("halfspace", b, lambda x: jnp.isfinite(x), f"`b` must be finite, got {_show(b)}"))
+
+
+def _show(value) -> str:
+    return "a traced value" if isinstance(value, jax.core.Tracer) else repr(value)
 
 
 # ------------------------------------------------------------------ projected LL steps
@@ -353,13 +408,28 @@ def licq_status(cons: oracles.ConstraintLinearization, active: Optional[PyTree],
 
 # ------------------------------------------------------------------ augmented Lagrangian
 
+class ALMInfo(NamedTuple):
+    """What `augmented_lagrangian` reports at its returned (phi, lambda).
+
+    stationarity: ||grad_phi L(phi, lambda)|| (0 at a KKT point).
+    infeasibility: the largest constraint violation, max(max_i P_i, max_j |Q_j|, 0).
+    status: NONFINITE when phi or the multipliers are not finite (a diverging inner optimizer:
+      phi and the multipliers are then NaN in every leaf), else OK.
+    """
+
+    stationarity: jax.Array
+    infeasibility: jax.Array
+    status: jax.Array
+
+
 def augmented_lagrangian(problem: BilevelProblem, theta, phi0, batch, *, optimizer: optax.GradientTransformation,
                          inner_steps: int, outer_steps: int, penalty=10.0,
                          multipliers: Optional[Multipliers] = None):
     """The method of multipliers (module docstring) on the problem's LL constraints: `outer_steps`
     multiplier updates, each after `inner_steps` steps of `optimizer` on L_rho (its state carried
-    across outer steps). `penalty` is rho. Returns `(phi, Multipliers)`; fixed loop lengths, so it
-    runs under jit and vmap."""
+    across outer steps). `penalty` is rho. Returns `(phi, Multipliers, ALMInfo)`; fixed loop lengths,
+    so it runs under jit and vmap. A run that does not stay finite (e.g. an inner step size too
+    large for L_rho's curvature) returns NaN phi and multipliers with the status NONFINITE."""
     if not problem.constrained:
         raise ValueError("augmented_lagrangian: the problem has no lower_inequality / lower_equality.")
     check_positive_int("inner_steps", inner_steps)
@@ -396,10 +466,18 @@ def augmented_lagrangian(problem: BilevelProblem, theta, phi0, batch, *, optimiz
         return (oracles.differentiable(phi), opt_state, Multipliers(lam_p, lam_q)), None
 
     (phi_d, _, lam), _ = jax.lax.scan(outer, (phi_d, optimizer.init(phi_d), multipliers), None, length=outer_steps)
-    return eqx.combine(phi_d, phi_s), lam
+    phi = eqx.combine(phi_d, phi_s)
+    cons = oracles.linearize_constraints(problem, theta, phi)
+    stationarity = otu.tree_norm(otu.tree_add(oracles.lower_grad_phi(problem, theta, phi, batch), cons.vjp(lam)[1]))
+    violations = [jnp.max(jnp.maximum(x, 0.0)) for x in jax.tree_util.tree_leaves(cons.values.inequality)]
+    violations += [jnp.max(jnp.abs(x)) for x in jax.tree_util.tree_leaves(cons.values.equality)]
+    status = st.nonfinite(phi_d, lam)
+    info = ALMInfo(stationarity, jnp.max(jnp.stack([jnp.zeros((), stationarity.dtype), *violations])), status)
+    phi_d, lam = fail_where(status != st.OK, (phi_d, lam))
+    return eqx.combine(phi_d, phi_s), lam, info
 
 
-__all__ = ["Box", "ConstraintSet", "Halfspace", "Hyperplane", "L2Ball", "MultiplierInfo", "Multipliers",
+__all__ = ["ALMInfo", "Box", "ConstraintSet", "Halfspace", "Hyperplane", "L2Ball", "MultiplierInfo", "Multipliers",
            "ProjectedState", "ProjectedTransform", "Simplex", "augmented_lagrangian", "box", "feasible_set",
            "halfspace", "hyperplane", "l2_ball", "least_squares_multipliers", "licq_status", "non_negative",
-           "projected", "simplex", "singular", "solve_projected"]
+           "projected", "require", "simplex", "singular", "solve_projected"]

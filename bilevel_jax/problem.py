@@ -128,6 +128,18 @@ def check_problem(problem: Any, where: str = "") -> BilevelProblem:
     return problem
 
 
+def check_optimistic(problem: BilevelProblem, where: str) -> BilevelProblem:
+    """`problem`, unless it states the pessimistic problem (`pessimistic=True`), which `where` does
+    not solve (it computes the optimistic hypergradient or LL solution): a ValueError naming
+    `bj.algorithms.pessimistic_penalty`, the method that solves it."""
+    if getattr(problem, "pessimistic", False):
+        raise ValueError(f"{where}: the problem is pessimistic (BilevelProblem(..., pessimistic=True): "
+                         "min_theta max_(phi in S(theta)) f_upper) and this solves the optimistic problem instead. "
+                         "Use bj.algorithms.pessimistic_penalty, or build the problem with pessimistic=False for the "
+                         "optimistic reading.")
+    return problem
+
+
 def check_data_pair(data: Any) -> None:
     """`data` must be `(upper_data, lower_data)`; each a pytree or None."""
     if not (isinstance(data, (tuple, list)) and len(data) == 2):

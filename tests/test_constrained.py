@@ -266,8 +266,9 @@ def test_projected_and_augmented_lagrangian_solvers():
     alm = jax.jit(lambda t: bj.constraints.augmented_lagrangian(problem, t, jnp.zeros(6), None,
                                                                optimizer=optax.sgd(0.05), inner_steps=200,
                                                                outer_steps=20, penalty=10.0))
-    phi_a, lam = alm(theta)
+    phi_a, lam, info = alm(theta)
     np.testing.assert_allclose(phi_a, phi, atol=1e-8)
+    assert int(info.status) == st.OK and float(info.stationarity) < 1e-8 and float(info.infeasibility) < 1e-8
     thetas = theta + 0.01 * jax.random.normal(jax.random.PRNGKey(5), (3, 3))   # vmapped = per theta
     vmapped = jax.jit(jax.vmap(alm))(thetas)
     for i in range(3):
@@ -275,9 +276,15 @@ def test_projected_and_augmented_lagrangian_solvers():
     np.testing.assert_allclose(lam.inequality["lower"], mult.inequality["lower"], atol=1e-8)
     np.testing.assert_allclose(lam.inequality["upper"], mult.inequality["upper"], atol=1e-8)
     eq, theta_e, phi_star, _ = equality_quadratic()
-    phi_e, lam_e = jax.jit(lambda t: bj.constraints.augmented_lagrangian(
+    phi_e, lam_e, _ = jax.jit(lambda t: bj.constraints.augmented_lagrangian(
         eq, t, jnp.zeros(5), None, optimizer=optax.sgd(0.05), inner_steps=300, outer_steps=30, penalty=5.0))(theta_e)
     np.testing.assert_allclose(phi_e, phi_star(theta_e), atol=1e-8)
+    # a diverging inner optimizer (sgd(1.0) on L_rho, whose curvature is above 2): NaN and NONFINITE, not a bare NaN
+    phi_d, lam_d, info_d = jax.jit(lambda t: bj.constraints.augmented_lagrangian(
+        problem, t, jnp.zeros(6), None, optimizer=optax.sgd(1.0), inner_steps=200, outer_steps=20))(theta)
+    assert int(info_d.status) == st.NONFINITE
+    assert np.all(np.isnan(np.asarray(phi_d))) and all(np.all(np.isnan(np.asarray(x)))
+                                                      for x in jax.tree_util.tree_leaves(lam_d))
 
 
 def test_sets_project_onto_their_constraints():
@@ -291,6 +298,31 @@ def test_sets_project_onto_their_constraints():
         if s.has_equality:
             assert abs(float(s.equality(None, p))) <= 1e-12
         np.testing.assert_allclose(s.project(p), p, atol=1e-12)   # idempotent
+
+
+def test_sets_validate_their_parameters():
+    """An empty or degenerate set is an error at construction (a concrete parameter) or when the
+    program runs (a traced one), never a projection onto something else."""
+    C = bj.constraints
+    bad = [(lambda: C.box(1.0, 0.0), "box: lower > upper"), (lambda: C.box(jnp.zeros(3), jnp.array([1.0, -1.0, 1.0])),
+                                                             "box: lower > upper"),
+           (lambda: C.box(jnp.nan), "box: the lower bound has NaN"), (lambda: C.simplex(-1.0), "simplex: scale"),
+           (lambda: C.simplex(0.0), "simplex: scale"), (lambda: C.l2_ball(-1.0), "l2_ball: radius"),
+           (lambda: C.l2_ball(jnp.inf), "l2_ball: radius"), (lambda: C.hyperplane(jnp.zeros(3), 1.0), "hyperplane: `a`"),
+           (lambda: C.halfspace(jnp.zeros(3), 1.0), "halfspace: `a`"), (lambda: C.halfspace(jnp.ones(3), jnp.nan),
+                                                                        "halfspace: `b`")]
+    for make, message in bad:
+        with pytest.raises(ValueError, match=message):
+            make()
+    assert float(C.box({"a": 0.0, "b": jnp.zeros(2)}, 1.0).project({"a": jnp.asarray(2.0), "b": -jnp.ones(2)})["a"]) == 1.0
+    # traced (a swept radius): the valid values project, an invalid one raises when the program runs
+    project = eqx.filter_jit(lambda r, x: C.l2_ball(r).project(x))
+    np.testing.assert_allclose(project(2.0, jnp.full(4, 3.0)), jnp.ones(4), atol=1e-12)
+    with pytest.raises(Exception, match="l2_ball: radius must be a positive"):
+        jax.block_until_ready(project(-1.0, jnp.full(4, 3.0)))
+    boxes = eqx.filter_jit(jax.vmap(lambda lo: C.box(lo, 1.0).project(jnp.zeros(2))))
+    with pytest.raises(Exception, match="box: lower > upper"):
+        jax.block_until_ready(boxes(jnp.array([0.0, 2.0])))
 
 
 def test_kkt_argmin_gradients_match_closed_form_jit_vmap():
@@ -314,6 +346,75 @@ def test_kkt_argmin_gradients_match_closed_form_jit_vmap():
     for g_v, g in zip(vmapped, single):
         np.testing.assert_allclose(g_v, ref, atol=1e-8)
         np.testing.assert_allclose(g_v[-1], g, rtol=0, atol=1e-12)   # vmapped = per theta
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_kkt_argmin_uses_the_augmented_lagrangian_multipliers(dtype):
+    """The augmented Lagrangian ends 4e-3 inside a bound it holds with multiplier 1.7 (its multiplier
+    update approaching lambda* = 1.3 from a warm start above it): kkt_argmin takes the constraint
+    as active from the solver's multiplier, and gives the exact hypergradient (3.41) to 1e-3 in
+    float32 and float64 (a fixed 1e-6 tolerance on P dropped it: 3.27).
+
+    LL (by hand): 1/4 ||phi||^2 - phi'(b theta + c) s.t. 0.05 (phi_1 + phi_2) <= 0.05, b = (1, -1/2),
+    c = (1/2, 3/100). Active: phi = 2 (q - lambda a), q = b theta + c, a = (1, 1)/20, phi_1 + phi_2 = 1, so
+    lambda = 10 (q_1 + q_2) - 5 (1.3 at theta = 0.2), phi* = (1.27, -0.27) and d phi*/d theta = (3/2, -3/2)."""
+    a, b, c, y = (jnp.asarray(x, dtype) for x in ([0.05, 0.05], [1.0, -0.5], [0.5, 0.03], [0.3, 0.9]))
+    f_lower = lambda t, p, _: 0.25 * p @ p - p @ (b * t[0] + c)
+    f_upper = lambda t, p, _: 0.5 * jnp.sum((p - y) ** 2) + 0.5 * t[0] ** 2
+    problem = bj.constraints.halfspace(a, 0.05).problem(f_upper, f_lower)
+
+    def phi_star(t):
+        q = b * t[0] + c
+        return 2 * (q - (10 * jnp.sum(q) - 5) * a)
+
+    theta = jnp.asarray([0.2], dtype)
+    exact = jax.grad(lambda t: f_upper(t, phi_star(t), None))(theta)
+    np.testing.assert_allclose(exact, [3.41], rtol=1e-6)
+
+    def alm(t, p0, batch):
+        return bj.constraints.augmented_lagrangian(problem, t, p0, batch, optimizer=optax.sgd(0.05), inner_steps=200,
+                                                   outer_steps=20, multipliers=Multipliers(jnp.asarray(4.0, dtype), None))
+
+    solve = bj.hypergrad.kkt_argmin(problem, alm)
+    (phi, lam, info), g = jax.jit(lambda t: (alm(t, jnp.zeros(2, dtype), None),
+                                             jax.grad(lambda t: f_upper(t, solve(t, jnp.zeros(2, dtype), None), None))(t))
+                                  )(theta)
+    p = problem.lower_inequality(theta, phi)
+    assert -5e-3 < float(p) < -3e-3 and 1.6 < float(lam.inequality) < 1.8 and int(info.status) == st.OK
+    assert g.dtype == dtype
+    np.testing.assert_allclose(g, exact, atol=1e-3)
+
+
+def ridge_box(seed=4, dtype=jnp.float32, n=100, d=6):
+    """The README's box example: the ridge problem of its "Use" section (theta = log-regularisation)
+    with the weights in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    w, x_tr, x_val = rng.normal(size=d), rng.normal(size=(n, d)), rng.normal(size=(n, d))
+    data = ((x_val, x_val @ w + 0.3 * rng.normal(size=n)), (x_tr, x_tr @ w + 0.3 * rng.normal(size=n)))
+
+    def f_lower(theta, phi, batch):
+        x, y = batch
+        return 0.5 * jnp.mean((x @ phi - y) ** 2) + 0.5 * jnp.exp(theta) * phi @ phi
+
+    def f_upper(theta, phi, batch):
+        x, y = batch
+        return 0.5 * jnp.mean((x @ phi - y) ** 2)
+
+    return bj.constraints.box(0.0, 1.0).problem(f_upper, f_lower), jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), data)
+
+
+def test_readme_box_example_runs_checked(dtype=jnp.float32):
+    """aid_bio on the box-constrained ridge LL with check=True runs to the end: the LL of the first
+    steps is not yet solved, and a least-squares multiplier of 1e-6 (float32 rounding) or of an
+    inactive bound is not degeneracy (a fixed 1e-6 tolerance raised at outer step 12, in float64
+    too); the end point is a KKT point (status OK) where the hypergradient is small."""
+    problem, data = ridge_box(dtype=dtype)
+    alg = bj.algorithms.aid_bio(problem, upper_lr=0.2, lower_lr=0.3, lower_steps=20)
+    state = alg.init(jnp.asarray(0.0, dtype), jnp.full(6, 0.5, dtype), jax.random.PRNGKey(0))
+    state, hist = bj.run(alg, state, data, num_steps=300, eval_every=100, check=True)
+    assert np.all(np.asarray(hist["status"]) == st.OK) and state.theta.dtype == dtype
+    g, info = jax.jit(lambda t, p: bj.hypergradient(problem, t, p, data))(state.theta, state.phi)
+    assert int(info.status) == st.OK and abs(float(g)) < 2e-2 and float(state.theta) < -2.0   # from theta0 = 0
 
 
 # ------------------------------------------------------------------ the KKT rules in the loops: aid_bio, soba, BSG

@@ -527,6 +527,25 @@ def test_damped_solves_the_shifted_system_where_the_undamped_breaks_down():
     np.testing.assert_allclose(sweep(lams), [np.linalg.solve(a + lam * np.eye(6), b) for lam in lams], rtol=1e-10)
 
 
+def test_damped_sweep_with_an_invalid_damping_is_flagged():
+    """A traced damping that is negative or not finite (a swept grid value, which the constructor
+    cannot see) gives NaN and INVALID_STEP, never the solve of another system with status OK; the
+    valid grid points are untouched (bj.hypergradient: 1.75 with status OK for -0.5 before)."""
+    a = _spd(5, 4, np.array([0.6, 1.0, 2.0, 3.0]))
+    b = np.random.default_rng(6).normal(size=4)
+    lams = jnp.array([-0.5, 0.0, 0.1, jnp.nan])
+    def solve(lam):
+        solver = ls.damped(ls.cg(20), lam)
+        x, _, info = solver.solve(lambda v: a @ v, b, solver.init(b))
+        return x, info
+
+    xs, infos = jax.jit(jax.vmap(solve))(lams)
+    status = np.asarray(infos.status)
+    assert status[0] == st.INVALID_STEP and status[3] & st.INVALID_STEP and np.all(status[1:3] == st.OK)
+    assert np.all(np.isnan(np.asarray(xs)[[0, 3]]))
+    np.testing.assert_allclose(xs[1:3], [np.linalg.solve(a + lam * np.eye(4), b) for lam in (0.0, 0.1)], rtol=1e-10)
+
+
 def test_damped_forwards_the_key_of_a_stochastic_solver_and_checks_its_input(small):
     a, b, _ = small
     inner = ls.stochastic_neumann(steps=5, eta=0.1)

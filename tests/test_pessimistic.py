@@ -12,6 +12,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import bilevel_jax as bj
@@ -73,3 +74,30 @@ def test_pessimistic_penalty_arguments():
         bj.algorithms.pessimistic_penalty(bare)   # no projection for the constraints
     with pytest.raises(TypeError, match="pessimistic"):
         bj.BilevelProblem(f_upper, f_lower, pessimistic="yes")
+
+
+def test_entry_points_that_solve_the_optimistic_problem_refuse_a_pessimistic_one():
+    """pessimistic=True would be ignored by every preset but pessimistic_penalty and by the
+    hypergradients (soba on the README's example ended at 0.399, neither 0.25 nor 0.5): each
+    refuses it, naming pessimistic_penalty; the constrained presets (KKT rules) too."""
+    free = bj.BilevelProblem(f_upper, f_lower, pessimistic=True)
+    boxed = BOX.problem(f_upper, f_lower, pessimistic=True)
+    for name in sorted(bj.algorithms.ALGORITHMS):
+        with pytest.raises(ValueError, match=f"^{name}: .*the problem is pessimistic.*pessimistic_penalty"):
+            bj.algorithms.get(name)(free)
+    for name in ("soba", "aid_bio", "amigo"):   # they handle the box (KKT), not the pessimistic reading
+        with pytest.raises(ValueError, match=f"^{name}: the problem is pessimistic"):
+            bj.algorithms.get(name)(boxed)
+    theta, phi = jnp.array([0.5]), jnp.array([0.5, 0.5])
+    calls = {"bj.hypergradient": lambda p: bj.hypergradient(p, theta, phi, (None, None)),
+             "kkt_hypergradient": lambda p: bj.hypergrad.kkt_hypergradient(p, theta, phi, (None, None)),
+             "kkt_argmin": lambda p: bj.hypergrad.kkt_argmin(p, lambda t, p0, b: (p0, None)),
+             "unrolled_hypergradient": lambda p: bj.hypergrad.unrolled_hypergradient(
+                 p, theta, phi, (None, None), optimizer=optax.sgd(0.1), steps=2),
+             "zero_ig_hypergradient": lambda p: bj.hypergrad.zero_ig_hypergradient(p, theta, phi, (None, None),
+                                                                                  lower_lr=0.1, steps=2)}
+    for where, call in calls.items():
+        problem = boxed if where.startswith("kkt") else free
+        with pytest.raises(ValueError, match=f"^{where}: the problem is pessimistic.*pessimistic_penalty"):
+            call(problem)
+    bj.algorithms.pessimistic_penalty(boxed)   # the method that solves it

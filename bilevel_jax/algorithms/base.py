@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from bilevel_jax import status as st
+from bilevel_jax.problem import check_optimistic
 
 PyTree = Any
 
@@ -35,9 +36,12 @@ class Algorithm(eqx.Module):
     `lower_equality`) must honour the constraints, by its own account (`handles_constraints`) or
     its direction rule's (a `handles_constraints` class attribute, as the KKT rules of
     `bj.algorithms.constrained` have); otherwise construction raises instead of silently solving
-    the unconstrained problem."""
+    the unconstrained problem. Likewise a pessimistic problem (`BilevelProblem(..., pessimistic=True)`)
+    is refused by every algorithm but those that solve it (`handles_pessimistic`, as
+    `bj.algorithms.pessimistic_penalty` has)."""
 
     handles_constraints: ClassVar[bool] = False
+    handles_pessimistic: ClassVar[bool] = False
 
     def __check_init__(self):
         problem = getattr(self, "problem", None)
@@ -51,6 +55,9 @@ class Algorithm(eqx.Module):
                              "bsg_constrained, pessimistic_penalty, the value-function presets (f2sa, bome, "
                              "pbgd, pdbo, vf_penalty, smoothing_pg) and pzobo (projected steps), ebsa (log barrier), or "
                              "bilevel_loop(direction=bj.algorithms.kkt(problem)).")
+        if not self.handles_pessimistic:
+            name = getattr(self, "name", None)
+            check_optimistic(problem, name if isinstance(name, str) else type(self).__name__)
 
     @abc.abstractmethod
     def init(self, theta0: PyTree, phi0: PyTree, key: jax.Array, data: Any = None):

@@ -158,8 +158,9 @@ class AmortizedKKT(Amortized):
 def kkt(problem: BilevelProblem, linear_solver: Optional[LinearSolver] = None, tol=1e-6, *,
         multiplier_solver: Optional[LinearSolver] = None, nan_if_degenerate: bool = False) -> KKT:
     """The KKT direction rule with `linear_solver` (default `minres(50, warm_start=True)`); `tol`
-    the active-set tolerance, `multiplier_solver` the least-squares multipliers' CG (default
-    `cg(100)`), `nan_if_degenerate` as in `bj.hypergrad.kkt_hypergradient`."""
+    the relative active-set tolerance (`bj.hypergrad.kkt.active_set`), `multiplier_solver` the
+    least-squares multipliers' CG (default `cg(100)`), `nan_if_degenerate` as in
+    `bj.hypergrad.kkt_hypergradient`."""
     _check_problem("kkt", problem)
     solver = minres(50, warm_start=True) if linear_solver is None else linear_solver
     if not isinstance(solver, LinearSolver) or solver.stochastic:

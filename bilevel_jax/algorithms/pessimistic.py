@@ -90,6 +90,7 @@ class PessimisticPenalty(Algorithm):
     tracker_steps: int = eqx.field(static=True, default=10)
     check: bool = eqx.field(static=True, default=False)
     handles_constraints: ClassVar[bool] = True   # by projected follower and tracker steps
+    handles_pessimistic: ClassVar[bool] = True   # pessimistic=True and False alike
 
     def init(self, theta0, phi0, key, data=None) -> PessimisticState:
         theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)

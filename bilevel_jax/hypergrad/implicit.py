@@ -22,7 +22,7 @@ from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax.linear_solvers import LinearSolver, SolverInfo, cg, fail_where
 from bilevel_jax.precision import Precision, check_precision, diagnose, wrap_problem
-from bilevel_jax.problem import BilevelProblem, check_problem, check_same_structure
+from bilevel_jax.problem import BilevelProblem, check_optimistic, check_problem, check_same_structure
 from bilevel_jax.sharding import local_problem, sharded
 
 PyTree = Any
@@ -110,7 +110,7 @@ def hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[Li
       OK: the solve failed (a concave or singular lower level: BREAKDOWN; NaN in the data:
       NONFINITE; v is NaN too) or g itself is non-finite. Never a finite-looking value.
     """
-    check_problem(problem)
+    check_optimistic(check_problem(problem), "bj.hypergradient")
     if check_precision(precision) is not None:  # the policy: objectives wrapped, theta, phi, x0 in the state dtype
         problem = wrap_problem(problem, precision)
         theta, phi, x0 = (precision.cast_state(tree) for tree in (theta, phi, x0))

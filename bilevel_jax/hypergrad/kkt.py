@@ -28,13 +28,30 @@ the theta part (`oracles.linearize_lagrangian`), one linearization of (P, Q) in 
 inactive multiplier components get identity rows (b_i = 0), so the operator keeps a fixed shape
 under jit. K is indefinite: solve it with MINRES (`bj.linear_solvers.minres`, the default).
 
-Active set: an inequality is active when P_i >= -tol. The point is reported `bj.status.DEGENERATE`
-when an inequality is weakly active (P_i >= -tol and lambda_i <= tol: strict complementarity
-fails, F is not differentiable there), a multiplier has the wrong sign (lambda_i < -tol), an
-inactive constraint carries a multiplier (lambda_i > tol with P_i < -tol), or the gradients of
-the active constraints (P_i >= -tol, and all of Q) are linearly dependent (LICQ fails: the
-multipliers are not unique), whether the multipliers are given or recovered by least squares
-(`bj.constraints.licq_status`).
+Active set. The decisions are relative to the problem's scale (`active_set`; tol default 1e-6,
+eps the machine epsilon):
+
+    tol_P   = max(tol, 10 eps) * max(1, max_i |P_i|)      (the constraints' scale)
+    tol_lam = max(tol, 100 eps) * max |lambda| + r         (the multipliers' scale and r, the LL's
+                                                           stationarity residual ||grad_phi L|| with
+                                                           the touching constraints' multipliers)
+
+An inequality touches its bound when P_i >= -tol_P. With least-squares multipliers (which carry
+no information beyond phi) the active set is the touching constraints; with multipliers given by
+the solver that produced phi (an augmented Lagrangian's), a constraint with lambda_i > tol_lam is
+active too: such a solver may end slightly inside the bound with a positive multiplier (its
+multiplier update approaching lambda* from above), and dropping the constraint would
+differentiate the wrong piece of phi*(theta). A multiplier estimated at a point that is not yet a KKT point (an LL
+solved to a residual r) is uncertain by about r: so an LL that is not yet solved is not reported
+degenerate for multipliers within that uncertainty, nor for a least-squares multiplier of an
+inactive constraint (the LL is inexact there, not degenerate). The point is reported
+`bj.status.DEGENERATE` when a touching inequality has lambda_i <= tol_lam (weakly active: strict
+complementarity fails, F is not differentiable there), an active (or any given) multiplier has
+the wrong sign (lambda_i < -tol_lam), or the gradients of the active constraints (and all of Q)
+are linearly dependent (LICQ fails: the multipliers are not unique), whether the multipliers are
+given or recovered by least squares (`bj.constraints.licq_status`). (Facchinei, Fischer, Kanzow,
+"On the accurate identification of active constraints", SIAM J. Optim. 9(1), 1998, make the
+active-set tolerance a function of the KKT residual in the same way.)
 
 DEGENERATE is a loss of the implicit function theorem's assumptions at this point, not a failed
 solve, and g is kept: the estimate with the active set as detected (weakly active constraints held
@@ -65,7 +82,7 @@ from bilevel_jax import status as st
 from bilevel_jax.constraints import least_squares_multipliers, licq_status
 from bilevel_jax.linear_solvers import LinearSolver, SolverInfo, fail_where, minres
 from bilevel_jax.oracles import Multipliers
-from bilevel_jax.problem import BilevelProblem, check_problem
+from bilevel_jax.problem import BilevelProblem, check_optimistic, check_problem
 
 PyTree = Any
 
@@ -100,13 +117,44 @@ def _tmap(fn, *trees):
     return None if trees[0] is None else jax.tree_util.tree_map(fn, *trees)
 
 
-def active_set(values: Multipliers, multipliers: Multipliers, tol):
-    """(mask of active inequalities as 1.0/0.0, DEGENERATE flag) from P, lambda_P and `tol`."""
-    p, lam = values.inequality, multipliers.inequality
+def _max_abs(tree, dtype):
+    leaves = [jnp.max(jnp.abs(x)) for x in jax.tree_util.tree_leaves(tree)]
+    return jnp.max(jnp.stack(leaves)).astype(dtype) if leaves else jnp.zeros((), dtype)
+
+
+def active_set(lin: oracles.LagrangianLinearization, multipliers: Multipliers, tol, given: bool):
+    """(mask of active inequalities as 1.0/0.0, DEGENERATE flag) at a linearization of the
+    Lagrangian with `multipliers` (module docstring, "Active set"):
+
+        tol_P   = max(tol, 10 eps) * max(1, max_i |P_i|)
+        tol_lam = max(tol, 100 eps) * max |lambda| + r,   r = ||grad_phi f + grad_phi P_T' lambda_T + grad_phi Q' lambda_Q||
+
+    eps the machine epsilon of P's dtype, T = {i : P_i >= -tol_P} the touching inequalities. tol_P
+    is relative to the constraints' scale (P is computed to rounding accuracy). tol_lam is relative
+    to the multipliers' scale (they come out of a linear solve: a few eps relative for well
+    conditioned constraint gradients; 100 eps leaves a margin) and to r, the LL's stationarity
+    residual with the touching constraints' multipliers only (what is left of grad f for the others
+    to explain: an LL not yet solved to r leaves its multipliers uncertain by about r).
+
+    `given`: the multipliers come from the solver that produced phi (an augmented Lagrangian's, or
+    the user's): a constraint whose multiplier exceeds tol_lam is active even if P_i < -tol_P (the
+    solver's primal point is the less accurate of the two). Otherwise (least-squares multipliers,
+    which carry no information beyond phi) the active set is T."""
+    cons = lin.constraints
+    p, lam = cons.values.inequality, multipliers.inequality
     if p is None:
         return None, st.ok()
-    active = _tmap(lambda c: c >= -tol, p)
-    bad = _tmap(lambda c, l, m: (m & (l <= tol)) | (l < -tol) | (~m & (l > tol)), p, lam, active)
+    dtype = jax.tree_util.tree_leaves(p)[0].dtype
+    tol, eps = jnp.asarray(tol, dtype), jnp.finfo(dtype).eps
+    tol_p = jnp.maximum(tol, 10 * eps) * jnp.maximum(1.0, _max_abs(p, dtype))
+    touching = _tmap(lambda c: c >= -tol_p, p)
+    others = Multipliers(_tmap(lambda t, l: jnp.where(t, 0.0, l), touching, lam),
+                         _tmap(jnp.zeros_like, multipliers.equality))
+    residual = otu.tree_norm(otu.tree_sub(lin.grad_lagrangian, cons.vjp(others)[1]))
+    tol_lam = jnp.maximum(tol, 100 * eps) * _max_abs(tuple(multipliers), dtype) + residual.astype(dtype)
+    active = _tmap(lambda t, l: t | (l > tol_lam), touching, lam) if given else touching
+    wrong_sign = _tmap(lambda a, l: (a | given) & (l < -tol_lam), active, lam)
+    bad = _tmap(lambda t, l, w: (t & (l <= tol_lam)) | w, touching, lam, wrong_sign)
     degenerate = jnp.any(jnp.stack([jnp.any(b) for b in jax.tree_util.tree_leaves(bad)]))
     mask = _tmap(lambda m, c: m.astype(c.dtype), active, p)
     return mask, st.flag(degenerate, st.DEGENERATE)
@@ -169,8 +217,8 @@ def kkt_system(problem: BilevelProblem, theta, phi, upper_batch, lower_batch, mu
     active set, the degeneracy checks (weak activity, multiplier signs, LICQ of the active
     constraints) and the matrix-free operator. The full solve (`kkt_direction`) and the amortized
     rule (`bj.algorithms.amortized_kkt`) are both built on it."""
-    mult_status = st.ok()
-    if multipliers is None:
+    mult_status, given = st.ok(), multipliers is not None
+    if not given:
         multipliers, minfo = least_squares_multipliers(problem, theta, phi, lower_batch, multiplier_solver,
                                                        check_licq=False)
         mult_status = minfo.status
@@ -178,7 +226,7 @@ def kkt_system(problem: BilevelProblem, theta, phi, upper_batch, lower_batch, mu
     g_theta, b = oracles.upper_grads(problem, theta, phi, upper_batch)
     cons = oracles.linearize_constraints(problem, theta, phi)
     lin = oracles.linearize_lagrangian(problem, theta, phi, multipliers, lower_batch, cons)
-    mask, deg = active_set(cons.values, multipliers, tol)
+    mask, deg = active_set(lin, multipliers, tol, given)
     licq = licq_status(cons, mask, multiplier_solver)
     rhs = (b, tuple(None if v is None else otu.tree_zeros_like(v) for v in cons.values))
     status = st.merge(mult_status, deg, licq, st.nonfinite(multipliers))
@@ -217,7 +265,7 @@ def kkt_hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optiona
       multipliers: `bj.constraints.Multipliers(lambda_P, lambda_Q)`; None: least squares from phi.
         Either way they are checked (signs, complementarity, LICQ of the active constraints).
       x0: warm start of the adjoint, `(a, (b_P, b_Q))`.
-      tol: the active-set tolerance on P and lambda.
+      tol: the relative active-set tolerance (`active_set`; floored at 10 eps for P, 100 eps for lambda).
       multiplier_solver: CG for the least-squares multipliers and the LICQ check (default `cg(100)`).
       nan_if_degenerate: False (default): at a DEGENERATE point g is the one-sided estimate with
         the weakly active constraints held active, flagged in the status (as in the loops' `KKT`
@@ -227,7 +275,7 @@ def kkt_hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optiona
       `(g, KKTInfo)`. g is NaN (every leaf) when the status has BREAKDOWN or NONFINITE (a failed
       adjoint solve, a non-finite value), and with DEGENERATE only under `nan_if_degenerate`.
     """
-    check_problem(problem)
+    check_optimistic(check_problem(problem), "kkt_hypergradient")
     if not problem.constrained:
         raise ValueError("kkt_hypergradient: the problem has no lower_inequality / lower_equality; "
                          "use bj.hypergradient.")
@@ -263,9 +311,11 @@ def kkt_argmin(problem: BilevelProblem, solve_fn, solver: Optional[LinearSolver]
     """`solve(theta, phi0, batch) -> phi*(theta, batch)` for a constrained LL, differentiable by the
     KKT implicit function theorem in both autodiff modes.
 
-    `solve_fn(theta, phi0, batch) -> (phi, Multipliers or None)` is the primal solver
-    (e.g. `bj.constraints.augmented_lagrangian`, or projected steps returning None: the
-    multipliers are then recovered by least squares); autodiff never goes through it. The tangent
+    `solve_fn(theta, phi0, batch) -> (phi, Multipliers or None[, info])` is the primal solver
+    (e.g. `bj.constraints.augmented_lagrangian`, whose multipliers then decide the active set with
+    phi: a constraint it holds with a multiplier above tol_lam is active even where its phi is
+    still slightly inside, module docstring; or projected steps returning None: the multipliers
+    are then recovered by least squares); autodiff never goes through it. The tangent
     solves K (phi_dot, lambda_dot_A) = -(d_theta G) theta_dot - (d_batch G) batch_dot on the active
     set with `solver` (default `minres(100)`), as a `lax.custom_linear_solve` (K is symmetric, so
     reverse mode is its transpose). theta and batch are pytrees of arrays, phi0 an array pytree.
@@ -273,6 +323,7 @@ def kkt_argmin(problem: BilevelProblem, solve_fn, solver: Optional[LinearSolver]
     with the weakly active constraints held active (check the point with `kkt_hypergradient`); a
     breakdown of the tangent solve makes it NaN.
     """
+    check_optimistic(check_problem(problem), "kkt_argmin")
     solver = minres(100) if solver is None else solver
 
     def inverse(matvec, b):
@@ -281,24 +332,24 @@ def kkt_argmin(problem: BilevelProblem, solve_fn, solver: Optional[LinearSolver]
     def solve(theta, phi0, batch):
         @jax.custom_jvp
         def phi_star(t, p0, bt):
-            phi, _ = _primal(t, p0, bt)
-            return phi
+            return _primal(t, p0, bt)[0]
 
         def _primal(t, p0, bt):
-            phi, mult = solve_fn(t, p0, bt)
-            if mult is None:
+            phi, mult = solve_fn(t, p0, bt)[:2]   # (phi, multipliers or None[, info])
+            given = mult is not None
+            if not given:
                 mult, _ = least_squares_multipliers(problem, t, phi, bt)
-            return oracles.differentiable(phi), Multipliers(*mult)
+            return oracles.differentiable(phi), Multipliers(*mult), given
 
         @phi_star.defjvp
         def phi_star_jvp(primals, tangents):
             t, p0, bt = primals
             t_dot, _, b_dot = tangents
-            phi, mult = _primal(t, p0, bt)
+            phi, mult, given = _primal(t, p0, bt)
             mult = jax.lax.stop_gradient(mult)
             cons = oracles.linearize_constraints(problem, t, phi)
             lin = oracles.linearize_lagrangian(problem, t, phi, mult, bt, cons)
-            mask, _ = active_set(cons.values, mult, tol)
+            mask, _ = active_set(lin, mult, tol, given)
             operator = kkt_operator(lin, mask)
 
             def g_active(t_, bt_):  # (grad_phi L, m * P, Q) at fixed phi and lambda

@@ -47,7 +47,7 @@ from jax.flatten_util import ravel_pytree
 from bilevel_jax import oracles
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.hypergrad.inner import apply_rule, lower_step, lower_steps
-from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.problem import BilevelProblem, check_optimistic
 
 MODES = ("reverse", "forward", "mixed")
 
@@ -141,6 +141,7 @@ def unrolled_hypergradient(problem: BilevelProblem, theta, phi0, data, *,
 
     Returns `(g, phi_T)`.
     """
+    check_optimistic(problem, "unrolled_hypergradient")
     check_positive_int("steps", steps)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")

@@ -14,12 +14,13 @@ import optax
 from bilevel_jax import oracles
 from bilevel_jax._checks import check_positive_int, check_step_size
 from bilevel_jax.hypergrad.inner import solve_lower
-from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.problem import BilevelProblem, check_optimistic
 
 
 def zero_ig_hypergradient(problem: BilevelProblem, theta, phi0, data, *, lower_lr, steps: int):
     """(grad_theta f_upper(theta, phi_T), phi_T), phi_T = `steps` SignSGD steps (`optax.sign_sgd`,
     Bernstein et al. 2018, arXiv:1802.04434) from phi0."""
+    check_optimistic(problem, "zero_ig_hypergradient")
     check_positive_int("steps", steps)
     check_step_size("lower_lr", lower_lr)
     problem.validate(theta, phi0, data)

@@ -14,7 +14,8 @@ definite: choose lambda small against the curvature, or anneal it.
 
 The wrapped solver keeps its state, warm starts, stochastic matvecs (`matvec(x, key)`) and status;
 `info.residual_norm` is the residual of the damped system and `num_matvecs` counts applications
-of A (the damping term costs no oracle call).
+of A (the damping term costs no oracle call). A damping that is negative or not finite (a traced
+sweep value; a concrete one raises at construction) makes x NaN with the status INVALID_STEP.
 """
 from __future__ import annotations
 
@@ -22,10 +23,12 @@ import math
 from typing import Any, Optional
 
 import equinox as eqx
+import jax.numpy as jnp
 import optax.tree_utils as otu
 
+from bilevel_jax import status as st
 from bilevel_jax._checks import as_array, check_in_range
-from bilevel_jax.linear_solvers.base import LinearSolver
+from bilevel_jax.linear_solvers.base import LinearSolver, fail_where
 
 
 class Damped(LinearSolver):
@@ -55,7 +58,10 @@ class Damped(LinearSolver):
         def damped(x, *key_arg):
             return otu.tree_add_scale(matvec(x, *key_arg), self.damping, x)
 
-        return self.solver.solve(damped, b, state, key)
+        x, state, info = self.solver.solve(damped, b, state, key)
+        invalid = ~jnp.all(jnp.isfinite(self.damping) & (self.damping >= 0))
+        info = info._replace(status=st.merge(info.status, st.flag(invalid, st.INVALID_STEP)))
+        return fail_where(invalid, x), state, info
 
 
 def damped(solver: LinearSolver, damping=1e-2) -> Damped:
