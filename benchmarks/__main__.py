@@ -21,6 +21,9 @@ problems, two presets and few repeats (the smoke test), so its numbers mean noth
   peer       (peer.py)               jaxopt implicit differentiation against bj.hypergradient
   precision  (precision.py)          bj.Precision (bfloat16, float16 compute; float32 states) against
                                      float32: hypergradient (logistic, MLP) and SOBA step time, error
+  scaling    (scaling.py)            data-parallel steps (mesh=) on 1, 2, 4 devices (forced host devices
+                                     on a CPU, one process each): step time, collective bytes per step
+                                     read from the compiled HLO, against the ideal
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ import tempfile
 import time
 
 MEASURES = ("steps", "oracles", "compile", "reference", "bilevel", "bandwidth", "vmap", "unrolled", "second_order",
-            "peer", "precision")
+            "peer", "scaling", "precision")
 
 FULL = dict(
     repeats=3,
@@ -230,6 +233,10 @@ def main(argv=None):
         from benchmarks import precision
         section("precision", lambda: precision.measure(by_name["logistic_full"], cfg["precision_width"], cfg["precision_n"],
                                                        cfg["precision_cg"], cfg["precision_soba_steps"], repeats))
+
+    if "scaling" in only:
+        from benchmarks import scaling
+        section("scaling", lambda: scaling.measure(a.quick, repeats, log=log))
 
     if cache_dir is not None:
         shutil.rmtree(cache_dir, ignore_errors=True)

@@ -31,6 +31,28 @@ def _table(header: List[str], rows: List[List[str]]) -> List[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _scaling(sc: dict) -> List[str]:
+    """The data-parallel scaling table (benchmarks/scaling.py)."""
+    if not sc or "error" in sc:
+        return []
+    first = next(iter(sc.values()))
+    lines = ["## Data-parallel scaling (`mesh=`)", "",
+             f"{first['problem']}; one process per device count ({first['platform']}"
+             + ("; forced host devices share the CPU's cores: the times show the sharded program's overhead, "
+                "not a speed-up" if first["platform"] == "cpu" else "") + "). Bytes moved: the collectives of one "
+             "compiled outer step (from its HLO); ideal: one all-reduce of every oracle result of the step.", ""]
+    rows = []
+    for d, row in sc.items():
+        for name, r in row["presets"].items():
+            ratio = r.get("moved_vs_ideal")
+            rows.append([name, d, _auto(r["step"]), _n(r.get("vs_one_device")), str(r["collectives"]),
+                         str(r["bytes_moved"]), str(r["bytes_ideal"]), "-" if ratio is None else _n(ratio),
+                         str(r["largest_operand"])])
+    rows.sort(key=lambda x: (x[0], int(x[1])))
+    return lines + _table(["preset", "devices", "step", "vs 1 device", "collectives", "bytes moved", "ideal",
+                           "moved / ideal", "largest operand (elements)"], rows) + [""]
+
+
 def markdown(res: dict) -> str:
     m = res["meta"]
     v = m["versions"]
@@ -249,4 +271,5 @@ def markdown(res: dict) -> str:
               if isinstance(res.get(k), dict) and "error" in res[k]]
     if errors:
         lines += [f"- sections with errors: {errors} (see the JSON)", ""]
+    lines += _scaling(res.get("scaling", {}))
     return "\n".join(lines)

@@ -53,15 +53,31 @@ class AxisMean(eqx.Module):
 
     fn: Callable = eqx.field(static=True)
     axis: str = eqx.field(static=True)
+    vary: bool = eqx.field(static=True, default=True)
 
     def __call__(self, theta, phi, batch):
+        # `vary`: theta and phi enter as device-varying values, so the all-reduce of a derivative is
+        # placed at their cotangents (theta- and phi-sized) and not at an intermediate that the
+        # objective forms from them before it meets the samples (phi phi' in a quadratic form, say)
+        if self.vary:
+            theta, phi = jax.tree_util.tree_map(lambda x: _vary(x, self.axis), (theta, phi))
         return jax.lax.pmean(self.fn(theta, phi, batch), self.axis)
 
 
-def local_problem(problem: BilevelProblem, axis: str = DATA_AXIS) -> BilevelProblem:
+def _vary(x, axis: str):
+    if eqx.is_inexact_array(x) and axis not in getattr(jax.typeof(x), "vma", frozenset()):
+        return jax.lax.pcast(x, axis, to="varying")
+    return x
+
+
+def local_problem(problem: BilevelProblem, axis: str = DATA_AXIS, vary: bool = True) -> BilevelProblem:
     """`problem` with its objectives averaged over the devices of `axis` (`AxisMean`): its
-    oracles on a device's shard inside `shard_map` are those of the whole data."""
-    return dataclasses.replace(problem, f_upper=AxisMean(problem.f_upper, axis), f_lower=AxisMean(problem.f_lower, axis))
+    oracles on a device's shard inside `shard_map` are those of the whole data. `vary=False`
+    keeps theta and phi invariant inside the objectives (for `lax.custom_linear_solve`, whose
+    output takes the varying axes of its linearization point; the all-reduces may then carry an
+    intermediate the objective builds from theta and phi alone, still independent of the samples)."""
+    return dataclasses.replace(problem, f_upper=AxisMean(problem.f_upper, axis, vary),
+                               f_lower=AxisMean(problem.f_lower, axis, vary))
 
 
 def check_mesh(mesh, axis: str) -> None:

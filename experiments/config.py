@@ -64,6 +64,7 @@ TOP_LEVEL: Dict[str, Tuple[tuple, Any]] = {
     "x64": ((bool,), True),
     "full": ((bool,), False),
     "devices": ((int, str), "auto"),    # CPU only: host devices to shard the batch over
+    "mesh": ((dict,), {}),              # {data = N}: every cell data-parallel over N devices (bj.data_parallel)
     "timing": ((bool,), True),          # a separate single-run timing pass (the time axis)
     "timing_steps": ((int,), 1000),     # length of the timing run (time per step is constant)
     "timing_repeats": ((int,), 3),      # the timing run's minimum over this many repeats
@@ -211,6 +212,10 @@ def validate(cfg: dict, source: str = "config") -> dict:
         raise ConfigError(f"{source}: devices must be an int or \"auto\", got {cfg['devices']!r}.")
     if cfg["chunk"] < 0:
         raise ConfigError(f"{source}: chunk must be >= 0, got {cfg['chunk']}.")
+    check_names(cfg["mesh"], ("data",), f"{source}: [mesh]")
+    data_axis = cfg["mesh"].get("data", 1)
+    if isinstance(data_axis, bool) or not isinstance(data_axis, int) or data_axis < 1:
+        raise ConfigError(f"{source}: mesh.data must be an int >= 1 (devices per data-parallel run), got {data_axis!r}.")
     problem = cfg["problem"]
     if "name" not in problem or not isinstance(problem["name"], str):
         raise ConfigError(f"{source}: [problem] needs a name (e.g. name = \"quadratic\").")

@@ -145,7 +145,7 @@ def run_cells(cfg: dict, setup, reference: dict, store: ResultStore, cells: Opti
     if not todo:
         return RunStats([], done, time.perf_counter() - start)
     n_dev = None if cfg["devices"] == "auto" else int(cfg["devices"])
-    mesh = make_mesh(n_dev)
+    mesh = make_mesh(n_dev, cfg["mesh"].get("data", 1))
     runner = BatchedRunner(setup, cfg, mesh)
     if writer:
         evaluator = MetricEvaluator(setup, cfg["metrics"], reference, local_mesh(mesh), rows=cfg["eval_rows"])

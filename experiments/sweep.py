@@ -353,9 +353,15 @@ class Split(NamedTuple):
     key: Hashable         # (static, structure/shapes/dtypes of dyn, steps, eval_every)
 
 
-def split(cell: Cell, problem: bj.BilevelProblem, cfg: dict) -> Split:
-    """Build the cell's algorithm for `problem` and partition it (see the module docstring)."""
+def split(cell: Cell, problem: bj.BilevelProblem, cfg: dict, mesh: Optional[Mesh] = None) -> Split:
+    """Build the cell's algorithm for `problem` and partition it (see the module docstring); with
+    a `mesh` that has a "data" axis, the algorithm runs data-parallel over it (`bj.data_parallel`)."""
     alg = build_algorithm(problem, cell.preset, cell.spec, f"algorithms.{cell.label}")
+    if mesh is not None and DATA in mesh.axis_names:
+        try:
+            alg = bj.data_parallel(alg, mesh=mesh, axis=DATA)
+        except ValueError as e:
+            raise ConfigError(f"algorithms.{cell.label}: mesh.data = {mesh.shape[DATA]}: {e}") from None
     dyn, static = eqx.partition(alg, eqx.is_array)
     dyn = jax.tree_util.tree_map(_as_float, dyn)
     leaves, treedef = jax.tree_util.tree_flatten(dyn)
@@ -414,9 +420,14 @@ def make_single_run(setup, static, steps: int, eval_every: int, eval_fn=record_i
     return one
 
 
-def make_mesh(n_devices: Optional[int] = None) -> Mesh:
-    """The 1-D mesh "batch" over the devices of every process of the job (`jax.devices()`), or over
-    the first `n_devices` of each process."""
+DATA = "data"   # the mesh axis that splits every run's samples (config `mesh = {data = N}`)
+
+
+def make_mesh(n_devices: Optional[int] = None, data: int = 1) -> Mesh:
+    """The mesh over the devices of every process of the job (`jax.devices()`), or over the first
+    `n_devices` of each process: 1-D "batch" (the cells x seeds rows), or with `data` > 1 the 2-D
+    ("batch", "data") mesh whose rows of `data` consecutive devices (those of one process first,
+    then the next process's) each run one row data-parallel."""
     devices = jax.devices()
     if n_devices is not None:
         local = jax.local_devices()
@@ -427,14 +438,27 @@ def make_mesh(n_devices: Optional[int] = None) -> Mesh:
         for d in devices:
             by_process.setdefault(d.process_index, []).append(d)
         devices = [d for mine in by_process.values() for d in mine[:n_devices]]
-    return Mesh(np.asarray(devices), ("batch",))
+    if data == 1:
+        return Mesh(np.asarray(devices), ("batch",))
+    if len(devices) % data:
+        raise ConfigError(f"mesh.data = {data} does not divide the job's {len(devices)} devices.")
+    return Mesh(np.asarray(devices).reshape(-1, data), ("batch", DATA))
 
 
 def local_mesh(mesh: Mesh) -> Mesh:
-    """The devices of `mesh` that this process drives (all of them in a single-process run): for
-    work that one process does alone, such as the metrics of the cells it writes."""
+    """The devices of `mesh` that this process drives (all of them in a single-process run), as a
+    1-D "batch" mesh: for work that one process does alone, such as the metrics of the cells it writes."""
     mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    return Mesh(np.asarray(mine), mesh.axis_names)
+    return Mesh(np.asarray(mine), ("batch",))
+
+
+def data_sharding(mesh: Mesh, data):
+    """Where the problem's data lives: split along the sample axis over "data" (replicated over
+    the rows) when the mesh has that axis, else replicated."""
+    if DATA not in mesh.axis_names:
+        return jax.tree_util.tree_map(lambda _: NamedSharding(mesh, PartitionSpec()), data)
+    return jax.tree_util.tree_map(
+        lambda x: NamedSharding(mesh, PartitionSpec(DATA) if np.ndim(x) else PartitionSpec()), data)
 
 
 def _pad(n: int, multiple: int) -> int:
@@ -528,7 +552,8 @@ class BatchedRunner:
         self.setup, self.cfg, self.mesh = setup, cfg, mesh
         self.batch_sharding = NamedSharding(mesh, PartitionSpec("batch"))
         self.replicated = NamedSharding(mesh, PartitionSpec())
-        self.data = jax.device_put(setup.data, self.replicated)
+        self.data_sharding = data_sharding(mesh, setup.data)
+        self.data = jax.device_put(setup.data, self.data_sharding)
         self._splits: Dict[str, Split] = {}
         self._checked: set = set()
         self._compiled: Dict[Tuple[Hashable, int], Any] = {}
@@ -538,7 +563,7 @@ class BatchedRunner:
         """The cell's `Split`; the first cell of each group also has its `init` checked on the
         data (`check_init`)."""
         if cell.cell_id not in self._splits:
-            part = split(cell, self.setup.problem, self.cfg)
+            part = split(cell, self.setup.problem, self.cfg, self.mesh)
             if part.key not in self._checked:
                 check_init(cell, part, self.setup)
                 self._checked.add(part.key)
@@ -560,7 +585,7 @@ class BatchedRunner:
             return self._compiled[key], 0.0
         one = make_single_run(self.setup, part.static, *part.key[-1])
         fn = jax.jit(jax.vmap(one, in_axes=(0, 0, None)),
-                     in_shardings=(self.batch_sharding, self.batch_sharding, self.replicated),
+                     in_shardings=(self.batch_sharding, self.batch_sharding, self.data_sharding),
                      out_shardings=self.batch_sharding)
         start = time.perf_counter()
         compiled = fn.lower(dyn, keys, self.data).compile()
@@ -577,9 +602,12 @@ class BatchedRunner:
         if part.key not in self._per_step:
             steps = min(self.cfg["timing_steps"], run_length(cell, self.cfg)[0])
             one = make_single_run(self.setup, part.static, steps, steps, None)
-            device = local_mesh(self.mesh).devices.flat[0]
-            data = jax.device_put(self.setup.data, device)
-            dyn = jax.device_put(part.dyn, device)
+            if DATA in self.mesh.axis_names:   # a data-parallel run: over its mesh (every process takes part)
+                data, dyn = self.data, jax.device_put(part.dyn, self.replicated)
+            else:
+                device = local_mesh(self.mesh).devices.flat[0]
+                data = jax.device_put(self.setup.data, device)
+                dyn = jax.device_put(part.dyn, device)
             key = jax.random.PRNGKey(0)
             start = time.perf_counter()
             compiled = jax.jit(one).lower(dyn, key, data).compile()
@@ -614,11 +642,14 @@ class BatchedRunner:
         n = len(cells) * len(seeds)
         out = multihost_utils.process_allgather(out, tiled=True)     # np.asarray in a single process
         hist = {k: v[:n].reshape((len(cells), len(seeds)) + v.shape[1:]) for k, v in out.items()}
-        per_step, timing_compile = self.seconds_per_step(cells[0]) if jax.process_index() == 0 else (math.nan, 0.0)
+        timed = jax.process_index() == 0 or DATA in self.mesh.axis_names   # a data-parallel run is a collective
+        per_step, timing_compile = self.seconds_per_step(cells[0]) if timed else (math.nan, 0.0)
+        if jax.process_index() != 0:
+            per_step = math.nan
         return hist, Timings(compile_s, run_s, size, n_dev, per_step, timing_compile)
 
 
 __all__ = ["BatchedRunner", "Cell", "Iterate", "MetricEvaluator", "Split", "Timings", "algorithm_kwargs",
            "batch_inputs", "build_algorithm", "check_algorithm", "check_init", "expand", "experiment_key", "groups",
-           "linear_solvers", "local_mesh", "make_linear_solver", "make_mesh", "placeholder_problem", "make_single_run", "record_iterates", "run_length", "split",
+           "linear_solvers", "local_mesh", "data_sharding", "DATA", "make_linear_solver", "make_mesh", "placeholder_problem", "make_single_run", "record_iterates", "run_length", "split",
            "traced_values"]

@@ -193,3 +193,75 @@ def test_init_timeout_settings_are_checked(tmp_path, capsys):
     assert "argument --init-timeout: invalid int value: 'soon'" in capsys.readouterr().err
     assert main([config, "init_timeout=0"]) == 2
     assert capsys.readouterr().err.endswith("init_timeout must be >= 1, got 0.\n")
+
+
+DATA_PARALLEL = textwrap.dedent("""
+    name = "dp"
+    seeds = 2
+    steps = 10
+    eval_every = 5
+    metrics = ["grad_sq", "lower_gap"]
+    timing = false
+    progress = false
+    compile_cache = false
+    mesh = {data = 4}
+
+    [problem]
+    name = "quadratic"
+    dim_upper = 2
+    dim_lower = 3
+    n_samples = 16
+
+    [plot]
+    x = ["step"]
+
+    [algorithms.soba]
+    upper_lr = 0.1
+    lower_lr = 0.2
+    batch_size = 8
+    sampler = "shuffled"
+""")
+
+
+def test_one_run_data_parallel_over_two_processes_equals_one_process_with_four_devices(tmp_path):
+    """`mesh = {data = 4}`: every run's samples split over the job's 4 devices (2 processes x 2), each
+    device drawing 2 of the 8 samples of a step; the same histories as 1 process with 4 devices (1e-12)."""
+    config = str(tmp_path / "dp.toml")
+    with open(config, "w") as f:
+        f.write(DATA_PARALLEL)
+    job = _job(config, str(tmp_path / "two"), str(tmp_path), "dp")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip())
+    try:
+        single = subprocess.run([sys.executable, "-m", "experiments", config, f"results_dir={tmp_path / 'one'}"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert single.returncode == 0, single.stderr[-3000:]
+        for i, p in enumerate(job):
+            assert p.wait(timeout=300) == 0, open(os.path.join(str(tmp_path), f"dp-{i}.log")).read()[-3000:]
+    finally:
+        for p in job:
+            p.kill()
+    cfg = C.load(config, [f"results_dir={tmp_path / 'one'}"])
+    one = ResultStore(C.experiment_dir(cfg))
+    two = ResultStore(C.experiment_dir(C.load(config, [f"results_dir={tmp_path / 'two'}"])))
+    (cell,) = sweep.expand(cfg)
+    a, b = one.load(cell.cell_id), two.load(cell.cell_id)
+    assert a.meta["environment"]["processes"] == 1 and b.meta["environment"]["processes"] == 2
+    assert a.meta["timings"]["n_devices"] == b.meta["timings"]["n_devices"] == 4
+    assert np.all(np.asarray(a.history["finite"]))
+    for key in a.history:
+        np.testing.assert_allclose(b.history[key], a.history[key], rtol=1e-12, atol=1e-14, err_msg=key)
+    assert np.max(np.abs(a.history["theta"][..., -1, :] - a.history["theta"][..., 0, :])) > 1e-3   # it moved
+
+
+def test_mesh_config_errors(tmp_path):
+    for table, message in (("mesh = {dat = 4}", "Did you mean 'data'?"), ("mesh = {data = 0}", "mesh.data must be")):
+        config = str(tmp_path / "bad.toml")
+        with open(config, "w") as f:
+            f.write(DATA_PARALLEL.replace("mesh = {data = 4}", table))
+        try:
+            C.load(config, [])
+        except C.ConfigError as e:
+            assert message in str(e)
+        else:
+            raise AssertionError(f"{table} was accepted")

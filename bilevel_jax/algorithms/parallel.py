@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.algorithms.base import Algorithm
+from bilevel_jax.precision import Precision, with_precision
 from bilevel_jax.problem import BilevelProblem
 from bilevel_jax.sampling import Sampler
 from bilevel_jax.sharding import DATA_AXIS, check_mesh, local_problem, model_spec, shard, shard_model, sharded
@@ -147,13 +148,16 @@ def data_parallel(alg: Algorithm, *, mesh: Optional[Mesh] = None, shards: Option
 
 
 def preset_options(build: Callable) -> Callable:
-    """A preset that also takes `mesh=` and `shards=` (data-parallel runs, `data_parallel`)."""
+    """A preset that also takes `mesh=` and `shards=` (data-parallel runs, `data_parallel`) and
+    `precision=` (a `bj.Precision` policy, `bj.precision.with_precision`)."""
     @functools.wraps(build)
-    def preset(*args, mesh: Optional[Mesh] = None, shards: Optional[int] = None, **kwargs):
-        return data_parallel(build(*args, **kwargs), mesh=mesh, shards=shards)
+    def preset(*args, mesh: Optional[Mesh] = None, shards: Optional[int] = None,
+               precision: Optional[Precision] = None, **kwargs):
+        alg = with_precision(build(*args, **kwargs), precision)
+        return data_parallel(alg, mesh=mesh, shards=shards)
 
     sig = inspect.signature(build)
-    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in ("mesh", "shards")
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in ("mesh", "shards", "precision")
              if n not in sig.parameters]
     params = list(sig.parameters.values())
     var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]

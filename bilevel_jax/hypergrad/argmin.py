@@ -94,7 +94,7 @@ def argmin(f_lower: Callable, optimizer: optax.GradientTransformation, steps: in
     problem = wrap_problem(BilevelProblem(_no_upper, f_lower), check_precision(precision))
     optimizer = same_code_rule(optimizer)   # optax.lbfgs() built again is the same configuration
 
-    local = problem if mesh is None else local_problem(problem)
+    local = problem if mesh is None else local_problem(problem, vary=False)   # custom_linear_solve: see local_problem
 
     def solve(theta, phi0, batch):
         if precision is not None:
