@@ -186,7 +186,14 @@ def _poison(tree: PyTree, fault) -> PyTree:
 @dataclasses.dataclass(frozen=True)
 class PolicyObjective:
     """`fn(theta, phi, batch)` evaluated under `precision` (equal for equal `fn` and policy, so
-    algorithms built on it hash equal and cross `jit` without recompiling)."""
+    algorithms built on it hash equal and cross `jit` without recompiling).
+
+    A `jax.custom_vjp` of the inexact leaves of (theta, phi, batch): forward, the leaves cast to
+    the compute dtype, `fn`'s value and pullback there, the value cast to the state dtype; backward,
+    the pullback of the seed `loss_scale * cotangent` (compute dtype), the cotangents cast back to
+    their inputs' dtypes and divided by `loss_scale`. Both are ordinary JAX code, so A v and J v
+    (reverse-over-reverse or forward-over-reverse) differentiate through them in the compute dtype.
+    A range fault (the module docstring) makes the value or the cotangents NaN."""
 
     fn: Callable
     precision: Precision
