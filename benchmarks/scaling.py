@@ -59,15 +59,15 @@ def _worker(devices: int, quick: bool, repeats: int) -> dict:
 
 
 def measure(quick: bool, repeats: int, counts=(1, 2, 4), log=print) -> dict:
-    """One subprocess per device count; CPU: forced host devices, GPU: the first D GPUs (counts
-    above the machine's GPUs are skipped)."""
+    """One subprocess per device count; CPU: forced host devices (`counts`), GPU: the first D
+    GPUs for D = 1, 2, 4, ... up to the machine's count."""
     import jax
 
     gpus = len(jax.devices()) if jax.default_backend() != "cpu" else 0
+    if gpus:   # every power of two up to the machine's accelerators
+        counts = tuple(2 ** k for k in range(gpus.bit_length()) if 2 ** k <= gpus)
     out = {}
     for d in counts:
-        if gpus and d > gpus:
-            continue
         env = dict(os.environ)
         if not gpus:
             flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--ignored")
