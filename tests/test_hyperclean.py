@@ -4,6 +4,7 @@ the figure module `experiments.hyperclean` end to end on tiny IDX files the test
 import json
 import struct
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,3 +165,97 @@ def test_figure_without_the_data_says_how_to_get_it(tmp_path, monkeypatch):
                                               "only=SOBA", "progress=false"])
     with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
         fig.main(cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# the neural-network workload (configs/hyperclean_mlp.toml) at a tiny size
+
+def test_val_split_test_takes_the_validation_images_from_the_test_split(tmp_path):
+    _fake_fashion(tmp_path, n_train=30, n_test=20)
+    b = hc.fashion_mnist_hyper_cleaning(0.5, 0, n_train=30, n_val=8, n_test=12, path=str(tmp_path), val_split="test")
+    (Xv, yv), (X, y, idx) = b.data
+    Xt, yt = b.test
+    assert X.shape[0] == 30 and Xv.shape[0] == 8 and Xt.shape[0] == 12
+    images, labels = bj.datasets.fashion_mnist(str(tmp_path), "train")
+    np.testing.assert_array_equal(b.clean_labels, labels)                      # the whole training split
+    test_images, test_labels = bj.datasets.fashion_mnist(str(tmp_path), "test")
+    rows = {r.tobytes(): i for i, r in enumerate(hc.features(test_images))}
+    held, tested = [rows[r.tobytes()] for r in np.asarray(Xv)], [rows[r.tobytes()] for r in np.asarray(Xt)]
+    assert sorted(held + tested) == list(range(20))                           # disjoint, all 20 test images
+    np.testing.assert_array_equal(yv, test_labels[held])
+    np.testing.assert_array_equal(yt, test_labels[tested])
+    with pytest.raises(ValueError, match="exceed"):
+        hc.fashion_mnist_hyper_cleaning(0.5, 0, n_train=30, n_val=10, n_test=11, path=str(tmp_path), val_split="test")
+    with pytest.raises(ValueError, match="val_split must be one of"):
+        hc.fashion_mnist_hyper_cleaning(0.5, 0, n_train=30, path=str(tmp_path), val_split="val")
+
+
+def _mlp_config(tmp_path, *extra):
+    from experiments import config as C
+    _fake_fashion(tmp_path, n_train=40, n_test=20)
+    return C.load("configs/hyperclean_mlp.toml", [
+        f"results_dir={tmp_path / 'out'}", f"problem.path={tmp_path}", "problem.n_train=40", "problem.n_val=8",
+        "problem.n_test=12", "problem.hidden=8", "steps=4", "eval_every=2", "seeds=2", "algorithms.SOBA.batch_size=4",
+        "options.baseline_batch_size=4", "progress=false", *extra])
+
+
+@pytest.mark.parametrize("name", ["corrupted", "clean"])
+def test_a_baseline_is_gradient_descent_on_its_samples_with_weight_one(tmp_path, name):
+    """With one minibatch holding all its samples, a baseline is gradient descent on
+    mean CE + reg ||W||^2 over them (all 40 samples with the corrupted labels, or the 8 clean
+    ones), from each seed's initial model: equal to a hand-written loop in float64."""
+    from experiments import hyperclean as fig
+    n = 40 if name == "corrupted" else 8
+    cfg = _mlp_config(tmp_path, "x64=true", f"options.baseline_batch_size={n}", "options.baseline_lr=0.5")
+    problem_cfg, opts = fig.check(cfg), fig.options_of(cfg)
+    bundle = fig.load_problem(problem_cfg)
+    inputs = fig.seed_inputs(bundle, problem_cfg, [0, 1])
+    history, meta = fig.run_baseline(cfg, bundle, inputs, name, opts)
+    assert meta["samples"] == n and history["test_loss"].shape == (2, 3)
+    assert history["status"].max() == 0 and history["finite"].all()
+    X = bundle.data[1][0]
+    for seed in range(2):
+        y, mask = np.asarray(inputs[0][seed]), np.asarray(inputs[1][seed])
+        rows = np.arange(40) if name == "corrupted" else np.flatnonzero(~mask)
+        assert rows.size == n
+        phi = eqx.combine(jax.tree_util.tree_map(lambda a: a[seed], inputs[2]), bundle.phi0)
+
+        def objective(p):
+            arrays = jax.tree_util.tree_leaves(eqx.filter(p, eqx.is_inexact_array))
+            return jnp.mean(hc.cross_entropy(p, X[rows], y[rows])) + 1e-3 * sum(jnp.sum(a ** 2) for a in arrays)
+
+        losses = [hc.loss(phi, bundle.test)]
+        for step in range(4):
+            grad = eqx.filter_grad(objective)(phi)
+            phi = eqx.apply_updates(phi, jax.tree_util.tree_map(lambda g: -0.5 * g, grad))
+            if step % 2 == 1:
+                losses.append(hc.loss(phi, bundle.test))
+        np.testing.assert_allclose(history["test_loss"][seed], losses, rtol=1e-10)
+        assert history["test_accuracy"][seed, -1] == pytest.approx(float(hc.accuracy(phi, bundle.test)))
+
+
+def test_mlp_config_runs_in_float32_with_both_baselines_and_reuses_its_cells(tmp_path, monkeypatch):
+    from experiments import config as C
+    from experiments import hyperclean as fig
+    x64 = jax.config.jax_enable_x64
+    try:
+        out = fig.main(_mlp_config(tmp_path))                     # x64 = false in the config
+        monkeypatch.setattr(fig, "run_cell", None)                 # a rerun loads every cell, trains nothing
+        monkeypatch.setattr(fig, "run_baseline", None)
+        again = fig.main(_mlp_config(tmp_path))
+    finally:
+        jax.config.update("jax_enable_x64", x64)
+    summary = out["summary"]
+    assert set(summary["algorithms"]) == {"SOBA"} and set(summary["baselines"]) == {"corrupted", "clean"}
+    soba = summary["algorithms"]["SOBA"]
+    assert soba["failed"] == 0 and 0.0 <= soba["test_accuracy"] <= 1.0 and 0.0 <= soba["downweighted"] <= 1.0
+    assert summary["baselines"]["clean"]["samples"] == 8 and summary["baselines"]["corrupted"]["samples"] == 40
+    assert all(b["failed"] == 0 and 0.0 <= b["test_accuracy"] <= 1.0 for b in summary["baselines"].values())
+    assert set(summary["claim"]["above_corrupted_baseline"]) == {"SOBA"}
+    text = (tmp_path / "out" / "hyperclean_mlp" / "summary.md").read_text()
+    assert "plain training (corrupted labels)" in text and "clean samples only" in text
+    cells = list((tmp_path / "out" / "hyperclean_mlp" / "cells").glob("*.npz"))
+    assert len(cells) == 3 and np.load(cells[0])["test_accuracy"].dtype == np.float32
+    assert again["summary"]["baselines"] == summary["baselines"] and again["summary"]["algorithms"]["SOBA"] == soba
+    with pytest.raises(C.ConfigError, match="baselines must be a list of 'corrupted', 'clean'"):
+        fig.check(_mlp_config(tmp_path, 'options.baselines=["noisy"]'))

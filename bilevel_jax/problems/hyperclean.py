@@ -265,31 +265,47 @@ def hyper_cleaning(train, val, test, corruption: float, key=0, *, model: str = "
                          jnp.asarray(ytr), jnp.zeros(n, dtype), phi0, desc)
 
 
+VAL_SPLITS = ("train", "test")
+
+
 def fashion_mnist_hyper_cleaning(corruption: float = 0.5, key=0, *, n_train: int = 5000, n_val: int = 5000,
-                                 n_test: int = 10000, path: Optional[str] = None, **kwargs) -> HyperCleaning:
+                                 n_test: int = 10000, path: Optional[str] = None, val_split: str = "train",
+                                 **kwargs) -> HyperCleaning:
     """Hyper-cleaning on Fashion-MNIST (Xiao, Rasul, Vollgraf 2017, arXiv:1708.07747) with the split
     of the LancBiO experiments: the first `n_train` images of the training split (labels
     corrupted), `n_val` validation images drawn at random from the other training images (the
     LancBiO code draws them from all 60000, so they may overlap the training set; here they are
     disjoint from it), the first `n_test` images of the test split. Pixels normalised with
     (0.5, 0.5). `kwargs` go to `hyper_cleaning` (model, reg, ...). Reads the IDX files with
-    `bj.datasets.fashion_mnist(path)` (FileNotFoundError saying how to install them)."""
+    `bj.datasets.fashion_mnist(path)` (FileNotFoundError saying how to install them).
+
+    `val_split="test"` draws the `n_val` validation images at random from the test split instead
+    and tests on the first `n_test` of the other test images (n_val + n_test <= 10000), so that
+    `n_train = 60000` trains on the whole training split."""
     from bilevel_jax import datasets
     for name, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
         check_positive_int(name, value)
+    if val_split not in VAL_SPLITS:
+        raise ValueError(f"val_split must be one of {VAL_SPLITS}, got {val_split!r}.")
     images, labels = datasets.fashion_mnist(path, "train")
     test_images, test_labels = datasets.fashion_mnist(path, "test")
-    if n_train + n_val > images.shape[0] or n_test > test_images.shape[0]:
-        raise ValueError(f"n_train + n_val = {n_train + n_val} and n_test = {n_test} exceed the "
-                         f"{images.shape[0]} training / {test_images.shape[0]} test images.")
+    from_train = n_val if val_split == "train" else 0
+    if n_train + from_train > images.shape[0] or n_test + n_val - from_train > test_images.shape[0]:
+        raise ValueError(f"n_train = {n_train}, n_val = {n_val} (from the {val_split} split) and n_test = {n_test} "
+                         f"exceed the {images.shape[0]} training / {test_images.shape[0]} test images.")
     key = jax.random.PRNGKey(key) if isinstance(key, int) else key
     k_val, k_rest = jax.random.split(key)
-    rest = n_train + np.asarray(jax.random.permutation(k_val, images.shape[0] - n_train))[:n_val]
-    return hyper_cleaning((images[:n_train], labels[:n_train]), (images[rest], labels[rest]),
-                          (test_images[:n_test], test_labels[:n_test]), corruption, k_rest,
+    if val_split == "train":
+        rest = n_train + np.asarray(jax.random.permutation(k_val, images.shape[0] - n_train))[:n_val]
+        val, test = (images[rest], labels[rest]), (test_images[:n_test], test_labels[:n_test])
+    else:
+        order = np.asarray(jax.random.permutation(k_val, test_images.shape[0]))
+        held, rest = order[:n_val], np.sort(order[n_val:])[:n_test]
+        val, test = (test_images[held], test_labels[held]), (test_images[rest], test_labels[rest])
+    return hyper_cleaning((images[:n_train], labels[:n_train]), val, test, corruption, k_rest,
                           source="Fashion-MNIST", **kwargs)
 
 
-__all__ = ["FASHION_NORMALIZATION", "HyperCleaning", "MODELS", "REG", "accuracy", "corrupt_labels", "cross_entropy",
-           "downweighted", "fashion_mnist_hyper_cleaning", "features", "hyper_cleaning", "implicit_grad", "logits",
+__all__ = ["FASHION_NORMALIZATION", "HyperCleaning", "MODELS", "REG", "VAL_SPLITS", "accuracy", "corrupt_labels",
+           "cross_entropy", "downweighted", "fashion_mnist_hyper_cleaning", "features", "hyper_cleaning", "implicit_grad", "logits",
            "loss", "make_problem", "phi_star", "residual"]
