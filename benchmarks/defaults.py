@@ -1,0 +1,108 @@
+"""Every preset of `bj.algorithms.ALGORITHMS` with its defaults only, on three well-conditioned
+strongly convex problems: the relative distance to theta* and the final status.
+
+    python -m benchmarks.defaults [--steps 20000] [--only soba,f2sa]
+
+Problems (float64, small): a quadratic bilevel problem with LL spectrum [1, 100] (condition number
+100, L_g = 100) and UL spectrum [1, 10] (theta* closed form), a ridge HPO (one log-regulariser,
+theta* from the closed-form hypergradient by Newton steps) and a per-feature logistic HPO
+(theta* by L-BFGS on the value, `LogisticHPO.solve_value`). Every preset is called as
+`preset(problem)` (with `batch_size=None` only where its default is a minibatch larger than the
+data would be refused otherwise: see `build`), run `--steps` full-batch outer steps from each
+problem's starting point, and reports ||theta - theta*|| / ||theta*|| and `bj.status.describe`.
+A preset that raises at construction or init reports its error (it must name the argument to set).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import bilevel_jax as bj
+
+jax.config.update("jax_enable_x64", True)
+
+
+class Case:
+    """A problem, its data, a starting point and theta*."""
+
+    def __init__(self, name, problem, data, theta0, phi0, theta_star):
+        self.name, self.problem, self.data = name, problem, data
+        self.theta0, self.phi0, self.theta_star = theta0, phi0, theta_star
+
+
+def quadratic_case(key=0) -> Case:
+    q = bj.problems.quadratic_bilevel(jax.random.PRNGKey(key), dim_upper=3, dim_lower=5,
+                                      lower_spectrum=(1.0, 100.0), upper_spectrum=(1.0, 10.0),
+                                      dtype=jnp.float64)
+    return Case("quad_k100", q.problem, q.data, q.theta0, jnp.zeros(5), q.theta_star())
+
+
+def ridge_case(key=1) -> Case:
+    r = bj.problems.ridge_hpo(jax.random.PRNGKey(key), n_train=10, n_val=10, dim=5, noise=1.0)
+    theta = jnp.asarray(0.0)
+    hess = jax.grad(r.grad)
+    for _ in range(50):   # Newton on the scalar hypergradient (closed form)
+        theta = theta - r.grad(theta) / hess(theta)
+    return Case("ridge", r.problem, r.data, r.theta0, r.phi0, theta)
+
+
+def logistic_case(key=0) -> Case:
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(key), 4)
+    w = jax.random.normal(k1, (4,))
+    X, Xv = jax.random.normal(k2, (20, 4)), jax.random.normal(k3, (20, 4))
+    # noisy training labels: the best regularisation is interior (theta* = -3.34)
+    y, yv = jnp.sign(X @ w + 2.0 * jax.random.normal(k4, (20,))), jnp.sign(Xv @ w)
+    lg = bj.problems.logistic_hpo(((Xv, yv), (X, y)), key, per_feature=False, theta_init="zeros", phi_init="zeros")
+    sol = lg.solve_value(steps=300)
+    return Case("logistic", lg.problem, lg.data, lg.theta0, lg.phi0, sol.theta)
+
+
+CASES = (quadratic_case, ridge_case, logistic_case)
+
+
+def build(name, problem):
+    """`preset(problem)`: defaults only."""
+    return bj.algorithms.ALGORITHMS[name](problem)
+
+
+def run_case(name, case: Case, steps: int):
+    try:
+        alg = build(name, case.problem)
+        state = alg.init(case.theta0, case.phi0, jax.random.PRNGKey(0), case.data)
+        state, _ = bj.run(alg, state, case.data, num_steps=steps)
+        status = int(np.asarray(_["status"]).reshape(-1)[-1]) if "status" in _ else 0
+    except Exception as e:   # noqa: BLE001 - the report shows the error
+        return float("nan"), f"{type(e).__name__}: {str(e)[:90]}"
+    err = float(jnp.linalg.norm(jnp.ravel(state.theta - case.theta_star))
+                / jnp.linalg.norm(jnp.ravel(case.theta_star)))
+    return err, bj.status.describe(status) if status else "OK"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=20000)
+    parser.add_argument("--only", default="")
+    args = parser.parse_args(argv)
+    cases = [c() for c in CASES]
+    names = args.only.split(",") if args.only else sorted(bj.algorithms.ALGORITHMS)
+    print(f"{'preset':20s}" + "".join(f"{c.name:>24s}" for c in cases), flush=True)
+    good = 0
+    for name in names:
+        t0, row, ok = time.time(), [], True
+        for case in cases:
+            err, status = run_case(name, case, args.steps)
+            ok &= err < 5e-2
+            row.append(f"{err:10.2e} {status[:12]:>12s}" if np.isfinite(err) else f"{'nan':>10s} {status[:12]:>12s}")
+            if not np.isfinite(err) and status != "OK":
+                row[-1] += f" [{status}]"
+        good += ok
+        print(f"{name:20s}" + "".join(f"{r:>24s}" for r in row) + f"   {time.time() - t0:5.1f}s", flush=True)
+    print(f"{good} of {len(names)} presets within 5e-2 on all {len(cases)} problems ({args.steps} steps)")
+
+
+if __name__ == "__main__":
+    main()
