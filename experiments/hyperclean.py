@@ -277,7 +277,8 @@ def run_baseline(cfg: dict, bundle, inputs, name: str, opts: dict):
     theta = jnp.full_like(bundle.theta0, jnp.inf)           # sigmoid(+inf) = 1: weight 1 on every sample
 
     def chunk(phi, opt_state, rows, y, key, k, X, idx):     # eval_every steps from step k * eval_every
-        data = jax.tree_util.tree_map(lambda a: jnp.take(a, rows, axis=0), (X, y, idx))
+        data = (X, y, idx) if name == "corrupted" else jax.tree_util.tree_map(lambda a: jnp.take(a, rows, axis=0),
+                                                                                (X, y, idx))
         phi, opt_state, _, status = step_primitives.lower_phase(
             bundle.problem, rule, theta, eqx.combine(phi, bundle.phi0), opt_state, every,
             lambda t: sampler.sample(data, key, k * every + t)[0], k)
