@@ -52,7 +52,7 @@ FULL = dict(
     unrolled_n=4096, unrolled_T=(10, 100, 1000), peer_maxiter=20, presets=None,
     unrolled_mlp_width=256, unrolled_mlp_n=512, unrolled_mlp_time_max_T=100,
     second_order_widths=(64, 256, 1024), second_order_n=512, second_order_cg=10,
-    precision_width=1024, precision_n=4096, precision_cg=20, precision_soba_steps=200,
+    precision_width=512, precision_n=2048, precision_cg=10, precision_soba_steps=200,
     full_batch_only="defaults",   # logistic_full: the presets whose default is full batch, and soba
 )
 QUICK = dict(
