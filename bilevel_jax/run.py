@@ -11,12 +11,23 @@ Nothing is computed at every step beyond the step itself and these running sums:
 flag comes from one test of the whole state (iterates, solver and estimator states) at each
 evaluation point, not from a reduction over every leaf at every step (a NaN or inf in an iterate
 stays there; a step's solver BREAKDOWN and INVALID_STEP flags are scalars it computes anyway and
-are OR-ed at every step). What a run does not return is not computed: XLA removes the unused
+are OR-ed at every step; the DIVERGING test below is made at log2(num_steps) steps). What a
+run does not return is not computed: XLA removes the unused
 parts of the carry (a jitted run whose history is discarded costs what the bare steps cost). History arrays have `num_steps // eval_every + 1` rows (row 0: the
 initial state). No host round-trip happens inside, so `jax.jit` and `jax.vmap` (or
 `eqx.filter_vmap` when the state holds an equinox model) over seeds, hyperparameters or tasks apply
 to the whole run. The state may hold equinox Modules (a neural network as phi): only its array
 leaves travel through the scans.
+
+Divergence (`bj.status.DIVERGING`): at every outer step count 2k that is a power of two (counted
+from the algorithm's own step count, so a resumed run keeps the schedule), the norm of the
+iterates ||(theta, phi)|| is compared with its value at step k (at the run's start for the first
+power of two): more than `bj.status.GROWTH_LIMIT` = 1000 times larger (or not finite while the
+other was) flags the step DIVERGING. A converging run, or one that grows from zero or a small
+start to its solution (at most a few-fold per doubling of the step count), is never flagged; a
+geometric divergence by a factor r per step is flagged at the first power of two 2k with
+r^k > 1000 (SABA with step sizes above 2 / L_g on a quadratic: r = 1.4, at step 64 with a norm of
+~1e9; r = 1.011, at step 2048 with a norm of ~1e8), long before it overflows.
 
 With `check=True`, a run called outside any `jit` raises `bj.status.BilevelError` naming the
 first outer step whose status was not OK and the cause; under a trace it raises the runtime error
@@ -32,8 +43,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax.tree_utils as otu
 from jax.experimental import io_callback
 
+from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.cache import same_code
@@ -167,6 +180,25 @@ def raise_callback_errors(callback: Optional[Callable], fn: Callable, /, *args, 
         raise error from None
 
 
+def _size(state) -> jax.Array:
+    """||(theta, phi)||: the norm of the iterates' inexact leaves."""
+    return otu.tree_norm(oracles.differentiable((state.theta, state.phi)))
+
+
+def _growth(state, size):
+    """(DIVERGING or OK, the reference size) after an outer step (module docstring): at step counts
+    that are powers of two the iterates' norm is taken and compared with the reference, which it
+    then replaces; between them nothing is computed (a `lax.cond`)."""
+    count = jnp.asarray(state.count)
+
+    def measure(reference):
+        now = _size(state).astype(reference.dtype)
+        grew = (now > st.GROWTH_LIMIT * reference) | (~jnp.isfinite(now) & jnp.isfinite(reference))
+        return st.flag(grew & (reference > 0), st.DIVERGING), now
+
+    return jax.lax.cond((count > 0) & ((count & (count - 1)) == 0), measure, lambda r: (st.ok(), r), size)
+
+
 def _scan(alg, state, data, num_steps, eval_every, eval_fn, first_failure: bool = False, progress=None):
     """The nested scan; returns ((final state, (first failing step, its status)), history).
 
@@ -180,32 +212,34 @@ def _scan(alg, state, data, num_steps, eval_every, eval_fn, first_failure: bool 
     no_bad = (jnp.asarray(-1, jnp.int32), st.ok())
 
     def inner(carry, _):
-        dyn, totals, status, residual, first_bad = carry
+        dyn, totals, status, residual, first_bad, size = carry
         current = eqx.combine(dyn, static)
         new, info = alg.update(current, data)
+        growth, size = _growth(new, size)
+        step_status = info.status | growth
         if first_failure:
-            bad_now = (first_bad[0] < 0) & (info.status != st.OK)
+            bad_now = (first_bad[0] < 0) & (step_status != st.OK)
             first_bad = (jnp.where(bad_now, current.count, first_bad[0]),
-                         jnp.where(bad_now, info.status, first_bad[1]))
-        return (eqx.partition(new, eqx.is_array)[0], totals + info.oracles, status | info.status,
-                info.residual_norm.astype(residual.dtype), first_bad), None
+                         jnp.where(bad_now, step_status, first_bad[1]))
+        return (eqx.partition(new, eqx.is_array)[0], totals + info.oracles, status | step_status,
+                info.residual_norm.astype(residual.dtype), first_bad, size), None
 
     def block(carry, _):
         carry, _ = jax.lax.scan(inner, carry, None, length=eval_every)
-        dyn, totals, status, residual, first_bad = carry
+        dyn, totals, status, residual, first_bad, size = carry
         if not first_failure:
             status = status | st.nonfinite(dyn)   # sticky: a non-finite state stays reported
-        carry = (dyn, totals, status, residual, first_bad)
+        carry = (dyn, totals, status, residual, first_bad, size)
         row = _record(eqx.combine(dyn, static), data, eval_fn, totals, residual, status)
         _report(progress, row)
         return carry, row
 
     zero = OracleCounts.of()
     first = _record(state, data, eval_fn, zero, float_nan, st.ok())
-    carry0 = (dynamic, zero, st.ok(), float_nan, no_bad)
+    carry0 = (dynamic, zero, st.ok(), float_nan, no_bad, _size(state))
     deferred = contextlib.nullcontext() if first_failure else nonfinite_at_records()
     with deferred:
-        (dyn, _, _, _, first_bad), history = jax.lax.scan(block, carry0, None, length=num_steps // eval_every)
+        (dyn, _, _, _, first_bad, _), history = jax.lax.scan(block, carry0, None, length=num_steps // eval_every)
     history = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([jnp.asarray(a)[None], b]), first, history)
     return (eqx.combine(dyn, static), first_bad), history
 

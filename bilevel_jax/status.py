@@ -13,6 +13,9 @@ Like lineax's `RESULTS`, a status travels as an array (so it works under `jit`, 
                       wrong sign, or a point that is not stationary for any multipliers (LICQ fails);
                       a loss of differentiability, not a failed solve: the KKT estimate is kept,
                       flagged (`bj.hypergrad.kkt`; `nan_if_degenerate=True` makes it NaN)
+    DIVERGING    16   the iterates grew by orders of magnitude: in `bj.run`, ||(theta, phi)|| at outer
+                      step 2k above GROWTH_LIMIT = 1000 times its value at step k (k a power of two,
+                      `bj.run`'s module docstring); the run is diverging, long before it overflows
     PRECISION    32   under a `bj.Precision` policy, the compute dtype's range was exceeded: a value
                       or gradient overflowed or underflowed in float16/bfloat16 (`bj.precision`);
                       the faulty values are NaN, so a run reports NONFINITE as well
@@ -34,10 +37,13 @@ BREAKDOWN = 1
 NONFINITE = 2
 INVALID_STEP = 4
 DEGENERATE = 8
+DIVERGING = 16
 PRECISION = 32
 
+GROWTH_LIMIT = 1000.0   # DIVERGING: the iterates' norm grew more than this between outer steps k and 2k
+
 NAMES = {BREAKDOWN: "breakdown", NONFINITE: "non-finite", INVALID_STEP: "invalid step size",
-         DEGENERATE: "degenerate constraints", PRECISION: "compute-dtype range"}
+         DEGENERATE: "degenerate constraints", DIVERGING: "diverging", PRECISION: "compute-dtype range"}
 CAUSES = {
     BREAKDOWN: "a linear solve broke down (non-positive or non-finite curvature: is the lower level "
                "strongly convex at this point?) or diverged (step size too large for its Hessian)",
@@ -46,10 +52,12 @@ CAUSES = {
     DEGENERATE: "the constrained lower level is degenerate at this point (a weakly active constraint: strict "
                 "complementarity fails; a multiplier of the wrong sign; or no multipliers make it stationary: "
                 "LICQ fails or phi is not a KKT point), so its KKT implicit gradient is not defined",
+    DIVERGING: f"the iterates are diverging (their norm grew more than {GROWTH_LIMIT:g}-fold between outer steps "
+               "k and 2k): a step size too large for the problem's curvature (lower_lr, upper_lr, v_lr)",
     PRECISION: "a value or gradient overflowed or underflowed in the compute dtype of the bj.Precision policy "
                "(float16: set Precision(loss_scale=...) against underflow, or compute in bfloat16)",
 }
-_ALL = BREAKDOWN | NONFINITE | INVALID_STEP | DEGENERATE | PRECISION
+_ALL = BREAKDOWN | NONFINITE | INVALID_STEP | DEGENERATE | DIVERGING | PRECISION
 
 
 def ok() -> jax.Array:
@@ -106,5 +114,5 @@ class BilevelError(RuntimeError):
     """Raised on the host when a checked run (`bj.run(..., check=True)`) met a non-ok status."""
 
 
-__all__ = ["OK", "BREAKDOWN", "NONFINITE", "INVALID_STEP", "DEGENERATE", "PRECISION", "BilevelError", "describe", "explain", "flag",
+__all__ = ["OK", "BREAKDOWN", "NONFINITE", "INVALID_STEP", "DEGENERATE", "DIVERGING", "GROWTH_LIMIT", "PRECISION", "BilevelError", "describe", "explain", "flag",
            "merge", "nonfinite", "ok", "raise_if"]
