@@ -18,7 +18,9 @@ arXiv:1710.03740), applied to both levels of a bilevel problem:
 runs under the policy unchanged. `with_precision(alg, precision)` rebuilds an algorithm on the
 wrapped problem; `bj.hypergradient(..., precision=)` and `bj.argmin(..., precision=)` take it too.
 Pass theta0 and phi0 in the state dtype (`precision.cast_state`): the states are sized from them.
-Data may be cast once to the compute dtype (`precision.cast_compute(data)`, half the bytes).
+Data may be cast once to the compute dtype (`precision.cast_compute(data)`, half the bytes). Arrays
+an objective closes over are not cast (data is an argument, the toolkit's convention): a float32
+constant promotes the arithmetic it enters back to float32.
 
 Loss scaling: with `loss_scale=S` the backward pass starts from S (the cotangent of the value, in
 the compute dtype) and the gradients are divided by S in the state dtype: float16's small exponent
