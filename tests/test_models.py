@@ -63,7 +63,20 @@ SETTINGS["srba"]["period"] = 2
 SETTINGS["cdb"]["penalty"] = 0.01
 
 
-@pytest.mark.parametrize("name", NAMES)
+# Presets whose every library line run by this test (trace, compile and run; the preset's own
+# constructor is tested for every preset in test_algorithms_structure.py) is also run by the fast
+# presets named, measured with a line tracer over bilevel_jax/: they run with --runslow only.
+COVERED_BY = {
+    "aid_bio": "momentum, amigo", "alset": "subbio, sustain", "bsa": "subbio, sustain", "mrbo": "vrbo, sustain",
+    "optimality_penalty": "ebsa", "signsgd_ul": "alternating", "soba": "saba, sustain, lancbio",
+    "srba": "vrbo, saba", "stocbio": "amigo, vrbo", "ttsa": "subbio, sustain", "vf_penalty": "smoothing_pg, f2sa",
+    "vrbo_single_loop": "vrbo, saba",
+}
+PRESETS = [pytest.param(name, marks=pytest.mark.slow(reason=f"its MLP code path is run by {COVERED_BY[name]}"))
+           if name in COVERED_BY else name for name in NAMES]
+
+
+@pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_runs_an_mlp_phi_under_jit_and_vmap(name, mlp_setup):
     problem, theta0, data = mlp_setup
     batch_size = 8 if name == "saba" else None
