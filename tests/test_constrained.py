@@ -304,17 +304,19 @@ def test_sets_validate_their_parameters():
     """An empty or degenerate set is an error at construction (a concrete parameter) or when the
     program runs (a traced one), never a projection onto something else."""
     C = bj.constraints
-    bad = [(lambda: C.box(1.0, 0.0), "box: lower > upper"), (lambda: C.box(jnp.zeros(3), jnp.array([1.0, -1.0, 1.0])),
-                                                             "box: lower > upper"),
+    bad = [(lambda: C.box(1.0, 0.0), "box: lower > upper"),
+           (lambda: C.box(jnp.zeros(3), jnp.array([1.0, -1.0, 1.0])), "box: lower > upper"),
            (lambda: C.box(jnp.nan), "box: the lower bound has NaN"), (lambda: C.simplex(-1.0), "simplex: scale"),
            (lambda: C.simplex(0.0), "simplex: scale"), (lambda: C.l2_ball(-1.0), "l2_ball: radius"),
-           (lambda: C.l2_ball(jnp.inf), "l2_ball: radius"), (lambda: C.hyperplane(jnp.zeros(3), 1.0), "hyperplane: `a`"),
-           (lambda: C.halfspace(jnp.zeros(3), 1.0), "halfspace: `a`"), (lambda: C.halfspace(jnp.ones(3), jnp.nan),
-                                                                        "halfspace: `b`")]
+           (lambda: C.l2_ball(jnp.inf), "l2_ball: radius"),
+           (lambda: C.hyperplane(jnp.zeros(3), 1.0), "hyperplane: `a`"),
+           (lambda: C.halfspace(jnp.zeros(3), 1.0), "halfspace: `a`"),
+           (lambda: C.halfspace(jnp.ones(3), jnp.nan), "halfspace: `b`")]
     for make, message in bad:
         with pytest.raises(ValueError, match=message):
             make()
-    assert float(C.box({"a": 0.0, "b": jnp.zeros(2)}, 1.0).project({"a": jnp.asarray(2.0), "b": -jnp.ones(2)})["a"]) == 1.0
+    tree_box = C.box({"a": 0.0, "b": jnp.zeros(2)}, 1.0)   # a pytree bound against a scalar one
+    assert float(tree_box.project({"a": jnp.asarray(2.0), "b": -jnp.ones(2)})["a"]) == 1.0
     # traced (a swept radius): the valid values project, an invalid one raises when the program runs
     project = eqx.filter_jit(lambda r, x: C.l2_ball(r).project(x))
     np.testing.assert_allclose(project(2.0, jnp.full(4, 3.0)), jnp.ones(4), atol=1e-12)
@@ -367,18 +369,18 @@ def test_kkt_argmin_uses_the_augmented_lagrangian_multipliers(dtype):
         q = b * t[0] + c
         return 2 * (q - (10 * jnp.sum(q) - 5) * a)
 
-    theta = jnp.asarray([0.2], dtype)
+    theta, warm = jnp.asarray([0.2], dtype), Multipliers(jnp.asarray(4.0, dtype), None)   # warm: above lambda*
     exact = jax.grad(lambda t: f_upper(t, phi_star(t), None))(theta)
     np.testing.assert_allclose(exact, [3.41], rtol=1e-6)
 
     def alm(t, p0, batch):
         return bj.constraints.augmented_lagrangian(problem, t, p0, batch, optimizer=optax.sgd(0.05), inner_steps=200,
-                                                   outer_steps=20, multipliers=Multipliers(jnp.asarray(4.0, dtype), None))
+                                                   outer_steps=20, multipliers=warm)
 
     solve = bj.hypergrad.kkt_argmin(problem, alm)
-    (phi, lam, info), g = jax.jit(lambda t: (alm(t, jnp.zeros(2, dtype), None),
-                                             jax.grad(lambda t: f_upper(t, solve(t, jnp.zeros(2, dtype), None), None))(t))
-                                  )(theta)
+    phi0 = jnp.zeros(2, dtype)
+    (phi, lam, info), g = jax.jit(lambda t: (alm(t, phi0, None),
+                                             jax.grad(lambda t: f_upper(t, solve(t, phi0, None), None))(t)))(theta)
     p = problem.lower_inequality(theta, phi)
     assert -5e-3 < float(p) < -3e-3 and 1.6 < float(lam.inequality) < 1.8 and int(info.status) == st.OK
     assert g.dtype == dtype
@@ -400,7 +402,8 @@ def ridge_box(seed=4, dtype=jnp.float32, n=100, d=6):
         x, y = batch
         return 0.5 * jnp.mean((x @ phi - y) ** 2)
 
-    return bj.constraints.box(0.0, 1.0).problem(f_upper, f_lower), jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), data)
+    problem = bj.constraints.box(0.0, 1.0).problem(f_upper, f_lower)
+    return problem, jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), data)
 
 
 def test_readme_box_example_runs_checked(dtype=jnp.float32):

@@ -127,7 +127,8 @@ def active_set(lin: oracles.LagrangianLinearization, multipliers: Multipliers, t
     Lagrangian with `multipliers` (module docstring, "Active set"):
 
         tol_P   = max(tol, 10 eps) * max(1, max_i |P_i|)
-        tol_lam = max(tol, 100 eps) * max |lambda| + r,   r = ||grad_phi f + grad_phi P_T' lambda_T + grad_phi Q' lambda_Q||
+        tol_lam = max(tol, 100 eps) * max |lambda| + r
+        r       = ||grad_phi f + grad_phi P_T' lambda_T + grad_phi Q' lambda_Q||
 
     eps the machine epsilon of P's dtype, T = {i : P_i >= -tol_P} the touching inequalities. tol_P
     is relative to the constraints' scale (P is computed to rounding accuracy). tol_lam is relative
