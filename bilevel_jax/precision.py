@@ -65,6 +65,7 @@ import jax
 import jax.numpy as jnp
 
 from bilevel_jax import status as st
+from bilevel_jax.rebuild import rebuild
 
 PyTree = Any
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32", "float64")
@@ -253,25 +254,6 @@ def wrap_problem(problem, precision: Optional[Precision]):
     return dataclasses.replace(problem, f_upper=wrap(problem.f_upper), f_lower=wrap(problem.f_lower))
 
 
-def _replace_problem(obj, old, new):
-    """`obj` with every reference to `old` (in nested Modules, tuples and lists) replaced by `new`."""
-    if obj is old:
-        return new
-    if isinstance(obj, eqx.Module):
-        changes = {}
-        for field in dataclasses.fields(obj):
-            value = getattr(obj, field.name, None)
-            replaced = _replace_problem(value, old, new)
-            if replaced is not value:
-                changes[field.name] = replaced
-        return dataclasses.replace(obj, **changes) if changes else obj
-    if isinstance(obj, (tuple, list)):
-        items = [_replace_problem(x, old, new) for x in obj]
-        if any(a is not b for a, b in zip(items, obj)):
-            return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-    return obj
-
-
 def with_precision(alg, precision: Optional[Precision]):
     """`alg` (any `bj.Algorithm` with a `problem` field: every preset, multi-objective ones
     included) rebuilt on `wrap_problem(alg.problem, precision)`: the same step rules and
@@ -282,7 +264,8 @@ def with_precision(alg, precision: Optional[Precision]):
     problem = getattr(alg, "problem", None)
     if problem is None:
         raise TypeError(f"with_precision: {type(alg).__name__} has no `problem` field to evaluate under a policy.")
-    return _replace_problem(alg, problem, wrap_problem(problem, precision))
+    wrapped = wrap_problem(problem, precision)
+    return rebuild(alg, lambda x: wrapped if x is problem else x)
 
 
 def precision_status(problem, theta, phi, data) -> jax.Array:

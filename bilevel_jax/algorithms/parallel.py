@@ -36,35 +36,27 @@ from bilevel_jax._checks import check_positive_int
 from bilevel_jax.algorithms.base import Algorithm
 from bilevel_jax.precision import Precision, with_precision
 from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.rebuild import rebuild
 from bilevel_jax.sampling import Sampler
 from bilevel_jax.sharding import DATA_AXIS, check_mesh, local_problem, model_spec, shard, shard_model, sharded
 
 PyTree = Any
 
 
-def rebuild(tree: Any, on_problem: Callable, on_sampler: Callable) -> Any:
-    """`tree` (an algorithm and the modules it holds, static fields included) with every
-    `BilevelProblem` replaced by `on_problem(problem)` and every `Sampler` by
-    `on_sampler(sampler)`; unchanged parts are kept as they are."""
-    if isinstance(tree, BilevelProblem):
-        return on_problem(tree)
-    if isinstance(tree, Sampler):
-        return on_sampler(tree)
-    if _is_multi_objective(tree):
-        raise ValueError("data-parallel runs and precision policies apply to single-problem presets; a "
-                         "MultiObjectiveProblem's data has a task axis first (shard the tasks with vmap instead).")
-    if isinstance(tree, eqx.Module):
-        changes = {}
-        for field in dataclasses.fields(tree):
-            old = getattr(tree, field.name, None)
-            new = rebuild(old, on_problem, on_sampler)
-            if new is not old:
-                changes[field.name] = new
-        return dataclasses.replace(tree, **changes) if changes else tree
-    if type(tree) in (tuple, list):
-        items = [rebuild(x, on_problem, on_sampler) for x in tree]
-        return type(tree)(items) if any(a is not b for a, b in zip(items, tree)) else tree
-    return tree
+def replace_parts(alg: Any, on_problem: Callable, on_sampler: Callable) -> Any:
+    """`alg` (and the modules it holds, static fields included: `bj.rebuild`) with every
+    `BilevelProblem` replaced by `on_problem(problem)` and every `Sampler` by `on_sampler(sampler)`."""
+    def replace(x):
+        if isinstance(x, BilevelProblem):
+            return on_problem(x)
+        if isinstance(x, Sampler):
+            return on_sampler(x)
+        if _is_multi_objective(x):
+            raise ValueError("data-parallel runs apply to single-problem presets; a MultiObjectiveProblem's data has "
+                             "a task axis first (shard the tasks with vmap instead).")
+        return x
+
+    return rebuild(alg, replace)
 
 
 def _is_multi_objective(x) -> bool:
@@ -80,13 +72,13 @@ def with_shards(alg: Algorithm, shards: int) -> Algorithm:
             raise ValueError(f"the algorithm's samplers already use shards={sampler.shards}, not {shards}.")
         return dataclasses.replace(sampler, shards=shards)
 
-    return rebuild(alg, lambda p: p, set_shards)
+    return replace_parts(alg, lambda p: p, set_shards)
 
 
 def localize(alg: Algorithm, axis: str) -> Algorithm:
     """The per-device view of a sharded `alg` inside `shard_map`: samplers draw from the local
     shard (`axis_name`) and the objectives are `AxisMean`s over `axis`."""
-    return rebuild(alg, lambda p: local_problem(p, axis), lambda s: dataclasses.replace(s, axis_name=axis))
+    return replace_parts(alg, lambda p: local_problem(p, axis), lambda s: dataclasses.replace(s, axis_name=axis))
 
 
 class DataParallel(Algorithm):
@@ -166,4 +158,4 @@ def preset_options(build: Callable) -> Callable:
     return preset
 
 
-__all__ = ["DataParallel", "data_parallel", "localize", "preset_options", "rebuild", "shard", "shard_model", "with_shards"]
+__all__ = ["DataParallel", "data_parallel", "localize", "preset_options", "replace_parts", "shard", "shard_model", "with_shards"]
