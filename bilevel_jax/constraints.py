@@ -4,9 +4,10 @@ solver and least-squares multipliers.
     Phi(theta) = {phi : P(theta, phi) <= 0,  Q(theta, phi) = 0}       (`BilevelProblem.lower_inequality`/`lower_equality`)
 
 Sets with an exact Euclidean projection in `optax.projections` (box, non-negative orthant,
-simplex, l2 ball, hyperplane, halfspace) are `ConstraintSet` Modules that give both the
-projection (for projected LL steps, `projected`) and the smooth constraint functions P, Q (for
-the KKT implicit gradient, `bj.hypergrad.kkt`): `box(0.0).problem(f_upper, f_lower)` is a
+simplex, l2 ball, hyperplane, halfspace; their factories check the parameters: an empty or
+degenerate set raises) are `ConstraintSet` Modules that give both the projection (for projected
+LL steps, `projected`) and the smooth constraint functions P, Q (for the KKT implicit gradient,
+`bj.hypergrad.kkt`): `box(0.0).problem(f_upper, f_lower)` is a
 `BilevelProblem` whose LL is constrained to phi >= 0.
 
 General (theta-dependent, nonlinear) constraints: `augmented_lagrangian`, the method of
@@ -16,10 +17,10 @@ multiplier method of Hestenes and Powell applied to convex programming", 1973):
     L_rho(phi) = f_lower + <lambda_Q, Q> + rho/2 ||Q||^2 + 1/(2 rho) sum (max(0, lambda_P + rho P)^2 - lambda_P^2)
     phi <- `inner_steps` optax steps on L_rho;   lambda_P <- max(0, lambda_P + rho P),  lambda_Q <- lambda_Q + rho Q
 
-It returns phi and its multipliers. A solver that gives no multipliers (projected steps) gets
-them by least squares from stationarity (`least_squares_multipliers`; Giovannelli, Kent,
-Vicente, "Bilevel stochastic methods for optimization and machine learning: Bilevel stochastic
-descent and DARTS", 2021, arXiv:2110.00604):
+It returns phi, its multipliers and an `ALMInfo` (NONFINITE when it diverges). A solver that
+gives no multipliers (projected steps) gets them by least squares from stationarity
+(`least_squares_multipliers`; Giovannelli, Kent, Vicente, "Bilevel stochastic methods for
+optimization and machine learning: Bilevel stochastic descent and DARTS", 2021, arXiv:2110.00604):
 
     lambda = argmin ||grad_phi f_lower + grad_phi P' lambda_P + grad_phi Q' lambda_Q||^2 + ||P * lambda_P||^2
     i.e. (J J' + diag(P^2, 0)) lambda = -J grad_phi f_lower,  J = [grad_phi P; grad_phi Q]
