@@ -36,10 +36,14 @@ def _neumann_draws(q, shared_batch):
 
 
 def _truncated_series(q, theta, phi):
-    a = jax.hessian(q.problem.f_lower, 1)(theta, phi, q.data[1])
-    b = jax.grad(q.problem.f_upper, 1)(theta, phi, q.data[0])
-    m = jnp.eye(a.shape[0]) - ETA * a
-    return ETA * sum(jnp.linalg.matrix_power(m, k) @ b for k in range(Q))
+    """eta sum_{k<Q} (I - eta A)^k b with the dense LL Hessian A (one compiled call)."""
+    @jax.jit
+    def series(theta, phi, data):
+        a = jax.hessian(q.problem.f_lower, 1)(theta, phi, data[1])
+        b = jax.grad(q.problem.f_upper, 1)(theta, phi, data[0])
+        m = jnp.eye(a.shape[0]) - ETA * a
+        return ETA * sum(jnp.linalg.matrix_power(m, k) @ b for k in range(Q))
+    return series(theta, phi, q.data)
 
 
 def test_stocbio_estimate_is_unbiased_with_a_batch_per_factor(big_quad):
@@ -66,9 +70,9 @@ def test_fsla_first_three_iterates_follow_the_papers_order(quad):
     p, (up, low) = quad.problem, quad.data
     alg = bj.algorithms.fsla(p, upper_lr=gamma, lower_lr=rho, v_lr=eta_v, momentum_eta=eta_m, batch_size=None)
     state = alg.init(quad.theta0 + 0.2, quad.phi0, jax.random.PRNGKey(0), quad.data)
-    got = []
+    got, update = [], eqx.filter_jit(alg.update)
     for _ in range(3):
-        state, info = eqx.filter_jit(alg.update)(state, quad.data)
+        state, info = update(state, quad.data)
         got.append((state.theta, state.phi, state.v))
         assert int(info.status) == bj.status.OK
 
@@ -78,15 +82,21 @@ def test_fsla_first_three_iterates_follow_the_papers_order(quad):
     hess = jax.hessian(p.f_lower, 1)
     jac = jax.jacfwd(jax.grad(p.f_lower, 1), 0)      # (d_phi, d_theta): J v = jac.T @ v
     h = lambda t, f, v: grad_t(t, f, up) - jac(t, f, low).T @ v
-    theta, phi, v = quad.theta0 + 0.2, quad.phi0, jnp.zeros_like(quad.phi0)
-    theta_prev, d = theta, jnp.zeros_like(theta)
-    for k in range(3):
-        phi_new = phi - rho * g_low(theta, phi, low)
-        v_new = v - eta_v * (hess(theta, phi_new, low) @ v - grad_p(theta, phi_new, up))
-        a = 0.0 if k == 0 else 1.0 - eta_m
-        d = h(theta, phi_new, v_new) + a * (d - h(theta_prev, phi, v))
-        theta_prev, theta, phi, v = theta, theta - gamma * d, phi_new, v_new
-        for name, mine, ref in zip(("theta", "phi", "v"), got[k], (theta, phi, v)):
+
+    @jax.jit
+    def by_hand(theta, phi):                          # the three steps in one compiled call
+        v, theta_prev, d, out = jnp.zeros_like(phi), theta, jnp.zeros_like(theta), []
+        for k in range(3):
+            phi_new = phi - rho * g_low(theta, phi, low)
+            v_new = v - eta_v * (hess(theta, phi_new, low) @ v - grad_p(theta, phi_new, up))
+            a = 0.0 if k == 0 else 1.0 - eta_m
+            d = h(theta, phi_new, v_new) + a * (d - h(theta_prev, phi, v))
+            theta_prev, theta, phi, v = theta, theta - gamma * d, phi_new, v_new
+            out.append((theta, phi, v))
+        return out
+
+    for k, refs in enumerate(by_hand(quad.theta0 + 0.2, quad.phi0)):
+        for name, mine, ref in zip(("theta", "phi", "v"), got[k], refs):
             np.testing.assert_allclose(mine, ref, rtol=1e-12, atol=1e-14, err_msg=f"step {k} {name}")
 
 
