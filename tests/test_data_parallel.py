@@ -80,7 +80,7 @@ def test_shards_signature_and_saga_blocks(quad_stoch):
     for name, preset in bj.algorithms.ALGORITHMS.items():
         params = inspect.signature(preset).parameters
         assert "mesh" in params and "shards" in params, name
-    alg = bj.algorithms.saba(quad_stoch.problem, batch_size=16, shards=4)
+    alg = bj.algorithms.saba(quad_stoch.problem, upper_lr=0.05, lower_lr=0.2, batch_size=16, shards=4)
     state = alg.init(quad_stoch.theta0, quad_stoch.phi0, jax.random.PRNGKey(0), quad_stoch.data)
     rows = {leaf.shape[0] for leaf in jax.tree_util.tree_leaves(state.estimator) if leaf.ndim >= 1}
     assert 4 in rows   # 64 samples / 16 per batch

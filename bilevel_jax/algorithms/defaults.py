@@ -37,7 +37,7 @@ import optax.tree_utils as otu
 
 from bilevel_jax import oracles
 from bilevel_jax.algorithms.base import Algorithm
-from bilevel_jax.algorithms.parallel import rebuild
+from bilevel_jax.algorithms.parallel import replace_parts
 from bilevel_jax.algorithms.steps import StepRule
 from bilevel_jax.sampling import full, num_samples
 from bilevel_jax.schedules import InversePower
@@ -168,10 +168,10 @@ def _full_batch(alg: Algorithm, data) -> Algorithm:
         return alg
     n = min(sizes)
     batch = []
-    rebuild(alg, lambda q: q, lambda s: batch.append(s.batch_size) or s)
+    replace_parts(alg, lambda q: q, lambda s: batch.append(s.batch_size) or s)
     if any(b is not None and b < n for b in batch):
         return alg
-    alg = rebuild(alg, lambda q: q, lambda s: full(s.shards))
+    alg = replace_parts(alg, lambda q: q, lambda s: full(s.shards))
     return jax.tree_util.tree_map(_constant, alg, is_leaf=lambda x: isinstance(x, StepRule))
 
 
@@ -201,7 +201,7 @@ class Normalized(Algorithm):
 
     def _at(self, scales: Scales, data) -> Algorithm:
         alg = _full_batch(self.algorithm, data)
-        return rebuild(alg, lambda q: scaled_problem(q, scales), lambda s: s)
+        return replace_parts(alg, lambda q: scaled_problem(q, scales), lambda s: s)
 
     def init(self, theta0, phi0, key, data=None) -> NormalizedState:
         scales = scales_at(self.algorithm.problem, self.algorithm.problem.project(theta0), phi0, data)
