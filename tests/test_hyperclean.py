@@ -67,22 +67,29 @@ def test_implicit_gradient_matches_finite_differences_and_the_library_estimate()
     shifts = eps * jnp.eye(theta.size, dtype=theta.dtype)
     fd = (value(theta + shifts) - value(theta - shifts)) / (2 * eps)
     np.testing.assert_allclose(g, fd, rtol=1e-5, atol=1e-9)
-    # the closed form -(1/n) sigmoid'(lambda_i) <grad_W CE_i(W*), v>
-    W = b.phi_star(theta)
-    (Xv, yv), (X, y, idx) = b.data
-    A = jax.jit(jax.hessian(lambda w: b.problem.f_lower(theta, w.reshape(W.shape), b.data[1])))(W.ravel())
-    rhs = jax.grad(lambda w: b.problem.f_upper(theta, w, b.data[0]))(W).ravel()
-    v = jnp.linalg.solve(A, rhs)
-    per_sample = jax.vmap(lambda x, t: jax.grad(lambda w: hc.cross_entropy(w, x[None], t[None])[0])(W).ravel())(X, y)
-    s = jax.nn.sigmoid(theta)
-    np.testing.assert_allclose(g, -(s * (1 - s)) * (per_sample @ v) / X.shape[0], rtol=1e-8, atol=1e-12)
+
+    @jax.jit
+    def closed_form(theta, data):
+        """-(1/n) sigmoid'(lambda_i) <grad_W CE_i(W*), v> with the dense LL Hessian A (one compiled call)."""
+        W = b.phi_star(theta)
+        (_, (X, y, _)) = data
+        A = jax.hessian(lambda w: b.problem.f_lower(theta, w.reshape(W.shape), data[1]))(W.ravel())
+        rhs = jax.grad(lambda w: b.problem.f_upper(theta, w, data[0]))(W).ravel()
+        v = jnp.linalg.solve(A, rhs)
+        per_sample = jax.vmap(lambda x, t: jax.grad(lambda w: hc.cross_entropy(w, x[None], t[None])[0])(W).ravel())(X, y)
+        s = jax.nn.sigmoid(theta)
+        return -(s * (1 - s)) * (per_sample @ v) / X.shape[0], W, A, rhs, v
+
+    closed, W, A, rhs, v = closed_form(theta, b.data)
+    np.testing.assert_allclose(g, closed, rtol=1e-8, atol=1e-12)
     est, info = bj.hypergradient(b.problem, theta, W, b.data, solver=bj.linear_solvers.cg(maxiter=200, rtol=1e-14))
     assert int(info.status) == bj.status.OK
     np.testing.assert_allclose(est, g, rtol=1e-6, atol=1e-12)
     # the residual metric is ||A v - b|| with the dense A
-    np.testing.assert_allclose(b.residual(theta, W, v.reshape(W.shape)), 0.0, atol=1e-10)
+    residual = jax.jit(b.residual)
+    np.testing.assert_allclose(residual(theta, W, v.reshape(W.shape)), 0.0, atol=1e-10)
     v2 = v.reshape(W.shape) + 0.1
-    np.testing.assert_allclose(b.residual(theta, W, v2), jnp.linalg.norm(A @ v2.ravel() - rhs), rtol=1e-10)
+    np.testing.assert_allclose(residual(theta, W, v2), jnp.linalg.norm(A @ v2.ravel() - rhs), rtol=1e-10)
 
 
 def test_downweighted_counts_corrupted_samples_below_one_half():
