@@ -98,10 +98,23 @@ class ConstraintSet(eqx.Module):
 
 class Box(ConstraintSet):
     """lower <= phi <= upper (scalars or pytrees like phi; None for no bound on that side).
-    P = (lower - phi, phi - upper), the absent sides left out."""
+    P = (lower - phi, phi - upper), the absent sides left out. The bounds are checked: no NaN, and
+    lower <= upper everywhere (an empty box raises; `require`)."""
 
     lower: Any = None
     upper: Any = None
+
+    def __init__(self, lower=None, upper=None):
+        if lower is None and upper is None:
+            raise ValueError("box: give `lower`, `upper` or both (a box with no bound is the whole space).")
+        if lower is not None:
+            lower = require("box", lower, _not_nan, "the lower bound has NaN entries")
+        if upper is not None:
+            upper = require("box", upper, _not_nan, "the upper bound has NaN entries")
+        if lower is not None and upper is not None:
+            lower = require("box", lower, lambda lo: _pairs(lambda l, u: jnp.asarray(l) <= jnp.asarray(u), lo, upper),
+                            "lower > upper somewhere: the box is empty")
+        self.lower, self.upper = lower, upper
 
     def project(self, phi):
         lo = jax.tree_util.tree_map(lambda p: -jnp.inf, phi) if self.lower is None else self._like(self.lower, phi)
@@ -128,6 +141,9 @@ class Simplex(ConstraintSet):
 
     scale: Any = 1.0
 
+    def __init__(self, scale=1.0):
+        self.scale = _positive("simplex", "scale", scale)
+
     def project(self, phi):
         return proj.projection_simplex(phi, self.scale)
 
@@ -143,6 +159,9 @@ class L2Ball(ConstraintSet):
 
     radius: Any = 1.0
 
+    def __init__(self, radius=1.0):
+        self.radius = _positive("l2_ball", "radius", radius)
+
     def project(self, phi):
         return proj.projection_l2_ball(phi, self.radius)
 
@@ -156,6 +175,9 @@ class Hyperplane(ConstraintSet):
     a: Any
     b: Any = 0.0
 
+    def __init__(self, a, b=0.0):
+        self.a, self.b = _plane("hyperplane", a, b)
+
     def project(self, phi):
         return proj.projection_hyperplane(phi, self.a, self.b)
 
@@ -168,6 +190,9 @@ class Halfspace(ConstraintSet):
 
     a: Any
     b: Any = 0.0
+
+    def __init__(self, a, b=0.0):
+        self.a, self.b = _plane("halfspace", a, b)
 
     def project(self, phi):
         return proj.projection_halfspace(phi, self.a, self.b)
@@ -212,15 +237,6 @@ def _nonzero(a):
 def box(lower=None, upper=None) -> Box:
     """The box lower <= phi <= upper (either side may be None; scalars or pytrees like phi). The
     bounds are checked: no NaN, and lower <= upper everywhere (an empty box raises)."""
-    if lower is None and upper is None:
-        raise ValueError("box: give `lower`, `upper` or both (a box with no bound is the whole space).")
-    if lower is not None:
-        lower = require("box", lower, _not_nan, "the lower bound has NaN entries")
-    if upper is not None:
-        upper = require("box", upper, _not_nan, "the upper bound has NaN entries")
-    if lower is not None and upper is not None:
-        lower = require("box", lower, lambda lo: _pairs(lambda l, u: jnp.asarray(l) <= jnp.asarray(u), lo, upper),
-                        "lower > upper somewhere: the box is empty")
     return Box(lower, upper)
 
 
@@ -231,32 +247,37 @@ def non_negative() -> Box:
 
 def simplex(scale=1.0) -> Simplex:
     """{phi >= 0, sum(phi) = scale}; scale must be a positive finite number."""
-    return Simplex(require("simplex", scale, lambda s: jnp.isfinite(s) & (jnp.asarray(s) > 0),
-                           f"scale must be a positive finite number, got {_show(scale)}"))
+    return Simplex(scale)
 
 
 def l2_ball(radius=1.0) -> L2Ball:
     """{||phi|| <= radius}; radius must be a positive finite number."""
-    return L2Ball(require("l2_ball", radius, lambda r: jnp.isfinite(r) & (jnp.asarray(r) > 0),
-                          f"radius must be a positive finite number, got {_show(radius)}"))
+    return L2Ball(radius)
 
 
 def hyperplane(a, b=0.0) -> Hyperplane:
     """{<a, phi> = b}; a must be finite and nonzero (a = 0 is the whole space or empty)."""
-    a = require("hyperplane", a, lambda x: _nonzero(x) & jnp.isfinite(otu.tree_norm(x)),
-                "`a` must be a finite nonzero vector (a = 0 gives the whole space or an empty set)")
-    return Hyperplane(a, require("hyperplane", b, lambda x: jnp.isfinite(x), f"`b` must be finite, got {_show(b)}"))
+    return Hyperplane(a, b)
 
 
 def halfspace(a, b=0.0) -> Halfspace:
     """{<a, phi> <= b}; a must be finite and nonzero (a = 0 is the whole space or empty)."""
-    a = require("halfspace", a, lambda x: _nonzero(x) & jnp.isfinite(otu.tree_norm(x)),
-                "`a` must be a finite nonzero vector (a = 0 gives the whole space or an empty set)")
-    return Halfspace(a, require("halfspace", b, lambda x: jnp.isfinite(x), f"`b` must be finite, got {_show(b)}"))
+    return Halfspace(a, b)
 
 
 def _show(value) -> str:
     return "a traced value" if isinstance(value, jax.core.Tracer) else repr(value)
+
+
+def _positive(where: str, name: str, value):
+    return require(where, value, lambda x: jnp.isfinite(x) & (jnp.asarray(x) > 0),
+                   f"{name} must be a positive finite number, got {_show(value)}")
+
+
+def _plane(where: str, a, b):
+    a = require(where, a, lambda x: _nonzero(x) & jnp.isfinite(otu.tree_norm(x)),
+                "`a` must be a finite nonzero vector (a = 0 gives the whole space or an empty set)")
+    return a, require(where, b, lambda x: jnp.isfinite(x), f"`b` must be finite, got {_show(b)}")
 
 
 # ------------------------------------------------------------------ projected LL steps

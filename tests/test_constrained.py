@@ -311,7 +311,8 @@ def test_sets_validate_their_parameters():
            (lambda: C.l2_ball(jnp.inf), "l2_ball: radius"),
            (lambda: C.hyperplane(jnp.zeros(3), 1.0), "hyperplane: `a`"),
            (lambda: C.halfspace(jnp.zeros(3), 1.0), "halfspace: `a`"),
-           (lambda: C.halfspace(jnp.ones(3), jnp.nan), "halfspace: `b`")]
+           (lambda: C.halfspace(jnp.ones(3), jnp.nan), "halfspace: `b`"),
+           (lambda: C.Box(1.0, 0.0), "box: lower > upper"), (lambda: C.L2Ball(0.0), "l2_ball: radius")]   # classes too
     for make, message in bad:
         with pytest.raises(ValueError, match=message):
             make()
