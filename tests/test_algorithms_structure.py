@@ -5,6 +5,7 @@ correction term, and clear errors on bad input.
 Expected values come from closed forms or from `jax.grad`/`jax.jacfwd` of the objectives,
 never from the code under test.
 """
+import inspect
 import math
 
 import equinox as eqx
@@ -313,14 +314,16 @@ def test_bad_input_errors_before_tracing(quad_stoch, name):
             make(q.problem, lower_lr=bad)
     with pytest.raises(TypeError, match=f"{name}: upper_opt must be an optax GradientTransformation"):
         make(q.problem, upper_opt="adam")
-    alg = make(q.problem, batch_size=16)
+    # without step sizes, the Neumann presets need neumann_steps (bj.algorithms.defaults)
+    extra = {"neumann_steps": 10} if "neumann_steps" in inspect.signature(make).parameters else {}
+    alg = make(q.problem, batch_size=16, **extra)
     key = jax.random.PRNGKey(0)
     # a key that is not a PRNG key
     for bad_key in (0, jnp.zeros(2), None):
         with pytest.raises(TypeError, match="key must be a PRNG key"):
             alg.init(q.theta0, q.phi0, bad_key, q.data)
     # batch size larger than the data
-    big = make(q.problem, batch_size=100)
+    big = make(q.problem, batch_size=100, **extra)
     with pytest.raises(ValueError, match=r"batch_size=100 is larger than upper data's 64 samples"):
         big.init(q.theta0, q.phi0, key, q.data)
     # data leaves with different leading sizes
@@ -335,12 +338,14 @@ def test_bad_input_errors_before_tracing(quad_stoch, name):
 
 def test_bad_input_in_update_is_caught_at_trace_time(quad_stoch):
     q = quad_stoch
-    alg = bj.algorithms.soba(q.problem, batch_size=100)
+    alg = bj.algorithms.soba(q.problem, batch_size=100, upper_lr=0.1, lower_lr=0.1)   # step sizes: init needs no data
     state = alg.init(q.theta0, q.phi0, jax.random.PRNGKey(0))   # no data: nothing to check yet
     with pytest.raises(ValueError, match="is larger than upper data's 64 samples"):
         eqx.filter_jit(alg.update)(state, q.data)
-    alg = bj.algorithms.stable(q.problem, batch_size=100)
+    alg = bj.algorithms.stable(q.problem, batch_size=100, upper_lr=0.1, lower_lr=0.1)
     state = alg.init(q.theta0, q.phi0, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="stable: built without step sizes, init estimates them on the data"):
+        bj.algorithms.stable(q.problem, batch_size=100).init(q.theta0, q.phi0, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="is larger than upper data's 64 samples"):
         eqx.filter_jit(alg.update)(state, q.data)
 

@@ -33,6 +33,8 @@ from bilevel_jax.algorithms.zeroth_order import pzobo
 from bilevel_jax.algorithms.pessimistic import PessimisticPenalty, PessimisticState, pessimistic_penalty
 # constrained LLs (need lower_inequality / lower_equality and a feasible set: not in ALGORITHMS either)
 from bilevel_jax.algorithms.constrained import KKT, AmortizedKKT, amortized_kkt, bsg_constrained, kkt
+# defaults that converge: a preset called without step sizes runs on the problem rescaled at init
+from bilevel_jax.algorithms import defaults
 
 ALGORITHMS = {
     "alternating": alternating, "ba": ba, "bsa": bsa, "aid_bio": aid_bio, "stocbio": stocbio, "amigo": amigo,
@@ -53,7 +55,8 @@ ALGORITHMS = {
 
 # every preset (and bilevel_loop) also takes mesh= / shards= (data-parallel runs, `parallel.data_parallel`)
 for _name in (*ALGORITHMS, "bilevel_loop", "pessimistic_penalty", "bsg_constrained"):
-    globals()[_name] = preset_options(globals()[_name])
+    globals()[_name] = preset_options(defaults.auto_scaled(globals()[_name]) if _name in ALGORITHMS
+                                      else globals()[_name])
     if _name in ALGORITHMS:
         ALGORITHMS[_name] = globals()[_name]
 del _name

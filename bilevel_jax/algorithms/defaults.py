@@ -19,8 +19,8 @@ arXiv:1802.02246, eq. (2.3)), and every step runs the preset on f_lower * `LOWER
 f_upper * `UPPER_SCALE` / L_F: the default `lower_lr = 0.1` becomes 1 / L_g (gradient descent at
 1/L, linear rate 1 - mu_g / L_g on a strongly convex LL; Nesterov, "Introductory Lectures on
 Convex Optimization", 2004, Thm. 2.1.15), `upper_lr = 0.1` becomes 0.1 / L_F. With full batches
-(`batch_size` None, or at least the smaller level's number of samples: then the preset draws the
-whole data) decaying step sizes, whose purpose is to average out sampling noise, are constant.
+(`batch_size` None, or a default `batch_size` at least the smaller level's number of samples:
+then the preset draws the whole data) decaying step sizes, whose purpose is to average out sampling noise, are constant.
 Step sizes passed explicitly are used as given on the problem as given (no wrapper).
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ STRUCTURAL = frozenset({
 
 
 def _unit(tree):
-    norm = otu.tree_l2_norm(tree)
+    norm = otu.tree_norm(tree)
     return otu.tree_scale(1.0 / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny), tree)
 
 
@@ -95,7 +95,7 @@ def _newton(problem, theta, phi, batch):
         return otu.tree_sub(p, _cg(lambda u: oracles.hvp(problem, theta, p, u, batch), g, CG_STEPS))
 
     new = jax.lax.fori_loop(0, NEWTON_STEPS, step, phi)
-    good = jnp.isfinite(otu.tree_l2_norm(new))
+    good = jnp.isfinite(otu.tree_norm(new))
     return jax.tree_util.tree_map(lambda a, b: jnp.where(good, a, b), new, phi)
 
 
@@ -193,6 +193,8 @@ class Normalized(Algorithm):
     module docstring). `init` needs `data` unless the objectives take no data."""
 
     algorithm: Algorithm
+    default_batch: bool = eqx.field(static=True, default=True)
+    preset: str = eqx.field(static=True, default="preset")
 
     def __getattr__(self, name):   # the wrapped preset's configuration (problem, name, lower_steps, ...)
         if name.startswith("__"):
@@ -200,10 +202,19 @@ class Normalized(Algorithm):
         return getattr(self.algorithm, name)
 
     def _at(self, scales: Scales, data) -> Algorithm:
-        alg = _full_batch(self.algorithm, data)
+        alg = _full_batch(self.algorithm, data) if self.default_batch else self.algorithm
         return replace_parts(alg, lambda q: scaled_problem(q, scales), lambda s: s)
 
     def init(self, theta0, phi0, key, data=None) -> NormalizedState:
+        # the preset's own checks of the key, the data and the objectives first (errors before any estimate)
+        unit = Scales(jnp.ones(()), jnp.ones(()))
+        eqx.filter_eval_shape(lambda: self._at(unit, data).init(theta0, phi0, key, data))
+        if data is None:
+            try:
+                eqx.filter_eval_shape(self.algorithm.problem.f_lower, theta0, phi0, None)
+            except Exception as e:   # noqa: BLE001 - the objectives need data
+                raise ValueError(f"{self.preset}: built without step sizes, init estimates them on the data: "
+                                 "pass `data` to init (or upper_lr= and lower_lr= to the preset).") from e
         scales = scales_at(self.algorithm.problem, self.algorithm.problem.project(theta0), phi0, data)
         return NormalizedState(self._at(scales, data).init(theta0, phi0, key, data), scales)
 
@@ -215,19 +226,28 @@ class Normalized(Algorithm):
 def auto_scaled(build):
     """Preset decorator: called without any argument outside `STRUCTURAL`, the preset is wrapped
     in `Normalized` (step sizes relative to the curvatures estimated at `init`)."""
+    neumann = "neumann_steps" in inspect.signature(build).parameters
+
     @functools.wraps(build)
     def preset(problem, *args, **kwargs):
         alg = build(problem, *args, **kwargs)
         if args or set(kwargs) - STRUCTURAL:
             return alg
-        return Normalized(alg)
+        if neumann and "neumann_steps" not in kwargs:
+            raise ValueError(
+                f"{build.__name__}: without step sizes the Neumann series of v runs at eta = 1 / L_g, and its default "
+                "N = 10 terms keep a relative bias (1 - mu_g / L_g)^N on v (0.90 at condition number 100; Ji, Yang "
+                "& Liang 2021, arXiv:2010.07962, Lemma 3): pass neumann_steps= (about 3 L_g / mu_g for 5% bias) "
+                "or the step sizes (upper_lr=, lower_lr=, neumann_eta=).")
+        return Normalized(alg, "batch_size" not in kwargs, build.__name__)
 
     preset.__doc__ = (build.__doc__ or "") + (
         "\n\n    Defaults: called without step sizes (no `*_lr`, `*_opt`, penalty or solver-step argument),"
         "\n    the preset runs on the problem rescaled at `init` so that the default `lower_lr` acts as"
         "\n    1 / L_g and `upper_lr` as 0.1 / L_F, curvatures estimated from HVPs at (theta0, phi0) on the"
         "\n    full data (`bj.algorithms.defaults`); `init` then needs `data`. Passing any step size uses"
-        "\n    every value as given.")
+        "\n    every value as given." + ("\n    Without step sizes, `neumann_steps` must be given (the truncation bias"
+                                  "\n    (1 - mu_g / L_g)^N of v at eta = 1 / L_g)." if neumann else ""))
     preset.__signature__ = inspect.signature(build)
     return preset
 
