@@ -10,6 +10,7 @@ directory that others can write to.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import types
@@ -123,4 +124,40 @@ def _cell_value(cell):
         return _EMPTY_CELL
 
 
-__all__ = ["CACHE_ENV", "DEFAULT_DIR", "SameCode", "enable_compilation_cache", "same_code", "same_code_rule"]
+def static_equal(a, b) -> bool:
+    """Equality of two parts of a static configuration (a compile key): `a is b`, or `a == b` when
+    that is a plain bool. A part without a boolean `==` (an equinox bound method whose Module
+    holds arrays, e.g. a constraint set's `box.project`, compares with arrays, or with tracers
+    inside a trace) is equal only to itself."""
+    if a is b:
+        return True
+    try:
+        equal = a == b
+    except Exception:  # noqa: BLE001 - no boolean equality: not the same part
+        return False
+    return equal if isinstance(equal, bool) else False
+
+
+def static_hash(x) -> int:
+    """`hash(x)`, or its identity when it is not hashable (consistent with `static_equal`)."""
+    try:
+        return hash(x)
+    except TypeError:
+        return id(x)
+
+
+class StaticFields:
+    """Mixin for frozen dataclasses that key compiled programs: equal when their fields are
+    (`static_equal`, field by field), hashed consistently (`static_hash`)."""
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(static_equal(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self))
+
+    def __hash__(self):
+        return hash(tuple(static_hash(getattr(self, f.name)) for f in dataclasses.fields(self)))
+
+
+__all__ = ["CACHE_ENV", "DEFAULT_DIR", "SameCode", "StaticFields", "enable_compilation_cache", "same_code",
+           "same_code_rule", "static_equal", "static_hash"]

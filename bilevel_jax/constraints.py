@@ -44,6 +44,7 @@ import optax.tree_utils as otu
 
 from bilevel_jax import oracles
 from bilevel_jax import status as st
+from bilevel_jax.cache import StaticFields
 from bilevel_jax._checks import check_positive_int, check_step_size
 from bilevel_jax.hypergrad.inner import lower_steps
 from bilevel_jax.linear_solvers import LinearSolver, SolverInfo, cg, fail_where
@@ -311,12 +312,13 @@ def projected(optimizer: optax.GradientTransformation, projection: Callable[[PyT
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-@dataclasses.dataclass(frozen=True)
-class ProjectedTransform:
+@dataclasses.dataclass(frozen=True, eq=False)   # equality and hash: StaticFields
+class ProjectedTransform(StaticFields):
     """`learning_rate -> projected(transform(learning_rate), projection)`: the `transform` of a
     `bj.algorithms.steps.StepRule` whose steps are projected (its step size stays an array field, so
     a sweep can vmap over it). A frozen dataclass: equal parts compare and hash equal, so equal
-    configurations cross `jit` without recompiling."""
+    configurations cross `jit` without recompiling (a set's bound method, whose Module holds arrays,
+    compares by identity: `bj.cache.StaticFields`)."""
 
     transform: Callable
     projection: Callable

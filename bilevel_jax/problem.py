@@ -16,11 +16,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from bilevel_jax.cache import StaticFields
+
 PyTree = Any
 
 
-@dataclasses.dataclass(frozen=True)
-class BilevelProblem:
+@dataclasses.dataclass(frozen=True, eq=False)   # equality and hash: StaticFields
+class BilevelProblem(StaticFields):
     """A bilevel problem given by its two objectives.
 
     Args:
