@@ -103,7 +103,7 @@ def test_mesh_equals_shards_on_four_devices():
     fsdp = [row for row in rows if row.get("fsdp")]
     entry = [row for row in rows if row.get("entry_points")]
     rows = [row for row in rows if not (row.get("fsdp") or row.get("entry_points"))]
-    assert len(rows) == 7 and len(fsdp) == 1 and len(entry) == 1
+    assert len(rows) == 8 and len(fsdp) == 1 and len(entry) == 1
     # bj.hypergradient, a grad through bj.argmin and bj.run with mesh= equal one device
     entry = entry[0]
     assert entry["hypergradient"] < 1e-12 and entry["exact"] < 1e-10 and entry["status"] == 0, entry
@@ -122,5 +122,7 @@ def test_mesh_equals_shards_on_four_devices():
         assert row["status"] == [0, 0], row
         # parameter-sized only: the same collectives with 4x the samples and the batch, every operand
         # a vector of theta's (3) or phi's (5) size
+        if row["defaults"]:   # soba with its step sizes estimated at init: the same iterates
+            continue
         assert row["collectives"] > 0 and not row["collectives_grow_with_samples"], row
         assert row["largest_collective"] <= 5, row
