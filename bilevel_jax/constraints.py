@@ -46,7 +46,7 @@ from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax.cache import StaticFields
 from bilevel_jax._checks import check_positive_int, check_step_size
-from bilevel_jax.hypergrad.inner import lower_steps
+from bilevel_jax.lower import lower_steps
 from bilevel_jax.linear_solvers import LinearSolver, SolverInfo, cg, fail_where
 from bilevel_jax.linear_solvers.base import rounding_eps
 from bilevel_jax.oracles import Multipliers

@@ -57,7 +57,7 @@ from bilevel_jax.algorithms.steps import (StepRule, apply_step, check_data, draw
                                           finish, float_dtype, init_rule, lower_phase, start)
 from bilevel_jax.algorithms.value_function import PenaltyRamp, penalty_ramp
 from bilevel_jax.algorithms.constrained import lower_projection, project_rule
-from bilevel_jax.hypergrad.inner import lower_steps as run_lower_steps
+from bilevel_jax.lower import lower_steps as run_lower_steps
 from bilevel_jax.problem import BilevelProblem, check_problem
 from bilevel_jax.sampling import Sampler
 

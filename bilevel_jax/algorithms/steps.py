@@ -29,7 +29,7 @@ from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax._checks import as_array, check_step_size
 from bilevel_jax.algorithms.base import OracleCounts, StepInfo, check_key
-from bilevel_jax.hypergrad.inner import lower_steps as run_lower_steps
+from bilevel_jax.lower import lower_steps as run_lower_steps
 from bilevel_jax.problem import BilevelProblem, check_data_pair
 from bilevel_jax.sampling import Sampler, check_fits
 from bilevel_jax.schedules import InversePower, inverse_power

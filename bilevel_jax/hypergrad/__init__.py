@@ -6,7 +6,7 @@ from bilevel_jax.hypergrad.argmin import argmin
 from bilevel_jax.hypergrad.custom_root import custom_fixed_point, custom_root, root_jvp, root_vjp
 from bilevel_jax.hypergrad.implicit import HypergradInfo, hypergradient, implicit_direction
 from bilevel_jax.hypergrad.kkt import KKTInfo, kkt_argmin, kkt_direction, kkt_hypergradient, kkt_hypergradient_dense
-from bilevel_jax.hypergrad.inner import lower_step, lower_steps, solve_lower
+from bilevel_jax.lower import lower_step, lower_steps, solve_lower
 from bilevel_jax.hypergrad.unrolled import unrolled_hypergradient
 from bilevel_jax.hypergrad.zero_ig import zero_ig_hypergradient
 

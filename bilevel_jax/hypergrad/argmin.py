@@ -1,7 +1,7 @@
 """`bj.argmin`: a lower-level solution that is differentiable in both modes of autodiff.
 
 Primal: `steps` iterations of any optax transform (L-BFGS and line searches included) on
-f_lower(theta, ., batch) from phi0 (`hypergrad.inner.solve_lower`); autodiff never goes through
+f_lower(theta, ., batch) from phi0 (`bj.lower.solve_lower`); autodiff never goes through
 these iterations.
 
 Tangent (implicit function theorem; Blondel et al. 2022, "Efficient and Modular Implicit
@@ -48,7 +48,7 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax.cache import same_code_rule
 from bilevel_jax._checks import check_positive_int
-from bilevel_jax.hypergrad.inner import solve_lower
+from bilevel_jax.lower import solve_lower
 from bilevel_jax.linear_solvers import LinearSolver, cg
 from bilevel_jax.precision import Precision, check_precision, wrap_problem
 from bilevel_jax.problem import BilevelProblem

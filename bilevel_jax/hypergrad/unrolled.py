@@ -46,7 +46,7 @@ from jax.flatten_util import ravel_pytree
 
 from bilevel_jax import oracles
 from bilevel_jax._checks import check_positive_int
-from bilevel_jax.hypergrad.inner import apply_rule, lower_step, lower_steps
+from bilevel_jax.lower import apply_rule, lower_step, lower_steps
 from bilevel_jax.problem import BilevelProblem, check_optimistic
 
 MODES = ("reverse", "forward", "mixed")

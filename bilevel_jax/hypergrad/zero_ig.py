@@ -13,7 +13,7 @@ import optax
 
 from bilevel_jax import oracles
 from bilevel_jax._checks import check_positive_int, check_step_size
-from bilevel_jax.hypergrad.inner import solve_lower
+from bilevel_jax.lower import solve_lower
 from bilevel_jax.problem import BilevelProblem, check_optimistic
 
 

@@ -1,4 +1,4 @@
-"""Lower-level steps: `steps` updates of any optax transform on f_lower(theta, ., batch), in a `lax.scan`.
+"""Lower-level steps (below `hypergrad/` and `constraints.py`, which both use them): `steps` updates of any optax transform on f_lower(theta, ., batch), in a `lax.scan`.
 
     phi_{t+1} = phi_t + optimizer.update(grad_phi f_lower(theta, phi_t, batch_t), ...)
 
