@@ -75,16 +75,23 @@ def _ones(tree):
 
 
 def _cg(matvec, b, steps: int):
-    """`steps` CG iterations from zero (fixed count: traceable, differentiable by jvp)."""
+    """`steps` CG iterations from zero (fixed count: traceable, differentiable by jvp); the
+    iterations after ||r||^2 <= eps^2 ||b||^2 leave x as it is (no 0/0, no overflowing tangent)."""
+    bb = otu.tree_vdot(b, b)
+    tol = jnp.finfo(bb.dtype).eps ** 2 * bb
+
     def body(_, c):
         x, r, p, rr = c
         ap = matvec(p)
-        alpha = rr / jnp.maximum(otu.tree_vdot(p, ap), jnp.finfo(rr.dtype).tiny)
+        pap = otu.tree_vdot(p, ap)
+        go = (rr > tol) & (pap > 0)
+        alpha = jnp.where(go, rr / jnp.where(go, pap, 1.0), 0.0)
         x, r = otu.tree_add_scale(x, alpha, p), otu.tree_add_scale(r, -alpha, ap)
         rr_new = otu.tree_vdot(r, r)
-        return x, r, otu.tree_add_scale(r, rr_new / jnp.maximum(rr, jnp.finfo(rr.dtype).tiny), p), rr_new
+        beta = jnp.where(go, rr_new / jnp.where(go, rr, 1.0), 0.0)
+        return x, r, otu.tree_add_scale(r, beta, p), jnp.where(go, rr_new, rr)
 
-    return jax.lax.fori_loop(0, steps, body, (otu.tree_zeros_like(b), b, b, otu.tree_vdot(b, b)))[0]
+    return jax.lax.fori_loop(0, steps, body, (otu.tree_zeros_like(b), b, b, bb))[0]
 
 
 def _newton(problem, theta, phi, batch):
