@@ -18,7 +18,8 @@ solved by CG; Ghadimi & Wang, "Approximation Methods for Bilevel Programming", 2
 arXiv:1802.02246, eq. (2.3)), and every step runs the preset on f_lower * `LOWER_SCALE` / L_g and
 f_upper * `UPPER_SCALE` / L_F: the default `lower_lr = 0.1` becomes 1 / L_g (gradient descent at
 1/L, linear rate 1 - mu_g / L_g on a strongly convex LL; Nesterov, "Introductory Lectures on
-Convex Optimization", 2004, Thm. 2.1.15), `upper_lr = 0.1` becomes 0.1 / L_F. With full batches
+Convex Optimization", 2004, Thm. 2.1.15), `upper_lr = 0.1` becomes 0.02 / L_F (L_F is taken at theta0 only, and the UL curvature
+changes along the path: 0.1 / L_F diverged on a logistic HPO). With full batches
 (`batch_size` None, or a default `batch_size` at least the smaller level's number of samples:
 then the preset draws the whole data) decaying step sizes, whose purpose is to average out sampling noise, are constant.
 Step sizes passed explicitly are used as given on the problem as given (no wrapper).
@@ -45,7 +46,7 @@ from bilevel_jax.schedules import InversePower
 PyTree = Any
 
 LOWER_SCALE = 10.0     # the LL objective's curvature after rescaling: lower_lr = 0.1 acts as 1 / L_g
-UPPER_SCALE = 1.0      # the UL value's curvature after rescaling: upper_lr = 0.1 acts as 0.1 / L_F
+UPPER_SCALE = 0.2      # the UL value's curvature after rescaling: upper_lr = 0.1 acts as 0.02 / L_F
 POWER_STEPS = 20       # power iterations for each curvature
 NEWTON_STEPS = 5      # Newton-CG steps towards phi*(theta0) before the UL curvature
 CG_STEPS = 50          # CG steps of the implicit system inside the UL curvature estimate
@@ -251,7 +252,7 @@ def auto_scaled(build):
     preset.__doc__ = (build.__doc__ or "") + (
         "\n\n    Defaults: called without step sizes (no `*_lr`, `*_opt`, penalty or solver-step argument),"
         "\n    the preset runs on the problem rescaled at `init` so that the default `lower_lr` acts as"
-        "\n    1 / L_g and `upper_lr` as 0.1 / L_F, curvatures estimated from HVPs at (theta0, phi0) on the"
+        "\n    1 / L_g and `upper_lr` as 0.02 / L_F, curvatures estimated from HVPs at (theta0, phi0) on the"
         "\n    full data (`bj.algorithms.defaults`); `init` then needs `data`. Passing any step size uses"
         "\n    every value as given." + ("\n    Without step sizes, `neumann_steps` must be given (the truncation bias"
                                   "\n    (1 - mu_g / L_g)^N of v at eta = 1 / L_g)." if neumann else ""))
