@@ -55,13 +55,14 @@ def test_killed_chunked_run_resumes_bitwise_with_an_mlp(mlp_setup, tmp_path):   
 def test_progress_is_called_at_evaluation_points(quad):
     alg = bj.algorithms.soba(quad.problem, batch_size=None)
     rows = []
-    bj.run(alg, alg.init(quad.theta0, quad.phi0, jax.random.PRNGKey(0)), quad.data, num_steps=6, eval_every=2,
-           progress=rows.append)
+    bj.run(alg, alg.init(quad.theta0, quad.phi0, jax.random.PRNGKey(0), quad.data), quad.data, num_steps=6,
+           eval_every=2, progress=rows.append)
     jax.effects_barrier()
     assert [int(r["step"]) for r in rows] == [2, 4, 6]
     assert all(r["status"] == bj.status.OK for r in rows)
     with pytest.raises(TypeError, match="progress must be a callable"):
-        bj.run(alg, alg.init(quad.theta0, quad.phi0, jax.random.PRNGKey(0)), quad.data, num_steps=2, progress=3)
+        bj.run(alg, alg.init(quad.theta0, quad.phi0, jax.random.PRNGKey(0), quad.data), quad.data, num_steps=2,
+               progress=3)
 
 
 def _soba(quad, **kw):

@@ -25,7 +25,8 @@ def _concave(quad):
 # ------------------------------------------------------------------------- modules across jit
 
 @pytest.mark.parametrize("name, kw", [
-    ("soba", {}), ("amigo", {}), ("fsla", {}), ("mrbo", {}), ("stable", {}),
+    ("soba", {"upper_lr": 0.01}), ("amigo", {"upper_lr": 0.01}), ("fsla", {"upper_lr": 0.01}),
+    ("mrbo", {"upper_lr": 0.01}), ("stable", {"upper_lr": 0.01}),   # given steps: the presets as they are
     ("ttsa", {"upper_lr": bj.schedules.inverse_power(0.1, 0.6)}),
 ])
 def test_equal_configurations_compile_once(quad_stoch, name, kw):
@@ -140,7 +141,7 @@ def test_a_concave_lower_level_is_a_breakdown_and_nan_never_a_finite_step(quad):
 def test_nan_data_is_flagged_in_the_history(quad):
     upper, lower = quad.data
     bad = (upper, {**lower, "H": lower["H"].at[0, 0].set(jnp.nan)})
-    alg = bj.algorithms.soba(quad.problem, batch_size=None)
+    alg = bj.algorithms.soba(quad.problem, upper_lr=0.1, lower_lr=0.1, batch_size=None)
     state = alg.init(quad.theta0, quad.phi0, jax.random.PRNGKey(0))
     _, hist = bj.run(alg, state, bad, num_steps=4, eval_every=2)
     assert [S.describe(s) for s in hist["status"]] == ["ok", "non-finite", "non-finite"]

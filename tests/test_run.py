@@ -167,14 +167,14 @@ def test_the_scan_body_tests_finiteness_only_at_the_evaluation_points(quad):
     """The per-step body of bj.run makes no finiteness reduction over the iterates (the reference
     plain-JAX step makes none): the whole state is tested once per evaluation block. A single
     `alg.update` outside bj.run still reports NONFINITE itself."""
-    alg = bj.algorithms.soba(quad.problem, batch_size=None)
+    alg = bj.algorithms.soba(quad.problem, upper_lr=0.1, lower_lr=0.1, batch_size=None)
     state = alg.init(quad.theta0, quad.phi0, jax.random.PRNGKey(0))
     jaxpr = jax.make_jaxpr(lambda s: bj.run(alg, s, quad.data, num_steps=4, eval_every=2))(state).jaxpr
     block, step = _scan_bodies(jaxpr)[:2]
     assert _vector_isfinite(step) == 0
     assert _vector_isfinite(block) > 0
     # check=True at the step level keeps the per-step test (it raises at the failing step)
-    checked = bj.algorithms.soba(quad.problem, batch_size=None, check=True)
+    checked = bj.algorithms.soba(quad.problem, upper_lr=0.1, lower_lr=0.1, batch_size=None, check=True)
     jaxpr = jax.make_jaxpr(lambda s: bj.run(checked, s, quad.data, num_steps=4, eval_every=2))(state).jaxpr
     assert _vector_isfinite(_scan_bodies(jaxpr)[1]) > 0
     # outside bj.run, a step reports a non-finite iterate itself
@@ -187,7 +187,7 @@ def test_the_scan_body_tests_finiteness_only_at_the_evaluation_points(quad):
 def test_a_discarded_history_costs_nothing(quad_stoch):
     """What a run does not return is not computed: with the history discarded, XLA removes the
     status, counts and residual from the carry (a smaller program), and the iterates are the same."""
-    alg = bj.algorithms.soba(quad_stoch.problem, batch_size=16, sampler="shuffled")
+    alg = bj.algorithms.soba(quad_stoch.problem, upper_lr=0.1, lower_lr=0.1, batch_size=16, sampler="shuffled")
     state = alg.init(quad_stoch.theta0, quad_stoch.phi0, jax.random.PRNGKey(0))
     with_history = fast_jit(lambda s: bj.run(alg, s, quad_stoch.data, num_steps=4, eval_every=2))
     bare = fast_jit(lambda s: bj.run(alg, s, quad_stoch.data, num_steps=4, eval_every=2)[0].theta)

@@ -54,9 +54,11 @@ ALGORITHMS = {
 
 
 # every preset (and bilevel_loop) also takes mesh= / shards= (data-parallel runs, `parallel.data_parallel`)
+# the reformulation presets' own defaults are tuned and tested to converge (bj.algorithms.defaults leaves them)
+_OWN_DEFAULTS = ("optimality_penalty", "cdb", "ebsa", "smoothing_pg")
 for _name in (*ALGORITHMS, "bilevel_loop", "pessimistic_penalty", "bsg_constrained"):
-    globals()[_name] = preset_options(defaults.auto_scaled(globals()[_name]) if _name in ALGORITHMS
-                                      else globals()[_name])
+    globals()[_name] = preset_options(defaults.auto_scaled(globals()[_name])
+                                      if _name in ALGORITHMS and _name not in _OWN_DEFAULTS else globals()[_name])
     if _name in ALGORITHMS:
         ALGORITHMS[_name] = globals()[_name]
 del _name

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
@@ -42,6 +42,7 @@ from bilevel_jax.algorithms.parallel import replace_parts
 from bilevel_jax.algorithms.steps import StepRule
 from bilevel_jax.sampling import full, num_samples
 from bilevel_jax.schedules import InversePower
+from bilevel_jax.problem import check_data_pair
 
 PyTree = Any
 
@@ -203,6 +204,9 @@ class Normalized(Algorithm):
     algorithm: Algorithm
     default_batch: bool = eqx.field(static=True, default=True)
     preset: str = eqx.field(static=True, default="preset")
+    # the wrapped preset made its own checks of a constrained or pessimistic problem when it was built
+    handles_constraints: ClassVar[bool] = True
+    handles_pessimistic: ClassVar[bool] = True
 
     def __getattr__(self, name):   # the wrapped preset's configuration (problem, name, lower_steps, ...)
         if name.startswith("__"):
@@ -210,6 +214,8 @@ class Normalized(Algorithm):
         return getattr(self.algorithm, name)
 
     def _at(self, scales: Scales, data) -> Algorithm:
+        if data is not None:
+            check_data_pair(data)   # the preset's own message for data that is not an (upper, lower) pair
         alg = _full_batch(self.algorithm, data) if self.default_batch else self.algorithm
         return replace_parts(alg, lambda q: scaled_problem(q, scales), lambda s: s)
 

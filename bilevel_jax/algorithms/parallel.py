@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import equinox as eqx
 import jax
@@ -94,6 +94,9 @@ class DataParallel(Algorithm):
     mesh: Mesh = eqx.field(static=True)
     axis: str = eqx.field(static=True, default=DATA_AXIS)
     model_axis: Optional[str] = eqx.field(static=True, default=None)
+    # the wrapped algorithm made its own checks of a constrained or pessimistic problem when it was built
+    handles_constraints: ClassVar[bool] = True
+    handles_pessimistic: ClassVar[bool] = True
 
     def __getattr__(self, name):   # the wrapped algorithm's configuration (problem, lower_steps, name, ...)
         if name.startswith("__"):
