@@ -72,5 +72,5 @@ def test_curvatures_match_dense_eigenvalues(cases):
 
 @pytest.mark.parametrize("name", NEUMANN)
 def test_neumann_presets_without_step_sizes_name_neumann_steps(cases, name):
-    with pytest.raises(ValueError, match=f"{name}: .*pass neumann_steps="):
+    with pytest.warns(UserWarning, match=f"{name}: .*pass neumann_steps="):
         bj.algorithms.get(name)(cases[0].problem)

@@ -186,7 +186,7 @@ def test_float16_overflow_is_flagged(hpo):
     g, info = bj.hypergradient(hpo.problem, theta, w, hpo.data, precision=BF16)   # bfloat16's range holds it
     assert info.status == st.OK and bool(jnp.all(jnp.isfinite(g)))
     # inside a preset the faulty oracles are NaN: the run reports it (and check=True raises)
-    alg = with_precision(bj.algorithms.soba(hpo.problem, batch_size=None), F16)
+    alg = with_precision(bj.algorithms.soba(hpo.problem, upper_lr=0.1, lower_lr=0.1, batch_size=None), F16)
     state = alg.init(F16.cast_state(theta), F16.cast_state(w), jax.random.PRNGKey(0), hpo.data)
     _, hist = bj.run(alg, state, hpo.data, num_steps=2)
     assert int(hist["status"][-1]) & st.NONFINITE

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 import inspect
 from typing import Any, ClassVar, NamedTuple
 
@@ -248,11 +249,11 @@ def auto_scaled(build):
         if args or set(kwargs) - STRUCTURAL:
             return alg
         if neumann and "neumann_steps" not in kwargs:
-            raise ValueError(
+            warnings.warn(
                 f"{build.__name__}: without step sizes the Neumann series of v runs at eta = 1 / L_g, and its default "
                 "N = 10 terms keep a relative bias (1 - mu_g / L_g)^N on v (0.90 at condition number 100; Ji, Yang "
                 "& Liang 2021, arXiv:2010.07962, Lemma 3): pass neumann_steps= (about 3 L_g / mu_g for 5% bias) "
-                "or the step sizes (upper_lr=, lower_lr=, neumann_eta=).")
+                "or the step sizes (upper_lr=, lower_lr=, neumann_eta=).", stacklevel=3)
         return Normalized(alg, "batch_size" not in kwargs, build.__name__)
 
     preset.__doc__ = (build.__doc__ or "") + (
@@ -260,8 +261,8 @@ def auto_scaled(build):
         "\n    the preset runs on the problem rescaled at `init` so that the default `lower_lr` acts as"
         "\n    1 / L_g and `upper_lr` as 0.02 / L_F, curvatures estimated from HVPs at (theta0, phi0) on the"
         "\n    full data (`bj.algorithms.defaults`); `init` then needs `data`. Passing any step size uses"
-        "\n    every value as given." + ("\n    Without step sizes, `neumann_steps` must be given (the truncation bias"
-                                  "\n    (1 - mu_g / L_g)^N of v at eta = 1 / L_g)." if neumann else ""))
+        "\n    every value as given." + ("\n    Without step sizes and `neumann_steps`, a warning names the truncation bias"
+                                  "\n    (1 - mu_g / L_g)^N of v at eta = 1 / L_g." if neumann else ""))
     preset.__signature__ = inspect.signature(build)
     return preset
 
