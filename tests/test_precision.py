@@ -99,6 +99,7 @@ def _mlp_problem(n=2048):
     return bj.BilevelProblem(lambda t, m, b: mse(m, b), f_lower), data, model
 
 
+@pytest.mark.slow   # the policy's code is the logistic bf16 test's (test_bfloat16_hypergradient_on_the_logistic_hpo)
 def test_bfloat16_hypergradient_on_an_mlp():
     problem, data, model = _mlp_problem()
     theta = jnp.full((4,), jnp.log(0.1))
