@@ -68,6 +68,21 @@ class Algorithm(eqx.Module):
         """One outer iteration: `(new_state, StepInfo)`."""
 
 
+class Wrapper(Algorithm):
+    """An algorithm that runs another one (`algorithm`) in another way (data-parallel, rescaled
+    defaults): its configuration (problem, name, lower_steps, ...) is the wrapped algorithm's, and
+    the wrapped algorithm made its own checks of a constrained or pessimistic problem when built."""
+
+    algorithm: Algorithm
+    handles_constraints: ClassVar[bool] = True
+    handles_pessimistic: ClassVar[bool] = True
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.algorithm, name)
+
+
 class OracleCounts(NamedTuple):
     """Oracle calls: gradients of f_lower / f_upper (one pass may give both partials), Hessian-
     vector products A v, cross products J v (or J^T d), and function values of f_lower / f_upper
@@ -120,4 +135,4 @@ def step_key(key: jax.Array, count, stream: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(key, stream), count)
 
 
-__all__ = ["Algorithm", "OracleCounts", "StepInfo", "check_key", "step_key"]
+__all__ = ["Algorithm", "Wrapper", "OracleCounts", "StepInfo", "check_key", "step_key"]

@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import warnings
 import inspect
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from bilevel_jax import oracles
-from bilevel_jax.algorithms.base import Algorithm
+from bilevel_jax.algorithms.base import Algorithm, Wrapper
 from bilevel_jax.algorithms.parallel import replace_parts
 from bilevel_jax.algorithms.steps import StepRule
 from bilevel_jax.sampling import full, num_samples
@@ -198,21 +198,12 @@ class NormalizedState(NamedTuple):
     v = property(lambda self: getattr(self.inner, "v", None))
 
 
-class Normalized(Algorithm):
+class Normalized(Wrapper):
     """A preset built with its default step sizes, run on the problem rescaled at `init` (the
     module docstring). `init` needs `data` unless the objectives take no data."""
 
-    algorithm: Algorithm
     default_batch: bool = eqx.field(static=True, default=True)
     preset: str = eqx.field(static=True, default="preset")
-    # the wrapped preset made its own checks of a constrained or pessimistic problem when it was built
-    handles_constraints: ClassVar[bool] = True
-    handles_pessimistic: ClassVar[bool] = True
-
-    def __getattr__(self, name):   # the wrapped preset's configuration (problem, name, lower_steps, ...)
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self.algorithm, name)
 
     def _at(self, scales: Scales, data) -> Algorithm:
         if data is not None:

@@ -26,14 +26,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, Optional
 
 import equinox as eqx
 import jax
 from jax.sharding import Mesh, NamedSharding
 
 from bilevel_jax._checks import check_positive_int
-from bilevel_jax.algorithms.base import Algorithm
+from bilevel_jax.algorithms.base import Algorithm, Wrapper
 from bilevel_jax.precision import Precision, with_precision
 from bilevel_jax.problem import BilevelProblem
 from bilevel_jax.rebuild import rebuild
@@ -81,7 +81,7 @@ def localize(alg: Algorithm, axis: str) -> Algorithm:
     return replace_parts(alg, lambda p: local_problem(p, axis), lambda s: dataclasses.replace(s, axis_name=axis))
 
 
-class DataParallel(Algorithm):
+class DataParallel(Wrapper):
     """An algorithm whose outer iterations run data-parallel over `mesh`'s axis `axis` (see the
     module docstring). `init` is the wrapped algorithm's (the global view); `update` runs the
     step in `jax.shard_map`, manual over `axis` only, data split along its sample axis.
@@ -90,18 +90,9 @@ class DataParallel(Algorithm):
     optimiser states: `model_spec`) are split over it, FSDP-style, and XLA's partitioner inserts
     the gathers the oracles need; otherwise the state is replicated."""
 
-    algorithm: Algorithm
     mesh: Mesh = eqx.field(static=True)
     axis: str = eqx.field(static=True, default=DATA_AXIS)
     model_axis: Optional[str] = eqx.field(static=True, default=None)
-    # the wrapped algorithm made its own checks of a constrained or pessimistic problem when it was built
-    handles_constraints: ClassVar[bool] = True
-    handles_pessimistic: ClassVar[bool] = True
-
-    def __getattr__(self, name):   # the wrapped algorithm's configuration (problem, lower_steps, name, ...)
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self.algorithm, name)
 
     def init(self, theta0, phi0, key, data=None):
         return self.algorithm.init(theta0, phi0, key, data)
