@@ -5,7 +5,6 @@ correction term, and clear errors on bad input.
 Expected values come from closed forms or from `jax.grad`/`jax.jacfwd` of the objectives,
 never from the code under test.
 """
-import inspect
 import math
 
 import equinox as eqx
@@ -314,8 +313,8 @@ def test_bad_input_errors_before_tracing(quad_stoch, name):
             make(q.problem, lower_lr=bad)
     with pytest.raises(TypeError, match=f"{name}: upper_opt must be an optax GradientTransformation"):
         make(q.problem, upper_opt="adam")
-    # without step sizes, the Neumann presets need neumann_steps (bj.algorithms.defaults)
-    extra = {"neumann_steps": 10} if "neumann_steps" in inspect.signature(make).parameters else {}
+    # without step sizes, alternating, signsgd_ul and bsg1 raise (bj.algorithms.defaults.NO_DEFAULTS)
+    extra = dict(upper_lr=0.1, lower_lr=0.1) if name in bj.algorithms.defaults.NO_DEFAULTS else {}
     alg = make(q.problem, batch_size=16, **extra)
     key = jax.random.PRNGKey(0)
     # a key that is not a PRNG key

@@ -202,7 +202,7 @@ def test_bsg1_divergence_and_breakdown_are_loud(quad):
     assert int(hist["status"][-1]) & bj.status.NONFINITE and not bool(jnp.isfinite(state.theta).any())
 
     problem = bj.BilevelProblem(lambda t, y, b: jnp.sum((y - 1.0) ** 2), lambda t, y, b: 0.5 * jnp.sum((y - t) ** 2))
-    alg = bj.algorithms.bsg1(problem, batch_size=None)
+    alg = bj.algorithms.bsg1(problem, upper_lr=0.1, lower_lr=0.1, batch_size=None)
     state = alg.init(jnp.ones(2), jnp.ones(2), jax.random.PRNGKey(0))
     state, info = jax.jit(lambda s: alg.update(s, (None, None)))(state)
     assert int(info.status) & bj.status.BREAKDOWN and not bool(jnp.isfinite(state.theta).any())

@@ -54,14 +54,16 @@ ALGORITHMS = {
 
 
 # every preset (and bilevel_loop) also takes mesh= / shards= (data-parallel runs, `parallel.data_parallel`)
-# the reformulation presets' own defaults are tuned and tested to converge (bj.algorithms.defaults leaves them)
-_OWN_DEFAULTS = ("optimality_penalty", "cdb", "ebsa", "smoothing_pg")
+# the augmented-Lagrangian reformulations keep their own tested defaults, checked at init against L_g
+_OWN_DEFAULTS = ("optimality_penalty", "cdb", "ebsa")
 for _name in (*ALGORITHMS, "bilevel_loop", "pessimistic_penalty", "bsg_constrained"):
-    globals()[_name] = preset_options(defaults.auto_scaled(globals()[_name])
-                                      if _name in ALGORITHMS and _name not in _OWN_DEFAULTS else globals()[_name])
+    if _name in ALGORITHMS:
+        _wrap = defaults.own_defaults if _name in _OWN_DEFAULTS else defaults.auto_scaled
+        globals()[_name] = _wrap(globals()[_name])
+    globals()[_name] = preset_options(globals()[_name])
     if _name in ALGORITHMS:
         ALGORITHMS[_name] = globals()[_name]
-del _name
+del _name, _wrap
 
 
 def get(name: str):
