@@ -44,10 +44,8 @@ def quadratic_case(key=0) -> Case:
 
 def ridge_case(key=1) -> Case:
     r = bj.problems.ridge_hpo(jax.random.PRNGKey(key), n_train=10, n_val=10, dim=5, noise=1.0)
-    theta = jnp.asarray(0.0)
-    hess = jax.grad(r.grad)
-    for _ in range(50):   # Newton on the scalar hypergradient (closed form)
-        theta = theta - r.grad(theta) / hess(theta)
+    newton = jax.jit(lambda t: jax.lax.fori_loop(0, 50, lambda _, t: t - r.grad(t) / jax.grad(r.grad)(t), t))
+    theta = newton(jnp.asarray(0.0))   # Newton on the scalar hypergradient (closed form)
     return Case("ridge", r.problem, r.data, r.theta0, r.phi0, theta)
 
 

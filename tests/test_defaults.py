@@ -27,11 +27,14 @@ QUAD, RIDGE, LOGISTIC = range(3)
 # (preset, problem) -> the argument its error names; every other pair must reach theta*
 RAISES = {**{(name, case): "upper_lr=" for name in D.NO_DEFAULTS for case in range(3)},
           **{(name, QUAD): "lower_lr=" for name in ("cdb", "ebsa", "optimality_penalty")}}
-# the problem and step count of the fast test (the ridge HPO is the smallest; measured steps to 5e-2
-# in benchmarks/defaults.py: <= 500 for these, with 2x margin)
-FAST = {name: (RIDGE, 1000) for name in NAMES}
-FAST.update({name: (QUAD, 1) for name in ("cdb", "ebsa", "optimality_penalty")},   # init raises
-            **{name: (RIDGE, 1) for name in D.NO_DEFAULTS})                        # construction raises
+# the fast test: one preset of each kind of default (a Neumann series made deterministic, F2SA's inner
+# loop, a joint penalty step with and without V-PBGD's scaling, pzobo's directions, smoothing_pg's
+# adaptive penalty, an own default checked at init, the raising ones; aid_bio and soba below), on a
+# problem where it got within 5e-2 soonest (benchmarks/defaults.py, recorded every 500 steps)
+FAST = {"bsa": (RIDGE, 500), "f2sa": (RIDGE, 500), "pbgd": (LOGISTIC, 500), "vf_penalty": (LOGISTIC, 500),
+        "pzobo": (RIDGE, 500), "smoothing_pg": (RIDGE, 500), "optimality_penalty": (RIDGE, 500),
+        "cdb": (QUAD, 1),                                      # init raises
+        **{name: (RIDGE, 1) for name in D.NO_DEFAULTS}}       # construction raises
 STEPS = 10_000   # the slow cross (the slowest measured: bome on the quadratic, 5e-2 from step 6,500 on)
 
 
@@ -56,8 +59,8 @@ def _check(name, index, case, steps):
     assert _error(name, case, steps) < 5e-2, name
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_every_preset_with_defaults_reaches_theta_star_or_raises(cases, name):
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_presets_with_defaults_reach_theta_star_or_raise(cases, name):
     index, steps = FAST[name]
     _check(name, index, cases[index], steps)
 
@@ -85,27 +88,30 @@ def test_explicit_step_sizes_are_used_as_given(cases):
 
 
 def _dense(q, theta):
-    """The `Curvatures` of `q` at theta, phi*(theta) from dense Hessians (L_g at phi0)."""
+    """The `Curvatures` of a quadratic bilevel problem at theta, phi*(theta) from dense Hessians."""
     lower, upper = q.data[1], q.data[0]
     g = lambda t, p: q.problem.f_lower(t, p, lower)
     f = lambda t, p: q.problem.f_upper(t, p, upper)
     eig = jnp.linalg.eigvalsh
-    phi = q.phi0
-    for _ in range(20):
-        phi = phi - jnp.linalg.solve(jax.hessian(g, 1)(theta, phi), jax.grad(g, 1)(theta, phi))
-    A, J = jax.hessian(g, 1)(theta, phi), jax.jacfwd(jax.grad(g, 1), 0)(theta, phi)
-    hess_F = jax.hessian(lambda t: f(t, phi + jnp.linalg.solve(A, J @ (theta - t))))(theta)   # quadratic LL
-    return D.Curvatures(eig(jax.hessian(g, 1)(theta, q.phi0))[-1], eig(A)[0], jnp.abs(eig(hess_F)).max(),
-                        eig(J.T @ jnp.linalg.solve(A, J))[-1], jnp.abs(eig(jax.hessian(f, 0)(theta, phi))).max(),
-                        jnp.abs(eig(jax.hessian(f, 1)(theta, phi))).max())
+
+    @jax.jit
+    def dense(theta):
+        phi = q.phi0 - jnp.linalg.solve(jax.hessian(g, 1)(theta, q.phi0), jax.grad(g, 1)(theta, q.phi0))   # quadratic
+        A, J = jax.hessian(g, 1)(theta, phi), jax.jacfwd(jax.grad(g, 1), 0)(theta, phi)
+        hess_F = jax.hessian(lambda t: f(t, phi + jnp.linalg.solve(A, J @ (theta - t))))(theta)
+        return D.Curvatures(eig(jax.hessian(g, 1)(theta, q.phi0))[-1], eig(A)[0], jnp.abs(eig(hess_F)).max(),
+                            eig(J.T @ jnp.linalg.solve(A, J))[-1], jnp.abs(eig(jax.hessian(f, 0)(theta, phi))).max(),
+                            jnp.abs(eig(jax.hessian(f, 1)(theta, phi))).max())
+    return dense(theta)
 
 
 def test_curvatures_match_dense_eigenvalues(cases):
     q = cases[QUAD]
     estimate, dense = D.curvatures(q.problem, q.theta0, q.phi0, q.data), _dense(q, q.theta0)
     for field, a, b in zip(D.Curvatures._fields, estimate, dense):
-        # 30 power iterations: 1e-4 here at most (L_F 2e-5; a step size needs the scale, not the digits)
-        assert abs(float(a) / float(b) - 1) < 1e-3, field
+        # 30 power iterations: 5e-3 on L_F, whose top eigenvalues are 1.011 and 1.004 (a step size needs
+        # the scale, not the digits), 1e-6 on the others
+        assert abs(float(a) / float(b) - 1) < (1e-2 if field == "upper" else 1e-5), field
     # the rescaled problem's: L_g = 10, L_F = 0.2, and mu_g, M scale with f_lower, f_tt and f_pp with f_upper
     r, s = D.rescaled(estimate), D.scales_at(q.problem, q.theta0, q.phi0, q.data)
     np.testing.assert_allclose([r.lower, r.upper, r.lower_min, r.upper_phi],

@@ -248,7 +248,7 @@ def test_oracle_counts_of_the_value_function_methods(quad):
              "vf_penalty": (dict(lower_steps=T), (T + 2, 1, 0, 0, 2)),
              "f2sa": (dict(lower_steps=T, batch_size=None), (2 * T + 2, T + 1, 0, 0, 0)),
              "pbgd": (dict(lower_steps=T), (T + 2, 1, 0, 0, 0)),
-             "bsg1": (dict(lower_steps=T, batch_size=None), (T + 1, 1, 0, 0, 0))}
+             "bsg1": (dict(lower_steps=T, batch_size=None, upper_lr=0.1, lower_lr=0.1), (T + 1, 1, 0, 0, 0))}
     for name, (kw, per_step) in cases.items():
         alg = bj.algorithms.get(name)(quad.problem, **kw)
         state = alg.init(quad.theta0, quad.phi0, jax.random.PRNGKey(0), quad.data)

@@ -185,6 +185,7 @@ class Curvatures(NamedTuple):
     upper_phi: jax.Array    # |lambda_max(grad^2_{phi phi} f_upper)|
 
 
+@eqx.filter_jit   # one program per problem and shapes, shared by the presets' inits
 def curvatures(problem, theta, phi, data) -> Curvatures:
     """`Curvatures` at (theta, phi) on the full data (the module docstring)."""
     upper, lower = (None, None) if data is None else data
@@ -290,8 +291,8 @@ def loop_length(preset: str, c: Curvatures, argument: str) -> int:
     ratio = _concrete(preset, c.lower_min, argument) / _concrete(preset, c.lower, argument)
     if not (math.isfinite(ratio) and ratio > 0):
         raise ValueError(f"{preset}: built without {argument}, init chooses it from the LL's smallest curvature "
-                         f"mu_g, estimated as {ratio * float(c.lower):.3g} at (theta0, phi*(theta0)): is the lower "
-                         f"level strongly convex? Pass {argument}= and the step sizes.")
+                         f"mu_g, estimated as {ratio * float(c.lower):.3g} at (theta0, phi*(theta0)) (is the lower "
+                         f"level strongly convex?): pass {argument}= and the step sizes.")
     steps = math.ceil(math.log(TOL) / math.log1p(-min(ratio, 0.5)))
     if steps > MAX_STEPS:
         raise ValueError(f"{preset}: the lower level's estimated condition number L_g / mu_g = {1 / ratio:.3g} needs "
@@ -379,8 +380,11 @@ def _penalty(alg: ValueFunction, c: Curvatures, steps: Optional[int], full_batch
 
 def _pzobo(alg: PZOBO, c: Curvatures, steps: Optional[int], full_batch: bool, chosen) -> PZOBO:
     """N = K unrolled LL steps; Q = dim(theta) orthogonal directions (exact for an affine LL map) of
-    size mu = sqrt(eps) max(1, ||theta0||_inf) (a forward difference's truncation against rounding)."""
-    return dataclasses.replace(alg, lower_steps=alg.lower_steps if steps is None else steps, directions="orthogonal", num_directions=chosen["directions"],
+    size mu = sqrt(eps) (a forward difference's truncation against its rounding, theta of order 1)."""
+    alg = dataclasses.replace(alg, lower_steps=alg.lower_steps if steps is None else steps)
+    if chosen.get("directions") is None:   # the user's directions= / num_directions= are kept
+        return alg
+    return dataclasses.replace(alg, directions="orthogonal", num_directions=chosen["directions"],
                                mu=jnp.asarray(chosen["mu"]))
 
 
@@ -436,6 +440,9 @@ class Chosen(eqx.Module):
     def __getitem__(self, key):
         return dict(self.values)[key]
 
+    def get(self, key, default=None):
+        return dict(self.values).get(key, default)
+
 
 class NormalizedState(NamedTuple):
     """The wrapped algorithm's state, the curvatures estimated at `init` and the static choices."""
@@ -482,7 +489,7 @@ class Normalized(Wrapper):
         values = {}
         if argument is not None and argument not in self.given:
             values["steps"] = loop_length(self.preset, c, argument)
-        if self.preset == "pzobo":
+        if self.preset == "pzobo" and not {"directions", "num_directions"} & self.given:
             flat = ravel_pytree(oracles.differentiable(theta0))[0]
             if flat.shape[0] > self.algorithm.num_directions:
                 raise ValueError(f"pzobo: built without step sizes, it estimates the LL Jacobian with dim(theta) "
@@ -490,8 +497,7 @@ class Normalized(Wrapper):
                                  f"{self.algorithm.num_directions}, but dim(theta) = {flat.shape[0]}: pass "
                                  "num_directions= (>= dim(theta)), or upper_lr= with upper_decay= > 0 to average "
                                  "the Gaussian estimate's noise.")
-            scale = max(1.0, float(jnp.max(jnp.abs(flat)))) if flat.size else 1.0
-            values.update(directions=int(flat.shape[0]), mu=math.sqrt(float(jnp.finfo(flat.dtype).eps)) * scale)
+            values.update(directions=int(flat.shape[0]), mu=math.sqrt(float(jnp.finfo(flat.dtype).eps)))
         return Chosen(tuple(sorted(values.items())))
 
     def init(self, theta0, phi0, key, data=None) -> NormalizedState:
