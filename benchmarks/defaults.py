@@ -12,6 +12,28 @@ data would be refused otherwise: see `build`), run `--steps` full-batch outer st
 problem's starting point, and reports ||theta - theta*|| / ||theta*||, `bj.status.describe` and
 the first of 40 recorded steps from which the error stays below 5e-2. A preset that raises at
 construction or init is listed with its error (it names the arguments to set).
+
+Measured (20,000 steps; relative error at the end, and the first recorded step, every 500, from
+which it stays below 5e-2; status OK everywhere):
+
+    preset                 quad_k100           ridge               logistic
+    aid_bio ba amigo fsla
+    lancbio subbio stable
+    soba saba srba momentum  < 5e-15 / 500      < 4e-15 / 500       < 3e-15 / 500
+    hjfbio                   6.2e-13 / 500      2.1e-12 / 500       1.4e-11 / 500
+    stocbio bsa ttsa alset
+    mrbo sustain vrbo
+    vrbo_single_loop pzobo   1.1e-2 / 500       6.4e-12 / 500       1.5e-3 / 500   (K-term truncation)
+    f2sa                     1.9e-3 / 500       4.6e-4 / 500        1.5e-3 / 500   (penalty 1e3)
+    vf_penalty               1.8e-2 / 2500      4.6e-3 / 2500       1.5e-2 / 500   (penalty 100)
+    pbgd                     1.8e-2 / 2500      4.6e-3 / 2500       1.5e-2 / 500
+    pdbo                     1.8e-2 / 2000      4.6e-3 / 6000       1.5e-2 / 3500
+    bome                     2.4e-2 / 6500      1.4e-3 / 6000       3.6e-3 / 3500
+    smoothing_pg             1.8e-2 / 3500      4.6e-3 / 500        1.5e-2 / 8500
+    cdb                      raises (init)      9.4e-15 / 500       5.7e-8 / 4500
+    optimality_penalty, ebsa raises (init)      5.4e-15 / 500       1.1e-4 / 1000
+    alternating, signsgd_ul,
+    bsg1                     raise at construction, naming upper_lr= and lower_lr=
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ draws the whole data) decaying step sizes, whose purpose is to average out sampl
 constant, and the random truncation of the HIA (bsa, ttsa, alset, sustain) is its expectation,
 the truncated Neumann series.
 
-What else each family needs (`tune`; all in the units of the rescaled problem, where L_g = 10):
+What else each family needs (`_settings`; in the units of the rescaled problem, where L_g = 10):
 
 - Truncated series and inner loops to a stated accuracy: a Neumann series of v with eta = 1 / L_g
   keeps the relative bias (1 - mu_g / L_g)^K after K terms (Ji, Yang & Liang, "Bilevel
@@ -44,15 +44,20 @@ What else each family needs (`tune`; all in the units of the rescaled problem, w
   from theta* (1.5 / lambda relative on the benchmark's cond-100 quadratic, 0.6 / lambda and
   1.2 / lambda on the ridge and logistic HPO), and a gradient step on phi needs
   beta (f_pp + lambda L_g) < 2, on theta (joint steps) xi (f_tt + lambda M) < 2, at every lambda:
-  `PenaltyStep` makes both steps functions of lambda_k. F2SA (Kwon et al. 2023, arXiv:2301.10945)
-  moves phi by `K` inner steps at fixed theta, so its theta step only sees the tracking error,
-  contracted to TOL: lambda ramps to `PENALTY` (bias ~1e-3) over `RAMP_STEPS`. The joint steps
-  (vf_penalty, pdbo, V-PBGD, BOME) move along the solution manifold at a rate ~ 1 / lambda (phi must
-  follow theta with a step ~ 1 / (lambda L_g)), so they stop at `JOINT_PENALTY` (bias ~1e-2): PDBO's
-  dual variable starts at its cap (with the plain value function q >= 0 and lambda only grows to it),
-  BOME's barrier parameter is `BOME_ETA` (its lambda is adaptive; eta is its floor).
+  `PenaltyStep` makes both steps functions of lambda_k. F2SA (Kwon, Kwon, Wright, Nowak, "A Fully
+  First-Order Method for Stochastic Bilevel Optimization", ICML 2023, arXiv:2301.10945) moves phi
+  by `K` inner steps at fixed theta, so its theta step only sees the tracking error, contracted to
+  TOL: lambda ramps to `PENALTY` (bias ~1e-3) over `RAMP_STEPS`. The joint steps (vf_penalty, pdbo,
+  V-PBGD, BOME, smoothing_pg) move along the solution manifold at a rate ~ 1 / lambda (phi must
+  follow theta with a step ~ 1 / (lambda L_g)), so they stop at `JOINT_PENALTY` (bias ~1e-2):
+  vf_penalty and V-PBGD ramp to it, PDBO's dual variable starts at it (with the plain value function
+  q >= 0 and lambda only grows to its cap), smoothing_pg's rho is capped there (its direction is
+  divided by rho >= 1, so steps for rho = 1 hold at every rho), BOME's barrier parameter is
+  `BOME_ETA` (its lambda is adaptive; eta is its floor).
 - Methods with a bias no step size removes raise at construction without step sizes (`NO_DEFAULTS`:
-  alternating, signsgd_ul, bsg1), naming the arguments to pass.
+  alternating, signsgd_ul, bsg1), naming the arguments to pass. The augmented-Lagrangian
+  reformulations (optimality_penalty, ebsa, cdb) keep their own default steps, and `StepCheck`
+  raises at `init` where their LL step is unstable for the problem (lower_lr penalty L_g^2 >= 2).
 
 Step sizes passed explicitly are used as given on the problem as given (no wrapper).
 """
@@ -347,22 +352,18 @@ def _penalty(alg: ValueFunction, c: Curvatures, steps: Optional[int], full_batch
     if steps is not None:
         alg = dataclasses.replace(alg, tracker_steps=steps, phi_steps=steps if alg.phi_steps else 0)
     tracker = _with_lr(alg.tracker, 1.0 / c.lower)
-    if alg.phi_steps:   # F2SA: phi solved to TOL at fixed theta, theta sees the tracking error only
+    if alg.phi_steps:   # F2SA: phi to TOL at fixed theta; the lag feeds back as xi lambda M TOL / (1 - TOL)
         ramp = _ramp(1.0, PENALTY)
         upper = PenaltyStep(jnp.asarray(JOINT_STEP), jnp.maximum(c.upper_theta, c.upper), c.coupling * TOL / (1 - TOL),
                             ramp)
         lower = PenaltyStep(jnp.asarray(1.0), c.upper_phi, c.lower, ramp, every=alg.phi_steps)
         return dataclasses.replace(alg, upper=_with_lr(alg.upper, upper), lower=_with_lr(alg.lower, lower),
                                    tracker=tracker, multiplier=dataclasses.replace(alg.multiplier, ramp=ramp))
-    lam = jnp.asarray(JOINT_PENALTY)
-    m = alg.multiplier
-    if isinstance(m, SmoothingControl):   # rho in [rho_0, cap], direction / rho: (a + rho b) / rho <= a + b
+    lam, m, divided = jnp.asarray(JOINT_PENALTY), alg.multiplier, alg.scale_upper
+    if isinstance(m, SmoothingControl):   # direction / rho, rho >= 1: curvature (a + rho b) / rho <= a + b
         m = dataclasses.replace(m, rho=jnp.asarray(1.0), rho_max=lam)
-        step = jnp.asarray(JOINT_STEP)
-        return dataclasses.replace(alg, upper=_with_lr(alg.upper, step / (jnp.maximum(c.upper_theta, c.upper) + c.coupling)),
-                                   lower=_with_lr(alg.lower, step / (c.upper_phi + c.lower)), tracker=tracker,
-                                   multiplier=m)
-    if isinstance(m, PenaltySchedule):   # vf_penalty, V-PBGD: a ramp to the cap (fast early steps)
+        ramp, divided = _ramp(1.0, 1.0), False
+    elif isinstance(m, PenaltySchedule):   # vf_penalty, V-PBGD: a ramp to the cap (fast early steps)
         ramp = _ramp(1.0, JOINT_PENALTY)
         m = dataclasses.replace(m, ramp=ramp)
     else:
@@ -372,8 +373,8 @@ def _penalty(alg: ValueFunction, c: Curvatures, steps: Optional[int], full_batch
         elif isinstance(m, Barrier):
             m = dataclasses.replace(m, eta=jnp.asarray(BOME_ETA))
     step = jnp.asarray(JOINT_STEP)
-    upper = PenaltyStep(step, jnp.maximum(c.upper_theta, c.upper), c.coupling, ramp, times_penalty=alg.scale_upper)
-    lower = PenaltyStep(step, c.upper_phi, c.lower, ramp, times_penalty=alg.scale_upper)
+    upper = PenaltyStep(step, jnp.maximum(c.upper_theta, c.upper), c.coupling, ramp, times_penalty=divided)
+    lower = PenaltyStep(step, c.upper_phi, c.lower, ramp, times_penalty=divided)
     return dataclasses.replace(alg, upper=_with_lr(alg.upper, upper), lower=_with_lr(alg.lower, lower),
                                tracker=tracker, multiplier=m)
 
