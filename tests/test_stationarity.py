@@ -168,3 +168,33 @@ def test_cdb_history_of_an_l1_upper_level_records_the_prox_gradient_mapping():
     assert float(hist["prox_grad_mapping_norm"][-1]) < 5e-3
     np.testing.assert_allclose(hist["grad_norm"][-1], 0.59 ** 0.5, rtol=5e-3)
     np.testing.assert_allclose(state.theta, L1_STAR, atol=5e-3)
+
+
+# ------------------------------------------------------------------------------- experiments
+
+def test_figures_draw_the_gradient_mapping_where_the_runs_recorded_it():
+    from experiments.plotting import METRIC_LABELS, stationarity_metrics
+    boxed, free = {"grad_sq": 1, "grad_map_sq": 1}, {"grad_sq": 1}
+    assert stationarity_metrics(["grad_sq", "value_gap"], [boxed, boxed]) == ["grad_map_sq", "value_gap"]
+    assert stationarity_metrics(["grad_sq", "value_gap"], [boxed, free]) == ["grad_sq", "value_gap"]
+    assert "gradient mapping" in METRIC_LABELS["grad_map_sq"]
+
+
+def test_logreg_records_the_box_gradient_mapping_with_grad_sq():
+    """At theta = 2 (the upper bound) on every coordinate, where grad h pushes part of theta out of
+    [-10, 2]: grad_map_sq = ||theta - clip(theta - grad h)||^2 with grad h from the dense reference
+    path (`logistic._evaluate`: 20 Newton steps from 0), recorded whenever grad_sq is."""
+    from experiments import problems
+    from experiments.sweep import Iterate
+    from bilevel_jax.problems import logistic as lg
+    setup = problems.build({"name": "logreg_hpo", "data": "ijcnn1_like", "n_train": 60, "n_val": 40,
+                            "theta_bounds": [-10.0, 2.0]})
+    theta = jnp.full_like(setup.theta0, 2.0)
+    w, _, g = lg._evaluate(theta, setup.data, 20)
+    out = jax.jit(setup.make_eval(["grad_sq"], {"value_star": 0.0}))(Iterate(theta, w), setup.data)
+    assert set(out) == {"grad_sq", "grad_map_sq"}
+    held = int(np.sum(np.asarray(g) < 0))                      # coordinates the bound holds (G_i = 0)
+    assert 0 < held < theta.size
+    np.testing.assert_allclose(out["grad_map_sq"], np.sum((theta - np.clip(theta - g, -10.0, 2.0)) ** 2), rtol=1e-8)
+    np.testing.assert_allclose(out["grad_sq"], np.sum(np.asarray(g) ** 2), rtol=1e-8)
+    assert float(out["grad_map_sq"]) < float(out["grad_sq"])
