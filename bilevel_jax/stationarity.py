@@ -37,8 +37,8 @@ depending on eta L (Drusvyatskiy, Lewis, "Error bounds, quadratic growth, and li
 of proximal methods", Math. Oper. Res. 43(3), 2018, arXiv:1602.06661; Davis, Drusvyatskiy,
 "Stochastic model-based minimization of weakly convex functions", SIAM J. Optim. 29(1), 2019,
 arXiv:1803.06523). Where grad F is the identity plus a constant (F = ||theta - c||^2 / 2) they
-coincide: theta_hat(theta) = prox_{eta h}(theta - eta grad F(theta)) with rho = 1/eta - 1, so
-||theta_hat - theta|| = eta ||G_eta(theta)||.
+coincide: theta_hat(theta) = prox_{eta h}(theta - eta grad F(theta)) with rho = 1/eta - 1
+(eta < 1), so ||theta_hat - theta|| = eta ||G_eta(theta)||.
 
 `measure(problem, grad_fn)` is an `eval_fn` for `bj.run`: its histories then report
 `grad_mapping_norm` = ||G_eta|| when the problem projects theta, `prox_grad_mapping_norm` when a
