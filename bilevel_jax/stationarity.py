@@ -128,7 +128,9 @@ def measure(problem: BilevelProblem, grad_fn: Callable[[Any, Any], PyTree], step
         if prox is not None:
             point = _prox_point(theta, grad, step_size, prox)
             mapping = otu.tree_norm(_mapping(theta, point, step_size))
-            out["prox_grad_mapping_norm"] = jnp.where(_in_set(problem, point), mapping, jnp.nan) if projected else mapping
+            if projected:
+                mapping = jnp.where(_in_set(problem, point), mapping, jnp.nan)
+            out["prox_grad_mapping_norm"] = mapping
         elif projected:
             out["grad_mapping_norm"] = otu.tree_norm(gradient_mapping(theta, grad, step_size,
                                                                       projection(problem.project)))
