@@ -7,6 +7,10 @@ The inner scan makes `eval_every` outer iterations; the outer scan records, afte
 residual norm, the OR of the steps' status codes so far (`status`, see `bj.status`) and `finite`
 (no NONFINITE flag so far).
 
+A projected theta (`BilevelProblem.project_upper`) or a non-smooth UL term: ||grad F|| need not
+vanish at a solution there; `eval_fn=bj.stationarity.measure(problem, grad_fn)` records the
+gradient mapping (`grad_mapping_norm`, `prox_grad_mapping_norm`) next to `grad_norm`.
+
 Nothing is computed at every step beyond the step itself and these running sums: the NONFINITE
 flag comes from one test of the whole state (iterates, solver and estimator states) at each
 evaluation point, not from a reduction over every leaf at every step (a NaN or inf in an iterate

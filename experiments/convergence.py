@@ -19,7 +19,7 @@ from typing import Dict, List, NamedTuple, Optional
 import numpy as np
 
 from experiments.config import ConfigError, check_names, experiment_dir
-from experiments.plotting import Curve, band, plot_grid
+from experiments.plotting import Curve, band, plot_grid, stationarity_metrics
 from experiments.results import CellResult, ResultStore, failure_text
 from experiments import runner
 from experiments.runner import is_writer, prepare, run_cells
@@ -236,8 +236,10 @@ def report(cfg: dict, store: ResultStore, cells, setup, log=print, reference: Op
     if not results:
         raise RuntimeError(f"no results found in {store.cells_dir}.")
     reference_note = check_reference(results, reference) if reference is not None else ""
-    plot = cfg["plot"]
-    chosen, labels, scores = select(cfg, results)
+    histories = [r.history for r in results]   # a constrained UL: its gradient mapping in place of ||grad h||^2
+    plot = dict(cfg["plot"], metrics=stationarity_metrics(cfg["plot"]["metrics"], histories),
+                select_by=stationarity_metrics([cfg["plot"]["select_by"]], histories)[0])
+    chosen, labels, scores = select(dict(cfg, plot=plot), results)
     curves = [curve_of(r, lab, plot["metrics"]) for r, lab in zip(chosen, labels)]
     png = store.path(plot["file"] or f"{cfg['name']}.png")
     notes = getattr(setup, "notes", "")
