@@ -21,11 +21,12 @@ KKT matrix times (H M, E_theta) and (H c, e0)). The reduced UL function is then 
     grad F(theta) = A'(A theta + d - y) + rho theta,   theta* = -(A'A + rho I)^{-1} A'(d - y),
 
 and the piece is the right one when lambda(theta*) > 0 and the other constraints hold strictly
-at phi*(theta*) (checked). F is piecewise quadratic, and may have a stationary point on another
+at phi*(theta*) (checked). F is piecewise quadratic and may have a stationary point on another
 piece (with the box's upper bound 0.5 + 0.3 theta on both components: both bounds active at
-theta = (0.20, -0.36), where BSG from theta = 0 ends); the problems here have one (gradient
-descent on F, phi* by active-set enumeration, from 40 random starts in [-3, 3]^2 ends at theta*). The halfspace problem, phi_0 + phi_1 <= 1 + 0.2 theta_0, is one
-active row: phi* = m - lambda H^{-1} a with lambda = (a'm - b(theta)) / (a'H^{-1}a), a = (1, 1).
+theta = (0.20, -0.36), where BSG from theta = 0 ends); each problem here has one (gradient
+descent on F, phi* by active-set enumeration, from 40 random starts in [-3, 3]^2 ends at theta*).
+
+The halfspace problem, phi_0 + phi_1 <= 1 + 0.2 theta_0, has one active row: phi* = m - lambda H^{-1} a with lambda = (a'm - b(theta)) / (a'H^{-1}a), a = (1, 1).
 A theta-independent bound (b frozen at its value) gives another A, and another gradient: the
 grad_theta P term of the KKT hypergradient (Giovannelli, Kent, Vicente, "Bilevel stochastic
 methods for optimization and machine learning: Bilevel stochastic descent and DARTS", 2021,
@@ -37,7 +38,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import bilevel_jax as bj
@@ -106,12 +106,12 @@ def test_the_closed_forms_are_on_their_pieces():
     the solutions' (numbers in the module docstring's notation)."""
     theta, _ = reduced(HALF_PIECE)
     np.testing.assert_allclose(theta, [0.19888961, 0.04043109], rtol=1e-7)
-    a, d, n, n0 = HALF_PIECE
-    assert float((n @ theta + n0)[0]) > 0.8                                    # lambda = 0.805
+    _, _, n, n0 = HALF_PIECE
+    assert float((n @ theta + n0)[0]) > 0.8              # lambda = 0.805
     theta, _ = reduced(BOX_PIECE)
     phi = phi_star(BOX_PIECE, theta)
-    a, d, n, n0 = BOX_PIECE
-    assert float((n @ theta + n0)[0]) > 0.5                                    # lambda = 0.575 (phi_0 <= 0.5 + 0.3 theta_0)
+    _, _, n, n0 = BOX_PIECE
+    assert float((n @ theta + n0)[0]) > 0.5              # lambda = 0.575 (phi_0 <= 0.5 + 0.3 theta_0)
     assert -1.0 + 0.1 * theta[1] + 0.5 < phi[1] < 1.5 + 0.3 * theta[1] - 0.5   # phi_1 strictly inside
     assert np.all(-1.0 + 0.1 * theta < phi)
 
@@ -229,4 +229,5 @@ def test_bad_theta_dependent_sets_raise_clearly():
     rule = bj.algorithms.steps.StepRule(learning_rate=jnp.asarray(0.1), projection=bj.constraints.ProjectionAt(HALF))
     with pytest.raises(ValueError, match="depends on theta"):
         rule.build().update(phi, rule.build().init(phi), phi)
-    assert optax.GradientTransformationExtraArgs is type(rule.build(theta))
+    step, _ = rule.build(theta).update(jnp.full(2, -30.0), rule.build(theta).init(phi), phi)   # to (3, 3), projected
+    np.testing.assert_allclose(phi + step, [0.5, 0.5], atol=1e-15)
