@@ -466,7 +466,7 @@ def test_aid_bio_dispatches_to_kkt_and_reaches_theta_star(tilted):
     prob, theta_star, phi_star, runs = tilted
     alg = bj.algorithms.aid_bio(prob, upper_lr=0.2, lower_lr=0.3, lower_steps=20)
     assert isinstance(alg.direction, bj.algorithms.KKT) and isinstance(alg.direction.solver, bj.linear_solvers.MINRES)
-    assert isinstance(alg.lower.transform, bj.constraints.ProjectedTransform)
+    assert isinstance(alg.lower.projection, bj.constraints.ProjectionAt) and alg.lower.transform is optax.sgd
     err = _converged(runs(alg, 150), theta_star, phi_star, 1e-3)
     assert np.all(err < 1e-10)
     bsg = bj.algorithms.bsg_constrained(prob, upper_lr=0.2, lower_lr=0.3, lower_steps=20,

@@ -11,7 +11,8 @@ with the public primitives of `bj.algorithms.steps`:
                     minibatches, through an estimator (SGD, STORM, SAGA, SARAH), into
                     D_theta [, D_phi]; the rule moves its own variables (SOBA's v)
     3. steps        theta_{k+1} = P_Theta(theta_k + upper rule(D_theta))
-                    phi  <- phi + lower rule(D_phi)     (rules that move phi with theta)
+                    phi  <- phi + lower rule(D_phi)     (rules that move phi with theta; a projected
+                                                         LL rule projects onto Phi(theta_{k+1}))
     4. finish       oracle counts, status (solver breakdown, non-finite, invalid step)
 """
 from __future__ import annotations
@@ -141,8 +142,8 @@ class BilevelLoop(Algorithm):
         theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state, dirs.theta, count,
                                                    self.problem.project)
         low_status = st.ok()
-        if dirs.phi is not None and not self.lower_recursion:
-            phi, lower_state, low_status = apply_step(self.lower, phi, lower_state, dirs.phi, count)
+        if dirs.phi is not None and not self.lower_recursion:   # (projected onto Phi(theta_{k+1}))
+            phi, lower_state, low_status = apply_step(self.lower, phi, lower_state, dirs.phi, count, theta=theta)
         rule_state, rule_status = self.direction.advance(ev.rule_state, estimate, count)
 
         (theta, phi, rule_state), info = finish(
@@ -178,7 +179,8 @@ class BilevelLoop(Algorithm):
             estimate, ev, est_state, counts = self.estimator.recurse(
                 evaluate, Point(state.theta, phi, rule_state), est_state, count, phase)
             phi, lower_state, low_status = apply_step(self.lower, phi, lower_state,
-                                                      self.direction.directions(estimate).phi, count)
+                                                      self.direction.directions(estimate).phi, count,
+                                                      theta=state.theta)
             rule_state, rule_status = self.direction.advance(ev.rule_state, estimate, count)
             status = st.merge(status, ev.status, low_status, rule_status)
             return eqx.filter((phi, lower_state, rule_state, est_state, status), eqx.is_array), counts

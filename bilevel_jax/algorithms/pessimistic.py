@@ -112,8 +112,8 @@ class PessimisticPenalty(Algorithm):
         sign = 1.0 if p.pessimistic else -1.0   # the follower maximises (pessimistic) or minimises f_upper
         scaled = BilevelProblem(p.f_upper,
                                 lambda t, y, b: p.f_lower(t, y, b) - sign * p.f_upper(t, y, upper_batch) / rho)
-        phi, f_opt = run_lower_steps(scaled, self.follower.build(), state.theta, state.phi, state.follower_opt_state,
-                                     self.follower_steps, batches.lower_at)
+        phi, f_opt = run_lower_steps(scaled, self.follower.build(state.theta), state.theta, state.phi,
+                                     state.follower_opt_state, self.follower_steps, batches.lower_at)
         counts = counts + OracleCounts.of(lower_grads=self.follower_steps + 2, upper_grads=self.follower_steps + 1,
                                           values=2)
         # 3. the leader: Danskin's gradient of Phi_rho at (phi, z)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import numbers
 from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 
@@ -29,6 +30,7 @@ from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax._checks import as_array, check_step_size
 from bilevel_jax.algorithms.base import OracleCounts, StepInfo, check_key
+from bilevel_jax.constraints import projected
 from bilevel_jax.lower import lower_steps as run_lower_steps
 from bilevel_jax.problem import BilevelProblem, check_data_pair
 from bilevel_jax.sampling import Sampler, check_fits
@@ -45,19 +47,29 @@ class StepRule(eqx.Module):
     schedule: a plain-function schedule (e.g. an optax schedule), kept static.
     optimizer: a whole optax rule given by the user, kept static (step-size validity unknown).
     transform: `learning_rate -> optax rule` (default `optax.sgd`).
+    projection: `(theta, params) -> params`, a Euclidean projection applied after every step
+      (projected steps onto a feasible set Phi(theta), `bj.constraints.ProjectionAt`), kept
+      static; None for plain steps.
     """
 
     learning_rate: Any = None
     schedule: Optional[Callable] = eqx.field(static=True, default=None)
     optimizer: Optional[optax.GradientTransformation] = eqx.field(static=True, default=None)
     transform: Callable = eqx.field(static=True, default=optax.sgd)
+    projection: Optional[Callable] = eqx.field(static=True, default=None)
 
-    def build(self) -> optax.GradientTransformationExtraArgs:
-        """The optax rule (accepting `value`, `grad`, `value_fn` extra arguments)."""
+    def build(self, theta=None) -> optax.GradientTransformationExtraArgs:
+        """The optax rule (accepting `value`, `grad`, `value_fn` extra arguments); with a
+        `projection`, its steps projected onto the feasible set at `theta`
+        (`bj.constraints.projected`): the rule of an LL variable at the current UL point. The
+        optax state does not depend on theta (`init_rule` builds without it)."""
         if self.optimizer is not None:
-            return optax.with_extra_args_support(self.optimizer)
-        lr = self.schedule if self.schedule is not None else self.learning_rate
-        return optax.with_extra_args_support(self.transform(lr))
+            rule = self.optimizer
+        else:
+            rule = self.transform(self.schedule if self.schedule is not None else self.learning_rate)
+        if self.projection is not None:
+            rule = projected(rule, functools.partial(self.projection, theta))
+        return optax.with_extra_args_support(rule)
 
     def status(self, count) -> jax.Array:
         """INVALID_STEP when the step size is not a positive finite number (a traced sweep value
@@ -112,11 +124,13 @@ def as_rule(name: str, rule: Rule) -> StepRule:
 
 
 def apply_step(rule: StepRule, params: PyTree, opt_state, direction: PyTree, count,
-               project: Optional[Callable] = None) -> Tuple[PyTree, Any, jax.Array]:
-    """params <- project(params + rule(direction)); only the inexact-array leaves move.
+               project: Optional[Callable] = None, theta=None) -> Tuple[PyTree, Any, jax.Array]:
+    """params <- project(params + rule(direction)); only the inexact-array leaves move. `theta`:
+    the UL point whose feasible set Phi(theta) the rule's own projection (an LL variable's
+    projected steps, `StepRule.projection`) projects onto.
 
     Returns `(params, opt_state, status)`, status INVALID_STEP when the step size is invalid."""
-    updates, opt_state = rule.build().update(direction, opt_state, oracles.differentiable(params))
+    updates, opt_state = rule.build(theta).update(direction, opt_state, oracles.differentiable(params))
     params = eqx.apply_updates(params, updates)
     if project is not None:
         params = project(params)
@@ -162,10 +176,11 @@ def draw_batches(samplers: Tuple[Sampler, Sampler], data, key: jax.Array, count,
 
 def lower_phase(problem: BilevelProblem, rule: StepRule, theta, phi, opt_state, steps: int,
                 batch_at: Callable, count) -> Tuple[PyTree, Any, OracleCounts, jax.Array]:
-    """`steps` LL steps of `rule` at fixed theta: `(phi, opt_state, counts, status)`."""
+    """`steps` LL steps of `rule` at fixed theta (projected onto Phi(theta) when the rule is):
+    `(phi, opt_state, counts, status)`."""
     if steps == 0:
         return phi, opt_state, OracleCounts.of(), st.ok()
-    phi, opt_state = run_lower_steps(problem, rule.build(), theta, phi, opt_state, steps, batch_at)
+    phi, opt_state = run_lower_steps(problem, rule.build(theta), theta, phi, opt_state, steps, batch_at)
     return phi, opt_state, OracleCounts.of(lower_grads=steps), rule.status(count)
 
 

@@ -296,7 +296,7 @@ class ValueFunction(Algorithm):
         """F2SA's inner loop on phi: phi <- phi - beta (grad_phi f_upper + lambda grad_phi f_lower)."""
         penalised = BilevelProblem(self.problem.f_upper,
                                    lambda t, y, b: self.problem.f_upper(t, y, batches.upper) + lam * self.problem.f_lower(t, y, b))
-        return run_lower_steps(penalised, self.lower.build(), theta, phi, opt_state, self.phi_steps, batches.lower_at)
+        return run_lower_steps(penalised, self.lower.build(theta), theta, phi, opt_state, self.phi_steps, batches.lower_at)
 
     def update(self, state: ValueFunctionState, data):
         check_data(data, self.samplers)
@@ -328,7 +328,7 @@ class ValueFunction(Algorithm):
                                                    self.problem.project)
         statuses.append(up_status)
         if not self.phi_steps:
-            phi, lower_state, low_status = apply_step(self.lower, phi, lower_state, d[1], k)
+            phi, lower_state, low_status = apply_step(self.lower, phi, lower_state, d[1], k, theta=theta)
             statuses.append(low_status)
         moved = None
         if self.multiplier.needs_movement:

@@ -87,11 +87,11 @@ class PZOBO(Algorithm):
         batches = draw_batches(self.samplers, data, state.key, k, self.lower_steps)
         theta_d, theta_s = eqx.partition(state.theta, eqx.is_inexact_array)
         phi_s = eqx.filter(state.phi, eqx.is_inexact_array, inverse=True)
-        optimizer = self.lower.build()
 
         def unrolled(t):
             """y_N as a function of theta's array part (the same start and batches every call)."""
-            phi, opt_state = run_lower_steps(p, optimizer, eqx.combine(t, theta_s), state.phi, state.lower_opt_state,
+            theta = eqx.combine(t, theta_s)
+            phi, opt_state = run_lower_steps(p, self.lower.build(theta), theta, state.phi, state.lower_opt_state,
                                              self.lower_steps, batches.lower_at)
             return oracles.differentiable(phi), opt_state
 
