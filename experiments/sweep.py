@@ -56,8 +56,8 @@ seconds per outer step used for the wall-time axis of the figures.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
+import inspect
 import itertools
 import json
 import math
@@ -197,36 +197,24 @@ def _build(build: Callable[..., Any], kwargs: dict, where: str, what: str, valid
                           f"Valid keys: {', '.join(valid)}.")
 
 
-@functools.lru_cache(maxsize=None)
 def linear_solvers() -> Dict[str, Callable]:
-    """The linear-solver factories of `bj.linear_solvers` by name: the lower-case public names
-    whose call with default arguments builds a `bj.linear_solvers.LinearSolver`."""
-    out = {}
-    for name in bj.linear_solvers.__all__:
-        factory = getattr(bj.linear_solvers, name)
-        if not name.islower() or not callable(factory):
-            continue
-        try:
-            ok = isinstance(factory(), bj.linear_solvers.LinearSolver)
-        except Exception:  # noqa: BLE001 - a helper that needs arguments, not a solver factory
-            ok = False
-        if ok:
-            out[name] = factory
-    return dict(sorted(out.items()))
+    """The linear-solver factories by name (`bj.linear_solvers.REGISTRY`)."""
+    return {name: entry.build for name, entry in sorted(bj.linear_solvers.REGISTRY.items())}
 
 
 def make_linear_solver(spec, where: str):
-    """`bj.linear_solvers.<name>(**kw)` of a `linear_solver = {name = ..., ...}` table; the wrapper
-    `{name = "damped", damping = ..., solver = {name = ..., ...}}` damps the inner table's solver."""
+    """`bj.linear_solvers.<name>(**kw)` of a `linear_solver = {name = ..., ...}` table; a wrapper (tag
+    "wrapper": damped, normal) takes its inner solver as a table, `{name = "damped", damping = ...,
+    solver = {name = ..., ...}}`."""
     solvers = linear_solvers()
-    if isinstance(spec, dict) and spec.get("name") == "damped":
+    if not isinstance(spec, dict) or spec.get("name") not in solvers:
+        raise ConfigError(f"{where} must be a table with name one of {', '.join(solvers)}, got {spec!r}.")
+    if "wrapper" in bj.linear_solvers.REGISTRY[spec["name"]].tags:
         inner = make_linear_solver(spec.get("solver"), f"{where}.solver")
         rest = {k: v for k, v in spec.items() if k not in ("name", "solver")}
-        return _build(lambda **kw: bj.linear_solvers.damped(inner, **kw), rest, where, "'damped'",
-                      lambda: ["damping", "name", "solver"])
-    if not isinstance(spec, dict) or spec.get("name") not in solvers:
-        raise ConfigError(f"{where} must be a table with name one of {', '.join([*solvers, 'damped'])}, "
-                          f"got {spec!r}.")
+        wrap = solvers[spec["name"]]
+        return _build(lambda **kw: wrap(inner, **kw), rest, where, repr(spec["name"]),
+                      lambda: ["name", *inspect.signature(wrap).parameters])
     kwargs = {k: v for k, v in spec.items() if k != "name"}
     factory = solvers[spec["name"]]
     return _build(factory, kwargs, where, repr(spec["name"]), lambda: ["name", *_accepted(factory, SUGGESTED_KEYS)])

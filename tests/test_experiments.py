@@ -94,7 +94,7 @@ def test_config_errors_list_valid_names(tmp_path):
     with pytest.raises(C.ConfigError, match="unknown key.*upper_step.*[Vv]alid keys: .*lower_lr.*upper_lr"):
         runner.check(cfg)
     cfg = C.from_dict(dict(base, algorithms={"amigo": {"linear_solver": {"name": "cgg"}}}))
-    with pytest.raises(C.ConfigError, match="name one of cg, dense, gd, .*neumann, stochastic_neumann"):
+    with pytest.raises(C.ConfigError, match="name one of cg, damped, dense, gd, .*normal, .*stochastic_neumann"):
         sweep.expand(cfg)
     cfg = C.from_dict(dict(base, algorithms={"amigo": {"linear_solver": {"name": "cg", "maxiters": 3}}}))
     with pytest.raises(C.ConfigError,

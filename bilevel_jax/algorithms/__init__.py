@@ -7,6 +7,7 @@ Reformulations: smoothing_pg (value function), optimality_penalty, cdb and ebsa 
 Multi-objective (robust, n objective pairs; a `bj.MultiObjectiveProblem`, registry `MULTI_OBJECTIVE`): morbit.
 Multi-block min-max bilevel (a `bj.MinMaxBilevelProblem`, registry `MIN_MAX`): mmb.
 Building blocks: `bilevel_loop`, `directions`, `estimators`, and the step primitives of `steps`.
+What each preset can do (Hessian-free, constrained, pessimistic, ...): `CAPABILITIES` (`capabilities`).
 """
 import difflib
 
@@ -14,6 +15,7 @@ from bilevel_jax.algorithms.parallel import DataParallel, data_parallel, preset_
 
 from bilevel_jax.algorithms import directions, estimators, steps
 from bilevel_jax.algorithms.base import Algorithm, OracleCounts, StepInfo
+from bilevel_jax.algorithms.capabilities import CAPABILITIES, TAGS, presets_with
 from bilevel_jax.algorithms.double_loop import aid_bio, alternating, amigo, ba, bsa, signsgd_ul, stocbio
 from bilevel_jax.algorithms.krylov import lancbio, subbio
 from bilevel_jax.algorithms.loop import BilevelLoop, LoopState, bilevel_loop
@@ -67,20 +69,18 @@ del _name
 
 
 def get(name: str):
-    """The preset called `name` (single-problem presets, then the multi-objective ones of
-    `MULTI_OBJECTIVE`, which take a `bj.MultiObjectiveProblem`, and the min-max ones of `MIN_MAX`, which
-    take a `bj.MinMaxBilevelProblem`); an unknown name lists the valid ones."""
-    for registry in (MULTI_OBJECTIVE, MIN_MAX):
-        if name in registry and name not in ALGORITHMS:
-            return registry[name]
-    if name not in ALGORITHMS:
-        close = difflib.get_close_matches(name, ALGORITHMS, n=1)
+    """The preset called `name`: any of `CAPABILITIES` (the single-problem presets of `ALGORITHMS`,
+    `pessimistic_penalty`, `bsg_constrained`, the multi-objective ones of `MULTI_OBJECTIVE`, which take
+    a `bj.MultiObjectiveProblem`, and the min-max ones of `MIN_MAX`, which take a
+    `bj.MinMaxBilevelProblem`); an unknown name lists the valid ones."""
+    if name not in CAPABILITIES:
+        close = difflib.get_close_matches(name, CAPABILITIES, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown algorithm {name!r}.{hint} Valid names: {', '.join(sorted(ALGORITHMS))}.")
-    return ALGORITHMS[name]
+        raise ValueError(f"unknown algorithm {name!r}.{hint} Valid names: {', '.join(sorted(CAPABILITIES))}.")
+    return globals()[name]
 
 
-__all__ = ["DataParallel", "data_parallel", "shard", "ALGORITHMS", "MIN_MAX", "MULTI_OBJECTIVE", "MMB", "Morbit", "mmb", "morbit", "Algorithm", "BilevelLoop", "FSLA", "FslaState", "LoopState", "OracleCounts", "Stable", "StableState", "StepInfo",
+__all__ = ["DataParallel", "data_parallel", "shard", "ALGORITHMS", "CAPABILITIES", "TAGS", "presets_with", "MIN_MAX", "MULTI_OBJECTIVE", "MMB", "Morbit", "mmb", "morbit", "Algorithm", "BilevelLoop", "FSLA", "FslaState", "LoopState", "OracleCounts", "Stable", "StableState", "StepInfo",
            "CDB", "CDBState", "bilevel_loop", "directions", "estimators", "get", "steps", "value_function",
            "PessimisticPenalty", "PessimisticState", "pessimistic_penalty", "KKT", "AmortizedKKT", "amortized_kkt",
            "bsg_constrained", "kkt", *sorted(ALGORITHMS)]

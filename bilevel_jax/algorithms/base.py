@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from bilevel_jax import status as st
+from bilevel_jax.algorithms.capabilities import presets_with
 from bilevel_jax.problem import check_optimistic
 
 PyTree = Any
@@ -38,7 +39,8 @@ class Algorithm(eqx.Module):
     `bj.algorithms.constrained` have); otherwise construction raises instead of silently solving
     the unconstrained problem. Likewise a pessimistic problem (`BilevelProblem(..., pessimistic=True)`)
     is refused by every algorithm but those that solve it (`handles_pessimistic`, as
-    `bj.algorithms.pessimistic_penalty` has)."""
+    `bj.algorithms.pessimistic_penalty` has). The refusals name the presets tagged "constrained" or
+    "pessimistic" in `bj.algorithms.CAPABILITIES`, which the tests hold to these attributes."""
 
     handles_constraints: ClassVar[bool] = False
     handles_pessimistic: ClassVar[bool] = False
@@ -51,10 +53,8 @@ class Algorithm(eqx.Module):
             name = getattr(self, "name", None)
             raise ValueError(f"{name + ': ' if isinstance(name, str) else ''}the problem's lower level is constrained "
                              "(lower_inequality / lower_equality) and this algorithm would ignore the constraints. "
-                             "Constrained lower levels: aid_bio, amigo, soba (KKT implicit gradient), "
-                             "bsg_constrained, pessimistic_penalty, the value-function presets (f2sa, bome, "
-                             "pbgd, pdbo, vf_penalty, smoothing_pg) and pzobo (projected steps), ebsa (log barrier), or "
-                             "bilevel_loop(direction=bj.algorithms.kkt(problem)).")
+                             f"Constrained lower levels: {', '.join(presets_with('constrained'))} "
+                             "(bj.algorithms.CAPABILITIES), or bilevel_loop(direction=bj.algorithms.kkt(problem)).")
         if not self.handles_pessimistic:
             name = getattr(self, "name", None)
             check_optimistic(problem, name if isinstance(name, str) else type(self).__name__)
