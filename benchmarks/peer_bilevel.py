@@ -55,11 +55,12 @@ trip counts), so it does not depend on the machine's load:
   moves 67.7, 295 and 331 MB (0.93, 0.77, 0.87 x): at that floor for SOBA and StocBiO, 4% above it
   for AmIGO (the warm-started GD solve's residual HVP, and its batch cut twice). Both sides run the
   same dots and copies, so at equal rates per byte the time ratio cannot go below these bytes ratios;
-  measured (process CPU time, a loaded 2-core machine, interleaved calls) it is 0.73-0.78 for SOBA,
-  0.70-0.72 for AmIGO and 0.71-0.73 for StocBiO;
+  measured (process CPU time, a loaded 2-core machine, interleaved calls, three runs) it is
+  0.73-0.82 for SOBA, 0.69-0.72 for AmIGO and 0.71-0.76 for StocBiO (with mode="rev": 0.95,
+  0.85, 1.04);
 - the floor in time: the first read of every fresh batch matrix at the memory copy rate and the
   other bytes at the cache copy rate (`copy_rates`, measured in the same run). It comes out at
-  0.3-0.4 x the peer's time: both steps run 2-3 x slower than their bytes at copy speed (the
+  0.33-0.45 x the peer's CPU time: both steps run 2-3 x slower than their bytes at copy speed (the
   copies that cut and transpose a fresh block read it strided from memory, at a third to a half of
   the copy rate in a micro-benchmark). So the account does not excuse the bar by bandwidth alone:
   what is missing is not bytes but the speed of XLA:CPU's kernels on this objective code, and a
