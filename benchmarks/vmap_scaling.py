@@ -30,7 +30,7 @@ def measure(setup: Setup, preset: str, seeds, num_steps: int, repeats: int, refe
     alg = make_algorithm(preset, setup)
 
     def one(key, theta0, phi0, data):
-        state, _ = bj.run(alg, alg.init(theta0, phi0, key), data, num_steps=num_steps)
+        state, _ = bj.run(alg, alg.init(theta0, phi0, key, data), data, num_steps=num_steps)
         return state.theta, state.phi
 
     args = (setup.theta0, setup.phi0, setup.data)

@@ -94,8 +94,7 @@ def test_mesh_equals_shards_on_four_devices():
     """The bar: on 4 forced host devices, `mesh=` gives the iterates of `shards=4` on one device (1e-12,
     float64) for soba, amigo, stocbio (iid, shuffled) and saba (partition), and the compiled sharded step
     holds no collective with a sample-sized operand (the same collectives at 4x the samples and batch)."""
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")   # conftest's XLA_FLAGS: 79 s -> 42 s of CPU
     out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "data_parallel_worker.py")], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
