@@ -8,8 +8,8 @@ theta iterates (Polyak & Juditsky, "Acceleration of Stochastic Approximation by 
 minibatch hypergradients and a constant step, the average is closer to theta* than the last
 iterate.
 
-It uses only public pieces: `bj.algorithms.steps` (draw_batches, lower_phase, step_rule,
-apply_step, init_rule, finish), `bj.hypergrad.implicit_direction`, `bj.linear_solvers.cg`, and
+It uses only public pieces: `bj.algorithms.steps` (start, draw_batches, lower_phase, step_rule,
+apply_step, init_rule, finish), the state header `bj.algorithms.State`, `bj.hypergrad.implicit_direction`, `bj.linear_solvers.cg`, and
 runs under `bj.run` like any preset (jit, vmap over seeds, status in the history). The problem
 is the toolkit's stochastic quadratic with a closed-form theta*.
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, NamedTuple, Tuple
+from typing import Any, Tuple
 
 import equinox as eqx
 import jax
@@ -31,13 +31,8 @@ import bilevel_jax as bj
 from bilevel_jax.algorithms import steps
 
 
-class AveragedState(NamedTuple):
-    theta: Any
-    phi: Any
-    count: Any
-    key: Any
-    upper_opt_state: Any
-    lower_opt_state: Any
+class AveragedState(bj.algorithms.State):
+    header: bj.algorithms.Header   # theta, phi, count, key and the step rules' states (`steps.start`)
     solver: Any          # CG's warm start: v
     average: Any         # the extra variable
     average_opt_state: Any
@@ -53,9 +48,8 @@ class AveragedImplicit(bj.Algorithm):
     lower_steps: int = eqx.field(static=True, default=5)
 
     def init(self, theta0, phi0, key, data=None):
-        return AveragedState(theta0, phi0, jnp.zeros((), jnp.int32), key, steps.init_rule(self.upper, theta0),
-                             steps.init_rule(self.lower, phi0), self.solver.init(phi0), theta0,
-                             steps.init_rule(self.averaging, theta0))
+        head = steps.start(self.problem, self.samplers, theta0, phi0, key, data, upper=self.upper, lower=self.lower)
+        return AveragedState(head, self.solver.init(phi0), head.theta, steps.init_rule(self.averaging, head.theta))
 
     def update(self, state, data):
         k = state.count
@@ -74,7 +68,7 @@ class AveragedImplicit(bj.Algorithm):
         (theta, phi, average), info = steps.finish(
             (theta, phi, average), counts, out.info.residual_norm,
             (ll_status, out.info.status, up_status, avg_status), where="averaged_implicit step")
-        return AveragedState(theta, phi, k + 1, state.key, upper_state, lower_state, out.state, average,
+        return AveragedState(state.header.next(theta, phi, upper_state, lower_state), out.state, average,
                              avg_state), info
 
 

@@ -21,7 +21,7 @@ products. Written with the public step primitives only.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Tuple
+from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -30,51 +30,38 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax._checks import check_in_range
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts
+from bilevel_jax.algorithms.base import Header, OracleCounts, State
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
-from bilevel_jax.algorithms.steps import StepRule, apply_step, check_data, draw_batches, finish, init_rule, start
+from bilevel_jax.algorithms.steps import Composed, StepRule, apply_step, init_rule
 from bilevel_jax.problem import BilevelProblem, check_problem
-from bilevel_jax.sampling import Sampler
 from bilevel_jax.schedules import OneMinus, as_schedule
 
 PyTree = Any
 
 
-class FslaState(NamedTuple):
-    theta: PyTree
-    phi: PyTree
+class FslaState(State):
+    header: Header
     v: PyTree
-    count: Any
-    key: Any
-    upper_opt_state: Any
-    lower_opt_state: Any
     v_opt_state: Any
     d: PyTree            # the momentum direction d_{k-1}
     prev_theta: PyTree   # theta_{k-1}: the previous point is (theta_{k-1}, phi_k, v_k)
 
 
-class FSLA(Algorithm):
-    problem: BilevelProblem = eqx.field(static=True)
-    upper: StepRule
-    lower: StepRule
+class FSLA(Composed):
     v_rule: StepRule
     weight: Any           # a_k = 1 - eta_k, a schedule Module
-    samplers: Tuple[Sampler, Sampler] = eqx.field(static=True)
     mode: str = eqx.field(static=True, default="rev")
-    check: bool = eqx.field(static=True, default=False)
-    name: str = eqx.field(static=True, default="fsla")
+    name: str = eqx.field(static=True, default="fsla", kw_only=True)
 
     def init(self, theta0, phi0, key, data=None) -> FslaState:
-        theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
+        head = self.start(theta0, phi0, key, data)
         v0 = otu.tree_zeros_like(oracles.differentiable(phi0))
-        return FslaState(theta0, phi0, v0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
-                         init_rule(self.lower, phi0), init_rule(self.v_rule, v0),
-                         otu.tree_zeros_like(oracles.differentiable(theta0)), theta0)
+        return FslaState(head, v0, init_rule(self.v_rule, v0), otu.tree_zeros_like(oracles.differentiable(head.theta)),
+                         head.theta)
 
     def update(self, state: FslaState, data):
-        check_data(data, self.samplers)
         p, k, mode = self.problem, state.count, self.mode
-        batches = draw_batches(self.samplers, data, state.key, k)
+        batches = self.batches(state, data)
         # phi_{k+1}
         g_low = oracles.lower_grad_phi(p, state.theta, state.phi, batches.lower)
         phi, lower_state, low_status = apply_step(self.lower, state.phi, state.lower_opt_state, g_low, k)
@@ -92,9 +79,9 @@ class FSLA(Algorithm):
         theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state, d, k, p.project)
 
         counts = OracleCounts.of(lower_grads=1, upper_grads=2, hvps=1, cross=2)
-        (theta, phi, v, d), info = finish((theta, phi, v, d), counts, otu.tree_norm(d_v), (low_status, v_status, up_status),
-                                          check=self.check, where="fsla outer step")
-        return FslaState(theta, phi, v, k + 1, state.key, upper_state, lower_state, v_state, d, state.theta), info
+        (theta, phi, v, d), info = self.finish((theta, phi, v, d), counts, otu.tree_norm(d_v),
+                                               (low_status, v_status, up_status))
+        return FslaState(state.header.next(theta, phi, upper_state, lower_state), v, v_state, d, state.theta), info
 
 
 def fsla(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lower_opt=None,
@@ -110,8 +97,8 @@ def fsla(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, uppe
         weight = OneMinus(as_schedule(momentum_eta)) if callable(momentum_eta) else as_schedule(1.0 - momentum_eta)
         lower = rule("lower_lr", lower_lr, lower_opt)
         v_rule = lower if (v_lr is None and v_opt is None) else rule("v_lr", lower_lr if v_lr is None else v_lr, v_opt)
-        return FSLA(problem, rule("upper_lr", upper_lr, upper_opt), lower, v_rule, weight,
-                    make_samplers(batch_size, sampler), mode, check)
+        return FSLA(problem, rule("upper_lr", upper_lr, upper_opt), lower, make_samplers(batch_size, sampler), v_rule,
+                    weight, mode, check=check)
 
 
 __all__ = ["FSLA", "FslaState", "fsla"]

@@ -70,14 +70,12 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax._checks import as_array, check_in_range, check_positive_int, check_step_size
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts
+from bilevel_jax.algorithms.base import Header, OracleCounts, State
 from bilevel_jax.algorithms.constrained import lower_projection, project_rule
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
-from bilevel_jax.algorithms.steps import (StepRule, apply_step, check_data, draw_batches,
-                                          finish, float_dtype, init_rule, lower_phase, start)
+from bilevel_jax.algorithms.steps import Composed, StepRule, apply_step, float_dtype, init_rule, lower_phase
 from bilevel_jax.lower import lower_steps as run_lower_steps
 from bilevel_jax.problem import BilevelProblem, check_problem
-from bilevel_jax.sampling import Sampler
 
 PyTree = Any
 
@@ -230,14 +228,9 @@ class SmoothingControl(Multiplier):
 
 # ----------------------------------------------------------------------------------- the algorithm
 
-class ValueFunctionState(NamedTuple):
-    theta: PyTree
-    phi: PyTree
+class ValueFunctionState(State):
+    header: Header
     z: PyTree            # the tracker of argmin_z f_lower(theta, z) (+ a1/2 ||z||^2)
-    count: Any
-    key: Any
-    upper_opt_state: Any
-    lower_opt_state: Any
     tracker_opt_state: Any
     multiplier: Any      # DualAscent's lambda (None otherwise)
     penalty: Any         # the last lambda used (a diagnostic)
@@ -251,33 +244,26 @@ def _smoothed(problem: BilevelProblem, a1) -> BilevelProblem:
     return BilevelProblem(problem.f_upper, f_lower, problem.project_upper)
 
 
-class ValueFunction(Algorithm):
+class ValueFunction(Composed):
     """See the module docstring; build with a preset (bome, pdbo, vf_penalty, f2sa, pbgd)."""
 
-    problem: BilevelProblem = eqx.field(static=True)
-    upper: StepRule
-    lower: StepRule
     tracker: StepRule
     multiplier: Multiplier
     smoothing: Tuple[jax.Array, jax.Array]     # (a1, a2) of eq. (26)
-    samplers: Tuple[Sampler, Sampler] = eqx.field(static=True)
     tracker_steps: int = eqx.field(static=True, default=10)
     restart_tracker: bool = eqx.field(static=True, default=False)   # z starts at phi every step (BOME)
     phi_steps: int = eqx.field(static=True, default=0)              # F2SA's inner phi steps
     scale_upper: bool = eqx.field(static=True, default=False)       # d = (grad f + lambda grad q) / s (V-PBGD)
     smooth: bool = eqx.field(static=True, default=False)
-    check: bool = eqx.field(static=True, default=False)
-    name: str = eqx.field(static=True, default="value_function")
+    name: str = eqx.field(static=True, default="value_function", kw_only=True)
     # a constrained LL is handled by projected phi / tracker step rules (`value_function` builds them,
     # and refuses a constrained problem it has no projection for)
     handles_constraints: ClassVar[bool] = True
 
     def init(self, theta0, phi0, key, data=None) -> ValueFunctionState:
-        theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
-        zero = jnp.zeros((), float_dtype((theta0, phi0)))
-        return ValueFunctionState(theta0, phi0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
-                                  init_rule(self.lower, phi0), init_rule(self.tracker, phi0), self.multiplier.init(),
-                                  zero, zero)
+        head = self.start(theta0, phi0, key, data)
+        zero = jnp.zeros((), float_dtype((head.theta, phi0)))
+        return ValueFunctionState(head, phi0, init_rule(self.tracker, phi0), self.multiplier.init(), zero, zero)
 
     def _tracked(self, a):
         return _smoothed(self.problem, a[0]) if self.smooth else self.problem
@@ -299,10 +285,9 @@ class ValueFunction(Algorithm):
         return run_lower_steps(penalised, self.lower.build(), theta, phi, opt_state, self.phi_steps, batches.lower_at)
 
     def update(self, state: ValueFunctionState, data):
-        check_data(data, self.samplers)
         k = state.count
         dtype = float_dtype((state.theta, state.phi))   # the run's precision (lambda must not promote it)
-        batches = draw_batches(self.samplers, data, state.key, k, self.tracker_steps)
+        batches = self.batches(state, data, self.tracker_steps)
         a = self.multiplier.smoothing(state.multiplier, self.smoothing)
         # 1. the tracker z ~ argmin f_lower(theta_k, .) (+ a1/2 ||.||^2), T steps
         z0 = state.phi if self.restart_tracker else state.z
@@ -335,11 +320,9 @@ class ValueFunction(Algorithm):
             new_point, old_point = oracles.differentiable((theta, phi)), oracles.differentiable((state.theta, state.phi))
             moved = otu.tree_norm(otu.tree_sub(new_point, old_point))
         multiplier = self.multiplier.advance(state.multiplier, gap, k, moved)
-        (theta, phi, z), info = finish((theta, phi, z), counts, jnp.nan, statuses, check=self.check,
-                                       where=f"{self.name} outer step")
-        new = ValueFunctionState(theta, phi, z, k + 1, state.key, upper_state, lower_state, z_opt, multiplier,
-                                 lam, jnp.asarray(gap.q, dtype))
-        return new, info
+        (theta, phi, z), info = self.finish((theta, phi, z), counts, jnp.nan, statuses)
+        return ValueFunctionState(state.header.next(theta, phi, upper_state, lower_state), z, z_opt, multiplier, lam,
+                                  jnp.asarray(gap.q, dtype)), info
 
 
 def _rule(name, lr, opt) -> StepRule:
@@ -381,9 +364,9 @@ def value_function(problem: BilevelProblem, *, multiplier: Multiplier, upper_lr=
             for n, val in zip(("smoothing[0] (a1)", "smoothing[1] (a2)"), smoothing):
                 check_in_range(n, val, 0.0, float("inf"))
             a = (as_array(smoothing[0]), as_array(smoothing[1]))
-        return ValueFunction(problem, upper, lower, tracker, multiplier, a,
-                             make_samplers(batch_size, sampler), tracker_steps, restart_tracker, phi_steps,
-                             scale_upper, smoothing is not None, check, name)
+        return ValueFunction(problem, upper, lower, make_samplers(batch_size, sampler), tracker, multiplier, a,
+                             tracker_steps, restart_tracker, phi_steps, scale_upper, smoothing is not None, check=check,
+                             name=name)
 
 
 # ----------------------------------------------------------------------------------- presets
