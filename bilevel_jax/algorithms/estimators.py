@@ -7,7 +7,8 @@ and SARAH recursions. An estimator only sees `evaluate(point, batches) -> Evalua
                  Ji, Liang 2021, arXiv:2106.04692) and SUSTAIN (Khanduri et al. 2021,
                  arXiv:2102.07367) use a_k = 1 - eta_k; the bilevel momentum h_k = grad_k +
                  eta (h_{k-1} - grad_{k-1}) is a = eta. FSLA (Li, Gu, Huang 2022, arXiv:2112.04660)
-                 applies it to the UL direction only (`mask=`).
+                 applies it to its hypergradient estimate only (`bj.algorithms.fsla`; a rule's other
+                 oracles are left out with `mask=`).
 - `saga()`     : per batch id, d = new - mem[id] + mean(mem); mean += (new - mem[id]) / n;
                  mem[id] = new (Defazio, Bach, Lacoste-Julien 2014, arXiv:1407.0202), one table per
                  level with its own batch ids: SABA (Dagreou et al. 2022, arXiv:2201.13409).
@@ -120,13 +121,16 @@ class Recursive(Estimator):
             weights = jax.tree_util.tree_map(lambda m: weights if m else None, mask)
         return weights
 
-    def recurse(self, evaluate, point, state, count, batches):
+    def recurse(self, evaluate, point, state, count, batches, current: Optional[Evaluation] = None):
         """One recursion d = o(z; xi) + w_k (d_prev - o(z_prev; xi)) on `batches`, the same sample
         at z = `point` and z_prev = `state.prev`, without the refresh: `(estimate, evaluation at
         point, new state, oracle counts)`. `estimate` is this plus the periodic refresh; a
         recursive LL phase (VRBO's inner loop, `bilevel_loop(lower_recursion=True)`) calls it
-        once per LL step."""
-        if self.joint:
+        once per LL step. `current`: the evaluation at `point` when the caller has made it (FSLA's
+        hypergradient shares the linearization of its v step); only z_prev is evaluated then."""
+        if current is not None:
+            ev, old = current, evaluate(state.prev, batches).oracles
+        elif self.joint:
             ev, old = _both_points(evaluate, point, state.prev, batches)
         else:
             ev = evaluate(point, batches)
