@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from bilevel_jax import status as st
+from bilevel_jax.oracles import OracleCounts
 from bilevel_jax.problem import check_optimistic
 
 PyTree = Any
@@ -130,26 +131,6 @@ def header(state) -> Header:
     if isinstance(state, State):
         return state.header
     return Header(*(getattr(state, name) for name in Header._fields))
-
-
-class OracleCounts(NamedTuple):
-    """Oracle calls: gradients of f_lower / f_upper (one pass may give both partials), Hessian-
-    vector products A v, cross products J v (or J^T d), and function values of f_lower / f_upper
-    needed on their own (a value returned with its gradient by one pass is not counted again;
-    value-function methods evaluate g at a second point)."""
-
-    lower_grads: jax.Array
-    upper_grads: jax.Array
-    hvps: jax.Array
-    cross: jax.Array
-    values: jax.Array = jnp.zeros((), jnp.int32)
-
-    @staticmethod
-    def of(lower_grads=0, upper_grads=0, hvps=0, cross=0, values=0) -> "OracleCounts":
-        return OracleCounts(*(jnp.asarray(c, jnp.int32) for c in (lower_grads, upper_grads, hvps, cross, values)))
-
-    def __add__(self, other):  # type: ignore[override]
-        return OracleCounts(*(a + b for a, b in zip(self, other)))
 
 
 class StepInfo(NamedTuple):

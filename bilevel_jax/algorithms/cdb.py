@@ -37,7 +37,7 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax._checks import as_array, check_step_size
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Header, OracleCounts, State
+from bilevel_jax.algorithms.base import Header, State
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
 from bilevel_jax.algorithms.steps import Composed, apply_step
 from bilevel_jax.linear_solvers import LinearSolver, cg
@@ -66,21 +66,20 @@ class CDB(Composed):
     def update(self, state: CDBState, data):
         p, k = self.problem, state.count
         batches = self.batches(state, data)
-        lin = oracles.linearize_lower(p, state.theta, state.phi, batches.lower, self.mode)
-        c = lin.grad_phi
-        s, newton_state, newton = self.solver.solve(lin.hvp, c, state.newton_state)
-        phi_hat = eqx.apply_updates(state.phi, otu.tree_scale(-1.0, s))          # Y(x, y): one Newton step
-        g_theta, g_phi = oracles.upper_grads(p, state.theta, phi_hat, batches.upper)
-        v, adjoint_state, adjoint = self.solver.solve(lin.hvp, g_phi, state.adjoint_state)
-        a_w, j_w = lin.hvp_and_cross(otu.tree_add_scale(otu.tree_scale(-1.0, v), self.beta, c))
+        with oracles.counting() as tally:
+            lin = oracles.linearize_lower(p, state.theta, state.phi, batches.lower, self.mode)
+            c = lin.gradient()
+            s, newton_state, newton = oracles.solve(self.solver, lin.hvp, c, state.newton_state)
+            phi_hat = eqx.apply_updates(state.phi, otu.tree_scale(-1.0, s))          # Y(x, y): one Newton step
+            g_theta, g_phi = oracles.upper_grads(p, state.theta, phi_hat, batches.upper)
+            v, adjoint_state, adjoint = oracles.solve(self.solver, lin.hvp, g_phi, state.adjoint_state)
+            a_w, j_w = lin.hvp_and_cross(otu.tree_add_scale(otu.tree_scale(-1.0, v), self.beta, c))
         theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state,
                                                    otu.tree_add(g_theta, j_w), k, p.project)
         phi, lower_state, low_status = apply_step(self.lower, state.phi, state.lower_opt_state,
                                                   otu.tree_add(g_phi, a_w), k)
-        counts = OracleCounts.of(lower_grads=1, upper_grads=1, hvps=newton.num_matvecs + adjoint.num_matvecs + 1,
-                                 cross=1)
         statuses = (up_status, low_status, newton.status, adjoint.status)
-        (theta, phi), info = self.finish((theta, phi), counts, adjoint.residual_norm, statuses)
+        (theta, phi), info = self.finish((theta, phi), tally.counts, adjoint.residual_norm, statuses)
         return CDBState(state.header.next(theta, phi, upper_state, lower_state), newton_state, adjoint_state), info
 
 

@@ -33,7 +33,7 @@ from bilevel_jax import status as st
 from bilevel_jax._checks import check_in_range
 from bilevel_jax.algorithms import estimators as est
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Header, OracleCounts, State
+from bilevel_jax.algorithms.base import Header, State
 from bilevel_jax.algorithms.directions import Evaluation, Joint, Point
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
 from bilevel_jax.algorithms.steps import Composed, StepRule, apply_step, init_rule
@@ -65,7 +65,7 @@ class FSLA(Composed):
 
     def _evaluation(self, h, v) -> Evaluation:
         """The oracle h at a point (theta, phi, v), as STORM reads it."""
-        return Evaluation(Joint(h), v, OracleCounts.of(upper_grads=1, cross=1), jnp.nan, st.ok())
+        return Evaluation(Joint(h), v, jnp.nan, st.ok())
 
     def _hypergradient(self, point: Point, batches) -> Evaluation:
         """h(theta, phi, v) = grad_theta f_upper - J v on the step's batches (at the previous point)."""
@@ -77,23 +77,23 @@ class FSLA(Composed):
     def update(self, state: FslaState, data):
         p, k, mode = self.problem, state.count, self.mode
         batches = self.batches(state, data)
-        # phi_{k+1}
-        g_low = oracles.lower_grad_phi(p, state.theta, state.phi, batches.lower)
-        phi, lower_state, low_status = apply_step(self.lower, state.phi, state.lower_opt_state, g_low, k)
-        # v_{k+1} at (theta_k, phi_{k+1})
-        lin = oracles.linearize_lower(p, state.theta, phi, batches.lower, mode)
-        g_theta, g_phi = oracles.upper_grads(p, state.theta, phi, batches.upper)
-        d_v = otu.tree_sub(lin.hvp(state.v), g_phi)
-        v, v_state, v_status = apply_step(self.v_rule, state.v, state.v_opt_state, d_v, k)
-        # STORM on h at (theta_k, phi_{k+1}, v_{k+1}) and the previous point (theta_{k-1}, phi_k, v_k)
-        now = self._evaluation(otu.tree_sub(g_theta, lin.cross(v)), v)
-        d, _, est_state, counts = self.estimator.recurse(self._hypergradient, Point(state.theta, phi, v),
-                                                         state.estimator, k, batches, current=now)
+        with oracles.counting() as tally:
+            # phi_{k+1}
+            g_low = oracles.lower_grad_phi(p, state.theta, state.phi, batches.lower)
+            phi, lower_state, low_status = apply_step(self.lower, state.phi, state.lower_opt_state, g_low, k)
+            # v_{k+1} at (theta_k, phi_{k+1})
+            lin = oracles.linearize_lower(p, state.theta, phi, batches.lower, mode)
+            g_theta, g_phi = oracles.upper_grads(p, state.theta, phi, batches.upper)
+            d_v = otu.tree_sub(lin.hvp(state.v), g_phi)
+            v, v_state, v_status = apply_step(self.v_rule, state.v, state.v_opt_state, d_v, k)
+            # STORM on h at (theta_k, phi_{k+1}, v_{k+1}) and the previous point (theta_{k-1}, phi_k, v_k)
+            now = self._evaluation(otu.tree_sub(g_theta, lin.cross(v)), v)
+            d, _, est_state = self.estimator.recurse(self._hypergradient, Point(state.theta, phi, v), state.estimator,
+                                                     k, batches, current=now)
         theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state, d.hypergrad, k,
                                                    p.project)
 
-        counts = counts + OracleCounts.of(lower_grads=1, hvps=1)
-        (theta, phi, v, est_state), info = self.finish((theta, phi, v, est_state), counts, otu.tree_norm(d_v),
+        (theta, phi, v, est_state), info = self.finish((theta, phi, v, est_state), tally.counts, otu.tree_norm(d_v),
                                                        (low_status, v_status, up_status))
         return FslaState(state.header.next(theta, phi, upper_state, lower_state), v, v_state, est_state), info
 

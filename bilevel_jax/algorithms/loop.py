@@ -12,7 +12,8 @@ with the public primitives of `bj.algorithms.steps`:
                     D_theta [, D_phi]; the rule moves its own variables (SOBA's v)
     3. steps        theta_{k+1} = P_Theta(theta_k + upper rule(D_theta))
                     phi  <- phi + lower rule(D_phi)     (rules that move phi with theta)
-    4. finish       oracle counts, status (solver breakdown, non-finite, invalid step)
+    4. finish       status (solver breakdown, non-finite, invalid step) and the oracle counts, from the
+                    oracle functions the step called (`bj.oracles.counting`)
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.algorithms import estimators as est
-from bilevel_jax.algorithms.base import Header, OracleCounts, State, step_key
+from bilevel_jax.algorithms.base import Header, State, step_key
 from bilevel_jax.algorithms.directions import DirectionRule, Point
 from bilevel_jax.algorithms.steps import (SOLVER_STREAM, Batches, Composed, Rule, apply_step, as_rule, check_data,
                                           draw_batches, lower_phase)
@@ -115,16 +116,17 @@ class BilevelLoop(Composed):
         count = state.count
         batches = self.batches(state, data, self.lower_steps)
         rule_state, est_state = state.direction, state.estimator
-        if self.lower_recursion:
-            phi, lower_state, rule_state, est_state, ll_counts, ll_status = self._recursive_phase(state, batches)
-        else:
-            phi, lower_state, ll_counts, ll_status = lower_phase(
-                self.problem, self.lower, state.theta, state.phi, state.lower_opt_state, self.lower_steps,
-                batches.lower_at, count)
-        point = Point(state.theta, phi, rule_state)
-        estimate, ev, est_state, counts = self.estimator.estimate(
-            self._evaluate(step_key(state.key, count, SOLVER_STREAM)), point, est_state, count, batches,
-            full_batches(data), passes(self.samplers, data))
+        with oracles.counting() as tally:
+            if self.lower_recursion:
+                phi, lower_state, rule_state, est_state, ll_status = self._recursive_phase(state, batches)
+            else:
+                phi, lower_state, _, ll_status = lower_phase(
+                    self.problem, self.lower, state.theta, state.phi, state.lower_opt_state, self.lower_steps,
+                    batches.lower_at, count)
+            point = Point(state.theta, phi, rule_state)
+            estimate, ev, est_state = self.estimator.estimate(
+                self._evaluate(step_key(state.key, count, SOLVER_STREAM)), point, est_state, count, batches,
+                full_batches(data), passes(self.samplers, data))
         dirs = self.direction.directions(estimate)
 
         theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state, dirs.theta, count,
@@ -135,7 +137,7 @@ class BilevelLoop(Composed):
         rule_state, rule_status = self.direction.advance(ev.rule_state, estimate, count)
 
         (theta, phi, rule_state), info = self.finish(
-            (theta, phi, rule_state), ll_counts + counts, ev.residual_norm,
+            (theta, phi, rule_state), tally.counts, ev.residual_norm,
             (ll_status, ev.status, up_status, low_status, rule_status))
         return LoopState(state.header.next(theta, phi, upper_state, lower_state), rule_state, est_state), info
 
@@ -149,7 +151,7 @@ class BilevelLoop(Composed):
         where z_prev is the previous evaluation point (at t = 0: theta_{k-1} and the phi of the
         last direction, so the first difference carries the change of theta). Outer step 0 has no
         LL phase: the recursion starts from the first direction estimate (a refresh).
-        Returns `(phi, lower_state, rule_state, estimator_state, counts, status)`."""
+        Returns `(phi, lower_state, rule_state, estimator_state, status)`."""
         count = state.count
         key = step_key(state.key, count, SOLVER_STREAM)
         zero = jnp.zeros((), jnp.int32)
@@ -162,21 +164,23 @@ class BilevelLoop(Composed):
             phase = Batches(batches.upper_at(t), batches.lower_at(t), zero, zero, batches.lower_at,
                             batches.fresh_lower)
             evaluate = self._evaluate(jax.random.fold_in(key, t + 1))
-            estimate, ev, est_state, counts = self.estimator.recurse(
+            estimate, ev, est_state = self.estimator.recurse(
                 evaluate, Point(state.theta, phi, rule_state), est_state, count, phase)
             phi, lower_state, low_status = apply_step(self.lower, phi, lower_state,
                                                       self.direction.directions(estimate).phi, count)
             rule_state, rule_status = self.direction.advance(ev.rule_state, estimate, count)
             status = st.merge(status, ev.status, low_status, rule_status)
-            return eqx.filter((phi, lower_state, rule_state, est_state, status), eqx.is_array), counts
+            return eqx.filter((phi, lower_state, rule_state, est_state, status), eqx.is_array), None
 
         def run():
-            dyn, counts = jax.lax.scan(step, dyn0, jnp.arange(self.lower_steps))
-            return dyn, jax.tree_util.tree_map(lambda c: jnp.sum(c, dtype=c.dtype), counts)
+            with oracles.counting(times=self.lower_steps):
+                return jax.lax.scan(step, dyn0, jnp.arange(self.lower_steps))[0]
 
-        dyn, counts = jax.lax.cond(count > 0, run, lambda: (dyn0, OracleCounts.of()))
+        with oracles.uncounted() as phase:
+            dyn = jax.lax.cond(count > 0, run, lambda: dyn0)
+        oracles.record(jax.tree_util.tree_map(lambda c: jnp.where(count > 0, c, 0), phase.counts))
         phi, lower_state, rule_state, est_state, status = eqx.combine(dyn, static)
-        return phi, lower_state, rule_state, est_state, counts, status
+        return phi, lower_state, rule_state, est_state, status
 
 
 def bilevel_loop(problem: BilevelProblem, *, direction: DirectionRule, upper_opt: Rule,

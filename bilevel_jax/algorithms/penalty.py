@@ -41,7 +41,7 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax._checks import as_array, check_in_range, check_positive_int, check_step_size
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Header, OracleCounts, State
+from bilevel_jax.algorithms.base import Header, State
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
 from bilevel_jax.algorithms.steps import Composed, apply_step, float_dtype
 from bilevel_jax.algorithms.value_function import PenaltyRamp, PenaltySchedule, ValueFunction, penalty_ramp, value_function
@@ -132,28 +132,28 @@ class GradientPenalty(Composed):
         p = self.problem if self.barrier is None else log_barrier(self.problem, self.barrier(k))
         stochastic = not isinstance(self.samplers[1], Full)
         batches = self.batches(state, data, lower_steps=int(stochastic))
-        g_theta, g_phi = oracles.upper_grads(p, state.theta, state.phi, batches.upper)
-        lin = oracles.linearize_lower(p, state.theta, state.phi, batches.lower, self.mode)
-        # grad of (1/2) ||grad_phi f_lower||^2 = (J grad_phi f_lower, A grad_phi f_lower); with minibatches
-        # grad_phi f_lower from an independent batch (module docstring: unbiased product)
-        g_lower = (oracles.lower_grad_phi(p, state.theta, state.phi, batches.lower_at(0)) if stochastic
-                   else lin.grad_phi)
-        gamma = jnp.asarray(self.penalty(k), float_dtype((state.theta, state.phi)))
-        # (J w, A w) with w = mu + gamma grad_phi f_lower: the gradient of <mu, c> + (gamma / 2) ||c||^2
-        a_w, j_w = lin.hvp_and_cross(otu.tree_add_scale(state.multiplier, gamma, g_lower))
+        with oracles.counting() as tally:
+            g_theta, g_phi = oracles.upper_grads(p, state.theta, state.phi, batches.upper)
+            lin = oracles.linearize_lower(p, state.theta, state.phi, batches.lower, self.mode)
+            c = lin.gradient()
+            # grad of (1/2) ||grad_phi f_lower||^2 = (J grad_phi f_lower, A grad_phi f_lower); with minibatches
+            # grad_phi f_lower from an independent batch (module docstring: unbiased product)
+            g_lower = oracles.lower_grad_phi(p, state.theta, state.phi, batches.lower_at(0)) if stochastic else c
+            gamma = jnp.asarray(self.penalty(k), float_dtype((state.theta, state.phi)))
+            # (J w, A w) with w = mu + gamma grad_phi f_lower: the gradient of <mu, c> + (gamma / 2) ||c||^2
+            a_w, j_w = lin.hvp_and_cross(otu.tree_add_scale(state.multiplier, gamma, g_lower))
         theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state,
                                                    otu.tree_add(g_theta, j_w), k, p.project)
         phi, lower_state, low_status = apply_step(self.lower, state.phi, state.lower_opt_state,
                                                   otu.tree_add(g_phi, a_w), k)
         multiplier = (state.multiplier if self.dual_lr is None
-                      else otu.tree_add_scale(state.multiplier, self.dual_lr, lin.grad_phi))
+                      else otu.tree_add_scale(state.multiplier, self.dual_lr, c))
         if self.barrier is not None:   # out of the barrier's domain P < 0 (where its value is NaN): NaN, loudly
             ineq, _ = oracles.constraint_values(self.problem, theta, phi)
             outside = jnp.any(jnp.stack([jnp.any(c >= 0) for c in jax.tree_util.tree_leaves(ineq)]))
             phi = eqx.combine(fail_where(outside, oracles.differentiable(phi)),
                               eqx.filter(phi, eqx.is_inexact_array, inverse=True))
-        counts = OracleCounts.of(lower_grads=1 + int(stochastic), upper_grads=1, hvps=1, cross=1)
-        (theta, phi, multiplier), info = self.finish((theta, phi, multiplier), counts, otu.tree_norm(lin.grad_phi),
+        (theta, phi, multiplier), info = self.finish((theta, phi, multiplier), tally.counts, otu.tree_norm(c),
                                                      (up_status, low_status))
         return GradientPenaltyState(state.header.next(theta, phi, upper_state, lower_state), multiplier), info
 

@@ -38,7 +38,8 @@ d = grad_theta f_upper + rho (grad_theta f_lower(theta, phi) - grad_theta f_lowe
 optimistic problem min_theta min_{phi in S(theta)} f_upper (a value-function penalty with an inner
 phi loop, as F2SA's); the problem option `BilevelProblem(..., pessimistic=...)` chooses which.
 
-Oracles per outer step: T_z + T_phi + 2 LL gradients, T_phi + 1 UL gradients.
+Oracles per outer step: T_z + T_phi + 2 LL gradients, T_phi + 1 UL gradients, 2 LL values (the
+state's `gap` diagnostic, from the last two LL gradient passes).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Header, OracleCounts, State
+from bilevel_jax.algorithms.base import Header, State
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
 from bilevel_jax.algorithms.steps import Composed, StepRule, apply_step, float_dtype, init_rule, lower_phase
 from bilevel_jax.algorithms.value_function import PenaltyRamp, penalty_ramp
@@ -94,25 +95,24 @@ class PessimisticPenalty(Composed):
         batches = self.batches(state, data, self.tracker_steps)
         dtype = float_dtype((state.theta, state.phi))   # the run's precision (rho must not promote it)
         rho = jnp.asarray(self.penalty(k), dtype)
-        # 1. the tracker of v(theta)
-        z, z_opt, counts, z_status = lower_phase(p, self.tracker, state.theta, state.z, state.tracker_opt_state,
-                                                 self.tracker_steps, batches.lower_at, k)
-        # 2. the follower: ascent on h_rho / rho = f_upper / rho - (f_lower - v)
-        upper_batch = batches.upper
-        sign = 1.0 if p.pessimistic else -1.0   # the follower maximises (pessimistic) or minimises f_upper
-        scaled = BilevelProblem(p.f_upper,
-                                lambda t, y, b: p.f_lower(t, y, b) - sign * p.f_upper(t, y, upper_batch) / rho)
-        phi, f_opt = run_lower_steps(scaled, self.lower.build(), state.theta, state.phi, state.lower_opt_state,
-                                     self.follower_steps, batches.lower_at)
-        counts = counts + OracleCounts.of(lower_grads=self.follower_steps + 2, upper_grads=self.follower_steps + 1,
-                                          values=2)
-        # 3. the leader: Danskin's gradient of Phi_rho at (phi, z)
-        g_theta = oracles.upper_grad_theta(p, state.theta, phi, batches.upper)
-        value_phi, (gx_phi, _) = oracles.lower_value_and_grads(p, state.theta, phi, batches.lower)
-        value_z, (gx_z, _) = oracles.lower_value_and_grads(p, state.theta, z, batches.lower)
+        with oracles.counting() as tally:
+            # 1. the tracker of v(theta)
+            z, z_opt, _, z_status = lower_phase(p, self.tracker, state.theta, state.z, state.tracker_opt_state,
+                                                     self.tracker_steps, batches.lower_at, k)
+            # 2. the follower: ascent on h_rho / rho = f_upper / rho - (f_lower - v)
+            upper_batch = batches.upper
+            sign = 1.0 if p.pessimistic else -1.0   # the follower maximises (pessimistic) or minimises f_upper
+            scaled = oracles.PenalisedLower(p.f_upper,
+                                    lambda t, y, b: p.f_lower(t, y, b) - sign * p.f_upper(t, y, upper_batch) / rho)
+            phi, f_opt = run_lower_steps(scaled, self.lower.build(), state.theta, state.phi, state.lower_opt_state,
+                                         self.follower_steps, batches.lower_at)
+            # 3. the leader: Danskin's gradient of Phi_rho at (phi, z)
+            g_theta = oracles.upper_grad_theta(p, state.theta, phi, batches.upper)
+            value_phi, (gx_phi, _) = oracles.lower_value_and_grads(p, state.theta, phi, batches.lower)
+            value_z, (gx_z, _) = oracles.lower_value_and_grads(p, state.theta, z, batches.lower)
         d = otu.tree_add_scale(g_theta, -sign * rho, otu.tree_sub(gx_phi, gx_z))
         theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state, d, k, p.project)
-        (theta, phi, z), info = self.finish((theta, phi, z), counts, jnp.nan,
+        (theta, phi, z), info = self.finish((theta, phi, z), tally.counts, jnp.nan,
                                             (z_status, self.lower.status(k), up_status))
         return PessimisticState(state.header.next(theta, phi, upper_state, f_opt), z, z_opt, rho,
                                 jnp.asarray(value_phi - value_z, dtype)), info

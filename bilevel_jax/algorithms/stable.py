@@ -30,7 +30,7 @@ from jax.flatten_util import ravel_pytree
 from bilevel_jax import oracles
 from bilevel_jax._checks import as_array, check_in_range, check_step_size
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Header, OracleCounts, State, step_key
+from bilevel_jax.algorithms.base import Header, State, step_key
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
 from bilevel_jax.algorithms.steps import SOLVER_STREAM, Composed, apply_step
 from bilevel_jax.hypergrad.implicit import implicit_direction, make_matvec
@@ -64,22 +64,21 @@ class Stable(Composed):
         batches = self.batches(state, data)
         key_v, key_c = jax.random.split(step_key(state.key, count, SOLVER_STREAM))
 
-        out = implicit_direction(self.problem, state.theta, state.phi, batches.upper, batches.lower, self.solver,
-                                 state.solver, key_v, batches.fresh_lower, self.mode)
-        theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state, out.g, count,
-                                                   self.problem.project)
-        delta = otu.tree_sub(oracles.differentiable(theta), oracles.differentiable(state.theta))
-        matvec = make_matvec(self.problem, state.theta, state.phi, out.lin, self.solver.stochastic,
-                             batches.fresh_lower, self.mode)
-        correction, c_state, c_info = self.solver.solve(matvec, out.lin.cross_transpose(delta), state.correction,
-                                                        key_c)
-        phi, lower_state, low_status = apply_step(self.lower, state.phi, state.lower_opt_state, out.lin.grad_phi,
-                                                  count)
+        with oracles.counting() as tally:
+            out = implicit_direction(self.problem, state.theta, state.phi, batches.upper, batches.lower, self.solver,
+                                     state.solver, key_v, batches.fresh_lower, self.mode)
+            theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state, out.g, count,
+                                                       self.problem.project)
+            delta = otu.tree_sub(oracles.differentiable(theta), oracles.differentiable(state.theta))
+            matvec = make_matvec(self.problem, state.theta, state.phi, out.lin, self.solver.stochastic,
+                                 batches.fresh_lower, self.mode)
+            correction, c_state, c_info = oracles.solve(self.solver, matvec, out.lin.cross_transpose(delta),
+                                                        state.correction, key_c)
+            phi, lower_state, low_status = apply_step(self.lower, state.phi, state.lower_opt_state,
+                                                      out.lin.gradient(), count)
         phi = eqx.apply_updates(phi, otu.tree_scale(-1.0, correction))
 
-        counts = OracleCounts.of(lower_grads=1, upper_grads=1, cross=2,
-                                 hvps=out.info.num_matvecs + c_info.num_matvecs)
-        (theta, phi), info = self.finish((theta, phi), counts, out.info.residual_norm,
+        (theta, phi), info = self.finish((theta, phi), tally.counts, out.info.residual_norm,
                                          (out.info.status, c_info.status, up_status, low_status))
         return StableState(state.header.next(theta, phi, upper_state, lower_state), out.state, c_state), info
 
@@ -127,14 +126,16 @@ class StableTracked(Composed):
     def update(self, state: TrackedState, data):
         p, k = self.problem, state.count
         batches = self.batches(state, data)
-        h_now, j_now = oracles.lower_hessian_blocks(p, state.theta, state.phi, batches.lower)
-        h_old, j_old = oracles.lower_hessian_blocks(p, state.prev_theta, state.prev_phi, batches.lower)
+        with oracles.counting() as tally:
+            h_now, j_now = oracles.lower_hessian_blocks(p, state.theta, state.phi, batches.lower)
+            h_old, j_old = oracles.lower_hessian_blocks(p, state.prev_theta, state.prev_phi, batches.lower)
+            g_theta, g_phi = oracles.upper_grads(p, state.theta, state.phi, batches.upper)
+            g_low = oracles.lower_grad_phi(p, state.theta, state.phi, batches.lower)
         w = jnp.where(k > 0, 1.0 - self.tau, 0.0)
         hessian = project_spd(w * (state.hessian - h_old) + h_now, self.mu)
         cross = w * (state.cross - j_old) + j_now
         factor = jax.scipy.linalg.cho_factor(hessian)
 
-        g_theta, g_phi = oracles.upper_grads(p, state.theta, state.phi, batches.upper)
         theta_flat, unravel_theta = ravel_pytree(g_theta)
         b, unravel_phi = ravel_pytree(g_phi)
         v = jax.scipy.linalg.cho_solve(factor, b)
@@ -143,14 +144,12 @@ class StableTracked(Composed):
                                                    p.project)
         delta = ravel_pytree(otu.tree_sub(oracles.differentiable(theta), oracles.differentiable(state.theta)))[0]
         correction = unravel_phi(jax.scipy.linalg.cho_solve(factor, cross.T @ delta))
-        g_low = oracles.lower_grad_phi(p, state.theta, state.phi, batches.lower)
         phi, lower_state, low_status = apply_step(self.lower, state.phi, state.lower_opt_state, g_low, k)
         phi = eqx.apply_updates(phi, otu.tree_scale(-1.0, correction))
 
-        n_t, n_p = cross.shape
-        counts = OracleCounts.of(lower_grads=1, upper_grads=1, hvps=2 * n_p, cross=2 * n_t)
         residual = jnp.linalg.norm(h_now @ v - b)   # the step's sampled system at the tracked solution
-        (theta, phi, hessian), info = self.finish((theta, phi, hessian), counts, residual, (up_status, low_status))
+        (theta, phi, hessian), info = self.finish((theta, phi, hessian), tally.counts, residual,
+                                                  (up_status, low_status))
         return TrackedState(state.header.next(theta, phi, upper_state, lower_state), hessian, cross, state.theta,
                             state.phi, v), info
 

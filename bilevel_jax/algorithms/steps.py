@@ -2,13 +2,17 @@
 
     header = start(problem, samplers, theta0, phi0, key, data, upper=rule, lower=rule)  # init: the state's Header
     batches = draw_batches(samplers, data, key, count, lower_steps)      # draw batches
-    phi, s, counts = lower_phase(problem, rule, theta, phi, s, T, batches.lower_at)   # LL phase
-    ... evaluate a direction rule or `bj.hypergrad.implicit_direction` ...   # evaluate
+    with bj.oracles.counting() as tally:                                  # count the oracle calls
+        phi, s, _, status = lower_phase(problem, rule, theta, phi, s, T, batches.lower_at, count)  # LL phase
+        ... evaluate a direction rule or `bj.hypergrad.implicit_direction` ...   # evaluate
     theta, s, status = apply_step(rule, theta, s, direction, count, project)  # apply a step, project
-    trees, info = finish((theta, phi, v), counts, residual, statuses, check=...)  # counts, finiteness
+    trees, info = finish((theta, phi, v), tally.counts, residual, statuses, check=...)  # counts, finiteness
 
 `bilevel_loop` (every implicit-gradient preset) and `stable` are written with these and nothing
-private; a new method (extra variables, another order of steps) is another composition of them.
+private; a new method (extra variables, another order of steps) is another composition of them:
+a `Composed` subclass whose state is a `bj.algorithms.State` (its `Header` from `start`, then the
+method's own variables) and whose oracle counts are those the oracle functions record in the
+step's `bj.oracles.counting` block (no count is written by hand).
 
 A `StepRule` is how one variable moves: an optax transform, built inside the step from an array
 step size or a schedule Module (so the step size is a sweepable array field), or a whole optax
@@ -163,11 +167,13 @@ def draw_batches(samplers: Tuple[Sampler, Sampler], data, key: jax.Array, count,
 
 def lower_phase(problem: BilevelProblem, rule: StepRule, theta, phi, opt_state, steps: int,
                 batch_at: Callable, count) -> Tuple[PyTree, Any, OracleCounts, jax.Array]:
-    """`steps` LL steps of `rule` at fixed theta: `(phi, opt_state, counts, status)`."""
+    """`steps` LL steps of `rule` at fixed theta: `(phi, opt_state, counts, status)`, `counts` the
+    phase's oracle calls (`steps` LL gradients), which an open `bj.oracles.counting` block also gets."""
     if steps == 0:
         return phi, opt_state, OracleCounts.of(), st.ok()
-    phi, opt_state = run_lower_steps(problem, rule.build(), theta, phi, opt_state, steps, batch_at)
-    return phi, opt_state, OracleCounts.of(lower_grads=steps), rule.status(count)
+    with oracles.counting() as tally:
+        phi, opt_state = run_lower_steps(problem, rule.build(), theta, phi, opt_state, steps, batch_at)
+    return phi, opt_state, tally.counts, rule.status(count)
 
 
 _NONFINITE_AT_RECORDS = contextvars.ContextVar("bilevel_jax_nonfinite_at_records", default=False)

@@ -25,7 +25,7 @@ from jax.flatten_util import ravel_pytree
 from bilevel_jax import oracles
 from bilevel_jax._checks import as_array, check_positive_int, check_step_size
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Header, OracleCounts, State, step_key
+from bilevel_jax.algorithms.base import Header, State, step_key
 from bilevel_jax.algorithms.constrained import lower_projection, project_rule
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
 from bilevel_jax.algorithms.steps import SOLVER_STREAM, Composed, apply_step
@@ -82,15 +82,15 @@ class PZOBO(Composed):
                                              self.lower_steps, batches.lower_at)
             return oracles.differentiable(phi), opt_state
 
-        y_n, lower_state = unrolled(theta_d)
-        phi = eqx.combine(y_n, phi_s)
-        g_theta, g_phi = oracles.upper_grads(p, state.theta, phi, batches.upper)
         u = draw_directions(step_key(state.key, k, SOLVER_STREAM), theta_d, self.num_directions, self.directions)
-        jac_t_w, _ = oracles.gaussian_jacobian_transpose(lambda t: unrolled(t)[0], theta_d, g_phi, u, self.mu, y_n)
+        with oracles.counting() as tally:
+            y_n, lower_state = unrolled(theta_d)
+            phi = eqx.combine(y_n, phi_s)
+            g_theta, g_phi = oracles.upper_grads(p, state.theta, phi, batches.upper)
+            jac_t_w, _ = oracles.gaussian_jacobian_transpose(lambda t: unrolled(t)[0], theta_d, g_phi, u, self.mu, y_n)
         d = jax.tree_util.tree_map(jnp.add, g_theta, jac_t_w)
         theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state, d, k, p.project)
-        counts = OracleCounts.of(lower_grads=self.lower_steps * (self.num_directions + 1), upper_grads=1)
-        (theta, phi), info = self.finish((theta, phi), counts, jnp.nan, (up_status, self.lower.status(k)))
+        (theta, phi), info = self.finish((theta, phi), tally.counts, jnp.nan, (up_status, self.lower.status(k)))
         return PzoboState(state.header.next(theta, phi, upper_state, lower_state)), info
 
 
