@@ -54,7 +54,7 @@ from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.cache import same_code
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts
+from bilevel_jax.algorithms.base import Algorithm, OracleCounts, header
 from bilevel_jax.algorithms.parallel import data_parallel
 from bilevel_jax.algorithms.steps import float_dtype, nonfinite_at_records
 
@@ -68,7 +68,7 @@ def _record(state, data, eval_fn, totals: OracleCounts, residual, status):
     clash = set(metrics) & set(_OWN_KEYS)
     if clash:
         raise ValueError(f"eval_fn metrics {sorted(clash)} clash with run's own history keys.")
-    rec = {"step": state.count, "residual_norm": residual, "finite": (status & st.NONFINITE) == 0, "status": status,
+    rec = {"step": header(state).count, "residual_norm": residual, "finite": (status & st.NONFINITE) == 0, "status": status,
            **totals._asdict()}
     rec.update({k: jnp.asarray(v) for k, v in metrics.items()})
     return rec
@@ -186,14 +186,15 @@ def raise_callback_errors(callback: Optional[Callable], fn: Callable, /, *args, 
 
 def _size(state) -> jax.Array:
     """||(theta, phi)||: the norm of the iterates' inexact leaves."""
-    return otu.tree_norm(oracles.differentiable((state.theta, state.phi)))
+    head = header(state)
+    return otu.tree_norm(oracles.differentiable((head.theta, head.phi)))
 
 
 def _growth(state, size):
     """(DIVERGING or OK, the reference size) after an outer step (module docstring): at step counts
     that are powers of two the iterates' norm is taken and compared with the reference, which it
     then replaces; between them nothing is computed (a `lax.cond`)."""
-    count = jnp.asarray(state.count)
+    count = jnp.asarray(header(state).count)
 
     def measure(reference):
         now = _size(state).astype(reference.dtype)
@@ -212,7 +213,8 @@ def _scan(alg, state, data, num_steps, eval_every, eval_fn, first_failure: bool 
     `first_failure`, every step is tested and the first failing one is tracked (`check=True`
     outside a trace, which names it); otherwise (-1, OK) is returned."""
     dynamic, static = eqx.partition(state, eqx.is_array)
-    float_nan = jnp.asarray(jnp.nan, float_dtype((state.theta, state.phi)))   # the run's precision
+    head = header(state)
+    float_nan = jnp.asarray(jnp.nan, float_dtype((head.theta, head.phi)))   # the run's precision
     no_bad = (jnp.asarray(-1, jnp.int32), st.ok())
 
     def inner(carry, _):
@@ -223,7 +225,7 @@ def _scan(alg, state, data, num_steps, eval_every, eval_fn, first_failure: bool 
         step_status = info.status | growth
         if first_failure:
             bad_now = (first_bad[0] < 0) & (step_status != st.OK)
-            first_bad = (jnp.where(bad_now, current.count, first_bad[0]),
+            first_bad = (jnp.where(bad_now, header(current).count, first_bad[0]),
                          jnp.where(bad_now, step_status, first_bad[1]))
         return (eqx.partition(new, eqx.is_array)[0], totals + info.oracles, status | step_status,
                 info.residual_norm.astype(residual.dtype), first_bad, size), None

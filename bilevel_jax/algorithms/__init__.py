@@ -14,7 +14,7 @@ import difflib
 from bilevel_jax.algorithms.parallel import DataParallel, data_parallel, preset_options, shard
 
 from bilevel_jax.algorithms import directions, estimators, steps
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts, StepInfo
+from bilevel_jax.algorithms.base import Algorithm, Header, OracleCounts, State, StepInfo
 from bilevel_jax.algorithms.capabilities import CAPABILITIES, TAGS, presets_with
 from bilevel_jax.algorithms.double_loop import aid_bio, alternating, amigo, ba, bsa, signsgd_ul, stocbio
 from bilevel_jax.algorithms.krylov import lancbio, subbio
@@ -80,7 +80,8 @@ def get(name: str):
     return globals()[name]
 
 
-__all__ = ["DataParallel", "data_parallel", "shard", "ALGORITHMS", "CAPABILITIES", "TAGS", "presets_with", "MIN_MAX", "MULTI_OBJECTIVE", "MMB", "Morbit", "mmb", "morbit", "Algorithm", "BilevelLoop", "FSLA", "FslaState", "LoopState", "OracleCounts", "Stable", "StableState", "StepInfo",
+__all__ = ["DataParallel", "data_parallel", "shard", "ALGORITHMS", "CAPABILITIES", "TAGS", "presets_with", "MIN_MAX", "MULTI_OBJECTIVE", "MMB", "Morbit", "mmb", "morbit", "Algorithm", "BilevelLoop", "FSLA", "FslaState", "Header", "LoopState", "OracleCounts", "Stable", "StableState",
+           "State", "StepInfo",
            "CDB", "CDBState", "bilevel_loop", "directions", "estimators", "get", "steps", "value_function",
            "PessimisticPenalty", "PessimisticState", "pessimistic_penalty", "KKT", "AmortizedKKT", "amortized_kkt",
            "bsg_constrained", "kkt", *sorted(ALGORITHMS)]

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from bilevel_jax import oracles
-from bilevel_jax.algorithms.base import Algorithm, Wrapper
+from bilevel_jax.algorithms.base import Algorithm, State, Wrapper
 from bilevel_jax.algorithms.parallel import replace_parts
 from bilevel_jax.algorithms.steps import StepRule
 from bilevel_jax.sampling import full, num_samples
@@ -185,16 +185,14 @@ def _full_batch(alg: Algorithm, data) -> Algorithm:
     return jax.tree_util.tree_map(_constant, alg, is_leaf=lambda x: isinstance(x, StepRule))
 
 
-class NormalizedState(NamedTuple):
-    """The wrapped algorithm's state and the objectives' factors found at `init`."""
+class NormalizedState(State):
+    """The wrapped algorithm's state (its header is this state's) and the objectives' factors found
+    at `init`."""
 
-    inner: Any
+    inner: State
     scales: Scales
 
-    theta = property(lambda self: self.inner.theta)
-    phi = property(lambda self: self.inner.phi)
-    count = property(lambda self: self.inner.count)
-    key = property(lambda self: self.inner.key)
+    header = property(lambda self: self.inner.header)
     v = property(lambda self: getattr(self.inner, "v", None))
 
 

@@ -31,7 +31,7 @@ problem is within O(1/lambda) (O(1/gamma)) of it; the augmented Lagrangian at a 
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, Optional
 
 import equinox as eqx
 import jax
@@ -41,14 +41,13 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax._checks import as_array, check_in_range, check_positive_int, check_step_size
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts
+from bilevel_jax.algorithms.base import Header, State
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
-from bilevel_jax.algorithms.steps import (StepRule, apply_step, check_data, draw_batches, finish, float_dtype,
-                                          init_rule, start)
+from bilevel_jax.algorithms.steps import Composed, apply_step, float_dtype
 from bilevel_jax.algorithms.value_function import PenaltyRamp, PenaltySchedule, ValueFunction, penalty_ramp, value_function
 from bilevel_jax.linear_solvers import fail_where
 from bilevel_jax.problem import BilevelProblem, check_problem
-from bilevel_jax.sampling import Full, Sampler
+from bilevel_jax.sampling import Full
 
 PyTree = Any
 
@@ -103,73 +102,60 @@ def log_barrier(problem: BilevelProblem, mu) -> BilevelProblem:
     return BilevelProblem(problem.f_upper, f_lower, problem.project_upper)
 
 
-class GradientPenaltyState(NamedTuple):
-    theta: PyTree
-    phi: PyTree
-    count: Any
-    key: Any
-    upper_opt_state: Any
-    lower_opt_state: Any
+class GradientPenaltyState(State):
+    header: Header
     multiplier: Any = None   # mu, shaped like phi's array part (zeros for G-PBGD)
 
 
-class GradientPenalty(Algorithm):
+class GradientPenalty(Composed):
     """Joint step on the augmented Lagrangian f_upper + <mu, c> + (gamma_k / 2) ||c||^2 of
     c = grad_phi f_lower = 0, mu <- mu + dual_lr c (module docstring): `optimality_penalty`;
     G-PBGD without the multiplier (`dual_lr` None: mu stays 0); EBSA with c the gradient of the
     log-barrier LL (`barrier`, `ebsa`)."""
 
-    problem: BilevelProblem = eqx.field(static=True)
-    upper: StepRule
-    lower: StepRule
     penalty: PenaltyRamp
-    samplers: Tuple[Sampler, Sampler] = eqx.field(static=True)
     mode: str = eqx.field(static=True, default="rev")
-    check: bool = eqx.field(static=True, default=False)
     dual_lr: Any = None      # sigma (None: G-PBGD, no multiplier)
-    name: str = eqx.field(static=True, default="pbgd")
     barrier: Optional["BarrierWeight"] = None   # EBSA: c = grad_phi of the log-barrier LL (module docstring)
+    name: str = eqx.field(static=True, default="pbgd", kw_only=True)
 
     @property
     def handles_constraints(self) -> bool:
         return self.barrier is not None   # the LL's inequalities enter through the barrier
 
     def init(self, theta0, phi0, key, data=None) -> GradientPenaltyState:
-        theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
-        return GradientPenaltyState(theta0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
-                                    init_rule(self.lower, phi0), otu.tree_zeros_like(oracles.differentiable(phi0)))
+        return GradientPenaltyState(self.start(theta0, phi0, key, data),
+                                    otu.tree_zeros_like(oracles.differentiable(phi0)))
 
     def update(self, state: GradientPenaltyState, data):
-        check_data(data, self.samplers)
         k = state.count
         p = self.problem if self.barrier is None else log_barrier(self.problem, self.barrier(k))
         stochastic = not isinstance(self.samplers[1], Full)
-        batches = draw_batches(self.samplers, data, state.key, k, lower_steps=int(stochastic))
-        g_theta, g_phi = oracles.upper_grads(p, state.theta, state.phi, batches.upper)
-        lin = oracles.linearize_lower(p, state.theta, state.phi, batches.lower, self.mode)
-        # grad of (1/2) ||grad_phi f_lower||^2 = (J grad_phi f_lower, A grad_phi f_lower); with minibatches
-        # grad_phi f_lower from an independent batch (module docstring: unbiased product)
-        g_lower = (oracles.lower_grad_phi(p, state.theta, state.phi, batches.lower_at(0)) if stochastic
-                   else lin.grad_phi)
-        gamma = jnp.asarray(self.penalty(k), float_dtype((state.theta, state.phi)))
-        # (J w, A w) with w = mu + gamma grad_phi f_lower: the gradient of <mu, c> + (gamma / 2) ||c||^2
-        a_w, j_w = lin.hvp_and_cross(otu.tree_add_scale(state.multiplier, gamma, g_lower))
+        batches = self.batches(state, data, lower_steps=int(stochastic))
+        with oracles.counting() as tally:
+            g_theta, g_phi = oracles.upper_grads(p, state.theta, state.phi, batches.upper)
+            lin = oracles.linearize_lower(p, state.theta, state.phi, batches.lower, self.mode)
+            c = lin.gradient()
+            # grad of (1/2) ||grad_phi f_lower||^2 = (J grad_phi f_lower, A grad_phi f_lower); with minibatches
+            # grad_phi f_lower from an independent batch (module docstring: unbiased product)
+            g_lower = oracles.lower_grad_phi(p, state.theta, state.phi, batches.lower_at(0)) if stochastic else c
+            gamma = jnp.asarray(self.penalty(k), float_dtype((state.theta, state.phi)))
+            # (J w, A w) with w = mu + gamma grad_phi f_lower: the gradient of <mu, c> + (gamma / 2) ||c||^2
+            a_w, j_w = lin.hvp_and_cross(otu.tree_add_scale(state.multiplier, gamma, g_lower))
         theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state,
                                                    otu.tree_add(g_theta, j_w), k, p.project)
         phi, lower_state, low_status = apply_step(self.lower, state.phi, state.lower_opt_state,
                                                   otu.tree_add(g_phi, a_w), k)
         multiplier = (state.multiplier if self.dual_lr is None
-                      else otu.tree_add_scale(state.multiplier, self.dual_lr, lin.grad_phi))
+                      else otu.tree_add_scale(state.multiplier, self.dual_lr, c))
         if self.barrier is not None:   # out of the barrier's domain P < 0 (where its value is NaN): NaN, loudly
             ineq, _ = oracles.constraint_values(self.problem, theta, phi)
             outside = jnp.any(jnp.stack([jnp.any(c >= 0) for c in jax.tree_util.tree_leaves(ineq)]))
             phi = eqx.combine(fail_where(outside, oracles.differentiable(phi)),
                               eqx.filter(phi, eqx.is_inexact_array, inverse=True))
-        counts = OracleCounts.of(lower_grads=1 + int(stochastic), upper_grads=1, hvps=1, cross=1)
-        (theta, phi, multiplier), info = finish((theta, phi, multiplier), counts, otu.tree_norm(lin.grad_phi),
-                                                (up_status, low_status), check=self.check,
-                                                where=f"{self.name} outer step")
-        return GradientPenaltyState(theta, phi, k + 1, state.key, upper_state, lower_state, multiplier), info
+        (theta, phi, multiplier), info = self.finish((theta, phi, multiplier), tally.counts, otu.tree_norm(c),
+                                                     (up_status, low_status))
+        return GradientPenaltyState(state.header.next(theta, phi, upper_state, lower_state), multiplier), info
 
 
 def pbgd(problem: BilevelProblem, *, penalty: str = "value", upper_lr=0.1, lower_lr=None, inner_lr=None,
@@ -212,7 +198,7 @@ def pbgd(problem: BilevelProblem, *, penalty: str = "value", upper_lr=0.1, lower
                              "||grad_y g||^2 vanishes at unconstrained LL minima only; use penalty='value' "
                              "(projected steps) on a constrained lower level.")
         return GradientPenalty(problem, rule("upper_lr", upper_lr, upper_opt), rule("lower_lr", lower_lr, lower_opt),
-                               ramp, make_samplers(batch_size, sampler), mode, check)
+                               make_samplers(batch_size, sampler), ramp, mode, check=check)
 
 
 def optimality_penalty(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, upper_opt=None, lower_opt=None,
@@ -246,8 +232,8 @@ def optimality_penalty(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, 
         ramp = penalty_ramp(penalty, penalty_rate, 1.0, penalty_max)
         lower_lr = upper_lr if (lower_lr is None and lower_opt is None) else lower_lr
         return GradientPenalty(problem, rule("upper_lr", upper_lr, upper_opt), rule("lower_lr", lower_lr, lower_opt),
-                               ramp, make_samplers(batch_size, sampler), mode, check, as_array(sigma),
-                               "optimality_penalty")
+                               make_samplers(batch_size, sampler), ramp, mode, as_array(sigma), check=check,
+                               name="optimality_penalty")
 
 
 def ebsa(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, upper_opt=None, lower_opt=None, penalty=1.0,
@@ -302,8 +288,8 @@ def ebsa(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, upper_opt=None
         ramp = penalty_ramp(penalty, penalty_rate, 1.0, penalty_max)
         lower_lr = upper_lr if (lower_lr is None and lower_opt is None) else lower_lr
         return GradientPenalty(problem, rule("upper_lr", upper_lr, upper_opt), rule("lower_lr", lower_lr, lower_opt),
-                               ramp, make_samplers(batch_size, sampler), mode, check, as_array(sigma), "ebsa",
-                               weight)
+                               make_samplers(batch_size, sampler), ramp, mode, as_array(sigma), weight, check=check,
+                               name="ebsa")
 
 
 __all__ = ["BarrierWeight", "GradientPenalty", "GradientPenaltyState", "ebsa", "f2sa", "log_barrier",

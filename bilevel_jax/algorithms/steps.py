@@ -1,13 +1,18 @@
 """Public step primitives: the pieces an outer iteration is composed of.
 
+    header = start(problem, samplers, theta0, phi0, key, data, upper=rule, lower=rule)  # init: the state's Header
     batches = draw_batches(samplers, data, key, count, lower_steps)      # draw batches
-    phi, s, counts = lower_phase(problem, rule, theta, phi, s, T, batches.lower_at)   # LL phase
-    ... evaluate a direction rule or `bj.hypergrad.implicit_direction` ...   # evaluate
+    with bj.oracles.counting() as tally:                                  # count the oracle calls
+        phi, s, _, status = lower_phase(problem, rule, theta, phi, s, T, batches.lower_at, count)  # LL phase
+        ... evaluate a direction rule or `bj.hypergrad.implicit_direction` ...   # evaluate
     theta, s, status = apply_step(rule, theta, s, direction, count, project)  # apply a step, project
-    trees, info = finish((theta, phi, v), counts, residual, statuses, check=...)  # counts, finiteness
+    trees, info = finish((theta, phi, v), tally.counts, residual, statuses, check=...)  # counts, finiteness
 
 `bilevel_loop` (every implicit-gradient preset) and `stable` are written with these and nothing
-private; a new method (extra variables, another order of steps) is another composition of them.
+private; a new method (extra variables, another order of steps) is another composition of them:
+a `Composed` subclass whose state is a `bj.algorithms.State` (its `Header` from `start`, then the
+method's own variables) and whose oracle counts are those the oracle functions record in the
+step's `bj.oracles.counting` block (no count is written by hand).
 
 A `StepRule` is how one variable moves: an optax transform, built inside the step from an array
 step size or a schedule Module (so the step size is a sweepable array field), or a whole optax
@@ -29,7 +34,7 @@ import optax
 from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax._checks import as_array, check_step_size
-from bilevel_jax.algorithms.base import OracleCounts, StepInfo, check_key
+from bilevel_jax.algorithms.base import Algorithm, Header, OracleCounts, StepInfo, check_key
 from bilevel_jax.constraints import projected
 from bilevel_jax.lower import lower_steps as run_lower_steps
 from bilevel_jax.problem import BilevelProblem, check_data_pair
@@ -177,11 +182,13 @@ def draw_batches(samplers: Tuple[Sampler, Sampler], data, key: jax.Array, count,
 def lower_phase(problem: BilevelProblem, rule: StepRule, theta, phi, opt_state, steps: int,
                 batch_at: Callable, count) -> Tuple[PyTree, Any, OracleCounts, jax.Array]:
     """`steps` LL steps of `rule` at fixed theta (projected onto Phi(theta) when the rule is):
-    `(phi, opt_state, counts, status)`."""
+    `(phi, opt_state, counts, status)`, `counts` the
+    phase's oracle calls (`steps` LL gradients), which an open `bj.oracles.counting` block also gets."""
     if steps == 0:
         return phi, opt_state, OracleCounts.of(), st.ok()
-    phi, opt_state = run_lower_steps(problem, rule.build(theta), theta, phi, opt_state, steps, batch_at)
-    return phi, opt_state, OracleCounts.of(lower_grads=steps), rule.status(count)
+    with oracles.counting() as tally:
+        phi, opt_state = run_lower_steps(problem, rule.build(theta), theta, phi, opt_state, steps, batch_at)
+    return phi, opt_state, tally.counts, rule.status(count)
 
 
 _NONFINITE_AT_RECORDS = contextvars.ContextVar("bilevel_jax_nonfinite_at_records", default=False)
@@ -207,15 +214,46 @@ def check_data(data, samplers: Tuple[Sampler, Sampler]) -> None:
         check_fits(s, d, name)
 
 
-def start(problem: BilevelProblem, samplers: Tuple[Sampler, Sampler], theta0, phi0, key, data=None):
-    """The checks every `init` makes before building a state: a PRNG key, data the samplers fit
-    and the objectives accept (when `data` is given); returns P_Theta(theta0)."""
+def start(problem: BilevelProblem, samplers: Tuple[Sampler, Sampler], theta0, phi0, key, data=None, *,
+          upper: Optional[StepRule], lower: Optional[StepRule]) -> Header:
+    """The checks every `init` makes before building a state (a PRNG key, data the samplers fit
+    and the objectives accept, when `data` is given) and the state's `Header`: P_Theta(theta0),
+    phi0, count 0, the key and the optax states of the step rules `upper` (theta) and `lower`
+    (phi; None when phi has no rule)."""
     check_key(key)
     theta0 = problem.project(theta0)
     if data is not None:
         check_data(data, samplers)
         problem.validate(theta0, phi0, data)
-    return theta0
+    return Header(theta0, phi0, jnp.zeros((), jnp.int32), key, init_rule(upper, theta0), init_rule(lower, phi0))
+
+
+class Composed(Algorithm):
+    """Base of the algorithms composed of these primitives: their problem, the step rules of theta
+    (`upper`) and phi (`lower`; None when phi has no rule), the (upper, lower) samplers, and as
+    keywords `check` (raise under jit when a step's status is not OK) and `name` (the method, in
+    error messages). `start`, `batches` and `finish` are `start`, `check_data` + `draw_batches`
+    and `finish` with these."""
+
+    problem: BilevelProblem = eqx.field(static=True)
+    upper: StepRule
+    lower: Optional[StepRule]
+    samplers: Tuple[Sampler, Sampler] = eqx.field(static=True)
+    check: bool = eqx.field(static=True, default=False, kw_only=True)
+    name: str = eqx.field(static=True, default="algorithm", kw_only=True)
+
+    def start(self, theta0, phi0, key, data=None) -> Header:
+        """The init checks and the state's `Header` (`start`)."""
+        return start(self.problem, self.samplers, theta0, phi0, key, data, upper=self.upper, lower=self.lower)
+
+    def batches(self, state, data, lower_steps: int = 0) -> Batches:
+        """The batches of the outer iteration at `state.count`, after checking `data`."""
+        check_data(data, self.samplers)
+        return draw_batches(self.samplers, data, state.key, state.count, lower_steps)
+
+    def finish(self, trees: Tuple, counts: OracleCounts, residual_norm, statuses=()) -> Tuple[Tuple, StepInfo]:
+        """`finish` of an outer step of this algorithm."""
+        return finish(trees, counts, residual_norm, statuses, check=self.check, where=f"{self.name} outer step")
 
 
 def finish(trees: Tuple, counts: OracleCounts, residual_norm, statuses=(), *, check: bool = False,
@@ -244,6 +282,6 @@ def float_dtype(trees):
     return leaves[0].dtype if leaves else jnp.result_type(float)
 
 
-__all__ = ["check_data", "float_dtype", "start", "Batches", "Rule", "StepRule", "apply_step", "as_rule", "draw_batches", "finish", "init_rule", "lower_phase",
+__all__ = ["check_data", "float_dtype", "start", "Batches", "Composed", "Rule", "StepRule", "apply_step", "as_rule", "draw_batches", "finish", "init_rule", "lower_phase",
            "nonfinite_at_records", "step_rule",
            "LOWER_STREAM", "PHASE_UPPER_STREAM", "SOLVER_STREAM", "UPPER_STREAM"]

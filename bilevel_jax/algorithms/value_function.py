@@ -54,8 +54,9 @@ solution is reached as without constraints: a flat LL coordinate left to the UL 
 within Phi (the tests' box with a flat coordinate, closed form).
 
 Oracles per outer step: T tracker LL gradients (+ `phi_steps` LL and UL gradients), then one UL
-gradient at (theta, phi) and two LL value-and-gradient passes, at (theta, phi) and (theta, z);
-the two LL values are counted (`values`) when the multiplier uses q. No Hessian-vector product.
+gradient at (theta, phi) and two LL gradient passes, at (theta, phi) and (theta, z), which return
+the two LL values (counted, `values`) when the multiplier uses q (else the state's `gap`
+diagnostic is None). No Hessian-vector product.
 """
 from __future__ import annotations
 
@@ -70,14 +71,12 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax._checks import as_array, check_in_range, check_positive_int, check_step_size
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts
+from bilevel_jax.algorithms.base import Header, State
 from bilevel_jax.algorithms.constrained import lower_projection, project_rule
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
-from bilevel_jax.algorithms.steps import (StepRule, apply_step, check_data, draw_batches,
-                                          finish, float_dtype, init_rule, lower_phase, start)
+from bilevel_jax.algorithms.steps import Composed, StepRule, apply_step, float_dtype, init_rule, lower_phase
 from bilevel_jax.lower import lower_steps as run_lower_steps
 from bilevel_jax.problem import BilevelProblem, check_problem
-from bilevel_jax.sampling import Sampler
 
 PyTree = Any
 
@@ -109,7 +108,8 @@ def penalty_ramp(start, rate=0.0, power=1.0, cap=jnp.inf) -> PenaltyRamp:
 # ----------------------------------------------------------------------------------- multipliers
 
 class Gap(NamedTuple):
-    """The constraint at (theta, phi): q, grad q (theta- and phi-parts), grad f_upper."""
+    """The constraint at (theta, phi): q (None when the multiplier does not use it), grad q (theta- and
+    phi-parts), grad f_upper."""
     q: jax.Array
     grad_q: Tuple[PyTree, PyTree]
     grad_f: Tuple[PyTree, PyTree]
@@ -230,18 +230,13 @@ class SmoothingControl(Multiplier):
 
 # ----------------------------------------------------------------------------------- the algorithm
 
-class ValueFunctionState(NamedTuple):
-    theta: PyTree
-    phi: PyTree
+class ValueFunctionState(State):
+    header: Header
     z: PyTree            # the tracker of argmin_z f_lower(theta, z) (+ a1/2 ||z||^2)
-    count: Any
-    key: Any
-    upper_opt_state: Any
-    lower_opt_state: Any
     tracker_opt_state: Any
     multiplier: Any      # DualAscent's lambda (None otherwise)
     penalty: Any         # the last lambda used (a diagnostic)
-    gap: Any             # the last q(theta, phi) (a diagnostic)
+    gap: Any             # the last q(theta, phi) (a diagnostic; None when the multiplier does not use q)
 
 
 def _smoothed(problem: BilevelProblem, a1) -> BilevelProblem:
@@ -251,40 +246,39 @@ def _smoothed(problem: BilevelProblem, a1) -> BilevelProblem:
     return BilevelProblem(problem.f_upper, f_lower, problem.project_upper)
 
 
-class ValueFunction(Algorithm):
+class ValueFunction(Composed):
     """See the module docstring; build with a preset (bome, pdbo, vf_penalty, f2sa, pbgd)."""
 
-    problem: BilevelProblem = eqx.field(static=True)
-    upper: StepRule
-    lower: StepRule
     tracker: StepRule
     multiplier: Multiplier
     smoothing: Tuple[jax.Array, jax.Array]     # (a1, a2) of eq. (26)
-    samplers: Tuple[Sampler, Sampler] = eqx.field(static=True)
     tracker_steps: int = eqx.field(static=True, default=10)
     restart_tracker: bool = eqx.field(static=True, default=False)   # z starts at phi every step (BOME)
     phi_steps: int = eqx.field(static=True, default=0)              # F2SA's inner phi steps
     scale_upper: bool = eqx.field(static=True, default=False)       # d = (grad f + lambda grad q) / s (V-PBGD)
     smooth: bool = eqx.field(static=True, default=False)
-    check: bool = eqx.field(static=True, default=False)
-    name: str = eqx.field(static=True, default="value_function")
+    name: str = eqx.field(static=True, default="value_function", kw_only=True)
     # a constrained LL is handled by projected phi / tracker step rules (`value_function` builds them,
     # and refuses a constrained problem it has no projection for)
     handles_constraints: ClassVar[bool] = True
 
     def init(self, theta0, phi0, key, data=None) -> ValueFunctionState:
-        theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
-        zero = jnp.zeros((), float_dtype((theta0, phi0)))
-        return ValueFunctionState(theta0, phi0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
-                                  init_rule(self.lower, phi0), init_rule(self.tracker, phi0), self.multiplier.init(),
-                                  zero, zero)
+        head = self.start(theta0, phi0, key, data)
+        zero = jnp.zeros((), float_dtype((head.theta, phi0)))
+        return ValueFunctionState(head, phi0, init_rule(self.tracker, phi0), self.multiplier.init(), zero,
+                                  zero if self.multiplier.needs_value else None)
 
     def _tracked(self, a):
         return _smoothed(self.problem, a[0]) if self.smooth else self.problem
 
     def _gap(self, theta, phi, z, batches, a) -> Tuple[Gap, Any]:
+        """The gap at (theta, phi) and the tracker z; q itself (two LL values) only when the multiplier
+        uses it, None otherwise (the gradients come without the values)."""
         p = self.problem
         g_theta, g_phi = oracles.upper_grads(p, theta, phi, batches.upper)
+        if not self.multiplier.needs_value:
+            (gx_y, gy_y), (gx_z, _) = (oracles.lower_grads(p, theta, x, batches.lower) for x in (phi, z))
+            return Gap(None, (otu.tree_sub(gx_y, gx_z), gy_y), (g_theta, g_phi))
         value_y, (gx_y, gy_y) = oracles.lower_value_and_grads(p, theta, phi, batches.lower)
         value_z, (gx_z, _) = oracles.lower_value_and_grads(p, theta, z, batches.lower)
         if self.smooth:
@@ -294,35 +288,33 @@ class ValueFunction(Algorithm):
 
     def _phi_steps(self, theta, phi, opt_state, lam, batches):
         """F2SA's inner loop on phi: phi <- phi - beta (grad_phi f_upper + lambda grad_phi f_lower)."""
-        penalised = BilevelProblem(self.problem.f_upper,
+        penalised = oracles.PenalisedLower(self.problem.f_upper,
                                    lambda t, y, b: self.problem.f_upper(t, y, batches.upper) + lam * self.problem.f_lower(t, y, b))
         return run_lower_steps(penalised, self.lower.build(theta), theta, phi, opt_state, self.phi_steps, batches.lower_at)
 
     def update(self, state: ValueFunctionState, data):
-        check_data(data, self.samplers)
         k = state.count
         dtype = float_dtype((state.theta, state.phi))   # the run's precision (lambda must not promote it)
-        batches = draw_batches(self.samplers, data, state.key, k, self.tracker_steps)
+        batches = self.batches(state, data, self.tracker_steps)
         a = self.multiplier.smoothing(state.multiplier, self.smoothing)
         # 1. the tracker z ~ argmin f_lower(theta_k, .) (+ a1/2 ||.||^2), T steps
         z0 = state.phi if self.restart_tracker else state.z
         z_opt = init_rule(self.tracker, z0) if self.restart_tracker else state.tracker_opt_state
-        z, z_opt, counts, z_status = lower_phase(self._tracked(a), self.tracker, state.theta, z0, z_opt,
-                                                 self.tracker_steps, batches.lower_at, k)
-        phi, lower_state, statuses = state.phi, state.lower_opt_state, [z_status]
-        # 2. (F2SA) T steps of phi on the penalised objective at fixed theta, lambda_k from the schedule
-        if self.phi_steps:
-            phi, lower_state = self._phi_steps(state.theta, phi, lower_state,
-                                               jnp.asarray(self.multiplier.ramp(k), dtype), batches)
-            counts = counts + OracleCounts.of(lower_grads=self.phi_steps, upper_grads=self.phi_steps)
-            statuses.append(self.lower.status(k))
-        # 3. the gap, the multiplier and the direction at (theta_k, phi, z)
-        gap = self._gap(state.theta, phi, z, batches, a)
+        with oracles.counting() as tally:
+            z, z_opt, _, z_status = lower_phase(self._tracked(a), self.tracker, state.theta, z0, z_opt,
+                                                self.tracker_steps, batches.lower_at, k)
+            phi, lower_state, statuses = state.phi, state.lower_opt_state, [z_status]
+            # 2. (F2SA) T steps of phi on the penalised objective at fixed theta, lambda_k from the schedule
+            if self.phi_steps:
+                phi, lower_state = self._phi_steps(state.theta, phi, lower_state,
+                                                   jnp.asarray(self.multiplier.ramp(k), dtype), batches)
+                statuses.append(self.lower.status(k))
+            # 3. the gap, the multiplier and the direction at (theta_k, phi, z)
+            gap = self._gap(state.theta, phi, z, batches, a)
         lam = jnp.asarray(self.multiplier.value(state.multiplier, gap, k), dtype)
         d = otu.tree_add_scale(gap.grad_f, lam, gap.grad_q)
         if self.scale_upper:
             d = otu.tree_scale(1.0 / jnp.asarray(self.multiplier.scale(state.multiplier, lam), dtype), d)
-        counts = counts + OracleCounts.of(lower_grads=2, upper_grads=1, values=2 * int(self.multiplier.needs_value))
         # 4. steps: theta (projected), phi (joint step unless F2SA moved it already), the dual variable
         theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state, d[0], k,
                                                    self.problem.project)
@@ -335,11 +327,10 @@ class ValueFunction(Algorithm):
             new_point, old_point = oracles.differentiable((theta, phi)), oracles.differentiable((state.theta, state.phi))
             moved = otu.tree_norm(otu.tree_sub(new_point, old_point))
         multiplier = self.multiplier.advance(state.multiplier, gap, k, moved)
-        (theta, phi, z), info = finish((theta, phi, z), counts, jnp.nan, statuses, check=self.check,
-                                       where=f"{self.name} outer step")
-        new = ValueFunctionState(theta, phi, z, k + 1, state.key, upper_state, lower_state, z_opt, multiplier,
-                                 lam, jnp.asarray(gap.q, dtype))
-        return new, info
+        (theta, phi, z), info = self.finish((theta, phi, z), tally.counts, jnp.nan, statuses)
+        q = None if gap.q is None else jnp.asarray(gap.q, dtype)
+        return ValueFunctionState(state.header.next(theta, phi, upper_state, lower_state), z, z_opt, multiplier, lam,
+                                  q), info
 
 
 def _rule(name, lr, opt) -> StepRule:
@@ -381,9 +372,9 @@ def value_function(problem: BilevelProblem, *, multiplier: Multiplier, upper_lr=
             for n, val in zip(("smoothing[0] (a1)", "smoothing[1] (a2)"), smoothing):
                 check_in_range(n, val, 0.0, float("inf"))
             a = (as_array(smoothing[0]), as_array(smoothing[1]))
-        return ValueFunction(problem, upper, lower, tracker, multiplier, a,
-                             make_samplers(batch_size, sampler), tracker_steps, restart_tracker, phi_steps,
-                             scale_upper, smoothing is not None, check, name)
+        return ValueFunction(problem, upper, lower, make_samplers(batch_size, sampler), tracker, multiplier, a,
+                             tracker_steps, restart_tracker, phi_steps, scale_upper, smoothing is not None, check=check,
+                             name=name)
 
 
 # ----------------------------------------------------------------------------------- presets

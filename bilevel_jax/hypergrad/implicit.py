@@ -61,7 +61,7 @@ def implicit_direction(problem: BilevelProblem, theta, phi, upper_batch, lower_b
     g_theta, b = oracles.upper_grads(problem, theta, phi, upper_batch)
     lin = oracles.linearize_lower(problem, theta, phi, lower_batch, mode)
     matvec = make_matvec(problem, theta, phi, lin, solver.stochastic, lower_sampler, mode)
-    _, state, info = solver.solve(matvec, b, solver_state, key)
+    _, state, info = oracles.solve(solver, matvec, b, solver_state, key)
     g = fail_where(info.status != st.OK, otu.tree_sub(g_theta, lin.cross(state.x)))
     return ImplicitDirection(g, state, info, lin)
 
