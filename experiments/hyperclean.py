@@ -54,7 +54,7 @@ from experiments.config import ConfigError, check_names, experiment_dir, seed_li
 from experiments.curves import (build_algorithm, cell_id, check_curves, check_metrics, check_problem,
                                 results_of, selected_labels)
 from experiments.plotting import METRIC_LABELS, Curve, plot_grid
-from experiments.results import ResultStore, environment, failure_text, failed_seeds, write_json
+from experiments.results import ResultStore, environment, failure_text, failed_seeds, fmt, write_json
 
 METRICS = ("test_accuracy", "test_loss", "residual", "downweighted", "val_loss")
 PROBLEM_KEYS = {"name": "hyperclean", "data": "fashion_mnist", "path": "", "corruption": 0.5, "n_train": 5000,
@@ -343,10 +343,6 @@ def curves_of(results: Dict[str, tuple], metrics) -> List[Curve]:
     return curves
 
 
-def _f(x, spec=".4f"):
-    return "-" if x is None or not np.isfinite(x) else format(x, spec)
-
-
 def _final_entry(h: dict, meta: dict) -> dict:
     """Failures, the final test accuracy (median and range over the surviving seeds), test loss and
     cost of one cell's history (a method's or a baseline's)."""
@@ -384,10 +380,10 @@ def summarize(cfg: dict, problem_cfg: dict, description: str, results: Dict[str,
         table[label] = entry
         rng = entry["test_accuracy_range"]
         rows.append(f"| {label} | {entry['failed']}/{entry['seeds']} {'diverged' if entry['failed'] else 'ok'} | "
-                    f"{_f(entry['test_accuracy'])} [{_f(rng[0]) if rng else '-'}, {_f(rng[1]) if rng else '-'}] | "
-                    f"{_f(entry['test_loss'])} | {_f(entry['downweighted'], '.3f')} | "
-                    f"{_f(entry['clean_below_half'], '.3f')} | {_f(entry['residual'], '.2e')} | {entry['steps']} | "
-                    f"{entry['run_s']:.1f} | {entry['ms_per_step']:.1f} | {_f(entry['compile_s'], '.1f')} | "
+                    f"{fmt(entry['test_accuracy'], '.4f')} [{fmt(rng[0], '.4f') if rng else '-'}, {fmt(rng[1], '.4f') if rng else '-'}] | "
+                    f"{fmt(entry['test_loss'], '.4f')} | {fmt(entry['downweighted'], '.3f')} | "
+                    f"{fmt(entry['clean_below_half'], '.3f')} | {fmt(entry['residual'], '.2e')} | {entry['steps']} | "
+                    f"{entry['run_s']:.1f} | {entry['ms_per_step']:.1f} | {fmt(entry['compile_s'], '.1f')} | "
                     f"{_hp(meta['hyperparameters'])} |")
     lines = [f"# {cfg.get('title') or cfg['name']}", "", description, "",
              "h(lambda) = validation cross-entropy of W*(lambda); sigmoid(lambda_i) weighs training sample i in the "
@@ -408,8 +404,8 @@ def summarize(cfg: dict, problem_cfg: dict, description: str, results: Dict[str,
                   "run (s) | ms/step |", "|---|---|---|---|---|---|---|---|"]
         for e in base_table.values():
             rng = e["test_accuracy_range"]
-            lines.append(f"| {e['label']} | {e['samples']} | {e['failed']}/{e['seeds']} | {_f(e['test_accuracy'])} "
-                         f"[{_f(rng[0]) if rng else '-'}, {_f(rng[1]) if rng else '-'}] | {_f(e['test_loss'])} | "
+            lines.append(f"| {e['label']} | {e['samples']} | {e['failed']}/{e['seeds']} | {fmt(e['test_accuracy'], '.4f')} "
+                         f"[{fmt(rng[0], '.4f') if rng else '-'}, {fmt(rng[1], '.4f') if rng else '-'}] | {fmt(e['test_loss'], '.4f')} | "
                          f"{e['steps']} | {e['run_s']:.1f} | {e['ms_per_step']:.1f} |")
         lines.append("")
         reference = base_table.get("corrupted", {}).get("test_accuracy")

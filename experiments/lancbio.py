@@ -40,7 +40,7 @@ import numpy as np
 from experiments.config import ConfigError, check_names, experiment_dir, seed_list
 from experiments.curves import build_algorithm, check_curves, check_metrics, check_problem, results_of
 from experiments.plotting import METRIC_LABELS, Curve, band, plot_grid
-from experiments.results import ResultStore, environment, write_json
+from experiments.results import ResultStore, environment, fmt, write_json
 
 METRICS = ("hypergrad_norm", "residual", "lower_grad_norm", "value")
 PROBLEM_KEYS = {"name": "lancbio_synthetic", "n": 200, "kappa": 1e3, "newton_steps": 6}
@@ -173,10 +173,6 @@ def _at_time(curve: Curve, metric: str, t: float) -> float:
     return float(med[max(idx, 0)])
 
 
-def _fmt(x: float) -> str:
-    return "nan" if not np.isfinite(x) else f"{x:.3g}"
-
-
 def summarize(cfg: dict, results: Dict[str, tuple], curves: List[Curve]) -> tuple:
     """(markdown, json) of the run: per algorithm the cost and the metrics, then the claims."""
     budget = min(float(c.x["time"][-1]) for c in curves)
@@ -198,8 +194,8 @@ def summarize(cfg: dict, results: Dict[str, tuple], curves: List[Curve]) -> tupl
                 entry[f"{m}_at_step_{int(common)}"] = float(med[max(at, 0)])
         table[c.label] = entry
         rows.append(f"| {c.label} | {entry['steps']} | {1e3 * entry['seconds_per_step']:.3f} | {hvps:.3f} | "
-                    f"{_fmt(entry.get('hypergrad_norm_at_budget', np.nan))} | {_fmt(entry.get('residual_at_budget', np.nan))} | "
-                    f"{_fmt(entry.get('hypergrad_norm_final', np.nan))} | {_fmt(entry.get('residual_final', np.nan))} | "
+                    f"{fmt(entry.get('hypergrad_norm_at_budget', np.nan))} | {fmt(entry.get('residual_at_budget', np.nan))} | "
+                    f"{fmt(entry.get('hypergrad_norm_final', np.nan))} | {fmt(entry.get('residual_final', np.nan))} | "
                     f"{'ok' if entry['status_ok'] else 'FAILED'} |")
     lines = [f"# {cfg.get('title') or cfg['name']}", "",
              f"Problem: {json.dumps(cfg['problem'])}; seeds {seed_list(cfg)}; medians over seeds.",
@@ -228,8 +224,8 @@ def _claims(kind: str, table: dict) -> List[str]:
             others = {k: v for k, v in vals.items() if k != name}
             runner = min(others, key=others.get) if others else None
             holds = best == name
-            out.append(f"\"LancBiO reaches {what}\" (at the common time budget): {name} {_fmt(vals[name])}, "
-                       f"best other {runner} {_fmt(others.get(runner, np.nan))} -> "
+            out.append(f"\"LancBiO reaches {what}\" (at the common time budget): {name} {fmt(vals[name])}, "
+                       f"best other {runner} {fmt(others.get(runner, np.nan))} -> "
                        f"{'holds' if holds else 'does not hold'} here.")
         common = min(v["steps"] for v in table.values())
         per_step = {k: v.get(f"residual_at_step_{common}", np.nan) for k, v in table.items()}
@@ -237,7 +233,7 @@ def _claims(kind: str, table: dict) -> List[str]:
         if finite:
             order = sorted(finite, key=finite.get)
             out.append(f"Per outer iteration instead of wall time (residual at step {common}, independent of the "
-                       f"timing): " + ", ".join(f"{k} {_fmt(finite[k])}" for k in order) + ".")
+                       f"timing): " + ", ".join(f"{k} {fmt(finite[k])}" for k in order) + ".")
         hv = lanc[name]["hvps_per_step"]
         out.append(f"\"HVPs average 1 + 1/m per outer step\": {name} made {hv:.3f} HVPs per step "
                    f"(m grows from m_start to m_max by the schedule).")
@@ -248,23 +244,23 @@ def _claims(kind: str, table: dict) -> List[str]:
         order = sorted(lanc, key=dim)
         res = [lanc[k]["residual_at_budget"] for k in order]
         mono = all(b <= a for a, b in zip(res, res[1:]))
-        pairs = ", ".join(f"m={dim(k)}: {_fmt(r)}" for k, r in zip(order, res))
+        pairs = ", ".join(f"m={dim(k)}: {fmt(r)}" for k, r in zip(order, res))
         out.append(f"\"Increases in m enhance the convergence of the residual norm\" (residual at the common "
                    f"time budget): {pairs} -> {'holds (monotone in m)' if mono else 'does not hold (not monotone in m)'} here.")
         common = min(v["steps"] for v in table.values())
         at_step = [lanc[k].get(f"residual_at_step_{common}", np.nan) for k in order]
         mono_step = all(b <= a for a, b in zip(at_step, at_step[1:]))
         out.append(f"The same per outer iteration (residual at step {common}, independent of the timing): "
-                   + ", ".join(f"m={dim(k)}: {_fmt(r)}" for k, r in zip(order, at_step))
+                   + ", ".join(f"m={dim(k)}: {fmt(r)}" for k, r in zip(order, at_step))
                    + f" -> {'monotone' if mono_step else 'not monotone'} in m.")
-        grads = ", ".join(f"m={dim(k)}: {_fmt(lanc[k]['hypergrad_norm_at_budget'])}" for k in order)
+        grads = ", ".join(f"m={dim(k)}: {fmt(lanc[k]['hypergrad_norm_at_budget'])}" for k in order)
         out.append(f"\"When m = 50, the estimate of v* is sufficiently accurate\" (||grad Phi|| at the budget): {grads}.")
         amigo = {k: v for k, v in table.items() if k not in lanc}
         if amigo:
             best = min(amigo, key=lambda k: amigo[k]["residual_at_budget"])
             lbest = min(lanc, key=lambda k: lanc[k]["residual_at_budget"])
-            out.append(f"Lowest residual at the budget: LancBiO {lbest} {_fmt(lanc[lbest]['residual_at_budget'])} vs "
-                       f"{best} {_fmt(amigo[best]['residual_at_budget'])}.")
+            out.append(f"Lowest residual at the budget: LancBiO {lbest} {fmt(lanc[lbest]['residual_at_budget'])} vs "
+                       f"{best} {fmt(amigo[best]['residual_at_budget'])}.")
     return out
 
 

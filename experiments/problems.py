@@ -1,4 +1,5 @@
-"""Problem factories by name: `build(problem_cfg)` -> `Setup` (problem, data, start, metrics).
+"""Problem factories by name: `build(problem_cfg)` -> `Workload` (a `bj.problems.Instance` and
+how the runs on it are measured).
 
     quadratic    bj.problems.quadratic_bilevel (closed forms: grad F, theta*, phi*(theta), F*)
     logreg_hpo   bj.problems.logistic_hpo on IJCNN1 (files or the IJCNN1-shaped generator),
@@ -8,9 +9,10 @@ The keys of a `[problem]` table are the fields of the problem's options dataclas
 (`QuadraticOptions`, `LogregOptions`); `check` builds the options, so an unknown key is a
 one-line ConfigError listing the valid ones, before any data are loaded.
 
-Metrics are pure functions `(state, data) -> scalar` of the iterates and the data (data is an
-argument, never a closure); only the requested ones are computed. Reference values (F*, h*) are
-computed once by `Setup.compute_reference` and passed to `Setup.make_eval`.
+Metrics are pure functions `(iterate, instance) -> scalar` of the recorded iterates
+(`experiments.sweep.Iterate`: theta, phi, v) and the instance (its data and arrays are arguments,
+never closures); only the requested ones are computed. Reference values (F*, h*) are computed once
+by `Workload.compute_reference` and passed to `Workload.make_eval`.
 """
 from __future__ import annotations
 
@@ -21,19 +23,19 @@ import jax
 import jax.numpy as jnp
 
 import bilevel_jax as bj
-from experiments.config import ConfigError, did_you_mean
+from bilevel_jax.problems import Instance
+from experiments.config import ConfigError, check_keywords
 
 
-class Setup(NamedTuple):
-    problem: bj.BilevelProblem
-    data: tuple
-    theta0: jax.Array
-    phi0: jax.Array
-    description: str                        # for titles and logs (says "synthetic" when it is)
-    synthetic: bool
+class Workload(NamedTuple):
+    """What a figure runs: the problem instance (`instance.description` names it in titles and
+    logs) and how the runs on it are measured."""
+
+    instance: Instance
+    synthetic: bool                         # the data are generated (titles say so)
     metric_names: tuple                     # what make_eval can record
     compute_reference: Callable[[], dict]   # -> JSON-able floats/lists (F*, h*, ...)
-    make_eval: Callable                     # (names, reference) -> eval_fn(state, data) -> dict
+    make_eval: Callable                     # (names, reference) -> eval_fn(iterate, instance) -> dict
     notes: str = ""                         # what the plotted quantities mean (written on the figure)
 
 
@@ -66,7 +68,7 @@ class QuadraticOptions:
     lower_hessian_noise: bool = True
 
 
-def quadratic(**options) -> Setup:
+def quadratic(**options) -> Workload:
     """The stochastic (finite-sum, `n_samples`; 0 = deterministic) quadratic bilevel problem;
     `options` are the fields of `QuadraticOptions`.
 
@@ -85,32 +87,30 @@ def quadratic(**options) -> Setup:
         upper, lower = data
         lower = dict(lower, H=jnp.broadcast_to(q.means["H"], lower["H"].shape))
         data = (upper, lower)
-    theta0 = q.theta0 + o.theta_shift
-    phi0 = q.phi0 + o.phi_shift
-
-    def compute_reference():
-        ts = q.theta_star()
-        return {"theta_star": [float(t) for t in ts], "value_star": float(q.value(ts))}
-
-    def make_eval(names, reference):
-        # the closed forms of bj.problems.quadratic_bilevel (the one place they are written)
-        ts = jnp.asarray(reference["theta_star"], theta0.dtype)
-        f_star = reference["value_star"]
-        fns = {
-            "grad_sq": lambda s, d: _sq(q.grad(s.theta)),
-            "value_gap": lambda s, d: q.value(s.theta) - f_star,
-            "value": lambda s, d: q.value(s.theta),
-            "theta_err": lambda s, d: _sq(s.theta - ts),
-            "lower_gap": lambda s, d: _sq(s.phi - q.phi_star(s.theta)),
-        }
-        return _select(fns, names)
-
     kind = f"{o.n_samples} samples" if o.n_samples else "deterministic"
     if o.n_samples and not o.lower_hessian_noise:
         kind += ", exact LL Hessians"
-    desc = f"quadratic bilevel (d_theta={o.dim_upper}, d_phi={o.dim_lower}, {kind})"
+    q = q._replace(data=data, theta0=q.theta0 + o.theta_shift, phi0=q.phi0 + o.phi_shift,
+                   description=f"quadratic bilevel (d_theta={o.dim_upper}, d_phi={o.dim_lower}, {kind})")
+
+    def compute_reference():
+        return {"theta_star": [float(t) for t in q.reference.theta], "value_star": float(q.reference.value)}
+
+    def make_eval(names, reference):
+        # the closed forms of bj.problems.quadratic_bilevel (the one place they are written)
+        ts = jnp.asarray(reference["theta_star"], q.theta0.dtype)
+        f_star = reference["value_star"]
+        fns = {
+            "grad_sq": lambda s, inst: _sq(inst.grad(s.theta)),
+            "value_gap": lambda s, inst: inst.value(s.theta) - f_star,
+            "value": lambda s, inst: inst.value(s.theta),
+            "theta_err": lambda s, inst: _sq(s.theta - ts),
+            "lower_gap": lambda s, inst: _sq(s.phi - inst.phi_star(s.theta)),
+        }
+        return _select(fns, names)
+
     notes = "F(theta) = f_upper(theta, phi*(theta)); grad F, F*, theta*, phi*(theta) in closed form"
-    return Setup(q.problem, data, theta0, phi0, desc, False, QUADRATIC_METRICS, compute_reference, make_eval, notes)
+    return Workload(q, False, QUADRATIC_METRICS, compute_reference, make_eval, notes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ class LogregOptions:
     theta_bounds: Optional[Sequence[float]] = (-12.0, 12.0)
 
 
-def logreg_hpo(**options) -> Setup:
+def logreg_hpo(**options) -> Workload:
     """Dagréou et al. 2022's hyperparameter selection (arXiv:2201.13409): logistic regression with one regulariser exp(theta_k)
     per feature (`bj.problems.logistic_hpo`); `options` are the fields of `LogregOptions`.
 
@@ -190,7 +190,11 @@ def logreg_hpo(**options) -> Setup:
     if o.theta_bounds:
         lo, hi = (float(b) for b in o.theta_bounds)
         problem = dataclasses.replace(problem, project_upper=lambda t: jnp.clip(t, lo, hi))
-    hpo = hpo._replace(theta0=problem.project(hpo.theta0 + o.theta_shift), problem=problem)
+    (Xv, _), (X, _) = raw
+    held = f", n_test={test[0].shape[0]}" if test else ""
+    hpo = hpo._replace(theta0=problem.project(hpo.theta0 + o.theta_shift), problem=problem,
+                       description=f"logistic HPO on {source}: n_train={X.shape[0]}, n_val={Xv.shape[0]}{held}, "
+                                   f"d={X.shape[1]}")
 
     def w_star(theta, phi, d):
         # warm start at the recorded phi, or at 0 when phi is worse (a diverged run)
@@ -198,10 +202,11 @@ def logreg_hpo(**options) -> Setup:
         start = jnp.where(problem.f_lower(theta, phi, d[1]) < problem.f_lower(theta, zero, d[1]), phi, zero)
         return lg.newton_phi_star(theta, d[1], phi0=start, newton_steps=o.eval_newton_steps)
 
-    def value(s, d):
-        return problem.f_upper(s.theta, w_star(s.theta, s.phi, d), d[0])
+    def value(s, inst):
+        return problem.f_upper(s.theta, w_star(s.theta, s.phi, inst.data), inst.data[0])
 
-    def grad_sq(s, d):
+    def grad_sq(s, inst):
+        d = inst.data
         g = lg.implicit_grad(jnp.broadcast_to(s.theta, s.phi.shape), w_star(s.theta, s.phi, d), d)
         return _sq(g.sum() if jnp.ndim(s.theta) == 0 else g)
 
@@ -209,7 +214,7 @@ def logreg_hpo(**options) -> Setup:
         X, y = batch
         return jnp.mean((y * (X @ w) <= 0).astype(X.dtype))
 
-    def no_test(s, d):
+    def no_test(s, inst):
         raise ConfigError("the test_* metrics need problem.test_fraction > 0.")
 
     bounds = tuple(float(b) for b in o.theta_bounds) if o.theta_bounds else None
@@ -221,27 +226,24 @@ def logreg_hpo(**options) -> Setup:
         h_star = reference["value_star"]
         fns = {
             "value": value,
-            "value_gap": lambda s, d: value(s, d) - h_star,
+            "value_gap": lambda s, inst: value(s, inst) - h_star,
             "grad_sq": grad_sq,
-            "val_loss": lambda s, d: problem.f_upper(s.theta, s.phi, d[0]),
-            "train_loss": lambda s, d: problem.f_lower(s.theta, s.phi, d[1]),
-            "lower_gap": lambda s, d: _sq(s.phi - w_star(s.theta, s.phi, d)),
-            "val_error": lambda s, d: error(s.phi, d[0]),
-            "test_loss": (lambda s, d: problem.f_upper(s.theta, s.phi, test)) if test else no_test,
-            "test_value": (lambda s, d: problem.f_upper(s.theta, w_star(s.theta, s.phi, d), test)) if test else no_test,
-            "test_error": (lambda s, d: error(s.phi, test)) if test else no_test,
+            "val_loss": lambda s, inst: problem.f_upper(s.theta, s.phi, inst.data[0]),
+            "train_loss": lambda s, inst: problem.f_lower(s.theta, s.phi, inst.data[1]),
+            "lower_gap": lambda s, inst: _sq(s.phi - w_star(s.theta, s.phi, inst.data)),
+            "val_error": lambda s, inst: error(s.phi, inst.data[0]),
+            "test_loss": (lambda s, inst: problem.f_upper(s.theta, s.phi, test)) if test else no_test,
+            "test_value": ((lambda s, inst: problem.f_upper(s.theta, w_star(s.theta, s.phi, inst.data), test))
+                           if test else no_test),
+            "test_error": (lambda s, inst: error(s.phi, test)) if test else no_test,
         }
         return _select(fns, names)
 
-    (Xv, _), (X, _) = raw
-    held = f", n_test={test[0].shape[0]}" if test else ""
-    desc = f"logistic HPO on {source}: n_train={X.shape[0]}, n_val={Xv.shape[0]}{held}, d={X.shape[1]}"
     d = int(jnp.size(hpo.theta0))
     box = f"the box [{bounds[0]:g}, {bounds[1]:g}]^{d} the runs project onto" if bounds else f"R^{d}"
     notes = (f"h(theta) = validation logistic loss of w*(theta) = argmin training loss + 1/2 sum_k exp(theta_k) w_k^2; "
              f"h* = min of h over {box} (L-BFGS-B, checked against every point a run reached)")
-    return Setup(problem, hpo.data, hpo.theta0, hpo.phi0, desc, synthetic, LOGREG_METRICS,
-                 compute_reference, make_eval, notes)
+    return Workload(hpo, synthetic, LOGREG_METRICS, compute_reference, make_eval, notes)
 
 
 def box_reference(hpo, bounds, steps: int = 200) -> dict:
@@ -286,24 +288,17 @@ def box_reference(hpo, bounds, steps: int = 200) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 
-PROBLEMS: Dict[str, Callable[..., Setup]] = {"quadratic": quadratic, "logreg_hpo": logreg_hpo}
+PROBLEMS: Dict[str, Callable[..., Workload]] = {"quadratic": quadratic, "logreg_hpo": logreg_hpo}
 OPTIONS: Dict[str, type] = {"quadratic": QuadraticOptions, "logreg_hpo": LogregOptions}
 METRICS: Dict[str, Tuple[str, ...]] = {"quadratic": QUADRATIC_METRICS, "logreg_hpo": LOGREG_METRICS}
 
 
 def options_of(name: str, options: dict):
-    """The options of problem `name` built from a table's keys; an unknown key is a ConfigError
-    that lists the valid ones (the fields of the options dataclass)."""
+    """The options of problem `name` built from a table's keys; an unknown key is `UnknownKeys`
+    listing the valid ones (the fields of the options dataclass)."""
     cls = OPTIONS[name]
-    try:
-        return cls(**options)
-    except TypeError as e:
-        valid = sorted(f.name for f in dataclasses.fields(cls))
-        unknown = sorted(set(options) - set(valid))
-        if not unknown:
-            raise ConfigError(f"problem {name!r}: {e}") from None
-        raise ConfigError(f"unknown key(s) {unknown} for problem {name!r}.{did_you_mean(unknown, valid)} "
-                          f"Valid keys: {', '.join(valid)}.") from None
+    check_keywords(options, [f.name for f in dataclasses.fields(cls)], "[problem]", f"problem {name!r}")
+    return cls(**options)
 
 
 def _select(fns: dict, names) -> Callable:
@@ -311,7 +306,7 @@ def _select(fns: dict, names) -> Callable:
     if unknown:
         raise ConfigError(f"unknown metric(s) {unknown}; valid metrics: {', '.join(sorted(fns))}.")
     chosen = {n: fns[n] for n in names}
-    return lambda state, data: {n: f(state, data) for n, f in chosen.items()}
+    return lambda iterate, instance: {n: f(iterate, instance) for n, f in chosen.items()}
 
 
 def check(problem_cfg: dict, metrics: Sequence[str] = ()) -> None:
@@ -327,11 +322,11 @@ def check(problem_cfg: dict, metrics: Sequence[str] = ()) -> None:
         raise ConfigError(f"unknown metric(s) {bad} for problem {name!r}; valid metrics: {', '.join(valid)}.")
 
 
-def build(problem_cfg: dict) -> Setup:
+def build(problem_cfg: dict) -> Workload:
     check(problem_cfg)
     kwargs = {k: v for k, v in problem_cfg.items() if k != "name"}
     return PROBLEMS[problem_cfg["name"]](**kwargs)
 
 
-__all__ = ["LogregOptions", "METRICS", "OPTIONS", "PROBLEMS", "QuadraticOptions", "Setup", "build", "check",
+__all__ = ["LogregOptions", "METRICS", "OPTIONS", "PROBLEMS", "QuadraticOptions", "Workload", "build", "check",
            "logreg_hpo", "options_of", "quadratic"]

@@ -86,6 +86,16 @@ def environment() -> dict:
             "cpu_count": os.cpu_count(), "x64": bool(jax.config.jax_enable_x64)}
 
 
+def fmt(x, spec: str = ".3g") -> str:
+    """A number as the tables and summaries of every figure write it: `format(x, spec)`, "-" for
+    None or NaN (nothing to report), "not reached" for inf (a target a run never stays below)."""
+    if x is None or (isinstance(x, (float, np.floating)) and np.isnan(x)):
+        return "-"
+    if isinstance(x, (float, np.floating)) and np.isinf(x):
+        return "not reached"
+    return format(x, spec)
+
+
 # --------------------------------------------------------------------------------------------------
 # failures: never hidden
 
@@ -159,4 +169,4 @@ class ResultStore:
         return os.path.join(self.root, name)
 
 
-__all__ = ["CellResult", "ResultStore", "environment", "failed_seeds", "failure_text", "versions", "write_json"]
+__all__ = ["CellResult", "ResultStore", "environment", "failed_seeds", "failure_text", "fmt", "versions", "write_json"]

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import itertools
 import json
 import math
@@ -74,25 +75,10 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import bilevel_jax as bj
-from experiments.config import ALGORITHM_SPECIAL, ConfigError, did_you_mean, seed_list
+from experiments.config import ALGORITHM_SPECIAL, ConfigError, check_keywords, seed_list
 
 RUN_KEYS = ("steps", "eval_every")                   # the run's length, not preset arguments
 LR_KEYS = ("upper_lr", "lower_lr", "v_lr")           # the step sizes `lr_decay` turns into schedules
-
-# Keyword names that a TOML table can set, used only to *suggest* keys in the error for an unknown
-# one: the message lists those that the preset (or linear solver) accepts, found by building it
-# with each. Whether a key is valid is always decided by building, so a keyword missing here
-# still works; it is only not suggested.
-SUGGESTED_KEYS = ("upper_lr", "lower_lr", "v_lr", "lower_steps", "batch_size", "linear_solver", "warm_start",
-                  "neumann_steps", "neumann_eta", "upper_decay", "lower_decay", "inner_decay", "strongly_convex",
-                  "horizon", "period", "momentum_eta", "eta0", "eta_upper", "eta_lower", "shared_batch",
-                  "saga_init", "sampler", "mode", "check",
-                  # linear solvers (and the Krylov presets that forward them)
-                  "maxiter", "rtol", "atol", "steps", "eta", "m_start", "m_max", "inc", "every", "m0", "correction",
-                  "exact_residual")
-
-_BAD_KEYWORD = re.compile(r"got (?:an unexpected|multiple values for) (?:keyword )?argument '(\w+)'"
-                          r"|unexpected keyword argument\(s\) \['(\w+)'")
 
 
 class Cell(NamedTuple):
@@ -146,55 +132,25 @@ def _points(table: dict):
 # --------------------------------------------------------------------------------------------------
 # building an algorithm from its config keyword arguments
 
-def _bad_keyword(error: TypeError) -> Optional[str]:
-    """The keyword a call rejected (unexpected, or given twice), from its TypeError; else None."""
-    match = _BAD_KEYWORD.search(str(error))
-    return (match.group(1) or match.group(2)) if match else None
+def keywords(fn: Callable, skip: int = 0, forwarded: Sequence[str] = ()) -> Tuple[str, ...]:
+    """The keyword arguments `fn` takes, from its signature: every named parameter after the first
+    `skip` positional ones (`inspect.signature` follows `functools.wraps` to the wrapped builder
+    and a preset's own `__signature__`), and `forwarded` when `fn` has a `**kwargs` (the options a
+    preset passes on to its loop, `bj.algorithms.LOOP_OPTIONS`)."""
+    params = list(inspect.signature(fn).parameters.values())
+    named = [p.name for p in params[skip:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        named += list(forwarded)
+    return tuple(dict.fromkeys(named))
 
 
-def _accepted(build: Callable[..., Any], candidates: Sequence[str]) -> List[str]:
-    """The candidate keyword names that `build` does not reject as unknown (each is tried with a
-    placeholder value; any other error means the keyword itself was accepted)."""
-    probe = object()
-    out = []
-    for name in candidates:
-        try:
-            build(**{name: probe})
-        except TypeError as e:
-            if _bad_keyword(e) == name:
-                continue
-        except Exception:  # noqa: BLE001 - the placeholder value is rejected: the keyword exists
-            pass
-        out.append(name)
-    return out
-
-
-def _build(build: Callable[..., Any], kwargs: dict, where: str, what: str, valid_keys: Callable[[], List[str]]):
-    """`build(**kwargs)`, with every rejected keyword (unknown, or one the builder sets itself) and
-    every bad value turned into a one-line ConfigError that names `where` (the config table).
-    Rejected keywords are collected (each is dropped and the build retried) and reported together
-    with `valid_keys()`."""
-    kwargs, unknown = dict(kwargs), []
-    while True:
-        try:
-            built = build(**kwargs)
-        except TypeError as e:
-            name = _bad_keyword(e)
-            if name is not None and name in kwargs:
-                unknown.append(name)
-                del kwargs[name]
-                continue
-            if not unknown:
-                raise ConfigError(f"{where}: {e}") from None
-        except ValueError as e:
-            if not unknown:
-                raise ConfigError(f"{where}: {e}") from None
-        else:
-            if not unknown:
-                return built
-        valid = sorted(valid_keys())
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} for {what}.{did_you_mean(unknown, valid)} "
-                          f"Valid keys: {', '.join(valid)}.")
+def _build(build: Callable[..., Any], kwargs: dict, where: str):
+    """`build(**kwargs)` (whose keys are checked), with a bad value turned into a one-line
+    ConfigError that names `where` (the config table)."""
+    try:
+        return build(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -220,16 +176,16 @@ def make_linear_solver(spec, where: str):
     `{name = "damped", damping = ..., solver = {name = ..., ...}}` damps the inner table's solver."""
     solvers = linear_solvers()
     if isinstance(spec, dict) and spec.get("name") == "damped":
+        check_keywords(spec, ["name", "solver", *keywords(bj.linear_solvers.damped, skip=1)], where, "'damped'")
         inner = make_linear_solver(spec.get("solver"), f"{where}.solver")
         rest = {k: v for k, v in spec.items() if k not in ("name", "solver")}
-        return _build(lambda **kw: bj.linear_solvers.damped(inner, **kw), rest, where, "'damped'",
-                      lambda: ["damping", "name", "solver"])
+        return _build(lambda **kw: bj.linear_solvers.damped(inner, **kw), rest, where)
     if not isinstance(spec, dict) or spec.get("name") not in solvers:
         raise ConfigError(f"{where} must be a table with name one of {', '.join([*solvers, 'damped'])}, "
                           f"got {spec!r}.")
-    kwargs = {k: v for k, v in spec.items() if k != "name"}
     factory = solvers[spec["name"]]
-    return _build(factory, kwargs, where, repr(spec["name"]), lambda: ["name", *_accepted(factory, SUGGESTED_KEYS)])
+    check_keywords(spec, ["name", *keywords(factory)], where, repr(spec["name"]))
+    return _build(factory, {k: v for k, v in spec.items() if k != "name"}, where)
 
 
 def _batch_size(value):
@@ -244,7 +200,7 @@ def algorithm_kwargs(spec: dict, where: str) -> dict:
     """The preset keyword arguments of a cell's config keyword arguments: step/ratio -> lower_lr,
     upper_lr; lr_decay -> inverse_power schedules; batch_size "full"/{upper, lower}; a
     linear_solver table -> the solver; the run keys (steps, eval_every) left out."""
-    kw = {k: v for k, v in spec.items() if k not in RUN_KEYS + ("lr_decay",)}
+    kw = {k: v for k, v in spec.items() if k not in RUN_KEYS + ("lr_decay", "label")}
     if "step" in kw:
         step, ratio = kw.pop("step"), kw.pop("ratio")
         try:
@@ -266,17 +222,30 @@ def algorithm_kwargs(spec: dict, where: str) -> dict:
     return kw
 
 
-def build_algorithm(problem: bj.BilevelProblem, preset: str, spec: dict, where: str = "algorithm") -> bj.Algorithm:
+def preset_keys(preset: str) -> Tuple[str, ...]:
+    """The keys an [algorithms.<label>] table of `preset` may set: the preset's keyword arguments
+    (`keywords` of its signature) and the special keys (`ALGORITHM_SPECIAL`)."""
+    return (*keywords(bj.algorithms.get(preset), skip=1, forwarded=bj.algorithms.LOOP_OPTIONS), *ALGORITHM_SPECIAL)
+
+
+def build_algorithm(problem, preset: str, spec: dict, where: str = "algorithm") -> bj.Algorithm:
     """The algorithm of a cell, built concretely: `bj.algorithms.<preset>(problem, **kwargs)`.
-    An unknown key or a bad value raises a one-line ConfigError naming `where`."""
+    A key the preset does not take raises `UnknownKeys` (the closest valid keys named), a bad
+    value a one-line ConfigError naming `where`."""
+    check_keywords(spec, preset_keys(preset), where, repr(preset))
     factory = bj.algorithms.get(preset)
-    build = lambda **kw: factory(problem, **kw)   # noqa: E731
-    return _build(build, algorithm_kwargs(spec, where), where, repr(preset),
-                  lambda: [*ALGORITHM_SPECIAL, *_accepted(build, SUGGESTED_KEYS)])
+    return _build(lambda **kw: factory(problem, **kw), algorithm_kwargs(spec, where), where)
 
 
-def placeholder_problem() -> bj.BilevelProblem:
-    zero = lambda theta, phi, batch: 0.0   # noqa: E731 - presets store the problem, never call it
+PRESETS = {**bj.algorithms.MULTI_OBJECTIVE, **bj.algorithms.ALGORITHMS}   # every name `bj.algorithms.get` knows
+
+
+def placeholder_problem(preset: str = "soba"):
+    """A problem `preset` accepts (a `bj.MultiObjectiveProblem` for the multi-objective presets),
+    to build a table's algorithm before the real problem is loaded; presets store it, never call it."""
+    zero = lambda theta, phi, batch: 0.0   # noqa: E731
+    if preset in bj.algorithms.MULTI_OBJECTIVE and preset not in bj.algorithms.ALGORITHMS:
+        return bj.MultiObjectiveProblem(zero, zero, num_tasks=2)
     return bj.BilevelProblem(zero, zero)
 
 
@@ -285,14 +254,13 @@ def check_algorithm(label: str, table: dict) -> str:
     placeholder problem): the preset name, its keys (unknown ones listed with the valid ones) and
     values. Returns the preset name."""
     preset = table.get("preset", label)
-    if preset not in bj.algorithms.ALGORITHMS:
+    if preset not in PRESETS:
         raise ConfigError(f"algorithms.{label}: unknown algorithm {preset!r}; valid names: "
-                          f"{', '.join(sorted(bj.algorithms.ALGORITHMS))} (use preset = \"...\" to give "
-                          "a table another label).")
+                          f"{', '.join(sorted(PRESETS))} (use preset = \"...\" to give a table another label).")
     for key in RUN_KEYS:
         if key in table and (isinstance(table[key], bool) or not isinstance(table[key], int) or table[key] < 1):
             raise ConfigError(f"algorithms.{label}.{key} must be a positive int, got {table[key]!r}.")
-    problem = placeholder_problem()
+    problem = placeholder_problem(preset)
     for spec, point in _points(table):
         where = f"algorithms.{label}" + (f" at {point}" if point else "")
         build_algorithm(problem, preset, spec, where)
@@ -407,13 +375,13 @@ def record_iterates(state, data):
     return {"theta": ravel_pytree(state.theta)[0], "phi": ravel_pytree(state.phi)[0]}
 
 
-def make_single_run(setup, static, steps: int, eval_every: int, eval_fn=record_iterates) -> Callable:
-    """`(dyn, key, data) -> history` for one seed: `alg = eqx.combine(dyn, static)`, its init and
-    `bj.run` (vmapped over dyn and key by `BatchedRunner`)."""
+def make_single_run(instance, static, steps: int, eval_every: int, eval_fn=record_iterates) -> Callable:
+    """`(dyn, key, data) -> history` for one seed: `alg = eqx.combine(dyn, static)`, its init at
+    the instance's start and `bj.run` (vmapped over dyn and key by `BatchedRunner`)."""
 
     def one(dyn, key, data):
         alg = eqx.combine(dyn, static)
-        state = alg.init(setup.theta0, setup.phi0, key, data)
+        state = alg.init(instance.theta0, instance.phi0, key, data)
         _, history = bj.run(alg, state, data, num_steps=steps, eval_every=eval_every, eval_fn=eval_fn)
         return history
 
@@ -488,20 +456,23 @@ class MetricEvaluator:
     """The configured metrics of many recorded iterates: one compiled, sharded function of a fixed
     number of rows (`rows` per device), called on padded chunks, so it compiles once per run."""
 
-    def __init__(self, setup, metrics: Sequence[str], reference: dict, mesh: Mesh, rows: int = 64):
+    def __init__(self, workload, metrics: Sequence[str], reference: dict, mesh: Mesh, rows: int = 64):
         if mesh.devices.flat[0].platform == "cpu" and mesh.devices.size > 1:
             # jaxlib's batched LAPACK kernels block inside the shared CPU pool: one device only
             mesh = Mesh(mesh.devices.flat[:1], ("batch",))
         self.mesh = mesh
         self.rows = rows * mesh.devices.size
         self.sharding = NamedSharding(mesh, PartitionSpec("batch"))
-        self.data = jax.device_put(setup.data, NamedSharding(mesh, PartitionSpec()))
-        eval_fn = setup.make_eval(list(metrics), reference)
-        unravel_theta = ravel_pytree(setup.theta0)[1]
-        unravel_phi = ravel_pytree(setup.phi0)[1]
+        instance = workload.instance
+        arrays, rest = eqx.partition(instance, eqx.is_array)
+        self.data = jax.device_put(arrays, NamedSharding(mesh, PartitionSpec()))
+        eval_fn = workload.make_eval(list(metrics), reference)
+        unravel_theta = ravel_pytree(instance.theta0)[1]
+        unravel_phi = ravel_pytree(instance.phi0)[1]
 
-        def evaluate(theta, phi, data):
-            return jax.vmap(lambda t, p: eval_fn(Iterate(unravel_theta(t), unravel_phi(p)), data))(theta, phi)
+        def evaluate(theta, phi, arrays):
+            inst = eqx.combine(arrays, rest)
+            return jax.vmap(lambda t, p: eval_fn(Iterate(unravel_theta(t), unravel_phi(p)), inst))(theta, phi)
 
         self._fn = jax.jit(evaluate, in_shardings=(self.sharding, self.sharding, NamedSharding(mesh, PartitionSpec())),
                            out_shardings=self.sharding)
@@ -532,14 +503,14 @@ class Iterate(NamedTuple):
     phi: Any
 
 
-def check_init(cell: Cell, part: Split, setup) -> None:
+def check_init(cell: Cell, part: Split, instance) -> None:
     """Trace the cell's `init` on the problem's data (`jax.eval_shape`: no computation), so what
     `init` rejects (a batch size larger than the data, data the objectives refuse) is a one-line
     ConfigError naming the algorithm table before any run, not a traceback from inside `jit`."""
     alg = eqx.combine(part.dyn, part.static)
     try:
-        jax.eval_shape(lambda key, data: alg.init(setup.theta0, setup.phi0, key, data),
-                       jax.random.PRNGKey(0), setup.data)
+        jax.eval_shape(lambda key, data: alg.init(instance.theta0, instance.phi0, key, data),
+                       jax.random.PRNGKey(0), instance.data)
     except ValueError as e:
         raise ConfigError(f"algorithms.{cell.label}: {e}") from None
 
@@ -548,12 +519,12 @@ class BatchedRunner:
     """Builds and splits the cells' algorithms, compiles one executable per (group, batch size)
     and runs chunks of a group; keeps the compiled executables for reuse."""
 
-    def __init__(self, setup, cfg: dict, mesh: Mesh):
-        self.setup, self.cfg, self.mesh = setup, cfg, mesh
+    def __init__(self, workload, cfg: dict, mesh: Mesh):
+        self.instance, self.cfg, self.mesh = workload.instance, cfg, mesh
         self.batch_sharding = NamedSharding(mesh, PartitionSpec("batch"))
         self.replicated = NamedSharding(mesh, PartitionSpec())
-        self.data_sharding = data_sharding(mesh, setup.data)
-        self.data = jax.device_put(setup.data, self.data_sharding)
+        self.data_sharding = data_sharding(mesh, self.instance.data)
+        self.data = jax.device_put(self.instance.data, self.data_sharding)
         self._splits: Dict[str, Split] = {}
         self._checked: set = set()
         self._compiled: Dict[Tuple[Hashable, int], Any] = {}
@@ -563,9 +534,9 @@ class BatchedRunner:
         """The cell's `Split`; the first cell of each group also has its `init` checked on the
         data (`check_init`)."""
         if cell.cell_id not in self._splits:
-            part = split(cell, self.setup.problem, self.cfg, self.mesh)
+            part = split(cell, self.instance.problem, self.cfg, self.mesh)
             if part.key not in self._checked:
-                check_init(cell, part, self.setup)
+                check_init(cell, part, self.instance)
                 self._checked.add(part.key)
             self._splits[cell.cell_id] = part
         return self._splits[cell.cell_id]
@@ -583,7 +554,7 @@ class BatchedRunner:
         key = (part.key, keys.shape[0])
         if key in self._compiled:
             return self._compiled[key], 0.0
-        one = make_single_run(self.setup, part.static, *part.key[-1])
+        one = make_single_run(self.instance, part.static, *part.key[-1])
         fn = jax.jit(jax.vmap(one, in_axes=(0, 0, None)),
                      in_shardings=(self.batch_sharding, self.batch_sharding, self.data_sharding),
                      out_shardings=self.batch_sharding)
@@ -601,12 +572,12 @@ class BatchedRunner:
         part = self.split(cell)
         if part.key not in self._per_step:
             steps = min(self.cfg["timing_steps"], run_length(cell, self.cfg)[0])
-            one = make_single_run(self.setup, part.static, steps, steps, None)
+            one = make_single_run(self.instance, part.static, steps, steps, None)
             if DATA in self.mesh.axis_names:   # a data-parallel run: over its mesh (every process takes part)
                 data, dyn = self.data, jax.device_put(part.dyn, self.replicated)
             else:
                 device = local_mesh(self.mesh).devices.flat[0]
-                data = jax.device_put(self.setup.data, device)
+                data = jax.device_put(self.instance.data, device)
                 dyn = jax.device_put(part.dyn, device)
             key = jax.random.PRNGKey(0)
             start = time.perf_counter()

@@ -144,7 +144,7 @@ def test_grid_expansion_and_groups(tmp_path):
     assert cells[0].point == {"upper_lr": 0.1}
     assert cells[2].spec["linear_solver"] == {"name": "cg", "maxiter": 1}
     assert cells[4].spec == {"step": 0.1, "ratio": 1.0, "batch_size": 4, "steps": 40}
-    problem = problems.build(cfg["problem"]).problem
+    problem = problems.build(cfg["problem"]).instance.problem
     groups = sweep.groups(cells, problem, cfg)
     assert [len(g) for g in groups] == [2, 1, 1, 2]           # a static grid axis (CG's maxiter) splits
     assert len({c.cell_id for c in cells}) == 6
@@ -176,13 +176,14 @@ def test_groups_are_static_parts_and_sweep_equals_single_runs(tmp_path):
         "aid": {"preset": "aid_bio", "upper_lr": 0.1, "lower_lr": 0.2, "lower_steps": [1, 2], "batch_size": "full"},
         "soba_b": {"preset": "soba", "upper_lr": 0.1, "lower_lr": 0.2, "batch_size": [4, 8]}})
     cells = sweep.expand(cfg)
-    setup = problems.build(cfg["problem"])
-    groups = sweep.groups(cells, setup.problem, cfg)
+    workload = problems.build(cfg["problem"])
+    inst = workload.instance
+    groups = sweep.groups(cells, inst.problem, cfg)
     ids = lambda g: [c.cell_id for c in g]   # noqa: E731
     assert [ids(g) for g in groups] == [ids([cells[0], cells[1], cells[4]]), ids([cells[2]]), ids([cells[3]]),
                                         ids([cells[5]])]
 
-    runner = sweep.BatchedRunner(setup, cfg, sweep.make_mesh())
+    runner = sweep.BatchedRunner(workload, cfg, sweep.make_mesh())
     seeds = [0, 3]
     soba = groups[0][:2]
     hist, timings = runner.run(soba, seeds)
@@ -199,10 +200,10 @@ def test_groups_are_static_parts_and_sweep_equals_single_runs(tmp_path):
     presets = {"soba": bj.algorithms.soba, "aid": bj.algorithms.aid_bio}
     for i, cell in enumerate(soba + groups[1] + groups[2]):
         kwargs = dict(cell.spec, batch_size=None if cell.spec["batch_size"] == "full" else cell.spec["batch_size"])
-        alg = presets[cell.label](setup.problem, **kwargs)
+        alg = presets[cell.label](inst.problem, **kwargs)
         for j, seed in enumerate(seeds):
-            state = alg.init(setup.theta0, setup.phi0, jax.random.PRNGKey(seed), setup.data)
-            _, single = bj.run(alg, state, setup.data, num_steps=cfg["steps"], eval_every=cfg["eval_every"],
+            state = alg.init(inst.theta0, inst.phi0, jax.random.PRNGKey(seed), inst.data)
+            _, single = bj.run(alg, state, inst.data, num_steps=cfg["steps"], eval_every=cfg["eval_every"],
                                eval_fn=sweep.record_iterates)
             for key in ("theta", "phi", "lower_grads", "upper_grads", "hvps", "cross", "finite"):
                 np.testing.assert_allclose(hist[key][i, j], np.asarray(single[key]), rtol=1e-12, atol=1e-14,
@@ -222,7 +223,7 @@ def test_resume_after_kill_computes_only_missing_cells(tmp_path):
     from experiments.results import ResultStore
     cfg = tiny(tmp_path, chunk=1)                       # one compiled call per cell (same executable)
     store = ResultStore(C.experiment_dir(cfg))
-    setup, reference = runner.prepare(cfg, store)
+    workload, reference = runner.prepare(cfg, store)
     cells = sweep.expand(cfg)
     assert len(cells) == 3
 
@@ -230,21 +231,21 @@ def test_resume_after_kill_computes_only_missing_cells(tmp_path):
         raise Killed(cell.cell_id)
 
     with pytest.raises(Killed):
-        runner.run_cells(cfg, setup, reference, store, cells, on_cell_saved=kill_after_first, log=lambda *a: None)
+        runner.run_cells(cfg, workload, reference, store, cells, on_cell_saved=kill_after_first, log=lambda *a: None)
     done = [c.cell_id for c in cells if store.has(c.cell_id)]
     assert done == [cells[0].cell_id]
     first = os.path.join(store.cells_dir, done[0])
     mtimes = (os.stat(first + ".npz").st_mtime_ns, os.stat(first + ".json").st_mtime_ns)
     assert not [f for f in os.listdir(store.cells_dir) if f.startswith(".tmp")]   # no partial files
 
-    stats = runner.run_cells(cfg, setup, reference, store, cells, log=lambda *a: None)
+    stats = runner.run_cells(cfg, workload, reference, store, cells, log=lambda *a: None)
     assert stats.computed == [c.cell_id for c in cells[1:]] and stats.skipped == [cells[0].cell_id]
     assert (os.stat(first + ".npz").st_mtime_ns, os.stat(first + ".json").st_mtime_ns) == mtimes
 
     os.remove(os.path.join(store.cells_dir, cells[1].cell_id + ".json"))      # a lost cell
-    stats = runner.run_cells(cfg, setup, reference, store, cells, log=lambda *a: None)
+    stats = runner.run_cells(cfg, workload, reference, store, cells, log=lambda *a: None)
     assert stats.computed == [cells[1].cell_id]
-    assert runner.run_cells(cfg, setup, reference, store, cells, log=lambda *a: None).computed == []
+    assert runner.run_cells(cfg, workload, reference, store, cells, log=lambda *a: None).computed == []
 
     res = store.load(cells[2].cell_id)
     assert res.history["grad_sq"].shape == (2, 3) and res.history["lower_grads"].shape == (2, 3)
@@ -289,8 +290,8 @@ SHARDED = textwrap.dedent("""
     from experiments.results import ResultStore
     cfg = C.from_dict(json.loads(sys.argv[1]))
     store = ResultStore(C.experiment_dir(cfg))
-    setup, ref = runner.prepare(cfg, store)
-    runner.run_cells(cfg, setup, ref, store, sweep.expand(cfg), log=lambda *a: None)
+    workload, ref = runner.prepare(cfg, store)
+    runner.run_cells(cfg, workload, ref, store, sweep.expand(cfg), log=lambda *a: None)
     print(json.dumps({"devices": len(jax.devices())}))
 """)
 
@@ -319,8 +320,8 @@ def test_four_fake_devices_equal_one_device(tmp_path):
     assert len(jax.devices()) == 1                      # one device: here, in the test's process
     cfg = C.from_dict(one)
     store = ResultStore(C.experiment_dir(cfg))
-    setup, ref = runner.prepare(cfg, store)
-    runner.run_cells(cfg, setup, ref, store, sweep.expand(cfg), log=lambda *a: None)
+    workload, ref = runner.prepare(cfg, store)
+    runner.run_cells(cfg, workload, ref, store, sweep.expand(cfg), log=lambda *a: None)
     assert _run_sharded(four, 4)["devices"] == 4
     cells = sweep.expand(C.from_dict(one))
     assert [c.cell_id for c in cells] == [c.cell_id for c in sweep.expand(C.from_dict(four))]
@@ -339,13 +340,13 @@ def test_quadratic_metrics_match_closed_forms():
     import bilevel_jax as bj
     from experiments import problems
     from experiments.sweep import Iterate
-    setup = problems.quadratic(seed=3, dim_upper=3, dim_lower=4, n_samples=32)
+    workload = problems.quadratic(seed=3, dim_upper=3, dim_lower=4, n_samples=32)
     q = bj.problems.quadratic_bilevel(jax.random.PRNGKey(3), dim_upper=3, dim_lower=4, n_samples=32,
                                       lower_spectrum=(0.1, 1.0), upper_spectrum=(0.1, 1.0))
-    ref = setup.compute_reference()
-    ev = setup.make_eval(["grad_sq", "lower_gap", "value_gap", "theta_err"], ref)
+    ref = workload.compute_reference()
+    ev = workload.make_eval(["grad_sq", "lower_gap", "value_gap", "theta_err"], ref)
     theta, phi = jnp.array([0.3, -1.0, 2.0]), jnp.array([1.0, 0.0, -0.5, 0.2])
-    m = ev(Iterate(theta, phi), setup.data)
+    m = ev(Iterate(theta, phi), workload.instance)
     np.testing.assert_allclose(m["grad_sq"], jnp.sum(q.grad(theta) ** 2), rtol=1e-10)
     np.testing.assert_allclose(m["lower_gap"], jnp.sum((phi - q.phi_star(theta)) ** 2), rtol=1e-10)
     np.testing.assert_allclose(m["value_gap"], q.value(theta) - q.value(q.theta_star()), rtol=1e-9)
@@ -360,10 +361,10 @@ def test_a_diverged_seed_is_reported_in_the_table_summary_and_figure(tmp_path):
     from experiments.results import ResultStore
     cfg = tiny(tmp_path, seeds=3, algorithms={"soba": {"upper_lr": 0.1, "lower_lr": 0.2, "batch_size": 4}})
     store = ResultStore(C.experiment_dir(cfg))
-    setup, reference = runner.prepare(cfg, store)
+    workload, reference = runner.prepare(cfg, store)
     from experiments.sweep import expand
     cells = expand(cfg)
-    runner.run_cells(cfg, setup, reference, store, cells, log=lambda *a: None)
+    runner.run_cells(cfg, workload, reference, store, cells, log=lambda *a: None)
     # seed 2 of the run diverges after its first evaluation: NaN iterates, status non-finite
     res = store.load(cells[0].cell_id)
     h = dict(res.history)
@@ -376,7 +377,7 @@ def test_a_diverged_seed_is_reported_in_the_table_summary_and_figure(tmp_path):
     h["status"][2, 1:] = 2
     store.save(cells[0].cell_id, h, res.meta)
     lines = []
-    out = convergence.report(cfg, store, cells, setup, log=lines.append, reference=reference)
+    out = convergence.report(cfg, store, cells, workload, log=lines.append, reference=reference)
     assert out["rows"][0].failed == "1/3 diverged"
     assert "1/3 diverged" in out["table"] and "seeds failed" in out["table"]
     summary = open(os.path.join(C.experiment_dir(cfg), "summary.md")).read()
@@ -415,13 +416,13 @@ def test_hpo_reference_is_feasible_and_not_above_any_point_a_run_reached(tmp_pat
                     "reference_steps": 60},
         "algorithms": {"soba": {"step": 0.4, "ratio": 0.01, "batch_size": 32}},
         "plot": {"metrics": ["value_gap"], "target": 1e-2}}, source="href")
-    setup = problems.build(cfg["problem"])
-    ref = setup.compute_reference()
+    workload = problems.build(cfg["problem"])
+    inst, ref = workload.instance, workload.compute_reference()
     theta = np.asarray(ref["theta_star"])
     assert theta.min() >= -10.0 and theta.max() <= 2.0                            # feasible
     from bilevel_jax.problems import logistic as lg
-    assert ref["value_star"] == pytest.approx(float(lg.hyper_value(theta, setup.data)), rel=1e-10)
-    assert ref["value_star"] <= float(lg.hyper_value(np.clip(np.asarray(setup.theta0), -10, 2), setup.data))
+    assert ref["value_star"] == pytest.approx(float(lg.hyper_value(theta, inst.data)), rel=1e-10)
+    assert ref["value_star"] <= float(lg.hyper_value(np.clip(np.asarray(inst.theta0), -10, 2), inst.data))
     out = convergence.main(cfg, log=lambda *a: None)
     values = np.concatenate([np.asarray(r.history["value"]).ravel() for r in out["results"]])
     h_star = out["reference"]["value_star_checked"]

@@ -12,6 +12,8 @@ import difflib
 from bilevel_jax.algorithms.parallel import DataParallel, data_parallel, preset_options, shard
 
 from bilevel_jax.algorithms import directions, estimators, steps
+# the options a preset's `**kw` passes on to its loop (what a preset takes beyond its named arguments)
+from bilevel_jax.algorithms._common import LOOP_OPTIONS
 from bilevel_jax.algorithms.base import Algorithm, OracleCounts, StepInfo
 from bilevel_jax.algorithms.double_loop import aid_bio, alternating, amigo, ba, bsa, signsgd_ul, stocbio
 from bilevel_jax.algorithms.krylov import lancbio, subbio
@@ -76,7 +78,7 @@ def get(name: str):
     return ALGORITHMS[name]
 
 
-__all__ = ["DataParallel", "data_parallel", "shard", "ALGORITHMS", "MULTI_OBJECTIVE", "MMB", "Morbit", "mmb", "morbit", "Algorithm", "BilevelLoop", "FSLA", "FslaState", "LoopState", "OracleCounts", "Stable", "StableState", "StepInfo",
+__all__ = ["DataParallel", "data_parallel", "shard", "ALGORITHMS", "LOOP_OPTIONS", "MULTI_OBJECTIVE", "MMB", "Morbit", "mmb", "morbit", "Algorithm", "BilevelLoop", "FSLA", "FslaState", "LoopState", "OracleCounts", "Stable", "StableState", "StepInfo",
            "CDB", "CDBState", "bilevel_loop", "directions", "estimators", "get", "steps", "value_function",
            "PessimisticPenalty", "PessimisticState", "pessimistic_penalty", "KKT", "AmortizedKKT", "amortized_kkt",
            "bsg_constrained", "kkt", *sorted(ALGORITHMS)]
