@@ -196,7 +196,7 @@ def _paper_overrides(paper: dict, prefix=()) -> List[Tuple[List[str], Any]]:
 
 def _is_leaf_table(path: List[str]) -> bool:
     """Tables that are values (a linear-solver spec `{name = "cg", ...}`), not nesting."""
-    return len(path) >= 3 and path[0] == "algorithms" and path[-1] in ("linear_solver",)
+    return len(path) >= 3 and path[0] == "algorithms" and (path[-1] == "linear_solver" or path[-1].endswith("_opt"))
 
 
 def _fill_defaults(cfg: dict, source: str) -> dict:

@@ -20,13 +20,12 @@ import numpy as np
 
 from experiments.config import ConfigError, check_names, experiment_dir
 from experiments.plotting import Curve, band, plot_grid
-from experiments.results import CellResult, ResultStore, failure_text, fmt
+from experiments.results import CellResult, ResultStore, failure_text, fmt, seconds_per_step
 from experiments import runner
 from experiments.runner import is_writer, prepare, run_cells
 from experiments.sweep import expand
 
 OPTIONS: Dict[str, type] = {}   # this figure has no [options]
-MULTI_PROCESS = True   # its cells run through experiments.runner: a job may span processes and hosts
 
 
 def oracle_calls(history) -> np.ndarray:
@@ -37,10 +36,7 @@ def oracle_calls(history) -> np.ndarray:
 def curve_of(result: CellResult, label: str, metrics) -> Curve:
     h, meta = result.history, result.meta
     steps = np.asarray(h["step"][0], dtype=float)
-    per_step = meta["timings"]["seconds_per_step"]
-    if per_step is None or not np.isfinite(per_step):
-        per_step = meta["timings"]["run_s"] / max(meta["steps"], 1)
-    x = {"step": steps, "time": steps * per_step, "oracles": np.median(oracle_calls(h), axis=0)}
+    x = {"step": steps, "time": steps * seconds_per_step(meta), "oracles": np.median(oracle_calls(h), axis=0)}
     y = {}
     for m in metrics:
         arr = np.asarray(h[m], dtype=float)

@@ -37,7 +37,6 @@ from experiments.runner import is_writer, prepare, run_cells
 from experiments.sweep import expand
 
 AXES = ("time", "step", "first_order", "second_order", "all_oracles")
-MULTI_PROCESS = True   # its cells run through experiments.runner: a job may span processes and hosts
 OPTIONS = {"x": ["time", "first_order", "all_oracles"],
            "hessian_free": ["hjfbio", "pzobo", "bsg1", "f2sa", "bome", "pbgd", "pdbo", "vf_penalty"],
            "penalty": ["f2sa", "bome", "pbgd", "pdbo", "vf_penalty"]}

@@ -40,7 +40,6 @@ from experiments import runner
 from experiments.runner import is_writer, prepare, run_cells
 from experiments.sweep import expand
 
-MULTI_PROCESS = True   # its cells run through experiments.runner: a job may span processes and hosts
 OPTIONS = {
     "horizons": [512, 1024, 2048, 4096, 8192, 16384],
     "horizon_algorithm": "ttsa",

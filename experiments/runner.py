@@ -60,6 +60,17 @@ def check(cfg: dict) -> None:
         check_algorithm(label, table)
 
 
+def one_cell_per_label(cfg: dict, figure: str) -> List[Cell]:
+    """The cells of a figure that draws one curve per [algorithms.<label>] table (no grid axes)."""
+    cells = expand(cfg)
+    labels = [c.label for c in cells]
+    grids = sorted({label for label in labels if labels.count(label) > 1})
+    if grids:
+        raise ConfigError(f"figure {figure!r} draws one curve per [algorithms] table; {', '.join(grids)} "
+                          "give(s) a list (a grid axis): give one value.")
+    return cells
+
+
 def is_writer() -> bool:
     """Whether this process writes results: always in a single-process run, process 0 only in a
     multi-process job (see the module docstring)."""
@@ -99,12 +110,17 @@ def _progress(total: int, enabled: bool, desc: str):
 
 
 def add_metrics(hist: dict, evaluator) -> dict:
-    """Replace the recorded iterates (cells, seeds, evals, dim) by the metrics (cells, seeds, evals);
-    the iterates are kept when small (below a million numbers each)."""
-    theta, phi = hist.pop("theta"), hist.pop("phi")
-    lead = theta.shape[:3]
-    values = evaluator(theta.reshape(-1, theta.shape[-1]), phi.reshape(-1, phi.shape[-1]))
-    hist.update({k: v.reshape(lead) for k, v in values.items()})
+    """Replace the recorded iterates (cells, seeds, evals, dim) by the metrics (cells, seeds, evals),
+    all seeds at once or, for a problem drawn per seed, seed by seed; theta and phi are kept when
+    small (below a million numbers each)."""
+    theta, phi, v = hist.pop("theta"), hist.pop("phi"), hist.pop("v")
+    flat = lambda x: x.reshape(-1, x.shape[-1])   # noqa: E731
+    if evaluator.per_seed:
+        per = [evaluator(flat(theta[:, j]), flat(phi[:, j]), flat(v[:, j]), seed=j) for j in range(theta.shape[1])]
+        values = {k: np.stack([p[k].reshape(theta.shape[0], theta.shape[2]) for p in per], axis=1) for k in per[0]}
+    else:
+        values = {k: x.reshape(theta.shape[:3]) for k, x in evaluator(flat(theta), flat(phi), flat(v)).items()}
+    hist.update(values)
     for name, arr in (("theta", theta), ("phi", phi)):   # kept when small (a few MB at most)
         if arr.size <= 1_000_000:
             hist[name] = arr
@@ -149,7 +165,8 @@ def run_cells(cfg: dict, workload, reference: dict, store: ResultStore, cells: O
     mesh = make_mesh(n_dev, cfg["mesh"].get("data", 1))
     runner = BatchedRunner(workload, cfg, mesh)
     if writer:
-        evaluator = MetricEvaluator(workload, cfg["metrics"], reference, local_mesh(mesh), rows=cfg["eval_rows"])
+        evaluator = MetricEvaluator(workload, cfg["metrics"], reference, local_mesh(mesh), rows=cfg["eval_rows"],
+                                    seeds=seed_list(cfg))
         env = environment()
         env["mesh_devices"] = int(mesh.devices.size)
     seeds = seed_list(cfg)
@@ -194,4 +211,5 @@ def run_cells(cfg: dict, workload, reference: dict, store: ResultStore, cells: O
     return RunStats(computed, done, time.perf_counter() - start)
 
 
-__all__ = ["ConfigError", "RunStats", "check", "configure_jax", "finished_cells", "is_writer", "prepare", "run_cells"]
+__all__ = ["ConfigError", "RunStats", "check", "configure_jax", "finished_cells", "is_writer", "one_cell_per_label",
+           "prepare", "run_cells"]
