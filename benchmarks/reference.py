@@ -32,7 +32,7 @@ import numpy as np
 
 import bilevel_jax as bj
 from benchmarks import bandwidth, timing
-from benchmarks.setups import Setup
+from benchmarks.setups import Benchmark
 
 UPPER_LR = LOWER_LR = 0.1
 UPPER_DECAY, LOWER_DECAY = 0.6, 0.4
@@ -297,7 +297,7 @@ REFERENCES = {"soba": reference_soba, "saba": reference_saba, "amigo": reference
 
 # ------------------------------------------------------------------------------------ the presets
 
-def toolkit_algorithm(setup: Setup, name: str, sampler: str, upper_lr: float = UPPER_LR):
+def toolkit_algorithm(setup: Benchmark, name: str, sampler: str, upper_lr: float = UPPER_LR):
     """The preset with the reference's settings (its defaults: lr 0.1, T = 10 LL steps, 10 solver
     steps)."""
     kw = dict(upper_lr=upper_lr, lower_lr=LOWER_LR, batch_size=setup.batch_size, sampler=sampler)
@@ -312,7 +312,7 @@ def toolkit_algorithm(setup: Setup, name: str, sampler: str, upper_lr: float = U
     return bj.algorithms.get(name)(setup.problem, **kw)
 
 
-def toolkit_run(setup: Setup, name: str, num_steps: int, sampler: str, upper_lr: float = UPPER_LR,
+def toolkit_run(setup: Benchmark, name: str, num_steps: int, sampler: str, upper_lr: float = UPPER_LR,
                 history: bool = False):
     """`(init, run)` as the references': `init(theta, phi, key, data) -> state` (the preset's
     init), `run(state, key, data)`: `bj.run` of `num_steps` steps; with `history`, the run returns
@@ -329,7 +329,7 @@ def toolkit_run(setup: Setup, name: str, num_steps: int, sampler: str, upper_lr:
     return init, run
 
 
-def toolkit_soba_run(setup: Setup, num_steps: int, sampler: str = "iid"):
+def toolkit_soba_run(setup: Benchmark, num_steps: int, sampler: str = "iid"):
     """`run(theta, phi, key, data) -> (theta, phi)`: bj.algorithms.soba with the reference's settings."""
     init, run = toolkit_run(setup, "soba", num_steps, sampler, setup.preset_kwargs.get("upper_lr", UPPER_LR))
 
@@ -347,7 +347,7 @@ def _theta(out):
     return np.asarray(out.theta if hasattr(out, "theta") else out[0])
 
 
-def measure_one(setup: Setup, name: str, sampler: str, num_steps: int, repeats: int, history: bool = True) -> dict:
+def measure_one(setup: Benchmark, name: str, sampler: str, num_steps: int, repeats: int, history: bool = True) -> dict:
     """One method on one setup: bare bj, bj with its history (if `history`) and the reference,
     interleaved; the states are built before the timed calls (SABA's tables included)."""
     if setup.batch_size is None:
@@ -381,7 +381,7 @@ def measure_one(setup: Setup, name: str, sampler: str, num_steps: int, repeats: 
     return out
 
 
-def measure(setup: Setup, num_steps: Dict[str, int], repeats: int, methods=METHODS, log=print,
+def measure(setup: Benchmark, num_steps: Dict[str, int], repeats: int, methods=METHODS, log=print,
             history_for=METHODS) -> dict:
     """Every method on `setup` with its preset's default sampler, and SOBA also with 'partition'
     (blocks read in place): {row name: measure_one(...)}; bj with its history for `history_for`."""

@@ -6,6 +6,7 @@ c = (2, -1, 0.5): theta* = clip(c, 0, 1) = (1, 0, 0.5), where grad F = (-1, 2, 0
 and the gradient mapping is 0. l1: F(theta) = ||theta - c||^2 / 2 + lam ||theta||_1, c = (2, 0.3,
 -1.5), lam = 0.5: theta* = soft(c, lam) = (1.5, 0, -1).
 """
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,9 +190,9 @@ def test_logreg_records_the_box_gradient_mapping_with_grad_sq():
     from bilevel_jax.problems import logistic as lg
     setup = problems.build({"name": "logreg_hpo", "data": "ijcnn1_like", "n_train": 60, "n_val": 40,
                             "theta_bounds": [-10.0, 2.0]})
-    theta = jnp.full_like(setup.theta0, 2.0)
-    w, _, g = lg._evaluate(theta, setup.data, 20)
-    out = jax.jit(setup.make_eval(["grad_sq"], {"value_star": 0.0}))(Iterate(theta, w), setup.data)
+    theta = jnp.full_like(setup.instance.theta0, 2.0)
+    w, _, g = lg._evaluate(theta, setup.instance.data, 20)
+    out = eqx.filter_jit(setup.make_eval(["grad_sq"], {"value_star": 0.0}))(Iterate(theta, w), setup.instance)
     assert set(out) == {"grad_sq", "grad_map_sq"}
     held = int(np.sum(np.asarray(g) < 0))                      # coordinates the bound holds (G_i = 0)
     assert 0 < held < theta.size

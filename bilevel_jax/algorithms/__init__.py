@@ -14,6 +14,8 @@ import difflib
 from bilevel_jax.algorithms.parallel import DataParallel, data_parallel, preset_options, shard
 
 from bilevel_jax.algorithms import directions, estimators, steps
+# the options a preset's `**kw` passes on to its loop (what a preset takes beyond its named arguments)
+from bilevel_jax.algorithms._common import LOOP_OPTIONS
 from bilevel_jax.algorithms.base import Algorithm, Header, OracleCounts, State, StepInfo
 from bilevel_jax.algorithms.capabilities import CAPABILITIES, TAGS, presets_with
 from bilevel_jax.algorithms.double_loop import aid_bio, alternating, amigo, ba, bsa, signsgd_ul, stocbio
@@ -80,7 +82,7 @@ def get(name: str):
     return globals()[name]
 
 
-__all__ = ["DataParallel", "data_parallel", "shard", "ALGORITHMS", "CAPABILITIES", "TAGS", "presets_with", "MIN_MAX", "MULTI_OBJECTIVE", "MMB", "Morbit", "mmb", "morbit", "Algorithm", "BilevelLoop", "FSLA", "FslaState", "Header", "LoopState", "OracleCounts", "Stable", "StableState",
+__all__ = ["DataParallel", "data_parallel", "shard", "ALGORITHMS", "LOOP_OPTIONS", "CAPABILITIES", "TAGS", "presets_with", "MIN_MAX", "MULTI_OBJECTIVE", "MMB", "Morbit", "mmb", "morbit", "Algorithm", "BilevelLoop", "FSLA", "FslaState", "Header", "LoopState", "OracleCounts", "Stable", "StableState",
            "State", "StepInfo",
            "CDB", "CDBState", "bilevel_loop", "directions", "estimators", "get", "steps", "value_function",
            "PessimisticPenalty", "PessimisticState", "pessimistic_penalty", "KKT", "AmortizedKKT", "amortized_kkt",
