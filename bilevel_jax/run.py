@@ -39,7 +39,6 @@ of `bj.status.raise_if` (the cause, without the step).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Callable, Optional
 
@@ -56,7 +55,8 @@ from bilevel_jax._checks import check_positive_int
 from bilevel_jax.cache import same_code
 from bilevel_jax.algorithms.base import Algorithm, OracleCounts, header
 from bilevel_jax.algorithms.parallel import data_parallel
-from bilevel_jax.algorithms.steps import float_dtype, nonfinite_at_records
+from bilevel_jax.algorithms.base import without_nonfinite_test
+from bilevel_jax.algorithms.steps import float_dtype
 
 _OWN_KEYS = ("step", "residual_norm", "finite", "status", *OracleCounts._fields)
 
@@ -209,9 +209,12 @@ def _scan(alg, state, data, num_steps, eval_every, eval_fn, first_failure: bool 
 
     The scan body is `alg.update` and the running sums of what it reports (oracle counts, status
     bits, the last residual): the non-finite test of the iterates is made on the whole state at
-    the evaluation points (`steps.nonfinite_at_records`), not at every step. With
+    the evaluation points (the algorithm rebuilt with `nonfinite_every_step=False`), not at every
+    step. With
     `first_failure`, every step is tested and the first failing one is tracked (`check=True`
     outside a trace, which names it); otherwise (-1, OK) is returned."""
+    if not first_failure:
+        alg = without_nonfinite_test(alg)
     dynamic, static = eqx.partition(state, eqx.is_array)
     head = header(state)
     float_nan = jnp.asarray(jnp.nan, float_dtype((head.theta, head.phi)))   # the run's precision
@@ -243,9 +246,7 @@ def _scan(alg, state, data, num_steps, eval_every, eval_fn, first_failure: bool 
     zero = OracleCounts.of()
     first = _record(state, data, eval_fn, zero, float_nan, st.ok())
     carry0 = (dynamic, zero, st.ok(), float_nan, no_bad, _size(state))
-    deferred = contextlib.nullcontext() if first_failure else nonfinite_at_records()
-    with deferred:
-        (dyn, _, _, _, first_bad, _), history = jax.lax.scan(block, carry0, None, length=num_steps // eval_every)
+    (dyn, _, _, _, first_bad, _), history = jax.lax.scan(block, carry0, None, length=num_steps // eval_every)
     history = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([jnp.asarray(a)[None], b]), first, history)
     return (eqx.combine(dyn, static), first_bad), history
 

@@ -19,6 +19,7 @@ carries the oracle calls of the step, the residual of its linear solve and its `
 """
 
 import abc
+import dataclasses
 from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
@@ -30,6 +31,7 @@ from bilevel_jax import status as st
 from bilevel_jax.algorithms.capabilities import presets_with
 from bilevel_jax.oracles import OracleCounts
 from bilevel_jax.problem import check_optimistic
+from bilevel_jax.rebuild import rebuild
 
 PyTree = Any
 
@@ -44,10 +46,17 @@ class Algorithm(eqx.Module):
     the unconstrained problem. Likewise a pessimistic problem (`BilevelProblem(..., pessimistic=True)`)
     is refused by every algorithm but those that solve it (`handles_pessimistic`, as
     `bj.algorithms.pessimistic_penalty` has). The refusals name the presets tagged "constrained" or
-    "pessimistic" in `bj.algorithms.CAPABILITIES`, which the tests hold to these attributes."""
+    "pessimistic" in `bj.algorithms.CAPABILITIES`, which the tests hold to these attributes.
+
+    `nonfinite_every_step` (static, default True): every `update` tests its iterates for NaN/inf
+    and reports NONFINITE in its status. `bj.run` builds its scan with False (`without_nonfinite_test`)
+    and tests the whole state at its evaluation points instead (a non-finite iterate persists, so
+    the per-step reduction over every leaf is not needed to report it); `check=True` steps always
+    test (they must raise at the failing step)."""
 
     handles_constraints: ClassVar[bool] = False
     handles_pessimistic: ClassVar[bool] = False
+    nonfinite_every_step: bool = eqx.field(static=True, default=True, kw_only=True)
 
     def __check_init__(self):
         problem = getattr(self, "problem", None)
@@ -70,6 +79,16 @@ class Algorithm(eqx.Module):
     @abc.abstractmethod
     def update(self, state, data):
         """One outer iteration: `(new_state, StepInfo)`."""
+
+
+def without_nonfinite_test(alg: "Algorithm") -> "Algorithm":
+    """`alg` with `nonfinite_every_step=False` in itself and every algorithm it wraps."""
+    def off(x):
+        if isinstance(x, Algorithm) and x.nonfinite_every_step:
+            return rebuild(dataclasses.replace(x, nonfinite_every_step=False), off)
+        return x
+
+    return rebuild(alg, off)
 
 
 class Wrapper(Algorithm):

@@ -167,7 +167,7 @@ class MMB(Algorithm):
         (theta, y, phi), info = finish(
             (theta, y, phi), counts, jnp.max(out.residual_norm),
             (any_status(out.status), any_status(dual_status), up_status), check=self.check,
-            where=f"{self.name} outer step")
+            where=f"{self.name} outer step", nonfinite=self.nonfinite_every_step)
         return MmbState(theta, y, phi, k + 1, state.key, upper_state, dual_state, lower_state, solver_state,
                         mom), info
 

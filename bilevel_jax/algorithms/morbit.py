@@ -200,7 +200,8 @@ class Morbit(Algorithm):
                                  hvps=jnp.sum(out.matvecs))
         (theta, phi, lam), info = finish(
             (theta, out.phi, lam), counts, jnp.max(out.residual_norm),
-            (any_status(out.status), up_status, lam_status), check=self.check, where=f"{self.name} outer step")
+            (any_status(out.status), up_status, lam_status), check=self.check, where=f"{self.name} outer step",
+            nonfinite=self.nonfinite_every_step)
         return MorbitState(theta, phi, lam, k + 1, state.key, upper_state, out.lower_opt_state, lam_state,
                            out.solver), info
 

@@ -20,8 +20,6 @@ rule given by the user (`optax.adam(1e-3)`), kept as a static field.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import numbers
 from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
@@ -191,22 +189,6 @@ def lower_phase(problem: BilevelProblem, rule: StepRule, theta, phi, opt_state, 
     return phi, opt_state, tally.counts, rule.status(count)
 
 
-_NONFINITE_AT_RECORDS = contextvars.ContextVar("bilevel_jax_nonfinite_at_records", default=False)
-
-
-@contextlib.contextmanager
-def nonfinite_at_records():
-    """While tracing inside this context, `finish` leaves the NONFINITE test of the iterates to
-    the caller, which makes it on the whole state at its evaluation points (what `bj.run` does:
-    a NaN or inf in an iterate persists, so a reduction over every leaf at every step is not
-    needed to report it). Steps with `check=True` still test every step (they must raise there)."""
-    token = _NONFINITE_AT_RECORDS.set(True)
-    try:
-        yield
-    finally:
-        _NONFINITE_AT_RECORDS.reset(token)
-
-
 def check_data(data, samplers: Tuple[Sampler, Sampler]) -> None:
     """`data` is an (upper, lower) pair that the samplers can draw from (clear errors otherwise)."""
     check_data_pair(data)
@@ -253,20 +235,22 @@ class Composed(Algorithm):
 
     def finish(self, trees: Tuple, counts: OracleCounts, residual_norm, statuses=()) -> Tuple[Tuple, StepInfo]:
         """`finish` of an outer step of this algorithm."""
-        return finish(trees, counts, residual_norm, statuses, check=self.check, where=f"{self.name} outer step")
+        return finish(trees, counts, residual_norm, statuses, check=self.check, where=f"{self.name} outer step",
+                      nonfinite=self.nonfinite_every_step)
 
 
 def finish(trees: Tuple, counts: OracleCounts, residual_norm, statuses=(), *, check: bool = False,
-           where: str = "outer step") -> Tuple[Tuple, StepInfo]:
+           where: str = "outer step", nonfinite: bool = True) -> Tuple[Tuple, StepInfo]:
     """The end of an outer iteration: its status (the given ones, and NONFINITE when a leaf of
     `trees` is not finite) and its `StepInfo`. With `check`, the first tree carries a runtime
     error (`bj.status.raise_if`) naming the cause when the status is not OK.
 
-    Inside `bj.run` (`nonfinite_at_records`) and without `check`, the NONFINITE test of `trees`
-    is not made here: `bj.run` tests the whole state at its evaluation points instead, so the
-    scan body makes no reduction over the iterates. The given statuses (a solver's BREAKDOWN, an
-    INVALID_STEP) are scalars the step computes anyway and are always reported."""
-    if _NONFINITE_AT_RECORDS.get() and not check:
+    With `nonfinite=False` (an algorithm's `nonfinite_every_step`, False in `bj.run`'s scan) and
+    without `check`, the NONFINITE test of `trees` is not made here: `bj.run` tests the whole state
+    at its evaluation points instead, so the scan body makes no reduction over the iterates. The
+    given statuses (a solver's BREAKDOWN, an INVALID_STEP) are scalars the step computes anyway and
+    are always reported."""
+    if not nonfinite and not check:
         status = st.merge(*statuses)
     else:
         status = st.merge(*statuses, st.nonfinite(*trees))
@@ -283,5 +267,5 @@ def float_dtype(trees):
 
 
 __all__ = ["check_data", "float_dtype", "start", "Batches", "Composed", "Rule", "StepRule", "apply_step", "as_rule", "draw_batches", "finish", "init_rule", "lower_phase",
-           "nonfinite_at_records", "step_rule",
+           "step_rule",
            "LOWER_STREAM", "PHASE_UPPER_STREAM", "SOLVER_STREAM", "UPPER_STREAM"]
