@@ -394,8 +394,10 @@ class HypercleanOptions:
                 raise ConfigError(f"[problem] {key} must be one of {valid}, got {getattr(self, key)!r}.")
 
 
+@eqx.filter_jit
 def _init_like(phi0, key):
-    """A fresh Kaiming-normal draw with phi0's structure (fan-in = last axis of each matrix)."""
+    """A fresh Kaiming-normal draw with phi0's structure (fan-in = last axis of each matrix; one
+    compiled call for all of a model's leaves)."""
     leaves, treedef = jax.tree_util.tree_flatten(eqx.filter(phi0, eqx.is_inexact_array))
     keys = jax.random.split(key, max(len(leaves), 1))
     new = [jax.random.normal(k, x.shape, x.dtype) * jnp.sqrt(2.0 / x.shape[-1]) if x.ndim == 2 else jnp.zeros_like(x)
@@ -499,7 +501,7 @@ def sinusoid(**options) -> Workload:
                "test_mean": lambda s, inst: jnp.mean(mt.task_losses(s.theta, inst.test, o.reg))}
         return _select(fns, names)
 
-    return Workload(for_seed(0), True, SINUSOID_METRICS, dict, make_eval,
+    return Workload(for_seed(0), False, SINUSOID_METRICS, dict, make_eval,
                     "task losses at the closed-form ridge heads of the current embedding", for_seed)
 
 
