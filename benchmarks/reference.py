@@ -72,8 +72,14 @@ def block(data, i, b):
     return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * b, b, axis=0), data)
 
 
-def _streams(key):
-    return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+def _scanned(step, num_steps: int):
+    """`run(carry, key, data) -> carry`: `num_steps` plain-JAX steps `carry = step(carry, k, data,
+    keys)`, keys = the run key's UL, LL and solver streams (fold_in 0, 1, 2)."""
+    def run(carry, key, data):
+        keys = tuple(jax.random.fold_in(key, i) for i in range(3))
+        return jax.lax.scan(lambda c, k: (step(c, k, data, keys), None), carry, jnp.arange(num_steps))[0]
+
+    return run
 
 
 def _linearize(f_lower, theta, phi, batch):
@@ -89,23 +95,17 @@ def reference_soba(f_upper, f_lower, batch_size: int, num_steps: int, sampler: s
     `num_steps` plain-JAX SOBA steps; carry = (theta, phi, v)."""
     sample = make_sample(sampler, batch_size)
 
-    def run(carry, key, data):
-        upper_data, lower_data = data
-        key_up, key_low = _streams(key)
+    def step(carry, k, data, keys):
+        (theta, phi, v), (upper_data, lower_data), (key_up, key_low, _) = carry, data, keys
+        ub, lb = sample(upper_data, key_up, k), sample(lower_data, key_low, k)
+        g_theta, g_phi = jax.grad(f_upper, argnums=(0, 1))(theta, phi, ub)
+        grad_lower, pullback = _linearize(f_lower, theta, phi, lb)
+        jv, hv = pullback(v)
+        kf = (k + 1).astype(theta.dtype)
+        rho, gamma = LOWER_LR / kf ** LOWER_DECAY, upper_lr / kf ** UPPER_DECAY
+        return theta - gamma * (g_theta - jv), phi - rho * grad_lower, v - rho * (hv - g_phi)
 
-        def step(carry, k):
-            theta, phi, v = carry
-            ub, lb = sample(upper_data, key_up, k), sample(lower_data, key_low, k)
-            g_theta, g_phi = jax.grad(f_upper, argnums=(0, 1))(theta, phi, ub)
-            grad_lower, pullback = _linearize(f_lower, theta, phi, lb)
-            jv, hv = pullback(v)
-            kf = (k + 1).astype(theta.dtype)
-            rho, gamma = LOWER_LR / kf ** LOWER_DECAY, upper_lr / kf ** UPPER_DECAY
-            return (theta - gamma * (g_theta - jv), phi - rho * grad_lower, v - rho * (hv - g_phi)), None
-
-        return jax.lax.scan(step, carry, jnp.arange(num_steps))[0]
-
-    return _zero_v, run
+    return _zero_v, _scanned(step, num_steps)
 
 
 def _zero_v(theta, phi, key, data):
@@ -153,25 +153,20 @@ def reference_saba(f_upper, f_lower, batch_size: int, num_steps: int, sampler: s
         table = jax.tree_util.tree_map(lambda m, a: m.at[i].set(a), table, new)
         return out, table, avg
 
-    def run(carry, key, data):
-        upper_data, lower_data = data
-        key_up, key_low = _streams(key)
+    def step(carry, k, data, keys):
+        (theta, phi, v, table_up, avg_up, table_low, avg_low), (upper_data, lower_data), (key_up, key_low, _) = (
+            carry, data, keys)
         n_up, n_low = _size(upper_data) // b, _size(lower_data) // b
+        j = jax.random.randint(jax.random.fold_in(key_up, k), (), 0, n_up)
+        i = jax.random.randint(jax.random.fold_in(key_low, k), (), 0, n_low)
+        up, table_up, avg_up = saga(table_up, avg_up, upper_oracles(theta, phi, block(upper_data, j, b)), j, n_up)
+        low, table_low, avg_low = saga(table_low, avg_low, lower_oracles(theta, phi, v, block(lower_data, i, b)),
+                                       i, n_low)
+        (g_theta, g_phi), (grad_lower, hv, jv) = up, low
+        theta, phi, v = theta - upper_lr * (g_theta - jv), phi - LOWER_LR * grad_lower, v - LOWER_LR * (hv - g_phi)
+        return theta, phi, v, table_up, avg_up, table_low, avg_low
 
-        def step(carry, k):
-            theta, phi, v, table_up, avg_up, table_low, avg_low = carry
-            j = jax.random.randint(jax.random.fold_in(key_up, k), (), 0, n_up)
-            i = jax.random.randint(jax.random.fold_in(key_low, k), (), 0, n_low)
-            up, table_up, avg_up = saga(table_up, avg_up, upper_oracles(theta, phi, block(upper_data, j, b)), j, n_up)
-            low, table_low, avg_low = saga(table_low, avg_low, lower_oracles(theta, phi, v, block(lower_data, i, b)),
-                                           i, n_low)
-            (g_theta, g_phi), (grad_lower, hv, jv) = up, low
-            theta, phi, v = theta - upper_lr * (g_theta - jv), phi - LOWER_LR * grad_lower, v - LOWER_LR * (hv - g_phi)
-            return (theta, phi, v, table_up, avg_up, table_low, avg_low), None
-
-        return jax.lax.scan(step, carry, jnp.arange(num_steps))[0]
-
-    return init, run
+    return init, _scanned(step, num_steps)
 
 
 def _lower_phase(f_lower, sample, lower_data, key_low, theta, phi, first):
@@ -188,29 +183,23 @@ def reference_amigo(f_upper, f_lower, batch_size: int, num_steps: int, sampler: 
     linearization on the step's LL batch); theta <- theta - lr (grad_theta f_u - J v)."""
     sample = make_sample(sampler, batch_size)
 
-    def run(carry, key, data):
-        upper_data, lower_data = data
-        key_up, key_low = _streams(key)
+    def step(carry, k, data, keys):
+        (theta, phi, v), (upper_data, lower_data), (key_up, key_low, _) = carry, data, keys
+        first = k * (T_LOWER + 1)
+        phi = _lower_phase(f_lower, sample, lower_data, key_low, theta, phi, first)
+        ub, lb = sample(upper_data, key_up, k), sample(lower_data, key_low, first + T_LOWER)
+        g_theta, b = jax.grad(f_upper, argnums=(0, 1))(theta, phi, ub)
+        _, pullback = _linearize(f_lower, theta, phi, lb)
+        matvec = lambda x: pullback(x)[1]
 
-        def step(carry, k):
-            theta, phi, v = carry
-            first = k * (T_LOWER + 1)
-            phi = _lower_phase(f_lower, sample, lower_data, key_low, theta, phi, first)
-            ub, lb = sample(upper_data, key_up, k), sample(lower_data, key_low, first + T_LOWER)
-            g_theta, b = jax.grad(f_upper, argnums=(0, 1))(theta, phi, ub)
-            _, pullback = _linearize(f_lower, theta, phi, lb)
-            matvec = lambda x: pullback(x)[1]
+        def gd(c, _):
+            x, r = c
+            return (x + LOWER_LR * r, r - LOWER_LR * matvec(r)), None
 
-            def gd(c, _):
-                x, r = c
-                return (x + LOWER_LR * r, r - LOWER_LR * matvec(r)), None
+        (v, _), _ = jax.lax.scan(gd, (v, b - matvec(v)), None, length=M_SOLVER)
+        return theta - upper_lr * (g_theta - pullback(v)[0]), phi, v
 
-            (v, _), _ = jax.lax.scan(gd, (v, b - matvec(v)), None, length=M_SOLVER)
-            return (theta - upper_lr * (g_theta - pullback(v)[0]), phi, v), None
-
-        return jax.lax.scan(step, carry, jnp.arange(num_steps))[0]
-
-    return _zero_v, run
+    return _zero_v, _scanned(step, num_steps)
 
 
 def reference_stocbio(f_upper, f_lower, batch_size: int, num_steps: int, sampler: str = "iid",
@@ -219,24 +208,17 @@ def reference_stocbio(f_upper, f_lower, batch_size: int, num_steps: int, sampler
     fresh LL minibatch per factor; theta <- theta - lr (grad_theta f_u - J v)."""
     sample = make_sample(sampler, batch_size)
 
-    def run(carry, key, data):
-        upper_data, lower_data = data
-        key_up, key_low = _streams(key)
-        key_solver = jax.random.fold_in(key, 2)
+    def step(carry, k, data, keys):
+        (theta, phi), (upper_data, lower_data), (key_up, key_low, key_solver) = carry, data, keys
+        first = k * (T_LOWER + 1)
+        phi = _lower_phase(f_lower, sample, lower_data, key_low, theta, phi, first)
+        ub, lb = sample(upper_data, key_up, k), sample(lower_data, key_low, first + T_LOWER)
+        g_theta, b = jax.grad(f_upper, argnums=(0, 1))(theta, phi, ub)
+        v = _sampled_neumann(f_lower, sample, lower_data, theta, phi, b, jax.random.fold_in(key_solver, k))
+        jv = _linearize(f_lower, theta, phi, lb)[1](v)[0]
+        return theta - upper_lr * (g_theta - jv), phi
 
-        def step(carry, k):
-            theta, phi = carry
-            first = k * (T_LOWER + 1)
-            phi = _lower_phase(f_lower, sample, lower_data, key_low, theta, phi, first)
-            ub, lb = sample(upper_data, key_up, k), sample(lower_data, key_low, first + T_LOWER)
-            g_theta, b = jax.grad(f_upper, argnums=(0, 1))(theta, phi, ub)
-            v = _sampled_neumann(f_lower, sample, lower_data, theta, phi, b, jax.random.fold_in(key_solver, k))
-            jv = _linearize(f_lower, theta, phi, lb)[1](v)[0]
-            return (theta - upper_lr * (g_theta - jv), phi), None
-
-        return jax.lax.scan(step, carry, jnp.arange(num_steps))[0]
-
-    return (lambda theta, phi, key, data: (theta, phi)), run
+    return (lambda theta, phi, key, data: (theta, phi)), _scanned(step, num_steps)
 
 
 def _sampled_neumann(f_lower, sample, lower_data, theta, phi, b, key):
@@ -268,27 +250,21 @@ def reference_mrbo(f_upper, f_lower, batch_size: int, num_steps: int, sampler: s
     def init(theta, phi, key, data):
         return theta, phi, jnp.zeros_like(theta), jnp.zeros_like(phi), theta, phi
 
-    def run(carry, key, data):
-        upper_data, lower_data = data
-        key_up, key_low = _streams(key)
-        key_solver = jax.random.fold_in(key, 2)
+    def step(carry, k, data, keys):
+        (theta, phi, d_theta, d_phi, prev_theta, prev_phi), (upper_data, lower_data), (key_up, key_low, key_solver) = (
+            carry, data, keys)
+        ub, lb = sample(upper_data, key_up, k), sample(lower_data, key_low, k)
+        key_k = jax.random.fold_in(key_solver, k)
+        g, grad_lower = oracles(theta, phi, ub, lb, lower_data, key_k)
+        g_old, grad_lower_old = oracles(prev_theta, prev_phi, ub, lb, lower_data, key_k)
+        kf = (k + 1).astype(theta.dtype)
+        a = jnp.where(k > 0, 1.0 - ETA0 / kf ** (2.0 / 3.0), 0.0)
+        d_theta, d_phi = g + a * (d_theta - g_old), grad_lower + a * (d_phi - grad_lower_old)
+        step_size = kf ** (1.0 / 3.0)
+        new = (theta - upper_lr / step_size * d_theta, phi - LOWER_LR / step_size * d_phi)
+        return *new, d_theta, d_phi, theta, phi
 
-        def step(carry, k):
-            theta, phi, d_theta, d_phi, prev_theta, prev_phi = carry
-            ub, lb = sample(upper_data, key_up, k), sample(lower_data, key_low, k)
-            key_k = jax.random.fold_in(key_solver, k)
-            g, grad_lower = oracles(theta, phi, ub, lb, lower_data, key_k)
-            g_old, grad_lower_old = oracles(prev_theta, prev_phi, ub, lb, lower_data, key_k)
-            kf = (k + 1).astype(theta.dtype)
-            a = jnp.where(k > 0, 1.0 - ETA0 / kf ** (2.0 / 3.0), 0.0)
-            d_theta, d_phi = g + a * (d_theta - g_old), grad_lower + a * (d_phi - grad_lower_old)
-            step_size = kf ** (1.0 / 3.0)
-            new = (theta - upper_lr / step_size * d_theta, phi - LOWER_LR / step_size * d_phi)
-            return (*new, d_theta, d_phi, theta, phi), None
-
-        return jax.lax.scan(step, carry, jnp.arange(num_steps))[0]
-
-    return init, run
+    return init, _scanned(step, num_steps)
 
 
 REFERENCES = {"soba": reference_soba, "saba": reference_saba, "amigo": reference_amigo,
