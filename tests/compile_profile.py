@@ -3,8 +3,10 @@
     PYTHONPATH=tests .venv/bin/python -m pytest tests -n 2 -p compile_profile
 
 appends one line per test to $COMPILE_PROFILE (default /tmp/compile_profile.tsv): the test id,
-its wall seconds, the XLA backend-compile seconds, the number of compilations, and the tracing +
-lowering seconds (JAX's monitoring events), so `sort -t$'\\t' -k2 -gr` lists the tests to shrink.
+its wall seconds, the XLA backend-compile seconds, the number of compilations, the tracing +
+lowering seconds (JAX's monitoring events) and the CPU seconds of the test's process (the figure
+that survives a loaded machine; a subprocess's CPU is not in it), so `sort -t$'\\t' -k2 -gr` lists
+the tests to shrink.
 """
 import os
 import time
@@ -30,10 +32,10 @@ jax.monitoring.register_event_duration_secs_listener(_listen)
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    before, start = dict(_totals), time.perf_counter()
+    before, start, cpu = dict(_totals), time.perf_counter(), time.process_time()
     yield
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     row = (item.nodeid, f"{wall:.2f}", f"{_totals['compile'] - before['compile']:.2f}",
-           str(_totals["count"] - before["count"]), f"{_totals['trace'] - before['trace']:.2f}")
+           str(_totals["count"] - before["count"]), f"{_totals['trace'] - before['trace']:.2f}", f"{cpu:.2f}")
     with open(os.environ.get("COMPILE_PROFILE", "/tmp/compile_profile.tsv"), "a") as f:
         f.write("\t".join(row) + "\n")
