@@ -284,7 +284,7 @@ def toolkit_algorithm(setup: Benchmark, name: str, sampler: str, upper_lr: float
     if name in ("stocbio", "mrbo"):
         kw.update(neumann_steps=M_SOLVER)
     if name == "mrbo":
-        kw.update(eta0=ETA0)
+        kw.update(momentum=1.0 - ETA0)
     return bj.algorithms.get(name)(setup.problem, **kw)
 
 

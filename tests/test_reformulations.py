@@ -50,17 +50,17 @@ BOX_THETA, BOX_PHI = np.array([2.0]), np.array([1.0, 1.0])
 # theta* = 0.5, phi* = (0.5, 1); the value-function constraint is not calm here (q quadratic in phi_0):
 # penalties are O(1/lambda) away (2.5e-3 measured at lambda = 100; bome 2.5e-4, pdbo 9.5e-3 after 3000 steps).
 VALUE_FUNCTION_BOX = {   # preset: (its settings with the optimistic UL, against the UL)
-    "f2sa": (dict(upper_lr=0.1, lower_lr=0.05, inner_lr=0.5, lower_steps=5, penalty=10.0, penalty_rate=0.0,
+    "f2sa": (dict(upper_lr=0.1, lower_lr=0.05, tracker_lr=0.5, lower_steps=5, penalty=10.0, penalty_rate=0.0,
                   batch_size=None),
-             dict(upper_lr=0.01, lower_lr=0.005, inner_lr=0.5, lower_steps=5, penalty=100.0, penalty_rate=0.0,
+             dict(upper_lr=0.01, lower_lr=0.005, tracker_lr=0.5, lower_steps=5, penalty=100.0, penalty_rate=0.0,
                   batch_size=None)),
-    "bome": (dict(upper_lr=0.1, inner_lr=0.5), dict(upper_lr=0.03, inner_lr=0.5)),
-    "pbgd": (dict(upper_lr=0.5, inner_lr=0.5, gamma=10.0, gamma_max=10.0),
-             dict(upper_lr=0.5, inner_lr=0.5, gamma=100.0, gamma_max=100.0)),
-    "vf_penalty": (dict(upper_lr=0.05, lower_lr=0.05, inner_lr=0.5, penalty=10.0),
-                   dict(upper_lr=0.003, lower_lr=0.003, inner_lr=0.5, penalty=100.0)),
-    "pdbo": (dict(upper_lr=0.05, lower_lr=0.05, inner_lr=0.5, dual_lr=1.0, dual_max=10.0),
-             dict(upper_lr=0.003, lower_lr=0.003, inner_lr=0.5, dual_lr=10.0, dual_max=100.0)),
+    "bome": (dict(upper_lr=0.1, tracker_lr=0.5), dict(upper_lr=0.03, tracker_lr=0.5)),
+    "pbgd": (dict(upper_lr=0.5, tracker_lr=0.5, penalty=10.0, penalty_max=10.0),
+             dict(upper_lr=0.5, tracker_lr=0.5, penalty=100.0, penalty_max=100.0)),
+    "vf_penalty": (dict(upper_lr=0.05, lower_lr=0.05, tracker_lr=0.5, penalty=10.0),
+                   dict(upper_lr=0.003, lower_lr=0.003, tracker_lr=0.5, penalty=100.0)),
+    "pdbo": (dict(upper_lr=0.05, lower_lr=0.05, tracker_lr=0.5, dual_lr=1.0, dual_max=10.0),
+             dict(upper_lr=0.003, lower_lr=0.003, tracker_lr=0.5, dual_lr=10.0, dual_max=100.0)),
 }
 
 
@@ -104,10 +104,10 @@ def test_lower_set_on_an_unconstrained_problem_and_a_bare_projection():
     alg = bj.algorithms.bome(bare, lower_set=lambda p: jnp.clip(p, 0.0, 1.0), **VALUE_FUNCTION_BOX["bome"][0])
     state, _ = _run(alg, jnp.array([-1.0]), jnp.array([0.3, 0.2]), 300)
     np.testing.assert_allclose(state.theta, BOX_THETA, atol=1e-5)
-    with pytest.raises(ValueError, match="pbgd: penalty='gradient' .*unconstrained"):
-        bj.algorithms.pbgd(plain, penalty="gradient", lower_set=BOX)
-    with pytest.raises(ValueError, match="pbgd: penalty='gradient'"):
-        bj.algorithms.pbgd(BOX.problem(_box_upper, _box_flat_lower), penalty="gradient")
+    with pytest.raises(ValueError, match="pbgd: variant='gradient' .*unconstrained"):
+        bj.algorithms.pbgd(plain, variant="gradient", lower_set=BOX)
+    with pytest.raises(ValueError, match="pbgd: variant='gradient'"):
+        bj.algorithms.pbgd(BOX.problem(_box_upper, _box_flat_lower), variant="gradient")
 
 
 def test_pzobo_on_a_box_constrained_strongly_convex_lower_level():
@@ -162,7 +162,7 @@ def test_optimality_penalty_reaches_theta_star_and_its_multiplier_is_the_adjoint
     adjoint = jnp.linalg.solve(hess, jax.grad(quad.problem.f_upper, 1)(ts, ps, quad.data[0]))
     np.testing.assert_allclose(state.multiplier, -adjoint, atol=1e-9)
     # G-PBGD (no multiplier) at the same penalty stays O(1/gamma) away
-    gpbgd = bj.algorithms.pbgd(quad.problem, penalty="gradient", gamma=1.0, gamma_max=1.0)
+    gpbgd = bj.algorithms.pbgd(quad.problem, variant="gradient", penalty=1.0, penalty_max=1.0)
     state, _ = _run_data(gpbgd, quad, 2000)
     assert float(jnp.linalg.norm(state.theta - ts) / jnp.linalg.norm(ts)) > 1e-2
 

@@ -5,7 +5,7 @@ The bilevel solution does not change when either objective is multiplied by a po
     argmin_phi s_g f_lower(theta, phi) = phi*(theta),     argmin_theta s_f F(theta) = theta*,
 
 so a preset built with its default step sizes (numbers tuned for unit curvature) and no step-size
-argument (`upper_lr`, `lower_lr`, `v_lr`, `inner_lr`, `dual_lr`, `*_opt`, `neumann_eta`, `eta`,
+argument (`upper_lr`, `lower_lr`, `v_lr`, `tracker_lr`, `dual_lr`, `*_opt`, `neumann_eta`, `subspace_eta`,
 penalties, ...: every float argument but the structural ones of `STRUCTURAL`) is wrapped in
 `Normalized`: `init(theta0, phi0, key, data)` estimates, on the full data at (theta0, phi0),
 
@@ -55,11 +55,11 @@ CG_STEPS = 50          # CG steps of the implicit system inside the UL curvature
 
 # arguments that do not carry the objectives' units: passing them keeps the rescaling
 STRUCTURAL = frozenset({
-    "batch_size", "sampler", "mode", "check", "mesh", "shards", "precision", "lower_steps", "neumann_steps",
+    "batch_size", "sampler", "mode", "check", "mesh", "shards", "precision", "lower_steps", "tracker_steps", "neumann_steps",
     "linear_solver", "warm_start", "lower_set", "saga_init", "period", "shared_batch", "control", "directions",
-    "num_directions", "correction", "exact_residual", "hinge", "upper_decay", "lower_decay", "inner_decay",
-    "strongly_convex", "horizon", "hessian_tracking", "m_start", "inc", "every", "m_max", "m0", "momentum_eta",
-    "eta0", "eta_upper", "eta_lower", "tau", "ramp_steps", "penalty_power"})
+    "num_directions", "correction", "exact_residual", "hinge", "upper_decay", "lower_decay", "tracker_decay",
+    "strongly_convex", "horizon", "hessian_tracking", "m_start", "inc", "every", "m_max", "m0", "momentum",
+    "upper_momentum", "lower_momentum", "hessian_momentum", "restart_lower_decay", "variant", "penalty_power"})
 
 
 def _unit(tree):

@@ -13,8 +13,8 @@ order: the LL variable first, then v at the new LL point, then the hypergradient
 the same samples (STORM, Cutkosky & Orabona 2019). Verified against the paper's description of the
 alternating update (z, then v at z_{k+1}, then the hypergradient at (x_k, z_{k+1}, v_{k+1})); the
 paper ties a_k to the step schedule (a_k = 1 - c gamma_k^2 in its analysis) — pass
-`momentum_eta` as a schedule for that form; the default is the constant eta = 0.5 (a = 0.5), not
-a value from the paper.
+`momentum` = a_k as a schedule for that form; the default is the constant a = 0.5, not a value
+from the paper.
 
 Cost per step: 1 LL gradient, 2 UL gradients (current and previous point), 1 HVP, 2 cross
 products. Written with the public step primitives and the STORM estimator
@@ -38,7 +38,6 @@ from bilevel_jax.algorithms.directions import Evaluation, Joint, Point
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
 from bilevel_jax.algorithms.steps import Composed, StepRule, apply_step, init_rule
 from bilevel_jax.problem import BilevelProblem, check_problem
-from bilevel_jax.schedules import OneMinus, as_schedule
 
 PyTree = Any
 
@@ -99,20 +98,19 @@ class FSLA(Composed):
 
 
 def fsla(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lower_opt=None,
-         v_opt=None, momentum_eta=0.5, batch_size: BatchSize = 64, sampler: str = "iid", mode: str = "rev",
+         v_opt=None, momentum=0.5, batch_size: BatchSize = 64, sampler: str = "iid", mode: str = "rev",
          check: bool = False) -> FSLA:
     """FSLA with steps gamma = `upper_lr`, rho = `lower_lr`, eta = `v_lr` (default lower_lr), or
-    whole optax rules; STORM weight a_k = 1 - `momentum_eta` (a float or a schedule eta_k).
+    whole optax rules; STORM weight a_k = `momentum` (a float or a schedule; 0: no momentum).
     Sampling: i.i.d. minibatches (the paper's). See the module docstring for the update."""
     with named("fsla"):
         check_problem(problem)
-        check_in_range("momentum_eta", momentum_eta, 0.0, 1.0)
+        check_in_range("momentum", momentum, 0.0, 1.0)
         oracles.check_mode(mode)
-        weight = OneMinus(as_schedule(momentum_eta)) if callable(momentum_eta) else as_schedule(1.0 - momentum_eta)
         lower = rule("lower_lr", lower_lr, lower_opt)
         v_rule = lower if (v_lr is None and v_opt is None) else rule("v_lr", lower_lr if v_lr is None else v_lr, v_opt)
         return FSLA(problem, rule("upper_lr", upper_lr, upper_opt), lower, make_samplers(batch_size, sampler), v_rule,
-                    est.storm(weight), mode, check=check)
+                    est.storm(momentum), mode, check=check)
 
 
 __all__ = ["FSLA", "FslaState", "fsla"]

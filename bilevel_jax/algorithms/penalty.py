@@ -7,7 +7,7 @@
   (a `value_function.ValueFunction` with `phi_steps` = T and a penalty ramp).
 - V-PBGD (Shen & Chen, "On Penalty-based Bilevel Gradient Descent Method", ICML 2023,
   arXiv:2302.05185): omega tracks argmin_y g(x, .) by T warm-started steps; a joint step on
-  (1/gamma) f(x, y) + g(x, y) - g(x, omega), gamma ramping linearly to gamma_max
+  (1/gamma) f(x, y) + g(x, y) - g(x, omega), gamma ramping linearly to `penalty_max`
   (`scale_upper`: d = grad f / gamma + grad q).
 - G-PBGD (same paper): a joint step on f(x, y) + (gamma / 2) ||grad_y g(x, y)||^2, whose gradient
   (grad f + gamma (J grad_y g, A grad_y g)) needs one linearisation of grad_y g (1 HVP + 1 cross):
@@ -52,16 +52,16 @@ from bilevel_jax.sampling import Full
 PyTree = Any
 
 
-def f2sa(problem: BilevelProblem, *, upper_lr=0.01, lower_lr=0.01, inner_lr=None, upper_opt=None, lower_opt=None,
-         inner_opt=None, lower_steps: int = 10, penalty=1.0, penalty_rate=0.1, penalty_power=1.0,
-         penalty_max=float("inf"), upper_decay=0.0, lower_decay=0.0, inner_decay=0.0,
+def f2sa(problem: BilevelProblem, *, upper_lr=0.01, lower_lr=0.01, tracker_lr=None, upper_opt=None, lower_opt=None,
+         tracker_opt=None, lower_steps: int = 10, penalty=1.0, penalty_rate=0.1, penalty_power=1.0,
+         penalty_max=float("inf"), upper_decay=0.0, lower_decay=0.0, tracker_decay=0.0,
          batch_size: BatchSize = 64, **kw) -> ValueFunction:
-    """F2SA (module docstring) with T = `lower_steps` inner steps of y (step alpha = `lower_lr`) and
-    z (gamma = `inner_lr`, default alpha), x step xi alpha = `upper_lr`, and
+    """F2SA (module docstring) with T = `lower_steps` inner steps of both y (step alpha = `lower_lr`)
+    and the tracker z (gamma = `tracker_lr`, default alpha), x step xi alpha = `upper_lr`, and
     lambda_k = min(`penalty` + `penalty_rate` k^`penalty_power`, `penalty_max`).
     Defaults: T = 10, steps 0.01, lambda_0 = 1, delta = 0.1 per step (the public benchmark's and the
     LancBiO authors' hyper-cleaning settings); the benchmark decays the steps as k^{-4/7} (x, z),
-    k^{-5/7} (y) with lambda ~ k^{1/7} (`upper_decay=4/7, lower_decay=5/7, inner_decay=4/7,
+    k^{-5/7} (y) with lambda ~ k^{1/7} (`upper_decay=4/7, lower_decay=5/7, tracker_decay=4/7,
     penalty_power=1/7`), the rates of the paper's stochastic analysis [verify]. The y steps must
     stay stable: alpha lambda_k L_g < 2 (cap lambda with `penalty_max`). A stochastic method:
     minibatches of 64 by default (`batch_size=None`: full batch), i.i.d. as in the paper's analysis. Oracles per step: 2T + 2 LL
@@ -69,12 +69,12 @@ def f2sa(problem: BilevelProblem, *, upper_lr=0.01, lower_lr=0.01, inner_lr=None
     `value_function` module docstring)."""
     with named("f2sa"):
         check_positive_int("lower_steps", lower_steps)
-        inner = lower_lr if inner_lr is None else inner_lr
+        tracker = lower_lr if tracker_lr is None else tracker_lr
         ramp = penalty_ramp(penalty, penalty_rate, penalty_power, penalty_max)
         return value_function(problem, multiplier=PenaltySchedule(False, ramp, False),
                               upper_opt=rule("upper_lr", upper_lr, upper_opt, upper_decay),
                               lower_opt=rule("lower_lr", lower_lr, lower_opt, lower_decay, every=lower_steps),
-                              tracker_opt=rule("inner_lr", inner, inner_opt, inner_decay, every=lower_steps),
+                              tracker_opt=rule("tracker_lr", tracker, tracker_opt, tracker_decay, every=lower_steps),
                               tracker_steps=lower_steps, phi_steps=lower_steps, batch_size=batch_size, name="f2sa",
                               **kw)
 
@@ -158,44 +158,44 @@ class GradientPenalty(Composed):
         return GradientPenaltyState(state.header.next(theta, phi, upper_state, lower_state), multiplier), info
 
 
-def pbgd(problem: BilevelProblem, *, penalty: str = "value", upper_lr=0.1, lower_lr=None, inner_lr=None,
-         upper_opt=None, lower_opt=None, inner_opt=None, lower_steps: int = 10, gamma=1.0, gamma_max=10.0,
-         ramp_steps: int = 1000, lower_set=None, batch_size: BatchSize = None, sampler: str = "iid",
-         mode: str = "rev", check: bool = False):
+def pbgd(problem: BilevelProblem, *, variant: str = "value", upper_lr=0.1, lower_lr=None, tracker_lr=None,
+         upper_opt=None, lower_opt=None, tracker_opt=None, tracker_steps: int = 10, penalty=1.0, penalty_rate=0.009,
+         penalty_max=10.0, lower_set=None, batch_size: BatchSize = None, sampler: str = "iid",
+         mode: Optional[str] = None, check: bool = False):
     """PBGD (Shen & Chen, "On Penalty-based Bilevel Gradient Descent Method", ICML 2023,
-    arXiv:2302.05185), `penalty="value"` (V-PBGD) or `"gradient"` (G-PBGD):
+    arXiv:2302.05185), `variant="value"` (V-PBGD) or `"gradient"` (G-PBGD):
 
-        V-PBGD: omega <- T warm-started steps on g(x, .) (step `inner_lr`, default `lower_lr`),
+        V-PBGD: omega <- T = `tracker_steps` warm-started steps on g(x, .) (step `tracker_lr`, default `lower_lr`),
                 (x, y) <- (x, y) - alpha (grad f(x, y) / gamma_k + grad_{(x,y)} [g(x, y) - g(x, omega)])
         G-PBGD: (x, y) <- (x, y) - alpha (grad f(x, y) + gamma_k grad_{(x,y)} (1/2) ||grad_y g(x, y)||^2)
 
-    with gamma_k = min(gamma + (gamma_max - gamma) k / ramp_steps, gamma_max), the linear ramp of
-    the authors' code [verify the exact ramp]; alpha = `upper_lr` on x and `lower_lr` (default the
-    same) on y. Oracles: V-PBGD T + 2 LL gradients, 1 UL gradient; G-PBGD 1 LL gradient (2 with
-    minibatches: the independent batch of the module docstring), 1 UL gradient, 1 HVP, 1 cross product. Sampling: full batch (the paper's deterministic analysis);
-    `batch_size=b` draws i.i.d. minibatches. A constrained LL (`lower_set=`, or a problem built from a
+    with gamma_k = min(`penalty` + `penalty_rate` k, `penalty_max`) (default 1 -> 10 over 1000
+    steps), the linear ramp of the authors' code [verify the exact ramp]; alpha = `upper_lr` on x
+    and `lower_lr` (default the same) on y. Oracles: V-PBGD T + 2 LL gradients, 1 UL gradient; G-PBGD 1 LL gradient (2 with
+    minibatches: the independent batch of the module docstring), 1 UL gradient, 1 HVP, 1 cross product
+    (in `mode`, default "rev"; V-PBGD takes no `mode`: it has no second-order product). Sampling:
+    full batch (the paper's deterministic analysis); `batch_size=b` draws i.i.d. minibatches. A constrained LL (`lower_set=`, or a problem built from a
     `bj.constraints` set): V-PBGD projects its y and omega steps (`value_function` module docstring);
     G-PBGD refuses it (grad_y g = 0 characterises unconstrained LL minima only)."""
     with named("pbgd"):
-        if penalty not in ("value", "gradient"):
-            raise ValueError(f"penalty must be 'value' (V-PBGD) or 'gradient' (G-PBGD), got {penalty!r}.")
-        check_step_size("gamma", gamma)
-        check_step_size("gamma_max", gamma_max)
-        if gamma_max < gamma:
-            raise ValueError(f"gamma_max must be >= gamma, got gamma={gamma}, gamma_max={gamma_max}.")
-        check_positive_int("ramp_steps", ramp_steps)
-        ramp = penalty_ramp(gamma, (gamma_max - gamma) / ramp_steps, 1.0, gamma_max)
+        if variant not in ("value", "gradient"):
+            raise ValueError(f"variant must be 'value' (V-PBGD) or 'gradient' (G-PBGD), got {variant!r}.")
+        ramp = penalty_ramp(penalty, penalty_rate, 1.0, penalty_max)
         lower_lr = upper_lr if (lower_lr is None and lower_opt is None) else lower_lr
-        if penalty == "value":
+        if variant == "value":
+            if mode is not None:
+                raise ValueError("mode applies to variant='gradient' (G-PBGD) only: V-PBGD takes no second-order "
+                                 "product.")
             return value_function(problem, multiplier=PenaltySchedule(False, ramp, False), upper_lr=upper_lr,
-                                  lower_lr=lower_lr, tracker_lr=inner_lr, upper_opt=upper_opt, lower_opt=lower_opt,
-                                  tracker_opt=inner_opt, tracker_steps=lower_steps, scale_upper=True,
+                                  lower_lr=lower_lr, tracker_lr=tracker_lr, upper_opt=upper_opt, lower_opt=lower_opt,
+                                  tracker_opt=tracker_opt, tracker_steps=tracker_steps, scale_upper=True,
                                   lower_set=lower_set, batch_size=batch_size, sampler=sampler, check=check,
                                   name="pbgd")
+        mode = "rev" if mode is None else mode
         oracles.check_mode(mode)
         if lower_set is not None or check_problem(problem).constrained:
-            raise ValueError("penalty='gradient' (G-PBGD) needs an unconstrained lower level: its penalty "
-                             "||grad_y g||^2 vanishes at unconstrained LL minima only; use penalty='value' "
+            raise ValueError("variant='gradient' (G-PBGD) needs an unconstrained lower level: its penalty "
+                             "||grad_y g||^2 vanishes at unconstrained LL minima only; use variant='value' "
                              "(projected steps) on a constrained lower level.")
         return GradientPenalty(problem, rule("upper_lr", upper_lr, upper_opt), rule("lower_lr", lower_lr, lower_opt),
                                make_samplers(batch_size, sampler), ramp, mode, check=check)

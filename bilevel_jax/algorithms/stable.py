@@ -106,12 +106,13 @@ class StableTracked(Composed):
         theta_{k+1} = P(theta_k - alpha (grad_theta f - H_xy^k (H_yy^k)^{-1} grad_phi f))
         phi_{k+1}   = phi_k - beta grad_phi g - (H_yy^k)^{-1} (H_xy^k)' (theta_{k+1} - theta_k)
 
-    the same minibatch xi_k at z_k and z_{k-1} (a STORM-type recursion), H^0 the first sample's.
+    the same minibatch xi_k at z_k and z_{k-1} (a STORM-type recursion of momentum 1 - tau), H^0 the
+    first sample's; mu = `hessian_floor`.
     Cost per step: two dense blocks, i.e. 2 (n_theta + n_phi) JVPs of grad_phi g (counted as
     n_phi HVPs and n_theta cross products each), 1 LL and 1 UL gradient, two Cholesky solves.
     """
 
-    tau: jax.Array
+    momentum: jax.Array   # 1 - tau
     mu: jax.Array
     name: str = eqx.field(static=True, default="stable", kw_only=True)
 
@@ -131,7 +132,7 @@ class StableTracked(Composed):
             h_old, j_old = oracles.lower_hessian_blocks(p, state.prev_theta, state.prev_phi, batches.lower)
             g_theta, g_phi = oracles.upper_grads(p, state.theta, state.phi, batches.upper)
             g_low = oracles.lower_grad_phi(p, state.theta, state.phi, batches.lower)
-        w = jnp.where(k > 0, 1.0 - self.tau, 0.0)
+        w = jnp.where(k > 0, self.momentum, 0.0)
         hessian = project_spd(w * (state.hessian - h_old) + h_now, self.mu)
         cross = w * (state.cross - j_old) + j_now
         factor = jax.scipy.linalg.cho_factor(hessian)
@@ -156,26 +157,27 @@ class StableTracked(Composed):
 
 def stable(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None,
            linear_solver: Optional[LinearSolver] = None, warm_start: bool = True, hessian_tracking: bool = False,
-           tau=0.5, mu=1e-3, batch_size: BatchSize = 64, sampler: str = "iid", mode: str = "rev",
-           check: bool = False):
+           hessian_momentum=0.5, hessian_floor=1e-3, batch_size: BatchSize = 64, sampler: str = "iid",
+           mode: str = "rev", check: bool = False):
     """STABLE with step sizes alpha = `upper_lr`, beta = `lower_lr` (floats, arrays or schedules, or
     whole optax rules `upper_opt`/`lower_opt`; the paper's single timescale is alpha, beta =
     Theta(K^{-1/2}) constants) and `linear_solver` (default cg(10), warm-started) for both v and
     the correction, matrix-free. With `hessian_tracking=True`, the paper's own estimator instead:
-    dense recursive estimates of the LL Hessian and cross block with weight `tau` (the paper's
-    Theta(K^{-1/2}) or a constant; 0.5 in the MRBO authors' re-implementation) and the projection
-    onto {H >= mu I} (`StableTracked`; small problems only). `batch_size`, `sampler`, `mode` and
-    `check` as in `bilevel_loop` (default minibatches of 64). Sampling: i.i.d. minibatches (the paper's)."""
+    dense recursive estimates of the LL Hessian and cross block with momentum `hessian_momentum`
+    = 1 - tau (the paper's tau: Theta(K^{-1/2}) or a constant; 0.5 in the MRBO authors'
+    re-implementation) and the projection onto {H >= mu I}, mu = `hessian_floor` (`StableTracked`;
+    small problems only). `batch_size`, `sampler`, `mode` and `check` as in `bilevel_loop` (default minibatches of 64). Sampling: i.i.d. minibatches (the paper's)."""
     with named("stable"):
         check_problem(problem)
         oracles.check_mode(mode)
         if hessian_tracking:
             if linear_solver is not None:
                 raise ValueError("hessian_tracking solves with the tracked dense Hessian: linear_solver is not used.")
-            check_in_range("tau", tau, 0.0, 1.0)
-            check_step_size("mu", mu)
+            check_in_range("hessian_momentum", hessian_momentum, 0.0, 1.0)
+            check_step_size("hessian_floor", hessian_floor)
             return StableTracked(problem, rule("upper_lr", upper_lr, upper_opt), rule("lower_lr", lower_lr, lower_opt),
-                                 make_samplers(batch_size, sampler), as_array(tau), as_array(mu), check=check)
+                                 make_samplers(batch_size, sampler), as_array(hessian_momentum), as_array(hessian_floor),
+                                 check=check)
         solver = cg(10) if linear_solver is None else linear_solver
         if not isinstance(solver, LinearSolver):
             raise TypeError(f"linear_solver must be a bj.linear_solvers solver, got {solver!r}.")

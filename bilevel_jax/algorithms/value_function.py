@@ -379,18 +379,19 @@ def value_function(problem: BilevelProblem, *, multiplier: Multiplier, upper_lr=
 
 # ----------------------------------------------------------------------------------- presets
 
-def bome(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, inner_lr=0.1, upper_opt=None, lower_opt=None,
-         inner_opt=None, lower_steps: int = 10, eta=0.5, control: str = "gradient", batch_size: BatchSize = None,
-         **kw) -> ValueFunction:
+def bome(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, tracker_lr=0.1, upper_opt=None, lower_opt=None,
+         tracker_opt=None, tracker_steps: int = 10, control_rate=0.5, control: str = "gradient",
+         batch_size: BatchSize = None, **kw) -> ValueFunction:
     """BOME (Liu, Ye, Wright, Stone, Liu, "BOME! Bilevel Optimization Made Easy: A Simple First-Order
     Approach", NeurIPS 2022, arXiv:2209.08709):
 
-        y_hat = T gradient steps on f_lower(x_k, .) from y_k (step `inner_lr`), held fixed,
+        y_hat = T = `tracker_steps` gradient steps on f_lower(x_k, .) from y_k (step `tracker_lr`), held fixed,
         q(x, y) = f_lower(x, y) - f_lower(x, y_hat),
         lambda_k = max(0, (phi_k - <grad f_upper, grad q>) / ||grad q||^2),
         (x, y) <- (x, y) - xi (grad f_upper + lambda_k grad q)          (one step xi on both)
 
-    with phi_k = eta ||grad q||^2 (`control="gradient"`, eta = 0.5: the public benchmark's default)
+    with phi_k = eta ||grad q||^2, eta = `control_rate` (`control="gradient"`, eta = 0.5: the public
+    benchmark's default)
     or eta q (`control="value"`, the authors' code, eta in {0.1, 0.5, 0.9}). Defaults: T = 10
     (the authors' hyper-cleaning setting), xi = `upper_lr` for x and `lower_lr` (default the same)
     for y. Valid for LLs with many minima (PL). Oracles: T + 2 LL gradients, 1 UL gradient,
@@ -413,21 +414,21 @@ def bome(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, inner_lr=0.1, 
     with named("bome"):
         if control not in ("gradient", "value"):
             raise ValueError(f"control must be 'gradient' or 'value', got {control!r}.")
-        check_step_size("eta", eta)
+        check_step_size("control_rate", control_rate)
         lower_lr = upper_lr if (lower_lr is None and lower_opt is None) else lower_lr
-        return value_function(problem, multiplier=Barrier(control == "value", as_array(eta), control),
-                              upper_lr=upper_lr, lower_lr=lower_lr, tracker_lr=inner_lr, upper_opt=upper_opt,
-                              lower_opt=lower_opt, tracker_opt=inner_opt, tracker_steps=lower_steps,
+        return value_function(problem, multiplier=Barrier(control == "value", as_array(control_rate), control),
+                              upper_lr=upper_lr, lower_lr=lower_lr, tracker_lr=tracker_lr, upper_opt=upper_opt,
+                              lower_opt=lower_opt, tracker_opt=tracker_opt, tracker_steps=tracker_steps,
                               restart_tracker=True, batch_size=batch_size, name="bome", **kw)
 
 
-def pdbo(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, inner_lr=None, dual_lr=1.0, dual_start=0.0,
-         dual_max=1e3, dual_reg=0.0, upper_opt=None, lower_opt=None, inner_opt=None, lower_steps: int = 10,
+def pdbo(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, tracker_lr=None, dual_lr=1.0, dual_start=0.0,
+         dual_max=1e3, dual_reg=0.0, upper_opt=None, lower_opt=None, tracker_opt=None, tracker_steps: int = 10,
          smoothing=None, batch_size: BatchSize = None, **kw) -> ValueFunction:
     """PDBO (Sow, Ji, Guan, Liang, "A Primal-Dual Approach to Bilevel Optimization with Multiple
     Inner Minima", 2022, arXiv:2203.01123), the primal-dual form (29) of the value-function problem:
 
-        z_k = N (warm-started) gradient steps on f_lower(x_k, .) [+ (a1/2) ||.||^2]
+        z_k = N = `tracker_steps` (warm-started) gradient steps (`tracker_lr`) on f_lower(x_k, .) [+ (a1/2) ||.||^2]
         q_k = f_lower(x_k, y_k) - f_lower(x_k, z_k) [- (a1/2) ||z_k||^2 - a2]
         (x, y) <- (P_X(x - eta_x (grad_x f + lambda_k (grad_x f_lower(x, y) - grad_x f_lower(x, z)))),
                    y - eta_y (grad_y f + lambda_k grad_y f_lower(x, y)))
@@ -445,15 +446,15 @@ def pdbo(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, inner_lr=None, 
         check_step_size("dual_max", dual_max)
         check_in_range("dual_reg", dual_reg, 0.0, float("inf"))
         mult = DualAscent(True, as_array(dual_lr), as_array(dual_start), as_array(dual_max), as_array(dual_reg))
-        return value_function(problem, multiplier=mult, upper_lr=upper_lr, lower_lr=lower_lr, tracker_lr=inner_lr,
-                              upper_opt=upper_opt, lower_opt=lower_opt, tracker_opt=inner_opt,
-                              tracker_steps=lower_steps, smoothing=smoothing, batch_size=batch_size, name="pdbo",
+        return value_function(problem, multiplier=mult, upper_lr=upper_lr, lower_lr=lower_lr, tracker_lr=tracker_lr,
+                              upper_opt=upper_opt, lower_opt=lower_opt, tracker_opt=tracker_opt,
+                              tracker_steps=tracker_steps, smoothing=smoothing, batch_size=batch_size, name="pdbo",
                               **kw)
 
 
-def vf_penalty(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, inner_lr=None, penalty=10.0,
-               penalty_rate=0.0, penalty_max=float("inf"), upper_opt=None, lower_opt=None, inner_opt=None,
-               lower_steps: int = 10, smoothing=(0.0, 0.0), hinge: bool = True, batch_size: BatchSize = None,
+def vf_penalty(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, tracker_lr=None, penalty=10.0,
+               penalty_rate=0.0, penalty_max=float("inf"), upper_opt=None, lower_opt=None, tracker_opt=None,
+               tracker_steps: int = 10, smoothing=(0.0, 0.0), hinge: bool = True, batch_size: BatchSize = None,
                **kw) -> ValueFunction:
     """The penalty form (28) of the value-function problem (25)-(27) (Sow et al. 2022,
     arXiv:2203.01123; the single-level value-function reformulation):
@@ -461,23 +462,23 @@ def vf_penalty(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, inner_lr=
         min_{theta, phi} f_upper + rho max{0, f_lower(theta, phi) - v_a(theta)},
 
     a joint (sub)gradient step on (theta, phi) with the weight rho 1[q > 0] (`hinge`; False: the
-    smooth penalty rho q), v_a tracked by N warm-started gradient steps, rho_k = min(`penalty` +
-    `penalty_rate` k, `penalty_max`). With a1 = a2 = 0 (default) q >= 0 and the hinge is rho q; the
+    smooth penalty rho q), v_a tracked by N = `tracker_steps` warm-started gradient steps
+    (`tracker_lr`), rho_k = min(`penalty` + `penalty_rate` k, `penalty_max`). With a1 = a2 = 0 (default) q >= 0 and the hinge is rho q; the
     minimiser is within O(1/rho) of the optimistic solution. Oracles: N + 2 LL gradients, 1 UL
     gradient, 2 LL values. Sampling: full batch (a deterministic reformulation); `batch_size=b`
     draws i.i.d. minibatches. `lower_set=`: a constrained LL (projected y and z steps, module
     docstring; eq. (25)'s Phi)."""
     with named("vf_penalty"):
         mult = PenaltySchedule(hinge, penalty_ramp(penalty, penalty_rate, 1.0, penalty_max), hinge)
-        return value_function(problem, multiplier=mult, upper_lr=upper_lr, lower_lr=lower_lr, tracker_lr=inner_lr,
-                              upper_opt=upper_opt, lower_opt=lower_opt, tracker_opt=inner_opt,
-                              tracker_steps=lower_steps, smoothing=smoothing, batch_size=batch_size,
+        return value_function(problem, multiplier=mult, upper_lr=upper_lr, lower_lr=lower_lr, tracker_lr=tracker_lr,
+                              upper_opt=upper_opt, lower_opt=lower_opt, tracker_opt=tracker_opt,
+                              tracker_steps=tracker_steps, smoothing=smoothing, batch_size=batch_size,
                               name="vf_penalty", **kw)
 
 
-def smoothing_pg(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, inner_lr=None, upper_opt=None,
-                 lower_opt=None, inner_opt=None, lower_steps: int = 10, penalty=1.0, penalty_grow=2.0,
-                 penalty_max=1e3, smoothing=1.0, smoothing_shrink=0.5, eta=0.1, hinge: bool = True,
+def smoothing_pg(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, tracker_lr=None, upper_opt=None,
+                 lower_opt=None, tracker_opt=None, tracker_steps: int = 10, penalty=1.0, penalty_factor=2.0,
+                 penalty_max=1e3, smoothing=1.0, smoothing_shrink=0.5, resolve_tol=0.1, hinge: bool = True,
                  lower_set=None, batch_size: BatchSize = None, **kw) -> ValueFunction:
     """Smoothing projected gradient on the value-function reformulation (Lin, Xu, Ye, "On solving
     simple bilevel programs with a nonconvex lower level program", Math. Programming 144:277-305,
@@ -497,11 +498,11 @@ def smoothing_pg(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, inner_
         z_mu tracked by T warm-started projected gradient steps on g + (mu/2) ||.||^2,
 
     the direction scaled by 1/rho so that a constant step stays stable as rho grows (as V-PBGD).
-    Parameter control: when a step moves less than eta mu_k (the smoothed problem is resolved at
-    this mu), mu_{k+1} = `smoothing_shrink` mu_k and, if the smoothed constraint is still violated
-    (q_mu > 0), rho_{k+1} = min(`penalty_grow` rho_k, `penalty_max`). Defaults: mu_0 = `smoothing` =
-    1, shrink 0.5, rho_0 = `penalty` = 1, grow 2, rho_max = 1e3, eta = 0.1, T = `lower_steps` = 10,
-    alpha = `upper_lr` = 0.1 on theta, `lower_lr` (default the same) on phi, `inner_lr` (default
+    Parameter control: when a step moves less than eta mu_k, eta = `resolve_tol` (the smoothed
+    problem is resolved at this mu), mu_{k+1} = `smoothing_shrink` mu_k and, if the smoothed constraint is still violated
+    (q_mu > 0), rho_{k+1} = min(`penalty_factor` rho_k, `penalty_max`). Defaults: mu_0 = `smoothing` =
+    1, shrink 0.5, rho_0 = `penalty` = 1, grow 2, rho_max = 1e3, eta = 0.1, T = `tracker_steps` = 10,
+    alpha = `upper_lr` = 0.1 on theta, `lower_lr` (default the same) on phi, `tracker_lr` (default
     `lower_lr`) on z; needs alpha L_g < 2 (L_g: the LL Hessian's largest eigenvalue).
 
     Where it departs from the paper [verify]: the paper smooths v by the integral entropy function
@@ -518,17 +519,17 @@ def smoothing_pg(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, inner_
     `lower_set=`: Phi, as in the other value-function presets (module docstring)."""
     with named("smoothing_pg"):
         check_step_size("penalty", penalty)
-        check_in_range("penalty_grow", penalty_grow, 1.0, float("inf"))
+        check_in_range("penalty_factor", penalty_factor, 1.0, float("inf"))
         check_step_size("penalty_max", penalty_max)
         check_step_size("smoothing", smoothing)
         check_in_range("smoothing_shrink", smoothing_shrink, 0.0, 1.0, closed_low=False)
-        check_step_size("eta", eta)
+        check_step_size("resolve_tol", resolve_tol)
         control = SmoothingControl(True, as_array(smoothing), as_array(penalty), as_array(smoothing_shrink),
-                                   as_array(penalty_grow), as_array(penalty_max), as_array(eta), hinge)
+                                   as_array(penalty_factor), as_array(penalty_max), as_array(resolve_tol), hinge)
         lower_lr = upper_lr if (lower_lr is None and lower_opt is None) else lower_lr
         return value_function(problem, multiplier=control, upper_lr=upper_lr, lower_lr=lower_lr,
-                              tracker_lr=inner_lr, upper_opt=upper_opt, lower_opt=lower_opt, tracker_opt=inner_opt,
-                              tracker_steps=lower_steps, scale_upper=True, smoothing=(0.0, 0.0), lower_set=lower_set,
+                              tracker_lr=tracker_lr, upper_opt=upper_opt, lower_opt=lower_opt, tracker_opt=tracker_opt,
+                              tracker_steps=tracker_steps, scale_upper=True, smoothing=(0.0, 0.0), lower_set=lower_set,
                               batch_size=batch_size, name="smoothing_pg", **kw)
 
 

@@ -95,12 +95,12 @@ class PZOBO(Composed):
 
 
 def pzobo(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None,
-          lower_steps: int = 10, num_directions: int = 10, mu=0.1, directions: str = "gaussian",
+          lower_steps: int = 10, num_directions: int = 10, perturbation=0.1, directions: str = "gaussian",
           upper_decay=0.0, lower_set=None, batch_size: BatchSize = None, sampler: str = "iid",
           check: bool = False) -> PZOBO:
     """PZOBO (module docstring): step beta = `upper_lr` (decayed as (k+1)^-`upper_decay`), N =
     `lower_steps` LL steps of `lower_lr` per outer step, Q = `num_directions` perturbations of size
-    `mu`; defaults mu = 0.1, Q = 10, N = 10 (the public benchmark's, full batch). Sampling: full
+    mu = `perturbation`; defaults mu = 0.1, Q = 10, N = 10 (the public benchmark's, full batch). Sampling: full
     batch by default; the paper's stochastic variant draws i.i.d. minibatches (`batch_size=b`).
     `lower_set`: a constrained LL's feasible set (a `bj.constraints` set or a projection; default the
     set a constrained problem was built from): y_N(x) is then N projected gradient steps, and the
@@ -109,14 +109,14 @@ def pzobo(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None
         check_problem(problem)
         check_positive_int("lower_steps", lower_steps)
         check_positive_int("num_directions", num_directions)
-        check_step_size("mu", mu)
+        check_step_size("perturbation", perturbation)
         if directions not in ("gaussian", "orthogonal"):
             raise ValueError(f"directions must be 'gaussian' or 'orthogonal', got {directions!r}.")
         lower = rule("lower_lr", lower_lr, lower_opt)
         if lower_set is not None or problem.constrained:
             lower = project_rule(lower, lower_projection(problem, lower_set))
         return PZOBO(problem, rule("upper_lr", upper_lr, upper_opt, upper_decay), lower,
-                     make_samplers(batch_size, sampler), as_array(mu), lower_steps, num_directions, directions,
+                     make_samplers(batch_size, sampler), as_array(perturbation), lower_steps, num_directions, directions,
                      check=check)
 
 
