@@ -1,14 +1,16 @@
 """One vocabulary of preset keyword names: every preset takes only names of
 `bj.algorithms.vocabulary.VOCABULARY`, the README table "Hyperparameter names" lists exactly those
-names and the presets that take each, and the names renamed in 0.2.0 fail naming the new one."""
+names and the presets that take each, and the names renamed in 0.2.0 convert with a warning or fail naming
+the new one."""
 import inspect
 import pathlib
 import re
 
+import equinox as eqx
 import pytest
 
 import bilevel_jax as bj
-from bilevel_jax.algorithms.vocabulary import RENAMES, VOCABULARY
+from bilevel_jax.algorithms.vocabulary import RENAMES, VOCABULARY, translate_renamed
 
 PRESETS = (*bj.algorithms.ALGORITHMS, "pessimistic_penalty", "bsg_constrained")
 
@@ -44,14 +46,29 @@ def test_readme_table_lists_the_vocabulary_and_its_presets():
         assert users == expected, (name, users)
 
 
-@pytest.mark.parametrize("old,new,presets,note", RENAMES)
-def test_renamed_keywords_fail_naming_the_new_one(old, new, presets, note):
+@pytest.mark.parametrize("old,new,presets,note,convert", RENAMES)
+def test_renamed_keywords_convert_with_a_warning_or_fail_naming_the_new_one(old, new, presets, note, convert):
     for preset in presets:
         assert old not in _keywords(preset)
-        with pytest.raises(TypeError, match=f"{preset}: renamed .*{old}= is now {new}="):
-            bj.algorithms.get(preset)(None, **{old: 1.0})
+        if convert is None:
+            with pytest.raises(TypeError, match=f"{preset}: renamed .*{old}= is now {new}="):
+                translate_renamed(preset, {old: 1})
+            continue
+        with pytest.warns(FutureWarning, match=f"{preset}: {old}= is deprecated .*use {new}="):
+            assert translate_renamed(preset, {old: 1, "upper_lr": 0.1}) == {new: convert(1), "upper_lr": 0.1}
+        with pytest.raises(TypeError, match=f"{old}= is now {new}=.*given too"):
+            translate_renamed(preset, {old: 1, new: 1})
 
 
-def test_pbgd_variant_string_in_penalty_names_variant():
-    with pytest.raises(TypeError, match="penalty='gradient' \\(the variant\\) is now variant='gradient'"):
-        bj.algorithms.pbgd(None, penalty="gradient")
+def test_old_names_still_build_the_same_preset(quad):
+    with pytest.warns(FutureWarning, match="momentum_eta= is deprecated"):
+        old = bj.algorithms.fsla(quad.problem, upper_lr=0.1, lower_lr=0.1, v_lr=0.1, momentum_eta=0.3)
+    new = bj.algorithms.fsla(quad.problem, upper_lr=0.1, lower_lr=0.1, v_lr=0.1, momentum=0.7)
+    assert eqx.tree_equal(old, new)
+    with pytest.raises(TypeError, match="does not convert automatically"):
+        bj.algorithms.fsla(quad.problem, momentum_eta=bj.schedules.inverse_power(0.5, 0.5))
+
+
+def test_pbgd_variant_string_in_penalty_is_the_variant():
+    with pytest.warns(FutureWarning, match="penalty='gradient' \\(the variant\\) is deprecated: use variant='gradient'"):
+        assert translate_renamed("pbgd", {"penalty": "gradient"}) == {"variant": "gradient"}

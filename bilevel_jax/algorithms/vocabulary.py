@@ -1,7 +1,9 @@
 """One vocabulary of preset keyword names: `VOCABULARY` (name -> meaning), the README table
 "Hyperparameter names" lists the same names (a test checks both, and that every preset takes only
-these names), and `RENAMES`, the names of 0.1 that 0.2.0 renamed: `check_renamed` (called where a
-preset is built, `parallel.preset_options`) refuses them with the new name.
+these names), and `RENAMES`, the names of 0.1 that 0.2.0 renamed: `translate_renamed` (called where
+a preset is built, `parallel.preset_options`) still accepts an old name whose value converts on its
+own (the same value, or 1 - value for a momentum), with a FutureWarning naming the new one, and
+refuses the others (a TypeError naming the new name and how to convert).
 
 Conventions: `upper_*` is theta's, `lower_*` phi's, `v_*` the amortized adjoint's, `tracker_*` the
 value-function tracker's z ~ argmin_z f_lower(theta, z) (the inner problem's solver), `dual_*` a
@@ -14,6 +16,7 @@ rho_k = min(`penalty` + `penalty_rate` k^`penalty_power`, `penalty_max`); a mult
 """
 from __future__ import annotations
 
+import warnings
 from typing import Mapping
 
 VOCABULARY: Mapping[str, str] = {
@@ -106,40 +109,68 @@ VOCABULARY: Mapping[str, str] = {
 
 _VALUE_FUNCTION = ("bome", "pdbo", "vf_penalty", "smoothing_pg", "pbgd")
 
-# (old name, new name, presets, how the value converts): the renames of 0.2.0
+def _same(value):
+    return value
+
+
+def _complement(value):
+    """1 - value for a momentum given as a number (a schedule or an optax rule does not convert)."""
+    if callable(value) or isinstance(value, (str, bool)):
+        raise TypeError("it does not convert automatically")
+    return 1 - value
+
+
+# (old name, new name, presets, how the value converts, the conversion or None): the renames of 0.2.0
 RENAMES = (
-    ("momentum_eta", "momentum", ("fsla",), " = 1 - momentum_eta"),
-    ("eta0", "momentum", ("mrbo", "sustain"), " = 1 - eta0"),
-    ("eta_upper", "upper_momentum", ("momentum",), " (the same value)"),
-    ("eta_lower", "lower_momentum", ("momentum",), " (the same value)"),
-    ("tau", "hessian_momentum", ("stable",), " = 1 - tau"),
-    ("mu", "hessian_floor", ("stable",), ""),
-    ("mu", "perturbation", ("pzobo",), ""),
-    ("inner_lr", "tracker_lr", (*_VALUE_FUNCTION, "f2sa"), ""),
-    ("inner_opt", "tracker_opt", (*_VALUE_FUNCTION, "f2sa"), ""),
-    ("lower_steps", "tracker_steps", _VALUE_FUNCTION, " (the tracker's steps)"),
-    ("inner_decay", "tracker_decay", ("f2sa",), ""),
-    ("inner_decay", "restart_lower_decay", ("bsa",), " (the same bool)"),
-    ("gamma", "penalty", ("pbgd",), ""),
-    ("gamma_max", "penalty_max", ("pbgd",), ""),
-    ("ramp_steps", "penalty_rate", ("pbgd",), " = (penalty_max - penalty) / ramp_steps"),
-    ("penalty_grow", "penalty_factor", ("smoothing_pg",), ""),
-    ("eta", "control_rate", ("bome",), ""),
-    ("eta", "resolve_tol", ("smoothing_pg",), ""),
-    ("eta", "subspace_eta", ("subbio",), ""),
+    ("momentum_eta", "momentum", ("fsla",), " = 1 - momentum_eta", _complement),
+    ("eta0", "momentum", ("mrbo", "sustain"), " = 1 - eta0", _complement),
+    ("eta_upper", "upper_momentum", ("momentum",), " (the same value)", _same),
+    ("eta_lower", "lower_momentum", ("momentum",), " (the same value)", _same),
+    ("tau", "hessian_momentum", ("stable",), " = 1 - tau", _complement),
+    ("mu", "hessian_floor", ("stable",), "", _same),
+    ("mu", "perturbation", ("pzobo",), "", _same),
+    ("inner_lr", "tracker_lr", (*_VALUE_FUNCTION, "f2sa"), "", _same),
+    ("inner_opt", "tracker_opt", (*_VALUE_FUNCTION, "f2sa"), "", _same),
+    ("lower_steps", "tracker_steps", _VALUE_FUNCTION, " (the tracker's steps)", _same),
+    ("inner_decay", "tracker_decay", ("f2sa",), "", _same),
+    ("inner_decay", "restart_lower_decay", ("bsa",), " (the same bool)", _same),
+    ("gamma", "penalty", ("pbgd",), "", _same),
+    ("gamma_max", "penalty_max", ("pbgd",), "", _same),
+    ("ramp_steps", "penalty_rate", ("pbgd",), " = (penalty_max - penalty) / ramp_steps", None),
+    ("penalty_grow", "penalty_factor", ("smoothing_pg",), "", _same),
+    ("eta", "control_rate", ("bome",), "", _same),
+    ("eta", "resolve_tol", ("smoothing_pg",), "", _same),
+    ("eta", "subspace_eta", ("subbio",), "", _same),
 )
-RENAMED: Mapping[tuple, str] = {(preset, old): f"{new}={note}" for old, new, presets, note in RENAMES
-                                for preset in presets}
+RENAMED: Mapping[tuple, tuple] = {(preset, old): (new, note, convert) for old, new, presets, note, convert in RENAMES
+                                  for preset in presets}
 
 
-def check_renamed(preset: str, kwargs) -> None:
-    """Raise TypeError naming the new name for every keyword of `kwargs` that `preset` renamed in 0.2.0
-    (pbgd's `penalty` given a string: the variant, now `variant=`)."""
-    old = [f"{n}= is now {RENAMED[preset, n]}" for n in kwargs if (preset, n) in RENAMED]
-    if preset == "pbgd" and isinstance(kwargs.get("penalty"), str):
-        old.append(f"penalty={kwargs['penalty']!r} (the variant) is now variant={kwargs['penalty']!r}")
-    if old:
-        raise TypeError(f"{preset}: renamed keyword argument(s) (CHANGELOG 0.2.0): {'; '.join(old)}.")
+def translate_renamed(preset: str, kwargs: dict) -> dict:
+    """`kwargs` with the keywords `preset` renamed in 0.2.0 given their new names: a value that
+    converts on its own (`RENAMES`) is converted, with a FutureWarning naming the new name; one that
+    does not (pbgd's `ramp_steps`, a momentum schedule), or an old name given with its new one,
+    raises a TypeError naming the new name. pbgd's `penalty` given a string is the variant, now
+    `variant=`."""
+    out, refused = dict(kwargs), []
+    if preset == "pbgd" and isinstance(out.get("penalty"), str):
+        out["variant"] = out.pop("penalty")
+        warnings.warn(f"pbgd: penalty={out['variant']!r} (the variant) is deprecated: use variant={out['variant']!r} "
+                      "(renamed in 0.2.0).", FutureWarning, stacklevel=3)
+    for name in [n for n in kwargs if (preset, n) in RENAMED]:
+        new, note, convert = RENAMED[preset, name]
+        try:
+            if convert is None or new in kwargs:
+                raise TypeError("it does not convert automatically" if convert is None else f"{new}= is given too")
+            out[new] = convert(out.pop(name))
+        except TypeError as why:
+            refused.append(f"{name}= is now {new}={note} ({why})")
+            continue
+        warnings.warn(f"{preset}: {name}= is deprecated (renamed in 0.2.0): use {new}={note}.", FutureWarning,
+                      stacklevel=3)
+    if refused:
+        raise TypeError(f"{preset}: renamed keyword argument(s) (CHANGELOG 0.2.0): {'; '.join(refused)}.")
+    return out
 
 
-__all__ = ["RENAMED", "RENAMES", "VOCABULARY", "check_renamed"]
+__all__ = ["RENAMED", "RENAMES", "VOCABULARY", "translate_renamed"]
