@@ -31,6 +31,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from bilevel_jax import oracles
 from bilevel_jax.problem import BilevelProblem, check_data_pair
 
 PyTree = Any
@@ -81,12 +82,22 @@ class MultiObjectiveProblem:
 
         `task_args` are pytrees with a leading task axis on every array leaf (None leaves pass as
         None). Shared functions: one `jax.vmap` (fn is traced once); lists: a loop over the n pairs.
+        The oracle calls of fn (`bj.oracles`) are counted per task (a solver's matvec count may
+        differ between tasks) and recorded, summed over the tasks, in the open `counting` block.
         """
+        def counted(problem, *args):
+            with oracles.counting(times=0) as tally:
+                out = fn(problem, *args)
+            return out, tally.counts
+
         if self.shared:
             problem = self.pair()
-            return jax.vmap(lambda *args: fn(problem, *args))(*task_args)
-        outs = [fn(self.pair(i), *task_slice(task_args, i)) for i in range(self.num_tasks)]
-        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+            outs, counts = jax.vmap(lambda *args: counted(problem, *args))(*task_args)
+        else:
+            per_task = [counted(self.pair(i), *task_slice(task_args, i)) for i in range(self.num_tasks)]
+            outs, counts = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_task)
+        oracles.record(oracles.OracleCounts(*(jnp.sum(c) for c in counts)))
+        return outs
 
     def values(self, theta, phi, data, level: str = "upper") -> jax.Array:
         """The n objective values f_u,i(theta, phi_i, data_i) (or f_l,i with level="lower"), shape (n,)."""

@@ -164,6 +164,12 @@ def _on_diff(fn: Callable, theta: PyTree, phi: PyTree, batch: PyTree):
     return f, theta_d, phi_d
 
 
+def upper_value(problem: BilevelProblem, theta, phi, batch):
+    """f_upper(theta, phi, batch) on its own (one value: MORBiT's objective values for its weights' ascent)."""
+    record(_calls(values=1))
+    return problem.f_upper(theta, phi, batch)
+
+
 def upper_grads(problem: BilevelProblem, theta, phi, batch):
     """(grad_theta f_upper, grad_phi f_upper) from one reverse pass."""
     f, t, p = _on_diff(problem.f_upper, theta, phi, batch)

@@ -55,7 +55,7 @@ class AveragedImplicit(steps.Composed):   # problem, upper, lower, samplers; che
         k = state.count
         batches = self.batches(state, data, self.lower_steps)
         with bj.oracles.counting() as tally:   # the oracle calls of the step, as the oracle functions count them
-            phi, lower_state, _, ll_status = steps.lower_phase(
+            phi, lower_state, ll_status = steps.lower_phase(
                 self.problem, self.lower, state.theta, state.phi, state.lower_opt_state, self.lower_steps,
                 batches.lower_at, k)
             out = bj.hypergrad.implicit_direction(self.problem, state.theta, phi, batches.upper, batches.lower,

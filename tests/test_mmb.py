@@ -118,7 +118,8 @@ def test_blocks_are_drawn_uniformly_without_replacement(q):
     alg = bj.algorithms.mmb(q.problem, blocks=2)
     state = _init(alg, q)
     keys = jax.random.split(jax.random.PRNGKey(5), 600)
-    y = eqx.filter_jit(jax.vmap(lambda k: alg.update(state._replace(key=k), q.data)[0].y))(keys)
+    with_key = lambda k: eqx.tree_at(lambda s: s.header.key, state, k)
+    y = eqx.filter_jit(jax.vmap(lambda k: alg.update(with_key(k), q.data)[0].y))(keys)
     moved = np.any(np.asarray(y) != 0.0, axis=2)                  # (keys, blocks): block i updated
     assert np.all(moved.sum(axis=1) == 2)
     np.testing.assert_allclose(moved.mean(axis=0), 2 / 3, atol=0.06)

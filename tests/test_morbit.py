@@ -98,7 +98,7 @@ def test_one_step_is_the_weighted_sum_of_per_task_hypergradients_one_task_at_a_t
                                linear_solver=bj.linear_solvers.dense())
     rs = np.random.RandomState(1)
     theta, phi, lam = jnp.asarray(rs.randn(2)), jnp.asarray(rs.randn(3, 3)), jnp.asarray([0.5, 0.2, 0.3])
-    state = alg.init(theta, phi, jax.random.PRNGKey(0), q.data)._replace(lam=lam)
+    state = eqx.tree_at(lambda s: s.lam, alg.init(theta, phi, jax.random.PRNGKey(0), q.data), lam)
     new, info = eqx.filter_jit(alg.update)(state, q.data)
 
     direction, new_phi, values = 0.0, [], []

@@ -17,7 +17,9 @@ the oracle functions (`bj.oracles.counting`), never from numbers written by hand
 
 Every preset of `bj.algorithms.ALGORITHMS` is checked at outer step 1 (the SARAH presets' refresh
 steps count one pass over the data by convention, n / b minibatch oracles, which a count of calls
-does not see; step 1 is a recursion step), with minibatches of 16 of 64 samples.
+does not see; step 1 is a recursion step), with minibatches of 16 of 64 samples. The multi-objective and min-max presets (`MULTI_OBJECTIVE`,
+`MIN_MAX`) are checked on their quadratic problems, with one shared pair (tasks vmapped) and with
+a list of pairs (tasks unrolled).
 """
 import dataclasses
 import math
@@ -238,6 +240,44 @@ def test_reported_counts_are_the_traced_oracle_calls(name, problem):
     state = _at_step(alg.init(problem.theta0, problem.phi0, jax.random.PRNGKey(0), problem.data), 1)
     traced, reported = traced_and_reported(alg, state, problem.data)
     assert traced == reported, (name, traced, reported)
+
+
+# ---------------------------------------------------------------------------------- multi-objective and min-max presets
+
+TASK_VARIANTS = {"morbit": ({}, {"lower_steps": 2, "mu_lambda": 0.1}, {"uniform": True}),
+                 "mmb": ({}, {"blocks": 2, "linear_solver": bj.linear_solvers.cg(3, warm_start=True)})}
+
+
+def marked_tasks(problem, listed: bool):
+    """A `MultiObjectiveProblem` or `MinMaxBilevelProblem` with its objectives marked, as one shared
+    pair (tasks vmapped) or as a list of equal pairs (tasks unrolled)."""
+    if isinstance(problem, bj.MinMaxBilevelProblem):   # f_i(theta, y_i, phi, batch): (theta, y_i) is one UL variable
+        joint = marked(lambda x, phi, batch: problem.f_upper(*x, phi, batch), "upper")
+        f_upper, n = (lambda theta, y, phi, batch: joint((theta, y), phi, batch)), problem.num_blocks
+    else:
+        f_upper, n = marked(problem.f_upper, "upper"), problem.num_tasks
+    f_lower = marked(problem.f_lower, "lower")
+    return type(problem)([f_upper] * n, [f_lower] * n) if listed else dataclasses.replace(
+        problem, f_upper=f_upper, f_lower=f_lower)
+
+
+@pytest.mark.parametrize("listed", [False, True], ids=["shared", "listed"])
+@pytest.mark.parametrize("name", sorted({**bj.algorithms.MULTI_OBJECTIVE, **bj.algorithms.MIN_MAX}))
+def test_multi_objective_and_min_max_counts_are_the_traced_oracle_calls(name, listed):
+    """Per-task oracles: vmapped over the n tasks (or the B sampled blocks), or unrolled for lists."""
+    from bilevel_jax.problems import multitask as mt
+    if name in bj.algorithms.MIN_MAX:
+        q = mt.min_max_quadratic(0, num_blocks=3, dim_upper=2, dim_dual=2, dim_lower=3)
+        init = lambda alg: alg.init(jnp.zeros(2), jnp.zeros((3, 3)), jax.random.PRNGKey(0), q.data,
+                                    y0=jnp.zeros((3, 2)))
+    else:
+        q = mt.multitask_quadratic(0, num_tasks=3, dim_upper=2, dim_lower=3)
+        init = lambda alg: alg.init(jnp.zeros(2), jnp.zeros((3, 3)), jax.random.PRNGKey(0), q.data)
+    problem = marked_tasks(q.problem, listed)
+    for kw in TASK_VARIANTS[name]:
+        alg = bj.algorithms.get(name)(problem, upper_lr=0.1, **kw)
+        traced, reported = traced_and_reported(alg, _at_step(init(alg), 1), q.data)
+        assert traced == reported, (name, kw, traced, reported)
 
 
 # ---------------------------------------------------------------------------------- the marks themselves

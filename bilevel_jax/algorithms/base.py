@@ -143,13 +143,9 @@ class State(eqx.Module):
     lower_opt_state = property(lambda self: self.header.lower_opt_state)
 
 
-def header(state) -> Header:
-    """The `Header` of an algorithm state (what `bj.run` and checkpoints read). A state that is
-    not yet a `State` (the multi-objective presets' `MorbitState` / `MmbState`, which hold the same
-    fields) is read by the header's field names."""
-    if isinstance(state, State):
-        return state.header
-    return Header(*(getattr(state, name) for name in Header._fields))
+def header(state: State) -> Header:
+    """The `Header` of an algorithm state (what `bj.run` and checkpoints read)."""
+    return state.header
 
 
 class StepInfo(NamedTuple):

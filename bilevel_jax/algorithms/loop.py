@@ -121,7 +121,7 @@ class BilevelLoop(Composed):
             if self.lower_recursion:
                 phi, lower_state, rule_state, est_state, ll_status = self._recursive_phase(state, batches)
             else:
-                phi, lower_state, _, ll_status = lower_phase(
+                phi, lower_state, ll_status = lower_phase(
                     self.problem, self.lower, state.theta, state.phi, state.lower_opt_state, self.lower_steps,
                     batches.lower_at, count)
             point = Point(state.theta, phi, rule_state)

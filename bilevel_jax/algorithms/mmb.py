@@ -41,7 +41,7 @@ is not offered (any matrix-free `bj.linear_solvers` solver may be passed).
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, Optional
 
 import equinox as eqx
 import jax
@@ -51,27 +51,21 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax._checks import as_array, check_in_range, check_positive_int, check_step_size
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts, check_key, step_key
+from bilevel_jax.algorithms.base import Header, State, step_key
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
-from bilevel_jax.algorithms.morbit import (any_status, check_linear_solver, check_task_data, stacked_init, task_keys,
-                                           task_step)
-from bilevel_jax.algorithms.steps import StepRule, apply_step, finish, init_rule
+from bilevel_jax.algorithms.morbit import (TaskComposed, any_status, check_linear_solver, check_task_data,
+                                           stacked_init, task_keys, task_step)
+from bilevel_jax.algorithms.steps import StepRule, apply_step, init_rule
 from bilevel_jax.linear_solvers import LinearSolver, gd
 from bilevel_jax.multi_objective import MinMaxBilevelProblem, check_task_axis
-from bilevel_jax.sampling import Sampler
 
 PyTree = Any
 
 
-class MmbState(NamedTuple):
-    theta: PyTree
+class MmbState(State):
+    header: Header            # phi (the blocks' LL variables phi_i) and lower_opt_state stacked per block
     y: PyTree                 # the blocks' dual variables y_i, stacked on a leading block axis
-    phi: PyTree               # the blocks' LL variables phi_i, stacked
-    count: Any
-    key: Any
-    upper_opt_state: Any
     dual_opt_state: Any       # per block, stacked
-    lower_opt_state: Any      # per block, stacked
     solver: Any               # per-block linear-solver states (v_i = solver.x[i])
     momentum: PyTree          # m_t, the moving average of the UL direction (shaped like theta)
 
@@ -98,38 +92,29 @@ def _put(old, new, idx):
         lambda a, b: a.at[idx].set(b) if eqx.is_array(a) else a, old, new)
 
 
-class MMB(Algorithm):
-    problem: MinMaxBilevelProblem = eqx.field(static=True)
-    upper: StepRule
-    lower: StepRule
+class MMB(TaskComposed):   # problem (a MinMaxBilevelProblem), upper, lower, samplers; check, name
     dual: StepRule
     solver: LinearSolver
     momentum: Any             # b in (0, 1], the moving-average weight (1: no averaging)
-    samplers: Tuple[Sampler, Sampler] = eqx.field(static=True)
     blocks: int = eqx.field(static=True, default=1)
     mode: str = eqx.field(static=True, default="rev")
-    check: bool = eqx.field(static=True, default=False)
-    name: str = eqx.field(static=True, default="mmb")
+    name: str = eqx.field(static=True, default="mmb", kw_only=True)
 
     def init(self, theta0, phi0, key, data=None, y0=None) -> MmbState:
         """The state at (theta0, y0, phi0); `y0` (the blocks' dual variables, a leading block axis
         of size m) is required: the class fixes no dual start."""
-        check_key(key)
         p = self.problem
         if y0 is None:
             raise ValueError(f"{self.name}: init needs y0=, the blocks' dual variables y_i stacked on a leading axis "
                              f"of size num_blocks={p.num_blocks}.")
         check_task_axis(p.num_blocks, y0=y0, phi0=phi0)
-        theta0 = p.project(theta0)
+        head = self.start(theta0, phi0, key, data)
         y0 = y0 if p.project_dual is None else jax.vmap(p.project_y)(y0)
         if data is not None:
-            check_task_data(data, self.samplers)
-            p.validate(theta0, y0, phi0, data)
-        phi_d, y_d = oracles.differentiable(phi0), oracles.differentiable(y0)
-        return MmbState(theta0, y0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
-                        stacked_init(lambda y: init_rule(self.dual, y), y_d),
-                        stacked_init(lambda x: init_rule(self.lower, x), phi_d), stacked_init(self.solver.init, phi_d),
-                        otu.tree_zeros_like(oracles.differentiable(theta0)))
+            p.validate(head.theta, y0, phi0, data)
+        return MmbState(head, y0, stacked_init(lambda y: init_rule(self.dual, y), oracles.differentiable(y0)),
+                        stacked_init(self.solver.init, oracles.differentiable(phi0)),
+                        otu.tree_zeros_like(oracles.differentiable(head.theta)))
 
     def update(self, state: MmbState, data):
         check_task_data(data, self.samplers)
@@ -149,10 +134,11 @@ class MMB(Algorithm):
 
         args = (state.y, state.phi, state.dual_opt_state, state.lower_opt_state, state.solver, data[0], data[1],
                 task_keys(state.key, m))
-        if blocks.shared:   # the sampled blocks only, vmapped
-            out, y, dual_state, dual_status = blocks.map_tasks(one, *_take(args, idx))
-        else:               # different objectives per block: all are evaluated (unrolled), the sampled ones kept
-            out, y, dual_state, dual_status = _take(blocks.map_tasks(one, *args), idx)
+        with oracles.counting() as tally:
+            if blocks.shared:   # the sampled blocks only, vmapped
+                out, y, dual_state, dual_status = blocks.map_tasks(one, *_take(args, idx))
+            else:               # different objectives per block: all are evaluated (unrolled), the sampled ones kept
+                out, y, dual_state, dual_status = _take(blocks.map_tasks(one, *args), idx)
 
         direction = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), out.g)
         mom = otu.tree_add_scale(otu.tree_scale(1.0 - self.momentum, state.momentum), self.momentum, direction)
@@ -162,14 +148,10 @@ class MMB(Algorithm):
         lower_state = _put(state.lower_opt_state, out.lower_opt_state, idx)
         solver_state = _put(state.solver, out.solver, idx)
 
-        b = self.blocks if blocks.shared else m
-        counts = OracleCounts.of(lower_grads=b, upper_grads=b, cross=b, hvps=jnp.sum(out.matvecs))
-        (theta, y, phi), info = finish(
-            (theta, y, phi), counts, jnp.max(out.residual_norm),
-            (any_status(out.status), any_status(dual_status), up_status), check=self.check,
-            where=f"{self.name} outer step", nonfinite=self.nonfinite_every_step)
-        return MmbState(theta, y, phi, k + 1, state.key, upper_state, dual_state, lower_state, solver_state,
-                        mom), info
+        (theta, y, phi), info = self.finish((theta, y, phi), tally.counts, jnp.max(out.residual_norm),
+                                            (any_status(out.status), any_status(dual_status), up_status))
+        head = state.header.next(theta, phi, upper_state, lower_state)
+        return MmbState(head, y, dual_state, solver_state, mom), info
 
 
 def mmb(problem: MinMaxBilevelProblem, *, upper_lr=0.01, lower_lr=0.1, dual_lr=0.1, upper_opt=None, lower_opt=None,
@@ -210,8 +192,8 @@ def mmb(problem: MinMaxBilevelProblem, *, upper_lr=0.01, lower_lr=0.1, dual_lr=0
             check_step_size("v_lr", eta_v)
             linear_solver = gd(1, eta_v, warm_start=True)
         return MMB(problem, rule("upper_lr", upper_lr, upper_opt), rule("lower_lr", lower_lr, lower_opt),
-                   rule("dual_lr", dual_lr, dual_opt), check_linear_solver(linear_solver), as_array(momentum),
-                   make_samplers(batch_size, sampler), blocks, mode, check)
+                   make_samplers(batch_size, sampler), rule("dual_lr", dual_lr, dual_opt),
+                   check_linear_solver(linear_solver), as_array(momentum), blocks, mode, check=check)
 
 
 MIN_MAX = {"mmb": mmb}

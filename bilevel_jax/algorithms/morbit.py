@@ -49,9 +49,9 @@ from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax._checks import as_array, check_bool, check_in_range, check_positive_int, check_step_size
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts, check_key, step_key
+from bilevel_jax.algorithms.base import Header, State, check_key, step_key
 from bilevel_jax.algorithms.loop import BatchSize, check_data, make_samplers
-from bilevel_jax.algorithms.steps import (SOLVER_STREAM, StepRule, apply_step, draw_batches, finish, init_rule,
+from bilevel_jax.algorithms.steps import (SOLVER_STREAM, Composed, StepRule, apply_step, draw_batches, init_rule,
                                           lower_phase)
 from bilevel_jax.hypergrad.implicit import implicit_direction
 from bilevel_jax.linear_solvers import LinearSolver, cg
@@ -99,7 +99,6 @@ class TaskStep(NamedTuple):
     g: PyTree                # g_i = grad_theta f_u,i - J_i v_i at (theta, point of the direction)
     solver: Any              # the linear solver's state (v_i = solver.x)
     residual_norm: jax.Array
-    matvecs: jax.Array
     status: jax.Array
     upper_batch: PyTree      # the UL batch of the step (for f_u,i at the new theta)
 
@@ -111,12 +110,12 @@ def task_step(pair, theta, phi_i, lower_state_i, solver_state_i, upper_i, lower_
     hypergradient, at the new phi_i (MORBiT) or at the old one (`direction_before_step`: MMB's
     simultaneous update)."""
     batches = draw_batches(samplers, (upper_i, lower_i), key_i, count, lower_steps)
-    new_phi, lower_state_i, _, low_status = lower_phase(pair, lower_rule, theta, phi_i, lower_state_i, lower_steps,
-                                                        batches.lower_at, count)
+    new_phi, lower_state_i, low_status = lower_phase(pair, lower_rule, theta, phi_i, lower_state_i, lower_steps,
+                                                     batches.lower_at, count)
     at = phi_i if direction_before_step else new_phi
     out = implicit_direction(pair, theta, at, batches.upper, batches.lower, solver, solver_state_i,
                              step_key(key_i, count, SOLVER_STREAM), batches.fresh_lower, mode)
-    return TaskStep(new_phi, lower_state_i, out.g, out.state, out.info.residual_norm, out.info.num_matvecs,
+    return TaskStep(new_phi, lower_state_i, out.g, out.state, out.info.residual_norm,
                     st.merge(low_status, out.info.status), batches.upper)
 
 
@@ -125,15 +124,31 @@ def check_task_data(data, samplers) -> None:
     check_data(task_slice(data, 0), samplers)
 
 
+class TaskComposed(Composed):
+    """A `Composed` over tasks stacked on a leading axis (MORBiT's n tasks, MMB's m blocks): the data
+    carry the task axis, phi and its optax state are stacked per task, and each task draws its own
+    batches from its slice of the data and its key (`task_step`)."""
+
+    def start(self, theta0, phi0, key, data=None) -> Header:
+        """The init checks (a PRNG key; task 0's slice of the data fits the samplers) and the
+        `Header`: P_Theta(theta0), phi0, count 0, the key, the optax state of theta's rule and of
+        every task's phi_i (checking the data against the objectives, `validate`, is the caller's:
+        MMB's takes the dual start too)."""
+        check_key(key)
+        if data is not None:
+            check_task_data(data, self.samplers)
+        theta0 = self.problem.project(theta0)
+        return Header(theta0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
+                      stacked_init(lambda x: init_rule(self.lower, x), oracles.differentiable(phi0)))
+
+    def batches(self, state, data, lower_steps: int = 0):
+        raise TypeError(f"{self.name}: every task draws its own batches (task_step), not one problem's.")
+
+
 # ------------------------------------------------------------------------------------------ MORBiT
-class MorbitState(NamedTuple):
-    theta: PyTree
-    phi: PyTree               # stacked per-task LL variables
+class MorbitState(State):
+    header: Header            # phi and lower_opt_state stacked per task
     lam: jax.Array            # simplex weights, shape (n,)
-    count: Any
-    key: Any
-    upper_opt_state: Any
-    lower_opt_state: Any      # stacked per task
     lam_opt_state: Any
     solver: Any               # stacked per-task linear-solver states (v_i = solver.x[i])
 
@@ -142,34 +157,24 @@ class MorbitState(NamedTuple):
         return self.solver.x
 
 
-class Morbit(Algorithm):
-    problem: MultiObjectiveProblem = eqx.field(static=True)
-    upper: StepRule
-    lower: StepRule
+class Morbit(TaskComposed):   # problem (a MultiObjectiveProblem), upper, lower, samplers; check, name
     lam_rule: StepRule
     solver: LinearSolver
     mu: Any                   # mu_lambda, the weight of (mu/2)||lambda - 1/n||^2
     delta: Any                # the floor lambda_i >= delta / n
-    samplers: Tuple[Sampler, Sampler] = eqx.field(static=True)
     lower_steps: int = eqx.field(static=True, default=1)
     weights: Optional[jax.Array] = None   # fixed scalarisation weights (lambda not updated); None: lambda ascent
     mode: str = eqx.field(static=True, default="rev")
-    check: bool = eqx.field(static=True, default=False)
-    name: str = eqx.field(static=True, default="morbit")
+    name: str = eqx.field(static=True, default="morbit", kw_only=True)
 
     def init(self, theta0, phi0, key, data=None) -> MorbitState:
-        check_key(key)
-        p = self.problem
-        theta0 = p.project(theta0)
+        head = self.start(theta0, phi0, key, data)
+        p, n = self.problem, self.problem.num_tasks
         if data is not None:
-            check_task_data(data, self.samplers)
-            p.validate(theta0, phi0, data)
-        n = p.num_tasks
-        phi_d = oracles.differentiable(phi0)
+            p.validate(head.theta, phi0, data)
         lam0 = jnp.full((n,), 1.0 / n, dtype=jnp.result_type(float)) if self.weights is None else self.weights
-        return MorbitState(theta0, phi0, lam0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
-                           stacked_init(lambda x: init_rule(self.lower, x), phi_d), init_rule(self.lam_rule, lam0),
-                           stacked_init(self.solver.init, phi_d))
+        return MorbitState(head, lam0, init_rule(self.lam_rule, lam0),
+                           stacked_init(self.solver.init, oracles.differentiable(phi0)))
 
     def update(self, state: MorbitState, data):
         check_task_data(data, self.samplers)
@@ -181,29 +186,23 @@ class Morbit(Algorithm):
                              lower_rule=self.lower, lower_steps=self.lower_steps, solver=self.solver, mode=self.mode,
                              direction_before_step=False)
 
-        out = p.map_tasks(one, state.phi, state.lower_opt_state, state.solver, data[0], data[1],
-                          task_keys(state.key, n))
-        direction = weighted_sum(state.lam, out.g)
-        theta, upper_state, up_status = apply_step(self.upper, theta, state.upper_opt_state, direction, k, p.project)
-
-        lam, lam_state, lam_status = state.lam, state.lam_opt_state, st.ok()
-        num_values = 0
-        if self.weights is None:
-            values = p.map_tasks(lambda pair, phi_i, batch_i: pair.f_upper(theta, phi_i, batch_i), out.phi,
-                                 out.upper_batch)
-            ascent = values - self.mu * (state.lam - 1.0 / n)
-            lam, lam_state, lam_status = apply_step(self.lam_rule, state.lam, state.lam_opt_state, -ascent, k,
-                                                    lambda l: project_simplex(l, self.delta))
-            num_values = n   # f_upper at theta^{k+1}, one per task
-
-        counts = OracleCounts.of(lower_grads=n * self.lower_steps, upper_grads=n, cross=n, values=num_values,
-                                 hvps=jnp.sum(out.matvecs))
-        (theta, phi, lam), info = finish(
-            (theta, out.phi, lam), counts, jnp.max(out.residual_norm),
-            (any_status(out.status), up_status, lam_status), check=self.check, where=f"{self.name} outer step",
-            nonfinite=self.nonfinite_every_step)
-        return MorbitState(theta, phi, lam, k + 1, state.key, upper_state, out.lower_opt_state, lam_state,
-                           out.solver), info
+        with oracles.counting() as tally:
+            out = p.map_tasks(one, state.phi, state.lower_opt_state, state.solver, data[0], data[1],
+                              task_keys(state.key, n))
+            direction = weighted_sum(state.lam, out.g)
+            theta, upper_state, up_status = apply_step(self.upper, theta, state.upper_opt_state, direction, k,
+                                                       p.project)
+            lam, lam_state, lam_status = state.lam, state.lam_opt_state, st.ok()
+            if self.weights is None:   # f_upper at theta^{k+1}, one value per task
+                values = p.map_tasks(lambda pair, phi_i, batch_i: oracles.upper_value(pair, theta, phi_i, batch_i),
+                                     out.phi, out.upper_batch)
+                ascent = values - self.mu * (state.lam - 1.0 / n)
+                lam, lam_state, lam_status = apply_step(self.lam_rule, state.lam, state.lam_opt_state, -ascent, k,
+                                                        lambda l: project_simplex(l, self.delta))
+        (theta, phi, lam), info = self.finish((theta, out.phi, lam), tally.counts, jnp.max(out.residual_norm),
+                                              (any_status(out.status), up_status, lam_status))
+        head = state.header.next(theta, phi, upper_state, out.lower_opt_state)
+        return MorbitState(head, lam, lam_state, out.solver), info
 
 
 def _horizon_steps(horizon, upper_lr, lower_lr, lam_lr):
@@ -305,12 +304,12 @@ def morbit(problem: MultiObjectiveProblem, *, upper_lr=0.01, lower_lr=0.1, lam_l
             upper_lr, lower_lr, lam_lr = _horizon_steps(horizon, upper_lr, lower_lr, lam_lr)
         solver = check_linear_solver(linear_solver, cg(10, warm_start=True))
         return Morbit(problem, rule("upper_lr", upper_lr, upper_opt), rule("lower_lr", lower_lr, lower_opt),
-                      rule("lam_lr", lam_lr, lam_opt), solver, as_array(mu_lambda), as_array(delta),
-                      make_samplers(batch_size, sampler), lower_steps, weights, mode, check,
-                      "morbit_uniform" if uniform else "morbit" if weights is None else "morbit_fixed")
+                      make_samplers(batch_size, sampler), rule("lam_lr", lam_lr, lam_opt), solver,
+                      as_array(mu_lambda), as_array(delta), lower_steps, weights, mode, check=check,
+                      name="morbit_uniform" if uniform else "morbit" if weights is None else "morbit_fixed")
 
 
 MULTI_OBJECTIVE = {"morbit": morbit}
 
-__all__ = ["MULTI_OBJECTIVE", "Morbit", "MorbitState", "any_status", "check_linear_solver", "check_task_data",
+__all__ = ["MULTI_OBJECTIVE", "Morbit", "MorbitState", "TaskComposed", "any_status", "check_linear_solver", "check_task_data",
            "morbit", "project_simplex", "stacked_init", "task_keys", "task_step", "weighted_sum"]

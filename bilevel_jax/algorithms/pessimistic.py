@@ -97,8 +97,8 @@ class PessimisticPenalty(Composed):
         rho = jnp.asarray(self.penalty(k), dtype)
         with oracles.counting() as tally:
             # 1. the tracker of v(theta)
-            z, z_opt, _, z_status = lower_phase(p, self.tracker, state.theta, state.z, state.tracker_opt_state,
-                                                     self.tracker_steps, batches.lower_at, k)
+            z, z_opt, z_status = lower_phase(p, self.tracker, state.theta, state.z, state.tracker_opt_state,
+                                         self.tracker_steps, batches.lower_at, k)
             # 2. the follower: ascent on h_rho / rho = f_upper / rho - (f_lower - v)
             upper_batch = batches.upper
             sign = 1.0 if p.pessimistic else -1.0   # the follower maximises (pessimistic) or minimises f_upper

@@ -3,7 +3,7 @@
     header = start(problem, samplers, theta0, phi0, key, data, upper=rule, lower=rule)  # init: the state's Header
     batches = draw_batches(samplers, data, key, count, lower_steps)      # draw batches
     with bj.oracles.counting() as tally:                                  # count the oracle calls
-        phi, s, _, status = lower_phase(problem, rule, theta, phi, s, T, batches.lower_at, count)  # LL phase
+        phi, s, status = lower_phase(problem, rule, theta, phi, s, T, batches.lower_at, count)  # LL phase
         ... evaluate a direction rule or `bj.hypergrad.implicit_direction` ...   # evaluate
     theta, s, status = apply_step(rule, theta, s, direction, count, project)  # apply a step, project
     trees, info = finish((theta, phi, v), tally.counts, residual, statuses, check=...)  # counts, finiteness
@@ -178,15 +178,14 @@ def draw_batches(samplers: Tuple[Sampler, Sampler], data, key: jax.Array, count,
 
 
 def lower_phase(problem: BilevelProblem, rule: StepRule, theta, phi, opt_state, steps: int,
-                batch_at: Callable, count) -> Tuple[PyTree, Any, OracleCounts, jax.Array]:
+                batch_at: Callable, count) -> Tuple[PyTree, Any, jax.Array]:
     """`steps` LL steps of `rule` at fixed theta (projected onto Phi(theta) when the rule is):
-    `(phi, opt_state, counts, status)`, `counts` the
-    phase's oracle calls (`steps` LL gradients), which an open `bj.oracles.counting` block also gets."""
+    `(phi, opt_state, status)`; its oracle calls (`steps` LL gradients) go to the open
+    `bj.oracles.counting` block."""
     if steps == 0:
-        return phi, opt_state, OracleCounts.of(), st.ok()
-    with oracles.counting() as tally:
-        phi, opt_state = run_lower_steps(problem, rule.build(theta), theta, phi, opt_state, steps, batch_at)
-    return phi, opt_state, tally.counts, rule.status(count)
+        return phi, opt_state, st.ok()
+    phi, opt_state = run_lower_steps(problem, rule.build(theta), theta, phi, opt_state, steps, batch_at)
+    return phi, opt_state, rule.status(count)
 
 
 def check_data(data, samplers: Tuple[Sampler, Sampler]) -> None:

@@ -301,8 +301,8 @@ class ValueFunction(Composed):
         z0 = state.phi if self.restart_tracker else state.z
         z_opt = init_rule(self.tracker, z0) if self.restart_tracker else state.tracker_opt_state
         with oracles.counting() as tally:
-            z, z_opt, _, z_status = lower_phase(self._tracked(a), self.tracker, state.theta, z0, z_opt,
-                                                self.tracker_steps, batches.lower_at, k)
+            z, z_opt, z_status = lower_phase(self._tracked(a), self.tracker, state.theta, z0, z_opt,
+                                             self.tracker_steps, batches.lower_at, k)
             phi, lower_state, statuses = state.phi, state.lower_opt_state, [z_status]
             # 2. (F2SA) T steps of phi on the penalised objective at fixed theta, lambda_k from the schedule
             if self.phi_steps:
