@@ -169,7 +169,7 @@ def run_baseline(cfg: dict, workload, name: str, opts: dict):
     def chunk(phi, opt_state, rows, y, key, k, X, idx):     # eval_every steps from step k * eval_every
         data = (X, y, idx) if name == "corrupted" else jax.tree_util.tree_map(lambda a: jnp.take(a, rows, axis=0),
                                                                                 (X, y, idx))
-        phi, opt_state, _, status = step_primitives.lower_phase(
+        phi, opt_state, status = step_primitives.lower_phase(
             bundle.problem, rule, theta, eqx.combine(phi, bundle.phi0), opt_state, every,
             lambda t: sampler.sample(data, key, k * every + t)[0], k)
         return eqx.filter(phi, eqx.is_inexact_array), opt_state, status
