@@ -18,7 +18,7 @@ install: $(STAMP)
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(PY) -m pytest tests -x -n $(TEST_WORKERS)
+	$(PY) -m pytest tests -x -n $(TEST_WORKERS) --durations=15
 
 test-all: $(STAMP)
 	$(PY) -m pytest tests --runslow -n $(TEST_WORKERS)

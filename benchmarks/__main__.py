@@ -46,7 +46,7 @@ FULL = dict(
     reference_steps={"quadratic": {"soba": 20, "saba": 20, "amigo": 4, "stocbio": 4, "mrbo": 4},
                      "logistic": {"soba": 2000, "saba": 500, "amigo": 50, "stocbio": 50, "mrbo": 50}},
     reference_repeats=7, reference_methods=("soba", "saba", "amigo", "stocbio", "mrbo"),
-    bilevel_steps={"soba": 20, "saba": 20, "amigo": 2, "stocbio": 2}, bilevel_repeats=5,
+    bilevel_steps={"soba": 20, "saba": 20, "amigo": 2, "stocbio": 2}, bilevel_repeats=9,
     bilevel_methods=("soba", "saba", "amigo", "stocbio"), copy_mib=256,
     vmap_preset="soba", vmap_seeds=(4, 16), vmap_reference_seeds=(16,), vmap_steps={"quadratic": 5, "logistic": 100},
     unrolled_n=4096, unrolled_T=(10, 100, 1000), peer_maxiter=20, presets=None,
@@ -204,7 +204,7 @@ def main(argv=None):
     if "bilevel" in only:
         from benchmarks import peer_bilevel
         section("bilevel", lambda: peer_bilevel.measure(a.quick, cfg["bilevel_steps"], cfg["bilevel_repeats"],
-                                                        cfg["bilevel_methods"], log))
+                                                        cfg["bilevel_methods"], log, cfg["copy_mib"]))
     if "bandwidth" in only:
         from benchmarks import bandwidth
         section("bandwidth", lambda: bandwidth.measure(results, cfg["copy_mib"], repeats))

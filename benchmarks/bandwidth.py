@@ -43,6 +43,29 @@ def copy_bandwidth(size_mib: int = 256, repeats: int = 7) -> dict:
             "best_copy_read_GBps": nbytes / copy["min"] / 1e9, "read_GBps": nbytes / read["median"] / 1e9}
 
 
+def copy_rate(nbytes: int, passes: int = 1, repeats: int = 7) -> dict:
+    """The copy rate of a float32 array of `nbytes`: `passes` in-place `x + 1` passes per call (a
+    traced trip count, so XLA neither unrolls nor fuses them; many passes over an array that stays
+    in cache, e.g. one minibatch matrix, give the cache's rate), the median of `repeats` calls;
+    `copy_read_GBps` = bytes read / wall time, as `copy_bandwidth`, and `copy_read_GBps_cpu` = bytes
+    read / process CPU time (the rate per CPU-second: on a shared machine it leaves out the time
+    the calls waited for a core)."""
+    add = jax.jit(lambda x, k: jax.lax.fori_loop(0, k, lambda _, y: y + 1.0, x), donate_argnums=0)
+    k = jnp.asarray(passes, jnp.int32)
+    x = add(jnp.zeros((nbytes // 4,), jnp.float32), k)   # compiled; the calls update x in place
+    wall, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        x = add(x, k)
+        x.block_until_ready()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    del x
+    copy, copy_cpu = timing.stats(wall, passes), timing.stats(cpu, passes)
+    return {"bytes": nbytes, "passes": passes, "copy_time": copy, "copy_cpu_time": copy_cpu,
+            "copy_read_GBps": nbytes / copy["median"] / 1e9, "copy_read_GBps_cpu": nbytes / copy_cpu["median"] / 1e9}
+
+
 def batch_bytes(level_data, batch_size: int, leaves: Optional[Sequence[str]] = None) -> int:
     """Bytes of `batch_size` samples of `level_data` (a pytree with a leading sample axis; `leaves`
     restricts a dict to those keys)."""

@@ -31,7 +31,7 @@ import numpy as np
 
 from bilevel_jax import oracles, sampling
 from benchmarks import timing
-from benchmarks.setups import Setup
+from benchmarks.setups import Benchmark
 from benchmarks.steps import ORACLE_KEYS
 
 # Single-loop methods, for which the goal is a ratio <= GOAL.
@@ -70,7 +70,7 @@ def unit_calls(problem):
     }
 
 
-def unit_functions(setup: Setup, num_calls: int):
+def unit_functions(setup: Benchmark, num_calls: int):
     """{name: (jitted K-call scan, args)} of the oracle units (and of one minibatch draw per level)."""
     upper, lower = setup.data
     sampler = sampling.make_sampler(setup.batch_size, "iid")
@@ -131,7 +131,7 @@ def efficiency(step_results: dict, timings: Dict[str, dict]) -> Dict[str, dict]:
     return out
 
 
-def measure(setup: Setup, step_results: dict, num_calls: int, repeats: int) -> dict:
+def measure(setup: Benchmark, step_results: dict, num_calls: int, repeats: int) -> dict:
     """Re-time every compiled K-step run of measure 1 round-robin with the unit oracles."""
     fns, args, scales = {}, {}, {}
     for name, (fn, a) in unit_functions(setup, num_calls).items():

@@ -18,7 +18,7 @@ import numpy as np
 
 import bilevel_jax as bj
 from benchmarks import timing
-from benchmarks.setups import Setup
+from benchmarks.setups import Benchmark
 
 
 def _jaxopt_hypergrad(problem, maxiter):
@@ -67,7 +67,7 @@ def _custom_vjp_hypergrad(problem, maxiter):
     return hypergrad
 
 
-def measure(setup: Setup, hpo, maxiter: int, repeats: int) -> dict:
+def measure(setup: Benchmark, hpo, maxiter: int, repeats: int) -> dict:
     try:
         peer_fn, peer = _jaxopt_hypergrad(setup.problem, maxiter), "jaxopt custom_root + solve_cg"
         import importlib.metadata as md

@@ -32,7 +32,42 @@ Each side runs the problem with its own code: bilevel_jax its finite-sum quadrat
 (`bj.problems.quadratic_problem`, one batched `einsum` per term; the peer's data converted to its
 layout once, before timing), the peer its per-sample quadratic vmapped over the batch. Two more
 columns separate what the toolkit does from what the objective code does: bilevel_jax running the
-peer's objective code, and the peer running the einsum formulation.
+peer's objective code, and the peer running the einsum formulation. bilevel_jax runs with
+`mode="fwd"` (`BJ_MODE`: forward-over-reverse products read the peer's per-sample matrices in their
+stored layout, where the reverse pass transposes them); `bilevel_jax:peer:rev` is its default mode.
+
+The bandwidth account (`bandwidth_account`; issue item 4(b): bilevel_jax at <= 0.5 x the peer's
+time per iteration on the peer's objective code, or why the same code cannot get there). Every
+number of bytes is read from compiled programs (`benchmarks.hlo_bytes`: loops counted by their
+trip counts), so it does not depend on the machine's load:
+
+- the passes over a minibatch one iteration needs (`PASSES`) and the bytes they must read at the
+  least, every batch matrix once a pass: 12.9 MB for SOBA, 87.3 MB for AmIGO and StocBiO, 0.18 and
+  0.23 x what the peer's compiled step moves;
+- the bytes they must move with the peer's objective code: each pass compiled alone on it by its
+  cheaper differentiation (`oracle_bytes`). Its derivatives contract each per-sample matrix several
+  times in different patterns (A z and A'z for a gradient, A v and A'v for an HVP, x'C per sample on
+  a transposed copy and C z), which XLA emits as separate dots, one read of the matrix each, and
+  XLA:CPU copies a dynamically sliced block (read + write) before a dot reads it. So a UL gradient
+  moves 14 batch matrices for its 3, an LL gradient 7 for 2, an HVP on a fresh batch 4 for 1 (2 on a
+  batch already cut), SOBA's fused (grad, A v, J v) 12 for 2: 67.7 MB for SOBA, 285 MB for AmIGO,
+  331 MB for StocBiO, 0.93, 0.74 and 0.87 x the peer's compiled step (72.8, 382, 382 MB). bilevel_jax
+  moves 67.7, 295 and 331 MB (0.93, 0.77, 0.87 x): at that floor for SOBA and StocBiO, 4% above it
+  for AmIGO (the warm-started GD solve's residual HVP, and its batch cut twice). Both sides run the
+  same dots and copies, so at equal rates per byte the time ratio cannot go below these bytes ratios;
+  measured (process CPU time, a loaded 2-core machine, interleaved calls, three runs) it is
+  0.73-0.82 for SOBA, 0.69-0.72 for AmIGO and 0.71-0.76 for StocBiO (with mode="rev": 0.95,
+  0.85, 1.04);
+- the floor in time: the first read of every fresh batch matrix at the memory copy rate and the
+  other bytes at the cache copy rate (`copy_rates`, measured in the same run). It comes out at
+  0.33-0.45 x the peer's CPU time: both steps run 2-3 x slower than their bytes at copy speed (the
+  copies that cut and transpose a fresh block read it strided from memory, at a third to a half of
+  the copy rate in a micro-benchmark). So the account does not excuse the bar by bandwidth alone:
+  what is missing is not bytes but the speed of XLA:CPU's kernels on this objective code, and a
+  step at that floor needs a compiler (or a hand-written kernel) that reads every fresh block once,
+  contiguously, and serves every contraction of it from cache; with each matrix read once a pass
+  (0.18-0.23 x the peer's bytes) a step would also need the objective's derivatives to contract
+  each matrix once, i.e. other objective code (the einsum formulation moves 39.7 MB for SOBA).
 """
 from __future__ import annotations
 
@@ -46,7 +81,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bilevel_jax as bj
-from benchmarks import timing
+from benchmarks import bandwidth, hlo_bytes, timing
 
 PEER = ("benchmark_bilevel (re-implementation in plain JAX of its JAX solvers, sampler and quadratic; "
         "the benchmark is a benchopt repository, not an installable package)")
@@ -56,6 +91,9 @@ BAR = 0.5
 # LL ("inner") batches drawn per outer iteration (and 1 UL batch each)
 PEER_LL_DRAWS = {"soba": 1, "saba": 1, "amigo": 2 * INNER_STEPS + 1, "stocbio": 2 * INNER_STEPS + 1}
 BJ_LL_DRAWS = {"soba": 1, "saba": 1, "amigo": INNER_STEPS + 1, "stocbio": 2 * INNER_STEPS + 1}
+# bilevel_jax's second-order products: forward-over-reverse, which reads the peer's per-sample
+# matrices in their stored layout (the reverse pass transposes them: a copy of each batch matrix)
+BJ_MODE = "fwd"
 
 
 class PeerProblem(NamedTuple):
@@ -306,8 +344,8 @@ def library_data(level: dict, upper: bool) -> dict:
     return {keys[0]: level["A"], keys[1]: cross, keys[2]: level["a"], "B": level["B"], "b": level["b"]}
 
 
-def bj_algorithm(name: str, problem: bj.BilevelProblem, batch_size: int):
-    kw = dict(upper_lr=STEP / OUTER_RATIO, lower_lr=STEP, batch_size=batch_size, sampler="shuffled")
+def bj_algorithm(name: str, problem: bj.BilevelProblem, batch_size: int, mode: str = BJ_MODE):
+    kw = dict(upper_lr=STEP / OUTER_RATIO, lower_lr=STEP, batch_size=batch_size, sampler="shuffled", mode=mode)
     if name == "soba":
         kw.update(upper_decay=0.5, lower_decay=0.5)
     elif name == "saba":
@@ -319,15 +357,16 @@ def bj_algorithm(name: str, problem: bj.BilevelProblem, batch_size: int):
     return bj.algorithms.get(name)(problem, **kw)
 
 
-def bj_runner(name: str, problem: PeerProblem, objective: Optional[Callable], num_steps: int):
+def bj_runner(name: str, problem: PeerProblem, objective: Optional[Callable], num_steps: int, mode: str = BJ_MODE):
     """`(run, args)`: `run(state, data)` = `bj.run` of `num_steps` steps with its history, on the
-    library's quadratic (`objective=None`) or on the given objective code in the peer's layout."""
+    library's quadratic (`objective=None`) or on the given objective code in the peer's layout,
+    second-order products by `mode`."""
     if objective is None:
         bj_prob = bj.problems.quadratic_problem()
         data = (library_data(problem.outer, True), library_data(problem.inner, False))
     else:
         bj_prob, data = bj_problem(objective), (problem.outer, problem.inner)
-    alg = bj_algorithm(name, bj_prob, problem.batch_size)
+    alg = bj_algorithm(name, bj_prob, problem.batch_size, mode)
     dz, dx = problem.inner["a"].shape[1], problem.inner["b"].shape[1]
     state = alg.init(jnp.zeros(dx), jnp.zeros(dz), jax.random.PRNGKey(1), data)
 
@@ -343,6 +382,128 @@ def batch_bytes(problem: PeerProblem) -> Dict[str, int]:
     b = problem.batch_size
     per_sample = lambda d, keys: sum(int(np.prod(d[k].shape[1:])) * d[k].dtype.itemsize for k in keys)
     return {"upper": b * per_sample(problem.outer, "ABCab"), "lower": b * per_sample(problem.inner, "ACa")}
+
+
+# ------------------------------------------------------------------------ the bandwidth account
+
+# The oracle passes over a minibatch that one outer iteration of bilevel_jax makes (its schemes
+# above; AmIGO's 10 GD steps on v run on the step's one LL batch: the first HVP cuts it, the nine
+# others reuse it), and the leaves of the batch each pass needs.
+PASSES = {"soba": {"upper": 1, "triple": 1},
+          "amigo": {"upper": 1, "lower_grad": INNER_STEPS, "hvp": 1, "hvp_same_batch": INNER_STEPS - 1, "cross": 1},
+          "stocbio": {"upper": 1, "lower_grad": INNER_STEPS, "hvp": SHIA_STEPS, "cross": 1}}
+PASS_LEAVES = {"upper": "ABCab", "lower_grad": "ACa", "triple": "ACa", "hvp": "A", "hvp_same_batch": "A", "cross": "C"}
+
+
+def matrix_bytes(problem: PeerProblem) -> int:
+    """Bytes of one batch of one per-sample matrix (A, B or C)."""
+    a = problem.inner["A"]
+    return problem.batch_size * int(np.prod(a.shape[1:])) * a.dtype.itemsize
+
+
+def oracle_functions(objective: Callable, batch_size: int) -> Dict[str, Dict[str, Callable]]:
+    """Every pass of `PASSES` in plain JAX on `objective(z, x, batch)`, by each differentiation
+    that gives it: `{pass: {mode: fn(z, x, v, data, start)}}`, the batch cut at `start` as both
+    sides cut it (`hvp_same_batch`: `data` is a batch already cut). "rev": a vjp of the gradient,
+    "fwd": a jvp of it (forward-over-reverse); `triple` is SOBA's (grad_z, A v, J v)."""
+    def cut(data, start):
+        return {k: jax.lax.dynamic_slice_in_dim(a, start, batch_size, axis=0) for k, a in data.items()}
+
+    grad_z, grad_x, grad_zx = (jax.grad(objective, argnums) for argnums in (0, 1, (0, 1)))
+
+    def hvp(batch):
+        return {"rev": lambda z, x, v, d, s: jax.vjp(lambda z_: grad_z(z_, x, batch(d, s)), z)[1](v)[0],
+                "fwd": lambda z, x, v, d, s: jax.jvp(lambda z_: grad_z(z_, x, batch(d, s)), (z,), (v,))[1]}
+
+    def triple_rev(z, x, v, d, s):
+        g, pullback = jax.vjp(lambda z_, x_: grad_z(z_, x_, cut(d, s)), z, x)
+        return g, pullback(v)
+
+    def triple_fwd(z, x, v, d, s):   # the tangent of (grad_z, grad_x) along z -> v is (A v, J v)
+        (g, _), products = jax.jvp(lambda z_: grad_zx(z_, x, cut(d, s)), (z,), (v,))
+        return g, products
+
+    return {"upper": {"rev": lambda z, x, v, d, s: grad_zx(z, x, cut(d, s))},
+            "lower_grad": {"rev": lambda z, x, v, d, s: grad_z(z, x, cut(d, s))},
+            "triple": {"rev": triple_rev, "fwd": triple_fwd},
+            "hvp": hvp(cut), "hvp_same_batch": hvp(lambda batch, _: batch),
+            "cross": {"rev": lambda z, x, v, d, s: jax.vjp(lambda x_: grad_z(z, x_, cut(d, s)), x)[1](v)[0],
+                      "fwd": lambda z, x, v, d, s: jax.jvp(lambda z_: grad_x(z_, x, cut(d, s)), (z,), (v,))[1]}}
+
+
+def oracle_bytes(problem: PeerProblem, objective: Callable) -> Dict[str, dict]:
+    """The bytes each pass of `PASSES` reads and writes, each compiled alone on the objective code
+    (`hlo_bytes`), by each differentiation, and the least of them (`bytes`, `mode`)."""
+    b, threshold = problem.batch_size, matrix_bytes(problem)
+    dz, dx = problem.inner["a"].shape[1], problem.inner["b"].shape[1]
+    z, x, v, start = jnp.ones(dz), jnp.ones(dx), jnp.ones(dz), jnp.zeros((), jnp.int32)
+    out = {}
+    for name, modes in oracle_functions(objective, b).items():
+        data = problem.outer if name == "upper" else problem.inner
+        if name == "hvp_same_batch":
+            data = {k: a[:b] for k, a in data.items()}
+        by_mode = {m: hlo_bytes.bytes_accessed(jax.jit(fn).lower(z, x, v, data, start).compile(), threshold)
+                   for m, fn in modes.items()}
+        best = min(by_mode, key=lambda m: by_mode[m]["bytes"])
+        out[name] = {"bytes": by_mode[best]["bytes"], "mode": best,
+                     "by_mode": {m: {k: r[k] for k in ("bytes", "matrix_reads", "matrix_writes")} for m, r in by_mode.items()}}
+    return out
+
+
+def compiled_per_step(compiled, problem: PeerProblem, num_steps: int) -> dict:
+    """Bytes and batch-matrix reads / writes of a compiled `num_steps`-step call, per step."""
+    r = hlo_bytes.bytes_accessed(compiled, matrix_bytes(problem))
+    return {k: r[k] / num_steps for k in ("bytes", "matrix_reads", "matrix_writes")}
+
+
+def copy_rates(problem: PeerProblem, memory_mib: int, repeats: int) -> dict:
+    """The copy rates a step's bytes move at: `memory`, one pass over `memory_mib` MiB (beyond the
+    caches: the rate of a fresh minibatch's first read from its data set), and `cache`, 50 passes
+    over one batch matrix (the rate of the re-reads and writes of a cut batch)."""
+    return {"memory": bandwidth.copy_rate(memory_mib * 2 ** 20, 1, repeats),
+            "cache": bandwidth.copy_rate(matrix_bytes(problem), 50, repeats)}
+
+
+def bandwidth_account(problem: PeerProblem, rows: dict, rates: dict, log=print) -> dict:
+    """Per method of `PASSES` with a timed row in `rows` (a `measure` section's methods): the passes
+    over a batch one iteration needs; the bytes they must read at the least (every batch matrix
+    once a pass: `strict_bytes`, of which `fresh_bytes` on batches not read before in the step)
+    and with the peer's objective code (every pass compiled alone, by its cheaper differentiation:
+    `code_bytes`, reads and writes); the bytes the two compiled steps move; the floor = fresh bytes /
+    the memory copy rate + the other bytes / the cache copy rate (`copy_rates`), by wall time and
+    by process CPU time, against the measured times of the peer and of bilevel_jax on the peer's
+    objective code."""
+    b = problem.batch_size
+    per_sample = lambda d, keys: sum(int(np.prod(d[k].shape[1:])) * d[k].dtype.itemsize for k in keys)
+    leaves = {p: b * per_sample(problem.outer if p == "upper" else problem.inner, keys) for p, keys in PASS_LEAVES.items()}
+    oracles = oracle_bytes(problem, peer_objective)
+    out = {"rates": rates, "matrix_bytes": matrix_bytes(problem), "oracles": oracles, "methods": {}}
+    for name, passes in PASSES.items():
+        row = rows.get(name)
+        if row is None or "error" in row:
+            continue
+        strict = sum(n * leaves[p] for p, n in passes.items())
+        fresh = sum(n * leaves[p] for p, n in passes.items() if p != "hvp_same_batch")
+        code = sum(n * oracles[p]["bytes"] for p, n in passes.items())
+        compiled = {"peer": row["compiled_per_step"]["peer:peer"], "bilevel_jax": row["compiled_per_step"]["bilevel_jax:peer"]}
+        m = {"passes": passes, "strict_bytes": strict, "fresh_bytes": fresh, "code_bytes": code, "compiled": compiled,
+             "code_over_peer_bytes": code / compiled["peer"]["bytes"], "strict_over_peer_bytes": strict / compiled["peer"]["bytes"],
+             "bilevel_jax_over_peer_bytes": compiled["bilevel_jax"]["bytes"] / compiled["peer"]["bytes"]}
+        for clock, key, get in (("wall", "copy_read_GBps", lambda s: s["median"]),
+                                ("cpu", "copy_read_GBps_cpu", lambda s: s["cpu"]["median"])):
+            memory, cache = rates["memory"][key] * 1e9, rates["cache"][key] * 1e9
+            floor, strict_floor = fresh / memory + (code - fresh) / cache, fresh / memory + (strict - fresh) / cache
+            peer_s, bj_s = get(row["peer:peer"]), get(row["bilevel_jax:peer"])
+            m[clock] = {"floor_s": floor, "strict_floor_s": strict_floor, "peer_s": peer_s, "bilevel_jax_s": bj_s,
+                        "floor_over_peer": floor / peer_s, "strict_floor_over_peer": strict_floor / peer_s,
+                        "bilevel_jax_over_peer": bj_s / peer_s}
+        out["methods"][name] = m
+        c = m["cpu"]
+        log(f"  account {name:8s} must read {strict / 1e6:.1f} MB (each matrix once a pass), {code / 1e6:.1f} MB with the "
+            f"peer's code; compiled peer {compiled['peer']['bytes'] / 1e6:.1f} MB, bj {compiled['bilevel_jax']['bytes'] / 1e6:.1f}"
+            f" MB (floor {m['code_over_peer_bytes']:.2f} x the peer's bytes); CPU time: floor {c['floor_s'] * 1e3:.3g} ms = "
+            f"{c['floor_over_peer']:.2f} x the peer's {c['peer_s'] * 1e3:.3g} ms")
+    return out
 
 
 @contextlib.contextmanager
@@ -361,9 +522,18 @@ def _no_persistent_cache():
         compilation_cache.reset_cache()
 
 
-def measure(quick: bool, num_steps: Dict[str, int], repeats: int, methods=METHODS, log=print) -> dict:
+def measure(quick: bool, num_steps: Dict[str, int], repeats: int, methods=METHODS, log=print,
+            memory_mib: int = 256) -> dict:
     with _no_persistent_cache():
-        return _measure(quick, num_steps, repeats, methods, log)
+        out = _measure(quick, num_steps, repeats, methods, log)
+        problem = peer_quadratic(quick)
+        try:
+            rates = copy_rates(problem, memory_mib, max(repeats, 7))
+            out["account"] = bandwidth_account(problem, out["methods"], rates, log)
+        except Exception as e:  # noqa: BLE001 - the timings above stand without the account
+            out["account"] = timing.error_row(e)
+            log(f"  account ERROR {out['account']['error']}")
+    return out
 
 
 def _measure(quick, num_steps, repeats, methods, log) -> dict:
@@ -376,16 +546,18 @@ def _measure(quick, num_steps, repeats, methods, log) -> dict:
            "batch_bytes": batch_bytes(problem), "methods": {}}
     for name in methods:
         k = num_steps[name]
-        fns, args, compile_s = {}, {}, {}
+        fns, args, compile_s, compiled = {}, {}, {}, {}
         try:
             runs = {"peer:peer": (peer_runner, peer_objective), "peer:einsum": (peer_runner, einsum_objective),
-                    "bilevel_jax": (bj_runner, None), "bilevel_jax:peer": (bj_runner, peer_objective)}
+                    "bilevel_jax": (bj_runner, None), "bilevel_jax:peer": (bj_runner, peer_objective),
+                    "bilevel_jax:peer:rev": (functools.partial(bj_runner, mode="rev"), peer_objective)}
             for label, (runner, objective) in runs.items():
                 fn, a = runner(name, problem, objective, k)
                 a = a if isinstance(a, tuple) else (a,)
                 t = time.perf_counter()
                 fns[label] = fn.lower(*a).compile()
                 compile_s[label] = time.perf_counter() - t
+                compiled[label] = compiled_per_step(fns[label], problem, k)
                 args[label] = a
             res = timing.interleaved(fns, args, repeats=repeats, scale=k)
             finite = {}
@@ -395,13 +567,14 @@ def _measure(quick, num_steps, repeats, methods, log) -> dict:
                 finite[label] = bool(np.all(np.isfinite(np.asarray(x))))
             ratio = lambda a, b: timing.ratios(res, a, b)
             sizes = batch_bytes(problem)
-            row = {"steps_per_call": k, "compile_s": compile_s, "finite": finite,
+            row = {"steps_per_call": k, "compile_s": compile_s, "finite": finite, "compiled_per_step": compiled,
                    "ll_batches_per_step": {"peer": PEER_LL_DRAWS[name], "bilevel_jax": BJ_LL_DRAWS[name]},
                    "bytes_per_step": {who: sizes["upper"] + draws * sizes["lower"]
                                       for who, draws in (("peer", PEER_LL_DRAWS[name]), ("bilevel_jax", BJ_LL_DRAWS[name]))},
                    **{label: res[label] for label in fns},
                    "ratio": ratio("bilevel_jax", "peer:peer"),
                    "ratio_same_objective": ratio("bilevel_jax:peer", "peer:peer"),
+                   "ratio_same_objective_rev": ratio("bilevel_jax:peer:rev", "peer:peer"),
                    "ratio_einsum_both": ratio("bilevel_jax", "peer:einsum")}
             log(f"  peer {name:8s} peer {res['peer:peer']['median'] * 1e3:.4g} ms, bj {res['bilevel_jax']['median'] * 1e3:.4g} ms "
                 f"(ratio {row['ratio']['median']:.3f}, cpu {row['ratio']['cpu']['median']:.3f}; same objective code "

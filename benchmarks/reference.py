@@ -32,7 +32,7 @@ import numpy as np
 
 import bilevel_jax as bj
 from benchmarks import bandwidth, timing
-from benchmarks.setups import Setup
+from benchmarks.setups import Benchmark
 
 UPPER_LR = LOWER_LR = 0.1
 UPPER_DECAY, LOWER_DECAY = 0.6, 0.4
@@ -72,8 +72,14 @@ def block(data, i, b):
     return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * b, b, axis=0), data)
 
 
-def _streams(key):
-    return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+def _scanned(step, num_steps: int):
+    """`run(carry, key, data) -> carry`: `num_steps` plain-JAX steps `carry = step(carry, k, data,
+    keys)`, keys = the run key's UL, LL and solver streams (fold_in 0, 1, 2)."""
+    def run(carry, key, data):
+        keys = tuple(jax.random.fold_in(key, i) for i in range(3))
+        return jax.lax.scan(lambda c, k: (step(c, k, data, keys), None), carry, jnp.arange(num_steps))[0]
+
+    return run
 
 
 def _linearize(f_lower, theta, phi, batch):
@@ -89,23 +95,17 @@ def reference_soba(f_upper, f_lower, batch_size: int, num_steps: int, sampler: s
     `num_steps` plain-JAX SOBA steps; carry = (theta, phi, v)."""
     sample = make_sample(sampler, batch_size)
 
-    def run(carry, key, data):
-        upper_data, lower_data = data
-        key_up, key_low = _streams(key)
+    def step(carry, k, data, keys):
+        (theta, phi, v), (upper_data, lower_data), (key_up, key_low, _) = carry, data, keys
+        ub, lb = sample(upper_data, key_up, k), sample(lower_data, key_low, k)
+        g_theta, g_phi = jax.grad(f_upper, argnums=(0, 1))(theta, phi, ub)
+        grad_lower, pullback = _linearize(f_lower, theta, phi, lb)
+        jv, hv = pullback(v)
+        kf = (k + 1).astype(theta.dtype)
+        rho, gamma = LOWER_LR / kf ** LOWER_DECAY, upper_lr / kf ** UPPER_DECAY
+        return theta - gamma * (g_theta - jv), phi - rho * grad_lower, v - rho * (hv - g_phi)
 
-        def step(carry, k):
-            theta, phi, v = carry
-            ub, lb = sample(upper_data, key_up, k), sample(lower_data, key_low, k)
-            g_theta, g_phi = jax.grad(f_upper, argnums=(0, 1))(theta, phi, ub)
-            grad_lower, pullback = _linearize(f_lower, theta, phi, lb)
-            jv, hv = pullback(v)
-            kf = (k + 1).astype(theta.dtype)
-            rho, gamma = LOWER_LR / kf ** LOWER_DECAY, upper_lr / kf ** UPPER_DECAY
-            return (theta - gamma * (g_theta - jv), phi - rho * grad_lower, v - rho * (hv - g_phi)), None
-
-        return jax.lax.scan(step, carry, jnp.arange(num_steps))[0]
-
-    return _zero_v, run
+    return _zero_v, _scanned(step, num_steps)
 
 
 def _zero_v(theta, phi, key, data):
@@ -153,25 +153,20 @@ def reference_saba(f_upper, f_lower, batch_size: int, num_steps: int, sampler: s
         table = jax.tree_util.tree_map(lambda m, a: m.at[i].set(a), table, new)
         return out, table, avg
 
-    def run(carry, key, data):
-        upper_data, lower_data = data
-        key_up, key_low = _streams(key)
+    def step(carry, k, data, keys):
+        (theta, phi, v, table_up, avg_up, table_low, avg_low), (upper_data, lower_data), (key_up, key_low, _) = (
+            carry, data, keys)
         n_up, n_low = _size(upper_data) // b, _size(lower_data) // b
+        j = jax.random.randint(jax.random.fold_in(key_up, k), (), 0, n_up)
+        i = jax.random.randint(jax.random.fold_in(key_low, k), (), 0, n_low)
+        up, table_up, avg_up = saga(table_up, avg_up, upper_oracles(theta, phi, block(upper_data, j, b)), j, n_up)
+        low, table_low, avg_low = saga(table_low, avg_low, lower_oracles(theta, phi, v, block(lower_data, i, b)),
+                                       i, n_low)
+        (g_theta, g_phi), (grad_lower, hv, jv) = up, low
+        theta, phi, v = theta - upper_lr * (g_theta - jv), phi - LOWER_LR * grad_lower, v - LOWER_LR * (hv - g_phi)
+        return theta, phi, v, table_up, avg_up, table_low, avg_low
 
-        def step(carry, k):
-            theta, phi, v, table_up, avg_up, table_low, avg_low = carry
-            j = jax.random.randint(jax.random.fold_in(key_up, k), (), 0, n_up)
-            i = jax.random.randint(jax.random.fold_in(key_low, k), (), 0, n_low)
-            up, table_up, avg_up = saga(table_up, avg_up, upper_oracles(theta, phi, block(upper_data, j, b)), j, n_up)
-            low, table_low, avg_low = saga(table_low, avg_low, lower_oracles(theta, phi, v, block(lower_data, i, b)),
-                                           i, n_low)
-            (g_theta, g_phi), (grad_lower, hv, jv) = up, low
-            theta, phi, v = theta - upper_lr * (g_theta - jv), phi - LOWER_LR * grad_lower, v - LOWER_LR * (hv - g_phi)
-            return (theta, phi, v, table_up, avg_up, table_low, avg_low), None
-
-        return jax.lax.scan(step, carry, jnp.arange(num_steps))[0]
-
-    return init, run
+    return init, _scanned(step, num_steps)
 
 
 def _lower_phase(f_lower, sample, lower_data, key_low, theta, phi, first):
@@ -188,29 +183,23 @@ def reference_amigo(f_upper, f_lower, batch_size: int, num_steps: int, sampler: 
     linearization on the step's LL batch); theta <- theta - lr (grad_theta f_u - J v)."""
     sample = make_sample(sampler, batch_size)
 
-    def run(carry, key, data):
-        upper_data, lower_data = data
-        key_up, key_low = _streams(key)
+    def step(carry, k, data, keys):
+        (theta, phi, v), (upper_data, lower_data), (key_up, key_low, _) = carry, data, keys
+        first = k * (T_LOWER + 1)
+        phi = _lower_phase(f_lower, sample, lower_data, key_low, theta, phi, first)
+        ub, lb = sample(upper_data, key_up, k), sample(lower_data, key_low, first + T_LOWER)
+        g_theta, b = jax.grad(f_upper, argnums=(0, 1))(theta, phi, ub)
+        _, pullback = _linearize(f_lower, theta, phi, lb)
+        matvec = lambda x: pullback(x)[1]
 
-        def step(carry, k):
-            theta, phi, v = carry
-            first = k * (T_LOWER + 1)
-            phi = _lower_phase(f_lower, sample, lower_data, key_low, theta, phi, first)
-            ub, lb = sample(upper_data, key_up, k), sample(lower_data, key_low, first + T_LOWER)
-            g_theta, b = jax.grad(f_upper, argnums=(0, 1))(theta, phi, ub)
-            _, pullback = _linearize(f_lower, theta, phi, lb)
-            matvec = lambda x: pullback(x)[1]
+        def gd(c, _):
+            x, r = c
+            return (x + LOWER_LR * r, r - LOWER_LR * matvec(r)), None
 
-            def gd(c, _):
-                x, r = c
-                return (x + LOWER_LR * r, r - LOWER_LR * matvec(r)), None
+        (v, _), _ = jax.lax.scan(gd, (v, b - matvec(v)), None, length=M_SOLVER)
+        return theta - upper_lr * (g_theta - pullback(v)[0]), phi, v
 
-            (v, _), _ = jax.lax.scan(gd, (v, b - matvec(v)), None, length=M_SOLVER)
-            return (theta - upper_lr * (g_theta - pullback(v)[0]), phi, v), None
-
-        return jax.lax.scan(step, carry, jnp.arange(num_steps))[0]
-
-    return _zero_v, run
+    return _zero_v, _scanned(step, num_steps)
 
 
 def reference_stocbio(f_upper, f_lower, batch_size: int, num_steps: int, sampler: str = "iid",
@@ -219,24 +208,17 @@ def reference_stocbio(f_upper, f_lower, batch_size: int, num_steps: int, sampler
     fresh LL minibatch per factor; theta <- theta - lr (grad_theta f_u - J v)."""
     sample = make_sample(sampler, batch_size)
 
-    def run(carry, key, data):
-        upper_data, lower_data = data
-        key_up, key_low = _streams(key)
-        key_solver = jax.random.fold_in(key, 2)
+    def step(carry, k, data, keys):
+        (theta, phi), (upper_data, lower_data), (key_up, key_low, key_solver) = carry, data, keys
+        first = k * (T_LOWER + 1)
+        phi = _lower_phase(f_lower, sample, lower_data, key_low, theta, phi, first)
+        ub, lb = sample(upper_data, key_up, k), sample(lower_data, key_low, first + T_LOWER)
+        g_theta, b = jax.grad(f_upper, argnums=(0, 1))(theta, phi, ub)
+        v = _sampled_neumann(f_lower, sample, lower_data, theta, phi, b, jax.random.fold_in(key_solver, k))
+        jv = _linearize(f_lower, theta, phi, lb)[1](v)[0]
+        return theta - upper_lr * (g_theta - jv), phi
 
-        def step(carry, k):
-            theta, phi = carry
-            first = k * (T_LOWER + 1)
-            phi = _lower_phase(f_lower, sample, lower_data, key_low, theta, phi, first)
-            ub, lb = sample(upper_data, key_up, k), sample(lower_data, key_low, first + T_LOWER)
-            g_theta, b = jax.grad(f_upper, argnums=(0, 1))(theta, phi, ub)
-            v = _sampled_neumann(f_lower, sample, lower_data, theta, phi, b, jax.random.fold_in(key_solver, k))
-            jv = _linearize(f_lower, theta, phi, lb)[1](v)[0]
-            return (theta - upper_lr * (g_theta - jv), phi), None
-
-        return jax.lax.scan(step, carry, jnp.arange(num_steps))[0]
-
-    return (lambda theta, phi, key, data: (theta, phi)), run
+    return (lambda theta, phi, key, data: (theta, phi)), _scanned(step, num_steps)
 
 
 def _sampled_neumann(f_lower, sample, lower_data, theta, phi, b, key):
@@ -268,27 +250,21 @@ def reference_mrbo(f_upper, f_lower, batch_size: int, num_steps: int, sampler: s
     def init(theta, phi, key, data):
         return theta, phi, jnp.zeros_like(theta), jnp.zeros_like(phi), theta, phi
 
-    def run(carry, key, data):
-        upper_data, lower_data = data
-        key_up, key_low = _streams(key)
-        key_solver = jax.random.fold_in(key, 2)
+    def step(carry, k, data, keys):
+        (theta, phi, d_theta, d_phi, prev_theta, prev_phi), (upper_data, lower_data), (key_up, key_low, key_solver) = (
+            carry, data, keys)
+        ub, lb = sample(upper_data, key_up, k), sample(lower_data, key_low, k)
+        key_k = jax.random.fold_in(key_solver, k)
+        g, grad_lower = oracles(theta, phi, ub, lb, lower_data, key_k)
+        g_old, grad_lower_old = oracles(prev_theta, prev_phi, ub, lb, lower_data, key_k)
+        kf = (k + 1).astype(theta.dtype)
+        a = jnp.where(k > 0, 1.0 - ETA0 / kf ** (2.0 / 3.0), 0.0)
+        d_theta, d_phi = g + a * (d_theta - g_old), grad_lower + a * (d_phi - grad_lower_old)
+        step_size = kf ** (1.0 / 3.0)
+        new = (theta - upper_lr / step_size * d_theta, phi - LOWER_LR / step_size * d_phi)
+        return *new, d_theta, d_phi, theta, phi
 
-        def step(carry, k):
-            theta, phi, d_theta, d_phi, prev_theta, prev_phi = carry
-            ub, lb = sample(upper_data, key_up, k), sample(lower_data, key_low, k)
-            key_k = jax.random.fold_in(key_solver, k)
-            g, grad_lower = oracles(theta, phi, ub, lb, lower_data, key_k)
-            g_old, grad_lower_old = oracles(prev_theta, prev_phi, ub, lb, lower_data, key_k)
-            kf = (k + 1).astype(theta.dtype)
-            a = jnp.where(k > 0, 1.0 - ETA0 / kf ** (2.0 / 3.0), 0.0)
-            d_theta, d_phi = g + a * (d_theta - g_old), grad_lower + a * (d_phi - grad_lower_old)
-            step_size = kf ** (1.0 / 3.0)
-            new = (theta - upper_lr / step_size * d_theta, phi - LOWER_LR / step_size * d_phi)
-            return (*new, d_theta, d_phi, theta, phi), None
-
-        return jax.lax.scan(step, carry, jnp.arange(num_steps))[0]
-
-    return init, run
+    return init, _scanned(step, num_steps)
 
 
 REFERENCES = {"soba": reference_soba, "saba": reference_saba, "amigo": reference_amigo,
@@ -297,7 +273,7 @@ REFERENCES = {"soba": reference_soba, "saba": reference_saba, "amigo": reference
 
 # ------------------------------------------------------------------------------------ the presets
 
-def toolkit_algorithm(setup: Setup, name: str, sampler: str, upper_lr: float = UPPER_LR):
+def toolkit_algorithm(setup: Benchmark, name: str, sampler: str, upper_lr: float = UPPER_LR):
     """The preset with the reference's settings (its defaults: lr 0.1, T = 10 LL steps, 10 solver
     steps)."""
     kw = dict(upper_lr=upper_lr, lower_lr=LOWER_LR, batch_size=setup.batch_size, sampler=sampler)
@@ -308,11 +284,11 @@ def toolkit_algorithm(setup: Setup, name: str, sampler: str, upper_lr: float = U
     if name in ("stocbio", "mrbo"):
         kw.update(neumann_steps=M_SOLVER)
     if name == "mrbo":
-        kw.update(eta0=ETA0)
+        kw.update(momentum=1.0 - ETA0)
     return bj.algorithms.get(name)(setup.problem, **kw)
 
 
-def toolkit_run(setup: Setup, name: str, num_steps: int, sampler: str, upper_lr: float = UPPER_LR,
+def toolkit_run(setup: Benchmark, name: str, num_steps: int, sampler: str, upper_lr: float = UPPER_LR,
                 history: bool = False):
     """`(init, run)` as the references': `init(theta, phi, key, data) -> state` (the preset's
     init), `run(state, key, data)`: `bj.run` of `num_steps` steps; with `history`, the run returns
@@ -329,7 +305,7 @@ def toolkit_run(setup: Setup, name: str, num_steps: int, sampler: str, upper_lr:
     return init, run
 
 
-def toolkit_soba_run(setup: Setup, num_steps: int, sampler: str = "iid"):
+def toolkit_soba_run(setup: Benchmark, num_steps: int, sampler: str = "iid"):
     """`run(theta, phi, key, data) -> (theta, phi)`: bj.algorithms.soba with the reference's settings."""
     init, run = toolkit_run(setup, "soba", num_steps, sampler, setup.preset_kwargs.get("upper_lr", UPPER_LR))
 
@@ -347,7 +323,7 @@ def _theta(out):
     return np.asarray(out.theta if hasattr(out, "theta") else out[0])
 
 
-def measure_one(setup: Setup, name: str, sampler: str, num_steps: int, repeats: int, history: bool = True) -> dict:
+def measure_one(setup: Benchmark, name: str, sampler: str, num_steps: int, repeats: int, history: bool = True) -> dict:
     """One method on one setup: bare bj, bj with its history (if `history`) and the reference,
     interleaved; the states are built before the timed calls (SABA's tables included)."""
     if setup.batch_size is None:
@@ -381,7 +357,7 @@ def measure_one(setup: Setup, name: str, sampler: str, num_steps: int, repeats: 
     return out
 
 
-def measure(setup: Setup, num_steps: Dict[str, int], repeats: int, methods=METHODS, log=print,
+def measure(setup: Benchmark, num_steps: Dict[str, int], repeats: int, methods=METHODS, log=print,
             history_for=METHODS) -> dict:
     """Every method on `setup` with its preset's default sampler, and SOBA also with 'partition'
     (blocks read in place): {row name: measure_one(...)}; bj with its history for `history_for`."""

@@ -31,6 +31,48 @@ def _table(header: List[str], rows: List[List[str]]) -> List[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _bandwidth_account(acc: dict) -> List[str]:
+    """The bandwidth account of the bilevel section (benchmarks/peer_bilevel.py, `bandwidth_account`)."""
+    if not acc:
+        return []
+    if "error" in acc:
+        return [f"Bandwidth account: ERROR {acc['error']}", ""]
+    mb = lambda b: f"{b / 1e6:.3g}"
+    mem, cache = acc["rates"]["memory"], acc["rates"]["cache"]
+    rate = lambda r: f"{r['copy_read_GBps']:.3g} / {r['copy_read_GBps_cpu']:.3g}"
+    lines = ["### Bandwidth account: the peer's objective code on both sides", "",
+             "Passes over a minibatch one iteration needs (bilevel_jax's scheme) and the bytes they must move: every "
+             "batch matrix read once a pass (the least any code reads: in brackets), and with the peer's objective code "
+             "(each pass compiled alone by its cheaper differentiation: the reads of the matrices its derivative "
+             "contracts, the copy XLA:CPU makes of a dynamically sliced operand before a dot, and its writes); the "
+             "bytes each compiled step moves (batch-matrix reads + writes). Floor = the first read of each fresh batch "
+             f"matrix at the memory copy rate ({mem['bytes'] / 2 ** 20:.0f} MiB: {rate(mem)} GB/s by wall / CPU time) + the "
+             f"other bytes at the cache copy rate (one batch matrix, {acc['matrix_bytes'] / 1e6:.3g} MB: {rate(cache)} GB/s), "
+             "both measured in this run; against the median time per iteration of the peer and of bj on the peer's "
+             "objective, wall / CPU time (on a loaded machine the CPU-time columns are the steadier). The bytes are "
+             "read from the compiled programs and do not depend on the load. MB = 1e6 bytes.", ""]
+    rows = []
+    for name, m in acc["methods"].items():
+        c, w, u = m["compiled"], m["wall"], m["cpu"]
+        ms = lambda key: f"{w[key] * 1e3:.3g} / {u[key] * 1e3:.3g}"
+        x = lambda key: f"{w[key]:.2f} / {u[key]:.2f}"
+        rows.append([name, " + ".join(f"{n} {p}" for p, n in m["passes"].items()),
+                     f"{mb(m['code_bytes'])} ({mb(m['strict_bytes'])})",
+                     f"{mb(c['peer']['bytes'])} ({c['peer']['matrix_reads']:.0f} + {c['peer']['matrix_writes']:.0f})",
+                     f"{mb(c['bilevel_jax']['bytes'])} ({c['bilevel_jax']['matrix_reads']:.0f} + "
+                     f"{c['bilevel_jax']['matrix_writes']:.0f})",
+                     f"{m['code_over_peer_bytes']:.2f} ({m['strict_over_peer_bytes']:.2f}) / {m['bilevel_jax_over_peer_bytes']:.2f}",
+                     f"{ms('floor_s')} ({w['strict_floor_s'] * 1e3:.2g} / {u['strict_floor_s'] * 1e3:.2g})", ms("peer_s"),
+                     ms("bilevel_jax_s"), f"{x('floor_over_peer')} ({w['strict_floor_over_peer']:.2f} / "
+                     f"{u['strict_floor_over_peer']:.2f})", x("bilevel_jax_over_peer")])
+    return lines + _table(
+        ["method", "passes / iteration", "must move MB, peer's code (each matrix once)",
+         "compiled peer step MB (matrix reads + writes)", "compiled bj step MB (reads + writes)",
+         "bytes / peer's: floor (each once) / bj", "floor ms (each once)", "peer ms", "bj ms",
+         "floor / peer (each once)", "bj / peer"], rows) + [
+        "", "(ms and ratios: wall / CPU time.)", ""]
+
+
 def _scaling(sc: dict) -> List[str]:
     """The data-parallel scaling table (benchmarks/scaling.py)."""
     if not sc or "error" in sc:
@@ -171,21 +213,22 @@ def markdown(res: dict) -> str:
         rows = []
         for name, r in bl.get("methods", {}).items():
             if "error" in r:
-                rows.append([name, "ERROR"] + ["-"] * 7)
+                rows.append([name, "ERROR"] + ["-"] * 8)
                 continue
             f = lambda q: f"{q['median']:.3f} / {q['cpu']['median']:.3f}"
             d = r["ll_batches_per_step"]
             rows.append([name, f"{d['peer']} / {d['bilevel_jax']}", _auto(r["peer:peer"]), _auto(r["bilevel_jax"]),
                          f(r["ratio"]), _auto(r["peer:einsum"]), _auto(r["bilevel_jax:peer"]),
-                         f(r["ratio_same_objective"]), f(r["ratio_einsum_both"])])
+                         f(r["ratio_same_objective"]), f(r["ratio_same_objective_rev"]), f(r["ratio_einsum_both"])])
         lines += _table(["method", "LL batches / step (peer / bj)", "peer (its objective)", "bj (its quadratic)",
                          "ratio (bar)", "peer (einsum formulation)", "bj (peer's objective)",
-                         "ratio, peer's objective on both", "ratio, einsum on both"], rows) + [""]
+                         "ratio, peer's objective on both", "same, bj mode=\"rev\"", "ratio, einsum on both"], rows) + [""]
         comp = {n: r["compile_s"] for n, r in bl.get("methods", {}).items() if "compile_s" in r}
         if comp:
             lines += ["Compile (s, XLA compile of the K-step call; the peer closes over its data, compile-time "
                       "constants): " + "; ".join(f"{n}: " + ", ".join(f"{k} {v:.1f}" for k, v in c.items())
                                                  for n, c in comp.items()), ""]
+        lines += _bandwidth_account(bl.get("account"))
 
     bw = res.get("bandwidth", {})
     if bw and "error" not in bw:

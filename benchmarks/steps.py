@@ -15,12 +15,12 @@ import numpy as np
 
 import bilevel_jax as bj
 from benchmarks import timing
-from benchmarks.setups import Setup, make_algorithm
+from benchmarks.setups import Benchmark, make_algorithm
 
 ORACLE_KEYS = ("lower_grads", "upper_grads", "hvps", "cross")
 
 
-def build_runner(setup: Setup, name: str, num_steps: int):
+def build_runner(setup: Benchmark, name: str, num_steps: int):
     """(jitted run of `num_steps` steps, initial state) for the preset `name` on `setup`."""
     alg = make_algorithm(name, setup)
     state = alg.init(setup.theta0, setup.phi0, jax.random.PRNGKey(0), setup.data)
@@ -41,7 +41,7 @@ def compile_runner(fn, state, data):
     return compiled, {"trace_lower_s": t1 - t0, "compile_s": t2 - t1, "first_call_s": t2 - t0}
 
 
-def measure_preset(setup: Setup, name: str, num_steps: int, repeats: int, budget_s: float = 1.0) -> dict:
+def measure_preset(setup: Benchmark, name: str, num_steps: int, repeats: int, budget_s: float = 1.0) -> dict:
     fn, state = build_runner(setup, name, num_steps)
     compiled, compile_times = compile_runner(fn, state, setup.data)
     # `repeats` calls at least; short calls are repeated up to 3x as often within `budget_s`
@@ -55,7 +55,7 @@ def measure_preset(setup: Setup, name: str, num_steps: int, repeats: int, budget
             "_compiled": compiled, "_state": state}
 
 
-def measure(setups: Iterable[Setup], presets: Iterable[str], num_steps: Dict[str, int], repeats: int,
+def measure(setups: Iterable[Benchmark], presets: Iterable[str], num_steps: Dict[str, int], repeats: int,
             log=print, only: Optional[Dict[str, Iterable[str]]] = None) -> dict:
     """Every preset on every setup; `only` restricts a setup (by name) to some presets."""
     out = {}

@@ -22,7 +22,7 @@ import optax
 
 import bilevel_jax as bj
 from benchmarks import second_order, timing
-from benchmarks.setups import Setup
+from benchmarks.setups import Benchmark
 
 VARIANTS = {"reverse": {"mode": "reverse"}, "reverse_checkpoint": {"mode": "reverse", "checkpoint": True},
             "forward": {"mode": "forward"}, "mixed": {"mode": "mixed"},
@@ -32,11 +32,11 @@ MLP_VARIANTS = ("reverse", "reverse_checkpoint", "mixed", "mixed_all_iterates")
 LR = 0.5
 
 
-def subset(setup: Setup, n: int):
+def subset(setup: Benchmark, n: int):
     return jax.tree_util.tree_map(lambda x: x[:n], setup.data)
 
 
-def measure(setup: Setup, n: int, steps_list, repeats: int) -> dict:
+def measure(setup: Benchmark, n: int, steps_list, repeats: int) -> dict:
     data = subset(setup, n)
     opt = optax.sgd(LR)
     rows, grads = {}, {}

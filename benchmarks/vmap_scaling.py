@@ -9,10 +9,10 @@ import jax
 
 import bilevel_jax as bj
 from benchmarks import reference, timing
-from benchmarks.setups import Setup, make_algorithm
+from benchmarks.setups import Benchmark, make_algorithm
 
 
-def _reference_rows(setup: Setup, seeds, num_steps: int, repeats: int) -> dict:
+def _reference_rows(setup: Benchmark, seeds, num_steps: int, repeats: int) -> dict:
     ref = reference.reference_soba_run(setup.problem.f_upper, setup.problem.f_lower, setup.batch_size, num_steps)
     args = (setup.theta0, setup.phi0)
     base = timing.timeit(jax.jit(ref), *args, jax.random.PRNGKey(0), setup.data, repeats=repeats,
@@ -26,11 +26,11 @@ def _reference_rows(setup: Setup, seeds, num_steps: int, repeats: int) -> dict:
     return rows
 
 
-def measure(setup: Setup, preset: str, seeds, num_steps: int, repeats: int, reference_seeds=()) -> dict:
+def measure(setup: Benchmark, preset: str, seeds, num_steps: int, repeats: int, reference_seeds=()) -> dict:
     alg = make_algorithm(preset, setup)
 
     def one(key, theta0, phi0, data):
-        state, _ = bj.run(alg, alg.init(theta0, phi0, key), data, num_steps=num_steps)
+        state, _ = bj.run(alg, alg.init(theta0, phi0, key, data), data, num_steps=num_steps)
         return state.theta, state.phi
 
     args = (setup.theta0, setup.phi0, setup.data)

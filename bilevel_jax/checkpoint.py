@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bilevel_jax._checks import check_positive_int
-from bilevel_jax.algorithms.base import Algorithm
+from bilevel_jax.algorithms.base import Algorithm, header
 from bilevel_jax.cache import same_code
 from bilevel_jax.run import raise_callback_errors, run
 
@@ -173,8 +173,9 @@ def fingerprint(alg: Algorithm, state, data) -> dict:
     """What identifies a run, as SHA-256 digests by part: the algorithm (configuration and array
     fields), the data (structure, shapes, dtypes, contents), theta0, phi0, the key and the whole
     initial state. Equal in every process for equal inputs (see `_describe`)."""
-    return {"algorithm": _digest(alg), "data": _digest(data), "theta0": _digest(state.theta),
-            "phi0": _digest(state.phi), "key": _digest(state.key), "initial state": _digest(state)}
+    head = header(state)
+    return {"algorithm": _digest(alg), "data": _digest(data), "theta0": _digest(head.theta),
+            "phi0": _digest(head.phi), "key": _digest(head.key), "initial state": _digest(state)}
 
 
 # ---- the chunked run ----------------------------------------------------------------------------

@@ -10,6 +10,14 @@ LL steps, `projected`) and the smooth constraint functions P, Q (for the KKT imp
 `bj.hypergrad.kkt`): `box(0.0).problem(f_upper, f_lower)` is a
 `BilevelProblem` whose LL is constrained to phi >= 0.
 
+Theta-dependent sets: any parameter of a set may be a function of theta, e.g.
+`halfspace(jnp.ones(2), lambda theta: 1.0 + 0.2 * theta[0])` is
+Phi(theta) = {phi : phi_0 + phi_1 <= 1 + 0.2 theta_0}. Its P(theta, phi) carries the dependence
+into the KKT hypergradient (the grad_theta P_A' b_P term of `bj.hypergrad.kkt`), and projected LL
+steps project onto Phi(theta) at the current theta (`ConstraintSet.project_at`, `ProjectionAt`;
+the step rules of `bj.algorithms` take theta when they step). A theta-independent set is the
+special case whose `at(theta)` is itself.
+
 General (theta-dependent, nonlinear) constraints: `augmented_lagrangian`, the method of
 multipliers (Hestenes, "Multiplier and gradient methods", 1969; Powell 1969; Rockafellar, "The
 multiplier method of Hestenes and Powell applied to convex programming", 1973):
@@ -33,11 +41,13 @@ that solve (dependent active gradients) is reported as `bj.status.DEGENERATE`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional
+import functools
+from typing import Any, Callable, ClassVar, NamedTuple, Optional
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import optax.projections as proj
 import optax.tree_utils as otu
@@ -58,11 +68,22 @@ PyTree = Any
 # ------------------------------------------------------------------ sets with a projection
 
 class ConstraintSet(eqx.Module):
-    """A theta-independent feasible set: its projection and its smooth constraints P <= 0, Q = 0.
+    """A feasible set Phi(theta): its Euclidean projection and its smooth constraints P <= 0, Q = 0.
 
-    Its bound methods end up in static places (a `BilevelProblem`, a projected optax rule held by
+    A parameter of a set (a bound, an offset, a radius, ...) is a constant or a function of theta,
+    `b = lambda theta: 1.0 + 0.2 * theta[0]`, so that Phi depends on theta (the constraint
+    functions P(theta, phi), Q(theta, phi) then do too, and so does the KKT hypergradient through
+    grad_theta P, grad_theta Q: `bj.hypergrad.kkt`). `at(theta)` is the set at theta, with every
+    such parameter evaluated and checked as the factory checks a constant one; a set without one is
+    its own `at(theta)` (theta-independent: the special case). `project_at(theta, phi)` projects
+    onto Phi(theta); `project(phi)` only onto a theta-independent set.
+
+    Its bound methods end up in static places (a `BilevelProblem`, a projected step rule held by
     an algorithm), so a set hashes and compares by identity (its fields may be arrays): reuse one
-    instance to share compilations."""
+    instance to share compilations. A subclass implements `_project`, `_inequality` and/or
+    `_equality` on its parameters' values, and takes its fields as its `__init__` arguments."""
+
+    where: ClassVar[str] = "constraint set"   # the name in error messages (the factory's)
 
     def __hash__(self):
         return id(self)
@@ -70,24 +91,56 @@ class ConstraintSet(eqx.Module):
     def __eq__(self, other):
         return self is other
 
+    @property
+    def depends_on_theta(self) -> bool:
+        """Whether a parameter is a function of theta."""
+        return any(callable(getattr(self, f.name)) for f in dataclasses.fields(self))
+
+    def at(self, theta) -> "ConstraintSet":
+        """Phi(theta): the set with its theta-dependent parameters evaluated at theta (checked: an
+        empty or degenerate Phi(theta) raises, under jit when the program runs), or the set itself
+        when it does not depend on theta."""
+        if not self.depends_on_theta:
+            return self
+        where = self.where
+        if theta is None:
+            raise ValueError(f"{where}: the set depends on theta (a parameter is a function of theta): project with "
+                             "project_at(theta, phi), and evaluate P, Q at a theta, not None.")
+        return type(self)(**{f.name: _evaluate(where, f.name, getattr(self, f.name), theta)
+                             for f in dataclasses.fields(self)})
+
     def project(self, phi: PyTree) -> PyTree:
-        raise NotImplementedError
+        """P_Phi(phi) onto a theta-independent set (a theta-dependent one raises: `project_at`)."""
+        return self.project_at(None, phi)
+
+    def project_at(self, theta, phi: PyTree) -> PyTree:
+        """P_{Phi(theta)}(phi)."""
+        return self.at(theta)._project(phi)
 
     def inequality(self, theta, phi) -> Optional[PyTree]:
-        """P(theta, phi) (<= 0 on the set), or None."""
-        return None
+        """P(theta, phi) (<= 0 on Phi(theta)), or None."""
+        return self.at(theta)._inequality(phi) if self.has_inequality else None
 
     def equality(self, theta, phi) -> Optional[PyTree]:
-        """Q(theta, phi) (= 0 on the set), or None."""
+        """Q(theta, phi) (= 0 on Phi(theta)), or None."""
+        return self.at(theta)._equality(phi) if self.has_equality else None
+
+    def _project(self, phi: PyTree) -> PyTree:
+        raise NotImplementedError
+
+    def _inequality(self, phi) -> Optional[PyTree]:
+        return None
+
+    def _equality(self, phi) -> Optional[PyTree]:
         return None
 
     @property
     def has_inequality(self) -> bool:
-        return type(self).inequality is not ConstraintSet.inequality
+        return type(self)._inequality is not ConstraintSet._inequality
 
     @property
     def has_equality(self) -> bool:
-        return type(self).equality is not ConstraintSet.equality
+        return type(self)._equality is not ConstraintSet._equality
 
     def problem(self, f_upper: Callable, f_lower: Callable, project_upper: Optional[Callable] = None,
                 pessimistic: bool = False) -> BilevelProblem:
@@ -98,9 +151,11 @@ class ConstraintSet(eqx.Module):
 
 
 class Box(ConstraintSet):
-    """lower <= phi <= upper (scalars or pytrees like phi; None for no bound on that side).
-    P = (lower - phi, phi - upper), the absent sides left out. The bounds are checked: no NaN, and
-    lower <= upper everywhere (an empty box raises; `require`)."""
+    """lower <= phi <= upper (scalars or pytrees like phi, or functions of theta giving them; None
+    for no bound on that side). P = (lower - phi, phi - upper), the absent sides left out. The
+    bounds are checked: no NaN, and lower <= upper everywhere (an empty box raises; `require`)."""
+
+    where: ClassVar[str] = "box"
 
     lower: Any = None
     upper: Any = None
@@ -108,16 +163,16 @@ class Box(ConstraintSet):
     def __init__(self, lower=None, upper=None):
         if lower is None and upper is None:
             raise ValueError("box: give `lower`, `upper` or both (a box with no bound is the whole space).")
-        if lower is not None:
+        if lower is not None and not callable(lower):
             lower = require("box", lower, _not_nan, "the lower bound has NaN entries")
-        if upper is not None:
+        if upper is not None and not callable(upper):
             upper = require("box", upper, _not_nan, "the upper bound has NaN entries")
-        if lower is not None and upper is not None:
+        if lower is not None and upper is not None and not (callable(lower) or callable(upper)):
             lower = require("box", lower, lambda lo: _pairs(lambda l, u: jnp.asarray(l) <= jnp.asarray(u), lo, upper),
                             "lower > upper somewhere: the box is empty")
         self.lower, self.upper = lower, upper
 
-    def project(self, phi):
+    def _project(self, phi):
         lo = jax.tree_util.tree_map(lambda p: -jnp.inf, phi) if self.lower is None else self._like(self.lower, phi)
         hi = jax.tree_util.tree_map(lambda p: jnp.inf, phi) if self.upper is None else self._like(self.upper, phi)
         return proj.projection_box(phi, lo, hi)
@@ -128,7 +183,7 @@ class Box(ConstraintSet):
             return bound
         return jax.tree_util.tree_map(lambda p: jnp.broadcast_to(jnp.asarray(bound, p.dtype), p.shape), phi)
 
-    def inequality(self, theta, phi):
+    def _inequality(self, phi):
         out = {}
         if self.lower is not None:
             out["lower"] = otu.tree_sub(self._like(self.lower, phi), phi)
@@ -140,38 +195,44 @@ class Box(ConstraintSet):
 class Simplex(ConstraintSet):
     """phi >= 0, sum of all entries = scale. P = -phi, Q = sum(phi) - scale."""
 
+    where: ClassVar[str] = "simplex"
+
     scale: Any = 1.0
 
     def __init__(self, scale=1.0):
         self.scale = _positive("simplex", "scale", scale)
 
-    def project(self, phi):
+    def _project(self, phi):
         return proj.projection_simplex(phi, self.scale)
 
-    def inequality(self, theta, phi):
+    def _inequality(self, phi):
         return otu.tree_scale(-1.0, phi)
 
-    def equality(self, theta, phi):
+    def _equality(self, phi):
         return otu.tree_sum(phi) - self.scale
 
 
 class L2Ball(ConstraintSet):
     """||phi|| <= radius. P = (||phi||^2 - radius^2) / 2 (smooth)."""
 
+    where: ClassVar[str] = "l2_ball"
+
     radius: Any = 1.0
 
     def __init__(self, radius=1.0):
         self.radius = _positive("l2_ball", "radius", radius)
 
-    def project(self, phi):
+    def _project(self, phi):
         return proj.projection_l2_ball(phi, self.radius)
 
-    def inequality(self, theta, phi):
+    def _inequality(self, phi):
         return 0.5 * (otu.tree_norm(phi, squared=True) - self.radius ** 2)
 
 
 class Hyperplane(ConstraintSet):
     """<a, phi> = b. Q = <a, phi> - b."""
+
+    where: ClassVar[str] = "hyperplane"
 
     a: Any
     b: Any = 0.0
@@ -179,15 +240,17 @@ class Hyperplane(ConstraintSet):
     def __init__(self, a, b=0.0):
         self.a, self.b = _plane("hyperplane", a, b)
 
-    def project(self, phi):
+    def _project(self, phi):
         return proj.projection_hyperplane(phi, self.a, self.b)
 
-    def equality(self, theta, phi):
+    def _equality(self, phi):
         return otu.tree_vdot(self.a, phi) - self.b
 
 
 class Halfspace(ConstraintSet):
     """<a, phi> <= b. P = <a, phi> - b."""
+
+    where: ClassVar[str] = "halfspace"
 
     a: Any
     b: Any = 0.0
@@ -195,10 +258,10 @@ class Halfspace(ConstraintSet):
     def __init__(self, a, b=0.0):
         self.a, self.b = _plane("halfspace", a, b)
 
-    def project(self, phi):
+    def _project(self, phi):
         return proj.projection_halfspace(phi, self.a, self.b)
 
-    def inequality(self, theta, phi):
+    def _inequality(self, phi):
         return otu.tree_vdot(self.a, phi) - self.b
 
 
@@ -236,8 +299,10 @@ def _nonzero(a):
 
 
 def box(lower=None, upper=None) -> Box:
-    """The box lower <= phi <= upper (either side may be None; scalars or pytrees like phi). The
-    bounds are checked: no NaN, and lower <= upper everywhere (an empty box raises)."""
+    """The box lower <= phi <= upper (either side may be None; scalars or pytrees like phi, or
+    functions of theta giving them: a box Phi(theta)). The bounds are checked: no NaN, and
+    lower <= upper everywhere (an empty box raises; a theta-dependent one at the theta where it is
+    empty)."""
     return Box(lower, upper)
 
 
@@ -247,22 +312,27 @@ def non_negative() -> Box:
 
 
 def simplex(scale=1.0) -> Simplex:
-    """{phi >= 0, sum(phi) = scale}; scale must be a positive finite number."""
+    """{phi >= 0, sum(phi) = scale}; scale must be a positive finite number (or a function of theta
+    giving one)."""
     return Simplex(scale)
 
 
 def l2_ball(radius=1.0) -> L2Ball:
-    """{||phi|| <= radius}; radius must be a positive finite number."""
+    """{||phi|| <= radius}; radius must be a positive finite number (or a function of theta giving
+    one)."""
     return L2Ball(radius)
 
 
 def hyperplane(a, b=0.0) -> Hyperplane:
-    """{<a, phi> = b}; a must be finite and nonzero (a = 0 is the whole space or empty)."""
+    """{<a, phi> = b}; a must be finite and nonzero (a = 0 is the whole space or empty), b finite;
+    either may be a function of theta (a hyperplane Phi(theta))."""
     return Hyperplane(a, b)
 
 
 def halfspace(a, b=0.0) -> Halfspace:
-    """{<a, phi> <= b}; a must be finite and nonzero (a = 0 is the whole space or empty)."""
+    """{<a, phi> <= b}; a must be finite and nonzero (a = 0 is the whole space or empty), b finite;
+    either may be a function of theta, e.g. `halfspace(jnp.ones(2), lambda theta: 1.0 + 0.2 * theta[0])`
+    is Phi(theta) = {phi_0 + phi_1 <= 1 + 0.2 theta_0}."""
     return Halfspace(a, b)
 
 
@@ -271,14 +341,37 @@ def _show(value) -> str:
 
 
 def _positive(where: str, name: str, value):
+    if callable(value):   # a function of theta: checked on its value (`ConstraintSet.at`)
+        return value
     return require(where, value, lambda x: jnp.isfinite(x) & (jnp.asarray(x) > 0),
                    f"{name} must be a positive finite number, got {_show(value)}")
 
 
 def _plane(where: str, a, b):
-    a = require(where, a, lambda x: _nonzero(x) & jnp.isfinite(otu.tree_norm(x)),
-                "`a` must be a finite nonzero vector (a = 0 gives the whole space or an empty set)")
-    return a, require(where, b, lambda x: jnp.isfinite(x), f"`b` must be finite, got {_show(b)}")
+    if not callable(a):
+        a = require(where, a, lambda x: _nonzero(x) & jnp.isfinite(otu.tree_norm(x)),
+                    "`a` must be a finite nonzero vector (a = 0 gives the whole space or an empty set)")
+    if not callable(b):
+        b = require(where, b, lambda x: jnp.isfinite(x), f"`b` must be finite, got {_show(b)}")
+    return a, b
+
+
+def _evaluate(where: str, name: str, value, theta):
+    """A set's parameter at theta: `value(theta)` for a function of theta (its value must be an
+    array or a pytree of arrays: a clear error otherwise), else `value`."""
+    if not callable(value):
+        return value
+    try:
+        out = value(theta)
+    except TypeError as e:
+        raise TypeError(f"{where}: `{name}` is a function of theta, but `{name}(theta)` failed (it must take theta "
+                        f"alone and give the parameter's value): {e}") from e
+    leaves = jax.tree_util.tree_leaves(out)
+    if not leaves or not all(isinstance(x, (jax.Array, np.ndarray, np.generic, float, int)) and not isinstance(x, bool)
+                             for x in leaves):
+        raise TypeError(f"{where}: `{name}(theta)` must give an array or a pytree of arrays (the parameter at theta), "
+                        f"got {_show(out)}.")
+    return out
 
 
 # ------------------------------------------------------------------ projected LL steps
@@ -292,7 +385,8 @@ def projected(optimizer: optax.GradientTransformation, projection: Callable[[PyT
     """`optimizer`'s step followed by a Euclidean projection: the update u becomes
     projection(params + u) - params (projected gradient descent with `optax.sgd`). Usable as the
     `lower_opt` of any preset and with `bj.hypergrad.lower_steps`; `projection` is e.g.
-    `bj.constraints.box(0.0).project`."""
+    `bj.constraints.box(0.0).project`: a fixed set (a preset's `lower_set=` projects onto
+    Phi(theta) at the current theta, `ProjectionAt`)."""
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"projected: optimizer must be an optax GradientTransformation, got {type(optimizer).__name__}.")
     if not callable(projection):
@@ -313,18 +407,29 @@ def projected(optimizer: optax.GradientTransformation, projection: Callable[[PyT
 
 
 @dataclasses.dataclass(frozen=True, eq=False)   # equality and hash: StaticFields
-class ProjectedTransform(StaticFields):
-    """`learning_rate -> projected(transform(learning_rate), projection)`: the `transform` of a
-    `bj.algorithms.steps.StepRule` whose steps are projected (its step size stays an array field, so
-    a sweep can vmap over it). A frozen dataclass: equal parts compare and hash equal, so equal
-    configurations cross `jit` without recompiling (a set's bound method, whose Module holds arrays,
-    compares by identity: `bj.cache.StaticFields`)."""
+class ProjectionAt(StaticFields):
+    """(theta, phi) -> P_{Phi(theta)}(phi): the projection of projected LL steps
+    (`bj.algorithms.steps.StepRule.projection`), from a `ConstraintSet` (`project_at`; its
+    theta-dependent parameters evaluated at theta) or from a projection phi -> P_Phi(phi) onto a
+    fixed set (theta ignored). A frozen dataclass: equal parts compare and hash equal, so equal
+    configurations cross `jit` without recompiling (a set, whose Module holds arrays, compares by
+    identity: `bj.cache.StaticFields`)."""
 
-    transform: Callable
-    projection: Callable
+    target: Any
 
-    def __call__(self, learning_rate) -> optax.GradientTransformationExtraArgs:
-        return projected(self.transform(learning_rate), self.projection)
+    def __post_init__(self):
+        if not isinstance(self.target, ConstraintSet) and not callable(self.target):
+            raise TypeError(f"the feasible set must be a bj.constraints.ConstraintSet or a projection phi -> "
+                            f"P_Phi(phi), got {self.target!r}.")
+
+    @property
+    def depends_on_theta(self) -> bool:
+        return isinstance(self.target, ConstraintSet) and self.target.depends_on_theta
+
+    def __call__(self, theta, phi):
+        if isinstance(self.target, ConstraintSet):
+            return self.target.project_at(theta, phi)
+        return self.target(phi)
 
 
 def feasible_set(problem: BilevelProblem) -> Optional[ConstraintSet]:
@@ -338,12 +443,13 @@ def feasible_set(problem: BilevelProblem) -> Optional[ConstraintSet]:
 
 def solve_projected(problem: BilevelProblem, constraint_set: ConstraintSet, theta, phi0, batch, *,
                     learning_rate, steps: int):
-    """`steps` projected gradient steps on f_lower(theta, ., batch) from P(phi0): phi only (get the
-    multipliers with `least_squares_multipliers`)."""
+    """`steps` projected gradient steps on f_lower(theta, ., batch) onto Phi(theta) from
+    P_{Phi(theta)}(phi0): phi only (get the multipliers with `least_squares_multipliers`)."""
     check_positive_int("steps", steps)
     check_step_size("learning_rate", learning_rate)
-    opt = projected(optax.sgd(learning_rate), constraint_set.project)
-    phi0 = constraint_set.project(phi0)
+    project = functools.partial(constraint_set.project_at, theta)
+    opt = projected(optax.sgd(learning_rate), project)
+    phi0 = project(phi0)
     phi, _ = lower_steps(problem, opt, theta, phi0, opt.init(oracles.differentiable(phi0)), steps, lambda t: batch)
     return phi
 
@@ -502,6 +608,6 @@ def augmented_lagrangian(problem: BilevelProblem, theta, phi0, batch, *, optimiz
 
 
 __all__ = ["ALMInfo", "Box", "ConstraintSet", "Halfspace", "Hyperplane", "L2Ball", "MultiplierInfo", "Multipliers",
-           "ProjectedState", "ProjectedTransform", "Simplex", "augmented_lagrangian", "box", "feasible_set",
+           "ProjectedState", "ProjectionAt", "Simplex", "augmented_lagrangian", "box", "feasible_set",
            "halfspace", "hyperplane", "l2_ball", "least_squares_multipliers", "licq_status", "non_negative",
            "projected", "require", "simplex", "singular", "solve_projected"]

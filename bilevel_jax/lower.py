@@ -59,7 +59,7 @@ def lower_step(problem: BilevelProblem, optimizer: optax.GradientTransformation,
     """
     phi_d, phi_s = eqx.partition(phi, eqx.is_inexact_array)
     value_fn = _lower_objective(problem, theta, phi_s, batch)
-    value, grad = jax.value_and_grad(value_fn)(phi_d)
+    value, grad = oracles.lower_value_and_grad_phi(problem, theta, phi, batch)
     phi_d, opt_state = apply_rule(optimizer, grad, opt_state, phi_d, value=value, grad=grad, value_fn=value_fn)
     return eqx.combine(phi_d, phi_s), opt_state
 
@@ -69,7 +69,8 @@ def lower_steps(problem: BilevelProblem, optimizer: optax.GradientTransformation
     """`steps` LL steps; `batch_fn(t)` gives the batch of step t (t a traced int).
 
     The scan carries only the inexact-array part of phi (and the optimizer state); the rest of
-    phi (e.g. an equinox Module's activation functions) is closed over and recombined.
+    phi (e.g. an equinox Module's activation functions) is closed over and recombined. Counted as
+    `steps` LL gradients (`oracles.counting`).
     """
     phi_d, phi_s = eqx.partition(phi, eqx.is_inexact_array)
 
@@ -80,7 +81,8 @@ def lower_steps(problem: BilevelProblem, optimizer: optax.GradientTransformation
 
     if checkpoint:
         step = jax.checkpoint(step)
-    (phi_d, opt_state), _ = jax.lax.scan(step, (phi_d, opt_state), jax.numpy.arange(steps))
+    with oracles.counting(times=steps):   # the body is traced once and runs `steps` times
+        (phi_d, opt_state), _ = jax.lax.scan(step, (phi_d, opt_state), jax.numpy.arange(steps))
     return eqx.combine(phi_d, phi_s), opt_state
 
 

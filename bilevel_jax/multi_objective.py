@@ -31,6 +31,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from bilevel_jax import oracles
 from bilevel_jax.problem import BilevelProblem, check_data_pair
 
 PyTree = Any
@@ -54,32 +55,12 @@ class MultiObjectiveProblem:
     project_upper: Optional[Callable[[PyTree], PyTree]] = None
 
     def __post_init__(self):
-        listed = [isinstance(f, (list, tuple)) for f in (self.f_upper, self.f_lower)]
-        if listed[0] != listed[1]:
-            raise TypeError("MultiObjectiveProblem: give f_upper and f_lower both as one function or both "
-                            "as lists of n functions.")
-        if listed[0]:
-            object.__setattr__(self, "f_upper", tuple(self.f_upper))
-            object.__setattr__(self, "f_lower", tuple(self.f_lower))
-            n = len(self.f_upper)
-            if len(self.f_lower) != n or n < 1:
-                raise ValueError(f"MultiObjectiveProblem: f_upper has {len(self.f_upper)} functions and f_lower "
-                                 f"{len(self.f_lower)}; give one pair per task.")
-            if self.num_tasks is not None and self.num_tasks != n:
-                raise ValueError(f"MultiObjectiveProblem: num_tasks={self.num_tasks} but {n} function pairs.")
-            object.__setattr__(self, "num_tasks", n)
-            fns = self.f_upper + self.f_lower
-        else:
-            if not isinstance(self.num_tasks, int) or isinstance(self.num_tasks, bool) or self.num_tasks < 1:
-                raise ValueError("MultiObjectiveProblem: with one shared (f_upper, f_lower) pair, num_tasks must be "
-                                 f"a positive int (the size of the task axis of phi and data), got {self.num_tasks!r}.")
-            fns = (self.f_upper, self.f_lower)
-        for f in fns:
-            if not callable(f):
-                raise TypeError(f"MultiObjectiveProblem: objectives must be callables f(theta, phi_i, batch_i), "
-                                f"got {type(f).__name__}.")
-        if self.project_upper is not None and not callable(self.project_upper):
-            raise TypeError("MultiObjectiveProblem: project_upper must be None or a callable theta -> theta.")
+        f_upper, f_lower, n = check_pairs("MultiObjectiveProblem", self.f_upper, self.f_lower, self.num_tasks,
+                                          "num_tasks", "f(theta, phi_i, batch_i)")
+        object.__setattr__(self, "f_upper", f_upper)
+        object.__setattr__(self, "f_lower", f_lower)
+        object.__setattr__(self, "num_tasks", n)
+        check_projection("MultiObjectiveProblem", "project_upper", self.project_upper, "theta -> theta")
 
     @property
     def shared(self) -> bool:
@@ -101,12 +82,22 @@ class MultiObjectiveProblem:
 
         `task_args` are pytrees with a leading task axis on every array leaf (None leaves pass as
         None). Shared functions: one `jax.vmap` (fn is traced once); lists: a loop over the n pairs.
+        The oracle calls of fn (`bj.oracles`) are counted per task (a solver's matvec count may
+        differ between tasks) and recorded, summed over the tasks, in the open `counting` block.
         """
+        def counted(problem, *args):
+            with oracles.counting(times=0) as tally:
+                out = fn(problem, *args)
+            return out, tally.counts
+
         if self.shared:
             problem = self.pair()
-            return jax.vmap(lambda *args: fn(problem, *args))(*task_args)
-        outs = [fn(self.pair(i), *task_slice(task_args, i)) for i in range(self.num_tasks)]
-        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+            outs, counts = jax.vmap(lambda *args: counted(problem, *args))(*task_args)
+        else:
+            per_task = [counted(self.pair(i), *task_slice(task_args, i)) for i in range(self.num_tasks)]
+            outs, counts = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_task)
+        oracles.record(oracles.OracleCounts(*(jnp.sum(c) for c in counts)))
+        return outs
 
     def values(self, theta, phi, data, level: str = "upper") -> jax.Array:
         """The n objective values f_u,i(theta, phi_i, data_i) (or f_l,i with level="lower"), shape (n,)."""
@@ -120,15 +111,145 @@ class MultiObjectiveProblem:
     def validate(self, theta, phi, data) -> None:
         """Check, before tracing, that phi and data carry the task axis and fit every pair."""
         check_data_pair(data)
-        n = self.num_tasks
-        for name, tree in (("phi", phi), ("upper data", data[0]), ("lower data", data[1])):
-            for x in jax.tree_util.tree_leaves(tree):
-                if eqx.is_array(x) and (jnp.ndim(x) == 0 or jnp.shape(x)[0] != n):
-                    raise ValueError(f"{name}: every array leaf needs a leading task axis of size num_tasks={n}, "
-                                     f"got a leaf of shape {jnp.shape(x)}.")
-        for i in range(1 if self.shared else n):
+        check_task_axis(self.num_tasks, phi=phi, **{"upper data": data[0], "lower data": data[1]})
+        for i in range(1 if self.shared else self.num_tasks):
             phi_i, upper_i, lower_i = task_slice((phi, data[0], data[1]), i)
             self.pair(i).validate(theta, phi_i, (upper_i, lower_i))
+
+
+@dataclasses.dataclass(frozen=True)
+class MinMaxBilevelProblem:
+    """The multi-block min-max bilevel problem (Hu, Zhong, Yang, "Multi-block Min-max Bilevel
+    Optimization with Applications in Multi-task Deep AUC Maximization", NeurIPS 2022,
+    arXiv:2206.00260):
+
+        min_{theta in Theta} max_{y in Y^m}  (1/m) sum_i f_i(theta, y_i, phi_i*(theta)),
+        phi_i*(theta) = argmin_phi g_i(theta, phi),   i = 1..m,
+
+    m blocks, each with its own dual (max) variable y_i in Y and its own LL variable phi_i; theta is
+    shared. f_i is strongly concave in y_i and g_i strongly convex in phi (the paper's setting).
+    `bj.algorithms.mmb` solves it.
+
+    The blocks are given as `MultiObjectiveProblem`'s tasks are (one shared pair with data on a
+    leading block axis, vmapped; or lists of m functions, unrolled), and y, phi and both data
+    levels carry the leading block axis of size m.
+
+    Args:
+      f_upper: `f(theta, y_i, phi_i, batch_i) -> scalar`, or a sequence of m such.
+      f_lower: `g(theta, phi_i, batch_i) -> scalar`, or a sequence of m such.
+      num_blocks: m (required with shared functions; the lists' length otherwise).
+      project_upper: optional Euclidean projection P_Theta, applied after every UL step.
+      project_dual: optional Euclidean projection P_Y of one block's y_i (no block axis), applied
+        after every dual step (None: Y is the whole space).
+    """
+
+    f_upper: Union[Callable, Tuple[Callable, ...]]
+    f_lower: Union[Fn, Tuple[Fn, ...]]
+    num_blocks: Optional[int] = None
+    project_upper: Optional[Callable[[PyTree], PyTree]] = None
+    project_dual: Optional[Callable[[PyTree], PyTree]] = None
+
+    def __post_init__(self):
+        kind = "MinMaxBilevelProblem"
+        f_upper, f_lower, n = check_pairs(kind, self.f_upper, self.f_lower, self.num_blocks, "num_blocks",
+                                          "f_upper(theta, y_i, phi_i, batch_i), f_lower(theta, phi_i, batch_i)")
+        object.__setattr__(self, "f_upper", f_upper)
+        object.__setattr__(self, "f_lower", f_lower)
+        object.__setattr__(self, "num_blocks", n)
+        check_projection(kind, "project_upper", self.project_upper, "theta -> theta")
+        check_projection(kind, "project_dual", self.project_dual, "y_i -> y_i")
+
+    @property
+    def shared(self) -> bool:
+        return not isinstance(self.f_upper, tuple)
+
+    @property
+    def blocks(self) -> MultiObjectiveProblem:
+        """The m blocks as bilevel pairs in the joint variable x_i = (theta, y_i):
+        f_u,i((theta, y_i), phi, b) = f_i(theta, y_i, phi, b), f_l,i((theta, y_i), phi, b) = g_i(theta, phi, b).
+        So one implicit direction of pair i at (theta, y_i) is (grad_theta F_i - J_i v_i, grad_y f_i):
+        g_i does not depend on y_i, hence the y part has no implicit term."""
+        if self.shared:
+            return MultiObjectiveProblem(JointUpper(self.f_upper), JointLower(self.f_lower), self.num_blocks)
+        return MultiObjectiveProblem(tuple(map(JointUpper, self.f_upper)), tuple(map(JointLower, self.f_lower)))
+
+    def project(self, theta: PyTree) -> PyTree:
+        """P_Theta(theta) (the identity without a UL constraint)."""
+        return theta if self.project_upper is None else self.project_upper(theta)
+
+    def project_y(self, y_i: PyTree) -> PyTree:
+        """P_Y(y_i) of one block (the identity when Y is the whole space)."""
+        return y_i if self.project_dual is None else self.project_dual(y_i)
+
+    def validate(self, theta, y, phi, data) -> None:
+        """Check, before tracing, that y, phi and data carry the block axis and fit every block."""
+        check_data_pair(data)
+        check_task_axis(self.num_blocks, y=y, phi=phi, **{"upper data": data[0], "lower data": data[1]})
+        blocks = self.blocks
+        for i in range(1 if self.shared else self.num_blocks):
+            y_i, phi_i, upper_i, lower_i = task_slice((y, phi, data[0], data[1]), i)
+            blocks.pair(i).validate((theta, y_i), phi_i, (upper_i, lower_i))
+
+
+@dataclasses.dataclass(frozen=True)
+class JointUpper:
+    """f((theta, y), phi, batch) = f_upper(theta, y, phi, batch): a block's UL objective in the joint
+    variable (equal for equal f_upper, so algorithms holding it compile once)."""
+
+    f_upper: Callable
+
+    def __call__(self, x, phi, batch):
+        return self.f_upper(x[0], x[1], phi, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class JointLower:
+    """g((theta, y), phi, batch) = f_lower(theta, phi, batch) (independent of y)."""
+
+    f_lower: Fn
+
+    def __call__(self, x, phi, batch):
+        return self.f_lower(x[0], phi, batch)
+
+
+def check_pairs(kind: str, f_upper, f_lower, n, n_name: str, signature: str):
+    """The objectives of n pairs, one shared pair or two lists (see `MultiObjectiveProblem`):
+    returns `(f_upper, f_lower, n)`, lists as tuples; clear errors prefixed with `kind`."""
+    listed = [isinstance(f, (list, tuple)) for f in (f_upper, f_lower)]
+    if listed[0] != listed[1]:
+        raise TypeError(f"{kind}: give f_upper and f_lower both as one function or both as lists of n functions.")
+    if listed[0]:
+        f_upper, f_lower = tuple(f_upper), tuple(f_lower)
+        if len(f_lower) != len(f_upper) or not f_upper:
+            raise ValueError(f"{kind}: f_upper has {len(f_upper)} functions and f_lower {len(f_lower)}; give one "
+                             "pair per task.")
+        if n is not None and n != len(f_upper):
+            raise ValueError(f"{kind}: {n_name}={n} but {len(f_upper)} function pairs.")
+        n, fns = len(f_upper), f_upper + f_lower
+    else:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"{kind}: with one shared (f_upper, f_lower) pair, {n_name} must be a positive int (the "
+                             f"size of the leading axis of phi and data), got {n!r}.")
+        fns = (f_upper, f_lower)
+    for f in fns:
+        if not callable(f):
+            raise TypeError(f"{kind}: objectives must be callables {signature}, got {type(f).__name__}.")
+    return f_upper, f_lower, n
+
+
+def check_projection(kind: str, name: str, fn, signature: str) -> None:
+    """`fn` is None or callable (a projection argument of a problem type)."""
+    if fn is not None and not callable(fn):
+        raise TypeError(f"{kind}: {name} must be None or a callable {signature}.")
+
+
+def check_task_axis(n: int, **trees) -> None:
+    """Every array leaf of every named tree has a leading axis of size n (the task/block axis)."""
+    for name, tree in trees.items():
+        for x in jax.tree_util.tree_leaves(tree):
+            if eqx.is_array(x) and (jnp.ndim(x) == 0 or jnp.shape(x)[0] != n):
+                raise ValueError(f"{name}: every array leaf needs a leading task axis of size {n}, got a leaf of "
+                                 f"shape {jnp.shape(x)}.")
 
 
 def task_slice(tree: PyTree, i: int) -> PyTree:
@@ -143,4 +264,4 @@ def stack_tasks(trees: Sequence[PyTree]) -> PyTree:
     return eqx.combine(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *arrays), static)
 
 
-__all__ = ["MultiObjectiveProblem", "stack_tasks", "task_slice"]
+__all__ = ["MinMaxBilevelProblem", "MultiObjectiveProblem", "stack_tasks", "task_slice"]

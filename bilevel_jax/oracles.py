@@ -14,19 +14,138 @@ Ordering matters: `A v` and `J v` are gradients of the scalar
 Only the inexact-array leaves of `theta` and `phi` are differentiated (`eqx.partition`), so a
 neural network (an equinox Module) can be `phi`; gradients and `v` are pytrees shaped like
 `eqx.filter(phi, eqx.is_inexact_array)` (None at the static leaves).
+
+Oracle counts. Every function here that evaluates f_upper or f_lower adds the oracle calls it
+makes (`OracleCounts`) to the innermost open `counting()` block, at trace time:
+
+    with oracles.counting() as tally:
+        ... one outer step ...
+    tally.counts          # OracleCounts: LL / UL gradients, HVPs A v, cross products J v, values
+
+A gradient pass counts once whichever partials it returns; a linearization of grad_phi f_lower
+counts its products as they are applied (`hvp` one HVP, `cross` one cross product,
+`hvp_and_cross` one of each) and its gradient only when taken (`LowerLinearization.gradient`). A
+block runs once per trace: code that repeats oracle calls in a loop or a `vmap` scales them
+(`counting(times=n)`: `lower.lower_steps` by its steps, `gaussian_jacobian_transpose` by its
+directions), and a linear solve counts its solver's own matvec count (`solve`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+import contextlib
+import contextvars
+import dataclasses
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
 
 from bilevel_jax.problem import BilevelProblem
 
 PyTree = Any
+
+
+# ------------------------------------------------------------------ oracle counts
+
+class OracleCounts(NamedTuple):
+    """Oracle calls: gradients of f_lower / f_upper (one pass may give both partials), Hessian-
+    vector products A v, cross products J v (or J^T d), and function values of f_lower / f_upper
+    used on their own (the values of the value-function methods' gap; an LL step's value, passed
+    to its optax rule, is part of its gradient pass)."""
+
+    lower_grads: jax.Array
+    upper_grads: jax.Array
+    hvps: jax.Array
+    cross: jax.Array
+    values: jax.Array = jnp.zeros((), jnp.int32)
+
+    @staticmethod
+    def of(lower_grads=0, upper_grads=0, hvps=0, cross=0, values=0) -> "OracleCounts":
+        return OracleCounts(*(jnp.asarray(c, jnp.int32) for c in (lower_grads, upper_grads, hvps, cross, values)))
+
+    def __add__(self, other):  # type: ignore[override]
+        return OracleCounts(*(a + b for a, b in zip(self, other)))
+
+    def scaled(self, upper=1, lower=1) -> "OracleCounts":
+        """The UL gradients times `upper`, the LL oracles (gradients, HVPs, cross products, values)
+        times `lower` (e.g. minibatch oracles per full pass over each level's data)."""
+        return OracleCounts(self.lower_grads * lower, self.upper_grads * upper, self.hvps * lower,
+                            self.cross * lower, self.values * lower)
+
+
+def _calls(lower_grads=0, upper_grads=0, hvps=0, cross=0, values=0) -> OracleCounts:
+    """Static counts (Python ints): what one oracle function adds to a `Tally`."""
+    return OracleCounts(lower_grads, upper_grads, hvps, cross, values)
+
+
+class Tally:
+    """The oracle calls traced in a `counting` block (Python ints, or int32 arrays where a count
+    depends on the data, e.g. a solver's matvecs)."""
+
+    def __init__(self):
+        self._counts = _calls()
+
+    def add(self, counts: OracleCounts) -> None:
+        self._counts = self._counts + counts
+
+    @property
+    def counts(self) -> OracleCounts:
+        """The block's counts as int32 arrays."""
+        return OracleCounts.of(*self._counts)
+
+
+_TALLY: contextvars.ContextVar = contextvars.ContextVar("bilevel_jax_oracle_tally", default=None)
+
+
+@contextlib.contextmanager
+def counting(times=1) -> Iterator[Tally]:
+    """Count the oracle calls traced inside the block (see the module docstring); on leaving it,
+    add them times `times` to the enclosing block (0: not at all, the caller records them itself,
+    e.g. selected by a `lax.cond`)."""
+    tally = Tally()
+    token = _TALLY.set(tally)
+    try:
+        yield tally
+    finally:
+        _TALLY.reset(token)
+    if times:
+        record(tally._counts if times == 1 else tally._counts.scaled(times, times))
+
+
+def uncounted():
+    """A `counting` block whose calls are not passed on (a linear solve counted by its solver)."""
+    return counting(times=0)
+
+
+def record(counts: OracleCounts) -> None:
+    """Add `counts` to the innermost open `counting` block (nothing when none is open)."""
+    tally = _TALLY.get()
+    if tally is not None:
+        tally.add(counts)
+
+
+def solve(solver, matvec: Callable, b: PyTree, state, key=None):
+    """`solver.solve(matvec, b, state, key)` counted as the solver's `info.num_matvecs` HVPs (the
+    length of its loop, not the matvec calls traced once inside it; its residual diagnostic is not
+    counted): `(x, state, info)`."""
+    with uncounted():
+        x, state, info = solver.solve(matvec, b, state, key)
+    record(_calls(hvps=info.num_matvecs))
+    return x, state, info
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PenalisedLower(BilevelProblem):
+    """A problem whose LL objective also evaluates f_upper (a penalised objective such as
+    f_upper(theta, phi, upper_batch) + lambda f_lower(theta, phi, batch): F2SA's inner loop, the
+    pessimistic follower): each gradient of its LL objective counts one gradient of each level."""
+
+
+def _lower_gradient(problem: BilevelProblem, n: int = 1) -> OracleCounts:
+    """`n` gradients of `problem`'s LL objective (of both levels for a `PenalisedLower`)."""
+    return _calls(lower_grads=n, upper_grads=n if isinstance(problem, PenalisedLower) else 0)
 
 
 def differentiable(tree: PyTree) -> PyTree:
@@ -45,28 +164,48 @@ def _on_diff(fn: Callable, theta: PyTree, phi: PyTree, batch: PyTree):
     return f, theta_d, phi_d
 
 
+def upper_value(problem: BilevelProblem, theta, phi, batch):
+    """f_upper(theta, phi, batch) on its own (one value: MORBiT's objective values for its weights' ascent)."""
+    record(_calls(values=1))
+    return problem.f_upper(theta, phi, batch)
+
+
 def upper_grads(problem: BilevelProblem, theta, phi, batch):
     """(grad_theta f_upper, grad_phi f_upper) from one reverse pass."""
     f, t, p = _on_diff(problem.f_upper, theta, phi, batch)
+    record(_calls(upper_grads=1))
     return jax.grad(f, argnums=(0, 1))(t, p)
 
 
 def upper_grad_theta(problem: BilevelProblem, theta, phi, batch):
     """The partial gradient grad_theta f_upper (the IG-free UL direction)."""
     f, t, p = _on_diff(problem.f_upper, theta, phi, batch)
+    record(_calls(upper_grads=1))
     return jax.grad(f, argnums=0)(t, p)
 
 
 def lower_grad_phi(problem: BilevelProblem, theta, phi, batch):
     """grad_phi f_lower."""
     f, t, p = _on_diff(problem.f_lower, theta, phi, batch)
+    record(_lower_gradient(problem))
     return jax.grad(f, argnums=1)(t, p)
+
+
+def lower_value_and_grad_phi(problem: BilevelProblem, theta, phi, batch):
+    """(f_lower, grad_phi f_lower) from one reverse pass: an LL step's oracle, counted as one LL
+    gradient (the value rides along for the optax rules that read it; a line search's further
+    values of f_lower are not counted)."""
+    f, t, p = _on_diff(problem.f_lower, theta, phi, batch)
+    record(_lower_gradient(problem))
+    return jax.value_and_grad(f, argnums=1)(t, p)
 
 
 class LowerLinearization(NamedTuple):
     """grad_phi f_lower at (theta, phi) and the linear maps of its derivative.
 
-    Built once per point and applied to many vectors (a linear solver's iterations).
+    Built once per point and applied to many vectors (a linear solver's iterations); each
+    application counts its products (module docstring), the gradient counts when taken with
+    `gradient()` (the field `grad_phi` is the same array, uncounted).
     """
 
     grad_phi: PyTree                      # grad_phi f_lower
@@ -74,6 +213,18 @@ class LowerLinearization(NamedTuple):
     cross: Callable[[PyTree], PyTree]     # v -> J v
     hvp_and_cross: Callable[[PyTree], tuple]  # v -> (A v, J v), one pass
     cross_transpose: Callable[[PyTree], PyTree]  # d (theta-shaped) -> J^T d (phi-shaped)
+
+    def gradient(self) -> PyTree:
+        """grad_phi f_lower at the linearization point, counted as one LL gradient."""
+        record(_calls(lower_grads=1))
+        return self.grad_phi
+
+
+def _counted(fn: Callable, counts: OracleCounts) -> Callable:
+    def counted_fn(*args):
+        record(counts)
+        return fn(*args)
+    return counted_fn
 
 
 MODES = ("rev", "fwd")
@@ -91,8 +242,8 @@ def linearize_lower(problem: BilevelProblem, theta, phi, batch, mode: str = "rev
 
     mode="rev": one `jax.vjp` of grad_phi f_lower over (theta, phi); its pullback maps v to
       (J v, A^T v) = (J v, A v) in one backward pass.
-    mode="fwd": one `jax.linearize` (forward-over-reverse) of grad_{(theta, phi)} f_lower; its
-      pushforward along (0, v) is (J v, A v).
+    mode="fwd": one `jax.linearize` (forward-over-reverse) of phi -> grad_{(theta, phi)} f_lower;
+      its pushforward along v is (J v, A v).
 
     Which to use (measured with `python -m benchmarks --only second_order`: hyper-cleaning of a
     two-hidden-layer MLP, widths 64 / 256 / 1024, float32, 2-core CPU, process CPU time): with one
@@ -107,7 +258,7 @@ def linearize_lower(problem: BilevelProblem, theta, phi, batch, mode: str = "rev
     grad_phi_fn = jax.grad(f, argnums=1)
 
     def cross_transpose(d):
-        return jax.jvp(grad_phi_fn, (t, p), (d, otu.tree_zeros_like(p)))[1]
+        return jax.jvp(lambda t_: grad_phi_fn(t_, p), (t,), (d,))[1]
 
     if mode == "rev":
         g_phi, pullback = jax.vjp(grad_phi_fn, t, p)
@@ -117,19 +268,18 @@ def linearize_lower(problem: BilevelProblem, theta, phi, batch, mode: str = "rev
             return av, jv
 
     else:  # "fwd" (checked by the callers, before tracing: `check_mode`)
-        (_, g_phi), push = jax.linearize(jax.grad(f, argnums=(0, 1)), t, p)
-        zeros_t = otu.tree_zeros_like(t)
+        (_, g_phi), push = jax.linearize(lambda p_: jax.grad(f, argnums=(0, 1))(t, p_), p)
 
         def hvp_and_cross(v):
-            jv, av = push(zeros_t, v)
+            jv, av = push(v)
             return av, jv
 
     return LowerLinearization(
         grad_phi=g_phi,
-        hvp=lambda v: hvp_and_cross(v)[0],
-        cross=lambda v: hvp_and_cross(v)[1],
-        hvp_and_cross=hvp_and_cross,
-        cross_transpose=cross_transpose,
+        hvp=_counted(lambda v: hvp_and_cross(v)[0], _calls(hvps=1)),
+        cross=_counted(lambda v: hvp_and_cross(v)[1], _calls(cross=1)),
+        hvp_and_cross=_counted(hvp_and_cross, _calls(hvps=1, cross=1)),
+        cross_transpose=_counted(cross_transpose, _calls(cross=1)),
     )
 
 
@@ -148,7 +298,7 @@ def grad_hvp_cross(problem: BilevelProblem, theta, phi, v, batch, mode: str = "r
     triple of a single-loop step (SOBA's D_phi, and the second-order parts of D_v and D_theta)."""
     lin = linearize_lower(problem, theta, phi, batch, mode)
     av, jv = lin.hvp_and_cross(v)
-    return lin.grad_phi, av, jv
+    return lin.gradient(), av, jv
 
 
 class StepTranspose(NamedTuple):
@@ -196,6 +346,7 @@ def lower_step_transpose(problem: BilevelProblem, rule: Callable, theta, phi, op
 def lower_grads(problem: BilevelProblem, theta, phi, batch):
     """(grad_theta f_lower, grad_phi f_lower) from one reverse pass."""
     f, t, p = _on_diff(problem.f_lower, theta, phi, batch)
+    record(_lower_gradient(problem))
     return jax.grad(f, argnums=(0, 1))(t, p)
 
 
@@ -203,6 +354,7 @@ def lower_value_and_grads(problem: BilevelProblem, theta, phi, batch):
     """(f_lower, (grad_theta f_lower, grad_phi f_lower)) from one reverse pass: the value-function
     oracle of the value-function methods (g(x, y) and its gradient, Danskin's grad_theta g(x, z))."""
     f, t, p = _on_diff(problem.f_lower, theta, phi, batch)
+    record(_lower_gradient(problem) + _calls(values=1))
     return jax.value_and_grad(f, argnums=(0, 1))(t, p)
 
 
@@ -218,6 +370,7 @@ def finite_difference_products(problem: BilevelProblem, theta, phi, v, batch, de
     """
     f, t, p = _on_diff(problem.f_lower, theta, phi, batch)
     grad = jax.grad(f, argnums=(0, 1))
+    record(_lower_gradient(problem, 2))
     (gt_plus, gp_plus) = grad(t, otu.tree_add_scale(p, delta, v))
     (gt_minus, gp_minus) = grad(t, otu.tree_add_scale(p, -delta, v))
     scale = 0.5 / delta
@@ -233,7 +386,7 @@ def gaussian_jacobian_transpose(fn: Callable[[PyTree], PyTree], x, w, directions
     (the Q runs of fn vmapped). With E[u u^T] = I it is unbiased up to O(mu) (exactly unbiased
     when fn is affine); `directions` has a leading axis Q over x's structure. `base` is fn(x) when
     the caller has it (else fn is called once more). Returns (estimate, fn(x)); fn is called Q
-    (+ 1) times.
+    (+ 1) times, and so are the oracles it calls counted (`counting`).
     """
     y0 = fn(x) if base is None else base
 
@@ -241,7 +394,8 @@ def gaussian_jacobian_transpose(fn: Callable[[PyTree], PyTree], x, w, directions
         y = fn(otu.tree_add_scale(x, mu, u))
         return otu.tree_vdot(otu.tree_sub(y, y0), w) / mu
 
-    coeffs = jax.vmap(one)(directions)
+    with counting(times=jax.tree_util.tree_leaves(directions)[0].shape[0]):
+        coeffs = jax.vmap(one)(directions)
     estimate = jax.tree_util.tree_map(lambda u: jax.numpy.tensordot(coeffs, u, axes=1) / coeffs.shape[0],
                                       directions)
     return estimate, y0
@@ -251,18 +405,20 @@ def lower_hessian_blocks(problem: BilevelProblem, theta, phi, batch):
     """The dense blocks (A, J) of grad_phi f_lower's derivative at (theta, phi) as matrices over the
     flattened differentiable leaves: A = grad^2_{phi phi} f_lower (n_phi x n_phi), J =
     grad^2_{theta phi} f_lower (n_theta x n_phi). One forward-mode Jacobian (n_theta + n_phi
-    JVPs of grad_phi f_lower): for small problems and methods that track dense estimates (STABLE's
-    Hessian tracking); everything else stays matrix-free."""
+    JVPs of grad_phi f_lower, counted as n_phi HVPs and n_theta cross products): for small problems
+    and methods that track dense estimates (STABLE's Hessian tracking); everything else stays
+    matrix-free."""
     f, t, p = _on_diff(problem.f_lower, theta, phi, batch)
     t_flat, unravel_t = ravel_pytree(t)
     p_flat, unravel_p = ravel_pytree(p)
 
-    def grad_phi_flat(tp):
-        g = jax.grad(f, argnums=1)(unravel_t(tp[:t_flat.size]), unravel_p(tp[t_flat.size:]))
-        return ravel_pytree(g)[0]
+    def grad_phi_flat(t_, p_):
+        return ravel_pytree(jax.grad(f, argnums=1)(unravel_t(t_), unravel_p(p_)))[0]
 
-    jac = jax.jacfwd(grad_phi_flat)(jax.numpy.concatenate([t_flat, p_flat]))   # (n_phi, n_theta + n_phi)
-    return jac[:, t_flat.size:], jac[:, :t_flat.size].T
+    record(_calls(hvps=p_flat.size, cross=t_flat.size))
+    hessian = jax.jacfwd(lambda p_: grad_phi_flat(t_flat, p_))(p_flat)      # (n_phi, n_phi)
+    cross = jax.jacfwd(lambda t_: grad_phi_flat(t_, p_flat))(t_flat)        # (n_phi, n_theta)
+    return hessian, cross.T
 
 
 # ------------------------------------------------------------------ constrained lower level (KKT)

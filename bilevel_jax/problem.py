@@ -132,13 +132,14 @@ def check_problem(problem: Any, where: str = "") -> BilevelProblem:
 
 def check_optimistic(problem: BilevelProblem, where: str) -> BilevelProblem:
     """`problem`, unless it states the pessimistic problem (`pessimistic=True`), which `where` does
-    not solve (it computes the optimistic hypergradient or LL solution): a ValueError naming
-    `bj.algorithms.pessimistic_penalty`, the method that solves it."""
+    not solve (it computes the optimistic hypergradient or LL solution): a ValueError naming the
+    presets that solve it (tagged "pessimistic" in `bj.algorithms.CAPABILITIES`: `pessimistic_penalty`)."""
     if getattr(problem, "pessimistic", False):
+        from bilevel_jax.algorithms.capabilities import presets_with   # the presets import this module
+        solvers = " or ".join(f"bj.algorithms.{name}" for name in presets_with("pessimistic"))
         raise ValueError(f"{where}: the problem is pessimistic (BilevelProblem(..., pessimistic=True): "
                          "min_theta max_(phi in S(theta)) f_upper) and this solves the optimistic problem instead. "
-                         "Use bj.algorithms.pessimistic_penalty, or build the problem with pessimistic=False for the "
-                         "optimistic reading.")
+                         f"Use {solvers}, or build the problem with pessimistic=False for the optimistic reading.")
     return problem
 
 

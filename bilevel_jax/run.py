@@ -7,6 +7,10 @@ The inner scan makes `eval_every` outer iterations; the outer scan records, afte
 residual norm, the OR of the steps' status codes so far (`status`, see `bj.status`) and `finite`
 (no NONFINITE flag so far).
 
+A projected theta (`BilevelProblem.project_upper`) or a non-smooth UL term: ||grad F|| need not
+vanish at a solution there; `eval_fn=bj.stationarity.measure(problem, grad_fn)` records the
+gradient mapping (`grad_mapping_norm`, `prox_grad_mapping_norm`) next to `grad_norm`.
+
 Nothing is computed at every step beyond the step itself and these running sums: the NONFINITE
 flag comes from one test of the whole state (iterates, solver and estimator states) at each
 evaluation point, not from a reduction over every leaf at every step (a NaN or inf in an iterate
@@ -35,7 +39,6 @@ of `bj.status.raise_if` (the cause, without the step).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Callable, Optional
 
@@ -50,9 +53,10 @@ from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.cache import same_code
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts
+from bilevel_jax.algorithms.base import Algorithm, OracleCounts, header
 from bilevel_jax.algorithms.parallel import data_parallel
-from bilevel_jax.algorithms.steps import float_dtype, nonfinite_at_records
+from bilevel_jax.algorithms.base import without_nonfinite_test
+from bilevel_jax.algorithms.steps import float_dtype
 
 _OWN_KEYS = ("step", "residual_norm", "finite", "status", *OracleCounts._fields)
 
@@ -64,7 +68,7 @@ def _record(state, data, eval_fn, totals: OracleCounts, residual, status):
     clash = set(metrics) & set(_OWN_KEYS)
     if clash:
         raise ValueError(f"eval_fn metrics {sorted(clash)} clash with run's own history keys.")
-    rec = {"step": state.count, "residual_norm": residual, "finite": (status & st.NONFINITE) == 0, "status": status,
+    rec = {"step": header(state).count, "residual_norm": residual, "finite": (status & st.NONFINITE) == 0, "status": status,
            **totals._asdict()}
     rec.update({k: jnp.asarray(v) for k, v in metrics.items()})
     return rec
@@ -182,14 +186,15 @@ def raise_callback_errors(callback: Optional[Callable], fn: Callable, /, *args, 
 
 def _size(state) -> jax.Array:
     """||(theta, phi)||: the norm of the iterates' inexact leaves."""
-    return otu.tree_norm(oracles.differentiable((state.theta, state.phi)))
+    head = header(state)
+    return otu.tree_norm(oracles.differentiable((head.theta, head.phi)))
 
 
 def _growth(state, size):
     """(DIVERGING or OK, the reference size) after an outer step (module docstring): at step counts
     that are powers of two the iterates' norm is taken and compared with the reference, which it
     then replaces; between them nothing is computed (a `lax.cond`)."""
-    count = jnp.asarray(state.count)
+    count = jnp.asarray(header(state).count)
 
     def measure(reference):
         now = _size(state).astype(reference.dtype)
@@ -204,11 +209,15 @@ def _scan(alg, state, data, num_steps, eval_every, eval_fn, first_failure: bool 
 
     The scan body is `alg.update` and the running sums of what it reports (oracle counts, status
     bits, the last residual): the non-finite test of the iterates is made on the whole state at
-    the evaluation points (`steps.nonfinite_at_records`), not at every step. With
+    the evaluation points (the algorithm rebuilt with `nonfinite_every_step=False`), not at every
+    step. With
     `first_failure`, every step is tested and the first failing one is tracked (`check=True`
     outside a trace, which names it); otherwise (-1, OK) is returned."""
+    if not first_failure:
+        alg = without_nonfinite_test(alg)
     dynamic, static = eqx.partition(state, eqx.is_array)
-    float_nan = jnp.asarray(jnp.nan, float_dtype((state.theta, state.phi)))   # the run's precision
+    head = header(state)
+    float_nan = jnp.asarray(jnp.nan, float_dtype((head.theta, head.phi)))   # the run's precision
     no_bad = (jnp.asarray(-1, jnp.int32), st.ok())
 
     def inner(carry, _):
@@ -219,7 +228,7 @@ def _scan(alg, state, data, num_steps, eval_every, eval_fn, first_failure: bool 
         step_status = info.status | growth
         if first_failure:
             bad_now = (first_bad[0] < 0) & (step_status != st.OK)
-            first_bad = (jnp.where(bad_now, current.count, first_bad[0]),
+            first_bad = (jnp.where(bad_now, header(current).count, first_bad[0]),
                          jnp.where(bad_now, step_status, first_bad[1]))
         return (eqx.partition(new, eqx.is_array)[0], totals + info.oracles, status | step_status,
                 info.residual_norm.astype(residual.dtype), first_bad, size), None
@@ -237,9 +246,7 @@ def _scan(alg, state, data, num_steps, eval_every, eval_fn, first_failure: bool 
     zero = OracleCounts.of()
     first = _record(state, data, eval_fn, zero, float_nan, st.ok())
     carry0 = (dynamic, zero, st.ok(), float_nan, no_bad, _size(state))
-    deferred = contextlib.nullcontext() if first_failure else nonfinite_at_records()
-    with deferred:
-        (dyn, _, _, _, first_bad, _), history = jax.lax.scan(block, carry0, None, length=num_steps // eval_every)
+    (dyn, _, _, _, first_bad, _), history = jax.lax.scan(block, carry0, None, length=num_steps // eval_every)
     history = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([jnp.asarray(a)[None], b]), first, history)
     return (eqx.combine(dyn, static), first_bad), history
 

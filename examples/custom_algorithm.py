@@ -8,10 +8,13 @@ theta iterates (Polyak & Juditsky, "Acceleration of Stochastic Approximation by 
 minibatch hypergradients and a constant step, the average is closer to theta* than the last
 iterate.
 
-It uses only public pieces: `bj.algorithms.steps` (draw_batches, lower_phase, step_rule,
-apply_step, init_rule, finish), `bj.hypergrad.implicit_direction`, `bj.linear_solvers.cg`, and
-runs under `bj.run` like any preset (jit, vmap over seeds, status in the history). The problem
-is the toolkit's stochastic quadratic with a closed-form theta*.
+It is written the way every preset is: a `bj.algorithms.steps.Composed` (problem, step rules,
+samplers; `start`, `batches`, `finish`) whose state is a `bj.algorithms.State` (the shared
+`Header`, then its own variables), the public step primitives (lower_phase, step_rule,
+apply_step, init_rule), `bj.hypergrad.implicit_direction` and `bj.linear_solvers.cg`; its oracle
+counts are those the oracle functions record in the step's `bj.oracles.counting` block. It runs
+under `bj.run` like any preset (jit, vmap over seeds, status in the history). The problem is the
+toolkit's stochastic quadratic with a closed-form theta*.
 
 Run from the repository root:
     .venv/bin/python examples/custom_algorithm.py           # 2000 outer steps
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, NamedTuple, Tuple
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -31,50 +34,40 @@ import bilevel_jax as bj
 from bilevel_jax.algorithms import steps
 
 
-class AveragedState(NamedTuple):
-    theta: Any
-    phi: Any
-    count: Any
-    key: Any
-    upper_opt_state: Any
-    lower_opt_state: Any
+class AveragedState(bj.algorithms.State):
+    header: bj.algorithms.Header   # theta, phi, count, key and the step rules' states (`steps.start`)
     solver: Any          # CG's warm start: v
     average: Any         # the extra variable
     average_opt_state: Any
 
 
-class AveragedImplicit(bj.Algorithm):
-    problem: bj.BilevelProblem = eqx.field(static=True)
-    upper: steps.StepRule
-    lower: steps.StepRule
+class AveragedImplicit(steps.Composed):   # problem, upper, lower, samplers; check, name
     averaging: steps.StepRule
     solver: bj.linear_solvers.LinearSolver
-    samplers: Tuple[Any, Any] = eqx.field(static=True)
     lower_steps: int = eqx.field(static=True, default=5)
+    name: str = eqx.field(static=True, default="averaged_implicit", kw_only=True)
 
     def init(self, theta0, phi0, key, data=None):
-        return AveragedState(theta0, phi0, jnp.zeros((), jnp.int32), key, steps.init_rule(self.upper, theta0),
-                             steps.init_rule(self.lower, phi0), self.solver.init(phi0), theta0,
-                             steps.init_rule(self.averaging, theta0))
+        head = self.start(theta0, phi0, key, data)
+        return AveragedState(head, self.solver.init(phi0), head.theta, steps.init_rule(self.averaging, head.theta))
 
     def update(self, state, data):
         k = state.count
-        batches = steps.draw_batches(self.samplers, data, state.key, k, self.lower_steps)
-        phi, lower_state, ll_counts, ll_status = steps.lower_phase(
-            self.problem, self.lower, state.theta, state.phi, state.lower_opt_state, self.lower_steps,
-            batches.lower_at, k)
-        out = bj.hypergrad.implicit_direction(self.problem, state.theta, phi, batches.upper, batches.lower,
-                                              self.solver, state.solver)
+        batches = self.batches(state, data, self.lower_steps)
+        with bj.oracles.counting() as tally:   # the oracle calls of the step, as the oracle functions count them
+            phi, lower_state, ll_status = steps.lower_phase(
+                self.problem, self.lower, state.theta, state.phi, state.lower_opt_state, self.lower_steps,
+                batches.lower_at, k)
+            out = bj.hypergrad.implicit_direction(self.problem, state.theta, phi, batches.upper, batches.lower,
+                                                  self.solver, state.solver)
         theta, upper_state, up_status = steps.apply_step(self.upper, state.theta, state.upper_opt_state, out.g, k,
                                                          self.problem.project)
         # the extra variable: a step of its own rule along (average - theta_{k+1})
         average, avg_state, avg_status = steps.apply_step(self.averaging, state.average, state.average_opt_state,
                                                           state.average - theta, k)
-        counts = ll_counts + bj.algorithms.OracleCounts.of(upper_grads=1, cross=1, hvps=out.info.num_matvecs)
-        (theta, phi, average), info = steps.finish(
-            (theta, phi, average), counts, out.info.residual_norm,
-            (ll_status, out.info.status, up_status, avg_status), where="averaged_implicit step")
-        return AveragedState(theta, phi, k + 1, state.key, upper_state, lower_state, out.state, average,
+        (theta, phi, average), info = self.finish((theta, phi, average), tally.counts, out.info.residual_norm,
+                                                  (ll_status, out.info.status, up_status, avg_status))
+        return AveragedState(state.header.next(theta, phi, upper_state, lower_state), out.state, average,
                              avg_state), info
 
 
@@ -82,9 +75,8 @@ def averaged_implicit(problem, *, upper_lr=0.1, lower_lr=0.3, lower_steps=5, bat
     tail_average = lambda k: 1.0 / jnp.maximum(k - burn_in + 1, 1)   # 1 before burn_in: avg = theta
     return AveragedImplicit(
         problem, steps.step_rule("upper_lr", upper_lr), steps.step_rule("lower_lr", lower_lr),
-        steps.step_rule("averaging", tail_average),
-        bj.linear_solvers.cg(maxiter=5, warm_start=True), bj.algorithms.loop.make_samplers(batch_size, "iid"),
-        lower_steps)
+        bj.algorithms.loop.make_samplers(batch_size, "iid"), steps.step_rule("averaging", tail_average),
+        bj.linear_solvers.cg(maxiter=5, warm_start=True), lower_steps)
 
 
 def main(argv=None):

@@ -62,8 +62,7 @@ def main(argv=None) -> dict:
     phi0 = solve(bundle.theta0, model, train)
     alg = bj.algorithms.amigo(problem, upper_lr=20.0, lower_lr=0.5, batch_size=None)
     state = alg.init(bundle.theta0, phi0, jax.random.PRNGKey(1), bundle.data)
-    state, hist = eqx.filter_jit(lambda s, d: bj.run(alg, s, d, num_steps=steps, eval_every=steps // 3))(
-        state, bundle.data)
+    state, hist = bj.run(alg, state, bundle.data, num_steps=steps, eval_every=steps // 3)   # one compiled program
     status = int(hist["status"][-1])
 
     def pruned_accuracy(mask):

@@ -40,15 +40,36 @@ class ConfigError(ValueError):
     """A config or override that does not fit the schema; the message lists the valid choices."""
 
 
+class UnknownKeys(ConfigError):
+    """Names a config table gives that are not valid there, as data: `where` (the table),
+    `unknown`, `valid` (both sorted) and `closest` ({unknown name: the valid names nearest to it,
+    best first}); the message says the same in one line."""
+
+    def __init__(self, message: str, where: str, unknown: Iterable[str], valid: Iterable[str]):
+        super().__init__(message)
+        self.where, self.unknown, self.valid = where, sorted(unknown), sorted(valid)
+        self.closest = {u: difflib.get_close_matches(u, self.valid, n=3) for u in self.unknown}
+
+
 def check_names(names: Iterable[str], valid: Iterable[str], where: str, what: str = "key") -> None:
-    """A ConfigError for the `names` that are not `valid`, with the closest valid spelling and the
+    """`UnknownKeys` for the `names` that are not `valid`, with the closest valid spelling and the
     valid ones listed (`what`: "key", "optimizer", ...)."""
     valid = sorted(str(v) for v in valid)
     unknown = sorted(set(map(str, names)) - set(valid))
     if unknown:
         listed = ", ".join(valid) if valid else "none"
-        raise ConfigError(f"unknown {what}{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in "
-                          f"{where}.{did_you_mean(unknown, valid)} Valid {what}s: {listed}.")
+        raise UnknownKeys(f"unknown {what}{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in "
+                          f"{where}.{did_you_mean(unknown, valid)} Valid {what}s: {listed}.", where, unknown, valid)
+
+
+def check_keywords(given: Iterable[str], valid: Iterable[str], where: str, what: str) -> None:
+    """`UnknownKeys` for the keys of a table (`where`) that the callable it builds (`what`, e.g.
+    "'soba'") does not take, listing the valid ones."""
+    valid = sorted(set(valid))
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise UnknownKeys(f"{where}: unknown key(s) {unknown} for {what}.{did_you_mean(unknown, valid)} "
+                          f"Valid keys: {', '.join(valid)}.", where, unknown, valid)
 
 
 # key -> (accepted types, default). `None` default: required or derived (see `_fill_defaults`).
@@ -101,8 +122,9 @@ PLOT_KEYS: Dict[str, Tuple[tuple, Any]] = {
 X_AXES = ("time", "oracles", "step")
 CURVES = ("best", "all")
 
-# keys of an [algorithms.<label>] table that are not preset keyword arguments
-ALGORITHM_SPECIAL = ("preset", "step", "ratio", "steps", "eval_every", "lr_decay")
+# keys of an [algorithms.<label>] table that are not preset keyword arguments ("label": the name
+# the figure's legend and tables give the curve, default the table's label)
+ALGORITHM_SPECIAL = ("preset", "label", "step", "ratio", "steps", "eval_every", "lr_decay")
 
 
 def parse_value(text: str) -> Any:
@@ -174,7 +196,7 @@ def _paper_overrides(paper: dict, prefix=()) -> List[Tuple[List[str], Any]]:
 
 def _is_leaf_table(path: List[str]) -> bool:
     """Tables that are values (a linear-solver spec `{name = "cg", ...}`), not nesting."""
-    return len(path) >= 3 and path[0] == "algorithms" and path[-1] in ("linear_solver",)
+    return len(path) >= 3 and path[0] == "algorithms" and (path[-1] == "linear_solver" or path[-1].endswith("_opt"))
 
 
 def _fill_defaults(cfg: dict, source: str) -> dict:
@@ -290,5 +312,5 @@ def experiment_dir(cfg: dict) -> str:
     return os.path.join(cfg["results_dir"], cfg["name"] + ("-full" if cfg["full"] else ""))
 
 
-__all__ = ["ConfigError", "apply_overrides", "check_names", "experiment_dir", "from_dict", "load", "parse_override",
+__all__ = ["ConfigError", "UnknownKeys", "apply_overrides", "check_keywords", "check_names", "experiment_dir", "from_dict", "load", "parse_override",
            "parse_value", "seed_list", "validate"]

@@ -19,14 +19,13 @@ from typing import Dict, List, NamedTuple, Optional
 import numpy as np
 
 from experiments.config import ConfigError, check_names, experiment_dir
-from experiments.plotting import Curve, band, plot_grid
-from experiments.results import CellResult, ResultStore, failure_text
+from experiments.plotting import Curve, band, plot_grid, stationarity_metrics
+from experiments.results import CellResult, ResultStore, failure_text, fmt, seconds_per_step
 from experiments import runner
 from experiments.runner import is_writer, prepare, run_cells
 from experiments.sweep import expand
 
 OPTIONS: Dict[str, type] = {}   # this figure has no [options]
-MULTI_PROCESS = True   # its cells run through experiments.runner: a job may span processes and hosts
 
 
 def oracle_calls(history) -> np.ndarray:
@@ -37,10 +36,7 @@ def oracle_calls(history) -> np.ndarray:
 def curve_of(result: CellResult, label: str, metrics) -> Curve:
     h, meta = result.history, result.meta
     steps = np.asarray(h["step"][0], dtype=float)
-    per_step = meta["timings"]["seconds_per_step"]
-    if per_step is None or not np.isfinite(per_step):
-        per_step = meta["timings"]["run_s"] / max(meta["steps"], 1)
-    x = {"step": steps, "time": steps * per_step, "oracles": np.median(oracle_calls(h), axis=0)}
+    x = {"step": steps, "time": steps * seconds_per_step(meta), "oracles": np.median(oracle_calls(h), axis=0)}
     y = {}
     for m in metrics:
         arr = np.asarray(h[m], dtype=float)
@@ -126,27 +122,19 @@ def summary_rows(results: List[CellResult], labels: List[str], metric: str, targ
     return rows
 
 
-def _fmt(x, spec=".3g"):
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if isinstance(x, float) and math.isinf(x):
-        return "not reached"
-    return format(x, spec)
-
-
 def _final_text(r: Row) -> str:
     if not np.isfinite(r.final):
         return "no finite run"
-    return f"{_fmt(r.final)} [{_fmt(r.final_lo)}, {_fmt(r.final_hi)}]"
+    return f"{fmt(r.final)} [{fmt(r.final_lo)}, {fmt(r.final_hi)}]"
 
 
 def format_table(rows: List[Row], metric: str, target) -> str:
     head = ["algorithm", "seeds failed", f"final {metric} (median [20%, 80%] of the others)",
-            f"time to stay <= {_fmt(target)} (s)", f"oracles to stay <= {_fmt(target)}", "oracles total", "ms/step",
+            f"time to stay <= {fmt(target)} (s)", f"oracles to stay <= {fmt(target)}", "oracles total", "ms/step",
             "compile (s)", "hyperparameters"]
-    body = [[r.label, r.failed, _final_text(r), _fmt(r.time_to_target, ".3g"),
-             _fmt(r.oracles_to_target, ".3g"), _fmt(r.oracles_total, ".3g"), _fmt(r.seconds_per_step * 1e3, ".3f"),
-             _fmt(r.compile_s, ".1f"), r.hyper] for r in rows]
+    body = [[r.label, r.failed, _final_text(r), fmt(r.time_to_target, ".3g"),
+             fmt(r.oracles_to_target, ".3g"), fmt(r.oracles_total, ".3g"), fmt(r.seconds_per_step * 1e3, ".3f"),
+             fmt(r.compile_s, ".1f"), r.hyper] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body])
@@ -187,13 +175,13 @@ def write_sweep_csv(path: str, results: List[CellResult], scores: dict, metric: 
             w.writerow([r.meta["label"], r.cell_id, hp_text(r), scores[r.cell_id]])
 
 
-def title_of(cfg: dict, setup_description: str, synthetic: bool, notes: str = "") -> str:
+def title_of(cfg: dict, description: str, synthetic: bool, notes: str = "") -> str:
     """The config's title (with the labels actually run when `only=` filters them), the problem
-    and data source, and what the plotted quantity means (`Setup.notes`)."""
+    and data source, and what the plotted quantity means (`Workload.notes`)."""
     title = cfg["plot"]["title"] or cfg["title"] or cfg["name"]
     if cfg["only"]:
         title += f" [only: {', '.join(cfg['only'])}]"
-    source = setup_description + (" [SYNTHETIC stand-in data]" if synthetic else "")
+    source = description + (" [SYNTHETIC stand-in data]" if synthetic else "")
     return "\n".join(t for t in (title, source, notes) if t)
 
 
@@ -230,18 +218,20 @@ def check_reference(results: List[CellResult], reference: dict) -> str:
             f"as every point the runs reached (best gap {lowest:.3g}).")
 
 
-def report(cfg: dict, store: ResultStore, cells, setup, log=print, reference: Optional[dict] = None) -> dict:
+def report(cfg: dict, store: ResultStore, cells, workload, log=print, reference: Optional[dict] = None) -> dict:
     """Figure + summary from the saved cells of `cells`."""
     results = store.load_many(c.cell_id for c in cells)
     if not results:
         raise RuntimeError(f"no results found in {store.cells_dir}.")
     reference_note = check_reference(results, reference) if reference is not None else ""
-    plot = cfg["plot"]
-    chosen, labels, scores = select(cfg, results)
+    histories = [r.history for r in results]   # a constrained UL: its gradient mapping in place of ||grad h||^2
+    plot = dict(cfg["plot"], metrics=stationarity_metrics(cfg["plot"]["metrics"], histories),
+                select_by=stationarity_metrics([cfg["plot"]["select_by"]], histories)[0])
+    chosen, labels, scores = select(dict(cfg, plot=plot), results)
     curves = [curve_of(r, lab, plot["metrics"]) for r, lab in zip(chosen, labels)]
     png = store.path(plot["file"] or f"{cfg['name']}.png")
-    notes = getattr(setup, "notes", "")
-    plot_grid(curves, plot["metrics"], plot["x"], png, title_of(cfg, setup.description, setup.synthetic, notes),
+    notes = workload.notes
+    plot_grid(curves, plot["metrics"], plot["x"], png, title_of(cfg, workload.instance.description, workload.synthetic, notes),
               logy=plot["logy"], logx=plot["logx"], quantiles=plot["quantiles"], ylim=plot["ylim"],
               note=f"{len(results[0].meta['seeds'])} seed(s), {cfg['steps']} steps")
     metric = plot["metrics"][0]
@@ -250,7 +240,7 @@ def report(cfg: dict, store: ResultStore, cells, setup, log=print, reference: Op
     failures = [f"- {r.label}: {r.failed} (the curve and the final value are over the other seeds)"
                 for r in rows if not r.failed.startswith("0/")]
     with open(store.path("summary.md"), "w") as f:
-        f.write(f"# {title_of(cfg, setup.description, setup.synthetic).splitlines()[0]}\n\n{setup.description}\n\n"
+        f.write(f"# {title_of(cfg, workload.instance.description, workload.synthetic).splitlines()[0]}\n\n{workload.instance.description}\n\n"
                 + (f"{notes}\n\n" if notes else "") + (f"{reference_note}\n\n" if reference_note else "")
                 + f"{table}\n"
                 + ("\nFailed seeds:\n" + "\n".join(failures) + "\n" if failures else ""))
@@ -271,13 +261,13 @@ def check(cfg: dict) -> None:
 def main(cfg: dict, on_cell_saved=None, log=print) -> dict:
     check(cfg)
     store = ResultStore(experiment_dir(cfg))
-    setup, reference = prepare(cfg, store)
-    log(f"[{cfg['name']}] {setup.description}")
+    workload, reference = prepare(cfg, store)
+    log(f"[{cfg['name']}] {workload.instance.description}")
     cells = expand(cfg)
-    stats = run_cells(cfg, setup, reference, store, cells, on_cell_saved=on_cell_saved, log=log)
+    stats = run_cells(cfg, workload, reference, store, cells, on_cell_saved=on_cell_saved, log=log)
     if not is_writer():                  # another process of a multi-process job: process 0 reports
         return {"stats": stats}
-    out = report(cfg, store, cells, setup, log=log, reference=reference)
+    out = report(cfg, store, cells, workload, log=log, reference=reference)
     out["stats"] = stats
     out["reference"] = reference
     return out

@@ -31,13 +31,12 @@ import numpy as np
 from experiments import convergence
 from experiments.config import ConfigError, check_names, experiment_dir
 from experiments.plotting import AXIS_LABELS, Curve, band, plot_grid
-from experiments.results import ResultStore, failure_text
+from experiments.results import ResultStore, failure_text, fmt
 from experiments import runner
 from experiments.runner import is_writer, prepare, run_cells
 from experiments.sweep import expand
 
 AXES = ("time", "step", "first_order", "second_order", "all_oracles")
-MULTI_PROCESS = True   # its cells run through experiments.runner: a job may span processes and hosts
 OPTIONS = {"x": ["time", "first_order", "all_oracles"],
            "hessian_free": ["hjfbio", "pzobo", "bsg1", "f2sa", "bome", "pbgd", "pdbo", "vf_penalty"],
            "penalty": ["f2sa", "bome", "pbgd", "pdbo", "vf_penalty"]}
@@ -72,14 +71,6 @@ def curve_of(result, label: str, metrics) -> Curve:
     return c._replace(x=x)
 
 
-def _fmt(x, spec=".3g") -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if isinstance(x, float) and math.isinf(x):
-        return "not reached"
-    return format(x, spec)
-
-
 def rows_of(results, labels, metric, target, quantiles) -> List[dict]:
     out = []
     for res, label in zip(results, labels):
@@ -99,14 +90,14 @@ def rows_of(results, labels, metric, target, quantiles) -> List[dict]:
 
 
 def table_of(rows: List[dict], metric: str, target) -> str:
-    t = _fmt(target)
+    t = fmt(target)
     head = ["algorithm", "seeds failed", f"final {metric} median [20%, 80%]", "grads/step", "values/step",
             "HVP+cross/step", f"time to {t} (s)", f"1st-order calls to {t}", f"HVP+cross to {t}",
             f"all calls to {t}", "ms/step", "hyperparameters"]
     body = [[r["label"], r["failed"],
-             f"{_fmt(r['final'])} [{_fmt(r['lo'])}, {_fmt(r['hi'])}]" if np.isfinite(r["final"]) else "no finite run",
-             _fmt(r["per_step"]["gradients"]), _fmt(r["per_step"]["values"]), _fmt(r["per_step"]["second_order"]),
-             _fmt(r["time"]), _fmt(r["first"]), _fmt(r["second"]), _fmt(r["total"]), _fmt(r["ms"], ".3f"),
+             f"{fmt(r['final'])} [{fmt(r['lo'])}, {fmt(r['hi'])}]" if np.isfinite(r["final"]) else "no finite run",
+             fmt(r["per_step"]["gradients"]), fmt(r["per_step"]["values"]), fmt(r["per_step"]["second_order"]),
+             fmt(r["time"]), fmt(r["first"]), fmt(r["second"]), fmt(r["total"]), fmt(r["ms"], ".3f"),
              r["hyper"]] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
@@ -133,21 +124,21 @@ def claims(rows: List[dict], opts: dict, metric: str, target) -> List[str]:
         verdict = (f"{len(more)}/{len(hf)} need more first-order calls than {best_so['label']}"
                    if np.isfinite(best_so["first"]) else
                    f"no second-order method stays below the target, {len(reached)}/{len(hf)} Hessian-free ones do")
-        out.append(f"Claim: the price is more first-order calls. Measured first-order calls to {_fmt(target)}: best "
-                   f"second-order method {best_so['label']} {_fmt(best_so['first'])} (+ {_fmt(best_so['second'])} "
-                   f"HVP+cross); Hessian-free: " + ", ".join(f"{r['label']} {_fmt(r['first'])}" for r in hf)
+        out.append(f"Claim: the price is more first-order calls. Measured first-order calls to {fmt(target)}: best "
+                   f"second-order method {best_so['label']} {fmt(best_so['first'])} (+ {fmt(best_so['second'])} "
+                   f"HVP+cross); Hessian-free: " + ", ".join(f"{r['label']} {fmt(r['first'])}" for r in hf)
                    + f" -> {verdict}, {len(hf) - len(reached)}/{len(hf)} never stay below the target.")
         best_all = min(rows, key=lambda r: (r["total"], r["time"]))
         fastest = min(rows, key=lambda r: (r["time"], r["total"]))
-        out.append(f"Counting every oracle as one call, the fewest to {_fmt(target)}: {best_all['label']} "
-                   f"({_fmt(best_all['total'])}); the least wall time: {fastest['label']} ({_fmt(fastest['time'])} s)."
-                   if np.isfinite(best_all["total"]) else f"No method stays below {_fmt(target)}.")
+        out.append(f"Counting every oracle as one call, the fewest to {fmt(target)}: {best_all['label']} "
+                   f"({fmt(best_all['total'])}); the least wall time: {fastest['label']} ({fmt(fastest['time'])} s)."
+                   if np.isfinite(best_all["total"]) else f"No method stays below {fmt(target)}.")
     if pen and so:
         best_so_final = min(r["final"] for r in so if np.isfinite(r["final"])) if any(
             np.isfinite(r["final"]) for r in so) else math.nan
         out.append(f"Claim (penalty / value-function methods): an O(1/lambda) (or O(step)) bias at a fixed penalty. "
-                   f"Measured final {metric} (median): " + ", ".join(f"{r['label']} {_fmt(r['final'])}" for r in pen)
-                   + f" vs the best second-order method's {_fmt(best_so_final)}.")
+                   f"Measured final {metric} (median): " + ", ".join(f"{r['label']} {fmt(r['final'])}" for r in pen)
+                   + f" vs the best second-order method's {fmt(best_so_final)}.")
     bad = [f"{r['label']} {r['failed']}" for r in rows if not r["failed"].startswith("0/")]
     out.append("Diverged / failed seeds: " + (", ".join(bad) if bad else "none") + ".")
     return out
@@ -163,10 +154,10 @@ def check(cfg: dict) -> dict:
 def main(cfg: dict, log=print) -> dict:
     opts = check(cfg)
     store = ResultStore(experiment_dir(cfg))
-    setup, reference = prepare(cfg, store)
-    log(f"[{cfg['name']}] {setup.description}")
+    workload, reference = prepare(cfg, store)
+    log(f"[{cfg['name']}] {workload.instance.description}")
     cells = expand(cfg)
-    run_cells(cfg, setup, reference, store, cells, log=log)
+    run_cells(cfg, workload, reference, store, cells, log=log)
     if not is_writer():                  # another process of a multi-process job: process 0 reports
         return {}
     results = store.load_many(c.cell_id for c in cells)
@@ -175,8 +166,8 @@ def main(cfg: dict, log=print) -> dict:
     chosen, labels, scores = convergence.select(cfg, results)
     curves = [curve_of(r, lab, plot["metrics"]) for r, lab in zip(chosen, labels)]
     png = store.path(plot["file"] or f"{cfg['name']}.png")
-    notes = getattr(setup, "notes", "")
-    title = convergence.title_of(cfg, setup.description, setup.synthetic, notes)
+    notes = workload.notes
+    title = convergence.title_of(cfg, workload.instance.description, workload.synthetic, notes)
     labels_x = {**AXIS_LABELS, **LABELS}
     if not cfg["timing"]:
         labels_x["time"] = "wall time (s) [the batched run: grid x seeds at once, metrics excluded]"
@@ -188,7 +179,7 @@ def main(cfg: dict, log=print) -> dict:
     table = table_of(rows, metric, plot["target"])
     lines = claims(rows, opts, metric, plot["target"])
     with open(store.path("summary.md"), "w") as f:
-        f.write(f"# {title.splitlines()[0]}\n\n{setup.description}\n\n" + (f"{notes}\n\n" if notes else "")
+        f.write(f"# {title.splitlines()[0]}\n\n{workload.instance.description}\n\n" + (f"{notes}\n\n" if notes else "")
                 + (f"{ref_note}\n\n" if ref_note else "") + table + "\n\n## Claims vs this run\n\n"
                 + "\n".join(f"- {c}" for c in lines) + "\n")
     convergence.write_sweep_csv(store.path("sweep.csv"), results, scores, plot["select_by"])

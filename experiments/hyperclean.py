@@ -11,18 +11,21 @@ a fraction p of the training labels made wrong):
 
 Every `[algorithms.<label>]` table is one curve: `preset` (default: the label) and its keyword
 arguments (`linear_solver = {name = "cg", maxiter = 5}` builds the solver), `steps` (this
-method's run length), `batch_size` ("full" = None; the default). All seeds of one method run as
-one compiled `jit(vmap(bj.run))` (the images are shared; each seed draws its own corruption,
-initial weights and PRNG key), recording (lambda, W, v) every `eval_every` steps; the metrics
-are computed after the run from the recorded iterates:
+method's run length), `batch_size` ("full" = None; the configs' [defaults]). The cells run
+through `experiments.runner` (`[problem] name = "hyperclean"`, `experiments.problems.hyperclean`):
+all seeds of one method in one compiled `jit(vmap(bj.run))` (the images are shared; each seed
+draws its own corruption and initial weights, stacked with the rows), recording (lambda, W, v)
+every `eval_every` steps; the metrics are computed after the run from the recorded iterates:
 
     test_accuracy, test_loss   of W_k on the 10000 test images
     residual                   ||A_k v_k - b_k|| (A = grad^2_WW f_lower, b = grad_W f_upper at the
                                iterate; only for methods that carry v)
     downweighted               share of corrupted training samples with sigmoid(lambda_i) < 1/2
+    clean_downweighted         the same share of the clean ones (recorded for the summary)
 
-The time axis is the wall time of that batched run (all seeds together, block_until_ready,
-compile excluded) at each evaluation: steps x (run seconds / steps). A seed whose iterates became
+With `timing = false` (the configs) the time axis is the wall time of that batched run (all
+seeds together, block_until_ready, compile excluded) at each evaluation: steps x (run seconds /
+steps); with the timing pass on, an un-batched single seed's. A seed whose iterates became
 non-finite, or whose status is not ok, is counted: the legend, the table and summary.md say
 "k/n diverged", and the curves are medians over the surviving seeds (the legend says how many).
 
@@ -33,8 +36,9 @@ split is the lower level's data), `x64 = false` (float32), minibatches. `[option
 ["corrupted", "clean"]` adds `run_baseline`'s curves and table rows: the same model trained by
 SGD with weight 1 on every sample, on the corrupted labels or on the clean samples only, with
 `baseline_lr`, `baseline_batch_size` and `baseline_steps` (default: `steps`); the summary says
-whether each method ends above plain training on the corrupted labels. Long runs show a tqdm bar
-(`bj.run(progress=...)`; `progress = false` turns it off).
+whether each method ends above plain training on the corrupted labels. A baseline is no bilevel
+preset (it has no upper level): its cells are computed here, on the writing process, and kept in
+the same result store. Long baselines show a tqdm bar (`progress = false` turns it off).
 
 Outputs in results/<name>/: `<name>.png`, `<name>.json` (the figure's metadata: per curve the
 seeds requested, drawn and failed), `summary.md` (final test accuracy per method next to the
@@ -43,6 +47,9 @@ per method or baseline; a rerun computes only the missing ones).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import sys
 import time
@@ -50,16 +57,15 @@ from typing import Dict, List
 
 import numpy as np
 
+from experiments import problems, runner
 from experiments.config import ConfigError, check_names, experiment_dir, seed_list
-from experiments.curves import (build_algorithm, cell_id, check_curves, check_metrics, check_problem,
-                                results_of, selected_labels)
 from experiments.plotting import METRIC_LABELS, Curve, plot_grid
-from experiments.results import ResultStore, environment, failure_text, failed_seeds, write_json
+from experiments.results import (CellResult, ResultStore, environment, failed_seeds, failure_text, fmt,
+                                 seconds_per_step, write_json)
+from experiments.runner import is_writer, one_cell_per_label, prepare, run_cells
+from experiments.sweep import experiment_key
 
-METRICS = ("test_accuracy", "test_loss", "residual", "downweighted", "val_loss")
-PROBLEM_KEYS = {"name": "hyperclean", "data": "fashion_mnist", "path": "", "corruption": 0.5, "n_train": 5000,
-                "n_val": 5000, "n_test": 10000, "val_split": "train", "model": "linear", "hidden": 64, "depth": 1,
-                "reg": 0.01, "data_seed": 0}
+SUMMARY_METRICS = ("clean_downweighted",)   # recorded for the summary whatever the config's metrics
 # [options]: the baselines trained next to the bilevel methods (none by default), see `run_baseline`
 BASELINES = ("corrupted", "clean")
 OPTION_KEYS = {"baselines": [], "baseline_lr": 0.1, "baseline_batch_size": 250, "baseline_steps": 0}
@@ -72,17 +78,13 @@ METRIC_LABELS.setdefault("downweighted", r"corrupted samples with $\sigma(\lambd
 
 
 def check(cfg: dict) -> dict:
-    """The [problem] table with defaults filled; every name checked before any work."""
-    problem = check_problem(cfg, PROBLEM_KEYS, "hyperclean", "hyperclean")
-    options_of(cfg)
-    if problem["data"] not in ("fashion_mnist",):
-        raise ConfigError(f"[problem] data must be 'fashion_mnist', got {problem['data']!r}.")
-    if problem["val_split"] not in ("train", "test"):
-        raise ConfigError(f"[problem] val_split must be 'train' or 'test', got {problem['val_split']!r}.")
-    check_metrics(cfg, METRICS)
-    check_curves(cfg)
-    return problem
-
+    """The [options] with defaults filled; every table of the config and name in it checked before any work."""
+    if cfg["problem"]["name"] != "hyperclean":
+        raise ConfigError(f"figure hyperclean runs the problem 'hyperclean', got {cfg['problem']['name']!r}.")
+    opts = options_of(cfg)
+    runner.check(cfg)
+    one_cell_per_label(cfg, "hyperclean")
+    return opts
 
 def options_of(cfg: dict) -> dict:
     """The [options] table with defaults filled: `baselines` (a subset of BASELINES),
@@ -106,56 +108,21 @@ def options_of(cfg: dict) -> dict:
     return {**opts, "baseline_steps": steps}
 
 
-def load_problem(problem_cfg: dict, x64: bool = True):
-    """The base bundle (data seed `data_seed`; float64 or float32 arrays); a FileNotFoundError
-    saying how to get the data."""
-    import jax.numpy as jnp
-    from bilevel_jax.problems import hyperclean as hc
-    return hc.fashion_mnist_hyper_cleaning(
-        float(problem_cfg["corruption"]), int(problem_cfg["data_seed"]), n_train=int(problem_cfg["n_train"]),
-        n_val=int(problem_cfg["n_val"]), n_test=int(problem_cfg["n_test"]), path=problem_cfg["path"] or None,
-        val_split=problem_cfg["val_split"], model=problem_cfg["model"], hidden=int(problem_cfg["hidden"]),
-        depth=int(problem_cfg["depth"]), reg=float(problem_cfg["reg"]), dtype=jnp.float64 if x64 else jnp.float32)
 
 
-def seed_inputs(bundle, problem_cfg: dict, seeds: List[int]):
-    """Per seed: the corrupted labels, the corruption mask, the initial model's arrays (stacked;
-    `eqx.combine` with bundle.phi0 gives the model) and the run's key."""
-    import equinox as eqx
-    import jax
-    import jax.numpy as jnp
-    from bilevel_jax.problems import hyperclean as hc
-    labels, masks, phis, keys = [], [], [], []
-    for s in seeds:
-        k_noise, k_init, k_run = jax.random.split(jax.random.PRNGKey(1000 + s), 3)
-        noisy, mask = hc.corrupt_labels(bundle.clean_labels, float(problem_cfg["corruption"]), k_noise)
-        labels.append(noisy.astype(np.int32))
-        masks.append(mask)
-        phis.append(eqx.filter(_init_like(bundle.phi0, k_init), eqx.is_inexact_array))
-        keys.append(k_run)
-    stack = lambda xs: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *xs)   # noqa: E731
-    return jnp.asarray(np.stack(labels)), jnp.asarray(np.stack(masks)), stack(phis), jnp.stack(keys)
+def with_summary_metrics(cfg: dict) -> dict:
+    """`cfg` recording `SUMMARY_METRICS` too (the summary's share of clean samples down-weighted)."""
+    return dict(cfg, metrics=list(dict.fromkeys([*cfg["metrics"], *SUMMARY_METRICS])))
 
 
-def _init_like(phi0, key):
-    """A fresh Kaiming-normal draw with phi0's structure (fan-in = last axis of each matrix)."""
-    import equinox as eqx
-    import jax
-    import jax.numpy as jnp
-    leaves, treedef = jax.tree_util.tree_flatten(eqx.filter(phi0, eqx.is_inexact_array))
-    keys = jax.random.split(key, max(len(leaves), 1))
-    new = [jax.random.normal(k, x.shape, x.dtype) * jnp.sqrt(2.0 / x.shape[-1]) if x.ndim == 2 else jnp.zeros_like(x)
-           for k, x in zip(keys, leaves)]
-    return eqx.combine(jax.tree_util.tree_unflatten(treedef, new), phi0)
+BASELINE_LABELS = {"corrupted": "plain training (corrupted labels)", "clean": "clean samples only"}
 
 
-def _flattening(phi0):
-    """`(flat, unflat)`: a phi-shaped pytree (phi, or v) -> one vector of its inexact arrays, and a
-    vector -> the pytree of phi0's inexact arrays (`eqx.combine` with phi0 gives the model)."""
-    import equinox as eqx
-    from jax.flatten_util import ravel_pytree
-    unflat = ravel_pytree(eqx.filter(phi0, eqx.is_inexact_array))[1]
-    return (lambda tree: ravel_pytree(eqx.filter(tree, eqx.is_inexact_array))[0]), unflat
+def baseline_rows(name: str, corrupted) -> np.ndarray:
+    """The training samples a baseline trains on: all of them with their corrupted labels
+    ("corrupted"), or the clean ones only ("clean"; the corruption mask is known to it)."""
+    corrupted = np.asarray(corrupted, bool)
+    return np.arange(corrupted.size) if name == "corrupted" else np.flatnonzero(~corrupted)
 
 
 def _progress_bar(cfg: dict, total: int, desc: str):
@@ -169,97 +136,13 @@ def _progress_bar(cfg: dict, total: int, desc: str):
     return tqdm(total=total, desc=f"[{cfg['name']}] {desc}", unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
-def run_cell(cfg: dict, bundle, inputs, label: str, table: dict):
-    """(history, meta) of one method over all seeds: one compiled vmapped run, then the metrics."""
-    import equinox as eqx
-    import jax
-    import jax.numpy as jnp
-    import bilevel_jax as bj
-    from bilevel_jax.problems import hyperclean as hc
-
-    steps = int(table.get("steps", cfg["steps"]))
-    alg = build_algorithm(bundle.problem, label, table)
-    (Xv, yv), (X, _, idx) = bundle.data
-    labels, masks, phis, keys = inputs
-    flat, unflat = _flattening(bundle.phi0)
-
-    def record(state, data):   # flat vectors: the history of a model (an equinox MLP) is arrays only
-        v = getattr(state, "v", None)
-        phi = flat(state.phi)
-        return {"theta": state.theta, "phi": phi, "v": jnp.full_like(phi, jnp.nan) if v is None else flat(v)}
-
-    bar = _progress_bar(cfg, steps, label)
-    progress = None if bar is None else (lambda row: bar.update(int(np.max(row["step"])) - bar.n))
-
-    def one(y, phi0, key, X, Xv, yv):
-        data = ((Xv, yv), (X, y, idx))
-        state = alg.init(bundle.theta0, eqx.combine(phi0, bundle.phi0), key, data)
-        return bj.run(alg, state, data, num_steps=steps, eval_every=cfg["eval_every"], eval_fn=record,
-                      progress=progress)[1]
-
-    batched = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None, None, None)))
-    start = time.perf_counter()
-    compiled = batched.lower(labels, phis, keys, X, Xv, yv).compile()
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    try:
-        hist = jax.block_until_ready(compiled(labels, phis, keys, X, Xv, yv))
-    finally:
-        if bar is not None:
-            bar.close()
-    run_s = time.perf_counter() - start
-
-    metrics = cfg["metrics"]
-
-    def evaluate(theta, phi, v, y, mask, test, X, Xv, yv):
-        data = ((Xv, yv), (X, y, idx))
-        phi, v = eqx.combine(unflat(phi), bundle.phi0), unflat(v)
-        out = {}
-        if "test_accuracy" in metrics:
-            out["test_accuracy"] = hc.accuracy(phi, test)
-        if "test_loss" in metrics:
-            out["test_loss"] = hc.loss(phi, test)
-        if "val_loss" in metrics:
-            out["val_loss"] = hc.loss(phi, (Xv, yv))
-        if "residual" in metrics:
-            out["residual"] = hc.residual(bundle.problem, theta, phi, v, data)
-        if "downweighted" in metrics:
-            out["downweighted"] = hc.downweighted(theta, mask)[0]
-        return out
-
-    per_eval = jax.vmap(evaluate, in_axes=(0, 0, 0) + (None,) * 6)           # evaluations of one seed
-    evaluate_seed = jax.jit(per_eval)
-    values = [evaluate_seed(*(jax.tree_util.tree_map(lambda a: a[i], (hist["theta"], hist["phi"], hist["v"]))),
-                            labels[i], masks[i], bundle.test, X, Xv, yv) for i in range(labels.shape[0])]
-    history = {k: np.asarray(v) for k, v in hist.items() if k not in ("theta", "phi", "v")}
-    history.update({k: np.stack([np.asarray(v[k]) for v in values]) for k in values[0]})
-    final_theta = np.asarray(hist["theta"][:, -1])
-    history["final_weights_below_half_clean"] = np.asarray(
-        [(final_theta[i] < 0)[~np.asarray(masks[i])].mean() for i in range(final_theta.shape[0])])
-    timing = {"seconds_per_step": run_s / steps, "run_s": run_s, "compile_s": compile_s,
-              "batched_seeds": int(labels.shape[0])}
-    meta = {"label": label, "preset": table.get("preset", label), "hyperparameters": table, "steps": steps,
-            "seeds": [int(s) for s in seed_list(cfg)], "timings": timing, "environment": environment()}
-    return history, meta
-
-
-BASELINE_LABELS = {"corrupted": "plain training (corrupted labels)", "clean": "clean samples only"}
-
-
-def baseline_rows(name: str, corrupted) -> np.ndarray:
-    """The training samples a baseline trains on: all of them with their corrupted labels
-    ("corrupted"), or the clean ones only ("clean"; the corruption mask is known to it)."""
-    corrupted = np.asarray(corrupted, bool)
-    return np.arange(corrupted.size) if name == "corrupted" else np.flatnonzero(~corrupted)
-
-
-def run_baseline(cfg: dict, bundle, inputs, name: str, opts: dict):
+def run_baseline(cfg: dict, workload, name: str, opts: dict):
     """(history, meta) of one baseline over all seeds: the lower level alone, every weight
     sigmoid(+inf) = 1 (plain training on 1/b sum_i CE_i + reg ||W||^2), `baseline_steps` SGD steps
     of `baseline_lr` on shuffled minibatches of `baseline_batch_size` of `baseline_rows(name)`,
-    from each seed's initial model (the bilevel runs' start). `bj.algorithms.steps.lower_phase`
-    runs `eval_every` steps per compiled call, all seeds vmapped; the metrics of `run_cell` that
-    need neither theta nor v are computed on the recorded models."""
+    from each seed's initial model and with its labels (the seed's instance, as the bilevel runs).
+    `bj.algorithms.steps.lower_phase` runs `eval_every` steps per compiled call, all seeds
+    vmapped; the metrics that need neither theta nor v are computed on the recorded models."""
     import equinox as eqx
     import jax
     import jax.numpy as jnp
@@ -267,7 +150,14 @@ def run_baseline(cfg: dict, bundle, inputs, name: str, opts: dict):
     from bilevel_jax.algorithms import steps as step_primitives
     from bilevel_jax.problems import hyperclean as hc
 
-    labels, masks, phis, keys = inputs
+    seeds = seed_list(cfg)
+    instances = workload.instances(seeds)
+    bundle = instances[0]
+    labels = jnp.stack([i.data[1][1] for i in instances])
+    masks = jnp.stack([i.corrupted for i in instances])
+    phis = jax.tree_util.tree_map(lambda *a: jnp.stack(a),
+                                  *(eqx.filter(i.phi0, eqx.is_inexact_array) for i in instances))
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
     (Xv, yv), (X, _, idx) = bundle.data
     every, steps = cfg["eval_every"], opts["baseline_steps"]
     rows = jnp.asarray(np.stack([baseline_rows(name, m) for m in np.asarray(masks)]))
@@ -279,7 +169,7 @@ def run_baseline(cfg: dict, bundle, inputs, name: str, opts: dict):
     def chunk(phi, opt_state, rows, y, key, k, X, idx):     # eval_every steps from step k * eval_every
         data = (X, y, idx) if name == "corrupted" else jax.tree_util.tree_map(lambda a: jnp.take(a, rows, axis=0),
                                                                                 (X, y, idx))
-        phi, opt_state, _, status = step_primitives.lower_phase(
+        phi, opt_state, status = step_primitives.lower_phase(
             bundle.problem, rule, theta, eqx.combine(phi, bundle.phi0), opt_state, every,
             lambda t: sampler.sample(data, key, k * every + t)[0], k)
         return eqx.filter(phi, eqx.is_inexact_array), opt_state, status
@@ -330,21 +220,26 @@ def run_baseline(cfg: dict, bundle, inputs, name: str, opts: dict):
     return history, meta
 
 
-def curves_of(results: Dict[str, tuple], metrics) -> List[Curve]:
+def baseline_cell(name: str, opts: dict, cfg: dict) -> str:
+    """The store id of a baseline's cell: its name and a hash of everything its result depends on."""
+    table = {"baseline": name, "steps": opts["baseline_steps"],
+             **{k: opts[k] for k in ("baseline_lr", "baseline_batch_size")}}
+    key = json.dumps([table, experiment_key(cfg)], sort_keys=True, default=str)
+    return f"baseline-{name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def curves_of(results: Dict[str, CellResult], metrics) -> List[Curve]:
     curves = []
-    for label, (h, meta) in results.items():
+    for label, r in results.items():
+        h = r.history
         steps = np.asarray(h["step"][0], dtype=float)
-        x = {"step": steps, "time": steps * meta["timings"]["seconds_per_step"]}
+        x = {"step": steps, "time": steps * seconds_per_step(r.meta)}
         finite = np.asarray(h["finite"], bool)
         y = {m: np.where(finite, np.asarray(h[m], float), np.nan) for m in metrics if m in h}
         if "residual" in y and not np.any(np.isfinite(y["residual"])):
             del y["residual"]              # a method without v (F2SA): no residual curve
         curves.append(Curve(label, x, y, seeds=int(finite.shape[0]), failed=failure_text(h)))
     return curves
-
-
-def _f(x, spec=".4f"):
-    return "-" if x is None or not np.isfinite(x) else format(x, spec)
 
 
 def _final_entry(h: dict, meta: dict) -> dict:
@@ -359,35 +254,35 @@ def _final_entry(h: dict, meta: dict) -> dict:
             "test_accuracy_range": [float(acc.min()), float(acc.max())] if acc.size else None,
             "test_loss": float(np.median(loss)) if loss.size else None,
             "steps": int(meta["steps"]), "run_s": float(meta["timings"]["run_s"]),
-            "ms_per_step": 1e3 * float(meta["timings"]["seconds_per_step"]),
+            "ms_per_step": 1e3 * seconds_per_step(meta),
             "compile_s": float(meta["timings"]["compile_s"])}
 
 
-def summarize(cfg: dict, problem_cfg: dict, description: str, results: Dict[str, tuple],
-              baselines: Dict[str, tuple] = None):
+def summarize(cfg: dict, problem_cfg: dict, description: str, results: Dict[str, CellResult],
+              baselines: Dict[str, CellResult] = None):
     """(markdown, json): per method the final test accuracy (median [min, max] over surviving
     seeds), failures, cost, the down-weighted share; the baselines (`run_baseline`) and whether
     each method ends above plain training on the corrupted labels; the paper's range next to the
     best (the paper's linear model only)."""
     p = float(problem_cfg["corruption"])
     rows, table = [], {}
-    for label, (h, meta) in results.items():
+    for label, r in results.items():
+        h, meta = r.history, r.meta
         entry = _final_entry(h, meta)
         ok = ~failed_seeds(h)
-        down = np.asarray(h["downweighted"], float)[ok, -1] if "downweighted" in h else np.array([])
-        res = np.asarray(h["residual"], float)[ok, -1] if "residual" in h else np.array([])
+        final = lambda m: np.asarray(h[m], float)[ok, -1] if m in h else np.array([])   # noqa: E731
+        down, clean, res = final("downweighted"), final("clean_downweighted"), final("residual")
         entry.update({
             "downweighted": float(np.median(down)) if down.size else None,
-            "clean_below_half": float(np.median(np.asarray(h["final_weights_below_half_clean"])[ok]))
-            if ok.any() else None,
+            "clean_below_half": float(np.median(clean)) if clean.size else None,
             "residual": float(np.median(res)) if res.size and np.all(np.isfinite(res)) else None})
         table[label] = entry
         rng = entry["test_accuracy_range"]
         rows.append(f"| {label} | {entry['failed']}/{entry['seeds']} {'diverged' if entry['failed'] else 'ok'} | "
-                    f"{_f(entry['test_accuracy'])} [{_f(rng[0]) if rng else '-'}, {_f(rng[1]) if rng else '-'}] | "
-                    f"{_f(entry['test_loss'])} | {_f(entry['downweighted'], '.3f')} | "
-                    f"{_f(entry['clean_below_half'], '.3f')} | {_f(entry['residual'], '.2e')} | {entry['steps']} | "
-                    f"{entry['run_s']:.1f} | {entry['ms_per_step']:.1f} | {_f(entry['compile_s'], '.1f')} | "
+                    f"{fmt(entry['test_accuracy'], '.4f')} [{fmt(rng[0], '.4f') if rng else '-'}, {fmt(rng[1], '.4f') if rng else '-'}] | "
+                    f"{fmt(entry['test_loss'], '.4f')} | {fmt(entry['downweighted'], '.3f')} | "
+                    f"{fmt(entry['clean_below_half'], '.3f')} | {fmt(entry['residual'], '.2e')} | {entry['steps']} | "
+                    f"{entry['run_s']:.1f} | {entry['ms_per_step']:.1f} | {fmt(entry['compile_s'], '.1f')} | "
                     f"{_hp(meta['hyperparameters'])} |")
     lines = [f"# {cfg.get('title') or cfg['name']}", "", description, "",
              "h(lambda) = validation cross-entropy of W*(lambda); sigmoid(lambda_i) weighs training sample i in the "
@@ -399,7 +294,7 @@ def summarize(cfg: dict, problem_cfg: dict, description: str, results: Dict[str,
     ok_rows = {k: v for k, v in table.items() if v["test_accuracy"] is not None}
     claim = {}
     base_table = {name: {"label": BASELINE_LABELS[name], "samples": meta.get("samples"), **_final_entry(h, meta)}
-                  for name, (h, meta) in (baselines or {}).items()}
+                  for name, (_, h, meta) in (baselines or {}).items()}
     if base_table:
         lines += ["## Baselines", "",
                   "The same model, initial weights (per seed), lower-level loss with weight 1 on every sample it "
@@ -408,8 +303,8 @@ def summarize(cfg: dict, problem_cfg: dict, description: str, results: Dict[str,
                   "run (s) | ms/step |", "|---|---|---|---|---|---|---|---|"]
         for e in base_table.values():
             rng = e["test_accuracy_range"]
-            lines.append(f"| {e['label']} | {e['samples']} | {e['failed']}/{e['seeds']} | {_f(e['test_accuracy'])} "
-                         f"[{_f(rng[0]) if rng else '-'}, {_f(rng[1]) if rng else '-'}] | {_f(e['test_loss'])} | "
+            lines.append(f"| {e['label']} | {e['samples']} | {e['failed']}/{e['seeds']} | {fmt(e['test_accuracy'], '.4f')} "
+                         f"[{fmt(rng[0], '.4f') if rng else '-'}, {fmt(rng[1], '.4f') if rng else '-'}] | {fmt(e['test_loss'], '.4f')} | "
                          f"{e['steps']} | {e['run_s']:.1f} | {e['ms_per_step']:.1f} |")
         lines.append("")
         reference = base_table.get("corrupted", {}).get("test_accuracy")
@@ -454,77 +349,51 @@ def _hp(table: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in table.items() if k != "preset") or "defaults"
 
 
-def main(cfg: dict) -> dict:
-    import jax
-    jax.config.update("jax_enable_x64", bool(cfg["x64"]))
-    problem_cfg = check(cfg)
-    opts = options_of(cfg)
-    labels = selected_labels(cfg)
-    root = experiment_dir(cfg)
-    seeds = seed_list(cfg)
-    loaded = {}
-
-    def load():
-        if not loaded:
-            start = time.perf_counter()
-            loaded["bundle"] = load_problem(problem_cfg, bool(cfg["x64"]))
-            loaded["inputs"] = seed_inputs(loaded["bundle"], problem_cfg, seeds)
-            print(f"[{cfg['name']}] {loaded['bundle'].description} (loaded in {time.perf_counter() - start:.1f} s)",
-                  flush=True)
-        return loaded["bundle"], loaded["inputs"]
-
-    def run_label(label, table):
-        bundle, inputs = load()
-        t0 = time.perf_counter()
-        history, meta = run_cell(cfg, bundle, inputs, label, table)
-        if cfg["progress"]:
-            t = meta["timings"]
-            print(f"[{cfg['name']}] {label}: {time.perf_counter() - t0:.1f} s (compile {t['compile_s']:.1f} s, "
-                  f"{1e3 * t['seconds_per_step']:.1f} ms/step, {len(seeds)} seeds)"
-                  + (f" -- {failure_text(history)}" if failure_text(history) else ""), flush=True)
-        return history, meta
-
-    results = results_of(cfg, problem_cfg, ResultStore(root), run_label)
+def main(cfg: dict, log=print) -> dict:
+    opts = check(cfg)
+    cfg = with_summary_metrics(cfg)
+    store = ResultStore(experiment_dir(cfg))
+    start = time.perf_counter()
+    workload, reference = prepare(cfg, store)
+    description = workload.instance.description
+    log(f"[{cfg['name']}] {description} (loaded in {time.perf_counter() - start:.1f} s)")
+    cells = one_cell_per_label(cfg, "hyperclean")
+    stats = run_cells(cfg, workload, reference, store, cells, log=log)
+    if not is_writer():                  # another process of a multi-process job: process 0 reports
+        return {"stats": stats}
+    results = {c.label: store.load(c.cell_id) for c in cells}
     baselines = {}
     for name in opts["baselines"]:
-        table = {"baseline": name, "steps": opts["baseline_steps"],
-                 **{k: opts[k] for k in ("baseline_lr", "baseline_batch_size")}}
-        store, cell = ResultStore(root), cell_id(f"baseline-{name}", table, problem_cfg, cfg)
-        if store.has(cell):
-            r = store.load(cell)
-            baselines[name] = (r.history, r.meta)
-            continue
-        baselines[name] = run_baseline(cfg, *load(), name, opts)
-        store.save(cell, *baselines[name])
-        if cfg["progress"]:
-            t = baselines[name][1]["timings"]
-            print(f"[{cfg['name']}] baseline {BASELINE_LABELS[name]}: {t['run_s']:.1f} s (compile {t['compile_s']:.1f} s, "
-                  f"{1e3 * t['seconds_per_step']:.1f} ms/step, {len(seeds)} seeds)", flush=True)
-    bundle = loaded.get("bundle")
-    description = (bundle.description if bundle is not None else
-                   f"data hyper-cleaning on Fashion-MNIST: n_train={problem_cfg['n_train']}, n_val={problem_cfg['n_val']}, "
-                   f"n_test={problem_cfg['n_test']}, corruption p={problem_cfg['corruption']:g}, {problem_cfg['model']} "
-                   f"model, reg={problem_cfg['reg']:g}")
+        cell = baseline_cell(name, opts, cfg)
+        if not store.has(cell):
+            history, meta = run_baseline(cfg, workload, name, opts)
+            store.save(cell, history, meta)
+            t = meta["timings"]
+            log(f"[{cfg['name']}] baseline {BASELINE_LABELS[name]}: {t['run_s']:.1f} s (compile {t['compile_s']:.1f} s, "
+                f"{1e3 * seconds_per_step(meta):.1f} ms/step, {len(meta['seeds'])} seeds)")
+        baselines[name] = store.load(cell)
+    problem_cfg = {"name": "hyperclean", **dataclasses.asdict(problems.options_of(
+        "hyperclean", {k: v for k, v in cfg["problem"].items() if k != "name"}))}
     curves = curves_of({**results, **{BASELINE_LABELS[k]: v for k, v in baselines.items()}}, cfg["metrics"])
     title = cfg["plot"]["title"] or cfg.get("title") or cfg["name"]
     if cfg["only"]:
-        title += f" [only: {', '.join(labels)}]"
-    title += (f"\n{description} (Debian dataset-fashion-mnist / IDX files)\nh(lambda) = validation CE of "
-              r"W*(lambda); lower level: $\frac{1}{n}\sum_i \sigma(\lambda_i) CE_i + $" + f"{problem_cfg['reg']:g}"
-              r"$\|W\|^2$")
+        title += f" [only: {', '.join(results)}]"
+    title += f"\n{description} (Debian dataset-fashion-mnist / IDX files)\n{workload.notes}"
+    batched = "" if cfg["timing"] else "all seeds in one vmapped run, "
     path = plot_grid(curves, cfg["plot"]["metrics"], cfg["plot"]["x"],
-                     os.path.join(root, cfg["plot"]["file"] or f"{cfg['name']}.png"), title=title,
-                     logy=[m for m in ("residual", "test_loss") if cfg["plot"]["logy"]], quantiles=cfg["plot"]["quantiles"], ylim=cfg["plot"]["ylim"],
-                     note=f"{len(seeds)} seed(s); time: all seeds in one vmapped run",
-                     axis_labels={"time": "wall time (s) [all seeds in one vmapped run, metrics excluded]"})
+                     os.path.join(store.root, cfg["plot"]["file"] or f"{cfg['name']}.png"), title=title,
+                     logy=[m for m in ("residual", "test_loss") if cfg["plot"]["logy"]],
+                     quantiles=cfg["plot"]["quantiles"], ylim=cfg["plot"]["ylim"],
+                     note=f"{len(seed_list(cfg))} seed(s)" + ("" if cfg["timing"] else "; time: all seeds in one vmapped run"),
+                     axis_labels={"time": f"wall time (s) [{batched}metrics excluded]"})
     text, summary = summarize(cfg, problem_cfg, description, results, baselines)
-    with open(os.path.join(root, "summary.md"), "w") as f:
+    with open(store.path("summary.md"), "w") as f:
         f.write(text)
-    write_json(os.path.join(root, "summary.json"), summary)
-    print(text)
-    print(f"[{cfg['name']}] figure: {path}")
-    return {"figure": path, "summary": summary, "text": text}
+    write_json(store.path("summary.json"), summary)
+    log(text)
+    log(f"[{cfg['name']}] figure: {path}")
+    return {"figure": path, "summary": summary, "text": text, "stats": stats}
 
 
-__all__ = ["BASELINES", "BASELINE_LABELS", "baseline_rows", "build_algorithm", "check", "curves_of", "main",
-           "options_of", "run_baseline", "run_cell", "summarize"]
+__all__ = ["BASELINES", "BASELINE_LABELS", "baseline_cell", "baseline_rows", "check", "curves_of", "main",
+           "options_of", "run_baseline", "summarize", "with_summary_metrics"]

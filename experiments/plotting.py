@@ -22,6 +22,7 @@ METRIC_LABELS = {
     "value_gap": r"$h(\theta_t) - h^*$",
     "value": r"$h(\theta_t)$",
     "grad_sq": r"$\|\nabla h(\theta_t)\|^2$",
+    "grad_map_sq": r"gradient mapping $\|G_1(\theta_t)\|^2$",
     "theta_err": r"$\|\theta_t - \theta^*\|^2$",
     "lower_gap": r"$\|\phi_t - \phi^*(\theta_t)\|^2$",
     "val_loss": "validation loss of $\\phi_t$",
@@ -31,6 +32,22 @@ METRIC_LABELS = {
     "test_value": r"test loss of $\phi^*(\theta_t)$",
     "test_error": "test error of $\\phi_t$",
 }
+
+
+# metric -> the stationarity measure of a constrained UL drawn in its place (`stationarity_metrics`)
+CONSTRAINED_STATIONARITY = {"grad_sq": "grad_map_sq"}
+
+
+def stationarity_metrics(metrics: Sequence[str], histories: Sequence[dict]) -> List[str]:
+    """`metrics` with ||grad h||^2 replaced by the gradient mapping ||G_1(theta)||^2 where every
+    run recorded it (`experiments.problems` records it next to grad_sq when theta is projected):
+    on a constrained UL ||grad h|| need not vanish at a solution, the gradient mapping does
+    (`bj.stationarity`)."""
+    def drawn(m):
+        alt = CONSTRAINED_STATIONARITY.get(m)
+        return alt if alt is not None and histories and all(alt in h for h in histories) else m
+
+    return [drawn(m) for m in metrics]
 
 
 class Curve(NamedTuple):
@@ -155,4 +172,5 @@ def plot_grid(curves: List[Curve], metrics: Sequence[str], x_axes: Sequence[str]
     return path
 
 
-__all__ = ["AXIS_LABELS", "Curve", "METRIC_LABELS", "band", "drawn_from", "figure_metadata", "legend_label", "plot_grid"]
+__all__ = ["AXIS_LABELS", "CONSTRAINED_STATIONARITY", "Curve", "METRIC_LABELS", "band", "drawn_from", "figure_metadata",
+           "legend_label", "plot_grid", "stationarity_metrics"]

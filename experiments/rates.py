@@ -40,7 +40,6 @@ from experiments import runner
 from experiments.runner import is_writer, prepare, run_cells
 from experiments.sweep import expand
 
-MULTI_PROCESS = True   # its cells run through experiments.runner: a job may span processes and hosts
 OPTIONS = {
     "horizons": [512, 1024, 2048, 4096, 8192, 16384],
     "horizon_algorithm": "ttsa",
@@ -128,12 +127,12 @@ def check(cfg: dict) -> dict:
 def main(cfg: dict, on_cell_saved=None, log=print) -> dict:
     opts = check(cfg)
     store = ResultStore(experiment_dir(cfg))
-    setup, reference = prepare(cfg, store)
-    log(f"[{cfg['name']}] {setup.description}")
+    workload, reference = prepare(cfg, store)
+    log(f"[{cfg['name']}] {workload.instance.description}")
     hcfg, acfg = horizon_config(cfg, opts), anytime_config(cfg, opts)
     hcells, acells = expand(hcfg), expand(acfg)
-    run_cells(hcfg, setup, reference, store, hcells, on_cell_saved=on_cell_saved, log=log)
-    run_cells(acfg, setup, reference, store, acells, on_cell_saved=on_cell_saved, log=log)
+    run_cells(hcfg, workload, reference, store, hcells, on_cell_saved=on_cell_saved, log=log)
+    run_cells(acfg, workload, reference, store, acells, on_cell_saved=on_cell_saved, log=log)
     if not is_writer():                  # another process of a multi-process job: process 0 reports
         return {}
     tol = opts["tolerance"]
@@ -171,7 +170,7 @@ def main(cfg: dict, on_cell_saved=None, log=print) -> dict:
         raise ConfigError(f"rates: expected the anytime and strongly convex tables in this order, got {acells_order}.")
 
     png = store.path("rates.png")
-    _draw(png, Ks, avg, per_seed, curves, checks, cfg, setup.description)
+    _draw(png, Ks, avg, per_seed, curves, checks, cfg, workload.instance.description)
     table = format_checks(checks)
     log(table)
     log(f"figure: {png}")

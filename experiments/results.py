@@ -86,6 +86,25 @@ def environment() -> dict:
             "cpu_count": os.cpu_count(), "x64": bool(jax.config.jax_enable_x64)}
 
 
+def seconds_per_step(meta: dict) -> float:
+    """A cell's wall time per outer step: the timing pass's (an un-batched single-seed run), or
+    without one (`timing = false`) the batched run's seconds over its steps (all seeds at once)."""
+    per_step = meta["timings"].get("seconds_per_step")
+    if per_step is None or not np.isfinite(per_step):
+        per_step = meta["timings"]["run_s"] / max(meta["steps"], 1)
+    return float(per_step)
+
+
+def fmt(x, spec: str = ".3g") -> str:
+    """A number as the tables and summaries of every figure write it: `format(x, spec)`, "-" for
+    None or NaN (nothing to report), "not reached" for inf (a target a run never stays below)."""
+    if x is None or (isinstance(x, (float, np.floating)) and np.isnan(x)):
+        return "-"
+    if isinstance(x, (float, np.floating)) and np.isinf(x):
+        return "not reached"
+    return format(x, spec)
+
+
 # --------------------------------------------------------------------------------------------------
 # failures: never hidden
 
@@ -159,4 +178,5 @@ class ResultStore:
         return os.path.join(self.root, name)
 
 
-__all__ = ["CellResult", "ResultStore", "environment", "failed_seeds", "failure_text", "versions", "write_json"]
+__all__ = ["CellResult", "ResultStore", "environment", "failed_seeds", "failure_text", "fmt", "seconds_per_step", "versions",
+           "write_json"]

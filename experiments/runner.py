@@ -1,8 +1,8 @@
 """The resumable driver shared by all figures: build the problem, compute its reference values
 once, run the missing cells group by group, save each finished cell atomically.
 
-    setup, reference = prepare(cfg)
-    stats = run_cells(cfg, setup, reference, store, cells)     # skips finished cells
+    workload, reference = prepare(cfg, store)
+    stats = run_cells(cfg, workload, reference, store, cells)  # skips finished cells
     if not is_writer():                                        # a multi-process job's other processes
         return                                                 # are done: process 0 reports
 
@@ -60,6 +60,17 @@ def check(cfg: dict) -> None:
         check_algorithm(label, table)
 
 
+def one_cell_per_label(cfg: dict, figure: str) -> List[Cell]:
+    """The cells of a figure that draws one curve per [algorithms.<label>] table (no grid axes)."""
+    cells = expand(cfg)
+    labels = [c.label for c in cells]
+    grids = sorted({label for label in labels if labels.count(label) > 1})
+    if grids:
+        raise ConfigError(f"figure {figure!r} draws one curve per [algorithms] table; {', '.join(grids)} "
+                          "give(s) a list (a grid axis): give one value.")
+    return cells
+
+
 def is_writer() -> bool:
     """Whether this process writes results: always in a single-process run, process 0 only in a
     multi-process job (see the module docstring)."""
@@ -67,13 +78,14 @@ def is_writer() -> bool:
 
 
 def prepare(cfg: dict, store: ResultStore):
-    """(setup, reference): the problem and its reference values (cached in the experiment folder;
-    None on the processes of a multi-process job that do not write, which never use them)."""
+    """(workload, reference): the problem instance, its metrics and its reference values (cached in
+    the experiment folder; None on the processes of a multi-process job that do not write, which
+    never use them)."""
     configure_jax(cfg)
     check(cfg)
-    setup = problems.build(cfg["problem"])
+    workload = problems.build(cfg["problem"])
     if not is_writer():
-        return setup, None
+        return workload, None
     tag = hashlib.sha256(json.dumps([cfg["problem"], cfg["x64"], REFERENCE_VERSION], sort_keys=True).encode()).hexdigest()[:10]
     path = store.path(f"reference-{tag}.json")
     if os.path.isfile(path):
@@ -81,10 +93,10 @@ def prepare(cfg: dict, store: ResultStore):
             reference = json.load(f)
     else:
         start = time.perf_counter()
-        reference = setup.compute_reference()
+        reference = workload.compute_reference()
         reference["seconds"] = time.perf_counter() - start
         write_json(path, dict(reference, problem=cfg["problem"]))
-    return setup, reference
+    return workload, reference
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -98,12 +110,17 @@ def _progress(total: int, enabled: bool, desc: str):
 
 
 def add_metrics(hist: dict, evaluator) -> dict:
-    """Replace the recorded iterates (cells, seeds, evals, dim) by the metrics (cells, seeds, evals);
-    the iterates are kept when small (below a million numbers each)."""
-    theta, phi = hist.pop("theta"), hist.pop("phi")
-    lead = theta.shape[:3]
-    values = evaluator(theta.reshape(-1, theta.shape[-1]), phi.reshape(-1, phi.shape[-1]))
-    hist.update({k: v.reshape(lead) for k, v in values.items()})
+    """Replace the recorded iterates (cells, seeds, evals, dim) by the metrics (cells, seeds, evals),
+    all seeds at once or, for a problem drawn per seed, seed by seed; theta and phi are kept when
+    small (below a million numbers each)."""
+    theta, phi, v = hist.pop("theta"), hist.pop("phi"), hist.pop("v")
+    flat = lambda x: x.reshape(-1, x.shape[-1])   # noqa: E731
+    if evaluator.per_seed:
+        per = [evaluator(flat(theta[:, j]), flat(phi[:, j]), flat(v[:, j]), seed=j) for j in range(theta.shape[1])]
+        values = {k: np.stack([p[k].reshape(theta.shape[0], theta.shape[2]) for p in per], axis=1) for k in per[0]}
+    else:
+        values = {k: x.reshape(theta.shape[:3]) for k, x in evaluator(flat(theta), flat(phi), flat(v)).items()}
+    hist.update(values)
     for name, arr in (("theta", theta), ("phi", phi)):   # kept when small (a few MB at most)
         if arr.size <= 1_000_000:
             hist[name] = arr
@@ -126,7 +143,7 @@ def finished_cells(store: ResultStore, cells: Sequence[Cell]) -> List[bool]:
     return [bool(x) for x in multihost_utils.broadcast_one_to_all(found)]
 
 
-def run_cells(cfg: dict, setup, reference: dict, store: ResultStore, cells: Optional[Sequence[Cell]] = None,
+def run_cells(cfg: dict, workload, reference: dict, store: ResultStore, cells: Optional[Sequence[Cell]] = None,
               on_cell_saved: Optional[Callable[[Cell], None]] = None, log: Callable = print) -> RunStats:
     """Compute the cells of `cfg` (default: all) that have no result file yet, and save them.
     In a multi-process job every process calls this with the same arguments; process 0 saves the
@@ -146,9 +163,10 @@ def run_cells(cfg: dict, setup, reference: dict, store: ResultStore, cells: Opti
         return RunStats([], done, time.perf_counter() - start)
     n_dev = None if cfg["devices"] == "auto" else int(cfg["devices"])
     mesh = make_mesh(n_dev, cfg["mesh"].get("data", 1))
-    runner = BatchedRunner(setup, cfg, mesh)
+    runner = BatchedRunner(workload, cfg, mesh)
     if writer:
-        evaluator = MetricEvaluator(setup, cfg["metrics"], reference, local_mesh(mesh), rows=cfg["eval_rows"])
+        evaluator = MetricEvaluator(workload, cfg["metrics"], reference, local_mesh(mesh), rows=cfg["eval_rows"],
+                                    seeds=seed_list(cfg))
         env = environment()
         env["mesh_devices"] = int(mesh.devices.size)
     seeds = seed_list(cfg)
@@ -172,8 +190,8 @@ def run_cells(cfg: dict, setup, reference: dict, store: ResultStore, cells: Opti
                     "point": cell.point, "seeds": seeds,
                     "steps": run_length(cell, cfg)[0], "eval_every": run_length(cell, cfg)[1],
                     "metrics": cfg["metrics"],
-                    "problem": cfg["problem"], "problem_description": setup.description,
-                    "synthetic_data": setup.synthetic, "reference": reference,
+                    "problem": cfg["problem"], "problem_description": workload.instance.description,
+                    "synthetic_data": workload.synthetic, "reference": reference,
                     "timings": dict(timings._asdict(), cells_in_call=len(chunk),
                                     metrics_compile_s=evaluator.compile_s),
                     "environment": env, "config": cfg,
@@ -193,4 +211,5 @@ def run_cells(cfg: dict, setup, reference: dict, store: ResultStore, cells: Opti
     return RunStats(computed, done, time.perf_counter() - start)
 
 
-__all__ = ["ConfigError", "RunStats", "check", "configure_jax", "finished_cells", "is_writer", "prepare", "run_cells"]
+__all__ = ["ConfigError", "RunStats", "check", "configure_jax", "finished_cells", "is_writer", "one_cell_per_label",
+           "prepare", "run_cells"]

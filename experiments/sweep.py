@@ -24,29 +24,36 @@ function
 is jitted once per group, called with the cells' `dyn` parts stacked along the batch axis. The
 batch axis is sharded over all devices (`NamedSharding` over a 1-D mesh "batch"; the batch is
 padded to a multiple of the device count with copies of its last row); the data are replicated.
-In a multi-process job (`jax.distributed`, see `experiments.__main__`) "all devices" are those of
+A problem that draws its data or start per seed (`Workload.for_seed`: LancBiO's synthetic
+problem, hyper-cleaning's corruption, MORBiT's tasks) is split by `PerSeed`: the arrays every
+seed shares are passed once (replicated), those that differ are stacked along the batch axis
+with the rows. In a multi-process job (`jax.distributed`, see `experiments.__main__`) "all devices" are those of
 every process: each process builds the same inputs, `jax.device_put` places its own devices'
 shards (JAX checks that the processes' values agree), and the histories are gathered back to
 every process (`multihost_utils.process_allgather`) after the call.
 
-Keys of an `[algorithms.<label>]` table are the preset's keyword arguments, plus the special keys
-`preset` (default: the label), `step` and `ratio` (the benchmark parametrisation lower_lr = step,
-upper_lr = step / ratio), `lr_decay = p` (pass upper_lr, lower_lr, v_lr as the schedules
-`bj.schedules.inverse_power(lr, p)`, for presets with constant steps), `steps` / `eval_every`
-(this algorithm's own run length, e.g. fewer outer steps for double-loop methods). `batch_size =
-"full"` means None (full batch), `batch_size = {upper = 64, lower = 128}` an (upper, lower) pair,
-`linear_solver = {name = "cg", maxiter = 10}` the solver `bj.linear_solvers.cg(maxiter=10)`, and
-`linear_solver = {name = "damped", damping = 0.01, solver = {name = "cg", maxiter = 10}}` damps it.
-A key is valid when the preset accepts it: `check_algorithm` builds every grid point (with a
-placeholder problem) and turns the preset's errors into one-line `ConfigError`s.
+Keys of an `[algorithms.<label>]` table are the preset's keyword arguments (read from its
+signature, `keywords`), plus the special keys `preset` (default: the label; single-objective and
+`bj.algorithms.MULTI_OBJECTIVE` presets), `label` (the figure's name for the curve), `step` and
+`ratio` (the benchmark parametrisation lower_lr = step, upper_lr = step / ratio), `lr_decay = p`
+(pass upper_lr, lower_lr, v_lr as the schedules `bj.schedules.inverse_power(lr, p)`, for presets
+with constant steps), `steps` / `eval_every` (this algorithm's own run length, e.g. fewer outer
+steps for double-loop methods). `batch_size = "full"` means None (full batch), `batch_size =
+{upper = 64, lower = 128}` an (upper, lower) pair, `linear_solver = {name = "cg", maxiter = 10}`
+the solver `bj.linear_solvers.cg(maxiter=10)`, `linear_solver = {name = "damped", damping = 0.01,
+solver = {name = "cg", maxiter = 10}}` damps it, and `lower_opt = {name = "adam"}` (any
+`<level>_opt`) the optax rule `optax.adam(lower_lr)` (`make_optimizer`; `clip = 1.0` clips the
+step's global norm first). A key the preset's (solver's, optax rule's) signature does not name is
+`UnknownKeys` listing the closest valid ones; `check_algorithm` then builds every grid point (with
+a placeholder problem), so a bad value is a one-line `ConfigError` before any work.
 
 Cell ids are a readable prefix (label and varying grid coordinates) and a hash of the experiment
 settings, the label, the preset and the cell's config keyword arguments, so they depend on the
 config only.
 
-Metrics are not computed inside the runs: `bj.run` records the iterates (theta, phi) every
-`eval_every` steps and `MetricEvaluator` evaluates the configured metrics on all of them after
-the run, in one compiled function shared by every algorithm of the experiment (the expensive
+Metrics are not computed inside the runs: `bj.run` records the iterates (theta, phi and v, the
+flattened inexact arrays; `record_iterates`) every `eval_every` steps and `MetricEvaluator`
+evaluates the configured metrics on all of them after the run, in one compiled function shared by every algorithm of the experiment (the expensive
 references, e.g. a Newton solve for w*(theta), are compiled once, and the runs' wall time
 contains no metric work).
 
@@ -58,6 +65,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import itertools
 import json
 import math
@@ -69,30 +77,17 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import bilevel_jax as bj
-from experiments.config import ALGORITHM_SPECIAL, ConfigError, did_you_mean, seed_list
+from bilevel_jax.cache import same_code_rule
+from experiments.config import ALGORITHM_SPECIAL, ConfigError, check_keywords, check_names, seed_list
 
 RUN_KEYS = ("steps", "eval_every")                   # the run's length, not preset arguments
 LR_KEYS = ("upper_lr", "lower_lr", "v_lr")           # the step sizes `lr_decay` turns into schedules
-
-# Keyword names that a TOML table can set, used only to *suggest* keys in the error for an unknown
-# one: the message lists those that the preset (or linear solver) accepts, found by building it
-# with each. Whether a key is valid is always decided by building, so a keyword missing here
-# still works; it is only not suggested.
-SUGGESTED_KEYS = ("upper_lr", "lower_lr", "v_lr", "lower_steps", "batch_size", "linear_solver", "warm_start",
-                  "neumann_steps", "neumann_eta", "upper_decay", "lower_decay", "inner_decay", "strongly_convex",
-                  "horizon", "period", "momentum_eta", "eta0", "eta_upper", "eta_lower", "shared_batch",
-                  "saga_init", "sampler", "mode", "check",
-                  # linear solvers (and the Krylov presets that forward them)
-                  "maxiter", "rtol", "atol", "steps", "eta", "m_start", "m_max", "inc", "every", "m0", "correction",
-                  "exact_residual")
-
-_BAD_KEYWORD = re.compile(r"got (?:an unexpected|multiple values for) (?:keyword )?argument '(\w+)'"
-                          r"|unexpected keyword argument\(s\) \['(\w+)'")
 
 
 class Cell(NamedTuple):
@@ -146,90 +141,87 @@ def _points(table: dict):
 # --------------------------------------------------------------------------------------------------
 # building an algorithm from its config keyword arguments
 
-def _bad_keyword(error: TypeError) -> Optional[str]:
-    """The keyword a call rejected (unexpected, or given twice), from its TypeError; else None."""
-    match = _BAD_KEYWORD.search(str(error))
-    return (match.group(1) or match.group(2)) if match else None
+def keywords(fn: Callable, skip: int = 0, forwarded: Sequence[str] = ()) -> Tuple[str, ...]:
+    """The keyword arguments `fn` takes, from its signature: every named parameter after the first
+    `skip` positional ones (`inspect.signature` follows `functools.wraps` to the wrapped builder
+    and a preset's own `__signature__`), and `forwarded` when `fn` has a `**kwargs` (the options a
+    preset passes on to its loop, `bj.algorithms.LOOP_OPTIONS`)."""
+    params = list(inspect.signature(fn).parameters.values())
+    named = [p.name for p in params[skip:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        named += list(forwarded)
+    return tuple(dict.fromkeys(named))
 
 
-def _accepted(build: Callable[..., Any], candidates: Sequence[str]) -> List[str]:
-    """The candidate keyword names that `build` does not reject as unknown (each is tried with a
-    placeholder value; any other error means the keyword itself was accepted)."""
-    probe = object()
-    out = []
-    for name in candidates:
-        try:
-            build(**{name: probe})
-        except TypeError as e:
-            if _bad_keyword(e) == name:
-                continue
-        except Exception:  # noqa: BLE001 - the placeholder value is rejected: the keyword exists
-            pass
-        out.append(name)
-    return out
+def _build(build: Callable[..., Any], kwargs: dict, where: str):
+    """`build(**kwargs)` (whose keys are checked), with a bad value turned into a one-line
+    ConfigError that names `where` (the config table)."""
+    try:
+        return build(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
-def _build(build: Callable[..., Any], kwargs: dict, where: str, what: str, valid_keys: Callable[[], List[str]]):
-    """`build(**kwargs)`, with every rejected keyword (unknown, or one the builder sets itself) and
-    every bad value turned into a one-line ConfigError that names `where` (the config table).
-    Rejected keywords are collected (each is dropped and the build retried) and reported together
-    with `valid_keys()`."""
-    kwargs, unknown = dict(kwargs), []
-    while True:
-        try:
-            built = build(**kwargs)
-        except TypeError as e:
-            name = _bad_keyword(e)
-            if name is not None and name in kwargs:
-                unknown.append(name)
-                del kwargs[name]
-                continue
-            if not unknown:
-                raise ConfigError(f"{where}: {e}") from None
-        except ValueError as e:
-            if not unknown:
-                raise ConfigError(f"{where}: {e}") from None
-        else:
-            if not unknown:
-                return built
-        valid = sorted(valid_keys())
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} for {what}.{did_you_mean(unknown, valid)} "
-                          f"Valid keys: {', '.join(valid)}.")
-
-
-@functools.lru_cache(maxsize=None)
 def linear_solvers() -> Dict[str, Callable]:
-    """The linear-solver factories of `bj.linear_solvers` by name: the lower-case public names
-    whose call with default arguments builds a `bj.linear_solvers.LinearSolver`."""
-    out = {}
-    for name in bj.linear_solvers.__all__:
-        factory = getattr(bj.linear_solvers, name)
-        if not name.islower() or not callable(factory):
-            continue
-        try:
-            ok = isinstance(factory(), bj.linear_solvers.LinearSolver)
-        except Exception:  # noqa: BLE001 - a helper that needs arguments, not a solver factory
-            ok = False
-        if ok:
-            out[name] = factory
-    return dict(sorted(out.items()))
+    """The linear-solver factories by name (`bj.linear_solvers.REGISTRY`)."""
+    return {name: entry.build for name, entry in sorted(bj.linear_solvers.REGISTRY.items())}
 
 
 def make_linear_solver(spec, where: str):
-    """`bj.linear_solvers.<name>(**kw)` of a `linear_solver = {name = ..., ...}` table; the wrapper
-    `{name = "damped", damping = ..., solver = {name = ..., ...}}` damps the inner table's solver."""
+    """`bj.linear_solvers.<name>(**kw)` of a `linear_solver = {name = ..., ...}` table; a wrapper (tag
+    "wrapper": damped, normal) takes its inner solver as a table, `{name = "damped", damping = ...,
+    solver = {name = ..., ...}}`."""
     solvers = linear_solvers()
-    if isinstance(spec, dict) and spec.get("name") == "damped":
-        inner = make_linear_solver(spec.get("solver"), f"{where}.solver")
-        rest = {k: v for k, v in spec.items() if k not in ("name", "solver")}
-        return _build(lambda **kw: bj.linear_solvers.damped(inner, **kw), rest, where, "'damped'",
-                      lambda: ["damping", "name", "solver"])
     if not isinstance(spec, dict) or spec.get("name") not in solvers:
-        raise ConfigError(f"{where} must be a table with name one of {', '.join([*solvers, 'damped'])}, "
-                          f"got {spec!r}.")
-    kwargs = {k: v for k, v in spec.items() if k != "name"}
+        raise ConfigError(f"{where} must be a table with name one of {', '.join(solvers)}, got {spec!r}.")
+    if "wrapper" in bj.linear_solvers.REGISTRY[spec["name"]].tags:
+        wrap = solvers[spec["name"]]
+        check_keywords(spec, ["name", "solver", *keywords(wrap, skip=1)], where, repr(spec["name"]))
+        inner = make_linear_solver(spec.get("solver"), f"{where}.solver")
+        return _build(lambda **kw: wrap(inner, **kw), {k: v for k, v in spec.items() if k not in ("name", "solver")},
+                      where)
     factory = solvers[spec["name"]]
-    return _build(factory, kwargs, where, repr(spec["name"]), lambda: ["name", *_accepted(factory, SUGGESTED_KEYS)])
+    check_keywords(spec, ["name", *keywords(factory)], where, repr(spec["name"]))
+    return _build(factory, {k: v for k, v in spec.items() if k != "name"}, where)
+
+
+@functools.lru_cache(maxsize=None)
+def optimizers() -> Dict[str, Callable]:
+    """The optax step rules by name: the public optax functions that take a `learning_rate`
+    (from their signatures: sgd, adam, adamw, rmsprop, lion, ...)."""
+    out = {}
+    for name in dir(optax):
+        fn = getattr(optax, name)
+        if name.startswith("_") or not inspect.isfunction(fn):
+            continue
+        try:
+            takes_lr = "learning_rate" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):   # no introspectable signature
+            continue
+        if takes_lr:
+            out[name] = fn
+    return dict(sorted(out.items()))
+
+
+def make_optimizer(spec, learning_rate, where: str):
+    """`optax.<name>(**kw)` of a `<level>_opt = {name = ..., ...}` table (`upper_opt`, `lower_opt`,
+    `v_opt`, `lam_opt`, ...): its `learning_rate` defaults to the table's `<level>_lr`; `clip = c`
+    chains `optax.clip_by_global_norm(c)` before the rule. Equal tables build equal rules
+    (`bj.cache.same_code_rule`), so their cells share one compiled function."""
+    rules = optimizers()
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ConfigError(f"{where} must be a table {{name = <optax rule>, ...}}, e.g. {{name = \"adam\"}}; "
+                          f"got {spec!r}.")
+    check_names([spec["name"]], rules, where, what="optimizer")
+    factory = rules[spec["name"]]
+    check_keywords(spec, ["name", "clip", *keywords(factory)], where, repr(spec["name"]))
+    kwargs = {k: v for k, v in spec.items() if k not in ("name", "clip")}
+    if "learning_rate" not in kwargs and learning_rate is not None:
+        kwargs["learning_rate"] = learning_rate
+    rule = _build(factory, kwargs, where)
+    if "clip" in spec:
+        rule = optax.chain(_build(optax.clip_by_global_norm, {"max_norm": spec["clip"]}, f"{where}.clip"), rule)
+    return same_code_rule(rule)
 
 
 def _batch_size(value):
@@ -243,8 +235,9 @@ def _batch_size(value):
 def algorithm_kwargs(spec: dict, where: str) -> dict:
     """The preset keyword arguments of a cell's config keyword arguments: step/ratio -> lower_lr,
     upper_lr; lr_decay -> inverse_power schedules; batch_size "full"/{upper, lower}; a
-    linear_solver table -> the solver; the run keys (steps, eval_every) left out."""
-    kw = {k: v for k, v in spec.items() if k not in RUN_KEYS + ("lr_decay",)}
+    linear_solver table -> the solver; a `<level>_opt` table -> the optax rule (`make_optimizer`);
+    the run keys (steps, eval_every) and the label left out."""
+    kw = {k: v for k, v in spec.items() if k not in RUN_KEYS + ("lr_decay", "label")}
     if "step" in kw:
         step, ratio = kw.pop("step"), kw.pop("ratio")
         try:
@@ -263,20 +256,35 @@ def algorithm_kwargs(spec: dict, where: str) -> dict:
                     kw[key] = bj.schedules.inverse_power(kw[key], decay)
                 except (TypeError, ValueError) as e:
                     raise ConfigError(f"{where}: lr_decay: {e}") from None
+    for key in [k for k in kw if k.endswith("_opt") and isinstance(kw[k], dict)]:
+        kw[key] = make_optimizer(kw[key], kw.get(key[:-len("_opt")] + "_lr"), f"{where}.{key}")
     return kw
 
 
-def build_algorithm(problem: bj.BilevelProblem, preset: str, spec: dict, where: str = "algorithm") -> bj.Algorithm:
+def preset_keys(preset: str) -> Tuple[str, ...]:
+    """The keys an [algorithms.<label>] table of `preset` may set: the preset's keyword arguments
+    (`keywords` of its signature) and the special keys (`ALGORITHM_SPECIAL`)."""
+    return (*keywords(bj.algorithms.get(preset), skip=1, forwarded=bj.algorithms.LOOP_OPTIONS), *ALGORITHM_SPECIAL)
+
+
+def build_algorithm(problem, preset: str, spec: dict, where: str = "algorithm") -> bj.Algorithm:
     """The algorithm of a cell, built concretely: `bj.algorithms.<preset>(problem, **kwargs)`.
-    An unknown key or a bad value raises a one-line ConfigError naming `where`."""
+    A key the preset does not take raises `UnknownKeys` (the closest valid keys named), a bad
+    value a one-line ConfigError naming `where`."""
+    check_keywords(spec, preset_keys(preset), where, repr(preset))
     factory = bj.algorithms.get(preset)
-    build = lambda **kw: factory(problem, **kw)   # noqa: E731
-    return _build(build, algorithm_kwargs(spec, where), where, repr(preset),
-                  lambda: [*ALGORITHM_SPECIAL, *_accepted(build, SUGGESTED_KEYS)])
+    return _build(lambda **kw: factory(problem, **kw), algorithm_kwargs(spec, where), where)
 
 
-def placeholder_problem() -> bj.BilevelProblem:
-    zero = lambda theta, phi, batch: 0.0   # noqa: E731 - presets store the problem, never call it
+PRESETS = {**bj.algorithms.MULTI_OBJECTIVE, **bj.algorithms.ALGORITHMS}   # every name `bj.algorithms.get` knows
+
+
+def placeholder_problem(preset: str = "soba"):
+    """A problem `preset` accepts (a `bj.MultiObjectiveProblem` for the multi-objective presets),
+    to build a table's algorithm before the real problem is loaded; presets store it, never call it."""
+    zero = lambda theta, phi, batch: 0.0   # noqa: E731
+    if preset in bj.algorithms.MULTI_OBJECTIVE and preset not in bj.algorithms.ALGORITHMS:
+        return bj.MultiObjectiveProblem(zero, zero, num_tasks=2)
     return bj.BilevelProblem(zero, zero)
 
 
@@ -285,14 +293,13 @@ def check_algorithm(label: str, table: dict) -> str:
     placeholder problem): the preset name, its keys (unknown ones listed with the valid ones) and
     values. Returns the preset name."""
     preset = table.get("preset", label)
-    if preset not in bj.algorithms.ALGORITHMS:
+    if preset not in PRESETS:
         raise ConfigError(f"algorithms.{label}: unknown algorithm {preset!r}; valid names: "
-                          f"{', '.join(sorted(bj.algorithms.ALGORITHMS))} (use preset = \"...\" to give "
-                          "a table another label).")
+                          f"{', '.join(sorted(PRESETS))} (use preset = \"...\" to give a table another label).")
     for key in RUN_KEYS:
         if key in table and (isinstance(table[key], bool) or not isinstance(table[key], int) or table[key] < 1):
             raise ConfigError(f"algorithms.{label}.{key} must be a positive int, got {table[key]!r}.")
-    problem = placeholder_problem()
+    problem = placeholder_problem(preset)
     for spec, point in _points(table):
         where = f"algorithms.{label}" + (f" at {point}" if point else "")
         build_algorithm(problem, preset, spec, where)
@@ -400,20 +407,94 @@ def groups(cells: Sequence[Cell], problem: bj.BilevelProblem, cfg: dict, chunk: 
     return _group(cells, lambda c: split(c, problem, cfg).key, chunk)
 
 
+def _flat(tree) -> jax.Array:
+    """The inexact arrays of a pytree (an equinox model included) as one vector."""
+    return ravel_pytree(eqx.filter(tree, eqx.is_inexact_array))[0]
+
+
+def unflattener(like) -> Callable:
+    """The inverse of `_flat` for pytrees shaped like `like` (its other leaves taken from `like`)."""
+    arrays, rest = eqx.partition(like, eqx.is_inexact_array)
+    unravel = ravel_pytree(arrays)[1]
+    return lambda flat: eqx.combine(unravel(flat), rest)
+
+
 def record_iterates(state, data):
-    """What `bj.run` records at each evaluation: the flattened iterates (metrics come after the
-    run, from these, in one compiled evaluator shared by all algorithms; see `MetricEvaluator`)."""
+    """What `bj.run` records at each evaluation: the flattened iterates theta, phi and v (the
+    state's linear-system variable when it has phi's size, else NaN); metrics come after the run,
+    from these, in one compiled evaluator shared by all algorithms (see `MetricEvaluator`)."""
     del data
-    return {"theta": ravel_pytree(state.theta)[0], "phi": ravel_pytree(state.phi)[0]}
+    phi = _flat(state.phi)
+    v = getattr(state, "v", None)
+    v = _flat(v) if v is not None else None
+    return {"theta": _flat(state.theta), "phi": phi,
+            "v": v if v is not None and v.shape == phi.shape else jnp.full_like(phi, jnp.nan)}
 
 
-def make_single_run(setup, static, steps: int, eval_every: int, eval_fn=record_iterates) -> Callable:
-    """`(dyn, key, data) -> history` for one seed: `alg = eqx.combine(dyn, static)`, its init and
-    `bj.run` (vmapped over dyn and key by `BatchedRunner`)."""
+class PerSeed(NamedTuple):
+    """Pytrees of one structure, one per seed (each seed's `(data, theta0, phi0)`, or whole
+    instances), as the array leaves every seed shares (passed once) and those that differ
+    (stacked over the seeds, `(seeds, ...)`); `tree` puts one seed's pytree back together."""
 
-    def one(dyn, key, data):
+    rest: Any                   # the non-array part (seed 0's)
+    treedef: Any                # of the array leaves
+    shared_index: Tuple[int, ...]
+    shared: tuple               # the arrays every seed has (compared by value)
+    varying_index: Tuple[int, ...]
+    varying: tuple              # the others, stacked over the seeds
+
+    @classmethod
+    def of(cls, trees: Sequence[Any]) -> "PerSeed":
+        parts = [eqx.partition(t, eqx.is_array) for t in trees]
+        leaves, treedef = jax.tree_util.tree_flatten(parts[0][0])
+        columns = [[x] for x in leaves]
+        for arrays, _ in parts[1:]:
+            more, other = jax.tree_util.tree_flatten(arrays)
+            if other != treedef:
+                raise ValueError(f"the seeds' instances differ in structure: {treedef} and {other}.")
+            for column, x in zip(columns, more):
+                column.append(x)
+        same = [all(_equal(c[0], x) for x in c[1:]) for c in columns]
+        return cls(parts[0][1], treedef, tuple(i for i, e in enumerate(same) if e),
+                   tuple(c[0] for c, e in zip(columns, same) if e), tuple(i for i, e in enumerate(same) if not e),
+                   tuple(np.stack([np.asarray(x) for x in c]) for c, e in zip(columns, same) if not e))
+
+    def at(self, index) -> tuple:
+        """The varying leaves of the seeds at positions `index` (an int, or an array: one per row)."""
+        return tuple(v[index] for v in self.varying)
+
+    def tree(self, shared: Sequence[Any], varying: Sequence[Any]):
+        """The pytree of one seed from the shared leaves and that seed's varying leaves."""
+        leaves = [None] * (len(self.shared_index) + len(self.varying_index))
+        for i, x in zip(self.shared_index, shared):
+            leaves[i] = x
+        for i, x in zip(self.varying_index, varying):
+            leaves[i] = x
+        return eqx.combine(jax.tree_util.tree_unflatten(self.treedef, leaves), self.rest)
+
+
+def _equal(a, b) -> bool:
+    if a is b:
+        return True
+    if np.shape(a) != np.shape(b) or a.dtype != b.dtype:
+        return False
+    return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+
+
+def starts_of(instances: Sequence[Any]) -> PerSeed:
+    """`PerSeed` of the seeds' `(data, theta0, phi0)`: what a run needs besides its algorithm."""
+    return PerSeed.of([(i.data, i.theta0, i.phi0) for i in instances])
+
+
+def make_single_run(starts: PerSeed, static, steps: int, eval_every: int, eval_fn=record_iterates) -> Callable:
+    """`(dyn, key, varying, shared) -> history` for one seed: its `(data, theta0, phi0)` from
+    `starts` (shared leaves and the seed's varying ones), `alg = eqx.combine(dyn, static)`, its
+    init and `bj.run` (vmapped over dyn, key and varying by `BatchedRunner`)."""
+
+    def one(dyn, key, varying, shared):
+        data, theta0, phi0 = starts.tree(shared, varying)
         alg = eqx.combine(dyn, static)
-        state = alg.init(setup.theta0, setup.phi0, key, data)
+        state = alg.init(theta0, phi0, key, data)
         _, history = bj.run(alg, state, data, num_steps=steps, eval_every=eval_every, eval_fn=eval_fn)
         return history
 
@@ -452,27 +533,33 @@ def local_mesh(mesh: Mesh) -> Mesh:
     return Mesh(np.asarray(mine), ("batch",))
 
 
-def data_sharding(mesh: Mesh, data):
-    """Where the problem's data lives: split along the sample axis over "data" (replicated over
-    the rows) when the mesh has that axis, else replicated."""
-    if DATA not in mesh.axis_names:
-        return jax.tree_util.tree_map(lambda _: NamedSharding(mesh, PartitionSpec()), data)
-    return jax.tree_util.tree_map(
-        lambda x: NamedSharding(mesh, PartitionSpec(DATA) if np.ndim(x) else PartitionSpec()), data)
+def shared_shardings(mesh: Mesh, starts: PerSeed, data) -> tuple:
+    """Where the shared leaves of `starts` live: a leaf of the problem's `data` is split along its
+    sample axis over "data" (replicated over the rows) when the mesh has that axis, every other
+    leaf is replicated. Data that differ per seed cannot be split so (a ConfigError)."""
+    n_data = len(jax.tree_util.tree_leaves(eqx.filter(data, eqx.is_array)))
+    split = DATA in mesh.axis_names
+    if split and any(i < n_data for i in starts.varying_index):
+        raise ConfigError(f"mesh.data = {mesh.shape[DATA]} splits the data every seed shares, but this problem "
+                          "draws its data per seed; run it without mesh.data.")
+    return tuple(NamedSharding(mesh, PartitionSpec(DATA) if split and i < n_data and np.ndim(x) else PartitionSpec())
+                 for i, x in zip(starts.shared_index, starts.shared))
 
 
 def _pad(n: int, multiple: int) -> int:
     return int(math.ceil(n / multiple) * multiple)
 
 
-def batch_inputs(dyns: Sequence[Any], seeds: Sequence[int], size: int):
-    """The cells' `dyn` parts stacked over (cell x seed) rows and the rows' PRNG keys, padded to
-    `size` rows with copies of the last."""
-    rows = [(d, s) for d in dyns for s in seeds]
+def batch_inputs(dyns: Sequence[Any], seeds: Sequence[int], size: int, positions: Optional[Sequence[int]] = None):
+    """The cells' `dyn` parts stacked over (cell x seed) rows, the rows' PRNG keys and the rows'
+    seed positions (`positions[j]` for seed j, default j: where the seed's varying leaves are in a
+    `PerSeed`), padded to `size` rows with copies of the last."""
+    positions = range(len(seeds)) if positions is None else positions
+    rows = [(d, s, p) for d in dyns for s, p in zip(seeds, positions)]
     rows += [rows[-1]] * (size - len(rows))
-    dyn = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *(d for d, _ in rows))
-    keys = jnp.stack([jax.random.PRNGKey(s) for _, s in rows])
-    return dyn, keys
+    dyn = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *(d for d, _, _ in rows))
+    keys = jnp.stack([jax.random.PRNGKey(s) for _, s, _ in rows])
+    return dyn, keys, np.asarray([p for _, _, p in rows])
 
 
 class Timings(NamedTuple):
@@ -486,74 +573,94 @@ class Timings(NamedTuple):
 
 class MetricEvaluator:
     """The configured metrics of many recorded iterates: one compiled, sharded function of a fixed
-    number of rows (`rows` per device), called on padded chunks, so it compiles once per run."""
+    number of rows (`rows` per device), called on padded chunks, so it compiles once per run. The
+    instance is an argument of that function: a problem drawn per seed (`Workload.for_seed`) is
+    evaluated seed by seed (`per_seed`), each seed's rows with its own instance."""
 
-    def __init__(self, setup, metrics: Sequence[str], reference: dict, mesh: Mesh, rows: int = 64):
+    def __init__(self, workload, metrics: Sequence[str], reference: dict, mesh: Mesh, rows: int = 64,
+                 seeds: Sequence[int] = (0,)):
         if mesh.devices.flat[0].platform == "cpu" and mesh.devices.size > 1:
             # jaxlib's batched LAPACK kernels block inside the shared CPU pool: one device only
             mesh = Mesh(mesh.devices.flat[:1], ("batch",))
         self.mesh = mesh
         self.rows = rows * mesh.devices.size
         self.sharding = NamedSharding(mesh, PartitionSpec("batch"))
-        self.data = jax.device_put(setup.data, NamedSharding(mesh, PartitionSpec()))
-        eval_fn = setup.make_eval(list(metrics), reference)
-        unravel_theta = ravel_pytree(setup.theta0)[1]
-        unravel_phi = ravel_pytree(setup.phi0)[1]
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        instances = workload.instances(seeds)
+        self.instances = PerSeed.of(instances)
+        self.shared = jax.device_put(self.instances.shared, self.replicated)
+        eval_fn = workload.make_eval(list(metrics), reference)
+        theta_of, phi_of = unflattener(instances[0].theta0), unflattener(instances[0].phi0)
 
-        def evaluate(theta, phi, data):
-            return jax.vmap(lambda t, p: eval_fn(Iterate(unravel_theta(t), unravel_phi(p)), data))(theta, phi)
+        def evaluate(theta, phi, v, varying, shared):
+            inst = self.instances.tree(shared, varying)
+            return jax.vmap(lambda t, p, w: eval_fn(Iterate(theta_of(t), phi_of(p), phi_of(w)), inst))(theta, phi, v)
 
-        self._fn = jax.jit(evaluate, in_shardings=(self.sharding, self.sharding, NamedSharding(mesh, PartitionSpec())),
+        self._fn = jax.jit(evaluate, in_shardings=(self.sharding,) * 3 + (self.replicated, self.replicated),
                            out_shardings=self.sharding)
         self.compile_s = 0.0
         self._compiled = None
 
-    def __call__(self, theta: np.ndarray, phi: np.ndarray) -> Dict[str, np.ndarray]:
-        """theta (N, d_theta), phi (N, d_phi) -> {metric: (N,)}."""
+    @property
+    def per_seed(self) -> bool:
+        """Whether the seeds' instances differ (then `__call__` takes one seed's rows at a time)."""
+        return bool(self.instances.varying)
+
+    def __call__(self, theta: np.ndarray, phi: np.ndarray, v: np.ndarray, seed: int = 0) -> Dict[str, np.ndarray]:
+        """theta (N, d_theta), phi and v (N, d_phi) of the seed at position `seed` -> {metric: (N,)}."""
+        varying = jax.device_put(self.instances.at(seed), self.replicated)
         n = theta.shape[0]
         outs = []
         for start in range(0, n, self.rows):
-            t, p = theta[start:start + self.rows], phi[start:start + self.rows]
-            pad = self.rows - t.shape[0]
-            t = np.concatenate([t, np.repeat(t[-1:], pad, 0)]) if pad else t
-            p = np.concatenate([p, np.repeat(p[-1:], pad, 0)]) if pad else p
-            t, p = jax.device_put(t, self.sharding), jax.device_put(p, self.sharding)
+            chunk = [x[start:start + self.rows] for x in (theta, phi, v)]
+            pad = self.rows - chunk[0].shape[0]
+            chunk = [jax.device_put(np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x, self.sharding)
+                     for x in chunk]
             if self._compiled is None:
                 begin = time.perf_counter()
-                self._compiled = self._fn.lower(t, p, self.data).compile()
+                self._compiled = self._fn.lower(*chunk, varying, self.shared).compile()
                 self.compile_s = time.perf_counter() - begin
-            outs.append({k: np.asarray(v)[:self.rows - pad] for k, v in self._compiled(t, p, self.data).items()})
+            values = self._compiled(*chunk, varying, self.shared)
+            outs.append({k: np.asarray(x)[:self.rows - pad] for k, x in values.items()})
         return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
 class Iterate(NamedTuple):
-    """What a metric sees: the iterates at an evaluation (metrics are functions of theta and phi)."""
+    """What a metric sees: the iterates at an evaluation (metrics are functions of theta, phi and
+    v, shaped like phi; v is NaN for an algorithm without one)."""
     theta: Any
     phi: Any
+    v: Any = None
 
 
-def check_init(cell: Cell, part: Split, setup) -> None:
-    """Trace the cell's `init` on the problem's data (`jax.eval_shape`: no computation), so what
-    `init` rejects (a batch size larger than the data, data the objectives refuse) is a one-line
+def check_init(cell: Cell, part: Split, starts: PerSeed, shared) -> None:
+    """Trace the cell's `init` on the first seed's data (`eqx.filter_eval_shape`: no computation),
+    so what `init` rejects (a batch size larger than the data, data the objectives refuse) is a one-line
     ConfigError naming the algorithm table before any run, not a traceback from inside `jit`."""
     alg = eqx.combine(part.dyn, part.static)
+    data, theta0, phi0 = starts.tree(shared, starts.at(0))
     try:
-        jax.eval_shape(lambda key, data: alg.init(setup.theta0, setup.phi0, key, data),
-                       jax.random.PRNGKey(0), setup.data)
+        eqx.filter_eval_shape(lambda key: alg.init(theta0, phi0, key, data), jax.random.PRNGKey(0))
     except ValueError as e:
         raise ConfigError(f"algorithms.{cell.label}: {e}") from None
 
 
 class BatchedRunner:
     """Builds and splits the cells' algorithms, compiles one executable per (group, batch size)
-    and runs chunks of a group; keeps the compiled executables for reuse."""
+    and runs chunks of a group; keeps the compiled executables for reuse. The seeds' starts
+    (`(data, theta0, phi0)` of each seed's instance, `starts_of`) are split into the arrays every
+    seed shares (placed once, `shared_shardings`) and those stacked with the rows."""
 
-    def __init__(self, setup, cfg: dict, mesh: Mesh):
-        self.setup, self.cfg, self.mesh = setup, cfg, mesh
+    def __init__(self, workload, cfg: dict, mesh: Mesh):
+        self.cfg, self.mesh = cfg, mesh
+        self.seeds = seed_list(cfg)
+        instances = workload.instances(self.seeds)
+        self.instance = instances[0]
+        self.starts = starts_of(instances)
         self.batch_sharding = NamedSharding(mesh, PartitionSpec("batch"))
         self.replicated = NamedSharding(mesh, PartitionSpec())
-        self.data_sharding = data_sharding(mesh, setup.data)
-        self.data = jax.device_put(setup.data, self.data_sharding)
+        self.shared_shardings = shared_shardings(mesh, self.starts, self.instance.data)
+        self.shared = jax.device_put(self.starts.shared, self.shared_shardings)
         self._splits: Dict[str, Split] = {}
         self._checked: set = set()
         self._compiled: Dict[Tuple[Hashable, int], Any] = {}
@@ -563,9 +670,9 @@ class BatchedRunner:
         """The cell's `Split`; the first cell of each group also has its `init` checked on the
         data (`check_init`)."""
         if cell.cell_id not in self._splits:
-            part = split(cell, self.setup.problem, self.cfg, self.mesh)
+            part = split(cell, self.instance.problem, self.cfg, self.mesh)
             if part.key not in self._checked:
-                check_init(cell, part, self.setup)
+                check_init(cell, part, self.starts, self.starts.shared)
                 self._checked.add(part.key)
             self._splits[cell.cell_id] = part
         return self._splits[cell.cell_id]
@@ -579,16 +686,16 @@ class BatchedRunner:
         """Batched executables compiled so far (one per group and batch size)."""
         return len(self._compiled)
 
-    def _executable(self, part: Split, dyn, keys):
+    def _executable(self, part: Split, dyn, keys, varying):
         key = (part.key, keys.shape[0])
         if key in self._compiled:
             return self._compiled[key], 0.0
-        one = make_single_run(self.setup, part.static, *part.key[-1])
-        fn = jax.jit(jax.vmap(one, in_axes=(0, 0, None)),
-                     in_shardings=(self.batch_sharding, self.batch_sharding, self.data_sharding),
+        one = make_single_run(self.starts, part.static, *part.key[-1])
+        fn = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None)),
+                     in_shardings=(self.batch_sharding,) * 3 + (self.shared_shardings,),
                      out_shardings=self.batch_sharding)
         start = time.perf_counter()
-        compiled = fn.lower(dyn, keys, self.data).compile()
+        compiled = fn.lower(dyn, keys, varying, self.shared).compile()
         elapsed = time.perf_counter() - start
         self._compiled[key] = compiled
         return compiled, elapsed
@@ -601,25 +708,35 @@ class BatchedRunner:
         part = self.split(cell)
         if part.key not in self._per_step:
             steps = min(self.cfg["timing_steps"], run_length(cell, self.cfg)[0])
-            one = make_single_run(self.setup, part.static, steps, steps, None)
+            one = make_single_run(self.starts, part.static, steps, steps, None)
             if DATA in self.mesh.axis_names:   # a data-parallel run: over its mesh (every process takes part)
-                data, dyn = self.data, jax.device_put(part.dyn, self.replicated)
+                shared, args = self.shared, jax.device_put((part.dyn, self.starts.at(0)), self.replicated)
             else:
                 device = local_mesh(self.mesh).devices.flat[0]
-                data = jax.device_put(self.setup.data, device)
-                dyn = jax.device_put(part.dyn, device)
-            key = jax.random.PRNGKey(0)
+                shared, args = jax.device_put((self.starts.shared, (part.dyn, self.starts.at(0))), device)
+            dyn, varying = args
+            key = jax.random.PRNGKey(self.seeds[0])
             start = time.perf_counter()
-            compiled = jax.jit(one).lower(dyn, key, data).compile()
+            compiled = jax.jit(one).lower(dyn, key, varying, shared).compile()
             compile_s = time.perf_counter() - start
-            jax.block_until_ready(compiled(dyn, key, data))        # warm-up (allocations)
+            jax.block_until_ready(compiled(dyn, key, varying, shared))        # warm-up (allocations)
             best = math.inf
             for _ in range(self.cfg["timing_repeats"]):           # the least disturbed of a few runs
                 start = time.perf_counter()
-                jax.block_until_ready(compiled(dyn, key, data))
+                jax.block_until_ready(compiled(dyn, key, varying, shared))
                 best = min(best, time.perf_counter() - start)
             self._per_step[part.key] = (best / steps, compile_s)
         return self._per_step[part.key]
+
+    def _positions(self, seeds: Sequence[int]) -> List[int]:
+        """Where each seed's varying leaves are in `starts` (any seeds when every seed shares the
+        problem; the config's seeds when it is drawn per seed)."""
+        if not self.starts.varying:
+            return [0] * len(seeds)
+        missing = [s for s in seeds if s not in self.seeds]
+        if missing:
+            raise ValueError(f"seeds {missing} are not the config's {self.seeds}: their instances were not drawn.")
+        return [self.seeds.index(s) for s in seeds]
 
     def run(self, cells: Sequence[Cell], seeds: Sequence[int], size: Optional[int] = None):
         """Histories `{name: array (len(cells), len(seeds), n_evals)}` and the `Timings` of one
@@ -632,12 +749,11 @@ class BatchedRunner:
             raise ValueError("BatchedRunner.run: the cells differ in their static parts; split them with groups().")
         n_dev = self.mesh.devices.size
         size = _pad(size or len(cells) * len(seeds), n_dev)
-        dyn, keys = batch_inputs([p.dyn for p in parts], seeds, size)
-        dyn = jax.device_put(dyn, self.batch_sharding)
-        keys = jax.device_put(keys, self.batch_sharding)
-        compiled, compile_s = self._executable(parts[0], dyn, keys)
+        dyn, keys, rows = batch_inputs([p.dyn for p in parts], seeds, size, self._positions(seeds))
+        dyn, keys, varying = jax.device_put((dyn, keys, self.starts.at(rows)), self.batch_sharding)
+        compiled, compile_s = self._executable(parts[0], dyn, keys, varying)
         start = time.perf_counter()
-        out = jax.block_until_ready(compiled(dyn, keys, self.data))
+        out = jax.block_until_ready(compiled(dyn, keys, varying, self.shared))
         run_s = time.perf_counter() - start
         n = len(cells) * len(seeds)
         out = multihost_utils.process_allgather(out, tiled=True)     # np.asarray in a single process
@@ -649,7 +765,8 @@ class BatchedRunner:
         return hist, Timings(compile_s, run_s, size, n_dev, per_step, timing_compile)
 
 
-__all__ = ["BatchedRunner", "Cell", "Iterate", "MetricEvaluator", "Split", "Timings", "algorithm_kwargs",
-           "batch_inputs", "build_algorithm", "check_algorithm", "check_init", "expand", "experiment_key", "groups",
-           "linear_solvers", "local_mesh", "data_sharding", "DATA", "make_linear_solver", "make_mesh", "placeholder_problem", "make_single_run", "record_iterates", "run_length", "split",
-           "traced_values"]
+__all__ = ["BatchedRunner", "Cell", "DATA", "Iterate", "MetricEvaluator", "PRESETS", "PerSeed", "Split", "Timings",
+           "algorithm_kwargs", "batch_inputs", "build_algorithm", "check_algorithm", "check_init", "expand",
+           "experiment_key", "groups", "keywords", "linear_solvers", "local_mesh", "make_linear_solver", "make_mesh",
+           "make_optimizer", "make_single_run", "optimizers", "placeholder_problem", "preset_keys", "record_iterates",
+           "run_length", "shared_shardings", "split", "starts_of", "traced_values", "unflattener"]

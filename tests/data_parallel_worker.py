@@ -1,7 +1,8 @@
 """Run by tests/test_data_parallel.py in a subprocess with 4 forced host devices (XLA_FLAGS must
 be set before JAX starts): for each (preset, sampler), the iterates of `mesh=` on 4 devices and of
-`shards=4` on one device after a few steps, and the collectives of the compiled sharded step.
-Prints one JSON line per case."""
+`shards=4` on one device after a few steps, and the collectives of the compiled sharded step
+(section "presets"); FSDP (section "fsdp"); the entry points with `mesh=` ("entry_points").
+Prints one JSON line per case: `python tests/data_parallel_worker.py <section>`."""
 import json
 import os
 import sys
@@ -133,7 +134,5 @@ def entry_points():
           flush=True)
 
 
-if __name__ == "__main__":
-    main()
-    fsdp()
-    entry_points()
+if __name__ == "__main__":   # one section per process, so that the suite's workers share them
+    {"presets": main, "fsdp": fsdp, "entry_points": entry_points}[sys.argv[1]]()

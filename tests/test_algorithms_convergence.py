@@ -18,13 +18,12 @@ import bilevel_jax as bj
 
 
 
-# Hessian-free and value-function presets have their own tests (tests/test_hessian_free.py): the
-# penalty methods reach theta* only as the penalty grows, BSG-1's rank-one adjoint is exact only for
-# a single-residual LL, PZOBO's Gaussian Jacobian is noisy under constant steps.
-HESSIAN_FREE = {"f2sa", "bome", "pbgd", "pdbo", "vf_penalty", "pzobo", "hjfbio", "bsg1",
-                # reformulations: tests/test_reformulations.py
-                "smoothing_pg", "optimality_penalty", "cdb", "ebsa"}
-NAMES = sorted(set(bj.algorithms.ALGORITHMS) - HESSIAN_FREE)
+# Hessian-free presets and reformulations (tags of bj.algorithms.CAPABILITIES) have their own tests
+# (tests/test_hessian_free.py, tests/test_reformulations.py): the penalty methods reach theta* only as
+# the penalty grows, BSG-1's rank-one adjoint is exact only for a single-residual LL, PZOBO's Gaussian
+# Jacobian is noisy under constant steps.
+OWN_TESTS = {"hessian_free", "reformulation"}
+NAMES = sorted(name for name in bj.algorithms.ALGORITHMS if not bj.algorithms.CAPABILITIES[name] & OWN_TESTS)
 SEEDS = 4
 
 

@@ -351,12 +351,12 @@ def test_bad_input_in_update_is_caught_at_trace_time(quad_stoch):
 
 def test_bad_preset_hyperparameters(quad):
     p = quad.problem
-    with pytest.raises(ValueError, match="momentum_eta must lie in"):
-        bj.algorithms.fsla(p, momentum_eta=1.5)
-    with pytest.raises(ValueError, match="eta0 must lie in"):
-        bj.algorithms.mrbo(p, eta0=0.0)
-    with pytest.raises(ValueError, match="eta_upper must lie in"):
-        bj.algorithms.momentum(p, eta_upper=-0.1)
+    with pytest.raises(ValueError, match="momentum must lie in"):
+        bj.algorithms.fsla(p, momentum=1.5)
+    with pytest.raises(ValueError, match="momentum must lie in"):
+        bj.algorithms.mrbo(p, momentum=1.0)
+    with pytest.raises(ValueError, match="upper_momentum must lie in"):
+        bj.algorithms.momentum(p, upper_momentum=-0.1)
     with pytest.raises(ValueError, match="v_lr must be a positive step size"):
         bj.algorithms.soba(p, v_lr=0.0)
     with pytest.raises(ValueError, match="neumann_eta must be a positive step size"):

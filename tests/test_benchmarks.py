@@ -46,6 +46,12 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert {"peer:peer", "peer:einsum", "bilevel_jax", "bilevel_jax:peer", "ratio", "ratio_same_objective",
             "ratio_einsum_both", "bytes_per_step", "compile_s"} <= set(soba), soba.get("error")
     assert all(soba["finite"].values())
+    assert {"ratio_same_objective_rev", "compiled_per_step"} <= set(soba)
+    account = res["bilevel"]["account"]
+    assert "error" not in account, account.get("error")
+    floor = account["methods"]["soba"]
+    # the least bytes (each matrix once) <= the peer's code's least <= what either compiled step moves
+    assert 0 < floor["strict_bytes"] <= floor["code_bytes"] <= min(c["bytes"] for c in floor["compiled"].values())
     assert res["bandwidth"]["copy"]["copy_read_GBps"] > 0
     assert any(k.startswith("bilevel/soba") for k in res["bandwidth"]["rows"])
     assert any(k.startswith("reference/quadratic") for k in res["bandwidth"]["rows"])
@@ -83,3 +89,23 @@ def test_library_quadratic_is_the_peer_objective_on_converted_data():
         ours = jax.value_and_grad(f, argnums=(0, 1))(theta, phi, pb.library_data(raw, upper))
         for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(peer)):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_hlo_bytes_counts_loops_by_their_trip_count():
+    """`benchmarks.hlo_bytes` equals XLA's cost analysis on a program without loops, and counts a
+    loop body once per iteration (XLA's cost analysis counts it once); slices read only the slice."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import hlo_bytes
+
+    x = jnp.ones((64, 64), jnp.float32)
+    flat = jax.jit(lambda x, i: jnp.sin(jax.lax.dynamic_slice_in_dim(x, i, 8)) @ x).lower(x, 3).compile()
+    assert hlo_bytes.bytes_accessed(flat, 10 ** 9)["bytes"] == flat.cost_analysis()["bytes accessed"]
+    loops = {}
+    for n in (1, 5):
+        compiled = jax.jit(lambda x: jax.lax.fori_loop(0, n, lambda _, y: jnp.sin(y) @ x, x)).lower(x).compile()
+        loops[n] = hlo_bytes.bytes_accessed(compiled, x.nbytes)
+    body = (loops[5]["bytes"] - loops[1]["bytes"]) / 4
+    assert body >= 2 * x.nbytes                                         # the dot reads two matrices an iteration
+    assert loops[5]["matrix_reads"] - loops[1]["matrix_reads"] >= 4 * 2

@@ -466,7 +466,7 @@ def test_aid_bio_dispatches_to_kkt_and_reaches_theta_star(tilted):
     prob, theta_star, phi_star, runs = tilted
     alg = bj.algorithms.aid_bio(prob, upper_lr=0.2, lower_lr=0.3, lower_steps=20)
     assert isinstance(alg.direction, bj.algorithms.KKT) and isinstance(alg.direction.solver, bj.linear_solvers.MINRES)
-    assert isinstance(alg.lower.transform, bj.constraints.ProjectedTransform)
+    assert isinstance(alg.lower.projection, bj.constraints.ProjectionAt) and alg.lower.transform is optax.sgd
     err = _converged(runs(alg, 150), theta_star, phi_star, 1e-3)
     assert np.all(err < 1e-10)
     bsg = bj.algorithms.bsg_constrained(prob, upper_lr=0.2, lower_lr=0.3, lower_steps=20,
@@ -490,19 +490,11 @@ def test_soba_amortized_kkt_reaches_theta_star(tilted):
 
 
 def test_presets_refuse_or_dispatch_constrained_problems():
-    """Every preset but aid_bio, amigo and soba (KKT), the projected-step presets (value-function
-    family, pzobo) and ebsa (log barrier; tests/test_reformulations.py) would ignore the LL
-    constraints: a clear error naming
-    it. A constrained problem not built from a set needs lower_set=; lower_set on an unconstrained
-    problem is an error; an amortized rule with SAGA memories is refused."""
+    """Every preset not tagged "constrained" in bj.algorithms.CAPABILITIES would ignore the LL
+    constraints: a clear error naming it (every preset on a constrained problem:
+    tests/test_registries.py). A constrained problem not built from a set needs lower_set=; lower_set
+    on an unconstrained problem is an error; an amortized rule with SAGA memories is refused."""
     problem, *_ = box_quadratic()
-    for name in sorted(bj.algorithms.ALGORITHMS):
-        if name in ("aid_bio", "amigo", "soba", "f2sa", "bome", "pbgd", "pdbo", "vf_penalty", "pzobo",
-                    "smoothing_pg", "ebsa"):
-            bj.algorithms.get(name)(problem)   # accepted (projected onto the problem's set)
-            continue
-        with pytest.raises(ValueError, match=f"^{name}: .*constrained"):
-            bj.algorithms.get(name)(problem)
     bare = bj.BilevelProblem(problem.f_upper, problem.f_lower, lower_inequality=lambda t, p: -p)
     with pytest.raises(ValueError, match="aid_bio: .*lower_set="):
         bj.algorithms.aid_bio(bare)

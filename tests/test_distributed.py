@@ -21,25 +21,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # first group's two cells one after the other; the second group then needs a compilation and
 # collectives with process 1, so killing process 1 as soon as the first group's cells are there
 # leaves exactly the second group missing.
-CONFIG = textwrap.dedent("""
+def _config(head: str, algorithms: str) -> str:
+    """An experiment config on the 2 x 3 quadratic with 16 samples: `head`'s settings, the shared
+    ones, then the `algorithms` tables."""
+    return textwrap.dedent(head) + textwrap.dedent("""\
+        metrics = ["grad_sq", "lower_gap"]
+        timing = false
+        progress = false
+        compile_cache = false
+    """) + textwrap.dedent("""
+        [problem]
+        name = "quadratic"
+        dim_upper = 2
+        dim_lower = 3
+        n_samples = 16
+
+        [plot]
+        x = ["step"]
+    """) + textwrap.dedent(algorithms)
+
+
+CONFIG = _config("""
     name = "dist"
     seeds = 3
     steps = 20
     eval_every = 10
-    metrics = ["grad_sq", "lower_gap"]
-    timing = false
-    progress = false
-    compile_cache = false
-
-    [problem]
-    name = "quadratic"
-    dim_upper = 2
-    dim_lower = 3
-    n_samples = 16
-
-    [plot]
-    x = ["step"]
-
+""", """
     [algorithms.soba]
     upper_lr = [0.05, 0.1]
     lower_lr = 0.2
@@ -195,26 +202,13 @@ def test_init_timeout_settings_are_checked(tmp_path, capsys):
     assert capsys.readouterr().err.endswith("init_timeout must be >= 1, got 0.\n")
 
 
-DATA_PARALLEL = textwrap.dedent("""
+DATA_PARALLEL = _config("""
     name = "dp"
     seeds = 2
     steps = 10
     eval_every = 5
-    metrics = ["grad_sq", "lower_gap"]
-    timing = false
-    progress = false
-    compile_cache = false
     mesh = {data = 4}
-
-    [problem]
-    name = "quadratic"
-    dim_upper = 2
-    dim_lower = 3
-    n_samples = 16
-
-    [plot]
-    x = ["step"]
-
+""", """
     [algorithms.soba]
     upper_lr = 0.1
     lower_lr = 0.2

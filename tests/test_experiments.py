@@ -79,7 +79,7 @@ def test_config_errors_list_valid_names(tmp_path):
 
     from experiments import runner, sweep
     cfg = C.from_dict(dict(base, problem={"name": "quadratc"}))
-    with pytest.raises(C.ConfigError, match="unknown problem 'quadratc'; valid problems: logreg_hpo, quadratic"):
+    with pytest.raises(C.ConfigError, match="unknown problem 'quadratc'; valid problems: .*logreg_hpo, quadratic"):
         runner.check(cfg)
     cfg = C.from_dict(dict(base, problem={"name": "quadratic", "dim": 3}))
     with pytest.raises(C.ConfigError, match="Valid keys: .*dim_lower.*dim_upper"):
@@ -94,7 +94,7 @@ def test_config_errors_list_valid_names(tmp_path):
     with pytest.raises(C.ConfigError, match="unknown key.*upper_step.*[Vv]alid keys: .*lower_lr.*upper_lr"):
         runner.check(cfg)
     cfg = C.from_dict(dict(base, algorithms={"amigo": {"linear_solver": {"name": "cgg"}}}))
-    with pytest.raises(C.ConfigError, match="name one of cg, dense, gd, .*neumann, stochastic_neumann"):
+    with pytest.raises(C.ConfigError, match="name one of cg, damped, dense, gd, .*normal, .*stochastic_neumann"):
         sweep.expand(cfg)
     cfg = C.from_dict(dict(base, algorithms={"amigo": {"linear_solver": {"name": "cg", "maxiters": 3}}}))
     with pytest.raises(C.ConfigError,
@@ -144,7 +144,7 @@ def test_grid_expansion_and_groups(tmp_path):
     assert cells[0].point == {"upper_lr": 0.1}
     assert cells[2].spec["linear_solver"] == {"name": "cg", "maxiter": 1}
     assert cells[4].spec == {"step": 0.1, "ratio": 1.0, "batch_size": 4, "steps": 40}
-    problem = problems.build(cfg["problem"]).problem
+    problem = problems.build(cfg["problem"]).instance.problem
     groups = sweep.groups(cells, problem, cfg)
     assert [len(g) for g in groups] == [2, 1, 1, 2]           # a static grid axis (CG's maxiter) splits
     assert len({c.cell_id for c in cells}) == 6
@@ -176,13 +176,14 @@ def test_groups_are_static_parts_and_sweep_equals_single_runs(tmp_path):
         "aid": {"preset": "aid_bio", "upper_lr": 0.1, "lower_lr": 0.2, "lower_steps": [1, 2], "batch_size": "full"},
         "soba_b": {"preset": "soba", "upper_lr": 0.1, "lower_lr": 0.2, "batch_size": [4, 8]}})
     cells = sweep.expand(cfg)
-    setup = problems.build(cfg["problem"])
-    groups = sweep.groups(cells, setup.problem, cfg)
+    workload = problems.build(cfg["problem"])
+    inst = workload.instance
+    groups = sweep.groups(cells, inst.problem, cfg)
     ids = lambda g: [c.cell_id for c in g]   # noqa: E731
     assert [ids(g) for g in groups] == [ids([cells[0], cells[1], cells[4]]), ids([cells[2]]), ids([cells[3]]),
                                         ids([cells[5]])]
 
-    runner = sweep.BatchedRunner(setup, cfg, sweep.make_mesh())
+    runner = sweep.BatchedRunner(workload, cfg, sweep.make_mesh())
     seeds = [0, 3]
     soba = groups[0][:2]
     hist, timings = runner.run(soba, seeds)
@@ -199,10 +200,10 @@ def test_groups_are_static_parts_and_sweep_equals_single_runs(tmp_path):
     presets = {"soba": bj.algorithms.soba, "aid": bj.algorithms.aid_bio}
     for i, cell in enumerate(soba + groups[1] + groups[2]):
         kwargs = dict(cell.spec, batch_size=None if cell.spec["batch_size"] == "full" else cell.spec["batch_size"])
-        alg = presets[cell.label](setup.problem, **kwargs)
+        alg = presets[cell.label](inst.problem, **kwargs)
         for j, seed in enumerate(seeds):
-            state = alg.init(setup.theta0, setup.phi0, jax.random.PRNGKey(seed), setup.data)
-            _, single = bj.run(alg, state, setup.data, num_steps=cfg["steps"], eval_every=cfg["eval_every"],
+            state = alg.init(inst.theta0, inst.phi0, jax.random.PRNGKey(seed), inst.data)
+            _, single = bj.run(alg, state, inst.data, num_steps=cfg["steps"], eval_every=cfg["eval_every"],
                                eval_fn=sweep.record_iterates)
             for key in ("theta", "phi", "lower_grads", "upper_grads", "hvps", "cross", "finite"):
                 np.testing.assert_allclose(hist[key][i, j], np.asarray(single[key]), rtol=1e-12, atol=1e-14,
@@ -222,7 +223,7 @@ def test_resume_after_kill_computes_only_missing_cells(tmp_path):
     from experiments.results import ResultStore
     cfg = tiny(tmp_path, chunk=1)                       # one compiled call per cell (same executable)
     store = ResultStore(C.experiment_dir(cfg))
-    setup, reference = runner.prepare(cfg, store)
+    workload, reference = runner.prepare(cfg, store)
     cells = sweep.expand(cfg)
     assert len(cells) == 3
 
@@ -230,21 +231,21 @@ def test_resume_after_kill_computes_only_missing_cells(tmp_path):
         raise Killed(cell.cell_id)
 
     with pytest.raises(Killed):
-        runner.run_cells(cfg, setup, reference, store, cells, on_cell_saved=kill_after_first, log=lambda *a: None)
+        runner.run_cells(cfg, workload, reference, store, cells, on_cell_saved=kill_after_first, log=lambda *a: None)
     done = [c.cell_id for c in cells if store.has(c.cell_id)]
     assert done == [cells[0].cell_id]
     first = os.path.join(store.cells_dir, done[0])
     mtimes = (os.stat(first + ".npz").st_mtime_ns, os.stat(first + ".json").st_mtime_ns)
     assert not [f for f in os.listdir(store.cells_dir) if f.startswith(".tmp")]   # no partial files
 
-    stats = runner.run_cells(cfg, setup, reference, store, cells, log=lambda *a: None)
+    stats = runner.run_cells(cfg, workload, reference, store, cells, log=lambda *a: None)
     assert stats.computed == [c.cell_id for c in cells[1:]] and stats.skipped == [cells[0].cell_id]
     assert (os.stat(first + ".npz").st_mtime_ns, os.stat(first + ".json").st_mtime_ns) == mtimes
 
     os.remove(os.path.join(store.cells_dir, cells[1].cell_id + ".json"))      # a lost cell
-    stats = runner.run_cells(cfg, setup, reference, store, cells, log=lambda *a: None)
+    stats = runner.run_cells(cfg, workload, reference, store, cells, log=lambda *a: None)
     assert stats.computed == [cells[1].cell_id]
-    assert runner.run_cells(cfg, setup, reference, store, cells, log=lambda *a: None).computed == []
+    assert runner.run_cells(cfg, workload, reference, store, cells, log=lambda *a: None).computed == []
 
     res = store.load(cells[2].cell_id)
     assert res.history["grad_sq"].shape == (2, 3) and res.history["lower_grads"].shape == (2, 3)
@@ -289,8 +290,8 @@ SHARDED = textwrap.dedent("""
     from experiments.results import ResultStore
     cfg = C.from_dict(json.loads(sys.argv[1]))
     store = ResultStore(C.experiment_dir(cfg))
-    setup, ref = runner.prepare(cfg, store)
-    runner.run_cells(cfg, setup, ref, store, sweep.expand(cfg), log=lambda *a: None)
+    workload, ref = runner.prepare(cfg, store)
+    runner.run_cells(cfg, workload, ref, store, sweep.expand(cfg), log=lambda *a: None)
     print(json.dumps({"devices": len(jax.devices())}))
 """)
 
@@ -319,8 +320,8 @@ def test_four_fake_devices_equal_one_device(tmp_path):
     assert len(jax.devices()) == 1                      # one device: here, in the test's process
     cfg = C.from_dict(one)
     store = ResultStore(C.experiment_dir(cfg))
-    setup, ref = runner.prepare(cfg, store)
-    runner.run_cells(cfg, setup, ref, store, sweep.expand(cfg), log=lambda *a: None)
+    workload, ref = runner.prepare(cfg, store)
+    runner.run_cells(cfg, workload, ref, store, sweep.expand(cfg), log=lambda *a: None)
     assert _run_sharded(four, 4)["devices"] == 4
     cells = sweep.expand(C.from_dict(one))
     assert [c.cell_id for c in cells] == [c.cell_id for c in sweep.expand(C.from_dict(four))]
@@ -339,13 +340,13 @@ def test_quadratic_metrics_match_closed_forms():
     import bilevel_jax as bj
     from experiments import problems
     from experiments.sweep import Iterate
-    setup = problems.quadratic(seed=3, dim_upper=3, dim_lower=4, n_samples=32)
+    workload = problems.quadratic(seed=3, dim_upper=3, dim_lower=4, n_samples=32)
     q = bj.problems.quadratic_bilevel(jax.random.PRNGKey(3), dim_upper=3, dim_lower=4, n_samples=32,
                                       lower_spectrum=(0.1, 1.0), upper_spectrum=(0.1, 1.0))
-    ref = setup.compute_reference()
-    ev = setup.make_eval(["grad_sq", "lower_gap", "value_gap", "theta_err"], ref)
+    ref = workload.compute_reference()
+    ev = workload.make_eval(["grad_sq", "lower_gap", "value_gap", "theta_err"], ref)
     theta, phi = jnp.array([0.3, -1.0, 2.0]), jnp.array([1.0, 0.0, -0.5, 0.2])
-    m = ev(Iterate(theta, phi), setup.data)
+    m = ev(Iterate(theta, phi), workload.instance)
     np.testing.assert_allclose(m["grad_sq"], jnp.sum(q.grad(theta) ** 2), rtol=1e-10)
     np.testing.assert_allclose(m["lower_gap"], jnp.sum((phi - q.phi_star(theta)) ** 2), rtol=1e-10)
     np.testing.assert_allclose(m["value_gap"], q.value(theta) - q.value(q.theta_star()), rtol=1e-9)
@@ -360,10 +361,10 @@ def test_a_diverged_seed_is_reported_in_the_table_summary_and_figure(tmp_path):
     from experiments.results import ResultStore
     cfg = tiny(tmp_path, seeds=3, algorithms={"soba": {"upper_lr": 0.1, "lower_lr": 0.2, "batch_size": 4}})
     store = ResultStore(C.experiment_dir(cfg))
-    setup, reference = runner.prepare(cfg, store)
+    workload, reference = runner.prepare(cfg, store)
     from experiments.sweep import expand
     cells = expand(cfg)
-    runner.run_cells(cfg, setup, reference, store, cells, log=lambda *a: None)
+    runner.run_cells(cfg, workload, reference, store, cells, log=lambda *a: None)
     # seed 2 of the run diverges after its first evaluation: NaN iterates, status non-finite
     res = store.load(cells[0].cell_id)
     h = dict(res.history)
@@ -376,7 +377,7 @@ def test_a_diverged_seed_is_reported_in_the_table_summary_and_figure(tmp_path):
     h["status"][2, 1:] = 2
     store.save(cells[0].cell_id, h, res.meta)
     lines = []
-    out = convergence.report(cfg, store, cells, setup, log=lines.append, reference=reference)
+    out = convergence.report(cfg, store, cells, workload, log=lines.append, reference=reference)
     assert out["rows"][0].failed == "1/3 diverged"
     assert "1/3 diverged" in out["table"] and "seeds failed" in out["table"]
     summary = open(os.path.join(C.experiment_dir(cfg), "summary.md")).read()
@@ -415,13 +416,13 @@ def test_hpo_reference_is_feasible_and_not_above_any_point_a_run_reached(tmp_pat
                     "reference_steps": 60},
         "algorithms": {"soba": {"step": 0.4, "ratio": 0.01, "batch_size": 32}},
         "plot": {"metrics": ["value_gap"], "target": 1e-2}}, source="href")
-    setup = problems.build(cfg["problem"])
-    ref = setup.compute_reference()
+    workload = problems.build(cfg["problem"])
+    inst, ref = workload.instance, workload.compute_reference()
     theta = np.asarray(ref["theta_star"])
     assert theta.min() >= -10.0 and theta.max() <= 2.0                            # feasible
     from bilevel_jax.problems import logistic as lg
-    assert ref["value_star"] == pytest.approx(float(lg.hyper_value(theta, setup.data)), rel=1e-10)
-    assert ref["value_star"] <= float(lg.hyper_value(np.clip(np.asarray(setup.theta0), -10, 2), setup.data))
+    assert ref["value_star"] == pytest.approx(float(lg.hyper_value(theta, inst.data)), rel=1e-10)
+    assert ref["value_star"] <= float(lg.hyper_value(np.clip(np.asarray(inst.theta0), -10, 2), inst.data))
     out = convergence.main(cfg, log=lambda *a: None)
     values = np.concatenate([np.asarray(r.history["value"]).ravel() for r in out["results"]])
     h_star = out["reference"]["value_star_checked"]
@@ -479,14 +480,92 @@ def test_every_table_of_every_config_rejects_an_unknown_key_with_the_closest_val
 def test_morbit_rejects_an_unknown_problem_key_and_optimizer_name(tmp_path):
     from experiments import morbit
     cfg = C.load(os.path.join(ROOT, "configs", "morbit.toml"), [f"results_dir={tmp_path}", "problem.taks=5"])
-    with pytest.raises(C.ConfigError, match=r"unknown key 'taks' in \[problem\] of figure 'morbit'\. "
-                                            r"Did you mean 'tasks'\? Valid keys: name, tasks\."):
+    with pytest.raises(C.UnknownKeys, match=r"\[problem\]: unknown key\(s\) \['taks'\] for problem 'sinusoid'\. "
+                                            r"Did you mean 'tasks'\? Valid keys: .*shots.*tasks"):
         morbit.check(cfg)
     cfg = C.load(os.path.join(ROOT, "configs", "morbit.toml"),
-                 [f"results_dir={tmp_path}", 'algorithms.robust.lower_opt="adamw"'])
-    with pytest.raises(C.ConfigError, match=r"unknown optimizer 'adamw' in algorithms.robust.lower_opt\. "
-                                            r"Did you mean 'adam'\? Valid optimizers: adam, sgd\."):
+                 [f"results_dir={tmp_path}", 'algorithms.robust.lower_opt={name="adamm"}'])
+    with pytest.raises(C.UnknownKeys, match=r"unknown optimizer 'adamm' in algorithms.robust.lower_opt\. "
+                                            r"Did you mean 'adam'\? Valid optimizers: .*adam, adamax.*sgd"):
         morbit.check(cfg)
-    # "sgd": the preset's own LL steps with lower_lr; "adam": optax.adam(lower_lr)
-    assert morbit.lower_options({"lower_opt": "sgd", "lower_lr": 0.1}, "t") == {"lower_lr": 0.1}
-    assert set(morbit.lower_options({"lower_opt": "adam", "lower_lr": 0.1}, "t")) == {"lower_opt"}
+
+
+def test_keys_are_read_from_the_signatures_and_an_unknown_one_is_structured():
+    """A preset's keys are the named parameters of its signature (through `functools.wraps` and the
+    presets' `__signature__`) and, for a `**kw`, the loop options it forwards; an unknown key is
+    `UnknownKeys` with the closest valid ones, before anything is built."""
+    import inspect
+    import bilevel_jax as bj
+    from experiments import sweep
+    named = [n for n in inspect.signature(bj.algorithms.soba).parameters if n not in ("problem", "kw")]
+    assert set(sweep.preset_keys("soba")) == {*named, *bj.algorithms.LOOP_OPTIONS, *C.ALGORITHM_SPECIAL}
+    assert {"lam_lr", "mu_lambda", "uniform"} <= set(sweep.preset_keys("morbit"))        # MULTI_OBJECTIVE too
+    with pytest.raises(C.UnknownKeys) as err:
+        sweep.build_algorithm(sweep.placeholder_problem(), "soba", {"upper_step": 0.1, "lower_lrr": 0.2}, "t")
+    assert err.value.where == "t" and err.value.unknown == ["lower_lrr", "upper_step"]
+    assert err.value.closest["lower_lrr"][0] == "lower_lr" and "upper_lr" in err.value.closest["upper_step"]
+    assert "upper_lr" in err.value.valid and "batch_size" in err.value.valid
+
+
+def test_an_optimizer_table_builds_the_optax_rule():
+    """`lower_opt = {name = "adam"}` is optax.adam(lower_lr); `clip` chains a global-norm clip;
+    equal tables build equal (hashable) rules, so their cells share one compiled function."""
+    import jax.numpy as jnp
+    import optax
+    from experiments import sweep
+    g = {"w": jnp.array([3.0, -4.0])}
+    for spec, rule in (({"name": "adam"}, optax.adam(0.1)),
+                       ({"name": "sgd", "clip": 1.0}, optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1))),
+                       ({"name": "sgd", "learning_rate": 0.5}, optax.sgd(0.5))):
+        built = sweep.make_optimizer(spec, 0.1, "t")
+        np.testing.assert_allclose(built.update(g, built.init(g))[0]["w"], rule.update(g, rule.init(g))[0]["w"],
+                                   rtol=1e-12)
+    assert sweep.make_optimizer({"name": "adam"}, 0.1, "t") == sweep.make_optimizer({"name": "adam"}, 0.1, "t")
+    with pytest.raises(C.UnknownKeys, match=r"t: unknown key\(s\) \['bta1'\] for 'adam'\. Did you mean 'b1'"):
+        sweep.make_optimizer({"name": "adam", "bta1": 0.8}, 0.1, "t")
+
+
+def test_a_problem_drawn_per_seed_runs_through_the_runner_as_separate_runs(tmp_path):
+    """LancBiO's synthetic problem is drawn per seed (`Workload.for_seed`): the runner stacks what
+    differs between the seeds' instances with the rows, and every seed's recorded iterates and
+    metrics (the residual of the method's v) equal a separate `bj.run` on that seed's instance and
+    the closed form; a rerun computes nothing (the figure's cells are cached)."""
+    import importlib
+    import jax
+    import bilevel_jax as bj
+    from experiments import lancbio, sweep
+    syn = importlib.import_module("bilevel_jax.problems.lancbio_synthetic")
+    cfg = C.load(os.path.join(ROOT, "configs", "lancbio.toml"), [
+        f"results_dir={tmp_path}", "problem.n=4", "problem.kappa=10.0", "steps=4", "eval_every=2", "seeds=2",
+        "only=SOBA", "algorithms.SOBA.steps=4", 'metrics=["residual"]', 'plot.metrics=["residual"]',
+        "progress=false", "compile_cache=false", "timing=false"])
+    out = lancbio.main(cfg, log=lambda *a: None)
+    assert set(out["summary"]["algorithms"]) == {"SOBA"} and "residual" in out["text"]
+    (cell,) = sweep.expand(cfg)
+    hist = out["results"]["SOBA"].history
+    for j, seed in enumerate([0, 1]):
+        inst = bj.problems.lancbio_synthetic(jax.random.PRNGKey(seed), 4, 10.0)
+        alg = sweep.build_algorithm(inst.problem, cell.preset, cell.spec)
+        state = alg.init(inst.theta0, inst.phi0, jax.random.PRNGKey(seed), inst.data)
+        _, single = bj.run(alg, state, inst.data, num_steps=4, eval_every=2, eval_fn=sweep.record_iterates)
+        np.testing.assert_allclose(hist["theta"][j], single["theta"], rtol=1e-10, atol=1e-12)
+        residual = [syn.residual(inst.data, *x) for x in zip(single["theta"], single["phi"], single["v"])]
+        np.testing.assert_allclose(hist["residual"][j], residual, rtol=1e-10)
+    assert lancbio.main(cfg, log=lambda *a: None)["stats"].computed == []
+
+
+def test_morbit_runs_a_multi_objective_preset_through_the_runner(tmp_path):
+    """The MORBiT figure at a tiny size: a `bj.algorithms.MULTI_OBJECTIVE` preset built from its
+    table (optax rules from `upper_opt`/`lower_opt` tables), the sinusoid tasks and the embedding
+    MLP drawn per seed, the task-loss metrics at the ridge heads."""
+    from experiments import morbit
+    cfg = C.load(os.path.join(ROOT, "configs", "morbit.toml"), [
+        f"results_dir={tmp_path}", "problem.tasks=2", "problem.test_tasks=2", "problem.support=6", "problem.query=6",
+        "problem.shots=3", "problem.width=4", "problem.depth=1", "steps=2", "eval_every=1", "seeds=2", "only=robust",
+        "algorithms.robust.batch_size=3", "options.fashion_mnist=false", "progress=false", "compile_cache=false"])
+    out = morbit.main(cfg, log=lambda *a: None)
+    hist = out["results"]["MORBiT (robust)"]
+    for m in morbit.METRICS:
+        assert hist[m].shape == (2, 3) and np.all(np.isfinite(hist[m])), m
+    assert not np.array_equal(hist["train_max"][0], hist["train_max"][1])       # each seed its own tasks
+    assert "(a) Sinusoid meta-regression" in "\n".join(out["summary"])

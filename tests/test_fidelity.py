@@ -68,7 +68,7 @@ def test_fsla_first_three_iterates_follow_the_papers_order(quad):
     v_{k+1}), STORM with a = 1 - eta against the previous point (theta_{k-1}, phi_k, v_k)."""
     gamma, rho, eta_v, eta_m = 0.3, 0.5, 0.4, 0.25
     p, (up, low) = quad.problem, quad.data
-    alg = bj.algorithms.fsla(p, upper_lr=gamma, lower_lr=rho, v_lr=eta_v, momentum_eta=eta_m, batch_size=None)
+    alg = bj.algorithms.fsla(p, upper_lr=gamma, lower_lr=rho, v_lr=eta_v, momentum=1.0 - eta_m, batch_size=None)
     state = alg.init(quad.theta0 + 0.2, quad.phi0, jax.random.PRNGKey(0), quad.data)
     got, update = [], eqx.filter_jit(alg.update)
     for _ in range(3):
@@ -107,7 +107,7 @@ def test_fsla_no_longer_equals_soba_on_logistic_hpo():
     hpo = bj.problems.logistic_hpo(data, key=1)
     kw = dict(upper_lr=0.05, lower_lr=0.05, batch_size=32)
     runs = []
-    for alg in (bj.algorithms.fsla(hpo.problem, momentum_eta=1.0, **kw),
+    for alg in (bj.algorithms.fsla(hpo.problem, momentum=0.0, **kw),
                 bj.algorithms.soba(hpo.problem, upper_decay=0.0, lower_decay=0.0, **kw)):
         state = alg.init(hpo.theta0, hpo.phi0, jax.random.PRNGKey(0), hpo.data)
         runs.append(bj.run(alg, state, hpo.data, num_steps=5)[0].theta)
@@ -136,7 +136,7 @@ def test_ttsa_horizon_holds_constant_steps_from_k(quad, strongly_convex, a, b):
 
 
 def test_bsa_inner_decay_restarts_every_outer_iteration():
-    """inner_decay=True: beta_t = c / (t+1)^p over the T inner steps, the same in every outer
+    """restart_lower_decay=True: beta_t = c / (t+1)^p over the T inner steps, the same in every outer
     iteration (Algorithm 2 as written); the default holds beta_k for all inner steps of iteration k."""
     w = jnp.array([0.5, 1.5, -1.0])
     problem = bj.BilevelProblem(lambda t, p, d: jnp.array([1.0, -2.0]) @ t, lambda t, p, d: w @ p)
@@ -144,7 +144,7 @@ def test_bsa_inner_decay_restarts_every_outer_iteration():
     rec = lambda s, d: {"phi": s.phi}
     moves = {}
     for inner in (True, False):
-        alg = bj.algorithms.bsa(problem, lower_lr=c, lower_decay=p, lower_steps=T, inner_decay=inner,
+        alg = bj.algorithms.bsa(problem, lower_lr=c, lower_decay=p, lower_steps=T, restart_lower_decay=inner,
                                 batch_size=None, neumann_steps=1, neumann_eta=0.1)
         state = alg.init(jnp.zeros(2), jnp.zeros(3), jax.random.PRNGKey(0))
         _, hist = bj.run(alg, state, (None, None), num_steps=3, eval_every=1, eval_fn=rec)
@@ -168,7 +168,7 @@ def test_stable_hessian_tracking_is_exact_stable_on_a_quadratic(quad):
     """On a quadratic the LL Hessian is constant, so the tracked estimate is exact and STABLE with
     tracking equals matrix-free STABLE with exact solves (dense), step for step."""
     kw = dict(upper_lr=0.5, lower_lr=1.0, batch_size=None)
-    tracked = bj.algorithms.stable(quad.problem, hessian_tracking=True, tau=0.3, **kw)
+    tracked = bj.algorithms.stable(quad.problem, hessian_tracking=True, hessian_momentum=0.7, **kw)
     exact = bj.algorithms.stable(quad.problem, linear_solver=bj.linear_solvers.dense(), **kw)
     rec = lambda s, d: {"theta": s.theta, "phi": s.phi}
     hist = [bj.run(a, a.init(quad.theta0, quad.phi0, jax.random.PRNGKey(0), quad.data), quad.data,
@@ -181,7 +181,7 @@ def test_stable_hessian_tracking_is_exact_stable_on_a_quadratic(quad):
 
 def test_stable_hessian_tracking_decreases_the_gradient_with_minibatches(quad_stoch):
     q = quad_stoch
-    alg = bj.algorithms.stable(q.problem, hessian_tracking=True, tau=0.5, upper_lr=0.1, lower_lr=0.3, batch_size=16)
+    alg = bj.algorithms.stable(q.problem, hessian_tracking=True, hessian_momentum=0.5, upper_lr=0.1, lower_lr=0.3, batch_size=16)
     state, hist = jax.jit(lambda s: bj.run(alg, s, q.data, num_steps=300))(
         alg.init(q.theta0, q.phi0, jax.random.PRNGKey(1), q.data))
     assert int(hist["status"][-1]) == bj.status.OK

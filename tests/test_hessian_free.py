@@ -211,15 +211,15 @@ def test_bsg1_divergence_and_breakdown_are_loud(quad):
 # penalty methods: (preset, settings at penalty lambda, number of steps); steps scale like 1/lambda
 def _penalty_settings(name, lam):
     if name == "f2sa":
-        return dict(upper_lr=0.3 / lam, lower_lr=0.5 / lam, inner_lr=1.0, lower_steps=5, penalty=lam,
+        return dict(upper_lr=0.3 / lam, lower_lr=0.5 / lam, tracker_lr=1.0, lower_steps=5, penalty=lam,
                     penalty_rate=0.0, batch_size=None)
     if name == "vf_penalty":
-        return dict(upper_lr=0.3 / lam, lower_lr=0.3 / lam, inner_lr=1.0, lower_steps=5, penalty=lam)
+        return dict(upper_lr=0.3 / lam, lower_lr=0.3 / lam, tracker_lr=1.0, tracker_steps=5, penalty=lam)
     if name == "pdbo":   # the dual variable climbs to its cap (q >= 0 for the plain value function)
-        return dict(upper_lr=0.3 / lam, lower_lr=0.3 / lam, inner_lr=1.0, lower_steps=5, dual_lr=lam, dual_max=lam)
+        return dict(upper_lr=0.3 / lam, lower_lr=0.3 / lam, tracker_lr=1.0, tracker_steps=5, dual_lr=lam, dual_max=lam)
     if name == "pbgd-value":   # the step is on f / gamma + q: a constant step, gamma steps to converge
-        return dict(upper_lr=0.5, inner_lr=1.0, lower_steps=5, gamma=lam, gamma_max=lam)
-    return dict(penalty="gradient", upper_lr=0.3 / lam, gamma=lam, gamma_max=lam)
+        return dict(upper_lr=0.5, tracker_lr=1.0, tracker_steps=5, penalty=lam, penalty_max=lam)
+    return dict(variant="gradient", upper_lr=0.3 / lam, penalty=lam, penalty_max=lam)
 
 
 @pytest.mark.parametrize("name", ["f2sa", "vf_penalty", "pdbo", "pbgd-value", "pbgd-gradient"])
@@ -243,11 +243,11 @@ def test_oracle_counts_of_the_value_function_methods(quad):
     """Per step: T tracker gradients + 2 LL value-and-gradient passes + 1 UL gradient; F2SA adds T
     phi steps (T LL + T UL gradients); LL values are counted where q itself is used."""
     T = 3
-    cases = {"bome": (dict(lower_steps=T), (T + 2, 1, 0, 0, 0)),
-             "pdbo": (dict(lower_steps=T), (T + 2, 1, 0, 0, 2)),
-             "vf_penalty": (dict(lower_steps=T), (T + 2, 1, 0, 0, 2)),
+    cases = {"bome": (dict(tracker_steps=T), (T + 2, 1, 0, 0, 0)),
+             "pdbo": (dict(tracker_steps=T), (T + 2, 1, 0, 0, 2)),
+             "vf_penalty": (dict(tracker_steps=T), (T + 2, 1, 0, 0, 2)),
              "f2sa": (dict(lower_steps=T, batch_size=None), (2 * T + 2, T + 1, 0, 0, 0)),
-             "pbgd": (dict(lower_steps=T), (T + 2, 1, 0, 0, 0)),
+             "pbgd": (dict(tracker_steps=T), (T + 2, 1, 0, 0, 0)),
              "bsg1": (dict(lower_steps=T, batch_size=None, upper_lr=0.1, lower_lr=0.1), (T + 1, 1, 0, 0, 0))}
     for name, (kw, per_step) in cases.items():
         alg = bj.algorithms.get(name)(quad.problem, **kw)
@@ -275,12 +275,12 @@ def test_flat_lower_level_has_a_singular_hessian(flat):
 
 @pytest.mark.parametrize("name, kw, steps, tol", [
     # BOME's constant step leaves an O(step) neighbourhood: 0.03 gives < 1e-2
-    ("bome", dict(upper_lr=0.03, inner_lr=0.5), 1000, 1e-2),
-    ("pbgd", dict(upper_lr=0.5, inner_lr=0.5, gamma=100.0, gamma_max=100.0), 2000, 5e-3),
-    ("vf_penalty", dict(upper_lr=0.003, lower_lr=0.003, inner_lr=0.5, penalty=100.0), 3000, 2e-2),
-    ("pdbo", dict(upper_lr=0.003, lower_lr=0.003, inner_lr=0.5, dual_lr=10.0, dual_max=100.0), 3000, 2e-2),
+    ("bome", dict(upper_lr=0.03, tracker_lr=0.5), 1000, 1e-2),
+    ("pbgd", dict(upper_lr=0.5, tracker_lr=0.5, penalty=100.0, penalty_max=100.0), 2000, 5e-3),
+    ("vf_penalty", dict(upper_lr=0.003, lower_lr=0.003, tracker_lr=0.5, penalty=100.0), 3000, 2e-2),
+    ("pdbo", dict(upper_lr=0.003, lower_lr=0.003, tracker_lr=0.5, dual_lr=10.0, dual_max=100.0), 3000, 2e-2),
     # penalty 100: the O(1/lambda) bias is 2e-3 (phi: 6e-4)
-    ("f2sa", dict(upper_lr=0.01, lower_lr=0.005, inner_lr=0.5, lower_steps=5, penalty=100.0, penalty_rate=0.0,
+    ("f2sa", dict(upper_lr=0.01, lower_lr=0.005, tracker_lr=0.5, lower_steps=5, penalty=100.0, penalty_rate=0.0,
                   batch_size=None), 1000, 5e-3),
 ])
 def test_value_function_methods_reach_the_optimistic_solution(flat, name, kw, steps, tol):
@@ -307,8 +307,8 @@ def test_bome_step_size_neighbourhood_shrinks(flat, quad):
     constraint has no LICQ) is reached within an O(step) neighbourhood, plus the truncation of its
     T-step y_hat. Flat LL: step 0.1 -> 0.03; strongly convex quad (T = 40): measured 5.1e-2 at step
     0.1, 6.8e-3 at 0.01 (and 1.5e-3 at 0.003 with T = 100)."""
-    for q, kw, cases, shrink, tol in [(flat, dict(inner_lr=0.5), ((0.1, 1000), (0.03, 1000)), 0.5, 1.0),
-                                      (quad, dict(inner_lr=1.0, lower_steps=40), ((0.1, 400), (0.01, 4000)), 0.2, 1e-2)]:
+    for q, kw, cases, shrink, tol in [(flat, dict(tracker_lr=0.5), ((0.1, 1000), (0.03, 1000)), 0.5, 1.0),
+                                      (quad, dict(tracker_lr=1.0, tracker_steps=40), ((0.1, 400), (0.01, 4000)), 0.2, 1e-2)]:
         errs = []
         for lr, steps in cases:
             alg = bj.algorithms.bome(q.problem, upper_lr=lr, **kw)
@@ -326,16 +326,16 @@ STOCHASTIC = {
     "pzobo": (dict(upper_lr=0.3, lower_lr=0.2, lower_steps=20, upper_decay=0.5), 0.1),   # Gaussian Q = 10: decaying
     # biased (grad v != 0 here) but bounded: LL noise keeps grad_y g from 0 (bj.algorithms.bsg); measured 0.36
     "bsg1": (dict(upper_lr=0.1, lower_lr=0.3, lower_steps=5, upper_decay=0.5), 0.5),
-    "f2sa": (dict(upper_lr=0.05, lower_lr=0.05, inner_lr=0.2, lower_steps=5, penalty=5.0, penalty_rate=0.0), 0.1),
+    "f2sa": (dict(upper_lr=0.05, lower_lr=0.05, tracker_lr=0.2, lower_steps=5, penalty=5.0, penalty_rate=0.0), 0.1),
     # minibatch noise in grad q turns the barrier into the penalty f + eta q (bj.algorithms.bome): a penalty-sized
     # eta, and its O(1/eta) floor (measured 0.11; eta = 0.02 reaches 0.01 at step 210, then rises as phi drifts)
-    "bome": (dict(upper_lr=0.02, inner_lr=0.3, lower_steps=10, eta=20.0), 0.2),
-    "pbgd": (dict(upper_lr=0.2, inner_lr=0.2, lower_steps=5, gamma=5.0, gamma_max=5.0), 0.1),
+    "bome": (dict(upper_lr=0.02, tracker_lr=0.3, tracker_steps=10, control_rate=20.0), 0.2),
+    "pbgd": (dict(upper_lr=0.2, tracker_lr=0.2, tracker_steps=5, penalty=5.0, penalty_max=5.0), 0.1),
     # G-PBGD: its O(1/gamma) penalty bias plus noise (measured mean 0.10 at gamma = 50; with one batch for both
     # factors of A grad_y g, i.e. the biased penalty E||grad_y g_B||^2, 0.20-0.26)
-    "pbgd[gradient]": (dict(penalty="gradient", upper_lr=0.01, gamma=50.0, gamma_max=50.0), 0.2),
-    "vf_penalty": (dict(upper_lr=0.05, lower_lr=0.05, inner_lr=0.3, lower_steps=10, penalty=10.0), 0.1),
-    "pdbo": (dict(upper_lr=0.05, lower_lr=0.05, inner_lr=0.3, lower_steps=10, dual_max=10.0), 0.1),
+    "pbgd[gradient]": (dict(variant="gradient", upper_lr=0.01, penalty=50.0, penalty_max=50.0), 0.2),
+    "vf_penalty": (dict(upper_lr=0.05, lower_lr=0.05, tracker_lr=0.3, tracker_steps=10, penalty=10.0), 0.1),
+    "pdbo": (dict(upper_lr=0.05, lower_lr=0.05, tracker_lr=0.3, tracker_steps=10, dual_max=10.0), 0.1),
 }
 
 
@@ -355,8 +355,8 @@ def test_minibatch_decrease_of_grad_norm(quad_stoch, name):
 
 
 def test_bad_arguments_name_the_preset_and_the_argument(quad):
-    with pytest.raises(ValueError, match="pbgd: penalty must be"):
-        bj.algorithms.pbgd(quad.problem, penalty="hessian")
+    with pytest.raises(ValueError, match="pbgd: variant must be"):
+        bj.algorithms.pbgd(quad.problem, variant="hessian")
     with pytest.raises(ValueError, match="bome: control must be"):
         bj.algorithms.bome(quad.problem, control="x")
     with pytest.raises(ValueError, match="pzobo: directions must be"):

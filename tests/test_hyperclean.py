@@ -212,31 +212,36 @@ def test_a_baseline_is_gradient_descent_on_its_samples_with_weight_one(tmp_path,
     mean CE + reg ||W||^2 over them (all 40 samples with the corrupted labels, or the 8 clean
     ones), from each seed's initial model: equal to a hand-written loop in float64."""
     from experiments import hyperclean as fig
+    from experiments import problems
     n = 40 if name == "corrupted" else 8
     cfg = _mlp_config(tmp_path, "x64=true", f"options.baseline_batch_size={n}", "options.baseline_lr=0.5")
-    problem_cfg, opts = fig.check(cfg), fig.options_of(cfg)
-    bundle = fig.load_problem(problem_cfg)
-    inputs = fig.seed_inputs(bundle, problem_cfg, [0, 1])
-    history, meta = fig.run_baseline(cfg, bundle, inputs, name, opts)
+    opts = fig.check(cfg)
+    workload = problems.build(cfg["problem"])
+    history, meta = fig.run_baseline(cfg, workload, name, opts)
     assert meta["samples"] == n and history["test_loss"].shape == (2, 3)
     assert history["status"].max() == 0 and history["finite"].all()
+    bundle = workload.instance
     X = bundle.data[1][0]
-    for seed in range(2):
-        y, mask = np.asarray(inputs[0][seed]), np.asarray(inputs[1][seed])
+    for seed, inst in enumerate(workload.instances([0, 1])):
+        y, mask = np.asarray(inst.data[1][1]), np.asarray(inst.corrupted)
         rows = np.arange(40) if name == "corrupted" else np.flatnonzero(~mask)
         assert rows.size == n
-        phi = eqx.combine(jax.tree_util.tree_map(lambda a: a[seed], inputs[2]), bundle.phi0)
+        phi = inst.phi0
 
         def objective(p):
             arrays = jax.tree_util.tree_leaves(eqx.filter(p, eqx.is_inexact_array))
             return jnp.mean(hc.cross_entropy(p, X[rows], y[rows])) + 1e-3 * sum(jnp.sum(a ** 2) for a in arrays)
 
-        losses = [hc.loss(phi, bundle.test)]
+        @eqx.filter_jit   # one program, not one per primitive (the loop ran op by op: 150 compilations)
+        def gd_step(p):
+            return eqx.apply_updates(p, jax.tree_util.tree_map(lambda g: -0.5 * g, eqx.filter_grad(objective)(p)))
+
+        test_loss = eqx.filter_jit(hc.loss)
+        losses = [test_loss(phi, bundle.test)]
         for step in range(4):
-            grad = eqx.filter_grad(objective)(phi)
-            phi = eqx.apply_updates(phi, jax.tree_util.tree_map(lambda g: -0.5 * g, grad))
+            phi = gd_step(phi)
             if step % 2 == 1:
-                losses.append(hc.loss(phi, bundle.test))
+                losses.append(test_loss(phi, bundle.test))
         np.testing.assert_allclose(history["test_loss"][seed], losses, rtol=1e-10)
         assert history["test_accuracy"][seed, -1] == pytest.approx(float(hc.accuracy(phi, bundle.test)))
 
@@ -247,7 +252,8 @@ def test_mlp_config_runs_in_float32_with_both_baselines_and_reuses_its_cells(tmp
     x64 = jax.config.jax_enable_x64
     try:
         out = fig.main(_mlp_config(tmp_path))                     # x64 = false in the config
-        monkeypatch.setattr(fig, "run_cell", None)                 # a rerun loads every cell, trains nothing
+        from experiments import runner
+        monkeypatch.setattr(runner, "BatchedRunner", None)         # a rerun loads every cell, trains nothing
         monkeypatch.setattr(fig, "run_baseline", None)
         again = fig.main(_mlp_config(tmp_path))
     finally:

@@ -309,11 +309,11 @@ def test_preset_argument_errors_name_the_preset(quad):
         bj.algorithms.lancbio(quad.problem, m_start=10, m_max=5)
     with pytest.raises(ValueError, match="lancbio: lower_steps"):
         bj.algorithms.lancbio(quad.problem, lower_steps=0)
-    with pytest.raises(ValueError, match="subbio: eta"):
-        bj.algorithms.subbio(quad.problem, eta=-1.0)
-    with pytest.raises(ValueError, match="subbio: eta defaults to lower_lr"):
+    with pytest.raises(ValueError, match="subbio: subspace_eta"):
+        bj.algorithms.subbio(quad.problem, subspace_eta=-1.0)
+    with pytest.raises(ValueError, match="subbio: subspace_eta defaults to lower_lr"):
         bj.algorithms.subbio(quad.problem, lower_opt=optax.adam(1e-2))
-    assert bj.algorithms.subbio(quad.problem, lower_opt=optax.adam(1e-2), eta=0.5).direction.solver.eta == 0.5
+    assert bj.algorithms.subbio(quad.problem, lower_opt=optax.adam(1e-2), subspace_eta=0.5).direction.solver.eta == 0.5
     assert bj.algorithms.get("lancbio") is bj.algorithms.lancbio
 
 

@@ -54,8 +54,10 @@ for name in ("stocbio", "bsa", "ttsa", "alset", "mrbo", "sustain", "vrbo", "vrbo
 for name in ("vrbo", "vrbo_single_loop"):
     SETTINGS[name]["period"] = 2
 SETTINGS["vrbo"]["lower_steps"] = 2
-for name in ("f2sa", "bome", "pbgd", "pdbo", "vf_penalty", "pzobo", "bsg1"):
+for name in ("f2sa", "pzobo", "bsg1"):
     SETTINGS[name]["lower_steps"] = 2
+for name in ("bome", "pbgd", "pdbo", "vf_penalty"):
+    SETTINGS[name]["tracker_steps"] = 2
 SETTINGS["pzobo"]["num_directions"] = 2
 SETTINGS["srba"]["period"] = 2
 # CDB's penalty gradient beta J c on theta is ~57 at the random init (c = grad_phi f_lower ~ 7.8): a

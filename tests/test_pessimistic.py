@@ -79,15 +79,13 @@ def test_pessimistic_penalty_arguments():
 def test_entry_points_that_solve_the_optimistic_problem_refuse_a_pessimistic_one():
     """pessimistic=True would be ignored by every preset but pessimistic_penalty and by the
     hypergradients (soba on the README's example ended at 0.399, neither 0.25 nor 0.5): each
-    refuses it, naming pessimistic_penalty; the constrained presets (KKT rules) too."""
+    refuses it, naming pessimistic_penalty; every preset not tagged "pessimistic" on a constrained
+    pessimistic problem too (tests/test_registries.py)."""
     free = bj.BilevelProblem(f_upper, f_lower, pessimistic=True)
     boxed = BOX.problem(f_upper, f_lower, pessimistic=True)
     for name in sorted(bj.algorithms.ALGORITHMS):
         with pytest.raises(ValueError, match=f"^{name}: .*the problem is pessimistic.*pessimistic_penalty"):
             bj.algorithms.get(name)(free)
-    for name in ("soba", "aid_bio", "amigo"):   # they handle the box (KKT), not the pessimistic reading
-        with pytest.raises(ValueError, match=f"^{name}: the problem is pessimistic"):
-            bj.algorithms.get(name)(boxed)
     theta, phi = jnp.array([0.5]), jnp.array([0.5, 0.5])
     calls = {"bj.hypergradient": lambda p: bj.hypergradient(p, theta, phi, (None, None)),
              "kkt_hypergradient": lambda p: bj.hypergrad.kkt_hypergradient(p, theta, phi, (None, None)),

@@ -53,6 +53,25 @@ def test_stochastic_quadratic_means_are_exact(quad_stoch):
         np.testing.assert_allclose(np.asarray(data[k]).mean(0), quad_stoch.means[k], atol=1e-12, err_msg=k)
 
 
+def test_builders_return_one_instance_type_with_the_reference_where_known(quad, ridge):
+    """Every builder returns a `bj.problems.Instance`; the closed-form problems carry theta* as
+    `reference` (grad F(theta*) = 0, F(theta*) the value); `_replace` and pytree flattening work
+    as for the NamedTuples they replace, and a bound closed form jits."""
+    flat = bj.problems.flat_bilevel(jax.random.PRNGKey(3))
+    for inst in (quad, ridge, flat):
+        assert isinstance(inst, bj.problems.Instance) and inst.name
+    for inst in (quad, flat):
+        theta = inst.reference.theta
+        np.testing.assert_allclose(inst.grad(theta), 0.0, atol=1e-10)
+        np.testing.assert_allclose(inst.reference.value, inst.value(theta), rtol=1e-12)
+    assert ridge.reference is None
+    moved = quad._replace(theta0=quad.theta0 + 1.0)
+    assert type(moved) is type(quad) and moved.description == quad.description and moved.means is quad.means
+    leaves, treedef = jax.tree_util.tree_flatten(quad)
+    assert jax.tree_util.tree_unflatten(treedef, leaves).means.keys() == quad.means.keys()
+    np.testing.assert_allclose(jax.jit(quad.grad)(quad.theta0), quad.grad(quad.theta0), rtol=1e-12)
+
+
 # ---------------------------------------------------------------------------- BilevelProblem
 def test_problem_requires_callables(quad):
     f_upper, f_lower = quad.problem.f_upper, quad.problem.f_lower

@@ -4,20 +4,26 @@ Presets (paper defaults in each docstring): alternating, ba, bsa, aid_bio, stocb
 stable, alset, soba, saba, srba, mrbo, sustain, vrbo (double loop), vrbo_single_loop, fsla, signsgd_ul, momentum, lancbio, subbio;
 Hessian-free / value-function: f2sa, bome, pbgd, pdbo, vf_penalty, pzobo, hjfbio, bsg1.
 Reformulations: smoothing_pg (value function), optimality_penalty, cdb and ebsa (grad_y g = 0).
-Multi-objective (robust, n objective pairs; a `bj.MultiObjectiveProblem`, registry `MULTI_OBJECTIVE`): morbit, mmb.
+Multi-objective (robust, n objective pairs; a `bj.MultiObjectiveProblem`, registry `MULTI_OBJECTIVE`): morbit.
+Multi-block min-max bilevel (a `bj.MinMaxBilevelProblem`, registry `MIN_MAX`): mmb.
 Building blocks: `bilevel_loop`, `directions`, `estimators`, and the step primitives of `steps`.
+What each preset can do (Hessian-free, constrained, pessimistic, ...): `CAPABILITIES` (`capabilities`).
 """
 import difflib
 
 from bilevel_jax.algorithms.parallel import DataParallel, data_parallel, preset_options, shard
 
 from bilevel_jax.algorithms import directions, estimators, steps
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts, StepInfo
+# the options a preset's `**kw` passes on to its loop (what a preset takes beyond its named arguments)
+from bilevel_jax.algorithms._common import LOOP_OPTIONS
+from bilevel_jax.algorithms.base import Algorithm, Header, OracleCounts, State, StepInfo
+from bilevel_jax.algorithms.capabilities import CAPABILITIES, TAGS, presets_with
 from bilevel_jax.algorithms.double_loop import aid_bio, alternating, amigo, ba, bsa, signsgd_ul, stocbio
 from bilevel_jax.algorithms.krylov import lancbio, subbio
 from bilevel_jax.algorithms.loop import BilevelLoop, LoopState, bilevel_loop
 from bilevel_jax.algorithms.momentum import momentum, mrbo, sustain, vrbo, vrbo_single_loop
-from bilevel_jax.algorithms.morbit import MMB, MULTI_OBJECTIVE, Morbit, mmb, morbit
+from bilevel_jax.algorithms.mmb import MIN_MAX, MMB, mmb
+from bilevel_jax.algorithms.morbit import MULTI_OBJECTIVE, Morbit, morbit
 from bilevel_jax.algorithms.fsla import FSLA, FslaState, fsla
 from bilevel_jax.algorithms.single_loop import alset, saba, soba, srba, ttsa
 from bilevel_jax.algorithms.stable import Stable, StableState, stable
@@ -67,18 +73,19 @@ del _name, _wrap
 
 
 def get(name: str):
-    """The preset called `name` (single-problem presets, then the multi-objective ones of
-    `MULTI_OBJECTIVE`, which take a `bj.MultiObjectiveProblem`); an unknown name lists the valid ones."""
-    if name in MULTI_OBJECTIVE and name not in ALGORITHMS:
-        return MULTI_OBJECTIVE[name]
-    if name not in ALGORITHMS:
-        close = difflib.get_close_matches(name, ALGORITHMS, n=1)
+    """The preset called `name`: any of `CAPABILITIES` (the single-problem presets of `ALGORITHMS`,
+    `pessimistic_penalty`, `bsg_constrained`, the multi-objective ones of `MULTI_OBJECTIVE`, which take
+    a `bj.MultiObjectiveProblem`, and the min-max ones of `MIN_MAX`, which take a
+    `bj.MinMaxBilevelProblem`); an unknown name lists the valid ones."""
+    if name not in CAPABILITIES:
+        close = difflib.get_close_matches(name, CAPABILITIES, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown algorithm {name!r}.{hint} Valid names: {', '.join(sorted(ALGORITHMS))}.")
-    return ALGORITHMS[name]
+        raise ValueError(f"unknown algorithm {name!r}.{hint} Valid names: {', '.join(sorted(CAPABILITIES))}.")
+    return globals()[name]
 
 
-__all__ = ["DataParallel", "data_parallel", "shard", "ALGORITHMS", "MULTI_OBJECTIVE", "MMB", "Morbit", "mmb", "morbit", "Algorithm", "BilevelLoop", "FSLA", "FslaState", "LoopState", "OracleCounts", "Stable", "StableState", "StepInfo",
+__all__ = ["DataParallel", "data_parallel", "shard", "ALGORITHMS", "LOOP_OPTIONS", "CAPABILITIES", "TAGS", "presets_with", "MIN_MAX", "MULTI_OBJECTIVE", "MMB", "Morbit", "mmb", "morbit", "Algorithm", "BilevelLoop", "FSLA", "FslaState", "Header", "LoopState", "OracleCounts", "Stable", "StableState",
+           "State", "StepInfo",
            "CDB", "CDBState", "bilevel_loop", "directions", "estimators", "get", "steps", "value_function",
            "PessimisticPenalty", "PessimisticState", "pessimistic_penalty", "KKT", "AmortizedKKT", "amortized_kkt",
            "bsg_constrained", "kkt", *sorted(ALGORITHMS)]

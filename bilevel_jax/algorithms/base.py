@@ -10,21 +10,28 @@ once for two equal configurations, and a sweep can `vmap` over the array fields
 (`eqx.partition(alg, eqx.is_array)`). (`jax.jit(alg.update)` itself does not work: a bound method
 with array fields is not hashable; use `eqx.filter_jit`.)
 
-Every state exposes `theta`, `phi`, `count` (outer iterations done) and `key` (the run's root PRNG
-key: per-step keys are derived with `fold_in(key, count)`, so the key never changes). `step_info`
+Every state is a `State`: its `header` (a `Header`: `theta`, `phi`, `count` (outer iterations
+done), `key` (the run's root PRNG key: per-step keys are derived with `fold_in(key, count)`, so the
+key never changes) and the optax states of theta's and phi's step rules) comes first, the
+algorithm's own variables after it; `state.theta`, `state.phi`, `state.count`, `state.key` read the
+header. `bj.run`, checkpoints and the wrappers read states through it (`header`). `step_info`
 carries the oracle calls of the step, the residual of its linear solve and its `bj.status` code.
 """
-from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
+from equinox import AbstractVar
 import jax
 import jax.numpy as jnp
 
 from bilevel_jax import status as st
+from bilevel_jax.algorithms.capabilities import presets_with
+from bilevel_jax.oracles import OracleCounts
 from bilevel_jax.problem import check_optimistic
+from bilevel_jax.rebuild import rebuild
 
 PyTree = Any
 
@@ -38,10 +45,18 @@ class Algorithm(eqx.Module):
     `bj.algorithms.constrained` have); otherwise construction raises instead of silently solving
     the unconstrained problem. Likewise a pessimistic problem (`BilevelProblem(..., pessimistic=True)`)
     is refused by every algorithm but those that solve it (`handles_pessimistic`, as
-    `bj.algorithms.pessimistic_penalty` has)."""
+    `bj.algorithms.pessimistic_penalty` has). The refusals name the presets tagged "constrained" or
+    "pessimistic" in `bj.algorithms.CAPABILITIES`, which the tests hold to these attributes.
+
+    `nonfinite_every_step` (static, default True): every `update` tests its iterates for NaN/inf
+    and reports NONFINITE in its status. `bj.run` builds its scan with False (`without_nonfinite_test`)
+    and tests the whole state at its evaluation points instead (a non-finite iterate persists, so
+    the per-step reduction over every leaf is not needed to report it); `check=True` steps always
+    test (they must raise at the failing step)."""
 
     handles_constraints: ClassVar[bool] = False
     handles_pessimistic: ClassVar[bool] = False
+    nonfinite_every_step: bool = eqx.field(static=True, default=True, kw_only=True)
 
     def __check_init__(self):
         problem = getattr(self, "problem", None)
@@ -51,10 +66,8 @@ class Algorithm(eqx.Module):
             name = getattr(self, "name", None)
             raise ValueError(f"{name + ': ' if isinstance(name, str) else ''}the problem's lower level is constrained "
                              "(lower_inequality / lower_equality) and this algorithm would ignore the constraints. "
-                             "Constrained lower levels: aid_bio, amigo, soba (KKT implicit gradient), "
-                             "bsg_constrained, pessimistic_penalty, the value-function presets (f2sa, bome, "
-                             "pbgd, pdbo, vf_penalty, smoothing_pg) and pzobo (projected steps), ebsa (log barrier), or "
-                             "bilevel_loop(direction=bj.algorithms.kkt(problem)).")
+                             f"Constrained lower levels: {', '.join(presets_with('constrained'))} "
+                             "(bj.algorithms.CAPABILITIES), or bilevel_loop(direction=bj.algorithms.kkt(problem)).")
         if not self.handles_pessimistic:
             name = getattr(self, "name", None)
             check_optimistic(problem, name if isinstance(name, str) else type(self).__name__)
@@ -66,6 +79,16 @@ class Algorithm(eqx.Module):
     @abc.abstractmethod
     def update(self, state, data):
         """One outer iteration: `(new_state, StepInfo)`."""
+
+
+def without_nonfinite_test(alg: "Algorithm") -> "Algorithm":
+    """`alg` with `nonfinite_every_step=False` in itself and every algorithm it wraps."""
+    def off(x):
+        if isinstance(x, Algorithm) and x.nonfinite_every_step:
+            return rebuild(dataclasses.replace(x, nonfinite_every_step=False), off)
+        return x
+
+    return rebuild(alg, off)
 
 
 class Wrapper(Algorithm):
@@ -83,24 +106,46 @@ class Wrapper(Algorithm):
         return getattr(self.algorithm, name)
 
 
-class OracleCounts(NamedTuple):
-    """Oracle calls: gradients of f_lower / f_upper (one pass may give both partials), Hessian-
-    vector products A v, cross products J v (or J^T d), and function values of f_lower / f_upper
-    needed on their own (a value returned with its gradient by one pass is not counted again;
-    value-function methods evaluate g at a second point)."""
+class Header(NamedTuple):
+    """What every algorithm state starts with (`State.header`).
 
-    lower_grads: jax.Array
-    upper_grads: jax.Array
-    hvps: jax.Array
-    cross: jax.Array
-    values: jax.Array = jnp.zeros((), jnp.int32)
+    theta, phi: the iterates; count: outer iterations done (int32); key: the run's root PRNG key;
+    upper_opt_state, lower_opt_state: the optax states of theta's and phi's step rules (None for a
+    variable without a rule).
+    """
 
-    @staticmethod
-    def of(lower_grads=0, upper_grads=0, hvps=0, cross=0, values=0) -> "OracleCounts":
-        return OracleCounts(*(jnp.asarray(c, jnp.int32) for c in (lower_grads, upper_grads, hvps, cross, values)))
+    theta: PyTree
+    phi: PyTree
+    count: Any
+    key: Any
+    upper_opt_state: Any
+    lower_opt_state: Any
 
-    def __add__(self, other):  # type: ignore[override]
-        return OracleCounts(*(a + b for a, b in zip(self, other)))
+    def next(self, theta, phi, upper_opt_state, lower_opt_state) -> "Header":
+        """The header after an outer iteration that moved the iterates to (theta, phi): count + 1,
+        the same key."""
+        return Header(theta, phi, self.count + 1, self.key, upper_opt_state, lower_opt_state)
+
+
+class State(eqx.Module):
+    """Base of the algorithm states: the `Header` first (a field `header: Header` of the concrete
+    state; a wrapper's state, such as `defaults.NormalizedState`, gives its inner state's as a
+    property), then the algorithm's own variables (a linear solver's state, momenta, a tracker).
+    A pytree: states go through `lax.scan`, `vmap`, `shard_map` and `eqx.tree_serialise_leaves`."""
+
+    header: AbstractVar[Header]
+
+    theta = property(lambda self: self.header.theta)
+    phi = property(lambda self: self.header.phi)
+    count = property(lambda self: self.header.count)
+    key = property(lambda self: self.header.key)
+    upper_opt_state = property(lambda self: self.header.upper_opt_state)
+    lower_opt_state = property(lambda self: self.header.lower_opt_state)
+
+
+def header(state: State) -> Header:
+    """The `Header` of an algorithm state (what `bj.run` and checkpoints read)."""
+    return state.header
 
 
 class StepInfo(NamedTuple):
@@ -135,4 +180,5 @@ def step_key(key: jax.Array, count, stream: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(key, stream), count)
 
 
-__all__ = ["Algorithm", "Wrapper", "OracleCounts", "StepInfo", "check_key", "step_key"]
+__all__ = ["Algorithm", "Header", "OracleCounts", "State", "StepInfo", "Wrapper", "check_key", "header",
+           "step_key"]

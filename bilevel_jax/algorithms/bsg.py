@@ -57,7 +57,6 @@ from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax._checks import as_array, check_in_range
 from bilevel_jax.algorithms._common import lower_steps_at_least_one, named, rule
-from bilevel_jax.algorithms.base import OracleCounts
 from bilevel_jax.algorithms.directions import DirectionRule, Directions, Evaluation, Joint
 from bilevel_jax.algorithms.loop import BilevelLoop, bilevel_loop
 from bilevel_jax.linear_solvers import fail_where
@@ -79,8 +78,7 @@ class RankOne(DirectionRule):
         broken = sq < jnp.finfo(sq.dtype).tiny
         ratio = otu.tree_vdot(gy, g_phi) / jnp.where(broken, 1.0, sq)
         d = fail_where(broken, otu.tree_add_scale(g_theta, -ratio, gx))
-        counts = OracleCounts.of(lower_grads=1, upper_grads=1)
-        return Evaluation(Joint(d), point.rule_state, counts, jnp.asarray(jnp.nan, sq.dtype),
+        return Evaluation(Joint(d), point.rule_state, jnp.asarray(jnp.nan, sq.dtype),
                           st.flag(broken, st.BREAKDOWN))
 
     def directions(self, estimate):

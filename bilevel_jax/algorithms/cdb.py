@@ -28,76 +28,59 @@ y itself contracts only at the rate 1 - alpha' beta lambda_min(A)^2 of the penal
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, Optional
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from bilevel_jax import oracles
 from bilevel_jax._checks import as_array, check_step_size
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts
+from bilevel_jax.algorithms.base import Header, State
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
-from bilevel_jax.algorithms.steps import StepRule, apply_step, check_data, draw_batches, finish, init_rule, start
+from bilevel_jax.algorithms.steps import Composed, apply_step
 from bilevel_jax.linear_solvers import LinearSolver, cg
 from bilevel_jax.problem import BilevelProblem, check_problem
-from bilevel_jax.sampling import Sampler
-
-PyTree = Any
 
 
-class CDBState(NamedTuple):
-    theta: PyTree
-    phi: PyTree
-    count: Any
-    key: Any
-    upper_opt_state: Any
-    lower_opt_state: Any
+
+class CDBState(State):
+    header: Header
     newton_state: Any    # the solver's state of A s = c (y_hat = y - s)
     adjoint_state: Any   # the solver's state of A v = grad_y f(x, y_hat)
 
 
-class CDB(Algorithm):
+class CDB(Composed):
     """See the module docstring; build with `cdb`."""
 
-    problem: BilevelProblem = eqx.field(static=True)
-    upper: StepRule
-    lower: StepRule
     beta: jax.Array
     solver: LinearSolver
-    samplers: Tuple[Sampler, Sampler] = eqx.field(static=True)
     mode: str = eqx.field(static=True, default="rev")
-    check: bool = eqx.field(static=True, default=False)
+    name: str = eqx.field(static=True, default="cdb", kw_only=True)
 
     def init(self, theta0, phi0, key, data=None) -> CDBState:
-        theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
         like = oracles.differentiable(phi0)
-        return CDBState(theta0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
-                        init_rule(self.lower, phi0), self.solver.init(like), self.solver.init(like))
+        return CDBState(self.start(theta0, phi0, key, data), self.solver.init(like), self.solver.init(like))
 
     def update(self, state: CDBState, data):
-        check_data(data, self.samplers)
         p, k = self.problem, state.count
-        batches = draw_batches(self.samplers, data, state.key, k)
-        lin = oracles.linearize_lower(p, state.theta, state.phi, batches.lower, self.mode)
-        c = lin.grad_phi
-        s, newton_state, newton = self.solver.solve(lin.hvp, c, state.newton_state)
-        phi_hat = eqx.apply_updates(state.phi, otu.tree_scale(-1.0, s))          # Y(x, y): one Newton step
-        g_theta, g_phi = oracles.upper_grads(p, state.theta, phi_hat, batches.upper)
-        v, adjoint_state, adjoint = self.solver.solve(lin.hvp, g_phi, state.adjoint_state)
-        a_w, j_w = lin.hvp_and_cross(otu.tree_add_scale(otu.tree_scale(-1.0, v), self.beta, c))
+        batches = self.batches(state, data)
+        with oracles.counting() as tally:
+            lin = oracles.linearize_lower(p, state.theta, state.phi, batches.lower, self.mode)
+            c = lin.gradient()
+            s, newton_state, newton = oracles.solve(self.solver, lin.hvp, c, state.newton_state)
+            phi_hat = eqx.apply_updates(state.phi, otu.tree_scale(-1.0, s))          # Y(x, y): one Newton step
+            g_theta, g_phi = oracles.upper_grads(p, state.theta, phi_hat, batches.upper)
+            v, adjoint_state, adjoint = oracles.solve(self.solver, lin.hvp, g_phi, state.adjoint_state)
+            a_w, j_w = lin.hvp_and_cross(otu.tree_add_scale(otu.tree_scale(-1.0, v), self.beta, c))
         theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state,
                                                    otu.tree_add(g_theta, j_w), k, p.project)
         phi, lower_state, low_status = apply_step(self.lower, state.phi, state.lower_opt_state,
                                                   otu.tree_add(g_phi, a_w), k)
-        counts = OracleCounts.of(lower_grads=1, upper_grads=1, hvps=newton.num_matvecs + adjoint.num_matvecs + 1,
-                                 cross=1)
         statuses = (up_status, low_status, newton.status, adjoint.status)
-        (theta, phi), info = finish((theta, phi), counts, adjoint.residual_norm, statuses, check=self.check,
-                                    where="cdb outer step")
-        return CDBState(theta, phi, k + 1, state.key, upper_state, lower_state, newton_state, adjoint_state), info
+        (theta, phi), info = self.finish((theta, phi), tally.counts, adjoint.residual_norm, statuses)
+        return CDBState(state.header.next(theta, phi, upper_state, lower_state), newton_state, adjoint_state), info
 
 
 def cdb(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, upper_opt=None, lower_opt=None, penalty=1.0,
@@ -130,8 +113,7 @@ def cdb(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, upper_opt=None,
                             f"got {solver!r}.")
         lower_lr = upper_lr if (lower_lr is None and lower_opt is None) else lower_lr
         return CDB(problem, rule("upper_lr", upper_lr, upper_opt, upper_decay), rule("lower_lr", lower_lr, lower_opt),
-                   as_array(penalty), solver,
-                   make_samplers(batch_size, sampler), mode, check)
+                   make_samplers(batch_size, sampler), as_array(penalty), solver, mode, check=check)
 
 
 __all__ = ["CDB", "CDBState", "cdb"]

@@ -56,6 +56,15 @@ Dispatch: aid_bio and amigo given a constrained problem use `KKT` (their `linear
 warm-started `minres(10)`: CG and GD assume a positive definite system), soba uses `AmortizedKKT`;
 the LL steps of all three are projected onto `lower_set` (default: the `bj.constraints` set the
 problem was built from). Every other preset raises on a constrained problem (`Algorithm`'s check).
+
+Theta-dependent sets Phi(theta) (a `bj.constraints` set with a parameter that is a function of
+theta, e.g. `halfspace(a, lambda theta: b0 + g @ theta)`): the LL steps project onto Phi(theta_k)
+at the current theta (`lower_projection`, `StepRule.build(theta)`: the LL phase at theta_k;
+soba's phi step, which follows the theta step, onto Phi(theta_{k+1}), so that phi is feasible
+where it is evaluated next), and the KKT system differentiates P(theta, phi), Q(theta, phi) in
+theta (the grad_theta P_A' b_P, grad_theta Q' b_Q terms above). The theta-independent set is the
+special case (its projection ignores theta). The presets whose theta-gradient ignores Phi's
+dependence on theta (value-function, penalty, pessimistic, zeroth-order) refuse such a set.
 """
 from __future__ import annotations
 
@@ -69,12 +78,12 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax._checks import as_array, check_bool, check_in_range, check_step_size
 from bilevel_jax.algorithms._common import loop_options, lower_steps_at_least_one, named, rule
-from bilevel_jax.algorithms.base import OracleCounts
+from bilevel_jax.oracles import OracleCounts
 from bilevel_jax.algorithms.directions import (Amortized, AmortizedState, DirectionRule, Directions, Evaluation,
                                                Joint, LowerTerms, Separable, UpperTerms, implicit)
 from bilevel_jax.algorithms.loop import BilevelLoop, bilevel_loop
 from bilevel_jax.algorithms.steps import Rule, StepRule, as_rule, init_rule
-from bilevel_jax.constraints import ConstraintSet, ProjectedTransform, feasible_set, projected
+from bilevel_jax.constraints import ProjectionAt, feasible_set
 from bilevel_jax.hypergrad.kkt import adjoint_like, keep_or_fail, kkt_direction, kkt_system
 from bilevel_jax.linear_solvers import LinearSolver, minres
 from bilevel_jax.problem import BilevelProblem, check_problem
@@ -114,10 +123,11 @@ class KKT(DirectionRule):
         return KKTState(self.solver.init(adjoint_like(phi, oracles.constraint_values(self.problem, theta, phi))))
 
     def evaluate(self, problem, point, batches, key, mode):
-        out = kkt_direction(problem, point.theta, point.phi, batches.upper, batches.lower, self.solver,
-                            point.rule_state.solver, None, self.tol, self.multiplier_solver, self.nan_if_degenerate)
-        counts = OracleCounts.of(upper_grads=1, lower_grads=2, cross=1, hvps=out.info.solver.num_matvecs)
-        return Evaluation(Joint(out.g), KKTState(out.state), counts, out.info.residual_norm, out.info.status)
+        with oracles.uncounted():   # the Lagrangian's products are not counted by the oracles: the count below
+            out = kkt_direction(problem, point.theta, point.phi, batches.upper, batches.lower, self.solver,
+                                point.rule_state.solver, None, self.tol, self.multiplier_solver, self.nan_if_degenerate)
+        oracles.record(OracleCounts.of(upper_grads=1, lower_grads=2, cross=1, hvps=out.info.solver.num_matvecs))
+        return Evaluation(Joint(out.g), KKTState(out.state), out.info.residual_norm, out.info.status)
 
     def directions(self, estimate):
         return Directions(estimate.hypergrad)
@@ -142,17 +152,18 @@ class AmortizedKKT(Amortized):
         return AmortizedState(z, init_rule(self.v_rule, z))
 
     def evaluate(self, problem, point, batches, key, mode):
-        system = kkt_system(problem, point.theta, point.phi, batches.upper, batches.lower, None, self.tol,
-                            self.multiplier_solver)
+        with oracles.uncounted():   # as in `KKT.evaluate`: the count below
+            system = kkt_system(problem, point.theta, point.phi, batches.upper, batches.lower, None, self.tol,
+                                self.multiplier_solver)
+            grad_phi = oracles.lower_grad_phi(problem, point.theta, point.phi, batches.lower)
+        oracles.record(OracleCounts.of(lower_grads=2, upper_grads=1, hvps=2, cross=1))
         z = point.rule_state.v
         kz, cross = system.operator(z)
         residual = otu.tree_sub(kz, system.rhs)
         d_z = system.matvec(residual)
         cross = keep_or_fail(cross, system.status, self.nan_if_degenerate)
-        grad_phi = oracles.lower_grad_phi(problem, point.theta, point.phi, batches.lower)
-        counts = OracleCounts.of(lower_grads=2, upper_grads=1, hvps=2, cross=1)
         terms = Separable(UpperTerms(system.g_theta, otu.tree_zeros_like(z)), LowerTerms(grad_phi, d_z, cross))
-        return Evaluation(terms, point.rule_state, counts, otu.tree_norm(residual), system.status)
+        return Evaluation(terms, point.rule_state, otu.tree_norm(residual), system.status)
 
 
 def kkt(problem: BilevelProblem, linear_solver: Optional[LinearSolver] = None, tol=1e-6, *,
@@ -185,27 +196,35 @@ def amortized_kkt(problem: BilevelProblem, v_opt: Rule, tol=1e-6, *, multiplier_
 
 # ------------------------------------------------------------------ dispatch of the presets
 
-def lower_projection(problem: BilevelProblem, lower_set) -> Callable:
-    """The projection of the projected LL steps: `lower_set`'s (a `bj.constraints.ConstraintSet` or
-    a callable phi -> P_Phi(phi)), by default that of the set the problem was built from
-    (`ConstraintSet.problem`). Raises when there is none."""
+def lower_projection(problem: BilevelProblem, lower_set, theta_dependent: bool = False) -> ProjectionAt:
+    """The projection `(theta, phi) -> P_{Phi(theta)}(phi)` of the projected LL steps: onto
+    `lower_set` (a `bj.constraints.ConstraintSet`, possibly theta-dependent, or a projection
+    phi -> P_Phi(phi) onto a fixed set), by default the set the problem was built from
+    (`ConstraintSet.problem`). Raises when there is none, and for a theta-dependent set unless
+    `theta_dependent`: a method whose theta-gradient does not differentiate Phi(theta) (the
+    value-function, penalty and zeroth-order presets) would silently solve another problem; the
+    KKT hypergradient does (`bj.hypergrad.kkt`)."""
     if lower_set is None:
         lower_set = feasible_set(problem)
         if lower_set is None:
             raise ValueError("the lower level is constrained: pass lower_set= (a bj.constraints set, or a projection "
                              "phi -> P_Phi(phi) onto the feasible set) for the projected LL steps.")
-    project = lower_set.project if isinstance(lower_set, ConstraintSet) else lower_set
-    if not callable(project):
-        raise TypeError(f"lower_set must be a bj.constraints.ConstraintSet or a projection, got {lower_set!r}.")
-    return project
+    try:
+        projection = ProjectionAt(lower_set)
+    except TypeError as e:
+        raise TypeError(f"lower_set must be a bj.constraints.ConstraintSet or a projection, got {lower_set!r}.") from e
+    if projection.depends_on_theta and not theta_dependent:
+        raise ValueError(f"the feasible set ({lower_set.where}) depends on theta, and this method's theta-gradient "
+                         "ignores that dependence: use bsg_constrained, aid_bio, amigo or soba (the KKT "
+                         "hypergradient includes it).")
+    return projection
 
 
 def project_rule(step_rule: StepRule, projection: Callable) -> StepRule:
-    """`step_rule` followed by a Euclidean projection (`bj.constraints.projected`); its step size
-    stays an array field (sweepable) unless it is a whole optax rule."""
-    if step_rule.optimizer is not None:
-        return dataclasses.replace(step_rule, optimizer=projected(step_rule.optimizer, projection))
-    return dataclasses.replace(step_rule, transform=ProjectedTransform(step_rule.transform, projection))
+    """`step_rule` followed by a Euclidean projection `(theta, phi) -> phi` onto the feasible set
+    at the current theta (`lower_projection`; `StepRule.projection`); its step size stays an
+    array field (sweepable) unless it is a whole optax rule."""
+    return dataclasses.replace(step_rule, projection=projection)
 
 
 def constrained_lower(problem: BilevelProblem, direction: DirectionRule, lower: Optional[StepRule],
@@ -217,7 +236,7 @@ def constrained_lower(problem: BilevelProblem, direction: DirectionRule, lower: 
         if lower_set is not None:
             raise ValueError("lower_set= applies to a constrained problem (lower_inequality / lower_equality).")
         return lower
-    return None if lower is None else project_rule(lower, lower_projection(problem, lower_set))
+    return None if lower is None else project_rule(lower, lower_projection(problem, lower_set, True))
 
 
 def implicit_or_kkt(problem: BilevelProblem, linear_solver: Optional[LinearSolver], warm_start: bool,
@@ -243,8 +262,9 @@ def bsg_constrained(problem: BilevelProblem, *, lower_set=None, upper_lr=0.1, lo
                     lower_opt=None, lower_steps: int = 10, linear_solver: Optional[LinearSolver] = None, tol=1e-6,
                     batch_size=None, upper_decay=0.0, **kw) -> BilevelLoop:
     """BSG with constraints (module docstring). `lower_set`: the LL's feasible set (a
-    `bj.constraints.ConstraintSet`, or a projection phi -> P_Phi(phi); default the set the problem
-    was built from) for the projected LL steps (`lower_lr`, or the optax rule `lower_opt`, then
+    `bj.constraints.ConstraintSet`, theta-dependent or not, or a projection phi -> P_Phi(phi) onto a
+    fixed set; default the set the problem was built from) for the projected LL steps onto
+    Phi(theta_k) (`lower_lr`, or the optax rule `lower_opt`, then
     projected); the problem's constraint functions give the KKT system. UL steps
     `upper_lr` / (k+1)^`upper_decay`. Sampling: full batch by default; the paper's stochastic BSG
     draws i.i.d. samples (`batch_size=b`)."""

@@ -5,7 +5,7 @@ The bilevel solution does not change when either objective is multiplied by a po
     argmin_phi s_g f_lower(theta, phi) = phi*(theta),     argmin_theta s_f F(theta) = theta*,
 
 so a preset built with its default step sizes (numbers tuned for unit curvature) and no step-size
-argument (`upper_lr`, `lower_lr`, `v_lr`, `inner_lr`, `dual_lr`, `*_opt`, `neumann_eta`, `eta`,
+argument (`upper_lr`, `lower_lr`, `v_lr`, `tracker_lr`, `dual_lr`, `*_opt`, `neumann_eta`, `subspace_eta`,
 penalties, ...: every argument but the structural ones of `STRUCTURAL`) is wrapped in
 `Normalized`: `init(theta0, phi0, key, data)` estimates, on the full data (`curvatures`),
 
@@ -53,7 +53,7 @@ What else each family needs (`_settings`; in the units of the rescaled problem, 
   vf_penalty and V-PBGD ramp to it, PDBO's dual variable starts at it (with the plain value function
   q >= 0 and lambda only grows to its cap), smoothing_pg's rho is capped there (its direction is
   divided by rho >= 1, so steps for rho = 1 hold at every rho), BOME's barrier parameter is
-  `BOME_ETA` (its lambda is adaptive; eta is its floor).
+  `BOME_CONTROL_RATE` (its control_rate eta: its lambda is adaptive, eta is its floor).
 - Methods with a bias no step size removes raise at construction without step sizes (`NO_DEFAULTS`:
   alternating, signsgd_ul, bsg1), naming the arguments to pass. The augmented-Lagrangian
   reformulations (optimality_penalty, ebsa, cdb) keep their own default steps, and `StepCheck`
@@ -76,7 +76,7 @@ import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
 
 from bilevel_jax import oracles
-from bilevel_jax.algorithms.base import Algorithm, Wrapper
+from bilevel_jax.algorithms.base import Algorithm, State, Wrapper
 from bilevel_jax.algorithms.parallel import replace_parts
 from bilevel_jax.algorithms.steps import StepRule
 from bilevel_jax.algorithms.value_function import (Barrier, DualAscent, PenaltyRamp, PenaltySchedule,
@@ -102,15 +102,15 @@ PENALTY = 1e3          # F2SA's penalty cap, rescaled units (O(1/lambda) bias ~1
 JOINT_PENALTY = 100.0  # the joint-step penalty methods' (bias ~1e-2; their rate falls as 1 / lambda)
 JOINT_STEP = 0.5       # xi (f_tt + lambda M) and beta (f_pp + lambda L_g) of the penalty steps
 RAMP_STEPS = 1000      # outer steps of the penalty ramps (F2SA, V-PBGD) from 1 to their cap
-BOME_ETA = 5.0         # BOME's eta (the floor of its lambda), rescaled units: 0.5 stalled at 4e-2 on the quadratic
+BOME_CONTROL_RATE = 5.0  # BOME's eta (its lambda's floor), rescaled units: 0.5 stalled at 4e-2 on the quadratic
 
 # arguments that do not carry the objectives' units: passing them keeps the rescaling
 STRUCTURAL = frozenset({
-    "batch_size", "sampler", "mode", "check", "mesh", "shards", "precision", "lower_steps", "neumann_steps",
+    "batch_size", "sampler", "mode", "check", "mesh", "shards", "precision", "lower_steps", "tracker_steps", "neumann_steps",
     "linear_solver", "warm_start", "lower_set", "saga_init", "period", "shared_batch", "control", "directions",
-    "num_directions", "correction", "exact_residual", "hinge", "upper_decay", "lower_decay", "inner_decay",
-    "strongly_convex", "horizon", "hessian_tracking", "m_start", "inc", "every", "m_max", "m0", "momentum_eta",
-    "eta0", "eta_upper", "eta_lower", "tau", "ramp_steps", "penalty_power"})
+    "num_directions", "correction", "exact_residual", "hinge", "upper_decay", "lower_decay", "tracker_decay",
+    "strongly_convex", "horizon", "hessian_tracking", "m_start", "inc", "every", "m_max", "m0", "momentum",
+    "upper_momentum", "lower_momentum", "hessian_momentum", "restart_lower_decay", "variant", "penalty_power"})
 
 _GIVE_STEPS = "pass upper_lr= and lower_lr= to run it with step sizes of your choice"
 # presets whose fixed points are not theta* for any step size: built without step sizes, they raise
@@ -371,7 +371,7 @@ def _penalty(alg: ValueFunction, c: Curvatures, steps: Optional[int], full_batch
         if isinstance(m, DualAscent):
             m = dataclasses.replace(m, start=lam, cap=lam)
         elif isinstance(m, Barrier):
-            m = dataclasses.replace(m, eta=jnp.asarray(BOME_ETA))
+            m = dataclasses.replace(m, eta=jnp.asarray(BOME_CONTROL_RATE))
     step = jnp.asarray(JOINT_STEP)
     upper = PenaltyStep(step, jnp.maximum(c.upper_theta, c.upper), c.coupling, ramp, times_penalty=divided)
     lower = PenaltyStep(step, c.upper_phi, c.lower, ramp, times_penalty=divided)
@@ -394,8 +394,10 @@ def _settings(name: str):
     function (alg, rescaled curvatures, K, full batch, choices) -> alg; (None, None) otherwise."""
     if name in ("stocbio", "bsa", "ttsa", "alset", "mrbo", "sustain", "vrbo", "vrbo_single_loop"):
         return "neumann_steps", _neumann
-    if name in ("f2sa", "vf_penalty", "pdbo", "bome", "pbgd", "smoothing_pg"):
+    if name == "f2sa":   # its inner loop of phi and the tracker's: lower_steps steps each
         return "lower_steps", _penalty
+    if name in ("vf_penalty", "pdbo", "bome", "pbgd", "smoothing_pg"):
+        return "tracker_steps", _penalty
     if name == "pzobo":
         return "lower_steps", _pzobo
     return None, None
@@ -445,17 +447,15 @@ class Chosen(eqx.Module):
         return dict(self.values).get(key, default)
 
 
-class NormalizedState(NamedTuple):
-    """The wrapped algorithm's state, the curvatures estimated at `init` and the static choices."""
+class NormalizedState(State):
+    """The wrapped algorithm's state (its header is this state's), the curvatures estimated at
+    `init` and the static choices made from them."""
 
-    inner: Any
+    inner: State
     curvatures: Curvatures
     chosen: Chosen = Chosen()
 
-    theta = property(lambda self: self.inner.theta)
-    phi = property(lambda self: self.inner.phi)
-    count = property(lambda self: self.inner.count)
-    key = property(lambda self: self.inner.key)
+    header = property(lambda self: self.inner.header)
     v = property(lambda self: getattr(self.inner, "v", None))
     scales = property(lambda self: _scales(self.curvatures))
 
@@ -606,6 +606,6 @@ def own_defaults(build):
     return preset
 
 
-__all__ = ["BOME_ETA", "Chosen", "Curvatures", "JOINT_PENALTY", "LOWER_SCALE", "MAX_STEPS", "MIN_STEPS", "NO_DEFAULTS",
+__all__ = ["BOME_CONTROL_RATE", "Chosen", "Curvatures", "JOINT_PENALTY", "LOWER_SCALE", "MAX_STEPS", "MIN_STEPS", "NO_DEFAULTS",
            "Normalized", "NormalizedState", "PENALTY", "PenaltyStep", "STRUCTURAL", "Scales", "StepCheck", "TOL", "UPPER_SCALE",
            "auto_scaled", "check_curvatures", "curvatures", "loop_length", "own_defaults", "rescaled", "scaled_problem", "scales_at"]

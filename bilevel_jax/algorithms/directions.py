@@ -34,7 +34,6 @@ import optax.tree_utils as otu
 
 from bilevel_jax import oracles
 from bilevel_jax import status as st
-from bilevel_jax.algorithms.base import OracleCounts
 from bilevel_jax.algorithms.steps import Batches, Rule, StepRule, apply_step, as_rule, init_rule
 from bilevel_jax.hypergrad.implicit import implicit_direction
 from bilevel_jax.linear_solvers import LinearSolver
@@ -80,10 +79,10 @@ class Point(NamedTuple):
 
 
 class Evaluation(NamedTuple):
-    """One evaluation: the oracles, the rule state to keep, its oracle calls, residual, status."""
+    """One evaluation: the oracles, the rule state to keep, residual, status. (Its oracle calls are
+    counted by the oracle functions it makes them with, `bj.oracles.counting`.)"""
     oracles: Any
     rule_state: Any
-    counts: OracleCounts
     residual_norm: jax.Array
     status: jax.Array
 
@@ -131,9 +130,8 @@ class Partial(DirectionRule):
         g_theta = oracles.upper_grad_theta(problem, point.theta, point.phi, batches.upper)
         grad_phi = (oracles.lower_grad_phi(problem, point.theta, point.phi, batches.lower)
                     if self.simultaneous else None)
-        counts = OracleCounts.of(upper_grads=1, lower_grads=int(self.simultaneous))
-        return Evaluation(Separable(UpperTerms(g_theta), LowerTerms(grad_phi)), point.rule_state, counts,
-                          _no_residual(), st.ok())
+        return Evaluation(Separable(UpperTerms(g_theta), LowerTerms(grad_phi)), point.rule_state, _no_residual(),
+                          st.ok())
 
     def directions(self, estimate):
         return Directions(estimate.upper.g_theta, estimate.lower.grad_phi)
@@ -165,11 +163,8 @@ class Implicit(DirectionRule):
     def evaluate(self, problem, point, batches, key, mode):
         out = implicit_direction(problem, point.theta, point.phi, batches.upper, batches.lower, self.solver,
                                  point.rule_state.solver, key, batches.fresh_lower, mode)
-        counts = OracleCounts.of(upper_grads=1, lower_grads=int(self.simultaneous), cross=1,
-                                 hvps=out.info.num_matvecs)
-        grad_phi = out.lin.grad_phi if self.simultaneous else None
-        return Evaluation(Joint(out.g, grad_phi), ImplicitState(out.state), counts, out.info.residual_norm,
-                          out.info.status)
+        grad_phi = out.lin.gradient() if self.simultaneous else None
+        return Evaluation(Joint(out.g, grad_phi), ImplicitState(out.state), out.info.residual_norm, out.info.status)
 
     def directions(self, estimate):
         return Directions(estimate.hypergrad, estimate.grad_phi)
@@ -199,9 +194,8 @@ class Amortized(DirectionRule):
         g_theta, g_phi = oracles.upper_grads(problem, point.theta, point.phi, batches.upper)
         grad_phi, av, jv = oracles.grad_hvp_cross(problem, point.theta, point.phi, point.rule_state.v,
                                                   batches.lower, mode)
-        counts = OracleCounts.of(lower_grads=1, upper_grads=1, hvps=1, cross=1)
         return Evaluation(Separable(UpperTerms(g_theta, g_phi), LowerTerms(grad_phi, av, jv)), point.rule_state,
-                          counts, otu.tree_norm(otu.tree_sub(av, g_phi)), st.ok())
+                          otu.tree_norm(otu.tree_sub(av, g_phi)), st.ok())
 
     def directions(self, estimate):
         return Directions(otu.tree_sub(estimate.upper.g_theta, estimate.lower.cross), estimate.lower.grad_phi)

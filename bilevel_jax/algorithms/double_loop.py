@@ -56,13 +56,13 @@ def ba(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, l
 
 def bsa(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, lower_steps: int = 10,
         neumann_steps: int = 10, neumann_eta=None, batch_size=64, upper_decay: float = 0.5,
-        lower_decay: float = 0.5, inner_decay: bool = False, **kw) -> BilevelLoop:
+        lower_decay: float = 0.5, restart_lower_decay: bool = False, **kw) -> BilevelLoop:
     """BSA (Ghadimi & Wang 2018, arXiv:1802.02246, Alg. 2): T SGD steps, then the UL step with the
     HIA stochastic Neumann estimate  A^{-1} ~ N eta prod_{i<=p} (I - eta A_{xi_i}),  p ~ U{0..N-1}.
     Steps: alpha_k = upper_lr/(k+1)^{upper_decay} on theta; on phi, by default
     beta_k = lower_lr/(k+1)^{lower_decay} with k the outer iteration for all T inner steps of
     iteration k (benchmark_bilevel's settings, which the rate experiments here compare against);
-    with `inner_decay=True`, beta_t = lower_lr/(t+1)^{lower_decay} decays over the inner steps
+    with `restart_lower_decay=True`, beta_t = lower_lr/(t+1)^{lower_decay} decays over the inner steps
     t = 0..T-1 and restarts at every outer iteration, as Algorithm 2 is written (the inner loop's
     own SGD schedule). eta = `neumann_eta` (default lower_lr); N = `neumann_steps` terms.
     T is fixed here. The complexities quoted for BSA, O(eps^-2) samples of f_upper and O(eps^-3) of
@@ -72,7 +72,7 @@ def bsa(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, 
     with named("bsa"):
         eta = solver_eta(lower_lr, neumann_eta, lower_opt)
         solver = stochastic_neumann(neumann_steps, eta)
-        if inner_decay:
+        if restart_lower_decay:
             check_step_size("lower_lr", lower_lr)
             lower_lr = inverse_power(lower_lr, lower_decay, cycle=lower_steps_at_least_one(lower_steps))
     return _double_loop("bsa", problem, lambda: directions.implicit(solver), upper_lr, lower_lr, upper_opt,

@@ -7,7 +7,8 @@ and SARAH recursions. An estimator only sees `evaluate(point, batches) -> Evalua
                  Ji, Liang 2021, arXiv:2106.04692) and SUSTAIN (Khanduri et al. 2021,
                  arXiv:2102.07367) use a_k = 1 - eta_k; the bilevel momentum h_k = grad_k +
                  eta (h_{k-1} - grad_{k-1}) is a = eta. FSLA (Li, Gu, Huang 2022, arXiv:2112.04660)
-                 applies it to the UL direction only (`mask=`).
+                 applies it to its hypergradient estimate only (`bj.algorithms.fsla`; a rule's other
+                 oracles are left out with `mask=`).
 - `saga()`     : per batch id, d = new - mem[id] + mean(mem); mean += (new - mem[id]) / n;
                  mem[id] = new (Defazio, Bach, Lacoste-Julien 2014, arXiv:1407.0202), one table per
                  level with its own batch ids: SABA (Dagreou et al. 2022, arXiv:2201.13409).
@@ -18,7 +19,8 @@ and SARAH recursions. An estimator only sees `evaluate(point, batches) -> Evalua
 `mask` and per-leaf weights are pytree prefixes of the rule's typed oracles (e.g.
 `directions.Joint(hypergrad=0.5, grad_phi=0.9)`), as in `optax.masked`; a leaf with no weight
 (False in the mask, None as weight) is the plain minibatch estimate. Each estimator owns its state
-type and returns the oracle calls it made (`OracleCounts`, no sentinels).
+type; its oracle calls are counted by the oracle functions the evaluations call
+(`bj.oracles.counting`), a vmapped pair of evaluations twice, a refresh as one pass over the data.
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
+from bilevel_jax import oracles
 from bilevel_jax._checks import check_positive_int
-from bilevel_jax.algorithms.base import OracleCounts
 from bilevel_jax.algorithms.directions import Evaluation, Point
 from bilevel_jax.algorithms.steps import Batches
 from bilevel_jax.schedules import as_schedule
@@ -39,18 +41,12 @@ from bilevel_jax.schedules import as_schedule
 PyTree = Any
 
 
-def _scale(counts: OracleCounts, upper, lower) -> OracleCounts:
-    """Counts with the UL oracles times `upper` and the LL oracles (gradients, HVPs, cross) times `lower`."""
-    return OracleCounts(counts.lower_grads * lower, counts.upper_grads * upper, counts.hvps * lower,
-                        counts.cross * lower, counts.values * lower)
-
-
 class Estimator(eqx.Module):
     """Base class of the estimators.
 
     `estimate(evaluate, point, state, count, batches, full, passes)` returns `(estimate,
-    evaluation at point, new state, oracle counts)`; `full` are the whole-data batches and
-    `passes` = (n_upper // b_upper, n_lower // b_lower), the minibatch oracles one full pass counts as.
+    evaluation at point, new state)`; `full` are the whole-data batches and `passes` =
+    (n_upper // b_upper, n_lower // b_lower), the minibatch oracles one full pass counts as.
     """
 
     needs_separable: ClassVar[bool] = False
@@ -72,17 +68,18 @@ class SGD(Estimator):
 
     def estimate(self, evaluate, point, state, count, batches, full, passes):
         ev = evaluate(point, batches)
-        return ev.oracles, ev, state, ev.counts
+        return ev.oracles, ev, state
 
 
 def _both_points(evaluate, point, prev, batches) -> Tuple[Evaluation, PyTree]:
     """`evaluate` at z_k and z_{k-1} as one vmapped call over the two points: what depends only on
     the batches and keys (minibatch draws, e.g. a stochastic solver's fresh batch per factor) is
-    computed once."""
+    computed once (and the oracle calls counted twice)."""
     dyn, static = eqx.partition(point, eqx.is_array)
     dyn_prev, _ = eqx.partition(prev, eqx.is_array)
     stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), dyn, dyn_prev)
-    both = jax.vmap(lambda d: evaluate(eqx.combine(d, static), batches))(stacked)
+    with oracles.counting(times=2):
+        both = jax.vmap(lambda d: evaluate(eqx.combine(d, static), batches))(stacked)
     return jax.tree_util.tree_map(lambda x: x[0], both), jax.tree_util.tree_map(lambda x: x[1], both.oracles)
 
 
@@ -120,13 +117,16 @@ class Recursive(Estimator):
             weights = jax.tree_util.tree_map(lambda m: weights if m else None, mask)
         return weights
 
-    def recurse(self, evaluate, point, state, count, batches):
+    def recurse(self, evaluate, point, state, count, batches, current: Optional[Evaluation] = None):
         """One recursion d = o(z; xi) + w_k (d_prev - o(z_prev; xi)) on `batches`, the same sample
         at z = `point` and z_prev = `state.prev`, without the refresh: `(estimate, evaluation at
-        point, new state, oracle counts)`. `estimate` is this plus the periodic refresh; a
+        point, new state)`. `estimate` is this plus the periodic refresh; a
         recursive LL phase (VRBO's inner loop, `bilevel_loop(lower_recursion=True)`) calls it
-        once per LL step."""
-        if self.joint:
+        once per LL step. `current`: the evaluation at `point` when the caller has made it (FSLA's
+        hypergradient shares the linearization of its v step); only z_prev is evaluated then."""
+        if current is not None:
+            ev, old = current, evaluate(state.prev, batches).oracles
+        elif self.joint:
             ev, old = _both_points(evaluate, point, state.prev, batches)
         else:
             ev = evaluate(point, batches)
@@ -140,19 +140,22 @@ class Recursive(Estimator):
 
         weights = self._weights(ev.oracles)
         out = jax.tree_util.tree_map(one, weights, ev.oracles, state.d, old, is_leaf=_is_weight)
-        return out, ev, RecursiveState(out, point), _scale(ev.counts, 2, 2)
+        return out, ev, RecursiveState(out, point)
 
     def estimate(self, evaluate, point, state, count, batches, full, passes):
-        out, ev, _, counts = self.recurse(evaluate, point, state, count, batches)
-        weights = self._weights(ev.oracles)
-        if self.refresh_period is not None:
-            refresh = (count % self.refresh_period) == 0
+        if self.refresh_period is None:
+            return self.recurse(evaluate, point, state, count, batches)
+        # a refresh step counts one pass over the data (`passes` minibatch oracles), a recursion its two evaluations
+        refresh = (count % self.refresh_period) == 0
+        with oracles.uncounted() as recursion:
+            out, ev, _ = self.recurse(evaluate, point, state, count, batches)
+        with oracles.uncounted() as refreshed:
             fresh = jax.lax.cond(refresh, lambda: evaluate(point, full).oracles, lambda: out)
-            out = jax.tree_util.tree_map(lambda w, f, r: r if w is None else f, weights, fresh, out,
-                                         is_leaf=_is_weight)
-            counts = jax.tree_util.tree_map(lambda a, b: jnp.where(refresh, a, b),
-                                            _scale(ev.counts, passes[0], passes[1]), counts)
-        return out, ev, RecursiveState(out, point), counts
+        out = jax.tree_util.tree_map(lambda w, f, r: r if w is None else f, self._weights(ev.oracles), fresh, out,
+                                     is_leaf=_is_weight)
+        oracles.record(jax.tree_util.tree_map(lambda a, b: jnp.where(refresh, a, b),
+                                              refreshed.counts.scaled(*passes), recursion.counts))
+        return out, ev, RecursiveState(out, point)
 
 
 class Memory(NamedTuple):
@@ -208,7 +211,7 @@ class SAGA(Estimator):
 
         up, mem_up = level(state.upper, ev.oracles.upper, batches.upper_id)
         low, mem_low = level(state.lower, ev.oracles.lower, batches.lower_id)
-        return type(ev.oracles)(up, low), ev, SagaState(mem_up, mem_low), ev.counts
+        return type(ev.oracles)(up, low), ev, SagaState(mem_up, mem_low)
 
 
 def sgd() -> SGD:

@@ -23,7 +23,6 @@ from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax._checks import as_array, check_step_size
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import OracleCounts
 from bilevel_jax.algorithms.directions import Amortized, Evaluation, LowerTerms, Separable, UpperTerms
 from bilevel_jax.algorithms.loop import BilevelLoop, bilevel_loop
 
@@ -39,9 +38,8 @@ class FiniteDifference(Amortized):
         grad_phi = oracles.lower_grad_phi(problem, point.theta, point.phi, batches.lower)
         av, jv = oracles.finite_difference_products(problem, point.theta, point.phi, point.rule_state.v,
                                                     batches.lower, self.delta)
-        counts = OracleCounts.of(lower_grads=3, upper_grads=1)
         return Evaluation(Separable(UpperTerms(g_theta, g_phi), LowerTerms(grad_phi, av, jv)), point.rule_state,
-                          counts, otu.tree_norm(otu.tree_sub(av, g_phi)), st.ok())
+                          otu.tree_norm(otu.tree_sub(av, g_phi)), st.ok())
 
 
 def hjfbio(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lower_opt=None, v_opt=None,

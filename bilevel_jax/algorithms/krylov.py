@@ -36,15 +36,17 @@ from bilevel_jax.algorithms.loop import BilevelLoop, bilevel_loop
 from bilevel_jax.linear_solvers import LinearSolver, lanczos, subspace
 
 
-def _eta(lower_lr, eta, lower_opt):
-    """SubBiO's eta: given, or lower_lr (a number or an array, and the rule of phi)."""
-    if eta is not None:
-        return eta
+def _eta(lower_lr, subspace_eta, lower_opt):
+    """SubBiO's eta: `subspace_eta`, or lower_lr (a number or an array, and the rule of phi)."""
+    if subspace_eta is not None:
+        check_step_size("subspace_eta", subspace_eta)
+        return subspace_eta
     if lower_opt is not None:
-        raise ValueError("eta defaults to lower_lr, which lower_opt replaces as the rule of phi: pass eta= explicitly.")
+        raise ValueError("subspace_eta defaults to lower_lr, which lower_opt replaces as the rule of phi: pass "
+                         "subspace_eta= explicitly.")
     if callable(lower_lr):
-        raise ValueError("eta defaults to lower_lr, a schedule here (a linear solve has no outer count): pass eta= "
-                         "explicitly.")
+        raise ValueError("subspace_eta defaults to lower_lr, a schedule here (a linear solve has no outer count): "
+                         "pass subspace_eta= explicitly.")
     check_step_size("lower_lr", lower_lr)
     return lower_lr
 
@@ -130,18 +132,18 @@ def lancbio(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=No
 
 
 def subbio(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, lower_steps: int = 5,
-           eta=None, batch_size=None, **kw) -> BilevelLoop:
+           subspace_eta=None, batch_size=None, **kw) -> BilevelLoop:
     """SubBiO (Yang, Gao & Yuan, ICLR 2025, arXiv:2404.03331): T = `lower_steps` warm-started
     gradient steps on phi, then v_k = the minimiser of 1/2 v'A_k v - b_k'v over the two-dimensional
-    subspace span{b_k, (I - eta A_k) v_{k-1}} (`bj.linear_solvers.subspace`; eta defaults to
-    `lower_lr`, the paper's theta), then theta <- theta - lambda (grad_theta f_upper - J v_k).
+    subspace span{b_k, (I - eta A_k) v_{k-1}} (`bj.linear_solvers.subspace`; eta = `subspace_eta`,
+    default `lower_lr`, the paper's theta), then theta <- theta - lambda (grad_theta f_upper - J v_k).
     Cost per step: T LL gradients, 3 HVPs, 1 J v, 1 UL gradient. (The authors' synthetic-problem
     code evaluates A_k (I - eta A_k) at the wrong point, v in place of phi; here A_k is the Hessian at
     (theta_k, phi_{k+1}) throughout.) Other arguments as in `bilevel_loop`.
     Sampling: full batch (the paper's deterministic analysis; `batch_size=None`); minibatches are an
     extension."""
     with named("subbio"):
-        solver = subspace(_eta(lower_lr, eta, lower_opt))
+        solver = subspace(_eta(lower_lr, subspace_eta, lower_opt))
         return _krylov_loop("subbio", problem, solver, upper_lr, lower_lr, upper_opt, lower_opt, lower_steps,
                             batch_size, **kw)
 

@@ -11,12 +11,14 @@ with the public primitives of `bj.algorithms.steps`:
                     minibatches, through an estimator (SGD, STORM, SAGA, SARAH), into
                     D_theta [, D_phi]; the rule moves its own variables (SOBA's v)
     3. steps        theta_{k+1} = P_Theta(theta_k + upper rule(D_theta))
-                    phi  <- phi + lower rule(D_phi)     (rules that move phi with theta)
-    4. finish       oracle counts, status (solver breakdown, non-finite, invalid step)
+                    phi  <- phi + lower rule(D_phi)     (rules that move phi with theta; a projected
+                                                         LL rule projects onto Phi(theta_{k+1}))
+    4. finish       status (solver breakdown, non-finite, invalid step) and the oracle counts, from the
+                    oracle functions the step called (`bj.oracles.counting`)
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import equinox as eqx
 import jax
@@ -26,10 +28,10 @@ from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.algorithms import estimators as est
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts, step_key
+from bilevel_jax.algorithms.base import Header, State, step_key
 from bilevel_jax.algorithms.directions import DirectionRule, Point
-from bilevel_jax.algorithms.steps import (SOLVER_STREAM, Batches, Rule, StepRule, apply_step, as_rule, check_data,
-                                          draw_batches, finish, init_rule, lower_phase, start)
+from bilevel_jax.algorithms.steps import (SOLVER_STREAM, Batches, Composed, Rule, apply_step, as_rule, check_data,
+                                          draw_batches, lower_phase)
 from bilevel_jax.problem import BilevelProblem, check_problem
 from bilevel_jax.sampling import BLOCK_SAMPLERS, Sampler, make_sampler, num_batches
 
@@ -60,21 +62,16 @@ def passes(samplers: Tuple[Sampler, Sampler], data) -> Tuple[int, int]:
     return one(samplers[0], data[0]), one(samplers[1], data[1])
 
 
-class LoopState(NamedTuple):
+class LoopState(State):
     """The state of `bilevel_loop` algorithms.
 
     direction: the direction rule's state (a linear solver's state, SOBA's v and its optax state);
     estimator: the estimator's state (momentum, SAGA memories, previous point).
     """
 
-    theta: PyTree
-    phi: PyTree
-    count: Any
-    key: Any
-    upper_opt_state: Any
-    lower_opt_state: Any
+    header: Header
     direction: Any
-    estimator: Any
+    estimator: Any = None
 
     @property
     def v(self):
@@ -82,28 +79,23 @@ class LoopState(NamedTuple):
         return getattr(self.direction, "v", None)
 
 
-class BilevelLoop(Algorithm):
+class BilevelLoop(Composed):
     """See the module docstring; build with `bilevel_loop` or a preset."""
 
-    problem: BilevelProblem = eqx.field(static=True)
     direction: DirectionRule
-    upper: StepRule
-    lower: Optional[StepRule]
     estimator: est.Estimator
-    samplers: Tuple[Sampler, Sampler] = eqx.field(static=True)
     lower_steps: int = eqx.field(static=True, default=0)
     mode: str = eqx.field(static=True, default="rev")
-    check: bool = eqx.field(static=True, default=False)
-    name: str = eqx.field(static=True, default="bilevel_loop")
     lower_recursion: bool = eqx.field(static=True, default=False)
+    name: str = eqx.field(static=True, default="bilevel_loop", kw_only=True)
 
     def _evaluate(self, key):
         return lambda point, batches: self.direction.evaluate(self.problem, point, batches, key, self.mode)
 
     def init(self, theta0, phi0, key, data=None) -> LoopState:
-        theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
-        state = LoopState(theta0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
-                          init_rule(self.lower, phi0), self.direction.init(theta0, phi0), None)
+        head = self.start(theta0, phi0, key, data)
+        theta0 = head.theta
+        state = LoopState(head, self.direction.init(theta0, phi0))
         if isinstance(self.estimator, est.SGD):
             return state
         if data is None:
@@ -119,38 +111,36 @@ class BilevelLoop(Algorithm):
             upper, lower = self.samplers[0].block(data[0], i), self.samplers[1].block(data[1], j)
             return evaluate(point, Batches(upper, lower, i, j, lambda t: lower, lambda k: lower)).oracles
 
-        return state._replace(estimator=self.estimator.init(like, point, n_batches, oracles_at))
+        return LoopState(head, state.direction, self.estimator.init(like, point, n_batches, oracles_at))
 
     def update(self, state: LoopState, data):
-        check_data(data, self.samplers)
         count = state.count
-        batches = draw_batches(self.samplers, data, state.key, count, self.lower_steps)
+        batches = self.batches(state, data, self.lower_steps)
         rule_state, est_state = state.direction, state.estimator
-        if self.lower_recursion:
-            phi, lower_state, rule_state, est_state, ll_counts, ll_status = self._recursive_phase(state, batches)
-        else:
-            phi, lower_state, ll_counts, ll_status = lower_phase(
-                self.problem, self.lower, state.theta, state.phi, state.lower_opt_state, self.lower_steps,
-                batches.lower_at, count)
-        point = Point(state.theta, phi, rule_state)
-        estimate, ev, est_state, counts = self.estimator.estimate(
-            self._evaluate(step_key(state.key, count, SOLVER_STREAM)), point, est_state, count, batches,
-            full_batches(data), passes(self.samplers, data))
+        with oracles.counting() as tally:
+            if self.lower_recursion:
+                phi, lower_state, rule_state, est_state, ll_status = self._recursive_phase(state, batches)
+            else:
+                phi, lower_state, ll_status = lower_phase(
+                    self.problem, self.lower, state.theta, state.phi, state.lower_opt_state, self.lower_steps,
+                    batches.lower_at, count)
+            point = Point(state.theta, phi, rule_state)
+            estimate, ev, est_state = self.estimator.estimate(
+                self._evaluate(step_key(state.key, count, SOLVER_STREAM)), point, est_state, count, batches,
+                full_batches(data), passes(self.samplers, data))
         dirs = self.direction.directions(estimate)
 
         theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state, dirs.theta, count,
                                                    self.problem.project)
         low_status = st.ok()
-        if dirs.phi is not None and not self.lower_recursion:
-            phi, lower_state, low_status = apply_step(self.lower, phi, lower_state, dirs.phi, count)
+        if dirs.phi is not None and not self.lower_recursion:   # (projected onto Phi(theta_{k+1}))
+            phi, lower_state, low_status = apply_step(self.lower, phi, lower_state, dirs.phi, count, theta=theta)
         rule_state, rule_status = self.direction.advance(ev.rule_state, estimate, count)
 
-        (theta, phi, rule_state), info = finish(
-            (theta, phi, rule_state), ll_counts + counts, ev.residual_norm,
-            (ll_status, ev.status, up_status, low_status, rule_status), check=self.check,
-            where=f"{self.name} outer step")
-        new_state = LoopState(theta, phi, count + 1, state.key, upper_state, lower_state, rule_state, est_state)
-        return new_state, info
+        (theta, phi, rule_state), info = self.finish(
+            (theta, phi, rule_state), tally.counts, ev.residual_norm,
+            (ll_status, ev.status, up_status, low_status, rule_status))
+        return LoopState(state.header.next(theta, phi, upper_state, lower_state), rule_state, est_state), info
 
     def _recursive_phase(self, state: LoopState, batches: Batches):
         """The recursive LL phase at theta_k (VRBO's inner loop, Yang, Ji & Liang 2021,
@@ -162,7 +152,7 @@ class BilevelLoop(Algorithm):
         where z_prev is the previous evaluation point (at t = 0: theta_{k-1} and the phi of the
         last direction, so the first difference carries the change of theta). Outer step 0 has no
         LL phase: the recursion starts from the first direction estimate (a refresh).
-        Returns `(phi, lower_state, rule_state, estimator_state, counts, status)`."""
+        Returns `(phi, lower_state, rule_state, estimator_state, status)`."""
         count = state.count
         key = step_key(state.key, count, SOLVER_STREAM)
         zero = jnp.zeros((), jnp.int32)
@@ -175,21 +165,24 @@ class BilevelLoop(Algorithm):
             phase = Batches(batches.upper_at(t), batches.lower_at(t), zero, zero, batches.lower_at,
                             batches.fresh_lower)
             evaluate = self._evaluate(jax.random.fold_in(key, t + 1))
-            estimate, ev, est_state, counts = self.estimator.recurse(
+            estimate, ev, est_state = self.estimator.recurse(
                 evaluate, Point(state.theta, phi, rule_state), est_state, count, phase)
             phi, lower_state, low_status = apply_step(self.lower, phi, lower_state,
-                                                      self.direction.directions(estimate).phi, count)
+                                                      self.direction.directions(estimate).phi, count,
+                                                      theta=state.theta)
             rule_state, rule_status = self.direction.advance(ev.rule_state, estimate, count)
             status = st.merge(status, ev.status, low_status, rule_status)
-            return eqx.filter((phi, lower_state, rule_state, est_state, status), eqx.is_array), counts
+            return eqx.filter((phi, lower_state, rule_state, est_state, status), eqx.is_array), None
 
         def run():
-            dyn, counts = jax.lax.scan(step, dyn0, jnp.arange(self.lower_steps))
-            return dyn, jax.tree_util.tree_map(lambda c: jnp.sum(c, dtype=c.dtype), counts)
+            with oracles.counting(times=self.lower_steps):
+                return jax.lax.scan(step, dyn0, jnp.arange(self.lower_steps))[0]
 
-        dyn, counts = jax.lax.cond(count > 0, run, lambda: (dyn0, OracleCounts.of()))
+        with oracles.uncounted() as phase:
+            dyn = jax.lax.cond(count > 0, run, lambda: dyn0)
+        oracles.record(jax.tree_util.tree_map(lambda c: jnp.where(count > 0, c, 0), phase.counts))
         phi, lower_state, rule_state, est_state, status = eqx.combine(dyn, static)
-        return phi, lower_state, rule_state, est_state, counts, status
+        return phi, lower_state, rule_state, est_state, status
 
 
 def bilevel_loop(problem: BilevelProblem, *, direction: DirectionRule, upper_opt: Rule,
@@ -239,8 +232,8 @@ def bilevel_loop(problem: BilevelProblem, *, direction: DirectionRule, upper_opt
         raise ValueError(f"{name}: lower_opt (the step rule of phi) is required when phi is updated.")
     upper = as_rule("upper_opt", upper_opt)
     lower = None if lower_opt is None else as_rule("lower_opt", lower_opt)
-    return BilevelLoop(problem, direction, upper, lower, estimator, make_samplers(batch_size, sampler),
-                       lower_steps, mode, check, name, bool(lower_recursion))
+    return BilevelLoop(problem, upper, lower, make_samplers(batch_size, sampler), direction, estimator, lower_steps,
+                       mode, bool(lower_recursion), check=check, name=name)
 
 
 __all__ = ["BilevelLoop", "LoopState", "bilevel_loop", "check_data", "full_batches", "make_samplers", "passes"]

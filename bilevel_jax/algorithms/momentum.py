@@ -32,52 +32,53 @@ def _storm_loop(preset, problem, solver, upper_lr, lower_lr, upper_opt, lower_op
                             estimator=estimator, batch_size=batch_size, name=preset, **loop_options(kw))
 
 
-def momentum(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, eta_upper=0.5, eta_lower=0.5,
+def momentum(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, upper_momentum=0.5,
+             lower_momentum=0.5,
              linear_solver: Optional[LinearSolver] = None, batch_size=64, **kw) -> BilevelLoop:
     """The bilevel momentum of Khanduri et al. ("A Near-Optimal Algorithm for Stochastic Bilevel
     Optimization via Double-Momentum", 2021, arXiv:2102.07367):
         h_l^k = (1 - eta_l) grad_phi f_l(z_k) + eta_l (h_l^{k-1} + grad_phi f_l(z_k) - grad_phi f_l(z_{k-1}))
         h_u^k = (1 - eta_u) hgrad(z_k) + eta_u (h_u^{k-1} + hgrad(z_k) - hgrad(z_{k-1}))
-    i.e. STORM with weight a = eta; constant steps; hgrad by `linear_solver` (default cg(10)).
+    i.e. STORM with momentum eta_u = `upper_momentum`, eta_l = `lower_momentum` (0: none); constant steps; hgrad by `linear_solver` (default cg(10)).
     Sampling: i.i.d. minibatches (the paper's); `sampler="shuffled"` is the zero-copy option."""
     with named("momentum"):
-        check_in_range("eta_upper", eta_upper, 0.0, 1.0)
-        check_in_range("eta_lower", eta_lower, 0.0, 1.0)
-    estimator = estimators.storm(directions.Joint(hypergrad=eta_upper, grad_phi=eta_lower))
+        check_in_range("upper_momentum", upper_momentum, 0.0, 1.0)
+        check_in_range("lower_momentum", lower_momentum, 0.0, 1.0)
+    estimator = estimators.storm(directions.Joint(hypergrad=upper_momentum, grad_phi=lower_momentum))
     return _storm_loop("momentum", problem, linear_solver or cg(10), upper_lr, lower_lr, upper_opt, lower_opt,
                        estimator, batch_size, 0.0, **kw)
 
 
-def _storm_weight(eta0, exponent):
-    """a_k = 1 - eta_k with eta_k = eta0 / (k + 1)^exponent."""
-    check_in_range("eta0", eta0, 0.0, 1.0, closed_low=False)
-    return OneMinus(inverse_power(eta0, exponent))
+def _storm_weight(momentum, exponent):
+    """a_k = 1 - eta_k with eta_k = (1 - momentum) / (k + 1)^exponent (a_0 = momentum)."""
+    check_in_range("momentum", momentum, 0.0, 1.0, closed_high=False)
+    return OneMinus(inverse_power(1.0 - momentum, exponent))
 
 
 def mrbo(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, neumann_steps: int = 10,
-         neumann_eta=None, shared_batch: bool = False, eta0=0.5, batch_size=64, **kw) -> BilevelLoop:
+         neumann_eta=None, shared_batch: bool = False, momentum=0.5, batch_size=64, **kw) -> BilevelLoop:
     """MRBO (Yang, Ji, Liang, "Provably Faster Algorithms for Bilevel Optimization", 2021,
     arXiv:2106.04692): STORM on both levels with the StocBiO Neumann hypergradient (N =
     `neumann_steps` terms, a fresh LL minibatch per factor unless `shared_batch`, see `stocbio`; the
     same factor batches at the current and the previous point); steps ~ (k+1)^{-1/3}, momentum
-    eta_k = eta0 (k+1)^{-2/3} (a_k = 1 - eta_k); O~(eps^{-3/2}).
+    a_k = 1 - eta_k, eta_k = eta_0 (k+1)^{-2/3}, eta_0 = 1 - `momentum`; O~(eps^{-3/2}).
     (The authors' code re-assigns the schedule inside the epoch loop so it never decays; not copied.)
     Sampling: i.i.d. minibatches (the paper's)."""
     with named("mrbo"):
         solver = neumann_series(neumann_steps, solver_eta(lower_lr, neumann_eta, lower_opt), batch_size, shared_batch)
-        estimator = estimators.storm(_storm_weight(eta0, 2.0 / 3.0))
+        estimator = estimators.storm(_storm_weight(momentum, 2.0 / 3.0))
     return _storm_loop("mrbo", problem, solver, upper_lr, lower_lr, upper_opt, lower_opt, estimator, batch_size,
                        1.0 / 3.0, **kw)
 
 
 def sustain(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, neumann_steps: int = 10,
-            neumann_eta=None, eta0=0.5, batch_size=64, **kw) -> BilevelLoop:
+            neumann_eta=None, momentum=0.5, batch_size=64, **kw) -> BilevelLoop:
     """SUSTAIN (Khanduri et al. 2021, arXiv:2102.07367): as MRBO with the HIA (stochastic Neumann)
-    hypergradient. Sampling: i.i.d. minibatches (the paper's)."""
+    hypergradient (the same momentum a_k). Sampling: i.i.d. minibatches (the paper's)."""
     with named("sustain"):
         solver = stochastic_neumann(neumann_steps, solver_eta(lower_lr, neumann_eta, lower_opt))
         # joint: the HIA factors' minibatches are drawn once for the current and the previous point
-        estimator = estimators.storm(_storm_weight(eta0, 2.0 / 3.0), joint=True)
+        estimator = estimators.storm(_storm_weight(momentum, 2.0 / 3.0), joint=True)
     return _storm_loop("sustain", problem, solver, upper_lr, lower_lr, upper_opt, lower_opt, estimator, batch_size,
                        1.0 / 3.0, **kw)
 

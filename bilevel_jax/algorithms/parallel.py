@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.algorithms.base import Algorithm, Wrapper
+from bilevel_jax.algorithms.vocabulary import translate_renamed
 from bilevel_jax.precision import Precision, with_precision
 from bilevel_jax.problem import BilevelProblem
 from bilevel_jax.rebuild import rebuild
@@ -135,11 +136,12 @@ def data_parallel(alg: Algorithm, *, mesh: Optional[Mesh] = None, shards: Option
 
 def preset_options(build: Callable) -> Callable:
     """A preset that also takes `mesh=` and `shards=` (data-parallel runs, `data_parallel`) and
-    `precision=` (a `bj.Precision` policy, `bj.precision.with_precision`)."""
+    `precision=` (a `bj.Precision` policy, `bj.precision.with_precision`); a keyword renamed in 0.2.0
+    is translated with a FutureWarning, or refused naming its new name (`vocabulary.translate_renamed`)."""
     @functools.wraps(build)
     def preset(*args, mesh: Optional[Mesh] = None, shards: Optional[int] = None,
                precision: Optional[Precision] = None, **kwargs):
-        alg = with_precision(build(*args, **kwargs), precision)
+        alg = with_precision(build(*args, **translate_renamed(build.__name__, kwargs)), precision)
         return data_parallel(alg, mesh=mesh, shards=shards)
 
     sig = inspect.signature(build)

@@ -7,7 +7,7 @@
   (a `value_function.ValueFunction` with `phi_steps` = T and a penalty ramp).
 - V-PBGD (Shen & Chen, "On Penalty-based Bilevel Gradient Descent Method", ICML 2023,
   arXiv:2302.05185): omega tracks argmin_y g(x, .) by T warm-started steps; a joint step on
-  (1/gamma) f(x, y) + g(x, y) - g(x, omega), gamma ramping linearly to gamma_max
+  (1/gamma) f(x, y) + g(x, y) - g(x, omega), gamma ramping linearly to `penalty_max`
   (`scale_upper`: d = grad f / gamma + grad q).
 - G-PBGD (same paper): a joint step on f(x, y) + (gamma / 2) ||grad_y g(x, y)||^2, whose gradient
   (grad f + gamma (J grad_y g, A grad_y g)) needs one linearisation of grad_y g (1 HVP + 1 cross):
@@ -31,7 +31,7 @@ problem is within O(1/lambda) (O(1/gamma)) of it; the augmented Lagrangian at a 
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, Optional
 
 import equinox as eqx
 import jax
@@ -41,28 +41,27 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax._checks import as_array, check_in_range, check_positive_int, check_step_size
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts
+from bilevel_jax.algorithms.base import Header, State
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
-from bilevel_jax.algorithms.steps import (StepRule, apply_step, check_data, draw_batches, finish, float_dtype,
-                                          init_rule, start)
+from bilevel_jax.algorithms.steps import Composed, apply_step, float_dtype
 from bilevel_jax.algorithms.value_function import PenaltyRamp, PenaltySchedule, ValueFunction, penalty_ramp, value_function
 from bilevel_jax.linear_solvers import fail_where
 from bilevel_jax.problem import BilevelProblem, check_problem
-from bilevel_jax.sampling import Full, Sampler
+from bilevel_jax.sampling import Full
 
 PyTree = Any
 
 
-def f2sa(problem: BilevelProblem, *, upper_lr=0.01, lower_lr=0.01, inner_lr=None, upper_opt=None, lower_opt=None,
-         inner_opt=None, lower_steps: int = 10, penalty=1.0, penalty_rate=0.1, penalty_power=1.0,
-         penalty_max=float("inf"), upper_decay=0.0, lower_decay=0.0, inner_decay=0.0,
+def f2sa(problem: BilevelProblem, *, upper_lr=0.01, lower_lr=0.01, tracker_lr=None, upper_opt=None, lower_opt=None,
+         tracker_opt=None, lower_steps: int = 10, penalty=1.0, penalty_rate=0.1, penalty_power=1.0,
+         penalty_max=float("inf"), upper_decay=0.0, lower_decay=0.0, tracker_decay=0.0,
          batch_size: BatchSize = 64, **kw) -> ValueFunction:
-    """F2SA (module docstring) with T = `lower_steps` inner steps of y (step alpha = `lower_lr`) and
-    z (gamma = `inner_lr`, default alpha), x step xi alpha = `upper_lr`, and
+    """F2SA (module docstring) with T = `lower_steps` inner steps of both y (step alpha = `lower_lr`)
+    and the tracker z (gamma = `tracker_lr`, default alpha), x step xi alpha = `upper_lr`, and
     lambda_k = min(`penalty` + `penalty_rate` k^`penalty_power`, `penalty_max`).
     Defaults: T = 10, steps 0.01, lambda_0 = 1, delta = 0.1 per step (the public benchmark's and the
     LancBiO authors' hyper-cleaning settings); the benchmark decays the steps as k^{-4/7} (x, z),
-    k^{-5/7} (y) with lambda ~ k^{1/7} (`upper_decay=4/7, lower_decay=5/7, inner_decay=4/7,
+    k^{-5/7} (y) with lambda ~ k^{1/7} (`upper_decay=4/7, lower_decay=5/7, tracker_decay=4/7,
     penalty_power=1/7`), the rates of the paper's stochastic analysis [verify]. The y steps must
     stay stable: alpha lambda_k L_g < 2 (cap lambda with `penalty_max`). A stochastic method:
     minibatches of 64 by default (`batch_size=None`: full batch), i.i.d. as in the paper's analysis. Oracles per step: 2T + 2 LL
@@ -70,12 +69,12 @@ def f2sa(problem: BilevelProblem, *, upper_lr=0.01, lower_lr=0.01, inner_lr=None
     `value_function` module docstring)."""
     with named("f2sa"):
         check_positive_int("lower_steps", lower_steps)
-        inner = lower_lr if inner_lr is None else inner_lr
+        tracker = lower_lr if tracker_lr is None else tracker_lr
         ramp = penalty_ramp(penalty, penalty_rate, penalty_power, penalty_max)
         return value_function(problem, multiplier=PenaltySchedule(False, ramp, False),
                               upper_opt=rule("upper_lr", upper_lr, upper_opt, upper_decay),
                               lower_opt=rule("lower_lr", lower_lr, lower_opt, lower_decay, every=lower_steps),
-                              tracker_opt=rule("inner_lr", inner, inner_opt, inner_decay, every=lower_steps),
+                              tracker_opt=rule("tracker_lr", tracker, tracker_opt, tracker_decay, every=lower_steps),
                               tracker_steps=lower_steps, phi_steps=lower_steps, batch_size=batch_size, name="f2sa",
                               **kw)
 
@@ -103,116 +102,103 @@ def log_barrier(problem: BilevelProblem, mu) -> BilevelProblem:
     return BilevelProblem(problem.f_upper, f_lower, problem.project_upper)
 
 
-class GradientPenaltyState(NamedTuple):
-    theta: PyTree
-    phi: PyTree
-    count: Any
-    key: Any
-    upper_opt_state: Any
-    lower_opt_state: Any
+class GradientPenaltyState(State):
+    header: Header
     multiplier: Any = None   # mu, shaped like phi's array part (zeros for G-PBGD)
 
 
-class GradientPenalty(Algorithm):
+class GradientPenalty(Composed):
     """Joint step on the augmented Lagrangian f_upper + <mu, c> + (gamma_k / 2) ||c||^2 of
     c = grad_phi f_lower = 0, mu <- mu + dual_lr c (module docstring): `optimality_penalty`;
     G-PBGD without the multiplier (`dual_lr` None: mu stays 0); EBSA with c the gradient of the
     log-barrier LL (`barrier`, `ebsa`)."""
 
-    problem: BilevelProblem = eqx.field(static=True)
-    upper: StepRule
-    lower: StepRule
     penalty: PenaltyRamp
-    samplers: Tuple[Sampler, Sampler] = eqx.field(static=True)
     mode: str = eqx.field(static=True, default="rev")
-    check: bool = eqx.field(static=True, default=False)
     dual_lr: Any = None      # sigma (None: G-PBGD, no multiplier)
-    name: str = eqx.field(static=True, default="pbgd")
     barrier: Optional["BarrierWeight"] = None   # EBSA: c = grad_phi of the log-barrier LL (module docstring)
+    name: str = eqx.field(static=True, default="pbgd", kw_only=True)
 
     @property
     def handles_constraints(self) -> bool:
         return self.barrier is not None   # the LL's inequalities enter through the barrier
 
     def init(self, theta0, phi0, key, data=None) -> GradientPenaltyState:
-        theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
-        return GradientPenaltyState(theta0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
-                                    init_rule(self.lower, phi0), otu.tree_zeros_like(oracles.differentiable(phi0)))
+        return GradientPenaltyState(self.start(theta0, phi0, key, data),
+                                    otu.tree_zeros_like(oracles.differentiable(phi0)))
 
     def update(self, state: GradientPenaltyState, data):
-        check_data(data, self.samplers)
         k = state.count
         p = self.problem if self.barrier is None else log_barrier(self.problem, self.barrier(k))
         stochastic = not isinstance(self.samplers[1], Full)
-        batches = draw_batches(self.samplers, data, state.key, k, lower_steps=int(stochastic))
-        g_theta, g_phi = oracles.upper_grads(p, state.theta, state.phi, batches.upper)
-        lin = oracles.linearize_lower(p, state.theta, state.phi, batches.lower, self.mode)
-        # grad of (1/2) ||grad_phi f_lower||^2 = (J grad_phi f_lower, A grad_phi f_lower); with minibatches
-        # grad_phi f_lower from an independent batch (module docstring: unbiased product)
-        g_lower = (oracles.lower_grad_phi(p, state.theta, state.phi, batches.lower_at(0)) if stochastic
-                   else lin.grad_phi)
-        gamma = jnp.asarray(self.penalty(k), float_dtype((state.theta, state.phi)))
-        # (J w, A w) with w = mu + gamma grad_phi f_lower: the gradient of <mu, c> + (gamma / 2) ||c||^2
-        a_w, j_w = lin.hvp_and_cross(otu.tree_add_scale(state.multiplier, gamma, g_lower))
+        batches = self.batches(state, data, lower_steps=int(stochastic))
+        with oracles.counting() as tally:
+            g_theta, g_phi = oracles.upper_grads(p, state.theta, state.phi, batches.upper)
+            lin = oracles.linearize_lower(p, state.theta, state.phi, batches.lower, self.mode)
+            c = lin.gradient()
+            # grad of (1/2) ||grad_phi f_lower||^2 = (J grad_phi f_lower, A grad_phi f_lower); with minibatches
+            # grad_phi f_lower from an independent batch (module docstring: unbiased product)
+            g_lower = oracles.lower_grad_phi(p, state.theta, state.phi, batches.lower_at(0)) if stochastic else c
+            gamma = jnp.asarray(self.penalty(k), float_dtype((state.theta, state.phi)))
+            # (J w, A w) with w = mu + gamma grad_phi f_lower: the gradient of <mu, c> + (gamma / 2) ||c||^2
+            a_w, j_w = lin.hvp_and_cross(otu.tree_add_scale(state.multiplier, gamma, g_lower))
         theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state,
                                                    otu.tree_add(g_theta, j_w), k, p.project)
         phi, lower_state, low_status = apply_step(self.lower, state.phi, state.lower_opt_state,
                                                   otu.tree_add(g_phi, a_w), k)
         multiplier = (state.multiplier if self.dual_lr is None
-                      else otu.tree_add_scale(state.multiplier, self.dual_lr, lin.grad_phi))
+                      else otu.tree_add_scale(state.multiplier, self.dual_lr, c))
         if self.barrier is not None:   # out of the barrier's domain P < 0 (where its value is NaN): NaN, loudly
             ineq, _ = oracles.constraint_values(self.problem, theta, phi)
             outside = jnp.any(jnp.stack([jnp.any(c >= 0) for c in jax.tree_util.tree_leaves(ineq)]))
             phi = eqx.combine(fail_where(outside, oracles.differentiable(phi)),
                               eqx.filter(phi, eqx.is_inexact_array, inverse=True))
-        counts = OracleCounts.of(lower_grads=1 + int(stochastic), upper_grads=1, hvps=1, cross=1)
-        (theta, phi, multiplier), info = finish((theta, phi, multiplier), counts, otu.tree_norm(lin.grad_phi),
-                                                (up_status, low_status), check=self.check,
-                                                where=f"{self.name} outer step")
-        return GradientPenaltyState(theta, phi, k + 1, state.key, upper_state, lower_state, multiplier), info
+        (theta, phi, multiplier), info = self.finish((theta, phi, multiplier), tally.counts, otu.tree_norm(c),
+                                                     (up_status, low_status))
+        return GradientPenaltyState(state.header.next(theta, phi, upper_state, lower_state), multiplier), info
 
 
-def pbgd(problem: BilevelProblem, *, penalty: str = "value", upper_lr=0.1, lower_lr=None, inner_lr=None,
-         upper_opt=None, lower_opt=None, inner_opt=None, lower_steps: int = 10, gamma=1.0, gamma_max=10.0,
-         ramp_steps: int = 1000, lower_set=None, batch_size: BatchSize = None, sampler: str = "iid",
-         mode: str = "rev", check: bool = False):
+def pbgd(problem: BilevelProblem, *, variant: str = "value", upper_lr=0.1, lower_lr=None, tracker_lr=None,
+         upper_opt=None, lower_opt=None, tracker_opt=None, tracker_steps: int = 10, penalty=1.0, penalty_rate=0.009,
+         penalty_max=10.0, lower_set=None, batch_size: BatchSize = None, sampler: str = "iid",
+         mode: Optional[str] = None, check: bool = False):
     """PBGD (Shen & Chen, "On Penalty-based Bilevel Gradient Descent Method", ICML 2023,
-    arXiv:2302.05185), `penalty="value"` (V-PBGD) or `"gradient"` (G-PBGD):
+    arXiv:2302.05185), `variant="value"` (V-PBGD) or `"gradient"` (G-PBGD):
 
-        V-PBGD: omega <- T warm-started steps on g(x, .) (step `inner_lr`, default `lower_lr`),
+        V-PBGD: omega <- T = `tracker_steps` warm-started steps on g(x, .) (step `tracker_lr`, default `lower_lr`),
                 (x, y) <- (x, y) - alpha (grad f(x, y) / gamma_k + grad_{(x,y)} [g(x, y) - g(x, omega)])
         G-PBGD: (x, y) <- (x, y) - alpha (grad f(x, y) + gamma_k grad_{(x,y)} (1/2) ||grad_y g(x, y)||^2)
 
-    with gamma_k = min(gamma + (gamma_max - gamma) k / ramp_steps, gamma_max), the linear ramp of
-    the authors' code [verify the exact ramp]; alpha = `upper_lr` on x and `lower_lr` (default the
-    same) on y. Oracles: V-PBGD T + 2 LL gradients, 1 UL gradient; G-PBGD 1 LL gradient (2 with
-    minibatches: the independent batch of the module docstring), 1 UL gradient, 1 HVP, 1 cross product. Sampling: full batch (the paper's deterministic analysis);
-    `batch_size=b` draws i.i.d. minibatches. A constrained LL (`lower_set=`, or a problem built from a
+    with gamma_k = min(`penalty` + `penalty_rate` k, `penalty_max`) (default 1 -> 10 over 1000
+    steps), the linear ramp of the authors' code [verify the exact ramp]; alpha = `upper_lr` on x
+    and `lower_lr` (default the same) on y. Oracles: V-PBGD T + 2 LL gradients, 1 UL gradient; G-PBGD 1 LL gradient (2 with
+    minibatches: the independent batch of the module docstring), 1 UL gradient, 1 HVP, 1 cross product
+    (in `mode`, default "rev"; V-PBGD takes no `mode`: it has no second-order product). Sampling:
+    full batch (the paper's deterministic analysis); `batch_size=b` draws i.i.d. minibatches. A constrained LL (`lower_set=`, or a problem built from a
     `bj.constraints` set): V-PBGD projects its y and omega steps (`value_function` module docstring);
     G-PBGD refuses it (grad_y g = 0 characterises unconstrained LL minima only)."""
     with named("pbgd"):
-        if penalty not in ("value", "gradient"):
-            raise ValueError(f"penalty must be 'value' (V-PBGD) or 'gradient' (G-PBGD), got {penalty!r}.")
-        check_step_size("gamma", gamma)
-        check_step_size("gamma_max", gamma_max)
-        if gamma_max < gamma:
-            raise ValueError(f"gamma_max must be >= gamma, got gamma={gamma}, gamma_max={gamma_max}.")
-        check_positive_int("ramp_steps", ramp_steps)
-        ramp = penalty_ramp(gamma, (gamma_max - gamma) / ramp_steps, 1.0, gamma_max)
+        if variant not in ("value", "gradient"):
+            raise ValueError(f"variant must be 'value' (V-PBGD) or 'gradient' (G-PBGD), got {variant!r}.")
+        ramp = penalty_ramp(penalty, penalty_rate, 1.0, penalty_max)
         lower_lr = upper_lr if (lower_lr is None and lower_opt is None) else lower_lr
-        if penalty == "value":
+        if variant == "value":
+            if mode is not None:
+                raise ValueError("mode applies to variant='gradient' (G-PBGD) only: V-PBGD takes no second-order "
+                                 "product.")
             return value_function(problem, multiplier=PenaltySchedule(False, ramp, False), upper_lr=upper_lr,
-                                  lower_lr=lower_lr, tracker_lr=inner_lr, upper_opt=upper_opt, lower_opt=lower_opt,
-                                  tracker_opt=inner_opt, tracker_steps=lower_steps, scale_upper=True,
+                                  lower_lr=lower_lr, tracker_lr=tracker_lr, upper_opt=upper_opt, lower_opt=lower_opt,
+                                  tracker_opt=tracker_opt, tracker_steps=tracker_steps, scale_upper=True,
                                   lower_set=lower_set, batch_size=batch_size, sampler=sampler, check=check,
                                   name="pbgd")
+        mode = "rev" if mode is None else mode
         oracles.check_mode(mode)
         if lower_set is not None or check_problem(problem).constrained:
-            raise ValueError("penalty='gradient' (G-PBGD) needs an unconstrained lower level: its penalty "
-                             "||grad_y g||^2 vanishes at unconstrained LL minima only; use penalty='value' "
+            raise ValueError("variant='gradient' (G-PBGD) needs an unconstrained lower level: its penalty "
+                             "||grad_y g||^2 vanishes at unconstrained LL minima only; use variant='value' "
                              "(projected steps) on a constrained lower level.")
         return GradientPenalty(problem, rule("upper_lr", upper_lr, upper_opt), rule("lower_lr", lower_lr, lower_opt),
-                               ramp, make_samplers(batch_size, sampler), mode, check)
+                               make_samplers(batch_size, sampler), ramp, mode, check=check)
 
 
 def optimality_penalty(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, upper_opt=None, lower_opt=None,
@@ -246,8 +232,8 @@ def optimality_penalty(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, 
         ramp = penalty_ramp(penalty, penalty_rate, 1.0, penalty_max)
         lower_lr = upper_lr if (lower_lr is None and lower_opt is None) else lower_lr
         return GradientPenalty(problem, rule("upper_lr", upper_lr, upper_opt), rule("lower_lr", lower_lr, lower_opt),
-                               ramp, make_samplers(batch_size, sampler), mode, check, as_array(sigma),
-                               "optimality_penalty")
+                               make_samplers(batch_size, sampler), ramp, mode, as_array(sigma), check=check,
+                               name="optimality_penalty")
 
 
 def ebsa(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, upper_opt=None, lower_opt=None, penalty=1.0,
@@ -302,8 +288,8 @@ def ebsa(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, upper_opt=None
         ramp = penalty_ramp(penalty, penalty_rate, 1.0, penalty_max)
         lower_lr = upper_lr if (lower_lr is None and lower_opt is None) else lower_lr
         return GradientPenalty(problem, rule("upper_lr", upper_lr, upper_opt), rule("lower_lr", lower_lr, lower_opt),
-                               ramp, make_samplers(batch_size, sampler), mode, check, as_array(sigma), "ebsa",
-                               weight)
+                               make_samplers(batch_size, sampler), ramp, mode, as_array(sigma), weight, check=check,
+                               name="ebsa")
 
 
 __all__ = ["BarrierWeight", "GradientPenalty", "GradientPenaltyState", "ebsa", "f2sa", "log_barrier",

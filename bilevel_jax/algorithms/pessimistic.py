@@ -38,11 +38,12 @@ d = grad_theta f_upper + rho (grad_theta f_lower(theta, phi) - grad_theta f_lowe
 optimistic problem min_theta min_{phi in S(theta)} f_upper (a value-function penalty with an inner
 phi loop, as F2SA's); the problem option `BilevelProblem(..., pessimistic=...)` chooses which.
 
-Oracles per outer step: T_z + T_phi + 2 LL gradients, T_phi + 1 UL gradients.
+Oracles per outer step: T_z + T_phi + 2 LL gradients, T_phi + 1 UL gradients, 2 LL values (the
+state's `gap` diagnostic, from the last two LL gradient passes).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, NamedTuple, Optional, Tuple
+from typing import Any, Callable, ClassVar, Optional
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -51,82 +52,70 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts
+from bilevel_jax.algorithms.base import Header, State
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
-from bilevel_jax.algorithms.steps import (StepRule, apply_step, check_data, draw_batches,
-                                          finish, float_dtype, init_rule, lower_phase, start)
+from bilevel_jax.algorithms.steps import Composed, StepRule, apply_step, float_dtype, init_rule, lower_phase
 from bilevel_jax.algorithms.value_function import PenaltyRamp, penalty_ramp
 from bilevel_jax.algorithms.constrained import lower_projection, project_rule
 from bilevel_jax.lower import lower_steps as run_lower_steps
 from bilevel_jax.problem import BilevelProblem, check_problem
-from bilevel_jax.sampling import Sampler
 
 PyTree = Any
 
 
-class PessimisticState(NamedTuple):
-    theta: PyTree
-    phi: PyTree          # the follower: the penalised worst (pessimistic) or best (optimistic) case in S(theta)
+class PessimisticState(State):
+    """header.phi is the follower, the penalised worst (pessimistic) or best (optimistic) case in
+    S(theta); header.lower_opt_state the follower rule's state."""
+
+    header: Header
     z: PyTree            # the tracker of argmin_{Phi} f_lower(theta, .)
-    count: Any
-    key: Any
-    upper_opt_state: Any
-    follower_opt_state: Any
     tracker_opt_state: Any
     penalty: Any         # the last rho (a diagnostic)
     gap: Any             # the last f_lower(theta, phi) - f_lower(theta, z) (a diagnostic)
 
 
-class PessimisticPenalty(Algorithm):
-    """See the module docstring; build with `pessimistic_penalty`."""
+class PessimisticPenalty(Composed):
+    """See the module docstring; build with `pessimistic_penalty` (`lower`: the follower's rule)."""
 
-    problem: BilevelProblem = eqx.field(static=True)
-    upper: StepRule
-    follower: StepRule
     tracker: StepRule
     penalty: PenaltyRamp
-    samplers: Tuple[Sampler, Sampler] = eqx.field(static=True)
     follower_steps: int = eqx.field(static=True, default=10)
     tracker_steps: int = eqx.field(static=True, default=10)
-    check: bool = eqx.field(static=True, default=False)
+    name: str = eqx.field(static=True, default="pessimistic_penalty", kw_only=True)
     handles_constraints: ClassVar[bool] = True   # by projected follower and tracker steps
     handles_pessimistic: ClassVar[bool] = True   # pessimistic=True and False alike
 
     def init(self, theta0, phi0, key, data=None) -> PessimisticState:
-        theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
-        zero = jnp.zeros((), float_dtype((theta0, phi0)))
-        return PessimisticState(theta0, phi0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
-                                init_rule(self.follower, phi0), init_rule(self.tracker, phi0), zero, zero)
+        head = self.start(theta0, phi0, key, data)
+        zero = jnp.zeros((), float_dtype((head.theta, phi0)))
+        return PessimisticState(head, phi0, init_rule(self.tracker, phi0), zero, zero)
 
     def update(self, state: PessimisticState, data):
-        check_data(data, self.samplers)
         k, p = state.count, self.problem
-        batches = draw_batches(self.samplers, data, state.key, k, self.tracker_steps)
+        batches = self.batches(state, data, self.tracker_steps)
         dtype = float_dtype((state.theta, state.phi))   # the run's precision (rho must not promote it)
         rho = jnp.asarray(self.penalty(k), dtype)
-        # 1. the tracker of v(theta)
-        z, z_opt, counts, z_status = lower_phase(p, self.tracker, state.theta, state.z, state.tracker_opt_state,
-                                                 self.tracker_steps, batches.lower_at, k)
-        # 2. the follower: ascent on h_rho / rho = f_upper / rho - (f_lower - v)
-        upper_batch = batches.upper
-        sign = 1.0 if p.pessimistic else -1.0   # the follower maximises (pessimistic) or minimises f_upper
-        scaled = BilevelProblem(p.f_upper,
-                                lambda t, y, b: p.f_lower(t, y, b) - sign * p.f_upper(t, y, upper_batch) / rho)
-        phi, f_opt = run_lower_steps(scaled, self.follower.build(), state.theta, state.phi, state.follower_opt_state,
-                                     self.follower_steps, batches.lower_at)
-        counts = counts + OracleCounts.of(lower_grads=self.follower_steps + 2, upper_grads=self.follower_steps + 1,
-                                          values=2)
-        # 3. the leader: Danskin's gradient of Phi_rho at (phi, z)
-        g_theta = oracles.upper_grad_theta(p, state.theta, phi, batches.upper)
-        value_phi, (gx_phi, _) = oracles.lower_value_and_grads(p, state.theta, phi, batches.lower)
-        value_z, (gx_z, _) = oracles.lower_value_and_grads(p, state.theta, z, batches.lower)
+        with oracles.counting() as tally:
+            # 1. the tracker of v(theta)
+            z, z_opt, z_status = lower_phase(p, self.tracker, state.theta, state.z, state.tracker_opt_state,
+                                         self.tracker_steps, batches.lower_at, k)
+            # 2. the follower: ascent on h_rho / rho = f_upper / rho - (f_lower - v)
+            upper_batch = batches.upper
+            sign = 1.0 if p.pessimistic else -1.0   # the follower maximises (pessimistic) or minimises f_upper
+            scaled = oracles.PenalisedLower(p.f_upper,
+                                    lambda t, y, b: p.f_lower(t, y, b) - sign * p.f_upper(t, y, upper_batch) / rho)
+            phi, f_opt = run_lower_steps(scaled, self.lower.build(state.theta), state.theta, state.phi, state.lower_opt_state,
+                                         self.follower_steps, batches.lower_at)
+            # 3. the leader: Danskin's gradient of Phi_rho at (phi, z)
+            g_theta = oracles.upper_grad_theta(p, state.theta, phi, batches.upper)
+            value_phi, (gx_phi, _) = oracles.lower_value_and_grads(p, state.theta, phi, batches.lower)
+            value_z, (gx_z, _) = oracles.lower_value_and_grads(p, state.theta, z, batches.lower)
         d = otu.tree_add_scale(g_theta, -sign * rho, otu.tree_sub(gx_phi, gx_z))
         theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state, d, k, p.project)
-        (theta, phi, z), info = finish((theta, phi, z), counts, jnp.nan,
-                                       (z_status, self.follower.status(k), up_status), check=self.check,
-                                       where="pessimistic_penalty outer step")
-        return PessimisticState(theta, phi, z, k + 1, state.key, upper_state, f_opt, z_opt,
-                                rho, jnp.asarray(value_phi - value_z, dtype)), info
+        (theta, phi, z), info = self.finish((theta, phi, z), tally.counts, jnp.nan,
+                                            (z_status, self.lower.status(k), up_status))
+        return PessimisticState(state.header.next(theta, phi, upper_state, f_opt), z, z_opt, rho,
+                                jnp.asarray(value_phi - value_z, dtype)), info
 
 
 def _projected_rule(name: str, lr, opt, project: Optional[Callable]) -> StepRule:
@@ -163,8 +152,9 @@ def pessimistic_penalty(problem: BilevelProblem, *, upper_lr=0.1, follower_lr=0.
         ramp = penalty_ramp(penalty, penalty_rate, penalty_power, penalty_max)
         return PessimisticPenalty(problem, rule("upper_lr", upper_lr, upper_opt),
                                   _projected_rule("follower_lr", follower_lr, follower_opt, project),
+                                  make_samplers(batch_size, sampler),
                                   _projected_rule("tracker_lr", tracker_lr, tracker_opt, project), ramp,
-                                  make_samplers(batch_size, sampler), follower_steps, tracker_steps, check)
+                                  follower_steps, tracker_steps, check=check)
 
 
 __all__ = ["PessimisticPenalty", "PessimisticState", "pessimistic_penalty"]

@@ -1,13 +1,18 @@
 """Public step primitives: the pieces an outer iteration is composed of.
 
+    header = start(problem, samplers, theta0, phi0, key, data, upper=rule, lower=rule)  # init: the state's Header
     batches = draw_batches(samplers, data, key, count, lower_steps)      # draw batches
-    phi, s, counts = lower_phase(problem, rule, theta, phi, s, T, batches.lower_at)   # LL phase
-    ... evaluate a direction rule or `bj.hypergrad.implicit_direction` ...   # evaluate
+    with bj.oracles.counting() as tally:                                  # count the oracle calls
+        phi, s, status = lower_phase(problem, rule, theta, phi, s, T, batches.lower_at, count)  # LL phase
+        ... evaluate a direction rule or `bj.hypergrad.implicit_direction` ...   # evaluate
     theta, s, status = apply_step(rule, theta, s, direction, count, project)  # apply a step, project
-    trees, info = finish((theta, phi, v), counts, residual, statuses, check=...)  # counts, finiteness
+    trees, info = finish((theta, phi, v), tally.counts, residual, statuses, check=...)  # counts, finiteness
 
 `bilevel_loop` (every implicit-gradient preset) and `stable` are written with these and nothing
-private; a new method (extra variables, another order of steps) is another composition of them.
+private; a new method (extra variables, another order of steps) is another composition of them:
+a `Composed` subclass whose state is a `bj.algorithms.State` (its `Header` from `start`, then the
+method's own variables) and whose oracle counts are those the oracle functions record in the
+step's `bj.oracles.counting` block (no count is written by hand).
 
 A `StepRule` is how one variable moves: an optax transform, built inside the step from an array
 step size or a schedule Module (so the step size is a sweepable array field), or a whole optax
@@ -15,8 +20,7 @@ rule given by the user (`optax.adam(1e-3)`), kept as a static field.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import functools
 import numbers
 from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 
@@ -28,7 +32,8 @@ import optax
 from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax._checks import as_array, check_step_size
-from bilevel_jax.algorithms.base import OracleCounts, StepInfo, check_key
+from bilevel_jax.algorithms.base import Algorithm, Header, OracleCounts, StepInfo, check_key
+from bilevel_jax.constraints import projected
 from bilevel_jax.lower import lower_steps as run_lower_steps
 from bilevel_jax.problem import BilevelProblem, check_data_pair
 from bilevel_jax.sampling import Sampler, check_fits
@@ -45,19 +50,29 @@ class StepRule(eqx.Module):
     schedule: a plain-function schedule (e.g. an optax schedule), kept static.
     optimizer: a whole optax rule given by the user, kept static (step-size validity unknown).
     transform: `learning_rate -> optax rule` (default `optax.sgd`).
+    projection: `(theta, params) -> params`, a Euclidean projection applied after every step
+      (projected steps onto a feasible set Phi(theta), `bj.constraints.ProjectionAt`), kept
+      static; None for plain steps.
     """
 
     learning_rate: Any = None
     schedule: Optional[Callable] = eqx.field(static=True, default=None)
     optimizer: Optional[optax.GradientTransformation] = eqx.field(static=True, default=None)
     transform: Callable = eqx.field(static=True, default=optax.sgd)
+    projection: Optional[Callable] = eqx.field(static=True, default=None)
 
-    def build(self) -> optax.GradientTransformationExtraArgs:
-        """The optax rule (accepting `value`, `grad`, `value_fn` extra arguments)."""
+    def build(self, theta=None) -> optax.GradientTransformationExtraArgs:
+        """The optax rule (accepting `value`, `grad`, `value_fn` extra arguments); with a
+        `projection`, its steps projected onto the feasible set at `theta`
+        (`bj.constraints.projected`): the rule of an LL variable at the current UL point. The
+        optax state does not depend on theta (`init_rule` builds without it)."""
         if self.optimizer is not None:
-            return optax.with_extra_args_support(self.optimizer)
-        lr = self.schedule if self.schedule is not None else self.learning_rate
-        return optax.with_extra_args_support(self.transform(lr))
+            rule = self.optimizer
+        else:
+            rule = self.transform(self.schedule if self.schedule is not None else self.learning_rate)
+        if self.projection is not None:
+            rule = projected(rule, functools.partial(self.projection, theta))
+        return optax.with_extra_args_support(rule)
 
     def status(self, count) -> jax.Array:
         """INVALID_STEP when the step size is not a positive finite number (a traced sweep value
@@ -112,11 +127,13 @@ def as_rule(name: str, rule: Rule) -> StepRule:
 
 
 def apply_step(rule: StepRule, params: PyTree, opt_state, direction: PyTree, count,
-               project: Optional[Callable] = None) -> Tuple[PyTree, Any, jax.Array]:
-    """params <- project(params + rule(direction)); only the inexact-array leaves move.
+               project: Optional[Callable] = None, theta=None) -> Tuple[PyTree, Any, jax.Array]:
+    """params <- project(params + rule(direction)); only the inexact-array leaves move. `theta`:
+    the UL point whose feasible set Phi(theta) the rule's own projection (an LL variable's
+    projected steps, `StepRule.projection`) projects onto.
 
     Returns `(params, opt_state, status)`, status INVALID_STEP when the step size is invalid."""
-    updates, opt_state = rule.build().update(direction, opt_state, oracles.differentiable(params))
+    updates, opt_state = rule.build(theta).update(direction, opt_state, oracles.differentiable(params))
     params = eqx.apply_updates(params, updates)
     if project is not None:
         params = project(params)
@@ -161,28 +178,14 @@ def draw_batches(samplers: Tuple[Sampler, Sampler], data, key: jax.Array, count,
 
 
 def lower_phase(problem: BilevelProblem, rule: StepRule, theta, phi, opt_state, steps: int,
-                batch_at: Callable, count) -> Tuple[PyTree, Any, OracleCounts, jax.Array]:
-    """`steps` LL steps of `rule` at fixed theta: `(phi, opt_state, counts, status)`."""
+                batch_at: Callable, count) -> Tuple[PyTree, Any, jax.Array]:
+    """`steps` LL steps of `rule` at fixed theta (projected onto Phi(theta) when the rule is):
+    `(phi, opt_state, status)`; its oracle calls (`steps` LL gradients) go to the open
+    `bj.oracles.counting` block."""
     if steps == 0:
-        return phi, opt_state, OracleCounts.of(), st.ok()
-    phi, opt_state = run_lower_steps(problem, rule.build(), theta, phi, opt_state, steps, batch_at)
-    return phi, opt_state, OracleCounts.of(lower_grads=steps), rule.status(count)
-
-
-_NONFINITE_AT_RECORDS = contextvars.ContextVar("bilevel_jax_nonfinite_at_records", default=False)
-
-
-@contextlib.contextmanager
-def nonfinite_at_records():
-    """While tracing inside this context, `finish` leaves the NONFINITE test of the iterates to
-    the caller, which makes it on the whole state at its evaluation points (what `bj.run` does:
-    a NaN or inf in an iterate persists, so a reduction over every leaf at every step is not
-    needed to report it). Steps with `check=True` still test every step (they must raise there)."""
-    token = _NONFINITE_AT_RECORDS.set(True)
-    try:
-        yield
-    finally:
-        _NONFINITE_AT_RECORDS.reset(token)
+        return phi, opt_state, st.ok()
+    phi, opt_state = run_lower_steps(problem, rule.build(theta), theta, phi, opt_state, steps, batch_at)
+    return phi, opt_state, rule.status(count)
 
 
 def check_data(data, samplers: Tuple[Sampler, Sampler]) -> None:
@@ -192,28 +195,61 @@ def check_data(data, samplers: Tuple[Sampler, Sampler]) -> None:
         check_fits(s, d, name)
 
 
-def start(problem: BilevelProblem, samplers: Tuple[Sampler, Sampler], theta0, phi0, key, data=None):
-    """The checks every `init` makes before building a state: a PRNG key, data the samplers fit
-    and the objectives accept (when `data` is given); returns P_Theta(theta0)."""
+def start(problem: BilevelProblem, samplers: Tuple[Sampler, Sampler], theta0, phi0, key, data=None, *,
+          upper: Optional[StepRule], lower: Optional[StepRule]) -> Header:
+    """The checks every `init` makes before building a state (a PRNG key, data the samplers fit
+    and the objectives accept, when `data` is given) and the state's `Header`: P_Theta(theta0),
+    phi0, count 0, the key and the optax states of the step rules `upper` (theta) and `lower`
+    (phi; None when phi has no rule)."""
     check_key(key)
     theta0 = problem.project(theta0)
     if data is not None:
         check_data(data, samplers)
         problem.validate(theta0, phi0, data)
-    return theta0
+    return Header(theta0, phi0, jnp.zeros((), jnp.int32), key, init_rule(upper, theta0), init_rule(lower, phi0))
+
+
+class Composed(Algorithm):
+    """Base of the algorithms composed of these primitives: their problem, the step rules of theta
+    (`upper`) and phi (`lower`; None when phi has no rule), the (upper, lower) samplers, and as
+    keywords `check` (raise under jit when a step's status is not OK) and `name` (the method, in
+    error messages). `start`, `batches` and `finish` are `start`, `check_data` + `draw_batches`
+    and `finish` with these."""
+
+    problem: BilevelProblem = eqx.field(static=True)
+    upper: StepRule
+    lower: Optional[StepRule]
+    samplers: Tuple[Sampler, Sampler] = eqx.field(static=True)
+    check: bool = eqx.field(static=True, default=False, kw_only=True)
+    name: str = eqx.field(static=True, default="algorithm", kw_only=True)
+
+    def start(self, theta0, phi0, key, data=None) -> Header:
+        """The init checks and the state's `Header` (`start`)."""
+        return start(self.problem, self.samplers, theta0, phi0, key, data, upper=self.upper, lower=self.lower)
+
+    def batches(self, state, data, lower_steps: int = 0) -> Batches:
+        """The batches of the outer iteration at `state.count`, after checking `data`."""
+        check_data(data, self.samplers)
+        return draw_batches(self.samplers, data, state.key, state.count, lower_steps)
+
+    def finish(self, trees: Tuple, counts: OracleCounts, residual_norm, statuses=()) -> Tuple[Tuple, StepInfo]:
+        """`finish` of an outer step of this algorithm."""
+        return finish(trees, counts, residual_norm, statuses, check=self.check, where=f"{self.name} outer step",
+                      nonfinite=self.nonfinite_every_step)
 
 
 def finish(trees: Tuple, counts: OracleCounts, residual_norm, statuses=(), *, check: bool = False,
-           where: str = "outer step") -> Tuple[Tuple, StepInfo]:
+           where: str = "outer step", nonfinite: bool = True) -> Tuple[Tuple, StepInfo]:
     """The end of an outer iteration: its status (the given ones, and NONFINITE when a leaf of
     `trees` is not finite) and its `StepInfo`. With `check`, the first tree carries a runtime
     error (`bj.status.raise_if`) naming the cause when the status is not OK.
 
-    Inside `bj.run` (`nonfinite_at_records`) and without `check`, the NONFINITE test of `trees`
-    is not made here: `bj.run` tests the whole state at its evaluation points instead, so the
-    scan body makes no reduction over the iterates. The given statuses (a solver's BREAKDOWN, an
-    INVALID_STEP) are scalars the step computes anyway and are always reported."""
-    if _NONFINITE_AT_RECORDS.get() and not check:
+    With `nonfinite=False` (an algorithm's `nonfinite_every_step`, False in `bj.run`'s scan) and
+    without `check`, the NONFINITE test of `trees` is not made here: `bj.run` tests the whole state
+    at its evaluation points instead, so the scan body makes no reduction over the iterates. The
+    given statuses (a solver's BREAKDOWN, an INVALID_STEP) are scalars the step computes anyway and
+    are always reported."""
+    if not nonfinite and not check:
         status = st.merge(*statuses)
     else:
         status = st.merge(*statuses, st.nonfinite(*trees))
@@ -229,6 +265,6 @@ def float_dtype(trees):
     return leaves[0].dtype if leaves else jnp.result_type(float)
 
 
-__all__ = ["check_data", "float_dtype", "start", "Batches", "Rule", "StepRule", "apply_step", "as_rule", "draw_batches", "finish", "init_rule", "lower_phase",
-           "nonfinite_at_records", "step_rule",
+__all__ = ["check_data", "float_dtype", "start", "Batches", "Composed", "Rule", "StepRule", "apply_step", "as_rule", "draw_batches", "finish", "init_rule", "lower_phase",
+           "step_rule",
            "LOWER_STREAM", "PHASE_UPPER_STREAM", "SOLVER_STREAM", "UPPER_STREAM"]

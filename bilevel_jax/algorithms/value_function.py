@@ -54,8 +54,9 @@ solution is reached as without constraints: a flat LL coordinate left to the UL 
 within Phi (the tests' box with a flat coordinate, closed form).
 
 Oracles per outer step: T tracker LL gradients (+ `phi_steps` LL and UL gradients), then one UL
-gradient at (theta, phi) and two LL value-and-gradient passes, at (theta, phi) and (theta, z);
-the two LL values are counted (`values`) when the multiplier uses q. No Hessian-vector product.
+gradient at (theta, phi) and two LL gradient passes, at (theta, phi) and (theta, z), which return
+the two LL values (counted, `values`) when the multiplier uses q (else the state's `gap`
+diagnostic is None). No Hessian-vector product.
 """
 from __future__ import annotations
 
@@ -70,14 +71,12 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax._checks import as_array, check_in_range, check_positive_int, check_step_size
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts
+from bilevel_jax.algorithms.base import Header, State
 from bilevel_jax.algorithms.constrained import lower_projection, project_rule
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
-from bilevel_jax.algorithms.steps import (StepRule, apply_step, check_data, draw_batches,
-                                          finish, float_dtype, init_rule, lower_phase, start)
+from bilevel_jax.algorithms.steps import Composed, StepRule, apply_step, float_dtype, init_rule, lower_phase
 from bilevel_jax.lower import lower_steps as run_lower_steps
 from bilevel_jax.problem import BilevelProblem, check_problem
-from bilevel_jax.sampling import Sampler
 
 PyTree = Any
 
@@ -109,7 +108,8 @@ def penalty_ramp(start, rate=0.0, power=1.0, cap=jnp.inf) -> PenaltyRamp:
 # ----------------------------------------------------------------------------------- multipliers
 
 class Gap(NamedTuple):
-    """The constraint at (theta, phi): q, grad q (theta- and phi-parts), grad f_upper."""
+    """The constraint at (theta, phi): q (None when the multiplier does not use it), grad q (theta- and
+    phi-parts), grad f_upper."""
     q: jax.Array
     grad_q: Tuple[PyTree, PyTree]
     grad_f: Tuple[PyTree, PyTree]
@@ -230,18 +230,13 @@ class SmoothingControl(Multiplier):
 
 # ----------------------------------------------------------------------------------- the algorithm
 
-class ValueFunctionState(NamedTuple):
-    theta: PyTree
-    phi: PyTree
+class ValueFunctionState(State):
+    header: Header
     z: PyTree            # the tracker of argmin_z f_lower(theta, z) (+ a1/2 ||z||^2)
-    count: Any
-    key: Any
-    upper_opt_state: Any
-    lower_opt_state: Any
     tracker_opt_state: Any
     multiplier: Any      # DualAscent's lambda (None otherwise)
     penalty: Any         # the last lambda used (a diagnostic)
-    gap: Any             # the last q(theta, phi) (a diagnostic)
+    gap: Any             # the last q(theta, phi) (a diagnostic; None when the multiplier does not use q)
 
 
 def _smoothed(problem: BilevelProblem, a1) -> BilevelProblem:
@@ -251,40 +246,39 @@ def _smoothed(problem: BilevelProblem, a1) -> BilevelProblem:
     return BilevelProblem(problem.f_upper, f_lower, problem.project_upper)
 
 
-class ValueFunction(Algorithm):
+class ValueFunction(Composed):
     """See the module docstring; build with a preset (bome, pdbo, vf_penalty, f2sa, pbgd)."""
 
-    problem: BilevelProblem = eqx.field(static=True)
-    upper: StepRule
-    lower: StepRule
     tracker: StepRule
     multiplier: Multiplier
     smoothing: Tuple[jax.Array, jax.Array]     # (a1, a2) of eq. (26)
-    samplers: Tuple[Sampler, Sampler] = eqx.field(static=True)
     tracker_steps: int = eqx.field(static=True, default=10)
     restart_tracker: bool = eqx.field(static=True, default=False)   # z starts at phi every step (BOME)
     phi_steps: int = eqx.field(static=True, default=0)              # F2SA's inner phi steps
     scale_upper: bool = eqx.field(static=True, default=False)       # d = (grad f + lambda grad q) / s (V-PBGD)
     smooth: bool = eqx.field(static=True, default=False)
-    check: bool = eqx.field(static=True, default=False)
-    name: str = eqx.field(static=True, default="value_function")
+    name: str = eqx.field(static=True, default="value_function", kw_only=True)
     # a constrained LL is handled by projected phi / tracker step rules (`value_function` builds them,
     # and refuses a constrained problem it has no projection for)
     handles_constraints: ClassVar[bool] = True
 
     def init(self, theta0, phi0, key, data=None) -> ValueFunctionState:
-        theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
-        zero = jnp.zeros((), float_dtype((theta0, phi0)))
-        return ValueFunctionState(theta0, phi0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
-                                  init_rule(self.lower, phi0), init_rule(self.tracker, phi0), self.multiplier.init(),
-                                  zero, zero)
+        head = self.start(theta0, phi0, key, data)
+        zero = jnp.zeros((), float_dtype((head.theta, phi0)))
+        return ValueFunctionState(head, phi0, init_rule(self.tracker, phi0), self.multiplier.init(), zero,
+                                  zero if self.multiplier.needs_value else None)
 
     def _tracked(self, a):
         return _smoothed(self.problem, a[0]) if self.smooth else self.problem
 
     def _gap(self, theta, phi, z, batches, a) -> Tuple[Gap, Any]:
+        """The gap at (theta, phi) and the tracker z; q itself (two LL values) only when the multiplier
+        uses it, None otherwise (the gradients come without the values)."""
         p = self.problem
         g_theta, g_phi = oracles.upper_grads(p, theta, phi, batches.upper)
+        if not self.multiplier.needs_value:
+            (gx_y, gy_y), (gx_z, _) = (oracles.lower_grads(p, theta, x, batches.lower) for x in (phi, z))
+            return Gap(None, (otu.tree_sub(gx_y, gx_z), gy_y), (g_theta, g_phi))
         value_y, (gx_y, gy_y) = oracles.lower_value_and_grads(p, theta, phi, batches.lower)
         value_z, (gx_z, _) = oracles.lower_value_and_grads(p, theta, z, batches.lower)
         if self.smooth:
@@ -294,52 +288,49 @@ class ValueFunction(Algorithm):
 
     def _phi_steps(self, theta, phi, opt_state, lam, batches):
         """F2SA's inner loop on phi: phi <- phi - beta (grad_phi f_upper + lambda grad_phi f_lower)."""
-        penalised = BilevelProblem(self.problem.f_upper,
+        penalised = oracles.PenalisedLower(self.problem.f_upper,
                                    lambda t, y, b: self.problem.f_upper(t, y, batches.upper) + lam * self.problem.f_lower(t, y, b))
-        return run_lower_steps(penalised, self.lower.build(), theta, phi, opt_state, self.phi_steps, batches.lower_at)
+        return run_lower_steps(penalised, self.lower.build(theta), theta, phi, opt_state, self.phi_steps, batches.lower_at)
 
     def update(self, state: ValueFunctionState, data):
-        check_data(data, self.samplers)
         k = state.count
         dtype = float_dtype((state.theta, state.phi))   # the run's precision (lambda must not promote it)
-        batches = draw_batches(self.samplers, data, state.key, k, self.tracker_steps)
+        batches = self.batches(state, data, self.tracker_steps)
         a = self.multiplier.smoothing(state.multiplier, self.smoothing)
         # 1. the tracker z ~ argmin f_lower(theta_k, .) (+ a1/2 ||.||^2), T steps
         z0 = state.phi if self.restart_tracker else state.z
         z_opt = init_rule(self.tracker, z0) if self.restart_tracker else state.tracker_opt_state
-        z, z_opt, counts, z_status = lower_phase(self._tracked(a), self.tracker, state.theta, z0, z_opt,
-                                                 self.tracker_steps, batches.lower_at, k)
-        phi, lower_state, statuses = state.phi, state.lower_opt_state, [z_status]
-        # 2. (F2SA) T steps of phi on the penalised objective at fixed theta, lambda_k from the schedule
-        if self.phi_steps:
-            phi, lower_state = self._phi_steps(state.theta, phi, lower_state,
-                                               jnp.asarray(self.multiplier.ramp(k), dtype), batches)
-            counts = counts + OracleCounts.of(lower_grads=self.phi_steps, upper_grads=self.phi_steps)
-            statuses.append(self.lower.status(k))
-        # 3. the gap, the multiplier and the direction at (theta_k, phi, z)
-        gap = self._gap(state.theta, phi, z, batches, a)
+        with oracles.counting() as tally:
+            z, z_opt, z_status = lower_phase(self._tracked(a), self.tracker, state.theta, z0, z_opt,
+                                             self.tracker_steps, batches.lower_at, k)
+            phi, lower_state, statuses = state.phi, state.lower_opt_state, [z_status]
+            # 2. (F2SA) T steps of phi on the penalised objective at fixed theta, lambda_k from the schedule
+            if self.phi_steps:
+                phi, lower_state = self._phi_steps(state.theta, phi, lower_state,
+                                                   jnp.asarray(self.multiplier.ramp(k), dtype), batches)
+                statuses.append(self.lower.status(k))
+            # 3. the gap, the multiplier and the direction at (theta_k, phi, z)
+            gap = self._gap(state.theta, phi, z, batches, a)
         lam = jnp.asarray(self.multiplier.value(state.multiplier, gap, k), dtype)
         d = otu.tree_add_scale(gap.grad_f, lam, gap.grad_q)
         if self.scale_upper:
             d = otu.tree_scale(1.0 / jnp.asarray(self.multiplier.scale(state.multiplier, lam), dtype), d)
-        counts = counts + OracleCounts.of(lower_grads=2, upper_grads=1, values=2 * int(self.multiplier.needs_value))
         # 4. steps: theta (projected), phi (joint step unless F2SA moved it already), the dual variable
         theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state, d[0], k,
                                                    self.problem.project)
         statuses.append(up_status)
         if not self.phi_steps:
-            phi, lower_state, low_status = apply_step(self.lower, phi, lower_state, d[1], k)
+            phi, lower_state, low_status = apply_step(self.lower, phi, lower_state, d[1], k, theta=theta)
             statuses.append(low_status)
         moved = None
         if self.multiplier.needs_movement:
             new_point, old_point = oracles.differentiable((theta, phi)), oracles.differentiable((state.theta, state.phi))
             moved = otu.tree_norm(otu.tree_sub(new_point, old_point))
         multiplier = self.multiplier.advance(state.multiplier, gap, k, moved)
-        (theta, phi, z), info = finish((theta, phi, z), counts, jnp.nan, statuses, check=self.check,
-                                       where=f"{self.name} outer step")
-        new = ValueFunctionState(theta, phi, z, k + 1, state.key, upper_state, lower_state, z_opt, multiplier,
-                                 lam, jnp.asarray(gap.q, dtype))
-        return new, info
+        (theta, phi, z), info = self.finish((theta, phi, z), tally.counts, jnp.nan, statuses)
+        q = None if gap.q is None else jnp.asarray(gap.q, dtype)
+        return ValueFunctionState(state.header.next(theta, phi, upper_state, lower_state), z, z_opt, multiplier, lam,
+                                  q), info
 
 
 def _rule(name, lr, opt) -> StepRule:
@@ -381,25 +372,26 @@ def value_function(problem: BilevelProblem, *, multiplier: Multiplier, upper_lr=
             for n, val in zip(("smoothing[0] (a1)", "smoothing[1] (a2)"), smoothing):
                 check_in_range(n, val, 0.0, float("inf"))
             a = (as_array(smoothing[0]), as_array(smoothing[1]))
-        return ValueFunction(problem, upper, lower, tracker, multiplier, a,
-                             make_samplers(batch_size, sampler), tracker_steps, restart_tracker, phi_steps,
-                             scale_upper, smoothing is not None, check, name)
+        return ValueFunction(problem, upper, lower, make_samplers(batch_size, sampler), tracker, multiplier, a,
+                             tracker_steps, restart_tracker, phi_steps, scale_upper, smoothing is not None, check=check,
+                             name=name)
 
 
 # ----------------------------------------------------------------------------------- presets
 
-def bome(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, inner_lr=0.1, upper_opt=None, lower_opt=None,
-         inner_opt=None, lower_steps: int = 10, eta=0.5, control: str = "gradient", batch_size: BatchSize = None,
-         **kw) -> ValueFunction:
+def bome(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, tracker_lr=0.1, upper_opt=None, lower_opt=None,
+         tracker_opt=None, tracker_steps: int = 10, control_rate=0.5, control: str = "gradient",
+         batch_size: BatchSize = None, **kw) -> ValueFunction:
     """BOME (Liu, Ye, Wright, Stone, Liu, "BOME! Bilevel Optimization Made Easy: A Simple First-Order
     Approach", NeurIPS 2022, arXiv:2209.08709):
 
-        y_hat = T gradient steps on f_lower(x_k, .) from y_k (step `inner_lr`), held fixed,
+        y_hat = T = `tracker_steps` gradient steps on f_lower(x_k, .) from y_k (step `tracker_lr`), held fixed,
         q(x, y) = f_lower(x, y) - f_lower(x, y_hat),
         lambda_k = max(0, (phi_k - <grad f_upper, grad q>) / ||grad q||^2),
         (x, y) <- (x, y) - xi (grad f_upper + lambda_k grad q)          (one step xi on both)
 
-    with phi_k = eta ||grad q||^2 (`control="gradient"`, eta = 0.5: the public benchmark's default)
+    with phi_k = eta ||grad q||^2, eta = `control_rate` (`control="gradient"`, eta = 0.5: the public
+    benchmark's default)
     or eta q (`control="value"`, the authors' code, eta in {0.1, 0.5, 0.9}). Defaults: T = 10
     (the authors' hyper-cleaning setting), xi = `upper_lr` for x and `lower_lr` (default the same)
     for y. Valid for LLs with many minima (PL). Oracles: T + 2 LL gradients, 1 UL gradient,
@@ -422,21 +414,21 @@ def bome(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, inner_lr=0.1, 
     with named("bome"):
         if control not in ("gradient", "value"):
             raise ValueError(f"control must be 'gradient' or 'value', got {control!r}.")
-        check_step_size("eta", eta)
+        check_step_size("control_rate", control_rate)
         lower_lr = upper_lr if (lower_lr is None and lower_opt is None) else lower_lr
-        return value_function(problem, multiplier=Barrier(control == "value", as_array(eta), control),
-                              upper_lr=upper_lr, lower_lr=lower_lr, tracker_lr=inner_lr, upper_opt=upper_opt,
-                              lower_opt=lower_opt, tracker_opt=inner_opt, tracker_steps=lower_steps,
+        return value_function(problem, multiplier=Barrier(control == "value", as_array(control_rate), control),
+                              upper_lr=upper_lr, lower_lr=lower_lr, tracker_lr=tracker_lr, upper_opt=upper_opt,
+                              lower_opt=lower_opt, tracker_opt=tracker_opt, tracker_steps=tracker_steps,
                               restart_tracker=True, batch_size=batch_size, name="bome", **kw)
 
 
-def pdbo(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, inner_lr=None, dual_lr=1.0, dual_start=0.0,
-         dual_max=1e3, dual_reg=0.0, upper_opt=None, lower_opt=None, inner_opt=None, lower_steps: int = 10,
+def pdbo(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, tracker_lr=None, dual_lr=1.0, dual_start=0.0,
+         dual_max=1e3, dual_reg=0.0, upper_opt=None, lower_opt=None, tracker_opt=None, tracker_steps: int = 10,
          smoothing=None, batch_size: BatchSize = None, **kw) -> ValueFunction:
     """PDBO (Sow, Ji, Guan, Liang, "A Primal-Dual Approach to Bilevel Optimization with Multiple
     Inner Minima", 2022, arXiv:2203.01123), the primal-dual form (29) of the value-function problem:
 
-        z_k = N (warm-started) gradient steps on f_lower(x_k, .) [+ (a1/2) ||.||^2]
+        z_k = N = `tracker_steps` (warm-started) gradient steps (`tracker_lr`) on f_lower(x_k, .) [+ (a1/2) ||.||^2]
         q_k = f_lower(x_k, y_k) - f_lower(x_k, z_k) [- (a1/2) ||z_k||^2 - a2]
         (x, y) <- (P_X(x - eta_x (grad_x f + lambda_k (grad_x f_lower(x, y) - grad_x f_lower(x, z)))),
                    y - eta_y (grad_y f + lambda_k grad_y f_lower(x, y)))
@@ -454,15 +446,15 @@ def pdbo(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, inner_lr=None, 
         check_step_size("dual_max", dual_max)
         check_in_range("dual_reg", dual_reg, 0.0, float("inf"))
         mult = DualAscent(True, as_array(dual_lr), as_array(dual_start), as_array(dual_max), as_array(dual_reg))
-        return value_function(problem, multiplier=mult, upper_lr=upper_lr, lower_lr=lower_lr, tracker_lr=inner_lr,
-                              upper_opt=upper_opt, lower_opt=lower_opt, tracker_opt=inner_opt,
-                              tracker_steps=lower_steps, smoothing=smoothing, batch_size=batch_size, name="pdbo",
+        return value_function(problem, multiplier=mult, upper_lr=upper_lr, lower_lr=lower_lr, tracker_lr=tracker_lr,
+                              upper_opt=upper_opt, lower_opt=lower_opt, tracker_opt=tracker_opt,
+                              tracker_steps=tracker_steps, smoothing=smoothing, batch_size=batch_size, name="pdbo",
                               **kw)
 
 
-def vf_penalty(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, inner_lr=None, penalty=10.0,
-               penalty_rate=0.0, penalty_max=float("inf"), upper_opt=None, lower_opt=None, inner_opt=None,
-               lower_steps: int = 10, smoothing=(0.0, 0.0), hinge: bool = True, batch_size: BatchSize = None,
+def vf_penalty(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, tracker_lr=None, penalty=10.0,
+               penalty_rate=0.0, penalty_max=float("inf"), upper_opt=None, lower_opt=None, tracker_opt=None,
+               tracker_steps: int = 10, smoothing=(0.0, 0.0), hinge: bool = True, batch_size: BatchSize = None,
                **kw) -> ValueFunction:
     """The penalty form (28) of the value-function problem (25)-(27) (Sow et al. 2022,
     arXiv:2203.01123; the single-level value-function reformulation):
@@ -470,23 +462,23 @@ def vf_penalty(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, inner_lr=
         min_{theta, phi} f_upper + rho max{0, f_lower(theta, phi) - v_a(theta)},
 
     a joint (sub)gradient step on (theta, phi) with the weight rho 1[q > 0] (`hinge`; False: the
-    smooth penalty rho q), v_a tracked by N warm-started gradient steps, rho_k = min(`penalty` +
-    `penalty_rate` k, `penalty_max`). With a1 = a2 = 0 (default) q >= 0 and the hinge is rho q; the
+    smooth penalty rho q), v_a tracked by N = `tracker_steps` warm-started gradient steps
+    (`tracker_lr`), rho_k = min(`penalty` + `penalty_rate` k, `penalty_max`). With a1 = a2 = 0 (default) q >= 0 and the hinge is rho q; the
     minimiser is within O(1/rho) of the optimistic solution. Oracles: N + 2 LL gradients, 1 UL
     gradient, 2 LL values. Sampling: full batch (a deterministic reformulation); `batch_size=b`
     draws i.i.d. minibatches. `lower_set=`: a constrained LL (projected y and z steps, module
     docstring; eq. (25)'s Phi)."""
     with named("vf_penalty"):
         mult = PenaltySchedule(hinge, penalty_ramp(penalty, penalty_rate, 1.0, penalty_max), hinge)
-        return value_function(problem, multiplier=mult, upper_lr=upper_lr, lower_lr=lower_lr, tracker_lr=inner_lr,
-                              upper_opt=upper_opt, lower_opt=lower_opt, tracker_opt=inner_opt,
-                              tracker_steps=lower_steps, smoothing=smoothing, batch_size=batch_size,
+        return value_function(problem, multiplier=mult, upper_lr=upper_lr, lower_lr=lower_lr, tracker_lr=tracker_lr,
+                              upper_opt=upper_opt, lower_opt=lower_opt, tracker_opt=tracker_opt,
+                              tracker_steps=tracker_steps, smoothing=smoothing, batch_size=batch_size,
                               name="vf_penalty", **kw)
 
 
-def smoothing_pg(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, inner_lr=None, upper_opt=None,
-                 lower_opt=None, inner_opt=None, lower_steps: int = 10, penalty=1.0, penalty_grow=2.0,
-                 penalty_max=1e3, smoothing=1.0, smoothing_shrink=0.5, eta=0.1, hinge: bool = True,
+def smoothing_pg(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, tracker_lr=None, upper_opt=None,
+                 lower_opt=None, tracker_opt=None, tracker_steps: int = 10, penalty=1.0, penalty_factor=2.0,
+                 penalty_max=1e3, smoothing=1.0, smoothing_shrink=0.5, resolve_tol=0.1, hinge: bool = True,
                  lower_set=None, batch_size: BatchSize = None, **kw) -> ValueFunction:
     """Smoothing projected gradient on the value-function reformulation (Lin, Xu, Ye, "On solving
     simple bilevel programs with a nonconvex lower level program", Math. Programming 144:277-305,
@@ -506,11 +498,11 @@ def smoothing_pg(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, inner_
         z_mu tracked by T warm-started projected gradient steps on g + (mu/2) ||.||^2,
 
     the direction scaled by 1/rho so that a constant step stays stable as rho grows (as V-PBGD).
-    Parameter control: when a step moves less than eta mu_k (the smoothed problem is resolved at
-    this mu), mu_{k+1} = `smoothing_shrink` mu_k and, if the smoothed constraint is still violated
-    (q_mu > 0), rho_{k+1} = min(`penalty_grow` rho_k, `penalty_max`). Defaults: mu_0 = `smoothing` =
-    1, shrink 0.5, rho_0 = `penalty` = 1, grow 2, rho_max = 1e3, eta = 0.1, T = `lower_steps` = 10,
-    alpha = `upper_lr` = 0.1 on theta, `lower_lr` (default the same) on phi, `inner_lr` (default
+    Parameter control: when a step moves less than eta mu_k, eta = `resolve_tol` (the smoothed
+    problem is resolved at this mu), mu_{k+1} = `smoothing_shrink` mu_k and, if the smoothed constraint is still violated
+    (q_mu > 0), rho_{k+1} = min(`penalty_factor` rho_k, `penalty_max`). Defaults: mu_0 = `smoothing` =
+    1, shrink 0.5, rho_0 = `penalty` = 1, grow 2, rho_max = 1e3, eta = 0.1, T = `tracker_steps` = 10,
+    alpha = `upper_lr` = 0.1 on theta, `lower_lr` (default the same) on phi, `tracker_lr` (default
     `lower_lr`) on z; needs alpha L_g < 2 (L_g: the LL Hessian's largest eigenvalue).
 
     Where it departs from the paper [verify]: the paper smooths v by the integral entropy function
@@ -527,17 +519,17 @@ def smoothing_pg(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, inner_
     `lower_set=`: Phi, as in the other value-function presets (module docstring)."""
     with named("smoothing_pg"):
         check_step_size("penalty", penalty)
-        check_in_range("penalty_grow", penalty_grow, 1.0, float("inf"))
+        check_in_range("penalty_factor", penalty_factor, 1.0, float("inf"))
         check_step_size("penalty_max", penalty_max)
         check_step_size("smoothing", smoothing)
         check_in_range("smoothing_shrink", smoothing_shrink, 0.0, 1.0, closed_low=False)
-        check_step_size("eta", eta)
+        check_step_size("resolve_tol", resolve_tol)
         control = SmoothingControl(True, as_array(smoothing), as_array(penalty), as_array(smoothing_shrink),
-                                   as_array(penalty_grow), as_array(penalty_max), as_array(eta), hinge)
+                                   as_array(penalty_factor), as_array(penalty_max), as_array(resolve_tol), hinge)
         lower_lr = upper_lr if (lower_lr is None and lower_opt is None) else lower_lr
         return value_function(problem, multiplier=control, upper_lr=upper_lr, lower_lr=lower_lr,
-                              tracker_lr=inner_lr, upper_opt=upper_opt, lower_opt=lower_opt, tracker_opt=inner_opt,
-                              tracker_steps=lower_steps, scale_upper=True, smoothing=(0.0, 0.0), lower_set=lower_set,
+                              tracker_lr=tracker_lr, upper_opt=upper_opt, lower_opt=lower_opt, tracker_opt=tracker_opt,
+                              tracker_steps=tracker_steps, scale_upper=True, smoothing=(0.0, 0.0), lower_set=lower_set,
                               batch_size=batch_size, name="smoothing_pg", **kw)
 
 

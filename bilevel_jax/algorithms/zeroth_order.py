@@ -15,7 +15,7 @@ N = 10. Oracles per step: N (Q + 1) LL gradients, 1 UL gradient.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple, Tuple
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -25,25 +25,18 @@ from jax.flatten_util import ravel_pytree
 from bilevel_jax import oracles
 from bilevel_jax._checks import as_array, check_positive_int, check_step_size
 from bilevel_jax.algorithms._common import named, rule
-from bilevel_jax.algorithms.base import Algorithm, OracleCounts, step_key
+from bilevel_jax.algorithms.base import Header, State, step_key
 from bilevel_jax.algorithms.constrained import lower_projection, project_rule
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
-from bilevel_jax.algorithms.steps import (SOLVER_STREAM, StepRule, apply_step, check_data,
-                                          draw_batches, finish, init_rule, start)
+from bilevel_jax.algorithms.steps import SOLVER_STREAM, Composed, apply_step
 from bilevel_jax.lower import lower_steps as run_lower_steps
 from bilevel_jax.problem import BilevelProblem, check_problem
-from bilevel_jax.sampling import Sampler
 
 PyTree = Any
 
 
-class PzoboState(NamedTuple):
-    theta: PyTree
-    phi: PyTree
-    count: Any
-    key: Any
-    upper_opt_state: Any
-    lower_opt_state: Any
+class PzoboState(State):
+    header: Header
 
 
 def draw_directions(key, like: PyTree, num: int, kind: str) -> PyTree:
@@ -59,62 +52,55 @@ def draw_directions(key, like: PyTree, num: int, kind: str) -> PyTree:
     return jax.vmap(unravel)(u)
 
 
-class PZOBO(Algorithm):
-    problem: BilevelProblem = eqx.field(static=True)
-    upper: StepRule
-    lower: StepRule
+class PZOBO(Composed):
     mu: jax.Array
-    samplers: Tuple[Sampler, Sampler] = eqx.field(static=True)
     lower_steps: int = eqx.field(static=True, default=10)
     num_directions: int = eqx.field(static=True, default=10)
     directions: str = eqx.field(static=True, default="gaussian")
-    check: bool = eqx.field(static=True, default=False)
+    name: str = eqx.field(static=True, default="pzobo", kw_only=True)
     handles_constraints: ClassVar[bool] = True   # by projected LL steps (`pzobo` builds them)
 
     def init(self, theta0, phi0, key, data=None) -> PzoboState:
-        theta0 = start(self.problem, self.samplers, theta0, phi0, key, data)
+        head = self.start(theta0, phi0, key, data)
         if self.directions == "orthogonal":
-            dim = ravel_pytree(oracles.differentiable(theta0))[0].shape[0]
+            dim = ravel_pytree(oracles.differentiable(head.theta))[0].shape[0]
             if dim != self.num_directions:
                 raise ValueError(f"pzobo: directions='orthogonal' needs num_directions = dim(theta) = {dim}, "
                                  f"got {self.num_directions}.")
-        return PzoboState(theta0, phi0, jnp.zeros((), jnp.int32), key, init_rule(self.upper, theta0),
-                          init_rule(self.lower, phi0))
+        return PzoboState(head)
 
     def update(self, state: PzoboState, data):
-        check_data(data, self.samplers)
         p, k = self.problem, state.count
-        batches = draw_batches(self.samplers, data, state.key, k, self.lower_steps)
+        batches = self.batches(state, data, self.lower_steps)
         theta_d, theta_s = eqx.partition(state.theta, eqx.is_inexact_array)
         phi_s = eqx.filter(state.phi, eqx.is_inexact_array, inverse=True)
-        optimizer = self.lower.build()
 
         def unrolled(t):
             """y_N as a function of theta's array part (the same start and batches every call)."""
-            phi, opt_state = run_lower_steps(p, optimizer, eqx.combine(t, theta_s), state.phi, state.lower_opt_state,
+            theta = eqx.combine(t, theta_s)
+            phi, opt_state = run_lower_steps(p, self.lower.build(theta), theta, state.phi, state.lower_opt_state,
                                              self.lower_steps, batches.lower_at)
             return oracles.differentiable(phi), opt_state
 
-        y_n, lower_state = unrolled(theta_d)
-        phi = eqx.combine(y_n, phi_s)
-        g_theta, g_phi = oracles.upper_grads(p, state.theta, phi, batches.upper)
         u = draw_directions(step_key(state.key, k, SOLVER_STREAM), theta_d, self.num_directions, self.directions)
-        jac_t_w, _ = oracles.gaussian_jacobian_transpose(lambda t: unrolled(t)[0], theta_d, g_phi, u, self.mu, y_n)
+        with oracles.counting() as tally:
+            y_n, lower_state = unrolled(theta_d)
+            phi = eqx.combine(y_n, phi_s)
+            g_theta, g_phi = oracles.upper_grads(p, state.theta, phi, batches.upper)
+            jac_t_w, _ = oracles.gaussian_jacobian_transpose(lambda t: unrolled(t)[0], theta_d, g_phi, u, self.mu, y_n)
         d = jax.tree_util.tree_map(jnp.add, g_theta, jac_t_w)
         theta, upper_state, up_status = apply_step(self.upper, state.theta, state.upper_opt_state, d, k, p.project)
-        counts = OracleCounts.of(lower_grads=self.lower_steps * (self.num_directions + 1), upper_grads=1)
-        (theta, phi), info = finish((theta, phi), counts, jnp.nan, (up_status, self.lower.status(k)),
-                                    check=self.check, where="pzobo outer step")
-        return PzoboState(theta, phi, k + 1, state.key, upper_state, lower_state), info
+        (theta, phi), info = self.finish((theta, phi), tally.counts, jnp.nan, (up_status, self.lower.status(k)))
+        return PzoboState(state.header.next(theta, phi, upper_state, lower_state)), info
 
 
 def pzobo(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None,
-          lower_steps: int = 10, num_directions: int = 10, mu=0.1, directions: str = "gaussian",
+          lower_steps: int = 10, num_directions: int = 10, perturbation=0.1, directions: str = "gaussian",
           upper_decay=0.0, lower_set=None, batch_size: BatchSize = None, sampler: str = "iid",
           check: bool = False) -> PZOBO:
     """PZOBO (module docstring): step beta = `upper_lr` (decayed as (k+1)^-`upper_decay`), N =
     `lower_steps` LL steps of `lower_lr` per outer step, Q = `num_directions` perturbations of size
-    `mu`; defaults mu = 0.1, Q = 10, N = 10 (the public benchmark's, full batch). Sampling: full
+    mu = `perturbation`; defaults mu = 0.1, Q = 10, N = 10 (the public benchmark's, full batch). Sampling: full
     batch by default; the paper's stochastic variant draws i.i.d. minibatches (`batch_size=b`).
     `lower_set`: a constrained LL's feasible set (a `bj.constraints` set or a projection; default the
     set a constrained problem was built from): y_N(x) is then N projected gradient steps, and the
@@ -123,14 +109,15 @@ def pzobo(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None
         check_problem(problem)
         check_positive_int("lower_steps", lower_steps)
         check_positive_int("num_directions", num_directions)
-        check_step_size("mu", mu)
+        check_step_size("perturbation", perturbation)
         if directions not in ("gaussian", "orthogonal"):
             raise ValueError(f"directions must be 'gaussian' or 'orthogonal', got {directions!r}.")
         lower = rule("lower_lr", lower_lr, lower_opt)
         if lower_set is not None or problem.constrained:
             lower = project_rule(lower, lower_projection(problem, lower_set))
         return PZOBO(problem, rule("upper_lr", upper_lr, upper_opt, upper_decay), lower,
-                     as_array(mu), make_samplers(batch_size, sampler), lower_steps, num_directions, directions, check)
+                     make_samplers(batch_size, sampler), as_array(perturbation), lower_steps, num_directions, directions,
+                     check=check)
 
 
 __all__ = ["PZOBO", "PzoboState", "draw_directions", "pzobo"]

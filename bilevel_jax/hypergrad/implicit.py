@@ -20,19 +20,13 @@ import optax.tree_utils as otu
 
 from bilevel_jax import oracles
 from bilevel_jax import status as st
+from bilevel_jax.hypergrad.info import HypergradInfo
 from bilevel_jax.linear_solvers import LinearSolver, SolverInfo, cg, fail_where
 from bilevel_jax.precision import Precision, check_precision, diagnose, wrap_problem
 from bilevel_jax.problem import BilevelProblem, check_optimistic, check_problem, check_same_structure
 from bilevel_jax.sharding import local_problem, sharded
 
 PyTree = Any
-
-
-class HypergradInfo(NamedTuple):
-    v: PyTree                  # the linear-system solution, v ~ A^{-1} grad_phi f_upper (NaN if the solve failed)
-    residual_norm: jax.Array   # ||b - A v|| (NaN for stochastic solvers and failed solves)
-    status: jax.Array          # bj.status code: the solver's, | NONFINITE if g is non-finite
-    solver: SolverInfo
 
 
 def make_matvec(problem: BilevelProblem, theta, phi, lin: oracles.LowerLinearization, stochastic: bool,
@@ -67,7 +61,7 @@ def implicit_direction(problem: BilevelProblem, theta, phi, upper_batch, lower_b
     g_theta, b = oracles.upper_grads(problem, theta, phi, upper_batch)
     lin = oracles.linearize_lower(problem, theta, phi, lower_batch, mode)
     matvec = make_matvec(problem, theta, phi, lin, solver.stochastic, lower_sampler, mode)
-    _, state, info = solver.solve(matvec, b, solver_state, key)
+    _, state, info = oracles.solve(solver, matvec, b, solver_state, key)
     g = fail_where(info.status != st.OK, otu.tree_sub(g_theta, lin.cross(state.x)))
     return ImplicitDirection(g, state, info, lin)
 
@@ -99,7 +93,8 @@ def hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[Li
 
     On a constrained problem (`lower_inequality`/`lower_equality`) this is the KKT implicit
     gradient `bj.hypergrad.kkt_hypergradient` (default solver `minres(100)`, multipliers by least
-    squares from phi; its info is a `KKTInfo`, whose first fields are those of `HypergradInfo`).
+    squares from phi; its `HypergradInfo` then also holds the adjoint, multipliers, active set and
+    stationarity).
     There a DEGENERATE status (a weakly active constraint, LICQ failure) keeps g, the one-sided
     estimate, flagged, as the loops' KKT rules do (see `bj.hypergrad.kkt`).
 

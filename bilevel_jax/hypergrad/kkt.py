@@ -80,6 +80,7 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax.constraints import least_squares_multipliers, licq_status
+from bilevel_jax.hypergrad.info import HypergradInfo
 from bilevel_jax.linear_solvers import LinearSolver, SolverInfo, fail_where, minres
 from bilevel_jax.oracles import Multipliers
 from bilevel_jax.problem import BilevelProblem, check_optimistic, check_problem
@@ -87,29 +88,10 @@ from bilevel_jax.problem import BilevelProblem, check_optimistic, check_problem
 PyTree = Any
 
 
-class KKTInfo(NamedTuple):
-    """What a KKT hypergradient reports (a superset of `HypergradInfo`'s fields).
-
-    v: the phi part a of the adjoint (NaN if the solve failed); adjoint: (b_P, b_Q).
-    multipliers: the lambda used (given or by least squares); active: the inequality mask (1.0 active).
-    stationarity: ||grad_phi L|| at (phi, lambda) (0 at a KKT point).
-    residual_norm / solver: the adjoint solve's; status: OK, or BREAKDOWN / NONFINITE / DEGENERATE.
-    """
-
-    v: PyTree
-    residual_norm: jax.Array
-    status: jax.Array
-    solver: SolverInfo
-    adjoint: Multipliers
-    multipliers: Multipliers
-    active: PyTree
-    stationarity: jax.Array
-
-
 class KKTDirection(NamedTuple):
     g: PyTree
     state: Any          # the solver's state; its x is the adjoint (a, (b_P, b_Q))
-    info: KKTInfo
+    info: HypergradInfo
     grad_phi: PyTree    # grad_phi f_lower at the point (free)
 
 
@@ -248,7 +230,7 @@ def kkt_direction(problem: BilevelProblem, theta, phi, upper_batch, lower_batch,
     g = keep_or_fail(g, status, nan_if_degenerate)
     grad_f = oracles.lower_grad_phi(problem, theta, phi, lower_batch)
     a, (bp, bq) = z
-    info = KKTInfo(a, sinfo.residual_norm, status, sinfo, Multipliers(bp, bq), system.multipliers, system.active,
+    info = HypergradInfo(a, sinfo.residual_norm, status, sinfo, Multipliers(bp, bq), system.multipliers, system.active,
                    system.stationarity)
     return KKTDirection(g, state, info, grad_f)
 
@@ -273,7 +255,7 @@ def kkt_hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optiona
         rules); True: g is NaN there.
 
     Returns:
-      `(g, KKTInfo)`. g is NaN (every leaf) when the status has BREAKDOWN or NONFINITE (a failed
+      `(g, HypergradInfo)` with its constrained-LL fields set. g is NaN (every leaf) when the status has BREAKDOWN or NONFINITE (a failed
       adjoint solve, a non-finite value), and with DEGENERATE only under `nan_if_degenerate`.
     """
     check_optimistic(check_problem(problem), "kkt_hypergradient")
@@ -371,5 +353,5 @@ def kkt_argmin(problem: BilevelProblem, solve_fn, solver: Optional[LinearSolver]
     return solve
 
 
-__all__ = ["KKTDirection", "KKTInfo", "KKTSystem", "active_set", "adjoint_like", "kkt_argmin", "kkt_direction",
+__all__ = ["KKTDirection", "KKTSystem", "active_set", "adjoint_like", "kkt_argmin", "kkt_direction",
            "kkt_hypergradient", "kkt_hypergradient_dense", "kkt_operator", "kkt_system", "keep_or_fail"]

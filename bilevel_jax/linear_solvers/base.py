@@ -30,6 +30,7 @@ from typing import Any, Callable, ClassVar, NamedTuple, Optional
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax.tree_utils as otu
 
 from bilevel_jax import status as st
@@ -42,7 +43,9 @@ class SolverInfo(NamedTuple):
     """What a solve reports.
 
     residual_norm: ||b - A x|| at the returned x (NaN for stochastic operators, whose A is random).
-    num_matvecs: operator applications the method makes (its oracle cost; int32).
+    num_matvecs: operator applications the method makes (its oracle cost; int32: a NumPy scalar
+      when it is fixed by the configuration, e.g. CG's maxiter (+1 warm), so that it counts
+      statically, `bj.oracles.solve`; an array when it depends on the data, e.g. Lanczos restarts).
     status: a `bj.status` code (OK, BREAKDOWN, NONFINITE).
     """
 
@@ -119,7 +122,8 @@ def rounding_eps(tree: PyTree) -> float:
 
 def make_info(residual, num_matvecs, status=st.OK) -> SolverInfo:
     dtype = residual.dtype if isinstance(residual, jax.Array) else jnp.result_type(float)   # the solve's precision
-    return SolverInfo(jnp.asarray(residual, dtype), jnp.asarray(num_matvecs, jnp.int32),
+    static = isinstance(num_matvecs, (int, np.integer))
+    return SolverInfo(jnp.asarray(residual, dtype), np.int32(num_matvecs) if static else jnp.asarray(num_matvecs, jnp.int32),
                       jnp.asarray(status, jnp.int32))
 
 

@@ -1,4 +1,6 @@
-"""Concrete bilevel problems; those with closed forms are the ground truth of the tests."""
+"""Concrete bilevel problems, each built as an `Instance` (problem, data, start, reference); those with
+closed forms are the ground truth of the tests."""
+from bilevel_jax.problems.instance import Instance, Reference
 from bilevel_jax.problems.lancbio_synthetic import LancBiOSynthetic, lancbio_synthetic
 from bilevel_jax.problems import hyperclean, pruning, subset_selection
 from bilevel_jax.problems.flat import FlatBilevel, flat_bilevel
@@ -11,6 +13,7 @@ from bilevel_jax.problems.quadratic import (QuadraticBilevel, quadratic_bilevel,
 from bilevel_jax.problems.ridge import RIDGE, RidgeHPO, ridge_hpo
 
 __all__ = [
+    "Instance", "Reference",
     "FlatBilevel", "flat_bilevel",
     "HyperCleaning", "fashion_mnist_hyper_cleaning", "hyper_cleaning", "hyperclean",
     "Pruning", "pruning", "SubsetSelection", "subset_selection",

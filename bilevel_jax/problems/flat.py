@@ -14,12 +14,13 @@ optimistic problem min_{theta, phi in S(theta)} f_upper has the closed form (a, 
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.problems.instance import Instance, Reference, instance_type, static
 
 
 def _split(phi):
@@ -41,17 +42,15 @@ def _f_upper(rho, c):
     return f
 
 
-class FlatBilevel(NamedTuple):
-    """The problem, its data `(upper, lower)`, a start and the optimistic closed forms."""
+@instance_type
+class FlatBilevel(Instance):
+    """The problem, its data `(upper, lower)`, a start, the optimistic theta* (`reference`) and
+    the optimistic closed forms."""
 
-    problem: BilevelProblem
-    data: tuple
-    theta0: jax.Array
-    phi0: jax.Array
     a: jax.Array
     b: jax.Array
     c: jax.Array
-    rho: float
+    rho: float = static()
 
     def theta_star(self):
         return (0.5 * (self.a + self.b) + self.rho * self.c) / (0.5 + self.rho)
@@ -85,5 +84,6 @@ def flat_bilevel(key, dim: int = 3, n_samples: Optional[int] = None, rho: float 
     e1, e2 = jax.random.split(ks[3])
     upper = {"a": a + centred(e1), "b": b + centred(e2)}
     lower = {"e": centred(ks[4])}
-    return FlatBilevel(BilevelProblem(_f_upper(rho, c), _f_lower), (upper, lower), jnp.zeros(dim, dtype),
-                       jnp.zeros(2 * dim, dtype), a, b, c, rho)
+    inst = FlatBilevel(BilevelProblem(_f_upper(rho, c), _f_lower), (upper, lower), jnp.zeros(dim, dtype),
+                       jnp.zeros(2 * dim, dtype), a, b, c, rho, name="flat")
+    return inst._replace(reference=Reference(inst.theta_star(), inst.value(inst.theta_star())))

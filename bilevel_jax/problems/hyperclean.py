@@ -31,7 +31,7 @@ corrupted samples whose weight sigmoid(lambda_i) went below 1/2).
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import equinox as eqx
 import jax
@@ -42,6 +42,7 @@ from jax.flatten_util import ravel_pytree
 from bilevel_jax import oracles
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.problems.instance import Instance, instance_type
 
 REG = 0.01
 FASHION_NORMALIZATION = (0.5, 0.5)     # (mean, std) of pixels in [0, 1], as the LancBiO code
@@ -185,18 +186,14 @@ def implicit_grad(problem: BilevelProblem, theta, phi, data):
 # --------------------------------------------------------------------------------------------------
 # the bundle
 
-class HyperCleaning(NamedTuple):
-    """The problem, its data `((X_val, y_val), (X_train, y_noisy, index))`, the held-out test set
-    `(X_test, y_test)`, the corruption mask, the clean training labels and a start point."""
+@instance_type
+class HyperCleaning(Instance):
+    """The problem, its data `((X_val, y_val), (X_train, y_noisy, index))`, a start point, the
+    held-out test set `(X_test, y_test)`, the corruption mask and the clean training labels."""
 
-    problem: BilevelProblem
-    data: tuple
     test: tuple
     corrupted: Any            # (n_train,) bool: which training labels were changed
     clean_labels: Any         # (n_train,) int
-    theta0: Any
-    phi0: Any
-    description: str = ""
 
     def test_accuracy(self, phi):
         return accuracy(phi, self.test)
@@ -261,8 +258,8 @@ def hyper_cleaning(train, val, test, corruption: float, key=0, *, model: str = "
             (jnp.asarray(Xtr), jnp.asarray(noisy.astype(np.int32)), jnp.arange(n, dtype=jnp.int32)))
     desc = (f"data hyper-cleaning{' on ' + source if source else ''}: n_train={n}, n_val={Xv.shape[0]}, "
             f"n_test={Xte.shape[0]}, corruption p={corruption:g}, {model} model, reg={reg:g}")
-    return HyperCleaning(make_problem(reg), data, (jnp.asarray(Xte), jnp.asarray(yte)), jnp.asarray(mask),
-                         jnp.asarray(ytr), jnp.zeros(n, dtype), phi0, desc)
+    return HyperCleaning(make_problem(reg), data, jnp.zeros(n, dtype), phi0, (jnp.asarray(Xte), jnp.asarray(yte)),
+                         jnp.asarray(mask), jnp.asarray(ytr), name="hyper_cleaning", description=desc)
 
 
 VAL_SPLITS = ("train", "test")

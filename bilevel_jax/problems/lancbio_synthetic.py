@@ -26,12 +26,12 @@ other term is O(n). Closed forms (all in this module, independent of the library
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.problems.instance import Instance, instance_type
 
 GAMMA = 0.5   # c_2 in the authors' code: the weight of the sin term and the range of D3
 COS = 0.1     # the weight of the cosine term of f
@@ -95,13 +95,9 @@ def synthetic_data(key, n: int = 200, kappa: float = 1e3, dtype=jnp.float64):
     return (upper, lower), jax.random.normal(kx, (n,), dtype), jax.random.normal(ky, (n,), dtype)
 
 
-class LancBiOSynthetic(NamedTuple):
+@instance_type
+class LancBiOSynthetic(Instance):
     """The problem, its data `(upper, lower)`, the starting point and the closed forms."""
-
-    problem: BilevelProblem
-    data: tuple
-    theta0: jax.Array
-    phi0: jax.Array
 
     # ---- closed-form oracles (full batch) ----
     def lower_grad(self, theta, phi):
@@ -210,7 +206,8 @@ def lancbio_synthetic(key, n: int = 200, kappa: float = 1e3, dtype=jnp.float64) 
     if not kappa >= 1.0:
         raise ValueError(f"kappa must be >= 1 (the condition number of G), got {kappa!r}.")
     data, theta0, phi0 = synthetic_data(key, n, float(kappa), dtype)
-    return LancBiOSynthetic(PROBLEM, data, theta0, phi0)
+    return LancBiOSynthetic(PROBLEM, data, theta0, phi0, name="lancbio_synthetic",
+                            description=f"LancBiO synthetic problem (n={n}, kappa={float(kappa):g})")
 
 
 __all__ = ["GAMMA", "LancBiOSynthetic", "PROBLEM", "cross", "f_lower", "f_upper", "hypergradient", "lancbio_synthetic",

@@ -29,6 +29,7 @@ import optax
 
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.problems.instance import Instance, instance_type, static
 
 
 def _margins(w, batch):
@@ -206,15 +207,13 @@ def minimize_value(theta0, data, steps: int = 100, newton_steps: int = 20, memor
 # --------------------------------------------------------------------------------------------------
 # the bundle
 
-class LogisticHPO(NamedTuple):
+@instance_type
+class LogisticHPO(Instance):
     """The problem, its data `((X_val, y_val), (X_train, y_train))`, a starting point and the
-    reference evaluators (Newton for w*, dense implicit gradient, L-BFGS for h*)."""
+    reference evaluators (Newton for w*, dense implicit gradient, L-BFGS for h*; h* is not computed
+    at construction, so `reference` is None)."""
 
-    problem: BilevelProblem
-    data: tuple
-    theta0: jax.Array
-    phi0: jax.Array
-    newton_steps: int = 20
+    newton_steps: int = static(20)
 
     def phi_star(self, theta):
         """w*(theta) by damped Newton (differentiable: `jax.grad` gives the implicit gradient)."""
@@ -265,7 +264,8 @@ def logistic_hpo(data, key=0, *, per_feature: bool = True, theta_init: str = "lo
     theta0 = (jnp.log(jax.random.uniform(k_theta, shape, dtype, minval=jnp.finfo(dtype).tiny))
               if theta_init == "log_uniform" else jnp.zeros(shape, dtype))
     phi0 = jax.random.normal(k_phi, (d,), dtype) if phi_init == "normal" else jnp.zeros(d, dtype)
-    return LogisticHPO(LOGISTIC, ((Xv, yv), (X, y)), theta0, phi0, newton_steps)
+    return LogisticHPO(LOGISTIC, ((Xv, yv), (X, y)), theta0, phi0, newton_steps, name="logistic_hpo",
+                       description=f"logistic HPO: n_train={X.shape[0]}, n_val={Xv.shape[0]}, d={d}")
 
 
 def _check_data(data):

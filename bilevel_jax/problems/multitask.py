@@ -1,4 +1,5 @@
-"""Multi-task problems for the robust multi-objective algorithms (`bj.algorithms.morbit`, `mmb`).
+"""Multi-task problems for the robust multi-objective algorithm `bj.algorithms.morbit` and the
+multi-block min-max bilevel algorithm `bj.algorithms.mmb`.
 
 1. `multitask_quadratic`: n quadratic bilevel pairs sharing theta, with closed-form LL solutions
    and task objectives, and a dense min-max reference for the robust solution (the ground truth
@@ -15,7 +16,11 @@
    projected gradient ascent with grad D(lambda)_i = F_i(theta(lambda)) (Danskin), theta(lambda) =
    (sum lambda_i Q_i)^{-1} sum lambda_i q_i; `RobustReference.gap` is its duality gap.
 
-2. `sinusoid_tasks`: the sinusoid regression tasks of MORBiT's robust meta-regression (Gu, Lu,
+2. `min_max_quadratic`: m quadratic blocks of the multi-block min-max bilevel class
+   (`bj.MinMaxBilevelProblem`), each with its own dual block y_i and LL phi_i, and the saddle point
+   of the reduced function from one dense float64 solve of its stationarity conditions.
+
+3. `sinusoid_tasks`: the sinusoid regression tasks of MORBiT's robust meta-regression (Gu, Lu,
    Ram, Weng, ICLR 2023, arXiv:2203.01924): y = a sin(b x + c), amplitude a ~ U(0.1, 5), frequency
    b ~ U(1, 3), phase c ~ U(0, pi), inputs x ~ U(-5, 5); a shared embedding h_theta (an equinox
    MLP) as theta and a linear head w_i per task as phi_i:
@@ -37,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bilevel_jax._checks import check_positive_int
-from bilevel_jax.multi_objective import MultiObjectiveProblem
+from bilevel_jax.multi_objective import MinMaxBilevelProblem, MultiObjectiveProblem
 
 PyTree = Any
 
@@ -158,6 +163,100 @@ def multitask_quadratic(seed: int = 0, num_tasks: int = 3, dim_upper: int = 2, d
     return MultitaskQuadratic(problem, data, A, B, c, rho)
 
 
+# ----------------------------------------------------------------------------- min-max quadratic
+class _MinMaxUpper(eqx.Module):
+    """f_i(theta, y, phi) = 0.5||phi - c_i||^2 + 0.5 rho||theta||^2 + y'(C_i phi + D_i theta - e_i) - 0.5 sigma||y||^2."""
+
+    rho: float = eqx.field(static=True)
+    sigma: float = eqx.field(static=True)
+
+    def __call__(self, theta, y, phi, batch):
+        c, C, D, e = (x[0] for x in batch)   # the block's one sample
+        return (0.5 * jnp.sum((phi - c) ** 2) + 0.5 * self.rho * theta @ theta + y @ (C @ phi + D @ theta - e)
+                - 0.5 * self.sigma * y @ y)
+
+
+class MinMaxReference(NamedTuple):
+    """The saddle point of the reduced min-max function: theta*, y* (m, p), phi_i*(theta*) (m, q)."""
+
+    theta: np.ndarray
+    y: np.ndarray
+    phi: np.ndarray
+
+
+class MinMaxQuadratic(NamedTuple):
+    problem: MinMaxBilevelProblem
+    data: tuple              # ((c, C, D, e), (A, B)) with a leading block axis (then one sample for f_i)
+    A: np.ndarray
+    B: np.ndarray
+    c: np.ndarray
+    C: np.ndarray
+    D: np.ndarray
+    e: np.ndarray
+    rho: float
+    sigma: float
+
+    @property
+    def num_blocks(self) -> int:
+        return self.A.shape[0]
+
+    def phi_star(self, theta) -> np.ndarray:
+        """phi_i*(theta) = A_i^{-1} B_i theta, stacked (m, d_phi)."""
+        return np.linalg.solve(self.A, self.B) @ np.asarray(theta)
+
+    def saddle_point(self) -> MinMaxReference:
+        """The saddle point of Phi(theta, y) = (1/m) sum_i f_i(theta, y_i, M_i theta), M_i = A_i^{-1} B_i,
+        from its stationarity conditions (one dense float64 solve), with K_i = C_i M_i + D_i:
+
+            sum_i (M_i'M_i + rho I) theta + sum_i K_i' y_i = sum_i M_i' c_i,   K_i theta - sigma y_i = e_i.
+
+        Phi is strongly convex in theta (rho > 0) and strongly concave in y (sigma > 0): the saddle is unique."""
+        m, d, p = self.num_blocks, self.B.shape[2], self.C.shape[1]
+        M = np.linalg.solve(self.A, self.B)
+        K = self.C @ M + self.D
+        H = np.zeros((d + m * p, d + m * p))
+        rhs = np.zeros(d + m * p)
+        H[:d, :d] = np.einsum("nij,nik->jk", M, M) + m * self.rho * np.eye(d)
+        rhs[:d] = np.einsum("nij,ni->j", M, self.c)
+        for i in range(m):
+            rows = slice(d + i * p, d + (i + 1) * p)
+            H[:d, rows] = K[i].T
+            H[rows, :d] = K[i]
+            H[rows, rows] = -self.sigma * np.eye(p)
+            rhs[rows] = self.e[i]
+        z = np.linalg.solve(H, rhs)
+        theta, y = z[:d], z[d:].reshape(m, p)
+        return MinMaxReference(theta, y, M @ theta)
+
+
+def min_max_quadratic(seed: int = 0, num_blocks: int = 3, dim_upper: int = 2, dim_dual: int = 2, dim_lower: int = 3,
+                      rho: float = 0.5, sigma: float = 1.0, coupling: float = 0.5) -> MinMaxQuadratic:
+    """m quadratic blocks of the multi-block min-max bilevel class (`bj.MinMaxBilevelProblem`):
+
+        g_i(theta, phi) = 0.5 phi'A_i phi - phi'B_i theta,        phi_i*(theta) = A_i^{-1} B_i theta
+        f_i(theta, y, phi) = 0.5||phi - c_i||^2 + 0.5 rho||theta||^2 + y'(C_i phi + D_i theta - e_i) - 0.5 sigma||y||^2
+
+    (f_i couples y with both phi and theta, so the LL's linear system depends on y_i), A_i SPD with
+    eigenvalues in [1, 3], B_i, c_i, e_i Gaussian, C_i, D_i `coupling` x Gaussian (NumPy `seed`);
+    `saddle_point()` is the dense reference."""
+    check_positive_int("num_blocks", num_blocks)
+    rs = np.random.RandomState(seed)
+    A = []
+    for _ in range(num_blocks):
+        U, _ = np.linalg.qr(rs.randn(dim_lower, dim_lower))
+        A.append(U @ np.diag(rs.uniform(1.0, 3.0, dim_lower)) @ U.T)
+    A = np.stack(A)
+    B = rs.randn(num_blocks, dim_lower, dim_upper)
+    c = rs.randn(num_blocks, dim_lower)
+    C = coupling * rs.randn(num_blocks, dim_dual, dim_lower)
+    D = coupling * rs.randn(num_blocks, dim_dual, dim_upper)
+    e = rs.randn(num_blocks, dim_dual)
+    problem = MinMaxBilevelProblem(_MinMaxUpper(rho, sigma), _quad_lower, num_blocks=num_blocks)
+    upper = tuple(jnp.asarray(x[:, None]) for x in (c, C, D, e))   # UL data: one sample per block
+    data = (upper, (jnp.asarray(A), jnp.asarray(B)))
+    return MinMaxQuadratic(problem, data, A, B, c, C, D, e, rho, sigma)
+
+
 # ------------------------------------------------------------------------------------- sinusoids
 def embed(theta, x):
     """h_theta(x) for a batch of scalar inputs x (m,) -> (m, embed_dim)."""
@@ -251,6 +350,6 @@ def task_losses(theta, tasks_data, reg: float, shots: Optional[int] = None) -> j
     return jax.vmap(one)(query, support)
 
 
-__all__ = ["MultitaskQuadratic", "RobustReference", "SinusoidLower", "SinusoidTasks", "embed", "embedding_mlp",
-           "head_solution", "multitask_quadratic", "sample_sinusoids", "sinusoid_tasks", "sinusoid_upper",
+__all__ = ["MinMaxQuadratic", "MinMaxReference", "MultitaskQuadratic", "RobustReference", "SinusoidLower", "SinusoidTasks", "embed", "embedding_mlp",
+           "head_solution", "min_max_quadratic", "multitask_quadratic", "sample_sinusoids", "sinusoid_tasks", "sinusoid_upper",
            "sinusoid_values", "task_losses"]

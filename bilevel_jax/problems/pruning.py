@@ -19,13 +19,14 @@ theta is a tuple of arrays, one per masked matrix (in `jax.tree_util` leaf order
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.problems.instance import Instance, instance_type, static
 
 
 def _masked_leaves(phi):
@@ -95,15 +96,12 @@ def hard_mask(theta, keep: float) -> tuple:
     return tuple((t >= threshold).astype(t.dtype) for t in theta)
 
 
-class Pruning(NamedTuple):
+@instance_type
+class Pruning(Instance):
     """The problem, data `((X_val, y_val), (X_train, y_train))`, start (theta0, phi0), and the
     functions of the bundle."""
 
-    problem: BilevelProblem
-    data: tuple
-    theta0: Any
-    phi0: Any
-    apply: Callable = default_apply
+    apply: Callable = static(default_apply)
 
     def accuracy(self, theta, phi, batch):
         X, y = batch
@@ -123,7 +121,7 @@ def pruning(model, train, val, *, rho: float = 1e-3, sparsity: float = 0.0, mask
     apply = default_apply if apply is None else apply
     problem = make_problem(rho, sparsity, apply)
     data = ((jnp.asarray(val[0]), jnp.asarray(val[1])), (jnp.asarray(train[0]), jnp.asarray(train[1])))
-    return Pruning(problem, data, mask_like(model, mask_init), model, apply)
+    return Pruning(problem, data, mask_like(model, mask_init), model, apply, name="pruning")
 
 
 __all__ = ["Pruning", "default_apply", "hard_mask", "make_problem", "mask_like", "mask_model", "project_mask", "pruning"]

@@ -19,12 +19,13 @@ spectrum `lower_spectrum` (z_i = H^{1/2} u_i, (1/n) sum u_i u_i' = I).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.problems.instance import Instance, Reference, instance_type
 
 
 def _theta_terms(theta, batch):
@@ -72,13 +73,11 @@ def quadratic_problem(reg: float = 0.0) -> BilevelProblem:
     return BilevelProblem(quadratic_upper(reg), quadratic_lower)
 
 
-class QuadraticBilevel(NamedTuple):
-    """The problem, its data `(upper, lower)`, a starting point and the closed forms."""
+@instance_type
+class QuadraticBilevel(Instance):
+    """The problem, its data `(upper, lower)`, a starting point, the reference theta* and the
+    closed forms."""
 
-    problem: BilevelProblem
-    data: tuple
-    theta0: jax.Array
-    phi0: jax.Array
     means: dict  # full-batch H, C, h, P, S, p and reg
 
     def phi_star(self, theta):
@@ -165,7 +164,10 @@ def quadratic_bilevel(key, dim_upper: int = 5, dim_lower: int = 10, n_samples: O
     means = {k: v.mean(0) for k, v in {**lower, **upper}.items()}
     means["reg"] = jnp.asarray(reg, dtype)
     inst = QuadraticBilevel(quadratic_problem(reg), (upper, lower),
-                            jnp.zeros(du, dtype), jnp.zeros(dl, dtype), means)
+                            jnp.zeros(du, dtype), jnp.zeros(dl, dtype), means, name="quadratic",
+                            description=f"quadratic bilevel (d_theta={du}, d_phi={dl}, "
+                                        f"{f'{n_samples} samples' if n_samples else 'deterministic'})")
     if not bool(jnp.linalg.eigvalsh(inst.hessian()).min() > 0):
         raise ValueError("the drawn F is not strongly convex: increase `reg` or decrease `cross`.")
-    return inst
+    theta_star = inst.theta_star()
+    return inst._replace(reference=Reference(theta_star, inst.value(theta_star)))

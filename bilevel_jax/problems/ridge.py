@@ -11,12 +11,11 @@ A(theta) = X'X/n + diag(exp(theta)),  w*(theta) = A^{-1} X'y/n  and, by d w*/d t
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
 from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.problems.instance import Instance, instance_type
 
 
 def _lower(theta, w, batch):
@@ -32,11 +31,9 @@ def _upper(theta, w, batch):
 RIDGE = BilevelProblem(_upper, _lower)
 
 
-class RidgeHPO(NamedTuple):
-    problem: BilevelProblem
-    data: tuple  # ((X_val, y_val), (X_train, y_train))
-    theta0: jax.Array
-    phi0: jax.Array
+@instance_type
+class RidgeHPO(Instance):
+    """Ridge HPO with data `((X_val, y_val), (X_train, y_train))` and the closed forms."""
 
     def _system(self, theta):
         X, _ = self.data[1]
@@ -67,4 +64,4 @@ def ridge_hpo(key, n_train: int = 40, n_val: int = 40, dim: int = 8, per_feature
     y = X @ w_true + noise * jax.random.normal(k4, (n_train,), dtype)
     yv = Xv @ w_true + noise * jax.random.normal(k5, (n_val,), dtype)
     theta0 = jnp.zeros((dim,) if per_feature else (), dtype)
-    return RidgeHPO(RIDGE, ((Xv, yv), (X, y)), theta0, jnp.zeros(dim, dtype))
+    return RidgeHPO(RIDGE, ((Xv, yv), (X, y)), theta0, jnp.zeros(dim, dtype), name="ridge_hpo")

@@ -19,13 +19,12 @@ The lower data carry the sample index `(X, y, index)`, so minibatches read their
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import jax
 import jax.numpy as jnp
 
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.problems.instance import Instance, instance_type, static
 
 
 def project_budget(w, budget: float, iterations: int = 60):
@@ -79,12 +78,12 @@ def select(w, k: int):
     return jnp.argsort(-w)[:k]
 
 
-class SubsetSelection(NamedTuple):
-    problem: Any
-    data: tuple             # ((X_val, y_val), (X_train, y_train, index))
-    theta0: Any             # w0: budget / n on every sample
-    phi0: Any               # W0 = 0
-    budget: float
+@instance_type
+class SubsetSelection(Instance):
+    """Data `((X_val, y_val), (X_train, y_train, index))`, start w0 = budget / n on every sample and
+    W0 = 0, the budget k."""
+
+    budget: float = static()
 
     def accuracy(self, W, batch):
         X, y = batch[0], batch[1]
@@ -107,7 +106,7 @@ def subset_selection(train, val, budget: int, *, reg: float = 0.01, num_classes:
     c = int(num_classes or int(max(y.max(), yv.max())) + 1)
     data = ((Xv, yv), (X, y, jnp.arange(n, dtype=jnp.int32)))
     return SubsetSelection(make_problem(budget, reg), data, jnp.full((n,), budget / n, X.dtype),
-                           jnp.zeros((c, X.shape[1]), X.dtype), float(budget))
+                           jnp.zeros((c, X.shape[1]), X.dtype), float(budget), name="subset_selection")
 
 
 __all__ = ["SubsetSelection", "make_problem", "project_budget", "select", "subset_selection"]
