@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
 
 
 def _table(rows, target) -> str:
-    from experiments.convergence import _fmt
+    from experiments.results import fmt as _fmt
     head = ("algorithm", "seeds failed", "final h - h* (median [20%, 80%] of the others)",
             f"time to stay <= {target:g} (s)", f"oracle calls to stay <= {target:g}", "oracle calls (total)",
             "hyperparameters")

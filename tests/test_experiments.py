@@ -569,3 +569,16 @@ def test_morbit_runs_a_multi_objective_preset_through_the_runner(tmp_path):
         assert hist[m].shape == (2, 3) and np.all(np.isfinite(hist[m])), m
     assert not np.array_equal(hist["train_max"][0], hist["train_max"][1])       # each seed its own tasks
     assert "(a) Sinusoid meta-regression" in "\n".join(out["summary"])
+
+
+def test_demo_table_formats_every_column():
+    """`make demo`'s summary table (the figure's shared formatter: "not reached" for a target never
+    kept, "-" for nothing to report)."""
+    import types
+    from experiments import demo
+    row = types.SimpleNamespace(label="soba", failed="0/3", final=0.02, final_lo=0.01, final_hi=0.03,
+                                time_to_target=float("inf"), oracles_to_target=None, oracles_total=8e4,
+                                hyper="step=0.4")
+    text = demo._table([row], 0.01)
+    assert "soba" in text and "2.00e-02 [1.00e-02, 3.00e-02]" in text and "not reached" in text
+    assert " - " in text and "8e+04" in text and "step=0.4" in text
