@@ -62,7 +62,7 @@ from experiments.config import ConfigError, check_names, experiment_dir, seed_li
 from experiments.plotting import METRIC_LABELS, Curve, plot_grid
 from experiments.results import (CellResult, ResultStore, environment, failed_seeds, failure_text, fmt,
                                  seconds_per_step, write_json)
-from experiments.runner import is_writer, one_cell_per_label, prepare, run_cells
+from experiments.runner import one_cell_per_label, prepare, run_labelled
 from experiments.sweep import experiment_key
 
 SUMMARY_METRICS = ("clean_downweighted",)   # recorded for the summary whatever the config's metrics
@@ -357,11 +357,9 @@ def main(cfg: dict, log=print) -> dict:
     workload, reference = prepare(cfg, store)
     description = workload.instance.description
     log(f"[{cfg['name']}] {description} (loaded in {time.perf_counter() - start:.1f} s)")
-    cells = one_cell_per_label(cfg, "hyperclean")
-    stats = run_cells(cfg, workload, reference, store, cells, log=log)
-    if not is_writer():                  # another process of a multi-process job: process 0 reports
+    stats, results = run_labelled(cfg, workload, reference, store, "hyperclean", log=log)
+    if results is None:                  # another process of a multi-process job: process 0 reports
         return {"stats": stats}
-    results = {c.label: store.load(c.cell_id) for c in cells}
     baselines = {}
     for name in opts["baselines"]:
         cell = baseline_cell(name, opts, cfg)

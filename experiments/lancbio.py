@@ -41,7 +41,7 @@ from experiments.config import ConfigError, check_names, experiment_dir, seed_li
 from experiments.convergence import curve_of
 from experiments.plotting import METRIC_LABELS, Curve, band, plot_grid
 from experiments.results import CellResult, ResultStore, fmt, write_json
-from experiments.runner import is_writer, one_cell_per_label, prepare, run_cells
+from experiments.runner import one_cell_per_label, prepare, run_labelled
 
 CLAIMS = ("comparison", "dimension")
 
@@ -165,11 +165,9 @@ def main(cfg: dict, log=print) -> dict:
     store = ResultStore(experiment_dir(cfg))
     workload, reference = prepare(cfg, store)
     log(f"[{cfg['name']}] {workload.instance.description} (drawn per seed)")
-    cells = one_cell_per_label(cfg, "lancbio")
-    stats = run_cells(cfg, workload, reference, store, cells, log=log)
-    if not is_writer():                  # another process of a multi-process job: process 0 reports
+    stats, results = run_labelled(cfg, workload, reference, store, "lancbio", log=log)
+    if results is None:                  # another process of a multi-process job: process 0 reports
         return {"stats": stats}
-    results = {c.label: store.load(c.cell_id) for c in cells}
     curves = [curve_of(r, label, cfg["metrics"]) for label, r in results.items()]
     root = experiment_dir(cfg)
     path = plot_grid(curves, cfg["plot"]["metrics"], cfg["plot"]["x"],

@@ -71,6 +71,16 @@ def one_cell_per_label(cfg: dict, figure: str) -> List[Cell]:
     return cells
 
 
+def run_labelled(cfg: dict, workload, reference: dict, store: ResultStore, figure: str, log=print):
+    """Run (or load) a figure's cells, one per [algorithms.<label>] table: `(stats, results)`,
+    results {label: CellResult}, or None in a process that does not write (`is_writer`)."""
+    cells = one_cell_per_label(cfg, figure)
+    stats = run_cells(cfg, workload, reference, store, cells, log=log)
+    if not is_writer():                  # another process of a multi-process job: process 0 reports
+        return stats, None
+    return stats, {c.label: store.load(c.cell_id) for c in cells}
+
+
 def is_writer() -> bool:
     """Whether this process writes results: always in a single-process run, process 0 only in a
     multi-process job (see the module docstring)."""

@@ -521,20 +521,31 @@ class Normalized(Wrapper):
         return NormalizedState(inner, state.curvatures, state.chosen), info
 
 
+def _when_built_without_steps(build, wrap):
+    """`build` whose result is `wrap(alg, kwargs)` when called without any argument outside
+    `STRUCTURAL` (no step size, penalty or solver-step argument), and as built otherwise."""
+    @functools.wraps(build)
+    def preset(problem, *args, **kwargs):
+        alg = build(problem, *args, **kwargs)
+        if args or set(kwargs) - STRUCTURAL:
+            return alg
+        return wrap(alg, kwargs)
+
+    return preset
+
+
 def auto_scaled(build):
     """Preset decorator: called without any argument outside `STRUCTURAL`, the preset is wrapped
     in `Normalized` (step sizes, loop lengths and penalties from the curvatures estimated at
     `init`), or, for the presets of `NO_DEFAULTS`, raises naming the arguments to pass."""
     name = build.__name__
 
-    @functools.wraps(build)
-    def preset(problem, *args, **kwargs):
-        alg = build(problem, *args, **kwargs)
-        if args or set(kwargs) - STRUCTURAL:
-            return alg
+    def without_steps(alg, kwargs):
         if name in NO_DEFAULTS:
             raise ValueError(f"{name}: built without step sizes, but {NO_DEFAULTS[name]}.")
         return Normalized(alg, "batch_size" not in kwargs, name, frozenset(kwargs))
+
+    preset = _when_built_without_steps(build, without_steps)
 
     argument, _ = _settings(name)
     chooses = (f"\n    `{argument}` (unless given) is chosen at `init` so that (1 - mu_g / L_g)^K <= {TOL:g}"
@@ -590,13 +601,7 @@ def own_defaults(build):
     called without any argument outside `STRUCTURAL`, the preset keeps its own default steps and
     is wrapped in `StepCheck` (an error at `init` where they are unstable for the problem)."""
     name = build.__name__
-
-    @functools.wraps(build)
-    def preset(problem, *args, **kwargs):
-        alg = build(problem, *args, **kwargs)
-        if args or set(kwargs) - STRUCTURAL:
-            return alg
-        return StepCheck(alg, name)
+    preset = _when_built_without_steps(build, lambda alg, kwargs: StepCheck(alg, name))
 
     preset.__doc__ = (build.__doc__ or "") + (
         "\n\n    Defaults: called without step sizes, the preset keeps its own defaults, and `init` raises"
