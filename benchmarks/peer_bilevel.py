@@ -94,6 +94,9 @@ BJ_LL_DRAWS = {"soba": 1, "saba": 1, "amigo": INNER_STEPS + 1, "stocbio": 2 * IN
 # bilevel_jax's second-order products: forward-over-reverse, which reads the peer's per-sample
 # matrices in their stored layout (the reverse pass transposes them: a copy of each batch matrix)
 BJ_MODE = "fwd"
+# and its oracle passes over sub-batches of one sample (`BilevelProblem(sample_chunk=1)`): every
+# contraction of a sample's matrices then reads them from cache
+BJ_SAMPLE_CHUNK = 1
 
 
 class PeerProblem(NamedTuple):
@@ -329,12 +332,12 @@ def peer_runner(name: str, problem: PeerProblem, objective: Callable, num_steps:
 
 # ------------------------------------------------------------------------------ bilevel_jax
 
-def bj_problem(objective: Callable) -> bj.BilevelProblem:
+def bj_problem(objective: Callable, sample_chunk: Optional[int] = None) -> bj.BilevelProblem:
     """The peer's objective code as a bilevel_jax problem: theta = its outer variable x, phi = its
-    inner variable z."""
+    inner variable z; `sample_chunk`: the problem's oracle passes over sub-batches of that many samples."""
     def f(theta, phi, batch):
         return objective(phi, theta, batch)
-    return bj.BilevelProblem(f, f)
+    return bj.BilevelProblem(f, f, sample_chunk=sample_chunk)
 
 
 def library_data(level: dict, upper: bool) -> dict:
@@ -357,15 +360,16 @@ def bj_algorithm(name: str, problem: bj.BilevelProblem, batch_size: int, mode: s
     return bj.algorithms.get(name)(problem, **kw)
 
 
-def bj_runner(name: str, problem: PeerProblem, objective: Optional[Callable], num_steps: int, mode: str = BJ_MODE):
+def bj_runner(name: str, problem: PeerProblem, objective: Optional[Callable], num_steps: int, mode: str = BJ_MODE,
+              sample_chunk: Optional[int] = None):
     """`(run, args)`: `run(state, data)` = `bj.run` of `num_steps` steps with its history, on the
-    library's quadratic (`objective=None`) or on the given objective code in the peer's layout,
-    second-order products by `mode`."""
+    library's quadratic (`objective=None`) or on the given objective code in the peer's layout
+    (oracle passes over sub-batches of `sample_chunk` samples), second-order products by `mode`."""
     if objective is None:
         bj_prob = bj.problems.quadratic_problem()
         data = (library_data(problem.outer, True), library_data(problem.inner, False))
     else:
-        bj_prob, data = bj_problem(objective), (problem.outer, problem.inner)
+        bj_prob, data = bj_problem(objective, sample_chunk), (problem.outer, problem.inner)
     alg = bj_algorithm(name, bj_prob, problem.batch_size, mode)
     dz, dx = problem.inner["a"].shape[1], problem.inner["b"].shape[1]
     state = alg.init(jnp.zeros(dx), jnp.zeros(dz), jax.random.PRNGKey(1), data)
@@ -549,7 +553,9 @@ def _measure(quick, num_steps, repeats, methods, log) -> dict:
         fns, args, compile_s, compiled = {}, {}, {}, {}
         try:
             runs = {"peer:peer": (peer_runner, peer_objective), "peer:einsum": (peer_runner, einsum_objective),
-                    "bilevel_jax": (bj_runner, None), "bilevel_jax:peer": (bj_runner, peer_objective),
+                    "bilevel_jax": (bj_runner, None),
+                    "bilevel_jax:peer": (functools.partial(bj_runner, sample_chunk=BJ_SAMPLE_CHUNK), peer_objective),
+                    "bilevel_jax:peer:whole": (bj_runner, peer_objective),
                     "bilevel_jax:peer:rev": (functools.partial(bj_runner, mode="rev"), peer_objective)}
             for label, (runner, objective) in runs.items():
                 fn, a = runner(name, problem, objective, k)
@@ -574,6 +580,7 @@ def _measure(quick, num_steps, repeats, methods, log) -> dict:
                    **{label: res[label] for label in fns},
                    "ratio": ratio("bilevel_jax", "peer:peer"),
                    "ratio_same_objective": ratio("bilevel_jax:peer", "peer:peer"),
+                   "ratio_same_objective_whole": ratio("bilevel_jax:peer:whole", "peer:peer"),
                    "ratio_same_objective_rev": ratio("bilevel_jax:peer:rev", "peer:peer"),
                    "ratio_einsum_both": ratio("bilevel_jax", "peer:einsum")}
             log(f"  peer {name:8s} peer {res['peer:peer']['median'] * 1e3:.4g} ms, bj {res['bilevel_jax']['median'] * 1e3:.4g} ms "

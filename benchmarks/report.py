@@ -205,7 +205,9 @@ def markdown(res: dict) -> str:
     if bl and "error" not in bl:
         lines += ["## Against benchmark_bilevel on its own quadratic and sampling scheme", "",
                   f"{bl['problem']}. Peer: {bl['peer']}. bilevel_jax: `sampler=\"shuffled\"` (the same random "
-                  "reshuffling of contiguous blocks), the peer's step sizes, `bj.run` with its history. Each side runs "
+                  "reshuffling of contiguous blocks), the peer's step sizes, `bj.run` with its history; on the peer's objective "
+                  "code, mode=\"fwd\" and `BilevelProblem(sample_chunk=1)` (each oracle pass a scan over the batch's samples). "
+                  "Each side runs "
                   "the problem with its own code: bilevel_jax its finite-sum quadratic (`bj.problems.quadratic_problem`, "
                   "one batched einsum per term), the peer its per-sample quadratic vmapped over the batch. The last "
                   "columns swap the objective codes, to separate the toolkit from the objective's formulation. Time "
@@ -213,16 +215,18 @@ def markdown(res: dict) -> str:
         rows = []
         for name, r in bl.get("methods", {}).items():
             if "error" in r:
-                rows.append([name, "ERROR"] + ["-"] * 8)
+                rows.append([name, "ERROR"] + ["-"] * 9)
                 continue
             f = lambda q: f"{q['median']:.3f} / {q['cpu']['median']:.3f}"
             d = r["ll_batches_per_step"]
             rows.append([name, f"{d['peer']} / {d['bilevel_jax']}", _auto(r["peer:peer"]), _auto(r["bilevel_jax"]),
                          f(r["ratio"]), _auto(r["peer:einsum"]), _auto(r["bilevel_jax:peer"]),
-                         f(r["ratio_same_objective"]), f(r["ratio_same_objective_rev"]), f(r["ratio_einsum_both"])])
+                         f(r["ratio_same_objective"]), f(r["ratio_same_objective_whole"]), f(r["ratio_same_objective_rev"]),
+                         f(r["ratio_einsum_both"])])
         lines += _table(["method", "LL batches / step (peer / bj)", "peer (its objective)", "bj (its quadratic)",
-                         "ratio (bar)", "peer (einsum formulation)", "bj (peer's objective)",
-                         "ratio, peer's objective on both", "same, bj mode=\"rev\"", "ratio, einsum on both"], rows) + [""]
+                         "ratio (bar)", "peer (einsum formulation)", "bj (peer's objective, sample_chunk=1)",
+                         "ratio, peer's objective on both", "same, bj whole batches", "same, bj whole batches, mode=\"rev\"",
+                         "ratio, einsum on both"], rows) + [""]
         comp = {n: r["compile_s"] for n, r in bl.get("methods", {}).items() if "compile_s" in r}
         if comp:
             lines += ["Compile (s, XLA compile of the K-step call; the peer closes over its data, compile-time "

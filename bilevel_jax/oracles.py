@@ -164,40 +164,89 @@ def _on_diff(fn: Callable, theta: PyTree, phi: PyTree, batch: PyTree):
     return f, theta_d, phi_d
 
 
+def over_samples(problem: Any, fn: Callable[[PyTree], PyTree], batch: PyTree) -> PyTree:
+    """`fn(batch)`, or, when the problem sets `sample_chunk = c`, the mean of `fn` over the
+    batch's consecutive sub-batches of c samples, one `lax.scan` step each:
+
+        fn(batch) = (c / n) sum_j fn(batch[j c : (j + 1) c])
+
+    which holds for every oracle `fn` (a gradient, a value, products of one linearization: all
+    linear in the objective) when the objective is a mean over its batch's samples plus terms that
+    do not depend on the batch. A sub-batch small enough to stay in cache is read from memory once
+    for all the contractions its pass makes of it (the point of chunking: `BilevelProblem`'s
+    `sample_chunk`). Leaves without a sample axis (scalars) go to every sub-batch whole; the sums
+    accumulate in at least float32 (a bfloat16 oracle is summed in float32 and cast back).
+    """
+    size = getattr(problem, "sample_chunk", None)
+    leaves = [x for x in jax.tree_util.tree_leaves(batch) if jnp.ndim(x)]
+    if size is None or not leaves:
+        return fn(batch)
+    n = leaves[0].shape[0]
+    if any(x.shape[0] != n for x in leaves):
+        raise ValueError(f"sample_chunk: the batch's leaves have different leading (sample) axes "
+                         f"{sorted({x.shape[0] for x in leaves})}; chunking needs one sample axis.")
+    if n % size:
+        raise ValueError(f"sample_chunk = {size} does not divide the batch of {n} samples (per device with a "
+                         "mesh); choose a batch size that is a multiple of it.")
+    if n == size:
+        return fn(batch)
+
+    def cut(j):
+        return jax.tree_util.tree_map(
+            lambda x: jax.lax.dynamic_slice_in_dim(x, j * size, size, 0) if jnp.ndim(x) else x, batch)
+
+    shapes = jax.eval_shape(lambda: fn(cut(0)))
+    wide = lambda dtype: jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.inexact) else dtype
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, wide(s.dtype)), shapes)
+
+    def body(total, j):
+        return jax.tree_util.tree_map(lambda t, y: t + y.astype(t.dtype), total, fn(cut(j))), None
+
+    total, _ = jax.lax.scan(body, zeros, jnp.arange(n // size))
+    return jax.tree_util.tree_map(lambda t, s: (t / (n // size)).astype(s.dtype), total, shapes)
+
+
+def _grads(fn: Callable, theta, phi, batch, argnums):
+    """grad of `fn` in `argnums` over the differentiable parts of (theta, phi)."""
+    f, t, p = _on_diff(fn, theta, phi, batch)
+    return jax.grad(f, argnums=argnums)(t, p)
+
+
+def _value_and_grads(fn: Callable, theta, phi, batch, argnums):
+    f, t, p = _on_diff(fn, theta, phi, batch)
+    return jax.value_and_grad(f, argnums=argnums)(t, p)
+
+
 def upper_value(problem: BilevelProblem, theta, phi, batch):
     """f_upper(theta, phi, batch) on its own (one value: MORBiT's objective values for its weights' ascent)."""
     record(_calls(values=1))
-    return problem.f_upper(theta, phi, batch)
+    return over_samples(problem, lambda b: problem.f_upper(theta, phi, b), batch)
 
 
 def upper_grads(problem: BilevelProblem, theta, phi, batch):
     """(grad_theta f_upper, grad_phi f_upper) from one reverse pass."""
-    f, t, p = _on_diff(problem.f_upper, theta, phi, batch)
     record(_calls(upper_grads=1))
-    return jax.grad(f, argnums=(0, 1))(t, p)
+    return over_samples(problem, lambda b: _grads(problem.f_upper, theta, phi, b, (0, 1)), batch)
 
 
 def upper_grad_theta(problem: BilevelProblem, theta, phi, batch):
     """The partial gradient grad_theta f_upper (the IG-free UL direction)."""
-    f, t, p = _on_diff(problem.f_upper, theta, phi, batch)
     record(_calls(upper_grads=1))
-    return jax.grad(f, argnums=0)(t, p)
+    return over_samples(problem, lambda b: _grads(problem.f_upper, theta, phi, b, 0), batch)
 
 
 def lower_grad_phi(problem: BilevelProblem, theta, phi, batch):
     """grad_phi f_lower."""
-    f, t, p = _on_diff(problem.f_lower, theta, phi, batch)
     record(_lower_gradient(problem))
-    return jax.grad(f, argnums=1)(t, p)
+    return over_samples(problem, lambda b: _grads(problem.f_lower, theta, phi, b, 1), batch)
 
 
 def lower_value_and_grad_phi(problem: BilevelProblem, theta, phi, batch):
     """(f_lower, grad_phi f_lower) from one reverse pass: an LL step's oracle, counted as one LL
     gradient (the value rides along for the optax rules that read it; a line search's further
     values of f_lower are not counted)."""
-    f, t, p = _on_diff(problem.f_lower, theta, phi, batch)
     record(_lower_gradient(problem))
-    return jax.value_and_grad(f, argnums=1)(t, p)
+    return over_samples(problem, lambda b: _value_and_grads(problem.f_lower, theta, phi, b, 1), batch)
 
 
 class LowerLinearization(NamedTuple):
@@ -237,23 +286,8 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def linearize_lower(problem: BilevelProblem, theta, phi, batch, mode: str = "rev") -> LowerLinearization:
-    """Linearize grad_phi f_lower at (theta, phi).
-
-    mode="rev": one `jax.vjp` of grad_phi f_lower over (theta, phi); its pullback maps v to
-      (J v, A^T v) = (J v, A v) in one backward pass.
-    mode="fwd": one `jax.linearize` (forward-over-reverse) of phi -> grad_{(theta, phi)} f_lower;
-      its pushforward along v is (J v, A v).
-
-    Which to use (measured with `python -m benchmarks --only second_order`: hyper-cleaning of a
-    two-hidden-layer MLP, widths 64 / 256 / 1024, float32, 2-core CPU, process CPU time): with one
-    product per linearization (single-loop steps: soba's fused triple, `unrolled_hypergradient(
-    mode="mixed")`) "fwd" holds 10-20% less temporary memory and takes 0.86-0.92x the time of
-    "rev"; with many products per linearization (cg(10) in `bj.hypergradient`) the two hold the
-    same memory and time within noise (0.87-1.05x). The results agree to rounding. "rev" stays the
-    default; prefer "fwd" for single-loop methods on networks, and time both on your own
-    objective (the ratio depends on how XLA compiles its two passes).
-    """
+def _linearization(problem: BilevelProblem, theta, phi, batch, mode: str):
+    """(grad_phi f_lower, v -> (A v, J v), d -> J^T d) on one batch, uncounted (`linearize_lower`)."""
     f, t, p = _on_diff(problem.f_lower, theta, phi, batch)
     grad_phi_fn = jax.grad(f, argnums=1)
 
@@ -274,6 +308,37 @@ def linearize_lower(problem: BilevelProblem, theta, phi, batch, mode: str = "rev
             jv, av = push(v)
             return av, jv
 
+    return g_phi, hvp_and_cross, cross_transpose
+
+
+def linearize_lower(problem: BilevelProblem, theta, phi, batch, mode: str = "rev") -> LowerLinearization:
+    """Linearize grad_phi f_lower at (theta, phi).
+
+    mode="rev": one `jax.vjp` of grad_phi f_lower over (theta, phi); its pullback maps v to
+      (J v, A^T v) = (J v, A v) in one backward pass.
+    mode="fwd": one `jax.linearize` (forward-over-reverse) of phi -> grad_{(theta, phi)} f_lower;
+      its pushforward along v is (J v, A v).
+
+    With the problem's `sample_chunk` set, the gradient and every application run over the
+    batch's sub-batches (`over_samples`), each linearizing its sub-batch again.
+
+    Which to use (measured with `python -m benchmarks --only second_order`: hyper-cleaning of a
+    two-hidden-layer MLP, widths 64 / 256 / 1024, float32, 2-core CPU, process CPU time): with one
+    product per linearization (single-loop steps: soba's fused triple, `unrolled_hypergradient(
+    mode="mixed")`) "fwd" holds 10-20% less temporary memory and takes 0.86-0.92x the time of
+    "rev"; with many products per linearization (cg(10) in `bj.hypergradient`) the two hold the
+    same memory and time within noise (0.87-1.05x). The results agree to rounding. "rev" stays the
+    default; prefer "fwd" for single-loop methods on networks, and time both on your own
+    objective (the ratio depends on how XLA compiles its two passes).
+    """
+    if getattr(problem, "sample_chunk", None) is None:
+        g_phi, hvp_and_cross, cross_transpose = _linearization(problem, theta, phi, batch, mode)
+    else:
+        def on_samples(k):
+            return lambda *args: over_samples(
+                problem, lambda b: _linearization(problem, theta, phi, b, mode)[k](*args), batch)
+        g_phi = over_samples(problem, lambda b: _linearization(problem, theta, phi, b, mode)[0], batch)
+        hvp_and_cross, cross_transpose = on_samples(1), on_samples(2)
     return LowerLinearization(
         grad_phi=g_phi,
         hvp=_counted(lambda v: hvp_and_cross(v)[0], _calls(hvps=1)),
@@ -295,10 +360,14 @@ def cross(problem: BilevelProblem, theta, phi, v, batch, mode: str = "rev"):
 
 def grad_hvp_cross(problem: BilevelProblem, theta, phi, v, batch, mode: str = "rev"):
     """(grad_phi f_lower, A v, J v) from one vjp (or one jvp) of grad_phi f_lower: the fused
-    triple of a single-loop step (SOBA's D_phi, and the second-order parts of D_v and D_theta)."""
-    lin = linearize_lower(problem, theta, phi, batch, mode)
-    av, jv = lin.hvp_and_cross(v)
-    return lin.gradient(), av, jv
+    triple of a single-loop step (SOBA's D_phi, and the second-order parts of D_v and D_theta),
+    on each sub-batch in one pass with the problem's `sample_chunk`."""
+    def triple(b):
+        g_phi, hvp_and_cross, _ = _linearization(problem, theta, phi, b, mode)
+        return (g_phi, *hvp_and_cross(v))
+
+    record(_calls(lower_grads=1, hvps=1, cross=1))
+    return over_samples(problem, triple, batch)
 
 
 class StepTranspose(NamedTuple):
@@ -345,17 +414,15 @@ def lower_step_transpose(problem: BilevelProblem, rule: Callable, theta, phi, op
 
 def lower_grads(problem: BilevelProblem, theta, phi, batch):
     """(grad_theta f_lower, grad_phi f_lower) from one reverse pass."""
-    f, t, p = _on_diff(problem.f_lower, theta, phi, batch)
     record(_lower_gradient(problem))
-    return jax.grad(f, argnums=(0, 1))(t, p)
+    return over_samples(problem, lambda b: _grads(problem.f_lower, theta, phi, b, (0, 1)), batch)
 
 
 def lower_value_and_grads(problem: BilevelProblem, theta, phi, batch):
     """(f_lower, (grad_theta f_lower, grad_phi f_lower)) from one reverse pass: the value-function
     oracle of the value-function methods (g(x, y) and its gradient, Danskin's grad_theta g(x, z))."""
-    f, t, p = _on_diff(problem.f_lower, theta, phi, batch)
     record(_lower_gradient(problem) + _calls(values=1))
-    return jax.value_and_grad(f, argnums=(0, 1))(t, p)
+    return over_samples(problem, lambda b: _value_and_grads(problem.f_lower, theta, phi, b, (0, 1)), batch)
 
 
 def finite_difference_products(problem: BilevelProblem, theta, phi, v, batch, delta):

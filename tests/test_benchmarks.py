@@ -46,7 +46,7 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert {"peer:peer", "peer:einsum", "bilevel_jax", "bilevel_jax:peer", "ratio", "ratio_same_objective",
             "ratio_einsum_both", "bytes_per_step", "compile_s"} <= set(soba), soba.get("error")
     assert all(soba["finite"].values())
-    assert {"ratio_same_objective_rev", "compiled_per_step"} <= set(soba)
+    assert {"ratio_same_objective_rev", "ratio_same_objective_whole", "compiled_per_step"} <= set(soba)
     account = res["bilevel"]["account"]
     assert "error" not in account, account.get("error")
     floor = account["methods"]["soba"]

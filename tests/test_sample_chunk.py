@@ -1,0 +1,88 @@
+"""`BilevelProblem(..., sample_chunk=c)`: every oracle pass over a minibatch as a scan over its
+sub-batches of c samples equals the pass over the whole batch (float64, a nonlinear problem: the
+logistic HPO, whose Hessian depends on phi), the counts stay one per pass, and a preset's iterates
+do not change."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bilevel_jax as bj
+from bilevel_jax import oracles
+
+
+@pytest.fixture(scope="module")
+def logistic():
+    k = jax.random.split(jax.random.PRNGKey(3), 4)
+    x_val, x_tr = jax.random.normal(k[0], (24, 5)), jax.random.normal(k[1], (24, 5))
+    y_val, y_tr = jnp.sign(jax.random.normal(k[2], (24,))), jnp.sign(jax.random.normal(k[3], (24,)))
+    inst = bj.problems.logistic_hpo(((x_val, y_val), (x_tr, y_tr)), key=1)
+    return inst
+
+
+def _chunked(problem, c):
+    return dataclasses.replace(problem, sample_chunk=c)
+
+
+def _oracles(problem, theta, phi, data, v, d, mode):
+    upper, lower = data
+    lin = oracles.linearize_lower(problem, theta, phi, lower, mode)
+    return {"upper_grads": oracles.upper_grads(problem, theta, phi, upper),
+            "upper_value": oracles.upper_value(problem, theta, phi, upper),
+            "lower_grad_phi": oracles.lower_grad_phi(problem, theta, phi, lower),
+            "lower_value_and_grads": oracles.lower_value_and_grads(problem, theta, phi, lower),
+            "grad_hvp_cross": oracles.grad_hvp_cross(problem, theta, phi, v, lower, mode),
+            "linearization": (lin.grad_phi, lin.hvp(v), lin.cross(v), lin.hvp_and_cross(v), lin.cross_transpose(d))}
+
+
+@pytest.mark.parametrize("mode", ["rev", "fwd"])
+def test_every_oracle_equals_the_unchunked_one(logistic, mode):
+    theta, phi = logistic.theta0, logistic.phi0
+    v = jax.random.normal(jax.random.PRNGKey(5), phi.shape)
+    d = jax.random.normal(jax.random.PRNGKey(6), theta.shape)
+    run = jax.jit(lambda problem: _oracles(problem, theta, phi, logistic.data, v, d, mode), static_argnums=0)
+    whole = run(logistic.problem)
+    for c in (1, 8, 24):
+        chunked = run(_chunked(logistic.problem, c))
+        for name in whole:
+            for a, b in zip(jax.tree_util.tree_leaves(whole[name]), jax.tree_util.tree_leaves(chunked[name])):
+                np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14, err_msg=f"{name}, sample_chunk={c}")
+
+
+def test_counts_stay_one_per_pass(logistic):
+    problem = _chunked(logistic.problem, 4)
+    theta, phi = logistic.theta0, logistic.phi0
+    with oracles.counting() as tally:
+        jax.eval_shape(lambda: oracles.grad_hvp_cross(problem, theta, phi, phi, logistic.data[1], "fwd"))
+        jax.eval_shape(lambda: oracles.upper_grads(problem, theta, phi, logistic.data[0]))
+        jax.eval_shape(lambda: oracles.linearize_lower(problem, theta, phi, logistic.data[1]).hvp(phi))
+    assert tuple(int(c) for c in tally.counts) == (1, 1, 2, 1, 0)
+
+
+@pytest.mark.parametrize("name", ["soba", "stocbio"])
+def test_a_preset_takes_the_same_steps(logistic, name):
+    kw = dict(upper_lr=0.05, lower_lr=0.5, batch_size=8, sampler="shuffled")
+    if name == "stocbio":
+        kw.update(lower_steps=3, neumann_steps=4)
+
+    def final(problem):
+        alg = bj.algorithms.get(name)(problem, **kw)
+        state = alg.init(logistic.theta0, logistic.phi0, jax.random.PRNGKey(0), logistic.data)
+        return jax.jit(lambda s: bj.run(alg, s, logistic.data, num_steps=6)[0])(state)
+
+    whole, chunked = final(logistic.problem), final(_chunked(logistic.problem, 2))
+    np.testing.assert_allclose(chunked.theta, whole.theta, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(chunked.phi, whole.phi, rtol=1e-12, atol=1e-14)
+    assert not np.allclose(whole.theta, logistic.theta0)          # the steps moved theta
+
+
+def test_bad_sample_chunks_are_refused(logistic):
+    with pytest.raises(ValueError, match="positive int"):
+        _chunked(logistic.problem, 0)
+    with pytest.raises(ValueError, match="positive int"):
+        _chunked(logistic.problem, True)
+    problem = _chunked(logistic.problem, 5)
+    with pytest.raises(ValueError, match="does not divide the batch of 24"):
+        oracles.upper_grads(problem, logistic.theta0, logistic.phi0, logistic.data[0])
