@@ -32,42 +32,37 @@ Each side runs the problem with its own code: bilevel_jax its finite-sum quadrat
 (`bj.problems.quadratic_problem`, one batched `einsum` per term; the peer's data converted to its
 layout once, before timing), the peer its per-sample quadratic vmapped over the batch. Two more
 columns separate what the toolkit does from what the objective code does: bilevel_jax running the
-peer's objective code, and the peer running the einsum formulation. bilevel_jax runs with
-`mode="fwd"` (`BJ_MODE`: forward-over-reverse products read the peer's per-sample matrices in their
-stored layout, where the reverse pass transposes them); `bilevel_jax:peer:rev` is its default mode.
+peer's objective code, and the peer running the einsum formulation. On the peer's objective code
+bilevel_jax runs with `mode="fwd"` (forward-over-reverse products read the per-sample matrices in
+their stored layout, where the reverse pass transposes them) and `BilevelProblem(sample_chunk=1)`:
+each oracle pass is a `lax.scan` over the batch's samples, every sample's matrices cut in place
+from the data set (`sampling.Rows`) and contracted as often as the derivatives need while they sit
+in cache. `bilevel_jax:peer:whole` is the same without chunking (whole-batch passes, as the peer),
+`bilevel_jax:peer:rev` also in the default mode.
 
 The bandwidth account (`bandwidth_account`; issue item 4(b): bilevel_jax at <= 0.5 x the peer's
 time per iteration on the peer's objective code, or why the same code cannot get there). Every
 number of bytes is read from compiled programs (`benchmarks.hlo_bytes`: loops counted by their
-trip counts), so it does not depend on the machine's load:
+trip counts), so it does not depend on the machine's load. It explains why whole-batch passes
+cannot reach the bar and chunked passes can:
 
 - the passes over a minibatch one iteration needs (`PASSES`) and the bytes they must read at the
   least, every batch matrix once a pass: 12.9 MB for SOBA, 87.3 MB for AmIGO and StocBiO, 0.18 and
   0.23 x what the peer's compiled step moves;
-- the bytes they must move with the peer's objective code: each pass compiled alone on it by its
-  cheaper differentiation (`oracle_bytes`). Its derivatives contract each per-sample matrix several
-  times in different patterns (A z and A'z for a gradient, A v and A'v for an HVP, x'C per sample on
-  a transposed copy and C z), which XLA emits as separate dots, one read of the matrix each, and
-  XLA:CPU copies a dynamically sliced block (read + write) before a dot reads it. So a UL gradient
-  moves 14 batch matrices for its 3, an LL gradient 7 for 2, an HVP on a fresh batch 4 for 1 (2 on a
-  batch already cut), SOBA's fused (grad, A v, J v) 12 for 2: 67.7 MB for SOBA, 285 MB for AmIGO,
-  331 MB for StocBiO, 0.93, 0.74 and 0.87 x the peer's compiled step (72.8, 382, 382 MB). bilevel_jax
-  moves 67.7, 295 and 331 MB (0.93, 0.77, 0.87 x): at that floor for SOBA and StocBiO, 4% above it
-  for AmIGO (the warm-started GD solve's residual HVP, and its batch cut twice). Both sides run the
-  same dots and copies, so at equal rates per byte the time ratio cannot go below these bytes ratios;
-  measured (process CPU time, a loaded 2-core machine, interleaved calls, three runs) it is
-  0.73-0.82 for SOBA, 0.69-0.72 for AmIGO and 0.71-0.76 for StocBiO (with mode="rev": 0.95,
-  0.85, 1.04);
-- the floor in time: the first read of every fresh batch matrix at the memory copy rate and the
-  other bytes at the cache copy rate (`copy_rates`, measured in the same run). It comes out at
-  0.33-0.45 x the peer's CPU time: both steps run 2-3 x slower than their bytes at copy speed (the
-  copies that cut and transpose a fresh block read it strided from memory, at a third to a half of
-  the copy rate in a micro-benchmark). So the account does not excuse the bar by bandwidth alone:
-  what is missing is not bytes but the speed of XLA:CPU's kernels on this objective code, and a
-  step at that floor needs a compiler (or a hand-written kernel) that reads every fresh block once,
-  contiguously, and serves every contraction of it from cache; with each matrix read once a pass
-  (0.18-0.23 x the peer's bytes) a step would also need the objective's derivatives to contract
-  each matrix once, i.e. other objective code (the einsum formulation moves 39.7 MB for SOBA).
+- whole-batch passes on the peer's objective code (`oracle_bytes`, each pass compiled alone by its
+  cheaper differentiation) must move far more: its derivatives contract each per-sample matrix
+  several times in different patterns (A z and A'z for a gradient, A v and A'v for an HVP, x'C per
+  sample on a transposed copy and C z), which XLA emits as separate dots, one read of the batch
+  matrix from memory each, after a copy of the dynamically sliced block. So a UL gradient moves 14
+  batch matrices for its 3, an LL gradient 7 for 2, an HVP 4 for 1, SOBA's fused (grad, A v, J v) 12
+  for 2: 67.7 MB for SOBA, 285 MB for AmIGO, 331 MB for StocBiO, 0.93, 0.74 and 0.87 x the peer's
+  compiled step. With equal rates per byte no whole-batch step can go below these ratios; measured,
+  whole-batch bilevel_jax takes 0.73-0.88 x the peer's time;
+- chunked passes read each batch matrix from memory once a pass (the strict bytes above) and serve
+  the other contractions of a sample from cache; the floor in time (`copy_rates`: the fresh bytes at
+  the memory copy rate, the rest at the cache copy rate) is 0.33-0.45 x the peer's time, and
+  `sample_chunk=1` measures 0.39-0.41 x for SOBA, 0.33-0.34 x for AmIGO and 0.38-0.39 x for StocBiO
+  (2-core CPU, process time, interleaved calls).
 """
 from __future__ import annotations
 

@@ -29,6 +29,7 @@ import optax
 from bilevel_jax import oracles
 from bilevel_jax.cache import same_code_rule
 from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.sampling import read
 
 PyTree = Any
 
@@ -36,6 +37,8 @@ PyTree = Any
 def _lower_objective(problem: BilevelProblem, theta, phi_static, batch) -> Callable[[PyTree], jax.Array]:
     """p -> f_lower(theta, combine(p, phi_static), batch): the LL objective of the differentiable
     part of phi at fixed theta and batch (the `value_fn` of line searches and L-BFGS)."""
+
+    batch = read(batch)
 
     def value_fn(phi_d):
         return problem.f_lower(theta, eqx.combine(phi_d, phi_static), batch)

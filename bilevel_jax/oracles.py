@@ -43,6 +43,7 @@ import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
 
 from bilevel_jax.problem import BilevelProblem
+from bilevel_jax.sampling import Rows, read
 
 PyTree = Any
 
@@ -154,7 +155,9 @@ def differentiable(tree: PyTree) -> PyTree:
 
 
 def _on_diff(fn: Callable, theta: PyTree, phi: PyTree, batch: PyTree):
-    """`fn` as a function of the differentiable parts of (theta, phi), and those parts."""
+    """`fn` as a function of the differentiable parts of (theta, phi), and those parts (the batch
+    read if it is a `sampling.Rows`)."""
+    batch = read(batch)
     theta_d, theta_s = eqx.partition(theta, eqx.is_inexact_array)
     phi_d, phi_s = eqx.partition(phi, eqx.is_inexact_array)
 
@@ -178,22 +181,27 @@ def over_samples(problem: Any, fn: Callable[[PyTree], PyTree], batch: PyTree) ->
     accumulate in at least float32 (a bfloat16 oracle is summed in float32 and cast back).
     """
     size = getattr(problem, "sample_chunk", None)
-    leaves = [x for x in jax.tree_util.tree_leaves(batch) if jnp.ndim(x)]
-    if size is None or not leaves:
-        return fn(batch)
-    n = leaves[0].shape[0]
-    if any(x.shape[0] != n for x in leaves):
-        raise ValueError(f"sample_chunk: the batch's leaves have different leading (sample) axes "
-                         f"{sorted({x.shape[0] for x in leaves})}; chunking needs one sample axis.")
+    if size is None:
+        return fn(read(batch))
+    if isinstance(batch, Rows):   # a block not cut yet: each sub-batch read in place from the data
+        n, cut = batch.size, lambda j: batch.cut(j * size, size)
+    else:
+        leaves = [x for x in jax.tree_util.tree_leaves(batch) if jnp.ndim(x)]
+        if not leaves:
+            return fn(batch)
+        n = leaves[0].shape[0]
+        if any(x.shape[0] != n for x in leaves):
+            raise ValueError(f"sample_chunk: the batch's leaves have different leading (sample) axes "
+                             f"{sorted({x.shape[0] for x in leaves})}; chunking needs one sample axis.")
+
+        def cut(j):
+            return jax.tree_util.tree_map(
+                lambda x: jax.lax.dynamic_slice_in_dim(x, j * size, size, 0) if jnp.ndim(x) else x, batch)
     if n % size:
         raise ValueError(f"sample_chunk = {size} does not divide the batch of {n} samples (per device with a "
                          "mesh); choose a batch size that is a multiple of it.")
     if n == size:
-        return fn(batch)
-
-    def cut(j):
-        return jax.tree_util.tree_map(
-            lambda x: jax.lax.dynamic_slice_in_dim(x, j * size, size, 0) if jnp.ndim(x) else x, batch)
+        return fn(cut(0))
 
     shapes = jax.eval_shape(lambda: fn(cut(0)))
     wide = lambda dtype: jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.inexact) else dtype

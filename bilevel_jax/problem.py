@@ -44,7 +44,7 @@ class BilevelProblem(StaticFields):
         `lax.scan` over the batch's consecutive sub-batches of c samples and averages them
         (`bj.oracles.over_samples`). All the contractions one pass makes of a sub-batch then read
         it from cache, where a pass over the whole batch reads each per-sample array from memory
-        once per contraction (an objective with dense per-sample matrices: 2.6x faster SOBA steps
+        once per contraction (an objective with dense per-sample matrices: 2.1x faster SOBA steps
         with c = 1 on benchmark_bilevel's quadratic, `make bench ARGS="--only bilevel"`). Valid
         when f(theta, phi, batch) is the mean over the batch's samples of per-sample terms plus
         terms that do not depend on the batch (the results then equal the unchunked ones up to

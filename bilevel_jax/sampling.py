@@ -23,6 +23,10 @@ there are such samples (`check_fits`).
 
 `data` is a pytree whose leaves share a leading sample axis (or None: `full` returns None).
 
+For a problem whose oracles run over sub-batches (`BilevelProblem(sample_chunk=)`) the block
+samplers return their block uncut (`sample(..., rows=True)`: a `Rows`), and the oracles cut each
+sub-batch from the data set in place; `read(batch)` gives the batch itself.
+
 Shards (data-parallel sampling). A sampler with `shards=D` sees the n samples as D contiguous
 shards of n / D and draws batch_size / D samples from each shard: `iid` draws each shard's indices
 with its own key (`fold_in(key, shard)`), the block samplers cut every shard into the same
@@ -76,9 +80,16 @@ class Sampler(eqx.Module):
         """The samples one shard draws per draw (batch_size / shards)."""
         return None if self.batch_size is None else self.batch_size // self.shards
 
-    def sample(self, data: PyTree, key: jax.Array, draw) -> Tuple[PyTree, jax.Array]:
+    def sample(self, data: PyTree, key: jax.Array, draw, rows: bool = False) -> Tuple[PyTree, jax.Array]:
         """The batch of draw number `draw` (a traced int) from the level's root `key`: the local
-        batch inside `shard_map` (`axis_name`), else the D shards' batches one after the other."""
+        batch inside `shard_map` (`axis_name`), else the D shards' batches one after the other.
+        `rows=True`: a block sampler's contiguous batch (one shard, or the local one) as a `Rows`,
+        not cut yet (for `over_samples`); other batches are cut as usual."""
+        local = self.axis_name is not None or self.shards == 1 or data is None
+        if rows and self.blocks and local and data is not None:
+            shard = None if self.axis_name is None else jax.lax.axis_index(self.axis_name)
+            batch_id = self.block_id(data, key, draw, shard)
+            return Rows(data, batch_id * self.local_batch_size, self.local_batch_size), batch_id
         if self.axis_name is not None:
             return self.draw(data, key, draw, jax.lax.axis_index(self.axis_name))
         if self.shards == 1 or data is None:
@@ -182,6 +193,42 @@ def _block(data, batch_id, b: int):
     return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, batch_id * b, b, axis=0), data)
 
 
+@jax.tree_util.register_pytree_node_class
+class Rows:
+    """A batch not cut yet: rows `start .. start + size - 1` of every leaf of `source`.
+
+    The block samplers return one (`Sampler.sample(..., rows=True)`) for the problems whose oracles
+    run over sub-batches (`BilevelProblem(sample_chunk=)`): `bj.oracles.over_samples` cuts each
+    sub-batch from the data set itself, so XLA reads it in place inside the scan, where a batch
+    cut before the scan is first copied out of the data set (a read and a write of the whole
+    batch). Everything else reads the batch with `read` first: objectives never see a `Rows`.
+    """
+
+    def __init__(self, source: PyTree, start, size: int):
+        self.source, self.start, self.size = source, start, size
+
+    def tree_flatten(self):
+        return (self.source, self.start), self.size
+
+    @classmethod
+    def tree_unflatten(cls, size, children):
+        return cls(*children, size)
+
+    def cut(self, offset, size: int) -> PyTree:
+        """Rows `start + offset .. start + offset + size - 1`, read in place."""
+        return jax.tree_util.tree_map(
+            lambda x: jax.lax.dynamic_slice_in_dim(x, self.start + offset, size, axis=0), self.source)
+
+    def read(self) -> PyTree:
+        """The batch."""
+        return self.cut(0, self.size)
+
+
+def read(batch: PyTree) -> PyTree:
+    """`batch`, read if it is a `Rows` (the batch an objective may be called on)."""
+    return batch.read() if isinstance(batch, Rows) else batch
+
+
 # ------------------------------------------------------------------------------------------------
 # The per-epoch block order of `shuffled`: a keyed pseudo-random permutation of {0, ..., m - 1},
 # evaluated at one position. Sorting m random keys at every draw (`jax.random.permutation`) costs
@@ -253,7 +300,7 @@ class Full(Sampler):
 
     kind: ClassVar[str] = "full"
 
-    def sample(self, data, key, draw):
+    def sample(self, data, key, draw, rows: bool = False):
         return data, jnp.zeros((), jnp.int32)
 
     def draw(self, data, key, draw, shard):
@@ -285,10 +332,14 @@ class Shuffled(Sampler):
     kind: ClassVar[str] = "shuffled"
     blocks: ClassVar[bool] = True
 
-    def draw(self, data, key, draw, shard):
+    def block_id(self, data, key, draw, shard):
+        """The block of draw number `draw`: position draw mod m of epoch draw // m's order."""
         m = num_samples(data) // self.local_batch_size
         epoch, position = jnp.divmod(jnp.asarray(draw, jnp.int32), m)
-        batch_id = block_order(key, epoch, position, m)
+        return block_order(key, epoch, position, m)
+
+    def draw(self, data, key, draw, shard):
+        batch_id = self.block_id(data, key, draw, shard)
         return self.local_block(data, batch_id), batch_id
 
     def local_block(self, data, batch_id):
@@ -304,9 +355,13 @@ class Partition(Sampler):
     kind: ClassVar[str] = "partition"
     blocks: ClassVar[bool] = True
 
-    def draw(self, data, key, draw, shard):
+    def block_id(self, data, key, draw, shard):
+        """A block drawn uniformly."""
         m = num_samples(data) // self.local_batch_size
-        batch_id = jax.random.randint(jax.random.fold_in(key, draw), (), 0, m).astype(jnp.int32)
+        return jax.random.randint(jax.random.fold_in(key, draw), (), 0, m).astype(jnp.int32)
+
+    def draw(self, data, key, draw, shard):
+        batch_id = self.block_id(data, key, draw, shard)
         return self.local_block(data, batch_id), batch_id
 
     def local_block(self, data, batch_id):

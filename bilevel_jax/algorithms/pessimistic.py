@@ -49,7 +49,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
-from bilevel_jax import oracles
+from bilevel_jax import oracles, sampling
 from bilevel_jax._checks import check_positive_int
 from bilevel_jax.algorithms._common import named, rule
 from bilevel_jax.algorithms.base import Header, State
@@ -100,7 +100,7 @@ class PessimisticPenalty(Composed):
             z, z_opt, z_status = lower_phase(p, self.tracker, state.theta, state.z, state.tracker_opt_state,
                                          self.tracker_steps, batches.lower_at, k)
             # 2. the follower: ascent on h_rho / rho = f_upper / rho - (f_lower - v)
-            upper_batch = batches.upper
+            upper_batch = sampling.read(batches.upper)   # a batch the objective can take (not a Rows)
             sign = 1.0 if p.pessimistic else -1.0   # the follower maximises (pessimistic) or minimises f_upper
             scaled = oracles.PenalisedLower(p.f_upper,
                                     lambda t, y, b: p.f_lower(t, y, b) - sign * p.f_upper(t, y, upper_batch) / rho)

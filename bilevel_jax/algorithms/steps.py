@@ -157,24 +157,26 @@ class Batches(NamedTuple):
     upper_at: Optional[Callable] = None  # t -> a UL batch for LL-phase step t (a recursive LL phase)
 
 
-def draw_batches(samplers: Tuple[Sampler, Sampler], data, key: jax.Array, count, lower_steps: int = 0) -> Batches:
+def draw_batches(samplers: Tuple[Sampler, Sampler], data, key: jax.Array, count, lower_steps: int = 0,
+                 rows: bool = False) -> Batches:
     """The batches of outer iteration `count`: `lower_steps` LL-phase batches, then one UL and
     one LL batch for the directions. Draws are numbered per level from the root `key`, so a run
     is reproducible and the samplers need no state. `upper_at(t)` draws UL batches for the
     LL-phase steps from a stream of their own (only a recursive LL phase, whose steps evaluate
-    the hypergradient, draws them)."""
+    the hypergradient, draws them). `rows=True`: contiguous blocks as `sampling.Rows`, cut by the
+    oracles sub-batch by sub-batch (a problem with `sample_chunk`)."""
     upper_sampler, lower_sampler = samplers
     upper_data, lower_data = data
     key_up = jax.random.fold_in(key, UPPER_STREAM)
     key_low = jax.random.fold_in(key, LOWER_STREAM)
     key_phase = jax.random.fold_in(key, PHASE_UPPER_STREAM)
     first = count * (lower_steps + 1)
-    upper, up_id = upper_sampler.sample(upper_data, key_up, count)
-    lower, low_id = lower_sampler.sample(lower_data, key_low, first + lower_steps)
+    upper, up_id = upper_sampler.sample(upper_data, key_up, count, rows)
+    lower, low_id = lower_sampler.sample(lower_data, key_low, first + lower_steps, rows)
     return Batches(upper, lower, up_id, low_id,
-                   lambda t: lower_sampler.sample(lower_data, key_low, first + t)[0],
-                   lambda k: lower_sampler.sample(lower_data, k, 0)[0],
-                   lambda t: upper_sampler.sample(upper_data, key_phase, count * lower_steps + t)[0])
+                   lambda t: lower_sampler.sample(lower_data, key_low, first + t, rows)[0],
+                   lambda k: lower_sampler.sample(lower_data, k, 0, rows)[0],
+                   lambda t: upper_sampler.sample(upper_data, key_phase, count * lower_steps + t, rows)[0])
 
 
 def lower_phase(problem: BilevelProblem, rule: StepRule, theta, phi, opt_state, steps: int,
@@ -230,7 +232,8 @@ class Composed(Algorithm):
     def batches(self, state, data, lower_steps: int = 0) -> Batches:
         """The batches of the outer iteration at `state.count`, after checking `data`."""
         check_data(data, self.samplers)
-        return draw_batches(self.samplers, data, state.key, state.count, lower_steps)
+        return draw_batches(self.samplers, data, state.key, state.count, lower_steps,
+                            rows=getattr(self.problem, "sample_chunk", None) is not None)
 
     def finish(self, trees: Tuple, counts: OracleCounts, residual_norm, statuses=()) -> Tuple[Tuple, StepInfo]:
         """`finish` of an outer step of this algorithm."""

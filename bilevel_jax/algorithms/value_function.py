@@ -68,7 +68,7 @@ import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
-from bilevel_jax import oracles
+from bilevel_jax import oracles, sampling
 from bilevel_jax._checks import as_array, check_in_range, check_positive_int, check_step_size
 from bilevel_jax.algorithms._common import named, rule
 from bilevel_jax.algorithms.base import Header, State
@@ -288,8 +288,9 @@ class ValueFunction(Composed):
 
     def _phi_steps(self, theta, phi, opt_state, lam, batches):
         """F2SA's inner loop on phi: phi <- phi - beta (grad_phi f_upper + lambda grad_phi f_lower)."""
+        upper = sampling.read(batches.upper)   # a batch the objective can take (not a Rows)
         penalised = oracles.PenalisedLower(self.problem.f_upper,
-                                   lambda t, y, b: self.problem.f_upper(t, y, batches.upper) + lam * self.problem.f_lower(t, y, b))
+                                   lambda t, y, b: self.problem.f_upper(t, y, upper) + lam * self.problem.f_lower(t, y, b))
         return run_lower_steps(penalised, self.lower.build(theta), theta, phi, opt_state, self.phi_steps, batches.lower_at)
 
     def update(self, state: ValueFunctionState, data):
