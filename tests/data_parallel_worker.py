@@ -1,6 +1,6 @@
 """Run by tests/test_data_parallel.py in a subprocess with 4 forced host devices (XLA_FLAGS must
 be set before JAX starts): for each (preset, sampler), the iterates of `mesh=` on 4 devices and of
-`shards=4` on one device after a few steps, and the collectives of the compiled sharded step
+`shards=4` on one device after a few steps, and the collectives of the compiled sharded run (its steps)
 (section "presets"); FSDP (section "fsdp"); the entry points with `mesh=` ("entry_points").
 Prints one JSON line per case: `python tests/data_parallel_worker.py <section>`."""
 import json
@@ -27,14 +27,24 @@ STEPS = dict(upper_lr=0.05, lower_lr=0.2)   # given: the presets' step-size esti
 GROWTH = [("stocbio", "shuffled")]
 
 
-def collectives(preset, sampler, mesh, n, batch):
-    """The collectives of one compiled sharded step, as (kind, shapes) pairs."""
+def collectives(compiled):
+    """The collectives of a compiled program, as (kind, shapes) pairs."""
+    return sorted((op.kind, op.shapes) for op in bj.collectives.of(compiled))
+
+
+def compiled_run(alg, state, data, steps):
+    """`bj.run` compiled (the program the collectives are read from) and its result: one compilation."""
+    compiled = eqx.filter_jit(bj.run).lower(alg, state, data, steps).compile()
+    return compiled, compiled(alg, state, data, steps)
+
+
+def growth_run(preset, sampler, mesh, n, batch, steps):
+    """The compiled sharded run on a problem with n samples and minibatches of `batch`."""
     inst = bj.problems.quadratic_bilevel(jax.random.PRNGKey(1), dim_upper=3, dim_lower=5, n_samples=n)
     placed = bj.shard(inst.data, mesh)
     alg = preset(inst.problem, batch_size=batch, sampler=sampler, mesh=mesh, **STEPS)
     state = alg.init(inst.theta0, inst.phi0, jax.random.PRNGKey(3), placed)
-    ops = bj.collectives.of(eqx.filter_jit(alg.update).lower(state, placed).compile())
-    return sorted((op.kind, op.shapes) for op in ops)
+    return compiled_run(alg, state, placed, steps)[0]
 
 
 def main(steps: int = 6, n: int = 64, batch: int = 16):
@@ -49,12 +59,13 @@ def main(steps: int = 6, n: int = 64, batch: int = 16):
         s1 = one.init(inst.theta0, inst.phi0, key, inst.data)
         s4 = many.init(inst.theta0, inst.phi0, key, placed)
         s1, h1 = eqx.filter_jit(bj.run)(one, s1, inst.data, steps)
-        s4, h4 = eqx.filter_jit(bj.run)(many, s4, placed, steps)
-        # 4x the samples and the batch: a collective that moved samples would grow with them (one case: every
+        compiled, (s4, h4) = compiled_run(many, s4, placed, steps)
+        # the collectives of the compiled sharded run (its steps' and nothing else: the run adds none); with
+        # 4x the samples and the batch, a collective that moved samples would grow with them (one case: every
         # case's collectives are also bounded by the parameters' sizes in the test)
-        ops = collectives(preset, sampler, mesh, n, batch) if steps_given else []
-        ops_more = collectives(preset, sampler, mesh, 4 * n, 4 * batch) if (name, sampler) in GROWTH and steps_given \
-            else ops
+        ops = collectives(compiled) if steps_given else []
+        ops_more = collectives(growth_run(preset, sampler, mesh, 4 * n, 4 * batch, steps)) \
+            if (name, sampler) in GROWTH and steps_given else ops
         print(json.dumps({
             "preset": name, "sampler": sampler, "defaults": not steps_given,
             "theta_diff": float(jnp.max(jnp.abs(s1.theta - s4.theta))),

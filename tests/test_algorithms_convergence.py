@@ -137,6 +137,12 @@ STOCHASTIC = {
 }
 
 
+# Steps of the stochastic runs: by 150 steps every preset is at its noise floor (mean ||grad F||^2 / its
+# initial value <= 0.041, measured, vs 0.1 asserted) except TTSA, whose decaying steps need 300 (0.066 at
+# 150, 0.027 at 300). The Neumann-type presets' runs cost as much as their compilation.
+STOCHASTIC_STEPS = {"ttsa": 300}
+
+
 def test_settings_cover_every_preset():
     assert set(DETERMINISTIC) == set(NAMES) == set(STOCHASTIC)
 
@@ -201,7 +207,7 @@ def test_stochastic_decrease_of_grad_norm(name, request):
     alg = bj.algorithms.get(name)(q.problem, batch_size=32, **kw)
     keys = jax.random.split(jax.random.PRNGKey(3), SEEDS)
     theta0s = jnp.broadcast_to(q.theta0, (SEEDS,) + q.theta0.shape)
-    thetas, _, history = _final_thetas(alg, q, theta0s, keys, num_steps=300)
+    thetas, _, history = _final_thetas(alg, q, theta0s, keys, num_steps=STOCHASTIC_STEPS.get(name, 150))
     assert bool(jnp.all(history["finite"]))
     # the seeds are different runs (minibatches differ) ...
     assert float(jnp.abs(thetas[0] - thetas[1]).max()) > 0

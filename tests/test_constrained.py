@@ -56,6 +56,12 @@ def box_quadratic(seed=0, dim_t=3, weak=False):
     return problem, theta0, phi, mult, lambda t: f_upper(t, phi_star(t), None)
 
 
+@functools.lru_cache(maxsize=None)
+def box_grad(weak=False):
+    """grad F of `box_quadratic(weak=weak)` in closed form, compiled once and shared by the tests."""
+    return jax.jit(jax.grad(box_quadratic(weak=weak)[4]))
+
+
 def equality_quadratic(key=jax.random.PRNGKey(1), dim_t=3, d=5, q=2):
     """LL 1/2 phi'H phi - phi'(B theta + c) s.t. A phi = E theta + e (theta-dependent): phi*(theta)
     is the first block of the KKT system [[H, A'], [A, 0]]^{-1} (B theta + c, E theta + e)."""
@@ -110,7 +116,7 @@ def hypergradient(problem, theta, phi, multipliers=None, nan_if_degenerate=False
 
 def test_box_quadratic_matches_closed_form():
     problem, theta, phi, mult, F = box_quadratic()
-    g_ref = jax.grad(F)(theta)
+    g_ref = box_grad()(theta)
     g, info = hypergradient(problem, theta, phi)  # least-squares multipliers
     assert int(info.status) == st.OK
     np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-8)
@@ -170,7 +176,7 @@ def test_weakly_active_constraint_is_reported_and_the_estimate_kept_everywhere()
     assert np.all(np.isfinite(np.asarray(g))) and np.all(np.isnan(np.asarray(g_nan)))
     # the estimate holds the weakly active bound phi_1 >= 0 active: the gradient of the smooth piece
     # of F on which it stays active (phi_0 = phi_1 = 0, phi_2 = phi_5 = 1; F's closed form is that piece)
-    np.testing.assert_allclose(g, jax.grad(F)(theta), atol=1e-8)
+    np.testing.assert_allclose(g, box_grad(weak=True)(theta), atol=1e-8)
     # inside a loop: one aid_bio step (the KKT rule, dispatched) from the KKT point, which projected
     # LL steps keep, with upper_lr = 1: theta_1 = theta_0 - g, the same estimate and status
     alg = bj.algorithms.aid_bio(problem, upper_lr=1.0, lower_lr=0.1, lower_steps=1,
@@ -202,7 +208,7 @@ def test_wrong_sign_multiplier_and_dependent_constraints_are_reported():
     assert int(info_ls.status) == st.DEGENERATE and int(info_given.status) == st.DEGENERATE
     # (the same point and multipliers without the duplicates are OK: test_box_quadratic_matches_closed_form)
     # theta-independent duplicates: phi*(theta) is unchanged, and so is the (kept) estimate
-    g_ref = jax.grad(box_quadratic()[4])(theta)
+    g_ref = box_grad()(theta)
     np.testing.assert_allclose(g_given, g_ref, atol=1e-8)
     np.testing.assert_allclose(g_ls, g_ref, atol=1e-8)
 
@@ -210,11 +216,12 @@ def test_wrong_sign_multiplier_and_dependent_constraints_are_reported():
 def test_kkt_hypergradient_jit_vmap_and_warm_start():
     problem, theta, phi, mult, F = box_quadratic()
     thetas = theta + 0.01 * jax.random.normal(jax.random.PRNGKey(3), (4, 3))
-    phis = jax.vmap(lambda t: bj.constraints.solve_projected(problem, bj.constraints.box(0.0, 1.0), t, phi, None,
-                                                             learning_rate=0.3, steps=300))(thetas)
+    phis = jax.jit(jax.vmap(lambda t: bj.constraints.solve_projected(
+        problem, bj.constraints.box(0.0, 1.0), t, phi, None, learning_rate=0.3, steps=300)))(thetas)
     gs, infos = jax.jit(jax.vmap(lambda t, p: bj.hypergradient(problem, t, p, NONE)))(thetas, phis)
     assert np.all(np.asarray(infos.status) == st.OK)
-    np.testing.assert_allclose(gs, jax.vmap(jax.grad(F))(thetas), atol=1e-8)
+    g_refs = jax.jit(jax.vmap(jax.grad(F)))(thetas)
+    np.testing.assert_allclose(gs, g_refs, atol=1e-8)
     for i in range(4):   # vmapped = per theta
         chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: x[i], (gs, infos)),
                                     hypergradient(problem, thetas[i], phis[i]), rtol=0, atol=1e-12)
@@ -223,7 +230,7 @@ def test_kkt_hypergradient_jit_vmap_and_warm_start():
     g = jax.jit(lambda t, p, x0: bj.hypergradient(problem, t, p, NONE, x0=x0, solver=bj.linear_solvers.minres(3))[0])(
         thetas[0], phi, (info0.v, tuple(info0.adjoint)))
     theta = thetas[0]
-    np.testing.assert_allclose(g, jax.grad(F)(theta), atol=1e-8)   # warm start at the solution: 3 steps suffice
+    np.testing.assert_allclose(g, g_refs[0], atol=1e-8)   # warm start at the solution: 3 steps suffice
 
 
 def test_constrained_problem_validation():

@@ -101,7 +101,7 @@ def _worker(section: str):
 
 def test_mesh_equals_shards_on_four_devices():
     """The bar: on 4 forced host devices, `mesh=` gives the iterates of `shards=4` on one device (1e-12,
-    float64) for soba, amigo, stocbio (iid, shuffled) and saba (partition), and the compiled sharded step
+    float64) for soba, amigo, stocbio (iid, shuffled) and saba (partition), and the compiled sharded run
     holds no collective with a sample-sized operand (the same collectives at 4x the samples and batch)."""
     rows = _worker("presets")
     assert len(rows) == 8

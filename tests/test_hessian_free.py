@@ -13,7 +13,8 @@
   value-function methods reach it, an implicit-gradient preset reports a non-ok status.
 - Minibatches: each preset decreases ||grad F||^2 over 4 seeds (vmap), finite (the biased bsg1 and
   bome to their floors).
-Oracle counts per step are checked against each method's cost (gradients, values, no HVP).
+The full-batch runs' oracle totals are checked against each method's cost (gradients, values, no
+HVP); every preset's reported counts are its traced oracle calls in tests/test_oracle_counts.py.
 """
 import jax
 import jax.numpy as jnp
@@ -239,23 +240,6 @@ def test_penalty_gap_to_theta_star_shrinks_like_one_over_lambda(quad, name):
     assert errors[1] < (0.1 if name == "pbgd-gradient" else 2e-2), (name, errors)
 
 
-def test_oracle_counts_of_the_value_function_methods(quad):
-    """Per step: T tracker gradients + 2 LL value-and-gradient passes + 1 UL gradient; F2SA adds T
-    phi steps (T LL + T UL gradients); LL values are counted where q itself is used."""
-    T = 3
-    cases = {"bome": (dict(tracker_steps=T), (T + 2, 1, 0, 0, 0)),
-             "pdbo": (dict(tracker_steps=T), (T + 2, 1, 0, 0, 2)),
-             "vf_penalty": (dict(tracker_steps=T), (T + 2, 1, 0, 0, 2)),
-             "f2sa": (dict(lower_steps=T, batch_size=None), (2 * T + 2, T + 1, 0, 0, 0)),
-             "pbgd": (dict(tracker_steps=T), (T + 2, 1, 0, 0, 0)),
-             "bsg1": (dict(lower_steps=T, batch_size=None, upper_lr=0.1, lower_lr=0.1), (T + 1, 1, 0, 0, 0))}
-    for name, (kw, per_step) in cases.items():
-        alg = bj.algorithms.get(name)(quad.problem, **kw)
-        state = alg.init(quad.theta0, quad.phi0, jax.random.PRNGKey(0), quad.data)
-        _, info = jax.jit(lambda s: alg.update(s, quad.data))(state)
-        assert tuple(int(c) for c in info.oracles) == per_step, name
-
-
 # ------------------------------------------------------------------------------- many LL minima
 
 @pytest.fixture(scope="module")
@@ -320,19 +304,20 @@ def test_bome_step_size_neighbourhood_shrinks(flat, quad):
 
 # ------------------------------------------------------------------------------- minibatches
 
-# preset: (settings, bound on the mean over seeds of ||grad F||^2 / ||grad F(theta0)||^2 after 300 steps)
+# preset: (settings, bound on the mean over seeds of ||grad F||^2 / ||grad F(theta0)||^2 after 200 steps; every
+# preset is at its floor by then: the means after 300 steps are within 0.03 of those after 200)
 STOCHASTIC = {
     "hjfbio": (dict(upper_lr=0.2, lower_lr=0.2), 0.1),
     "pzobo": (dict(upper_lr=0.3, lower_lr=0.2, lower_steps=20, upper_decay=0.5), 0.1),   # Gaussian Q = 10: decaying
-    # biased (grad v != 0 here) but bounded: LL noise keeps grad_y g from 0 (bj.algorithms.bsg); measured 0.36
+    # biased (grad v != 0 here) but bounded: LL noise keeps grad_y g from 0 (bj.algorithms.bsg); measured 0.38
     "bsg1": (dict(upper_lr=0.1, lower_lr=0.3, lower_steps=5, upper_decay=0.5), 0.5),
     "f2sa": (dict(upper_lr=0.05, lower_lr=0.05, tracker_lr=0.2, lower_steps=5, penalty=5.0, penalty_rate=0.0), 0.1),
     # minibatch noise in grad q turns the barrier into the penalty f + eta q (bj.algorithms.bome): a penalty-sized
-    # eta, and its O(1/eta) floor (measured 0.11; eta = 0.02 reaches 0.01 at step 210, then rises as phi drifts)
+    # eta, and its O(1/eta) floor (measured 0.10; eta = 0.02 reaches 0.01 at step 210, then rises as phi drifts)
     "bome": (dict(upper_lr=0.02, tracker_lr=0.3, tracker_steps=10, control_rate=20.0), 0.2),
     "pbgd": (dict(upper_lr=0.2, tracker_lr=0.2, tracker_steps=5, penalty=5.0, penalty_max=5.0), 0.1),
-    # G-PBGD: its O(1/gamma) penalty bias plus noise (measured mean 0.10 at gamma = 50; with one batch for both
-    # factors of A grad_y g, i.e. the biased penalty E||grad_y g_B||^2, 0.20-0.26)
+    # G-PBGD: its O(1/gamma) penalty bias plus noise (measured mean 0.12 at gamma = 50, 0.10 after 300 steps; with one
+    # batch for both factors of A grad_y g, i.e. the biased penalty E||grad_y g_B||^2, 0.20-0.26 after 300)
     "pbgd[gradient]": (dict(variant="gradient", upper_lr=0.01, penalty=50.0, penalty_max=50.0), 0.2),
     "vf_penalty": (dict(upper_lr=0.05, lower_lr=0.05, tracker_lr=0.3, tracker_steps=10, penalty=10.0), 0.1),
     "pdbo": (dict(upper_lr=0.05, lower_lr=0.05, tracker_lr=0.3, tracker_steps=10, dual_max=10.0), 0.1),
@@ -345,7 +330,7 @@ def test_minibatch_decrease_of_grad_norm(quad_stoch, name):
     settings, bound = STOCHASTIC[name]
     alg = bj.algorithms.get(name.split("[")[0])(q.problem, **{"batch_size": 32, **settings})
     keys = jax.random.split(jax.random.PRNGKey(3), SEEDS)
-    state, hist = _runs(alg, q, jnp.broadcast_to(q.theta0, (SEEDS,) + q.theta0.shape), keys, 300)
+    state, hist = _runs(alg, q, jnp.broadcast_to(q.theta0, (SEEDS,) + q.theta0.shape), keys, 200)
     assert bool(hist["finite"].all())
     assert float(jnp.abs(state.theta[0] - state.theta[1]).max()) > 0
     g0 = jnp.sum(q.grad(q.theta0) ** 2)
