@@ -273,7 +273,7 @@ def test_constrained_counts_are_the_traced_oracle_calls(where, name, quad_stoch)
 
 # ---------------------------------------------------------------------------------- multi-objective and min-max presets
 
-TASK_VARIANTS = {"morbit": ({}, {"lower_steps": 2, "mu_lambda": 0.1}, {"uniform": True}),
+TASK_VARIANTS = {"morbit": ({}, {"lower_steps": 2, "dual_reg": 0.1}, {"uniform": True}),
                  "mmb": ({}, {"blocks": 2, "linear_solver": bj.linear_solvers.cg(3, warm_start=True)})}
 
 
