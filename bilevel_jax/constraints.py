@@ -463,9 +463,11 @@ class MultiplierInfo(NamedTuple):
 
 
 def least_squares_multipliers(problem: BilevelProblem, theta, phi, batch, solver: Optional[LinearSolver] = None,
-                              check_licq: bool = True):
+                              check_licq: bool = True, grad_phi: Optional[PyTree] = None):
     """Multipliers by least squares from stationarity (module docstring): `(Multipliers,
-    MultiplierInfo)`. `solver` (default `cg(100)`) solves the SPD normal equations.
+    MultiplierInfo)`. `solver` (default `cg(100)`) solves the SPD normal equations. `grad_phi`:
+    grad_phi f_lower at the point when the caller has it (else one LL gradient is taken); nothing
+    else here is an oracle call (the constraints' derivatives are not counted, `bj.oracles.OracleCounts`).
 
     `check_licq`: the right-hand side -J grad f lies in the range of J J', so a rank-deficient
     J J' (dependent active gradients: LICQ fails) does not stop CG on it. One more solve with a
@@ -476,7 +478,7 @@ def least_squares_multipliers(problem: BilevelProblem, theta, phi, batch, solver
     if not problem.constrained:
         raise ValueError("least_squares_multipliers: the problem has no lower_inequality / lower_equality.")
     solver = cg(100) if solver is None else solver
-    grad_f = oracles.lower_grad_phi(problem, theta, phi, batch)
+    grad_f = oracles.lower_grad_phi(problem, theta, phi, batch) if grad_phi is None else grad_phi
     cons = oracles.linearize_constraints(problem, theta, phi)
     p_sq = jax.tree_util.tree_map(jnp.square, cons.values.inequality)
 

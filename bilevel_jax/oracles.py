@@ -27,7 +27,8 @@ counts its products as they are applied (`hvp` one HVP, `cross` one cross produc
 `hvp_and_cross` one of each) and its gradient only when taken (`LowerLinearization.gradient`). A
 block runs once per trace: code that repeats oracle calls in a loop or a `vmap` scales them
 (`counting(times=n)`: `lower.lower_steps` by its steps, `gaussian_jacobian_transpose` by its
-directions), and a linear solve counts its solver's own matvec count (`solve`).
+directions), and a linear solve counts its solver's own matvec count (`solve`). The Lagrangian of
+a constrained LL counts its f_lower part only (`OracleCounts`, `LagrangianLinearization`).
 """
 from __future__ import annotations
 
@@ -54,7 +55,15 @@ class OracleCounts(NamedTuple):
     """Oracle calls: gradients of f_lower / f_upper (one pass may give both partials), Hessian-
     vector products A v, cross products J v (or J^T d), and function values of f_lower / f_upper
     used on their own (the values of the value-function methods' gap; an LL step's value, passed
-    to its optax rule, is part of its gradient pass)."""
+    to its optax rule, is part of its gradient pass).
+
+    Only f_lower and f_upper are oracles. On a constrained LL (L = f_lower + <lambda_P, P> +
+    <lambda_Q, Q>) a product with the Lagrangian counts as the same product of f_lower:
+    grad^2_{phi phi} L a = A a + sum_i lambda_i grad^2 C_i a is one HVP, grad^2_{theta phi} L a
+    one cross product, grad_phi L one LL gradient; the constraint functions C = (P, Q) and their
+    derivatives (values, jvps, vjps, the multiplier-weighted curvature) are not counted. So a KKT
+    matvec K z (`bj.hypergrad.kkt`) is one HVP, the KKT hypergradient's correction one cross
+    product, and least-squares multipliers cost nothing beyond grad_phi f_lower."""
 
     lower_grads: jax.Array
     upper_grads: jax.Array
@@ -526,23 +535,14 @@ def constraint_values(problem: BilevelProblem, theta, phi) -> Multipliers:
     return Multipliers(*cons(t, p))
 
 
-def lagrangian(problem: BilevelProblem, theta, phi, multipliers: Multipliers, batch) -> jax.Array:
-    """L = f_lower + <lambda_P, P> + <lambda_Q, Q>."""
-    p, q = constraint_values(problem, theta, phi)
-    out = problem.f_lower(theta, phi, batch)
-    if p is not None:
-        out = out + otu.tree_vdot(multipliers.inequality, p)
-    if q is not None:
-        out = out + otu.tree_vdot(multipliers.equality, q)
-    return out
-
-
 def kkt_map(problem: BilevelProblem, theta, phi, multipliers: Multipliers, batch):
-    """G(theta, phi, lambda_P, lambda_Q) = (grad_phi L, lambda_P * P, Q): zero at a KKT point."""
-    f, t, p = _on_diff(lambda th, ph, b: lagrangian(problem, th, ph, multipliers, b), theta, phi, batch)
-    values = constraint_values(problem, theta, phi)
-    comp = None if values.inequality is None else otu.tree_mul(multipliers.inequality, values.inequality)
-    return jax.grad(f, argnums=1)(t, p), comp, values.equality
+    """G(theta, phi, lambda_P, lambda_Q) = (grad_phi L, lambda_P * P, Q), L = f_lower + <lambda_P, P> +
+    <lambda_Q, Q>: zero at a KKT point. One LL gradient (the constraint terms are not oracle calls)."""
+    cons, t, p = _constraint_fn(problem, theta, phi)
+    values, pull = jax.vjp(cons, t, p)
+    grad_l = otu.tree_add(lower_grad_phi(problem, theta, phi, batch), pull(tuple(multipliers))[1])
+    comp = None if values[0] is None else otu.tree_mul(multipliers.inequality, values[0])
+    return grad_l, comp, values[1]
 
 
 class ConstraintLinearization(NamedTuple):
@@ -563,39 +563,61 @@ def linearize_constraints(problem: BilevelProblem, theta, phi) -> ConstraintLine
 
 
 class LagrangianLinearization(NamedTuple):
-    """grad_phi L at (theta, phi, lambda) and one pullback of (grad_phi L, P, Q) over (theta, phi):
+    """The derivative of (grad_phi L, P, Q) over (theta, phi) at fixed multipliers lambda, as its
+    transpose (the (theta, phi) columns of the KKT Jacobian): with A_L = grad^2_{phi phi} L =
+    A + sum_i lambda_i grad^2_{phi phi} C_i and J_L = grad^2_{theta phi} L = J + sum_i lambda_i
+    grad^2_{theta phi} C_i (C = (P, Q)),
 
-        pullback(a, mu_P, mu_Q) = (grad^2_{theta phi} L a + grad_theta P' mu_P + grad_theta Q' mu_Q,
-                                   grad^2_{phi phi} L a + grad_phi P' mu_P + grad_phi Q' mu_Q)
+        pullback(a, mu) = (J_L a + grad_theta C' mu,  A_L a + grad_phi C' mu)      (theta, phi parts)
 
-    the transpose of the (theta, phi) columns of the KKT Jacobian: with the constraint jvps it
-    gives the KKT operator and the hypergradient's cross term from one linearization."""
+    `pullback_phi` and `pullback_theta` are its two parts alone. Counts (`OracleCounts`): the f_lower
+    part comes from `lower` (A a one HVP, J a one cross product); the constraint part (`constraint`:
+    the multiplier-weighted curvature of C and C's vjp) is no oracle call of f and is not counted. So
+    `pullback` counts one HVP and one cross product, `pullback_phi` one HVP, `pullback_theta` one
+    cross product. grad_phi f_lower counts when taken (`lower.gradient()`)."""
 
-    grad_lagrangian: PyTree
+    lower: LowerLinearization
     constraints: ConstraintLinearization
-    pullback: Callable[[PyTree, Multipliers], tuple]
+    constraint: Callable[[PyTree, Multipliers], tuple]   # (a, mu) -> the constraint part of `pullback`
+
+    def pullback(self, a, mu: Multipliers) -> tuple:
+        av, jv = self.lower.hvp_and_cross(a)
+        ct, cp = self.constraint(a, mu)
+        return otu.tree_add(jv, ct), otu.tree_add(av, cp)
+
+    def pullback_phi(self, a, mu: Multipliers) -> PyTree:
+        return otu.tree_add(self.lower.hvp(a), self.constraint(a, mu)[1])
+
+    def pullback_theta(self, a, mu: Multipliers) -> PyTree:
+        return otu.tree_add(self.lower.cross(a), self.constraint(a, mu)[0])
 
 
 def linearize_lagrangian(problem: BilevelProblem, theta, phi, multipliers: Multipliers, batch,
+                         lower: Optional[LowerLinearization] = None,
                          cons: Optional[ConstraintLinearization] = None) -> LagrangianLinearization:
-    """Linearize (grad_phi L, P, Q) at (theta, phi) with the multipliers held fixed (one vjp)."""
-    f, t, p = _on_diff(lambda th, ph, b: lagrangian(problem, th, ph, multipliers, b), theta, phi, batch)
-    cfn = _constraint_fn(problem, theta, phi)[0]
+    """Linearize (grad_phi L, P, Q) at (theta, phi) with the multipliers held fixed: f_lower's part
+    is `lower` (`linearize_lower`, built here when not given), the constraints' part one `jax.vjp` of
+    (grad_phi <lambda, C>, C) over (theta, phi)."""
+    lower = linearize_lower(problem, theta, phi, batch) if lower is None else lower
     cons = linearize_constraints(problem, theta, phi) if cons is None else cons
+    cfn, t, p = _constraint_fn(problem, theta, phi)
 
-    def fused(t_, p_):
-        return jax.grad(f, argnums=1)(t_, p_), cfn(t_, p_)
+    def weighted(t_, p_):   # <lambda, C(t_, p_)>
+        return sum(otu.tree_vdot(m, c) for m, c in zip(multipliers, cfn(t_, p_)) if c is not None)
 
-    (grad_l, _), pull = jax.vjp(fused, t, p)
-    return LagrangianLinearization(grad_l, cons, lambda a, mu: pull((a, tuple(mu))))
+    def rows(t_, p_):       # (grad_phi <lambda, C>, C)
+        return jax.grad(weighted, argnums=1)(t_, p_), cfn(t_, p_)
+
+    _, pull = jax.vjp(rows, t, p)
+    return LagrangianLinearization(lower, cons, lambda a, mu: pull((a, tuple(mu))))
 
 
 def kkt_jacobians_dense(problem: BilevelProblem, theta, phi, multipliers: Multipliers, batch):
     """The dense reference: the Jacobians of G = kkt_map in z = (phi, lambda_P, lambda_Q) and in
     theta, materialised with `jax.jacfwd` on flat vectors (the only place a KKT Jacobian is
-    formed; small problems and tests only). Returns `(G_z, G_theta, unravel_z, unravel_theta)`."""
-    from jax.flatten_util import ravel_pytree
-
+    formed; small problems and tests only). Returns `(G_z, G_theta, unravel_z, unravel_theta)`.
+    Counted as `lower_hessian_blocks` is: n_phi HVPs and n_theta cross products (the multiplier
+    columns are the constraints' alone)."""
     theta_d, theta_s = eqx.partition(theta, eqx.is_inexact_array)
     phi_d, phi_s = eqx.partition(phi, eqx.is_inexact_array)
     z, unravel_z = ravel_pytree((phi_d, tuple(multipliers)))
@@ -606,4 +628,6 @@ def kkt_jacobians_dense(problem: BilevelProblem, theta, phi, multipliers: Multip
         out = kkt_map(problem, eqx.combine(unravel_t(t_flat), theta_s), eqx.combine(p, phi_s), Multipliers(*mu), batch)
         return ravel_pytree(out)[0]
 
-    return jax.jacfwd(g, argnums=1)(t, z), jax.jacfwd(g, argnums=0)(t, z), unravel_z, unravel_t
+    record(_calls(hvps=ravel_pytree(phi_d)[0].size, cross=t.size))
+    with uncounted():
+        return jax.jacfwd(g, argnums=1)(t, z), jax.jacfwd(g, argnums=0)(t, z), unravel_z, unravel_t

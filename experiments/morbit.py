@@ -5,7 +5,7 @@ problem of Gu, Lu, Ram, Weng, ICLR 2023, arXiv:2203.01924).
     Optimization with Applications in Robust Machine Learning", ICLR 2023, arXiv:2203.01924):
     n training tasks y = a sin(b x + c), a shared ReLU MLP embedding h_theta (1-80-80-10, an
     equinox model) as theta and a linear head w_i per task as phi_i (`[problem] name =
-    "sinusoid"`, `experiments.problems.sinusoid`). MORBiT (lambda on the simplex, mu_lambda
+    "sinusoid"`, `experiments.problems.sinusoid`). MORBiT (lambda on the simplex, (dual_reg / 2)
     ||lambda - 1/n||^2) against the same code with uniform weights (`uniform = true`, the usual
     multi-task objective). Metrics every `eval_every` outer iterations, at the closed-form ridge
     heads of the current embedding (`bj.problems.multitask.task_losses`): the maximum and the mean

@@ -205,7 +205,7 @@ def optimizers() -> Dict[str, Callable]:
 
 def make_optimizer(spec, learning_rate, where: str):
     """`optax.<name>(**kw)` of a `<level>_opt = {name = ..., ...}` table (`upper_opt`, `lower_opt`,
-    `v_opt`, `lam_opt`, ...): its `learning_rate` defaults to the table's `<level>_lr`; `clip = c`
+    `v_opt`, `dual_opt`, ...): its `learning_rate` defaults to the table's `<level>_lr`; `clip = c`
     chains `optax.clip_by_global_norm(c)` before the rule. Equal tables build equal rules
     (`bj.cache.same_code_rule`), so their cells share one compiled function."""
     rules = optimizers()

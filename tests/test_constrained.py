@@ -87,6 +87,32 @@ def equality_quadratic(key=jax.random.PRNGKey(1), dim_t=3, d=5, q=2):
     return problem, jnp.linspace(-0.5, 0.5, dim_t), phi_star, lambda t: f_upper(t, phi_star(t), None)
 
 
+def ball_quadratic(key=jax.random.PRNGKey(5), dim_t=3, d=5, radius=0.5):
+    """LL 1/2 ||phi - c(theta)||^2 s.t. ||phi|| <= radius (a curved constraint, P = (||phi||^2 -
+    radius^2) / 2), c(theta) = B theta + c0 outside the ball: phi* = radius c / ||c||, with the
+    multiplier lambda = ||c|| / radius - 1 > 0 (stationarity phi - c + lambda phi = 0), so the
+    Lagrangian's Hessian is (1 + lambda) I: its constraint curvature enters the KKT system."""
+    k = jax.random.split(key, 3)
+    b, y = jax.random.normal(k[0], (d, dim_t)), jax.random.normal(k[1], (d,))
+    c0 = 3.0 * jax.random.normal(k[2], (d,))
+
+    def f_lower(theta, phi, batch):
+        return 0.5 * jnp.sum((phi - b @ theta - c0) ** 2)
+
+    def f_upper(theta, phi, batch):
+        return 0.5 * jnp.sum((phi - y) ** 2) + 0.5 * jnp.sum(jnp.sin(theta) ** 2) + jnp.sum(theta) * phi[0]
+
+    def phi_star(theta):
+        c = b @ theta + c0
+        return radius * c / jnp.linalg.norm(c)
+
+    def multiplier(theta):
+        return jnp.linalg.norm(b @ theta + c0) / radius - 1.0
+
+    problem = bj.constraints.l2_ball(radius).problem(f_upper, f_lower)
+    return problem, jnp.linspace(-0.3, 0.3, dim_t), phi_star, multiplier, lambda t: f_upper(t, phi_star(t), None)
+
+
 def simplex_logistic(key=jax.random.PRNGKey(2), d=5, n=40):
     """Logistic regression with weights on the simplex, an exp(theta) ridge: non-quadratic LL."""
     k = jax.random.split(key, 4)
@@ -141,6 +167,32 @@ def test_equality_quadratic_matches_closed_form_and_dense():
     np.testing.assert_allclose(g, g_ref, atol=1e-8)
     np.testing.assert_allclose(dense, g, atol=1e-10)
     assert float(info.residual_norm) < 1e-10
+
+
+def test_curved_constraint_matches_closed_form_dense_and_counts():
+    """The l2 ball: the multiplier-weighted constraint curvature of the Lagrangian is part of K and of
+    the cross term. Closed form, dense reference, and the oracle counts of one KKT hypergradient:
+    one gradient of each level, one HVP per MINRES matvec, one cross product; the dense reference
+    n_phi HVPs and n_theta cross products (the constraints' derivatives are not oracle calls)."""
+    problem, theta, phi_star, multiplier, F = ball_quadratic()
+    phi = phi_star(theta)
+
+    @jax.jit
+    def counted(t, p):
+        with bj.oracles.counting() as tally:
+            g, info = bj.hypergrad.kkt_hypergradient(problem, t, p, NONE)
+        with bj.oracles.counting() as dense_tally:
+            dense = bj.hypergrad.kkt_hypergradient_dense(problem, t, p, NONE)
+        return g, info, tally.counts, dense, dense_tally.counts
+
+    g, info, counts, dense, dense_counts = counted(theta, phi)
+    g_ref = jax.grad(F)(theta)
+    assert int(info.status) == st.OK
+    np.testing.assert_allclose(info.multipliers.inequality, multiplier(theta), rtol=1e-12)
+    np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(dense, g_ref, rtol=0, atol=1e-12)
+    assert tuple(int(c) for c in counts) == (1, 1, 100, 1, 0), counts   # minres(100), no warm start
+    assert tuple(int(c) for c in dense_counts) == (1, 1, 5, 3, 0), dense_counts
 
 
 def test_simplex_logistic_matches_finite_differences():

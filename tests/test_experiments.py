@@ -499,7 +499,7 @@ def test_keys_are_read_from_the_signatures_and_an_unknown_one_is_structured():
     from experiments import sweep
     named = [n for n in inspect.signature(bj.algorithms.soba).parameters if n not in ("problem", "kw")]
     assert set(sweep.preset_keys("soba")) == {*named, *bj.algorithms.LOOP_OPTIONS, *C.ALGORITHM_SPECIAL}
-    assert {"lam_lr", "mu_lambda", "uniform"} <= set(sweep.preset_keys("morbit"))        # MULTI_OBJECTIVE too
+    assert {"dual_lr", "dual_reg", "uniform"} <= set(sweep.preset_keys("morbit"))        # MULTI_OBJECTIVE too
     with pytest.raises(C.UnknownKeys) as err:
         sweep.build_algorithm(sweep.placeholder_problem(), "soba", {"upper_step": 0.1, "lower_lrr": 0.2}, "t")
     assert err.value.where == "t" and err.value.unknown == ["lower_lrr", "upper_step"]

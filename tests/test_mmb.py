@@ -64,7 +64,7 @@ def test_reference_is_the_saddle_point_of_the_reduced_function(q, ref):
 
 
 def test_mmb_reaches_the_dense_saddle_point(q, ref):
-    alg = bj.algorithms.mmb(q.problem, upper_lr=0.1, lower_lr=0.3, dual_lr=0.3, momentum=0.5)
+    alg = bj.algorithms.mmb(q.problem, upper_lr=0.1, lower_lr=0.3, dual_lr=0.3, upper_momentum=0.5)
     state, hist = _run(alg, _init(alg, q), q.data, 1000)
     assert np.all(np.asarray(hist["status"]) == bj.status.OK)
     np.testing.assert_allclose(state.theta, ref.theta, atol=1e-12)
@@ -75,7 +75,7 @@ def test_mmb_reaches_the_dense_saddle_point(q, ref):
     np.testing.assert_allclose(np.einsum("nij,nj->ni", q.A, state.v), b, atol=1e-12)
 
 
-def _numpy_step(q, s, sampled, alpha, beta, gamma, b, box):
+def _numpy_step(q, s, sampled, alpha, beta, gamma, a, box):
     """One MMB iteration in NumPy (closed-form derivatives of the quadratic blocks, exact v_i)."""
     theta, y, phi, mom = (np.array(x) for x in s)
     new_y, new_phi, gs = y.copy(), phi.copy(), []
@@ -85,14 +85,14 @@ def _numpy_step(q, s, sampled, alpha, beta, gamma, b, box):
         gs.append(q.rho * theta + D.T @ y[i] + B.T @ v)             # grad_theta f_i - J_i v_i, J_i = -B_i'
         new_y[i] = np.clip(y[i] + gamma * (C @ phi[i] + D @ theta - e - q.sigma * y[i]), -box, box)
         new_phi[i] = phi[i] - beta * (A @ phi[i] - B @ theta)
-    mom = (1 - b) * mom + b * np.mean(gs, axis=0)
+    mom = a * mom + (1 - a) * np.mean(gs, axis=0)   # a = upper_momentum, the weight on the previous average
     return theta - alpha * mom, new_y, new_phi, mom
 
 
 def test_two_steps_with_sampled_blocks_a_box_and_the_moving_average(q):
-    box, alpha, beta, gamma, b = 0.3, 0.2, 0.25, 0.7, 0.4
+    box, alpha, beta, gamma, a = 0.3, 0.2, 0.25, 0.7, 0.6
     problem = dataclasses.replace(q.problem, project_dual=lambda y: jnp.clip(y, -box, box))
-    alg = bj.algorithms.mmb(problem, upper_lr=alpha, lower_lr=beta, dual_lr=gamma, momentum=b, blocks=2,
+    alg = bj.algorithms.mmb(problem, upper_lr=alpha, lower_lr=beta, dual_lr=gamma, upper_momentum=a, blocks=2,
                             linear_solver=bj.linear_solvers.dense())
     rs = np.random.RandomState(3)
     state = _init(alg, q, jnp.asarray(rs.randn(D_THETA)), jnp.asarray(0.2 * rs.randn(M, D_Y)),
@@ -104,7 +104,7 @@ def test_two_steps_with_sampled_blocks_a_box_and_the_moving_average(q):
         new, info = update(state, q.data)
         sampled = [i for i in range(M) if not np.allclose(new.phi[i], state.phi[i])]
         assert len(sampled) == 2
-        expected = _numpy_step(q, expected, sampled, alpha, beta, gamma, b, box)
+        expected = _numpy_step(q, expected, sampled, alpha, beta, gamma, a, box)
         for got, want in zip((new.theta, new.y, new.phi, new.momentum), expected):
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
         clipped += int(np.sum(np.isclose(np.abs(np.asarray(new.y)), box)))
@@ -161,8 +161,11 @@ def test_mmb_errors_name_the_argument(q):
         bj.algorithms.mmb(mt.multitask_quadratic(0).problem)
     with pytest.raises(ValueError, match="mmb: blocks must be <= num_blocks=3"):
         bj.algorithms.mmb(q.problem, blocks=4)
-    with pytest.raises(ValueError, match=r"mmb: momentum must lie in \(0.0, 1.0\]"):
-        bj.algorithms.mmb(q.problem, momentum=0.0)
+    with pytest.raises(ValueError, match=r"mmb: upper_momentum must lie in \[0.0, 1.0\)"):
+        bj.algorithms.mmb(q.problem, upper_momentum=1.0)
+    with pytest.warns(FutureWarning, match=r"mmb: momentum= is deprecated .*use upper_momentum= = 1 - momentum"):
+        old = bj.algorithms.mmb(q.problem, momentum=0.3)   # 0.1's weight of the new direction
+    assert eqx.tree_equal(old, bj.algorithms.mmb(q.problem, upper_momentum=0.7))
     with pytest.raises(ValueError, match="mmb: dual_lr must be a positive step size"):
         bj.algorithms.mmb(q.problem, dual_lr=-1.0)
     with pytest.raises(ValueError, match="pass v_lr="):
@@ -226,8 +229,8 @@ def test_uniform_is_fixed_weights_one_over_n(mq):
     ([0.2, 0.2, 0.5], {}, ValueError, "fixed_weights must sum to 1 .* got sum 0.9"),
     ("abc", {}, TypeError, "fixed_weights must be an array of 3 weights"),
     ([0.2, 0.3, 0.5], {"uniform": True}, ValueError, "uniform=True .* or fixed_weights=, not both"),
-    ([0.2, 0.3, 0.5], {"mu_lambda": 1.0}, ValueError, "lambda ascent's mu_lambda would be ignored"),
-    ([0.2, 0.3, 0.5], {"delta": 0.1}, ValueError, "lambda ascent's delta would be ignored"),
+    ([0.2, 0.3, 0.5], {"dual_reg": 1.0}, ValueError, "lambda ascent's dual_reg would be ignored"),
+    ([0.2, 0.3, 0.5], {"dual_floor": 0.1}, ValueError, "lambda ascent's dual_floor would be ignored"),
 ])
 def test_fixed_weights_are_checked(mq, weights, kw, error, match):
     with pytest.raises(error, match="^morbit: .*" + match):

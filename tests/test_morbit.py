@@ -67,7 +67,7 @@ def test_project_simplex_is_the_euclidean_projection_with_a_floor():
 
 
 def test_morbit_reaches_the_robust_solution_and_uniform_the_average_one(q, ref):
-    robust, _ = _run(bj.algorithms.morbit(q.problem, upper_lr=0.05, lower_lr=0.3, lam_lr=0.05), q, 3000)
+    robust, _ = _run(bj.algorithms.morbit(q.problem, upper_lr=0.05, lower_lr=0.3, dual_lr=0.05), q, 3000)
     uniform, _ = _run(bj.algorithms.morbit(q.problem, upper_lr=0.05, lower_lr=0.3, uniform=True), q, 3000)
     avg = q.average_solution()
     assert np.linalg.norm(robust.theta - ref.theta) <= 1e-3 * np.linalg.norm(ref.theta)
@@ -84,7 +84,7 @@ def test_morbit_reaches_the_robust_solution_and_uniform_the_average_one(q, ref):
 
 def test_lambda_stays_in_the_simplex_above_the_floor_at_every_step(q):
     delta = 0.3
-    alg = bj.algorithms.morbit(q.problem, upper_lr=0.05, lower_lr=0.3, lam_lr=0.5, delta=delta)
+    alg = bj.algorithms.morbit(q.problem, upper_lr=0.05, lower_lr=0.3, dual_lr=0.5, dual_floor=delta)
     _, hist = _run(alg, q, 200, eval_fn=lambda s, d: {"lam": s.lam}, eval_every=1)
     lam = np.asarray(hist["lam"])
     np.testing.assert_allclose(lam.sum(axis=1), 1.0, atol=1e-12)
@@ -94,7 +94,7 @@ def test_lambda_stays_in_the_simplex_above_the_floor_at_every_step(q):
 
 def test_one_step_is_the_weighted_sum_of_per_task_hypergradients_one_task_at_a_time(q):
     n, alpha, beta, gamma = 3, 0.07, 0.2, 0.3
-    alg = bj.algorithms.morbit(q.problem, upper_lr=alpha, lower_lr=beta, lam_lr=gamma,
+    alg = bj.algorithms.morbit(q.problem, upper_lr=alpha, lower_lr=beta, dual_lr=gamma,
                                linear_solver=bj.linear_solvers.dense())
     rs = np.random.RandomState(1)
     theta, phi, lam = jnp.asarray(rs.randn(2)), jnp.asarray(rs.randn(3, 3)), jnp.asarray([0.5, 0.2, 0.3])
@@ -129,7 +129,7 @@ def test_the_list_of_pairs_form_matches_the_shared_form(q):
     up, lo = q.problem.f_upper, q.problem.f_lower
     listed = bj.MultiObjectiveProblem([up] * 3, [lo] * 3)
     assert not listed.shared and listed.num_tasks == 3
-    kw = dict(upper_lr=0.05, lower_lr=0.3, lam_lr=0.05)
+    kw = dict(upper_lr=0.05, lower_lr=0.3, dual_lr=0.05)
     a, _ = _run(bj.algorithms.morbit(q.problem, **kw), q, 20)
     b, _ = _run(bj.algorithms.morbit(listed, **kw), q._replace(problem=listed), 20)
     chex.assert_trees_all_close((a.theta, a.phi, a.lam), (b.theta, b.phi, b.lam), rtol=1e-12, atol=1e-12)
@@ -139,7 +139,7 @@ def test_morbit_reaches_the_regularised_robust_solution(q):
     mu = 1.0
     r = q.robust_solution(mu)
     assert r.gap < 1e-10
-    mor, _ = _run(bj.algorithms.morbit(q.problem, upper_lr=0.05, lower_lr=0.3, lam_lr=0.05, mu_lambda=mu), q, 2000)
+    mor, _ = _run(bj.algorithms.morbit(q.problem, upper_lr=0.05, lower_lr=0.3, dual_lr=0.05, dual_reg=mu), q, 2000)
     assert np.linalg.norm(mor.theta - r.theta) <= 1e-3 * np.linalg.norm(r.theta)
     np.testing.assert_allclose(mor.lam, r.lam, atol=1e-3)
 
@@ -151,8 +151,8 @@ def _sinusoid(n=4, m=12):
 
 def test_an_mlp_theta_under_jit_and_vmap_over_seeds_with_minibatches():
     tasks, mlp = _sinusoid()
-    alg = bj.algorithms.get("morbit")(tasks.problem, upper_lr=1e-3, lower_lr=0.05, lam_lr=1e-3, batch_size=4,
-                                  mu_lambda=1.0)
+    alg = bj.algorithms.get("morbit")(tasks.problem, upper_lr=1e-3, lower_lr=0.05, dual_lr=1e-3, batch_size=4,
+                                  dual_reg=1.0)
     phi0 = jnp.zeros((4, 4))
 
     def one(key):
@@ -176,7 +176,7 @@ def test_update_compiles_once_for_equal_configurations(q):
         return alg.update(state, data)
 
     for lr in (0.05, 0.02):
-        alg = bj.algorithms.morbit(q.problem, upper_lr=lr, lower_lr=0.3, lam_lr=0.05)
+        alg = bj.algorithms.morbit(q.problem, upper_lr=lr, lower_lr=0.3, dual_lr=0.05)
         step(alg, alg.init(THETA0, PHI0, jax.random.PRNGKey(0), q.data), q.data)
     assert len(traces) == 1
 
@@ -184,7 +184,7 @@ def test_update_compiles_once_for_equal_configurations(q):
 def test_nan_data_is_reported(q):
     (c,), lower = q.data
     bad = ((c.at[1, 0].set(jnp.nan),), lower)
-    alg = bj.algorithms.morbit(q.problem, upper_lr=0.05, lower_lr=0.3, lam_lr=0.05)
+    alg = bj.algorithms.morbit(q.problem, upper_lr=0.05, lower_lr=0.3, dual_lr=0.05)
     state, hist = eqx.filter_jit(lambda a, s, d: bj.run(a, s, d, 2))(alg, alg.init(THETA0, PHI0, jax.random.PRNGKey(0)),
                                                                        bad)
     assert int(hist["status"][-1]) & bj.status.NONFINITE
@@ -202,10 +202,10 @@ def test_sinusoid_closed_form_head_is_the_lower_minimiser():
 def test_errors_name_the_argument(q):
     with pytest.raises(TypeError, match="morbit: problem must be a bj.MultiObjectiveProblem"):
         bj.algorithms.morbit(bj.BilevelProblem(lambda t, p, b: 0.0, lambda t, p, b: 0.0))
-    with pytest.raises(ValueError, match="morbit: delta"):
-        bj.algorithms.morbit(q.problem, delta=1.0)
-    with pytest.raises(ValueError, match="morbit: mu_lambda"):
-        bj.algorithms.morbit(q.problem, mu_lambda=-1.0)
+    with pytest.raises(ValueError, match="morbit: dual_floor"):
+        bj.algorithms.morbit(q.problem, dual_floor=1.0)
+    with pytest.raises(ValueError, match="morbit: dual_reg"):
+        bj.algorithms.morbit(q.problem, dual_reg=-1.0)
     with pytest.raises(ValueError, match="num_tasks"):
         bj.MultiObjectiveProblem(lambda t, p, b: 0.0, lambda t, p, b: 0.0)
     alg = bj.algorithms.morbit(q.problem)

@@ -17,9 +17,11 @@ the oracle functions (`bj.oracles.counting`), never from numbers written by hand
 
 Every preset of `bj.algorithms.ALGORITHMS` is checked at outer step 1 (the SARAH presets' refresh
 steps count one pass over the data by convention, n / b minibatch oracles, which a count of calls
-does not see; step 1 is a recursion step), with minibatches of 16 of 64 samples. The multi-objective and min-max presets (`MULTI_OBJECTIVE`,
-`MIN_MAX`) are checked on their quadratic problems, with one shared pair (tasks vmapped) and with
-a list of pairs (tasks unrolled).
+does not see; step 1 is a recursion step), with minibatches of 16 of 64 samples. The presets
+tagged "constrained" are checked on the same problem with a constrained LL (a box; the KKT presets
+also on an equality and on a theta-dependent halfspace). The multi-objective and min-max presets
+(`MULTI_OBJECTIVE`, `MIN_MAX`) are checked on their quadratic problems, with one shared pair (tasks
+vmapped) and with a list of pairs (tasks unrolled).
 """
 import dataclasses
 import math
@@ -242,9 +244,36 @@ def test_reported_counts_are_the_traced_oracle_calls(name, problem):
     assert traced == reported, (name, traced, reported)
 
 
+# ---------------------------------------------------------------------------------- constrained lower levels
+
+_A = jnp.ones(6) / jnp.sqrt(6.0)
+CONSTRAINT_SETS = {   # inequalities (active ones after the LL steps), an equality, a bound that moves with theta
+    "box": bj.constraints.box(-0.1, 0.1), "hyperplane": bj.constraints.hyperplane(_A, 0.2),
+    "moving_halfspace": bj.constraints.halfspace(_A, lambda theta: -0.3 + 0.1 * jnp.sum(theta)),
+}
+KKT_PRESETS = ("aid_bio", "amigo", "bsg_constrained", "soba")   # the KKT adjoint: every set, theta-dependent too
+
+
+@pytest.mark.parametrize("where, name", [("box", n) for n in bj.algorithms.presets_with("constrained")]
+                         + [(w, n) for w in ("hyperplane", "moving_halfspace") for n in KKT_PRESETS])
+def test_constrained_counts_are_the_traced_oracle_calls(where, name, quad_stoch):
+    """The constrained presets on the stochastic quadratic with a constrained LL: the KKT rules'
+    Lagrangian products count as f_lower's (one HVP per KKT matvec, one cross product for the
+    correction, one LL gradient for the multipliers, the active set and the LL direction), the
+    constraints' derivatives not at all (`bj.oracles.OracleCounts`)."""
+    q = quad_stoch
+    problem = marked_problem(CONSTRAINT_SETS[where].problem(q.problem.f_upper, q.problem.f_lower))
+    alg = bj.algorithms.get(name)(problem, upper_lr=0.1, batch_size=16)
+    state = _at_step(alg.init(q.theta0, jnp.zeros(6), jax.random.PRNGKey(0), q.data), 1)
+    traced, reported = traced_and_reported(alg, state, q.data)
+    assert traced == reported, (name, where, traced, reported)
+    if name == "aid_bio":   # T = 10 LL steps, warm-started minres(10): 10 + 1 matvecs
+        assert tuple(int(c) for c in reported) == (10 + 1, 1, 10 + 1, 1, 0), reported
+
+
 # ---------------------------------------------------------------------------------- multi-objective and min-max presets
 
-TASK_VARIANTS = {"morbit": ({}, {"lower_steps": 2, "mu_lambda": 0.1}, {"uniform": True}),
+TASK_VARIANTS = {"morbit": ({}, {"lower_steps": 2, "dual_reg": 0.1}, {"uniform": True}),
                  "mmb": ({}, {"blocks": 2, "linear_solver": bj.linear_solvers.cg(3, warm_start=True)})}
 
 

@@ -41,6 +41,7 @@ from bilevel_jax.algorithms.pessimistic import PessimisticPenalty, PessimisticSt
 from bilevel_jax.algorithms.constrained import KKT, AmortizedKKT, amortized_kkt, bsg_constrained, kkt
 # defaults that converge: a preset called without step sizes runs on the problem rescaled at init
 from bilevel_jax.algorithms import defaults
+from bilevel_jax.algorithms.vocabulary import accepts_renamed
 
 ALGORITHMS = {
     "alternating": alternating, "ba": ba, "bsa": bsa, "aid_bio": aid_bio, "stocbio": stocbio, "amigo": amigo,
@@ -70,6 +71,10 @@ for _name in (*ALGORITHMS, "bilevel_loop", "pessimistic_penalty", "bsg_constrain
     if _name in ALGORITHMS:
         ALGORITHMS[_name] = globals()[_name]
 del _name, _wrap
+# the multi-objective and min-max presets take no data-parallel options, but their renamed keywords
+for _name, _registry in (("morbit", MULTI_OBJECTIVE), ("mmb", MIN_MAX)):
+    globals()[_name] = _registry[_name] = accepts_renamed(globals()[_name])
+del _name, _registry
 
 
 def get(name: str):

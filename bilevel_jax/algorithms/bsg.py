@@ -56,7 +56,7 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax._checks import as_array, check_in_range
-from bilevel_jax.algorithms._common import lower_steps_at_least_one, named, rule
+from bilevel_jax.algorithms._common import loop_options, lower_steps_at_least_one, named, rule
 from bilevel_jax.algorithms.directions import DirectionRule, Directions, Evaluation, Joint
 from bilevel_jax.algorithms.loop import BilevelLoop, bilevel_loop
 from bilevel_jax.linear_solvers import fail_where
@@ -97,7 +97,7 @@ def bsg1(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None,
                             upper_opt=rule("upper_lr", upper_lr, upper_opt, upper_decay),
                             lower_opt=rule("lower_lr", lower_lr, lower_opt),
                             lower_steps=lower_steps_at_least_one(lower_steps), batch_size=batch_size, name="bsg1",
-                            **kw)
+                            **loop_options(kw))
 
 
 __all__ = ["RankOne", "bsg1"]

@@ -78,7 +78,6 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax._checks import as_array, check_bool, check_in_range, check_step_size
 from bilevel_jax.algorithms._common import loop_options, lower_steps_at_least_one, named, rule
-from bilevel_jax.oracles import OracleCounts
 from bilevel_jax.algorithms.directions import (Amortized, AmortizedState, DirectionRule, Directions, Evaluation,
                                                Joint, LowerTerms, Separable, UpperTerms, implicit)
 from bilevel_jax.algorithms.loop import BilevelLoop, bilevel_loop
@@ -123,10 +122,8 @@ class KKT(DirectionRule):
         return KKTState(self.solver.init(adjoint_like(phi, oracles.constraint_values(self.problem, theta, phi))))
 
     def evaluate(self, problem, point, batches, key, mode):
-        with oracles.uncounted():   # the Lagrangian's products are not counted by the oracles: the count below
-            out = kkt_direction(problem, point.theta, point.phi, batches.upper, batches.lower, self.solver,
-                                point.rule_state.solver, None, self.tol, self.multiplier_solver, self.nan_if_degenerate)
-        oracles.record(OracleCounts.of(upper_grads=1, lower_grads=2, cross=1, hvps=out.info.solver.num_matvecs))
+        out = kkt_direction(problem, point.theta, point.phi, batches.upper, batches.lower, self.solver,
+                            point.rule_state.solver, None, self.tol, self.multiplier_solver, self.nan_if_degenerate)
         return Evaluation(Joint(out.g), KKTState(out.state), out.info.residual_norm, out.info.status)
 
     def directions(self, estimate):
@@ -152,17 +149,14 @@ class AmortizedKKT(Amortized):
         return AmortizedState(z, init_rule(self.v_rule, z))
 
     def evaluate(self, problem, point, batches, key, mode):
-        with oracles.uncounted():   # as in `KKT.evaluate`: the count below
-            system = kkt_system(problem, point.theta, point.phi, batches.upper, batches.lower, None, self.tol,
-                                self.multiplier_solver)
-            grad_phi = oracles.lower_grad_phi(problem, point.theta, point.phi, batches.lower)
-        oracles.record(OracleCounts.of(lower_grads=2, upper_grads=1, hvps=2, cross=1))
+        system = kkt_system(problem, point.theta, point.phi, batches.upper, batches.lower, None, self.tol,
+                            self.multiplier_solver)
         z = point.rule_state.v
         kz, cross = system.operator(z)
         residual = otu.tree_sub(kz, system.rhs)
         d_z = system.matvec(residual)
         cross = keep_or_fail(cross, system.status, self.nan_if_degenerate)
-        terms = Separable(UpperTerms(system.g_theta, otu.tree_zeros_like(z)), LowerTerms(grad_phi, d_z, cross))
+        terms = Separable(UpperTerms(system.g_theta, otu.tree_zeros_like(z)), LowerTerms(system.grad_lower, d_z, cross))
         return Evaluation(terms, point.rule_state, otu.tree_norm(residual), system.status)
 
 

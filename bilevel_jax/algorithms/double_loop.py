@@ -21,7 +21,10 @@ from bilevel_jax.schedules import inverse_power
 
 
 def _double_loop(preset, problem, direction, upper_lr, lower_lr, upper_opt, lower_opt, lower_steps, batch_size,
-                 upper_decay=0.0, lower_decay=0.0, lower_transform=None, lower_set=None, **kw) -> BilevelLoop:
+                 upper_decay=0.0, lower_decay=0.0, lower_transform=None, lower_set=None, *,
+                 options: dict) -> BilevelLoop:
+    """The double-loop presets' loop; `options` is the preset's `**kw`, the loop options only
+    (`loop_options`, checked under the preset's name: nothing reaches this helper's parameters)."""
     with named(preset):
         steps = lower_steps_at_least_one(lower_steps)
         extra = {} if lower_transform is None else {"transform": lower_transform}
@@ -30,7 +33,7 @@ def _double_loop(preset, problem, direction, upper_lr, lower_lr, upper_opt, lowe
         return bilevel_loop(problem, direction=direction,
                             upper_opt=rule("upper_lr", upper_lr, upper_opt, upper_decay),
                             lower_opt=constrained_lower(problem, direction, lower, lower_set),
-                            lower_steps=steps, batch_size=batch_size, name=preset, **loop_options(kw))
+                            lower_steps=steps, batch_size=batch_size, name=preset, **loop_options(options))
 
 
 def alternating(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, lower_steps: int = 1,
@@ -40,7 +43,7 @@ def alternating(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_op
     Converges to a stationary point of f_upper(., phi*(.)) only when the implicit term vanishes.
     Sampling: any; full batch by default."""
     return _double_loop("alternating", problem, directions.partial, upper_lr, lower_lr, upper_opt, lower_opt,
-                        lower_steps, batch_size, **kw)
+                        lower_steps, batch_size, options=kw)
 
 
 def ba(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, lower_steps: int = 10,
@@ -51,7 +54,7 @@ def ba(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, l
     with the exact Hessian inverse (`dense()` solver) and a fixed T = `lower_steps`.
     Sampling: full batch (the paper's deterministic BA)."""
     return _double_loop("ba", problem, lambda: directions.implicit(linear_solver or dense()), upper_lr, lower_lr,
-                        upper_opt, lower_opt, lower_steps, batch_size, **kw)
+                        upper_opt, lower_opt, lower_steps, batch_size, options=kw)
 
 
 def bsa(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, lower_steps: int = 10,
@@ -76,7 +79,7 @@ def bsa(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, 
             check_step_size("lower_lr", lower_lr)
             lower_lr = inverse_power(lower_lr, lower_decay, cycle=lower_steps_at_least_one(lower_steps))
     return _double_loop("bsa", problem, lambda: directions.implicit(solver), upper_lr, lower_lr, upper_opt,
-                        lower_opt, lower_steps, batch_size, upper_decay, lower_decay, **kw)
+                        lower_opt, lower_steps, batch_size, upper_decay, lower_decay, options=kw)
 
 
 def aid_bio(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, lower_steps: int = 10,
@@ -90,12 +93,13 @@ def aid_bio(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=No
     `lower_set` (default: the `bj.constraints` set the problem was built from) and the KKT adjoint
     by N warm-started MINRES steps (`bj.algorithms.constrained`)."""
     return _double_loop("aid_bio", problem, lambda: implicit_or_kkt(problem, linear_solver, warm_start, lambda: cg(10)),
-                        upper_lr, lower_lr, upper_opt, lower_opt, lower_steps, batch_size, lower_set=lower_set, **kw)
+                        upper_lr, lower_lr, upper_opt, lower_opt, lower_steps, batch_size, lower_set=lower_set,
+                        options=kw)
 
 
 def stocbio(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, lower_steps: int = 10,
             neumann_steps: int = 10, neumann_eta=None, shared_batch: bool = False, batch_size=64,
-            **kw) -> BilevelLoop:
+            upper_decay: float = 0.0, lower_decay: float = 0.0, **kw) -> BilevelLoop:
     """StocBiO (Ji, Yang, Liang 2021, arXiv:2010.07962): D SGD steps, then
         v = eta sum_{q<N} prod_{j<=q} (I - eta A_{xi_j}) grad_phi f_u,   theta <- theta - alpha (grad_theta f_u - J v)
     with N = `neumann_steps` terms (the paper's Q = N - 1) and, as in the paper, an independent LL
@@ -103,11 +107,14 @@ def stocbio(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=No
     `shared_batch=True` evaluates every factor on the step's one LL batch (`neumann`: N HVPs, the
     last for the residual), which is biased with minibatches; with full batches both are the same
     series. All N terms are summed (the authors' code drops the q=0 term and scales only the last
-    by eta; not copied). Sampling: i.i.d. minibatches (the paper's)."""
+    by eta; not copied). Steps alpha_k = upper_lr / (k+1)^`upper_decay`, beta_k = lower_lr /
+    (k+1)^`lower_decay` for the D steps of outer iteration k (default 0: the paper's constant
+    steps; the Neumann eta stays `neumann_eta`, default lower_lr). Sampling: i.i.d. minibatches (the
+    paper's)."""
     with named("stocbio"):
         solver = neumann_series(neumann_steps, solver_eta(lower_lr, neumann_eta, lower_opt), batch_size, shared_batch)
     return _double_loop("stocbio", problem, lambda: directions.implicit(solver), upper_lr, lower_lr, upper_opt,
-                        lower_opt, lower_steps, batch_size, **kw)
+                        lower_opt, lower_steps, batch_size, upper_decay, lower_decay, options=kw)
 
 
 def amigo(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, lower_steps: int = 10,
@@ -125,7 +132,7 @@ def amigo(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None
         direction = implicit_or_kkt(problem, linear_solver, warm_start,
                                     lambda: gd(10, solver_eta(lower_lr, None, lower_opt)))
     return _double_loop("amigo", problem, lambda: direction, upper_lr, lower_lr,
-                        upper_opt, lower_opt, lower_steps, batch_size, lower_set=lower_set, **kw)
+                        upper_opt, lower_opt, lower_steps, batch_size, lower_set=lower_set, options=kw)
 
 
 def signsgd_ul(problem, *, upper_lr=0.1, lower_lr=0.01, upper_opt=None, lower_steps: int = 10, batch_size=None,
@@ -135,7 +142,7 @@ def signsgd_ul(problem, *, upper_lr=0.1, lower_lr=0.01, upper_opt=None, lower_st
     step uses the partial gradient only: theta <- theta - alpha grad_theta f_upper(theta_k, phi_{k+1}).
     Sampling: full batch by default; the paper draws i.i.d. task minibatches (`sampler="iid"`)."""
     return _double_loop("signsgd_ul", problem, directions.partial, upper_lr, lower_lr, upper_opt, None,
-                        lower_steps, batch_size, lower_transform=optax.sign_sgd, **kw)
+                        lower_steps, batch_size, lower_transform=optax.sign_sgd, options=kw)
 
 
 __all__ = ["alternating", "ba", "bsa", "aid_bio", "stocbio", "amigo", "signsgd_ul"]

@@ -22,7 +22,7 @@ import optax.tree_utils as otu
 from bilevel_jax import oracles
 from bilevel_jax import status as st
 from bilevel_jax._checks import as_array, check_step_size
-from bilevel_jax.algorithms._common import named, rule
+from bilevel_jax.algorithms._common import loop_options, named, rule
 from bilevel_jax.algorithms.directions import Amortized, Evaluation, LowerTerms, Separable, UpperTerms
 from bilevel_jax.algorithms.loop import BilevelLoop, bilevel_loop
 
@@ -55,7 +55,7 @@ def hjfbio(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lo
                   else rule("v_lr", lower_lr if v_lr is None else v_lr, v_opt, lower_decay))
         return bilevel_loop(problem, direction=FiniteDifference(v_rule, as_array(delta)),
                             upper_opt=rule("upper_lr", upper_lr, upper_opt, upper_decay), lower_opt=lower,
-                            batch_size=batch_size, name="hjfbio", **kw)
+                            batch_size=batch_size, name="hjfbio", **loop_options(kw))
 
 
 __all__ = ["FiniteDifference", "hjfbio"]

@@ -31,7 +31,7 @@ import numpy as np
 
 from bilevel_jax._checks import check_positive_int, check_step_size
 from bilevel_jax.algorithms import directions
-from bilevel_jax.algorithms._common import lower_steps_at_least_one, named, rule
+from bilevel_jax.algorithms._common import loop_options, lower_steps_at_least_one, named, rule
 from bilevel_jax.algorithms.loop import BilevelLoop, bilevel_loop
 from bilevel_jax.linear_solvers import LinearSolver, lanczos, subspace
 
@@ -82,13 +82,13 @@ class EpochHold(directions.DirectionRule):
 
 
 def _krylov_loop(preset: str, problem, solver: LinearSolver, upper_lr, lower_lr, upper_opt, lower_opt,
-                 lower_steps, batch_size, m0: int = 0, **kw) -> BilevelLoop:
+                 lower_steps, batch_size, m0: int = 0, *, options: dict) -> BilevelLoop:
     steps = lower_steps_at_least_one(lower_steps)
     implicit = directions.implicit(solver)
     return bilevel_loop(problem, direction=EpochHold(implicit, m0) if m0 else implicit,
                         upper_opt=rule("upper_lr", upper_lr, upper_opt),
                         lower_opt=rule("lower_lr", lower_lr, lower_opt),
-                        lower_steps=steps, batch_size=batch_size, name=preset, **kw)
+                        lower_steps=steps, batch_size=batch_size, name=preset, **loop_options(options))
 
 
 def lancbio(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, lower_steps: int = 5,
@@ -117,7 +117,7 @@ def lancbio(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=No
     ||A v - b|| in `step_info.residual_norm` at one more (uncounted) HVP; by default the Lanczos
     estimate (see `bj.linear_solvers.lanczos`). A Lanczos breakdown (non-positive pivot of T:
     the LL Hessian is not positive definite, or drifts too fast) gives NaN and BREAKDOWN.
-    Other arguments as in `bilevel_loop` (`upper_opt`/`lower_opt` take whole optax rules).
+    `upper_opt`/`lower_opt` take whole optax rules; `**kw`: the loop options (`LOOP_OPTIONS`).
     Sampling: full batch (the paper's deterministic analysis; `batch_size=None`); minibatches are an
     extension."""
     with named("lancbio"):
@@ -128,7 +128,7 @@ def lancbio(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=No
             raise ValueError(f"m0={m0} must be below the starting dimension m_start={m_start}: the first epochs "
                              "have m_start steps and theta would not move in them.")
         return _krylov_loop("lancbio", problem, solver, upper_lr, lower_lr, upper_opt, lower_opt, lower_steps,
-                            batch_size, m0=m0, **kw)
+                            batch_size, m0=m0, options=kw)
 
 
 def subbio(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, lower_steps: int = 5,
@@ -139,13 +139,13 @@ def subbio(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=Non
     default `lower_lr`, the paper's theta), then theta <- theta - lambda (grad_theta f_upper - J v_k).
     Cost per step: T LL gradients, 3 HVPs, 1 J v, 1 UL gradient. (The authors' synthetic-problem
     code evaluates A_k (I - eta A_k) at the wrong point, v in place of phi; here A_k is the Hessian at
-    (theta_k, phi_{k+1}) throughout.) Other arguments as in `bilevel_loop`.
+    (theta_k, phi_{k+1}) throughout.) `**kw`: the loop options (`LOOP_OPTIONS`).
     Sampling: full batch (the paper's deterministic analysis; `batch_size=None`); minibatches are an
     extension."""
     with named("subbio"):
         solver = subspace(_eta(lower_lr, subspace_eta, lower_opt))
         return _krylov_loop("subbio", problem, solver, upper_lr, lower_lr, upper_opt, lower_opt, lower_steps,
-                            batch_size, **kw)
+                            batch_size, options=kw)
 
 
 __all__ = ["EpochHold", "lancbio", "subbio"]

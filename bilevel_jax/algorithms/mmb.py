@@ -18,7 +18,7 @@ and, for every i in I_t, at the iterate t (theta_t, y_i^t, phi_i^t, v_i^t):
 (blocks outside I_t keep their y_i, phi_i, v_i), then
 
     G_t       = (1/B) sum_{i in I_t} g_i                     (unbiased for the full-block average)
-    m_t       = (1 - b) m_{t-1} + b G_t,  m_0 = 0             (moving average, weight b = `momentum`)
+    m_t       = a m_{t-1} + (1 - a) G_t,  m_0 = 0             (moving average, a = `upper_momentum`)
     theta    <- P_Theta(theta_t - alpha m_t).
 
 Sign convention of bilevel_jax: v ~ +A^{-1} grad_phi f. Each block is a bilevel pair in the joint
@@ -95,7 +95,7 @@ def _put(old, new, idx):
 class MMB(TaskComposed):   # problem (a MinMaxBilevelProblem), upper, lower, samplers; check, name
     dual: StepRule
     solver: LinearSolver
-    momentum: Any             # b in (0, 1], the moving-average weight (1: no averaging)
+    upper_momentum: Any       # a in [0, 1), the moving average's weight on m_{t-1} (0: none)
     blocks: int = eqx.field(static=True, default=1)
     mode: str = eqx.field(static=True, default="rev")
     name: str = eqx.field(static=True, default="mmb", kw_only=True)
@@ -141,7 +141,8 @@ class MMB(TaskComposed):   # problem (a MinMaxBilevelProblem), upper, lower, sam
                 out, y, dual_state, dual_status = _take(blocks.map_tasks(one, *args), idx)
 
         direction = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), out.g)
-        mom = otu.tree_add_scale(otu.tree_scale(1.0 - self.momentum, state.momentum), self.momentum, direction)
+        mom = otu.tree_add_scale(otu.tree_scale(self.upper_momentum, state.momentum), 1.0 - self.upper_momentum,
+                                 direction)
         theta, upper_state, up_status = apply_step(self.upper, theta, state.upper_opt_state, mom, k, p.project)
         y, phi = _put(state.y, y, idx), _put(state.phi, out.phi, idx)
         dual_state = _put(state.dual_opt_state, dual_state, idx)
@@ -155,7 +156,7 @@ class MMB(TaskComposed):   # problem (a MinMaxBilevelProblem), upper, lower, sam
 
 
 def mmb(problem: MinMaxBilevelProblem, *, upper_lr=0.01, lower_lr=0.1, dual_lr=0.1, upper_opt=None, lower_opt=None,
-        dual_opt=None, momentum=0.5, blocks: Optional[int] = None, linear_solver: Optional[LinearSolver] = None,
+        dual_opt=None, upper_momentum=0.5, blocks: Optional[int] = None, linear_solver: Optional[LinearSolver] = None,
         v_lr=None, batch_size: BatchSize = None, sampler: str = "iid", mode: str = "rev",
         check: bool = False) -> MMB:
     """MMB (see the module docstring for the update, the paper and what was verified).
@@ -165,7 +166,9 @@ def mmb(problem: MinMaxBilevelProblem, *, upper_lr=0.01, lower_lr=0.1, dual_lr=0
       upper_lr (alpha), lower_lr (beta), dual_lr (gamma, the ascent step of every y_i): floats,
         arrays or schedules, or whole optax rules `upper_opt`, `lower_opt`, `dual_opt` (one LL and
         one dual optimiser state per block).
-      momentum: b in (0, 1], the weight of the new direction in the moving average (1: none).
+      upper_momentum: a in [0, 1), the moving average's weight on the previous average m_{t-1} (the
+        vocabulary's momentum, the weight on the previous estimate; 0: none). Before 0.2.0 `momentum`
+        was the weight of the new direction, 1 - a (converted, with a FutureWarning).
       blocks: B, the blocks sampled per iteration (default all m).
       linear_solver: the per-block solve (default `gd(1, v_lr, warm_start=True)`, the paper's SGD
         variant; `v_lr` defaults to `lower_lr`).
@@ -178,7 +181,7 @@ def mmb(problem: MinMaxBilevelProblem, *, upper_lr=0.01, lower_lr=0.1, dual_lr=0
         if not isinstance(problem, MinMaxBilevelProblem):
             raise TypeError(f"problem must be a bj.MinMaxBilevelProblem (m blocks f_i(theta, y_i, phi_i), "
                             f"g_i(theta, phi_i)), got {type(problem).__name__}.")
-        check_in_range("momentum", momentum, 0.0, 1.0, closed_low=False)
+        check_in_range("upper_momentum", upper_momentum, 0.0, 1.0, closed_high=False)
         m = problem.num_blocks
         blocks = m if blocks is None else check_positive_int("blocks", blocks)
         if blocks > m:
@@ -193,7 +196,7 @@ def mmb(problem: MinMaxBilevelProblem, *, upper_lr=0.01, lower_lr=0.1, dual_lr=0
             linear_solver = gd(1, eta_v, warm_start=True)
         return MMB(problem, rule("upper_lr", upper_lr, upper_opt), rule("lower_lr", lower_lr, lower_opt),
                    make_samplers(batch_size, sampler), rule("dual_lr", dual_lr, dual_opt),
-                   check_linear_solver(linear_solver), as_array(momentum), blocks, mode, check=check)
+                   check_linear_solver(linear_solver), as_array(upper_momentum), blocks, mode, check=check)
 
 
 MIN_MAX = {"mmb": mmb}

@@ -24,12 +24,12 @@ from bilevel_jax.schedules import OneMinus, inverse_power
 
 
 def _storm_loop(preset, problem, solver, upper_lr, lower_lr, upper_opt, lower_opt, estimator, batch_size,
-                decay, **kw) -> BilevelLoop:
+                decay, *, options: dict) -> BilevelLoop:
     with named(preset):
         return bilevel_loop(problem, direction=directions.implicit(solver, simultaneous=True),
                             upper_opt=rule("upper_lr", upper_lr, upper_opt, decay),
                             lower_opt=rule("lower_lr", lower_lr, lower_opt, decay),
-                            estimator=estimator, batch_size=batch_size, name=preset, **loop_options(kw))
+                            estimator=estimator, batch_size=batch_size, name=preset, **loop_options(options))
 
 
 def momentum(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, upper_momentum=0.5,
@@ -46,7 +46,7 @@ def momentum(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=N
         check_in_range("lower_momentum", lower_momentum, 0.0, 1.0)
     estimator = estimators.storm(directions.Joint(hypergrad=upper_momentum, grad_phi=lower_momentum))
     return _storm_loop("momentum", problem, linear_solver or cg(10), upper_lr, lower_lr, upper_opt, lower_opt,
-                       estimator, batch_size, 0.0, **kw)
+                       estimator, batch_size, 0.0, options=kw)
 
 
 def _storm_weight(momentum, exponent):
@@ -68,7 +68,7 @@ def mrbo(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None,
         solver = neumann_series(neumann_steps, solver_eta(lower_lr, neumann_eta, lower_opt), batch_size, shared_batch)
         estimator = estimators.storm(_storm_weight(momentum, 2.0 / 3.0))
     return _storm_loop("mrbo", problem, solver, upper_lr, lower_lr, upper_opt, lower_opt, estimator, batch_size,
-                       1.0 / 3.0, **kw)
+                       1.0 / 3.0, options=kw)
 
 
 def sustain(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, neumann_steps: int = 10,
@@ -80,7 +80,7 @@ def sustain(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=No
         # joint: the HIA factors' minibatches are drawn once for the current and the previous point
         estimator = estimators.storm(_storm_weight(momentum, 2.0 / 3.0), joint=True)
     return _storm_loop("sustain", problem, solver, upper_lr, lower_lr, upper_opt, lower_opt, estimator, batch_size,
-                       1.0 / 3.0, **kw)
+                       1.0 / 3.0, options=kw)
 
 
 def vrbo_single_loop(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, neumann_steps: int = 10,
@@ -97,7 +97,7 @@ def vrbo_single_loop(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, low
         solver = neumann_series(neumann_steps, solver_eta(lower_lr, neumann_eta, lower_opt), batch_size, shared_batch)
         estimator = estimators.sarah(period)
     return _storm_loop("vrbo_single_loop", problem, solver, upper_lr, lower_lr, upper_opt, lower_opt, estimator,
-                       batch_size, 0.0, **kw)
+                       batch_size, 0.0, options=kw)
 
 
 def vrbo(problem, *, upper_lr=0.1, lower_lr=0.1, upper_opt=None, lower_opt=None, lower_steps: int = 10,

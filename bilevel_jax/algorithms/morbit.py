@@ -23,6 +23,8 @@ notes, in this order):
 
 P_{Delta_n, delta} is the Euclidean projection onto {lambda : sum lambda = 1, lambda_i >= delta/n}
 (`optax.projections.projection_simplex` of lambda - delta/n onto mass 1 - delta, shifted back).
+The keywords: alpha `upper_lr`, beta `lower_lr`, gamma `dual_lr` (lambda is the dual, max variable),
+mu `dual_reg`, delta `dual_floor`.
 The paper's theorem takes alpha, gamma ~ K^{-3/5}, beta ~ K^{-2/5} for K iterations
 (`horizon=K`), the rate O(sqrt(n) K^{-2/5}).
 
@@ -205,15 +207,15 @@ class Morbit(TaskComposed):   # problem (a MultiObjectiveProblem), upper, lower,
         return MorbitState(head, lam, lam_state, out.solver), info
 
 
-def _horizon_steps(horizon, upper_lr, lower_lr, lam_lr):
+def _horizon_steps(horizon, upper_lr, lower_lr, dual_lr):
     """The constant steps of MORBiT's theorem for K = horizon iterations: alpha = upper_lr K^{-3/5},
-    beta = lower_lr K^{-2/5}, gamma = lam_lr K^{-3/5}."""
+    beta = lower_lr K^{-2/5}, gamma = dual_lr K^{-3/5}."""
     check_positive_int("horizon", horizon)
-    for name, value in (("upper_lr", upper_lr), ("lower_lr", lower_lr), ("lam_lr", lam_lr)):
+    for name, value in (("upper_lr", upper_lr), ("lower_lr", lower_lr), ("dual_lr", dual_lr)):
         if callable(value):
             raise ValueError(f"horizon= sets constant steps from {name}: pass a number, not a schedule.")
         check_step_size(name, value)
-    return upper_lr * horizon ** -0.6, lower_lr * horizon ** -0.4, lam_lr * horizon ** -0.6
+    return upper_lr * horizon ** -0.6, lower_lr * horizon ** -0.4, dual_lr * horizon ** -0.6
 
 
 def _check_simplex_point(name: str, weights, n: int) -> jax.Array:
@@ -238,14 +240,14 @@ def _check_simplex_point(name: str, weights, n: int) -> jax.Array:
     return jnp.asarray(weights, dtype=jnp.result_type(float))
 
 
-def _fixed_weights(n: int, uniform: bool, fixed_weights, lam_opt, mu_lambda, delta) -> Optional[jax.Array]:
+def _fixed_weights(n: int, uniform: bool, fixed_weights, dual_opt, dual_reg, dual_floor) -> Optional[jax.Array]:
     """The fixed lambda (uniform=True: 1/n; `fixed_weights` checked), or None (lambda ascent)."""
     if fixed_weights is None:
         return jnp.full((n,), 1.0 / n, dtype=jnp.result_type(float)) if uniform else None
     if uniform:
         raise ValueError("give uniform=True (lambda = 1/n) or fixed_weights=, not both.")
-    moved = ["lam_opt"] if lam_opt is not None else []
-    moved += [name for name, value in (("mu_lambda", mu_lambda), ("delta", delta))
+    moved = ["dual_opt"] if dual_opt is not None else []
+    moved += [name for name, value in (("dual_reg", dual_reg), ("dual_floor", dual_floor))
               if isinstance(value, jax.core.Tracer) or np.any(np.asarray(value) != 0)]
     if moved:
         raise ValueError(f"fixed_weights keeps lambda fixed, so the lambda ascent's {', '.join(moved)} would be "
@@ -267,45 +269,45 @@ def check_linear_solver(linear_solver, default: Optional[LinearSolver] = None) -
     return solver
 
 
-def morbit(problem: MultiObjectiveProblem, *, upper_lr=0.01, lower_lr=0.1, lam_lr=0.01, upper_opt=None,
-           lower_opt=None, lam_opt=None, mu_lambda=0.0, delta=0.0, lower_steps: int = 1,
+def morbit(problem: MultiObjectiveProblem, *, upper_lr=0.01, lower_lr=0.1, dual_lr=0.01, upper_opt=None,
+           lower_opt=None, dual_opt=None, dual_reg=0.0, dual_floor=0.0, lower_steps: int = 1,
            linear_solver: Optional[LinearSolver] = None, horizon: Optional[int] = None, uniform: bool = False,
            fixed_weights=None, batch_size: BatchSize = None, sampler: str = "iid", mode: str = "rev", check: bool = False) -> Morbit:
     """MORBiT (see the module docstring for the update and the paper).
 
     Args:
       problem: a `bj.MultiObjectiveProblem`.
-      upper_lr, lower_lr, lam_lr: alpha, beta, gamma (floats, arrays or schedules), or whole optax
-        rules `upper_opt`, `lower_opt` (one LL optimiser state per task), `lam_opt`.
-      mu_lambda: the regulariser (mu/2) ||lambda - 1/n||^2 of the lambda ascent (>= 0).
-      delta: the floor lambda_i >= delta / n (in [0, 1)).
+      upper_lr, lower_lr, dual_lr: alpha, beta, gamma (floats, arrays or schedules), or whole optax
+        rules `upper_opt`, `lower_opt` (one LL optimiser state per task), `dual_opt`.
+      dual_reg: the regulariser (mu/2) ||lambda - 1/n||^2 of the lambda ascent (>= 0).
+      dual_floor: the floor lambda_i >= dual_floor / n (in [0, 1)).
       lower_steps: LL steps per task and outer iteration (1 in Algorithm 2; the paper's sinusoid
         experiment uses 2).
       linear_solver: the per-task solve of eq. 38 (default cg(10), warm-started per task).
       horizon: K; sets the theorem's constant steps alpha = upper_lr K^-3/5, beta = lower_lr K^-2/5,
-        gamma = lam_lr K^-3/5.
+        gamma = dual_lr K^-3/5.
       uniform: keep lambda = 1/n (the average-objective multi-task baseline).
       fixed_weights: a user-chosen lambda (n nonnegative weights summing to 1), kept fixed: the
         scalarised problem min_theta sum_i lambda_i F_i(theta) (the module docstring). The lambda
-        ascent's own arguments (lam_opt, mu_lambda, delta) are then refused; lam_lr is unused.
+        ascent's own arguments (dual_opt, dual_reg, dual_floor) are then refused; dual_lr is unused.
       batch_size, sampler: per-task minibatches (each task's data has its own sample axis); the
         paper's analysis draws them i.i.d. (`sampler="iid"`, the default).
       mode, check: as in every preset.
     """
     with named("morbit"):
         _check_problem(problem)
-        check_in_range("mu_lambda", mu_lambda, 0.0, float("inf"))
-        check_in_range("delta", delta, 0.0, 1.0, closed_high=False)
+        check_in_range("dual_reg", dual_reg, 0.0, float("inf"))
+        check_in_range("dual_floor", dual_floor, 0.0, 1.0, closed_high=False)
         check_positive_int("lower_steps", lower_steps)
         check_bool("uniform", uniform)
-        weights = _fixed_weights(problem.num_tasks, uniform, fixed_weights, lam_opt, mu_lambda, delta)
+        weights = _fixed_weights(problem.num_tasks, uniform, fixed_weights, dual_opt, dual_reg, dual_floor)
         oracles.check_mode(mode)
         if horizon is not None:
-            upper_lr, lower_lr, lam_lr = _horizon_steps(horizon, upper_lr, lower_lr, lam_lr)
+            upper_lr, lower_lr, dual_lr = _horizon_steps(horizon, upper_lr, lower_lr, dual_lr)
         solver = check_linear_solver(linear_solver, cg(10, warm_start=True))
         return Morbit(problem, rule("upper_lr", upper_lr, upper_opt), rule("lower_lr", lower_lr, lower_opt),
-                      make_samplers(batch_size, sampler), rule("lam_lr", lam_lr, lam_opt), solver,
-                      as_array(mu_lambda), as_array(delta), lower_steps, weights, mode, check=check,
+                      make_samplers(batch_size, sampler), rule("dual_lr", dual_lr, dual_opt), solver,
+                      as_array(dual_reg), as_array(dual_floor), lower_steps, weights, mode, check=check,
                       name="morbit_uniform" if uniform else "morbit" if weights is None else "morbit_fixed")
 
 

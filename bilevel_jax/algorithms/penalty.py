@@ -40,7 +40,7 @@ import optax.tree_utils as otu
 
 from bilevel_jax import oracles
 from bilevel_jax._checks import as_array, check_in_range, check_positive_int, check_step_size
-from bilevel_jax.algorithms._common import named, rule
+from bilevel_jax.algorithms._common import loop_options, named, rule
 from bilevel_jax.algorithms.base import Header, State
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
 from bilevel_jax.algorithms.steps import Composed, apply_step, float_dtype
@@ -54,7 +54,7 @@ PyTree = Any
 
 def f2sa(problem: BilevelProblem, *, upper_lr=0.01, lower_lr=0.01, tracker_lr=None, upper_opt=None, lower_opt=None,
          tracker_opt=None, lower_steps: int = 10, penalty=1.0, penalty_rate=0.1, penalty_power=1.0,
-         penalty_max=float("inf"), upper_decay=0.0, lower_decay=0.0, tracker_decay=0.0,
+         penalty_max=float("inf"), upper_decay=0.0, lower_decay=0.0, tracker_decay=0.0, lower_set=None,
          batch_size: BatchSize = 64, **kw) -> ValueFunction:
     """F2SA (module docstring) with T = `lower_steps` inner steps of both y (step alpha = `lower_lr`)
     and the tracker z (gamma = `tracker_lr`, default alpha), x step xi alpha = `upper_lr`, and
@@ -75,8 +75,8 @@ def f2sa(problem: BilevelProblem, *, upper_lr=0.01, lower_lr=0.01, tracker_lr=No
                               upper_opt=rule("upper_lr", upper_lr, upper_opt, upper_decay),
                               lower_opt=rule("lower_lr", lower_lr, lower_opt, lower_decay, every=lower_steps),
                               tracker_opt=rule("tracker_lr", tracker, tracker_opt, tracker_decay, every=lower_steps),
-                              tracker_steps=lower_steps, phi_steps=lower_steps, batch_size=batch_size, name="f2sa",
-                              **kw)
+                              tracker_steps=lower_steps, phi_steps=lower_steps, lower_set=lower_set,
+                              batch_size=batch_size, name="f2sa", **loop_options(kw))
 
 
 class BarrierWeight(eqx.Module):

@@ -65,9 +65,9 @@ def alset(problem, *, upper_lr=0.05, lower_lr=0.1, upper_opt=None, lower_opt=Non
 
 def _amortized(preset, problem, upper_lr, lower_lr, v_lr, upper_opt, lower_opt, v_opt, batch_size,
                upper_decay=0.0, lower_decay=0.0, estimator=None, direction=directions.amortized, lower_set=None,
-               **kw) -> BilevelLoop:
+               *, options: dict) -> BilevelLoop:
     """SOBA's directions with step rules for theta, phi and v (v_lr defaults to lower_lr);
-    `direction(v_rule)` builds the rule."""
+    `direction(v_rule)` builds the rule; `options` is the preset's `**kw` (the loop options only)."""
     with named(preset):
         lower = rule("lower_lr", lower_lr, lower_opt, lower_decay)
         v_rule = (lower if (v_lr is None and v_opt is None)
@@ -76,7 +76,7 @@ def _amortized(preset, problem, upper_lr, lower_lr, v_lr, upper_opt, lower_opt, 
         return bilevel_loop(problem, direction=direction,
                             upper_opt=rule("upper_lr", upper_lr, upper_opt, upper_decay),
                             lower_opt=constrained_lower(problem, direction, lower, lower_set),
-                            estimator=estimator, batch_size=batch_size, name=preset, **loop_options(kw))
+                            estimator=estimator, batch_size=batch_size, name=preset, **loop_options(options))
 
 
 def soba(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lower_opt=None, v_opt=None,
@@ -97,7 +97,7 @@ def soba(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lowe
     onto `lower_set` (default: the `bj.constraints` set the problem was built from)."""
     return _amortized("soba", problem, upper_lr, lower_lr, v_lr, upper_opt, lower_opt, v_opt, batch_size,
                       upper_decay, lower_decay, direction=lambda v_rule: amortized_or_kkt(problem, v_rule),
-                      lower_set=lower_set, **kw)
+                      lower_set=lower_set, options=kw)
 
 
 def saba(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lower_opt=None, v_opt=None,
@@ -115,7 +115,7 @@ def saba(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lowe
     with named("saba"):
         estimator = estimators.saga(saga_init)
     return _amortized("saba", problem, upper_lr, lower_lr, v_lr, upper_opt, lower_opt, v_opt, batch_size,
-                      estimator=estimator, **kw)
+                      estimator=estimator, options=kw)
 
 
 def srba(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lower_opt=None, v_opt=None,
@@ -128,7 +128,7 @@ def srba(problem, *, upper_lr=0.1, lower_lr=0.1, v_lr=None, upper_opt=None, lowe
     with named("srba"):
         estimator = estimators.sarah(period)
     return _amortized("srba", problem, upper_lr, lower_lr, v_lr, upper_opt, lower_opt, v_opt, batch_size,
-                      estimator=estimator, **kw)
+                      estimator=estimator, options=kw)
 
 
 __all__ = ["alset", "saba", "soba", "srba", "ttsa"]

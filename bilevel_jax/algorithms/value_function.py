@@ -70,7 +70,7 @@ import optax.tree_utils as otu
 
 from bilevel_jax import oracles, sampling
 from bilevel_jax._checks import as_array, check_in_range, check_positive_int, check_step_size
-from bilevel_jax.algorithms._common import named, rule
+from bilevel_jax.algorithms._common import loop_options, named, rule
 from bilevel_jax.algorithms.base import Header, State
 from bilevel_jax.algorithms.constrained import lower_projection, project_rule
 from bilevel_jax.algorithms.loop import BatchSize, make_samplers
@@ -382,7 +382,7 @@ def value_function(problem: BilevelProblem, *, multiplier: Multiplier, upper_lr=
 
 def bome(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, tracker_lr=0.1, upper_opt=None, lower_opt=None,
          tracker_opt=None, tracker_steps: int = 10, control_rate=0.5, control: str = "gradient",
-         batch_size: BatchSize = None, **kw) -> ValueFunction:
+         lower_set=None, batch_size: BatchSize = None, **kw) -> ValueFunction:
     """BOME (Liu, Ye, Wright, Stone, Liu, "BOME! Bilevel Optimization Made Easy: A Simple First-Order
     Approach", NeurIPS 2022, arXiv:2209.08709):
 
@@ -420,12 +420,13 @@ def bome(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, tracker_lr=0.1
         return value_function(problem, multiplier=Barrier(control == "value", as_array(control_rate), control),
                               upper_lr=upper_lr, lower_lr=lower_lr, tracker_lr=tracker_lr, upper_opt=upper_opt,
                               lower_opt=lower_opt, tracker_opt=tracker_opt, tracker_steps=tracker_steps,
-                              restart_tracker=True, batch_size=batch_size, name="bome", **kw)
+                              restart_tracker=True, lower_set=lower_set, batch_size=batch_size, name="bome",
+                              **loop_options(kw))
 
 
 def pdbo(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, tracker_lr=None, dual_lr=1.0, dual_start=0.0,
          dual_max=1e3, dual_reg=0.0, upper_opt=None, lower_opt=None, tracker_opt=None, tracker_steps: int = 10,
-         smoothing=None, batch_size: BatchSize = None, **kw) -> ValueFunction:
+         smoothing=None, lower_set=None, batch_size: BatchSize = None, **kw) -> ValueFunction:
     """PDBO (Sow, Ji, Guan, Liang, "A Primal-Dual Approach to Bilevel Optimization with Multiple
     Inner Minima", 2022, arXiv:2203.01123), the primal-dual form (29) of the value-function problem:
 
@@ -449,14 +450,14 @@ def pdbo(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, tracker_lr=None
         mult = DualAscent(True, as_array(dual_lr), as_array(dual_start), as_array(dual_max), as_array(dual_reg))
         return value_function(problem, multiplier=mult, upper_lr=upper_lr, lower_lr=lower_lr, tracker_lr=tracker_lr,
                               upper_opt=upper_opt, lower_opt=lower_opt, tracker_opt=tracker_opt,
-                              tracker_steps=tracker_steps, smoothing=smoothing, batch_size=batch_size, name="pdbo",
-                              **kw)
+                              tracker_steps=tracker_steps, smoothing=smoothing, lower_set=lower_set,
+                              batch_size=batch_size, name="pdbo", **loop_options(kw))
 
 
 def vf_penalty(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, tracker_lr=None, penalty=10.0,
                penalty_rate=0.0, penalty_max=float("inf"), upper_opt=None, lower_opt=None, tracker_opt=None,
-               tracker_steps: int = 10, smoothing=(0.0, 0.0), hinge: bool = True, batch_size: BatchSize = None,
-               **kw) -> ValueFunction:
+               tracker_steps: int = 10, smoothing=(0.0, 0.0), hinge: bool = True, lower_set=None,
+               batch_size: BatchSize = None, **kw) -> ValueFunction:
     """The penalty form (28) of the value-function problem (25)-(27) (Sow et al. 2022,
     arXiv:2203.01123; the single-level value-function reformulation):
 
@@ -473,8 +474,8 @@ def vf_penalty(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=0.1, tracker_l
         mult = PenaltySchedule(hinge, penalty_ramp(penalty, penalty_rate, 1.0, penalty_max), hinge)
         return value_function(problem, multiplier=mult, upper_lr=upper_lr, lower_lr=lower_lr, tracker_lr=tracker_lr,
                               upper_opt=upper_opt, lower_opt=lower_opt, tracker_opt=tracker_opt,
-                              tracker_steps=tracker_steps, smoothing=smoothing, batch_size=batch_size,
-                              name="vf_penalty", **kw)
+                              tracker_steps=tracker_steps, smoothing=smoothing, lower_set=lower_set,
+                              batch_size=batch_size, name="vf_penalty", **loop_options(kw))
 
 
 def smoothing_pg(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, tracker_lr=None, upper_opt=None,
@@ -531,7 +532,7 @@ def smoothing_pg(problem: BilevelProblem, *, upper_lr=0.1, lower_lr=None, tracke
         return value_function(problem, multiplier=control, upper_lr=upper_lr, lower_lr=lower_lr,
                               tracker_lr=tracker_lr, upper_opt=upper_opt, lower_opt=lower_opt, tracker_opt=tracker_opt,
                               tracker_steps=tracker_steps, scale_upper=True, smoothing=(0.0, 0.0), lower_set=lower_set,
-                              batch_size=batch_size, name="smoothing_pg", **kw)
+                              batch_size=batch_size, name="smoothing_pg", **loop_options(kw))
 
 
 __all__ = ["Barrier", "DualAscent", "Gap", "Multiplier", "PenaltyRamp", "PenaltySchedule", "ValueFunction",

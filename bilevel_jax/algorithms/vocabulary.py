@@ -1,23 +1,24 @@
 """One vocabulary of preset keyword names: `VOCABULARY` (name -> meaning), the README table
 "Hyperparameter names" lists the same names (a test checks both, and that every preset takes only
 these names), and `RENAMES`, the names of 0.1 that 0.2.0 renamed: `translate_renamed` (called where
-a preset is built, `parallel.preset_options`) still accepts an old name whose value converts on its
+a preset is built, `parallel.preset_options`, or `accepts_renamed` for morbit and mmb) still accepts an old name whose value converts on its
 own (the same value, or 1 - value for a momentum), with a FutureWarning naming the new one, and
 refuses the others (a TypeError naming the new name and how to convert).
 
 Conventions: `upper_*` is theta's, `lower_*` phi's, `v_*` the amortized adjoint's, `tracker_*` the
 value-function tracker's z ~ argmin_z f_lower(theta, z) (the inner problem's solver), `dual_*` a
-multiplier's; `<var>_lr` a step size (float, array or schedule), `<var>_opt` an optax rule in its
-place, `<var>_steps` a number of steps, `<var>_decay` always a float exponent p of
-`<var>_lr / (k + 1)^p`. A momentum is the weight a on the previous estimate (STORM's
-d_k = g_k + a (d_{k-1} - g_{k-1}); 0: no momentum; the papers' eta is often 1 - a). A penalty ramp is
-rho_k = min(`penalty` + `penalty_rate` k^`penalty_power`, `penalty_max`); a multiplicative one
-(smoothing_pg) has `penalty_factor` in place of the rate.
+multiplier's or another dual (max) variable's (MORBiT's task weights, MMB's y_i); `<var>_lr` a step
+size (float, array or schedule), `<var>_opt` an optax rule in its place, `<var>_steps` a number of
+steps, `<var>_decay` always a float exponent p of `<var>_lr / (k + 1)^p`. A momentum is the weight a
+on the previous estimate (STORM's d_k = g_k + a (d_{k-1} - g_{k-1}); 0: no momentum; the papers' eta
+is often 1 - a). A penalty ramp is rho_k = min(`penalty` + `penalty_rate` k^`penalty_power`,
+`penalty_max`); a multiplicative one (smoothing_pg) has `penalty_factor` in place of the rate.
 """
 from __future__ import annotations
 
+import functools
 import warnings
-from typing import Mapping
+from typing import Callable, Mapping
 
 VOCABULARY: Mapping[str, str] = {
     # step sizes and their rules
@@ -25,13 +26,14 @@ VOCABULARY: Mapping[str, str] = {
     "lower_lr": "phi's step size",
     "v_lr": "the amortized adjoint v's step size (default lower_lr)",
     "tracker_lr": "the value-function tracker z's step size (default lower_lr)",
-    "dual_lr": "the multiplier's ascent step",
+    "dual_lr": "the dual (max) variable's ascent step: a multiplier, MORBiT's task weights, MMB's y_i",
     "follower_lr": "the pessimistic follower's step size",
     "upper_opt": "an optax rule for theta in place of upper_lr",
     "lower_opt": "an optax rule for phi in place of lower_lr",
     "v_opt": "an optax rule for v in place of v_lr",
     "tracker_opt": "an optax rule for the tracker z in place of tracker_lr",
     "follower_opt": "an optax rule for the follower in place of follower_lr",
+    "dual_opt": "an optax rule for the dual variable in place of dual_lr",
     # decays (float exponents)
     "upper_decay": "p of upper_lr / (k + 1)^p",
     "lower_decay": "p of lower_lr / (k + 1)^p",
@@ -43,7 +45,7 @@ VOCABULARY: Mapping[str, str] = {
     "follower_steps": "the follower's steps per outer step",
     # momentum
     "momentum": "STORM's weight a on the previous estimate (0: none; mrbo/sustain: a_0, 1 - a_k decays as k^-2/3)",
-    "upper_momentum": "momentum of the UL direction",
+    "upper_momentum": "momentum of the UL direction (mmb: its moving average's weight on m_{k-1})",
     "lower_momentum": "momentum of the LL direction",
     "hessian_momentum": "momentum of the tracked LL Hessian and cross block",
     # penalty ramp
@@ -57,7 +59,8 @@ VOCABULARY: Mapping[str, str] = {
     # dual variables
     "dual_start": "the multiplier's initial value",
     "dual_max": "the multiplier's upper bound",
-    "dual_reg": "the regularisation of the dual ascent",
+    "dual_reg": "the regularisation of the dual ascent (MORBiT: mu/2 ||lambda - 1/n||^2)",
+    "dual_floor": "MORBiT's floor lambda_i >= dual_floor / n of its task weights",
     # value-function details
     "smoothing": "the value function's smoothing (a1, a2), or mu_0 of smoothing_pg",
     "smoothing_shrink": "smoothing_pg's factor on mu once a smoothed problem is resolved",
@@ -74,7 +77,7 @@ VOCABULARY: Mapping[str, str] = {
     "hessian_tracking": "STABLE's dense recursive Hessian estimates",
     "hessian_floor": "STABLE's projection onto {H >= hessian_floor I}",
     "strongly_convex": "TTSA's strongly convex UL rates",
-    "horizon": "TTSA's horizon K of its step rates",
+    "horizon": "the horizon K of the theorem's constant steps (TTSA, MORBiT)",
     "m_start": "LancBiO's initial subspace dimension",
     "inc": "LancBiO's growth factor of the dimension",
     "every": "LancBiO's steps between dimension increases",
@@ -95,6 +98,10 @@ VOCABULARY: Mapping[str, str] = {
     "barrier": "EBSA's barrier weight mu_0",
     "barrier_power": "EBSA's mu_k = barrier / (k + 1)^barrier_power",
     "barrier_min": "EBSA's floor of mu_k",
+    # multi-objective and min-max
+    "uniform": "MORBiT's task weights held at 1/n (the average-objective baseline)",
+    "fixed_weights": "MORBiT's task weights held at a given point of the simplex",
+    "blocks": "MMB's blocks sampled per step (B)",
     # problem and run
     "lower_set": "the LL's feasible set (a bj.constraints set or a projection)",
     "batch_size": "minibatch size (None: full batch; a pair: (upper, lower))",
@@ -141,6 +148,11 @@ RENAMES = (
     ("eta", "control_rate", ("bome",), "", _same),
     ("eta", "resolve_tol", ("smoothing_pg",), "", _same),
     ("eta", "subspace_eta", ("subbio",), "", _same),
+    ("lam_lr", "dual_lr", ("morbit",), "", _same),
+    ("lam_opt", "dual_opt", ("morbit",), "", _same),
+    ("mu_lambda", "dual_reg", ("morbit",), "", _same),
+    ("delta", "dual_floor", ("morbit",), "", _same),
+    ("momentum", "upper_momentum", ("mmb",), " = 1 - momentum", _complement),
 )
 RENAMED: Mapping[tuple, tuple] = {(preset, old): (new, note, convert) for old, new, presets, note, convert in RENAMES
                                   for preset in presets}
@@ -173,4 +185,14 @@ def translate_renamed(preset: str, kwargs: dict) -> dict:
     return out
 
 
-__all__ = ["RENAMED", "RENAMES", "VOCABULARY", "translate_renamed"]
+def accepts_renamed(build: Callable) -> Callable:
+    """`build`, a preset that `parallel.preset_options` does not wrap (morbit, mmb), taking its keywords
+    renamed in 0.2.0 as `translate_renamed` does."""
+    @functools.wraps(build)
+    def preset(*args, **kwargs):
+        return build(*args, **translate_renamed(build.__name__, kwargs))
+
+    return preset
+
+
+__all__ = ["RENAMED", "RENAMES", "VOCABULARY", "accepts_renamed", "translate_renamed"]

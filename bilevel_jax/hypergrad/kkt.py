@@ -23,10 +23,14 @@ and the hypergradient of F(theta) = f_upper(theta, phi*(theta)) needs one adjoin
     grad F = grad_theta f_upper - grad^2_{theta phi} L a - grad_theta P_A' b_P - grad_theta Q' b_Q.
 
 (Without constraints this is `bj.hypergradient`'s grad_theta f_upper - J v with v = a.) K is
-applied matrix-free: one vjp of (grad_phi L, P, Q) over (theta, phi) gives the first block row and
-the theta part (`oracles.linearize_lagrangian`), one linearization of (P, Q) in phi the others;
-inactive multiplier components get identity rows (b_i = 0), so the operator keeps a fixed shape
-under jit. K is indefinite: solve it with MINRES (`bj.linear_solvers.minres`, the default).
+applied matrix-free: the pullback of (grad_phi L, P, Q) over (theta, phi) gives the first block row
+and the theta part (`oracles.linearize_lagrangian`: f_lower's linearization, `linearize_lower`, plus
+one vjp of the constraints' part), one linearization of (P, Q) in phi the others; inactive
+multiplier components get identity rows (b_i = 0), so the operator keeps a fixed shape under jit.
+K is indefinite: solve it with MINRES (`bj.linear_solvers.minres`, the default). Oracle counts
+(`bj.oracles.OracleCounts`): a product with K is one HVP of f_lower, the correction one cross
+product, and the point costs one gradient of each level (grad_phi f_lower, taken once, gives the
+least-squares multipliers, the active set and the stationarity).
 
 Active set. The decisions are relative to the problem's scale (`active_set`; tol default 1e-6,
 eps the machine epsilon):
@@ -92,7 +96,7 @@ class KKTDirection(NamedTuple):
     g: PyTree
     state: Any          # the solver's state; its x is the adjoint (a, (b_P, b_Q))
     info: HypergradInfo
-    grad_phi: PyTree    # grad_phi f_lower at the point (free)
+    grad_phi: PyTree    # grad_phi f_lower at the point (the system's, no further oracle call)
 
 
 def _tmap(fn, *trees):
@@ -104,9 +108,10 @@ def _max_abs(tree, dtype):
     return jnp.max(jnp.stack(leaves)).astype(dtype) if leaves else jnp.zeros((), dtype)
 
 
-def active_set(lin: oracles.LagrangianLinearization, multipliers: Multipliers, tol, given: bool):
-    """(mask of active inequalities as 1.0/0.0, DEGENERATE flag) at a linearization of the
-    Lagrangian with `multipliers` (module docstring, "Active set"):
+def active_set(cons: oracles.ConstraintLinearization, grad_lower, multipliers: Multipliers, tol, given: bool):
+    """(mask of active inequalities as 1.0/0.0, DEGENERATE flag) at a point with `multipliers`, from
+    the constraints' linearization there and `grad_lower` = grad_phi f_lower (module docstring,
+    "Active set"):
 
         tol_P   = max(tol, 10 eps) * max(1, max_i |P_i|)
         tol_lam = max(tol, 100 eps) * max |lambda| + r
@@ -123,7 +128,6 @@ def active_set(lin: oracles.LagrangianLinearization, multipliers: Multipliers, t
     the user's): a constraint whose multiplier exceeds tol_lam is active even if P_i < -tol_P (the
     solver's primal point is the less accurate of the two). Otherwise (least-squares multipliers,
     which carry no information beyond phi) the active set is T."""
-    cons = lin.constraints
     p, lam = cons.values.inequality, multipliers.inequality
     if p is None:
         return None, st.ok()
@@ -131,9 +135,8 @@ def active_set(lin: oracles.LagrangianLinearization, multipliers: Multipliers, t
     tol, eps = jnp.asarray(tol, dtype), jnp.finfo(dtype).eps
     tol_p = jnp.maximum(tol, 10 * eps) * jnp.maximum(1.0, _max_abs(p, dtype))
     touching = _tmap(lambda c: c >= -tol_p, p)
-    others = Multipliers(_tmap(lambda t, l: jnp.where(t, 0.0, l), touching, lam),
-                         _tmap(jnp.zeros_like, multipliers.equality))
-    residual = otu.tree_norm(otu.tree_sub(lin.grad_lagrangian, cons.vjp(others)[1]))
+    held = Multipliers(_tmap(lambda t, l: jnp.where(t, l, 0.0), touching, lam), multipliers.equality)
+    residual = otu.tree_norm(otu.tree_add(grad_lower, cons.vjp(held)[1]))
     tol_lam = jnp.maximum(tol, 100 * eps) * _max_abs(tuple(multipliers), dtype) + residual.astype(dtype)
     active = _tmap(lambda t, l: t | (l > tol_lam), touching, lam) if given else touching
     wrong_sign = _tmap(lambda a, l: (a | given) & (l < -tol_lam), active, lam)
@@ -149,21 +152,40 @@ def adjoint_like(phi, values: Multipliers):
             tuple(None if v is None else otu.tree_zeros_like(v) for v in values))
 
 
-def kkt_operator(lin: oracles.LagrangianLinearization, mask):
-    """The active-set KKT operator (module docstring) at a linearization, as one function
-    z -> (K z, cross(z)) on z = (a, (b_P, b_Q)), both from one pullback of `lin` and the
-    constraints' jvp: inactive components of b_P sit on identity rows, and
-    cross(z) = grad^2_{theta phi} L a + grad_theta P_A' b_P + grad_theta Q' b_Q is the
-    hypergradient's correction."""
-    cons = lin.constraints
+class KKTOperator(NamedTuple):
+    """The active-set KKT operator (module docstring) at a linearization of the Lagrangian, on
+    z = (a, (b_P, b_Q)): `matvec(z)` = K z (one HVP), `cross(z)` = grad^2_{theta phi} L a +
+    grad_theta P_A' b_P + grad_theta Q' b_Q, the hypergradient's correction (one cross product), and
+    `self(z)` = (K z, cross(z)) from one pullback (one of each). Both come from the pullback of
+    `lin` (`oracles.LagrangianLinearization`, which counts them) and the constraints' jvp; inactive
+    components of b_P sit on identity rows."""
 
-    def apply(z):
+    lin: oracles.LagrangianLinearization
+    mask: Any   # the active inequalities, 1.0 / 0.0 (None without inequalities)
+
+    def _split(self, z):
         a, (bp, bq) = z
-        cross, row_phi = lin.pullback(a, Multipliers(_tmap(lambda m, x: m * x, mask, bp), bq))
-        jp, jq = cons.jvp_phi(a)
-        return (row_phi, (_tmap(lambda m, j, x: m * j + (1.0 - m) * x, mask, jp, bp), jq)), cross
+        return a, Multipliers(_tmap(lambda m, x: m * x, self.mask, bp), bq)
 
-    return apply
+    def _rows(self, z, row_phi):
+        a, (bp, _) = z
+        jp, jq = self.lin.constraints.jvp_phi(a)
+        return row_phi, (_tmap(lambda m, j, x: m * j + (1.0 - m) * x, self.mask, jp, bp), jq)
+
+    def matvec(self, z):
+        return self._rows(z, self.lin.pullback_phi(*self._split(z)))
+
+    def cross(self, z):
+        return self.lin.pullback_theta(*self._split(z))
+
+    def __call__(self, z):
+        cross, row_phi = self.lin.pullback(*self._split(z))
+        return self._rows(z, row_phi), cross
+
+
+def kkt_operator(lin: oracles.LagrangianLinearization, mask) -> KKTOperator:
+    """The active-set KKT operator at `lin` with the inequality mask `mask` (`KKTOperator`)."""
+    return KKTOperator(lin, mask)
 
 
 def keep_or_fail(g, status, nan_if_degenerate: bool):
@@ -176,22 +198,24 @@ def keep_or_fail(g, status, nan_if_degenerate: bool):
 class KKTSystem(NamedTuple):
     """The KKT system of the hypergradient at (theta, phi): K z = rhs, grad F = g_theta - cross(z).
 
-    operator: `kkt_operator`'s z -> (K z, cross(z)); rhs: (grad_phi f_upper, (0, 0));
-    g_theta: grad_theta f_upper.
+    operator: a `KKTOperator` (K z, cross(z)); rhs: (grad_phi f_upper, (0, 0));
+    g_theta: grad_theta f_upper; grad_lower: grad_phi f_lower (taken once, for the multipliers,
+    the active set and the stationarity; a step's LL direction reuses it).
     multipliers: the lambda used; active: the inequality mask; status: DEGENERATE / NONFINITE of
     the point and the multipliers (not of a solve); stationarity: ||grad_phi L||.
     """
 
     g_theta: PyTree
     rhs: Any
-    operator: Any
+    operator: KKTOperator
     multipliers: Multipliers
     active: PyTree
     status: jax.Array
     stationarity: jax.Array
+    grad_lower: PyTree
 
     def matvec(self, z):
-        return self.operator(z)[0]
+        return self.operator.matvec(z)
 
 
 def kkt_system(problem: BilevelProblem, theta, phi, upper_batch, lower_batch, multipliers: Optional[Multipliers] = None,
@@ -199,22 +223,25 @@ def kkt_system(problem: BilevelProblem, theta, phi, upper_batch, lower_batch, mu
     """The KKT system at (theta, phi) (module docstring): multipliers given or by least squares, the
     active set, the degeneracy checks (weak activity, multiplier signs, LICQ of the active
     constraints) and the matrix-free operator. The full solve (`kkt_direction`) and the amortized
-    rule (`bj.algorithms.amortized_kkt`) are both built on it."""
+    rule (`bj.algorithms.amortized_kkt`) are both built on it. Oracles: one UL gradient and one LL
+    gradient (the operator's products count as they are applied, `KKTOperator`)."""
+    lower = oracles.linearize_lower(problem, theta, phi, lower_batch)
+    grad_lower = lower.gradient()
+    cons = oracles.linearize_constraints(problem, theta, phi)
     mult_status, given = st.ok(), multipliers is not None
     if not given:
         multipliers, minfo = least_squares_multipliers(problem, theta, phi, lower_batch, multiplier_solver,
-                                                       check_licq=False)
+                                                       check_licq=False, grad_phi=grad_lower)
         mult_status = minfo.status
     multipliers = Multipliers(*multipliers)
     g_theta, b = oracles.upper_grads(problem, theta, phi, upper_batch)
-    cons = oracles.linearize_constraints(problem, theta, phi)
-    lin = oracles.linearize_lagrangian(problem, theta, phi, multipliers, lower_batch, cons)
-    mask, deg = active_set(lin, multipliers, tol, given)
+    lin = oracles.linearize_lagrangian(problem, theta, phi, multipliers, lower_batch, lower, cons)
+    mask, deg = active_set(cons, grad_lower, multipliers, tol, given)
     licq = licq_status(cons, mask, multiplier_solver)
     rhs = (b, tuple(None if v is None else otu.tree_zeros_like(v) for v in cons.values))
     status = st.merge(mult_status, deg, licq, st.nonfinite(multipliers))
-    return KKTSystem(g_theta, rhs, kkt_operator(lin, mask), multipliers, mask, status,
-                     otu.tree_norm(lin.grad_lagrangian))
+    stationarity = otu.tree_norm(otu.tree_add(grad_lower, cons.vjp(multipliers)[1]))
+    return KKTSystem(g_theta, rhs, kkt_operator(lin, mask), multipliers, mask, status, stationarity, grad_lower)
 
 
 def kkt_direction(problem: BilevelProblem, theta, phi, upper_batch, lower_batch, solver: LinearSolver, solver_state,
@@ -222,17 +249,17 @@ def kkt_direction(problem: BilevelProblem, theta, phi, upper_batch, lower_batch,
                   nan_if_degenerate: bool = False) -> KKTDirection:
     """The KKT hypergradient at (theta, phi) with the adjoint solved by `solver` from `solver_state`
     (module docstring; g kept and flagged at a DEGENERATE point unless `nan_if_degenerate`).
-    Without `multipliers` they are recovered by least squares."""
+    Without `multipliers` they are recovered by least squares. Oracles: `kkt_system`'s, the solver's
+    matvecs (`oracles.solve`: `info.num_matvecs` HVPs) and one cross product."""
     system = kkt_system(problem, theta, phi, upper_batch, lower_batch, multipliers, tol, multiplier_solver)
-    z, state, sinfo = solver.solve(system.matvec, system.rhs, solver_state)
-    g = otu.tree_sub(system.g_theta, system.operator(z)[1])
+    z, state, sinfo = oracles.solve(solver, system.matvec, system.rhs, solver_state)
+    g = otu.tree_sub(system.g_theta, system.operator.cross(z))
     status = st.merge(sinfo.status, system.status, st.nonfinite(g))
     g = keep_or_fail(g, status, nan_if_degenerate)
-    grad_f = oracles.lower_grad_phi(problem, theta, phi, lower_batch)
     a, (bp, bq) = z
     info = HypergradInfo(a, sinfo.residual_norm, status, sinfo, Multipliers(bp, bq), system.multipliers, system.active,
                    system.stationarity)
-    return KKTDirection(g, state, info, grad_f)
+    return KKTDirection(g, state, info, system.grad_lower)
 
 
 def kkt_hypergradient(problem: BilevelProblem, theta, phi, data, solver: Optional[LinearSolver] = None, *,
@@ -331,8 +358,9 @@ def kkt_argmin(problem: BilevelProblem, solve_fn, solver: Optional[LinearSolver]
             phi, mult, given = _primal(t, p0, bt)
             mult = jax.lax.stop_gradient(mult)
             cons = oracles.linearize_constraints(problem, t, phi)
-            lin = oracles.linearize_lagrangian(problem, t, phi, mult, bt, cons)
-            mask, _ = active_set(lin, mult, tol, given)
+            lower = oracles.linearize_lower(problem, t, phi, bt)
+            lin = oracles.linearize_lagrangian(problem, t, phi, mult, bt, lower, cons)
+            mask, _ = active_set(cons, lower.gradient(), mult, tol, given)
             operator = kkt_operator(lin, mask)
 
             def g_active(t_, bt_):  # (grad_phi L, m * P, Q) at fixed phi and lambda
@@ -345,7 +373,7 @@ def kkt_argmin(problem: BilevelProblem, solve_fn, solver: Optional[LinearSolver]
             # custom_linear_solve's transpose needs every rhs leaf linear in the input tangents
             anchor = 0.0 * sum(jnp.sum(x) for x in jax.tree_util.tree_leaves((t_dot, b_dot)))
             rhs = jax.tree_util.tree_map(lambda x: -x + anchor, rhs)
-            z = jax.lax.custom_linear_solve(lambda z_: operator(z_)[0], rhs, inverse, symmetric=True)
+            z = jax.lax.custom_linear_solve(operator.matvec, rhs, inverse, symmetric=True)
             return phi, z[0]
 
         return phi_star(theta, phi0, batch)
@@ -353,5 +381,5 @@ def kkt_argmin(problem: BilevelProblem, solve_fn, solver: Optional[LinearSolver]
     return solve
 
 
-__all__ = ["KKTDirection", "KKTSystem", "active_set", "adjoint_like", "kkt_argmin", "kkt_direction",
+__all__ = ["KKTDirection", "KKTOperator", "KKTSystem", "active_set", "adjoint_like", "kkt_argmin", "kkt_direction",
            "kkt_hypergradient", "kkt_hypergradient_dense", "kkt_operator", "kkt_system", "keep_or_fail"]
