@@ -62,7 +62,15 @@ cannot reach the bar and chunked passes can:
   the other contractions of a sample from cache; the floor in time (`copy_rates`: the fresh bytes at
   the memory copy rate, the rest at the cache copy rate) is 0.33-0.45 x the peer's time, and
   `sample_chunk=1` measures 0.39-0.41 x for SOBA, 0.33-0.34 x for AmIGO and 0.38-0.39 x for StocBiO
-  (2-core CPU, process time, interleaved calls).
+  (2-core CPU, process time, interleaved calls);
+- wall time on an idle multi-core CPU is another matter: the peer's whole-batch dots run on several
+  threads (on an idle 2-core machine its CPU time is 1.9x its wall time), while a scan over samples
+  runs its small per-sample products on one. Measured there, in one run: SOBA 0.77 x by wall time
+  (0.40 x by CPU time), AmIGO 0.49 x (0.28 x), StocBiO 0.51 x (0.30 x); larger chunks (8, 32 samples)
+  are slower in both (0.88-0.95 x for SOBA), and splitting the batch over two forced host devices
+  (`mesh=`, one per core) is 3.6 x slower than one device (the collectives between host devices
+  cost more than the second core gives). On a loaded machine, where the peer gets one core too, wall
+  and CPU time agree.
 """
 from __future__ import annotations
 

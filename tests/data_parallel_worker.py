@@ -3,6 +3,7 @@ be set before JAX starts): for each (preset, sampler), the iterates of `mesh=` o
 `shards=4` on one device after a few steps, and the collectives of the compiled sharded run (its steps)
 (section "presets"); FSDP (section "fsdp"); the entry points with `mesh=` ("entry_points").
 Prints one JSON line per case: `python tests/data_parallel_worker.py <section>`."""
+import dataclasses
 import json
 import os
 import sys
@@ -23,6 +24,7 @@ import bilevel_jax as bj  # noqa: E402
 
 CASES = [("soba", "iid"), ("soba", "shuffled"), ("amigo", "iid"), ("amigo", "shuffled"), ("stocbio", "iid"),
          ("stocbio", "shuffled"), ("saba", "partition")]
+CHUNKED = [("amigo", "shuffled")]   # also run with BilevelProblem(sample_chunk=2): each shard's block read in place
 STEPS = dict(upper_lr=0.05, lower_lr=0.2)   # given: the presets' step-size estimation at init is tested elsewhere
 GROWTH = [("stocbio", "shuffled")]
 
@@ -52,10 +54,13 @@ def main(steps: int = 6, n: int = 64, batch: int = 16):
     mesh = Mesh(np.array(jax.devices()), ("data",))
     placed = bj.shard(inst.data, mesh)
     key = jax.random.PRNGKey(3)
-    for name, sampler, steps_given in [(n, s, True) for n, s in CASES] + [("soba", "iid", False)]:
-        preset, given = bj.algorithms.get(name), STEPS if steps_given else {}   # last: step sizes estimated at init
+    chunked = dataclasses.replace(inst.problem, sample_chunk=2)
+    for name, sampler, steps_given, problem in ([(n, s, True, inst.problem) for n, s in CASES]
+                                                + [("soba", "iid", False, inst.problem)]   # step sizes estimated at init
+                                                + [(n, s, True, chunked) for n, s in CHUNKED]):
+        preset, given = bj.algorithms.get(name), STEPS if steps_given else {}
         one = preset(inst.problem, batch_size=batch, sampler=sampler, shards=4, **given)
-        many = preset(inst.problem, batch_size=batch, sampler=sampler, mesh=mesh, **given)
+        many = preset(problem, batch_size=batch, sampler=sampler, mesh=mesh, **given)
         s1 = one.init(inst.theta0, inst.phi0, key, inst.data)
         s4 = many.init(inst.theta0, inst.phi0, key, placed)
         s1, h1 = eqx.filter_jit(bj.run)(one, s1, inst.data, steps)
@@ -67,7 +72,7 @@ def main(steps: int = 6, n: int = 64, batch: int = 16):
         ops_more = collectives(growth_run(preset, sampler, mesh, 4 * n, 4 * batch, steps)) \
             if (name, sampler) in GROWTH and steps_given else ops
         print(json.dumps({
-            "preset": name, "sampler": sampler, "defaults": not steps_given,
+            "preset": name, "sampler": sampler, "defaults": not steps_given, "sample_chunk": problem.sample_chunk,
             "theta_diff": float(jnp.max(jnp.abs(s1.theta - s4.theta))),
             "phi_diff": float(jnp.max(jnp.abs(s1.phi - s4.phi))),
             "moved": float(jnp.max(jnp.abs(s1.theta - inst.theta0))),

@@ -102,9 +102,10 @@ def _worker(section: str):
 def test_mesh_equals_shards_on_four_devices():
     """The bar: on 4 forced host devices, `mesh=` gives the iterates of `shards=4` on one device (1e-12,
     float64) for soba, amigo, stocbio (iid, shuffled) and saba (partition), and the compiled sharded run
-    holds no collective with a sample-sized operand (the same collectives at 4x the samples and batch)."""
+    holds no collective with a sample-sized operand (the same collectives at 4x the samples and batch);
+    also with `sample_chunk` (each device's oracle passes a scan over its own block)."""
     rows = _worker("presets")
-    assert len(rows) == 8
+    assert len(rows) == 9 and rows[-1]["sample_chunk"] == 2
     for row in rows:
         assert row["devices"] == 4
         assert row["theta_diff"] < 1e-12 and row["phi_diff"] < 1e-12, row
