@@ -2,7 +2,8 @@
 be set before JAX starts): for each (preset, sampler), the iterates of `mesh=` on 4 devices and of
 `shards=4` on one device after a few steps, and the collectives of the compiled sharded run (its steps)
 (section "presets"); FSDP (section "fsdp"); the entry points with `mesh=` ("entry_points").
-Prints one JSON line per case: `python tests/data_parallel_worker.py <section>`."""
+Prints one JSON line per case: `python tests/data_parallel_worker.py <section>` (section `all`: the three
+in turn, what tests/test_data_parallel.py runs)."""
 import dataclasses
 import json
 import os
@@ -150,5 +151,12 @@ def entry_points():
           flush=True)
 
 
-if __name__ == "__main__":   # one section per process, so that the suite's workers share them
-    {"presets": main, "fsdp": fsdp, "entry_points": entry_points}[sys.argv[1]]()
+def run_all():
+    """Every section in this one process (the test's: one interpreter and JAX start instead of three)."""
+    main()
+    fsdp()
+    entry_points()
+
+
+if __name__ == "__main__":
+    {"all": run_all, "presets": main, "fsdp": fsdp, "entry_points": entry_points}[sys.argv[1]]()

@@ -90,21 +90,36 @@ def test_shards_signature_and_saga_blocks(quad_stoch):
     assert gap < 0.2
 
 
-def _worker(section: str):
-    """The JSON rows of one section of tests/data_parallel_worker.py, run with 4 forced host devices."""
+def _worker():
+    """The JSON rows of tests/data_parallel_worker.py (all its sections in one process: one interpreter
+    and JAX start, 5 s of CPU less than a process per section), run with 4 forced host devices."""
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")   # conftest's XLA_FLAGS: 79 s -> 42 s of CPU
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "data_parallel_worker.py"), section], env=env,
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "data_parallel_worker.py"), "all"], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
-def test_mesh_equals_shards_on_four_devices():
-    """The bar: on 4 forced host devices, `mesh=` gives the iterates of `shards=4` on one device (1e-12,
+def test_mesh_equals_shards_fsdp_and_entry_points_on_four_devices():
+    """One worker process, three checks (each a section of the worker):
+
+    presets: the bar: on 4 forced host devices, `mesh=` gives the iterates of `shards=4` on one device (1e-12,
     float64) for soba, amigo, stocbio (iid, shuffled) and saba (partition), and the compiled sharded run
     holds no collective with a sample-sized operand (the same collectives at 4x the samples and batch);
-    also with `sample_chunk` (each device's oracle passes a scan over its own block)."""
-    rows = _worker("presets")
+    also with `sample_chunk` (each device's oracle passes a scan over its own block).
+
+    fsdp: an MLP phi split over a second mesh axis, the iterates of one device, and the
+    per-device state bytes about halved on a model axis of 2 (small leaves stay replicated).
+
+    entry points: bj.hypergradient, a grad through bj.argmin and bj.run with mesh= equal one device."""
+    rows = _worker()
+    fsdp = [row for row in rows if row.get("fsdp")]
+    entry = [row for row in rows if row.get("entry_points")]
+    rows = [row for row in rows if "preset" in row]
+    assert len(fsdp) == 1 and len(entry) == 1
+    (fsdp,), (entry,) = fsdp, entry
+
+    # presets
     assert len(rows) == 9 and rows[-1]["sample_chunk"] == 2
     for row in rows:
         assert row["devices"] == 4
@@ -118,19 +133,12 @@ def test_mesh_equals_shards_on_four_devices():
         assert row["collectives"] > 0 and not row["collectives_grow_with_samples"], row
         assert row["largest_collective"] <= 5, row
 
-
-def test_fsdp_model_axis_equals_one_device_and_halves_the_state_bytes():
-    """FSDP: an MLP phi split over a second mesh axis, the iterates of one device, and the
-    per-device state bytes about halved on a model axis of 2 (small leaves stay replicated)."""
-    (fsdp,) = _worker("fsdp")
+    # FSDP
     assert fsdp["replicated_diff"] < 1e-12 and fsdp["fsdp_diff"] < 1e-12, fsdp
     assert fsdp["status"] == [0, 0, 0], fsdp
     replicated, split = fsdp["bytes"]
     assert split < 0.6 * replicated, fsdp
 
-
-def test_entry_points_with_mesh_equal_one_device():
-    """bj.hypergradient, a grad through bj.argmin and bj.run with mesh= equal one device."""
-    (entry,) = _worker("entry_points")
+    # entry points
     assert entry["hypergradient"] < 1e-12 and entry["exact"] < 1e-10 and entry["status"] == 0, entry
     assert entry["argmin"] < 1e-12 and entry["run"] < 1e-12, entry
