@@ -4,6 +4,7 @@ logistic HPO, whose Hessian depends on phi), the counts stay one per pass, and a
 do not change."""
 import dataclasses
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,8 +101,8 @@ def test_every_preset_steps_with_blocks_cut_in_place(name, chunked_quadratic):
     reaching them fails the trace): one outer step of every preset traces."""
     inst = chunked_quadratic
     alg = bj.algorithms.get(name)(inst.problem, upper_lr=0.1, batch_size=16, sampler="shuffled")
-    state = alg.init(inst.theta0, inst.phi0, jax.random.PRNGKey(0), inst.data)
-    new, info = jax.eval_shape(alg.update, state, inst.data)
+    state = eqx.filter_eval_shape(alg.init, inst.theta0, inst.phi0, jax.random.PRNGKey(0), inst.data)
+    new, info = eqx.filter_eval_shape(alg.update, state, inst.data)
     assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(state)
 
 
