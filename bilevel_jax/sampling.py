@@ -188,11 +188,6 @@ def _take(data, idx):
     return jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), data)
 
 
-def _block(data, batch_id, b: int):
-    """Samples batch_id * b ... batch_id * b + b - 1 of every leaf, read in place."""
-    return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, batch_id * b, b, axis=0), data)
-
-
 @jax.tree_util.register_pytree_node_class
 class Rows:
     """A batch not cut yet: rows `start .. start + size - 1` of every leaf of `source`.
@@ -322,7 +317,26 @@ class IID(Sampler):
         return _take(data, idx), jnp.zeros((), jnp.int32)
 
 
-class Shuffled(Sampler):
+class BlockSampler(Sampler):
+    """A sampler of contiguous blocks of b = batch_size / shards samples, read in place
+    (`lax.dynamic_slice`, no gather); `block_id` says which block a draw reads (the batch id of
+    SAGA-type memories)."""
+
+    blocks: ClassVar[bool] = True
+
+    def block_id(self, data, key, draw, shard) -> jax.Array:
+        raise NotImplementedError
+
+    def draw(self, data, key, draw, shard):
+        batch_id = self.block_id(data, key, draw, shard)
+        return self.local_block(data, batch_id), batch_id
+
+    def local_block(self, data, batch_id):
+        """Block `batch_id` (samples batch_id * b ... batch_id * b + b - 1 of the shard), read in place."""
+        return Rows(data, batch_id * self.local_batch_size, self.local_batch_size).read()
+
+
+class Shuffled(BlockSampler):
     """Random reshuffling of contiguous blocks: the data cut into m = n // b blocks of b samples;
     epoch e = draw // m visits every block once, in the order `block_order(key, e, .)`, a fresh
     pseudo-random permutation per epoch (as benchmark_bilevel's sampler, which permutes its batch
@@ -330,7 +344,6 @@ class Shuffled(Sampler):
     id is the block index, so SAGA-type memories (SABA, SRBA) work with it."""
 
     kind: ClassVar[str] = "shuffled"
-    blocks: ClassVar[bool] = True
 
     def block_id(self, data, key, draw, shard):
         """The block of draw number `draw`: position draw mod m of epoch draw // m's order."""
@@ -338,35 +351,18 @@ class Shuffled(Sampler):
         epoch, position = jnp.divmod(jnp.asarray(draw, jnp.int32), m)
         return block_order(key, epoch, position, m)
 
-    def draw(self, data, key, draw, shard):
-        batch_id = self.block_id(data, key, draw, shard)
-        return self.local_block(data, batch_id), batch_id
 
-    def local_block(self, data, batch_id):
-        """Block `batch_id` (samples batch_id * b ... batch_id * b + b - 1 of the shard), read in place."""
-        return _block(data, batch_id, self.local_batch_size)
-
-
-class Partition(Sampler):
+class Partition(BlockSampler):
     """The data cut into n // b fixed contiguous blocks, one drawn uniformly (with replacement) at
     every draw and read in place (`lax.dynamic_slice`, no gather); the block index is the batch id
     of SAGA-type memories."""
 
     kind: ClassVar[str] = "partition"
-    blocks: ClassVar[bool] = True
 
     def block_id(self, data, key, draw, shard):
         """A block drawn uniformly."""
         m = num_samples(data) // self.local_batch_size
         return jax.random.randint(jax.random.fold_in(key, draw), (), 0, m).astype(jnp.int32)
-
-    def draw(self, data, key, draw, shard):
-        batch_id = self.block_id(data, key, draw, shard)
-        return self.local_block(data, batch_id), batch_id
-
-    def local_block(self, data, batch_id):
-        """Block `batch_id` (samples batch_id * b ... batch_id * b + b - 1 of the shard), read in place."""
-        return _block(data, batch_id, self.local_batch_size)
 
 
 def full(shards: int = 1) -> Sampler:

@@ -118,3 +118,37 @@ def test_blocks_cut_in_place_take_the_same_steps(name, sampler, quad_stoch, chun
     whole, chunked = final(quad_stoch), final(chunked_quadratic)
     np.testing.assert_allclose(chunked.theta, whole.theta, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(chunked.phi, whole.phi, rtol=1e-12, atol=1e-14)
+
+
+def test_an_mlp_phi_gets_the_unchunked_oracles():
+    """phi an `eqx.nn.MLP` (a function leaf among its arrays): the chunked passes (both modes) equal
+    the whole-batch ones, and keep phi's structure (None at the activation)."""
+    kx, ky, km = jax.random.split(jax.random.PRNGKey(7), 3)
+    x, y = jax.random.normal(kx, (16, 3)), jax.random.normal(ky, (16,))
+    mlp = eqx.nn.MLP(3, "scalar", width_size=4, depth=1, activation=jnp.tanh, key=km)
+    params = lambda m: eqx.filter(m, eqx.is_inexact_array)
+
+    def f_lower(theta, model, batch):
+        xb, yb = batch
+        fit = jnp.mean((jax.vmap(model)(xb) - yb) ** 2)
+        return fit + 0.5 * jnp.exp(theta) * sum(jnp.sum(p ** 2) for p in jax.tree_util.tree_leaves(params(model)))
+
+    def f_upper(theta, model, batch):
+        xb, yb = batch
+        return jnp.mean((jax.vmap(model)(xb) - yb) ** 2)
+
+    problem = bj.BilevelProblem(f_upper, f_lower)
+    theta, v = jnp.asarray(0.3), jax.tree_util.tree_map(jnp.ones_like, params(mlp))
+
+    @eqx.filter_jit
+    def passes(problem):
+        return {mode: oracles.grad_hvp_cross(problem, theta, mlp, v, (x, y), mode) for mode in ("rev", "fwd")} | \
+            {"upper": oracles.upper_grads(problem, theta, mlp, (x, y)),
+             "lower": oracles.lower_grads(problem, theta, mlp, (x, y))}
+
+    whole, chunked = passes(problem), passes(_chunked(problem, 4))
+    for name in whole:
+        assert jax.tree_util.tree_structure(chunked[name]) == jax.tree_util.tree_structure(whole[name]), name
+        for a, b in zip(jax.tree_util.tree_leaves(whole[name]), jax.tree_util.tree_leaves(chunked[name])):
+            np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14, err_msg=name)
+    assert any(float(jnp.abs(leaf).max()) > 1e-3 for leaf in jax.tree_util.tree_leaves(whole["fwd"]))
