@@ -23,9 +23,11 @@ jax.config.update("jax_enable_x64", True)
 
 import bilevel_jax as bj  # noqa: E402
 
-CASES = [("soba", "iid"), ("soba", "shuffled"), ("amigo", "iid"), ("amigo", "shuffled"), ("stocbio", "iid"),
-         ("stocbio", "shuffled"), ("saba", "partition")]
-CHUNKED = [("amigo", "shuffled")]   # also run with BilevelProblem(sample_chunk=2): each shard's block read in place
+# (preset, sampler, step sizes given): the sampler is the loop's (one per preset suffices: the presets
+# share it), soba's step sizes are estimated at init (from each device's data), and amigo runs again
+# with BilevelProblem(sample_chunk=2): each shard's block read in place
+CASES = [("soba", "iid", False), ("amigo", "shuffled", True), ("stocbio", "shuffled", True), ("saba", "partition", True)]
+CHUNKED = [("amigo", "shuffled", True)]
 STEPS = dict(upper_lr=0.05, lower_lr=0.2)   # given: the presets' step-size estimation at init is tested elsewhere
 GROWTH = [("stocbio", "shuffled")]
 
@@ -41,11 +43,11 @@ def compiled_run(alg, state, data, steps):
     return compiled, compiled(alg, state, data, steps)
 
 
-def growth_run(preset, sampler, mesh, n, batch, steps):
+def growth_run(preset, sampler, mesh, n, batch, steps, given):
     """The compiled sharded run on a problem with n samples and minibatches of `batch`."""
     inst = bj.problems.quadratic_bilevel(jax.random.PRNGKey(1), dim_upper=3, dim_lower=5, n_samples=n)
     placed = bj.shard(inst.data, mesh)
-    alg = preset(inst.problem, batch_size=batch, sampler=sampler, mesh=mesh, **STEPS)
+    alg = preset(inst.problem, batch_size=batch, sampler=sampler, mesh=mesh, **given)
     state = alg.init(inst.theta0, inst.phi0, jax.random.PRNGKey(3), placed)
     return compiled_run(alg, state, placed, steps)[0]
 
@@ -56,9 +58,8 @@ def main(steps: int = 6, n: int = 64, batch: int = 16):
     placed = bj.shard(inst.data, mesh)
     key = jax.random.PRNGKey(3)
     chunked = dataclasses.replace(inst.problem, sample_chunk=2)
-    for name, sampler, steps_given, problem in ([(n, s, True, inst.problem) for n, s in CASES]
-                                                + [("soba", "iid", False, inst.problem)]   # step sizes estimated at init
-                                                + [(n, s, True, chunked) for n, s in CHUNKED]):
+    for name, sampler, steps_given, problem in ([case + (inst.problem,) for case in CASES]
+                                                + [case + (chunked,) for case in CHUNKED]):
         preset, given = bj.algorithms.get(name), STEPS if steps_given else {}
         one = preset(inst.problem, batch_size=batch, sampler=sampler, shards=4, **given)
         many = preset(problem, batch_size=batch, sampler=sampler, mesh=mesh, **given)
@@ -69,9 +70,9 @@ def main(steps: int = 6, n: int = 64, batch: int = 16):
         # the collectives of the compiled sharded run (its steps' and nothing else: the run adds none); with
         # 4x the samples and the batch, a collective that moved samples would grow with them (one case: every
         # case's collectives are also bounded by the parameters' sizes in the test)
-        ops = collectives(compiled) if steps_given else []
-        ops_more = collectives(growth_run(preset, sampler, mesh, 4 * n, 4 * batch, steps)) \
-            if (name, sampler) in GROWTH and steps_given else ops
+        ops = collectives(compiled)
+        ops_more = collectives(growth_run(preset, sampler, mesh, 4 * n, 4 * batch, steps, given)) \
+            if (name, sampler) in GROWTH and problem is inst.problem else ops
         print(json.dumps({
             "preset": name, "sampler": sampler, "defaults": not steps_given, "sample_chunk": problem.sample_chunk,
             "theta_diff": float(jnp.max(jnp.abs(s1.theta - s4.theta))),
@@ -110,8 +111,8 @@ def fsdp(steps: int = 3):
         state = alg.init(jnp.zeros(1), net, jax.random.PRNGKey(2), d)
         if name == "fsdp":
             state = bj.algorithms.parallel.shard_model(state, mesh)
-        update = eqx.filter_jit(alg.update)
-        memory = update.lower(state, d).compile().compiled.memory_analysis()
+        update = eqx.filter_jit(alg.update).lower(state, d).compile()   # one compilation: steps and memory
+        memory = update.compiled.memory_analysis()
         for _ in range(steps):
             state, info = update(state, d)
         out[name] = (state, memory.argument_size_in_bytes, int(info.status))
@@ -137,6 +138,7 @@ def entry_points():
     g1, _ = bj.hypergradient(inst.problem, theta, phi, inst.data)
     g4, info = bj.hypergradient(inst.problem, theta, phi, placed, mesh=mesh)
 
+    @eqx.filter_jit   # one program (eagerly, every operation of the sharded solve would compile on its own)
     def grad_through(solve, data):
         return jax.grad(lambda t: inst.problem.f_upper(t, solve(t, inst.phi0, data[1]), data[0]))(theta)
 

@@ -80,28 +80,56 @@ class QuadraticBilevel(Instance):
 
     means: dict  # full-batch H, C, h, P, S, p and reg
 
+    # the closed forms are compiled functions of the arrays (one program per shape and dtype, not an
+    # eager dispatch per operation; under a transformation they inline as any jitted call does)
     def phi_star(self, theta):
-        m = self.means
-        return -jnp.linalg.solve(m["H"], m["C"] @ theta + m["h"])
+        return _phi_star(self.means, theta)
 
     def value(self, theta):
         """F(theta) = f_upper(theta, phi*(theta)) on the full upper data."""
-        return self.problem.f_upper(theta, self.phi_star(theta), self.data[0])
+        return _value(self.means, self.data[0], theta)
 
     def grad(self, theta):
         """grad F(theta) in closed form."""
-        m = self.means
-        phi = self.phi_star(theta)
-        M = -jnp.linalg.solve(m["H"], m["C"])
-        return M.T @ (m["P"] @ phi + m["S"] @ theta + m["p"]) + m["S"].T @ phi + m["reg"] * theta
+        return _grad(self.means, theta)
 
     def hessian(self):
-        m = self.means
-        M = -jnp.linalg.solve(m["H"], m["C"])
-        return M.T @ m["P"] @ M + M.T @ m["S"] + m["S"].T @ M + m["reg"] * jnp.eye(M.shape[1])
+        return _hessian(self.means)
 
     def theta_star(self):
-        return jnp.linalg.solve(self.hessian(), -self.grad(jnp.zeros_like(self.theta0)))
+        return _theta_star(self.means)
+
+
+@jax.jit
+def _phi_star(m, theta):
+    """phi*(theta) = -H^{-1}(C theta + h)."""
+    return -jnp.linalg.solve(m["H"], m["C"] @ theta + m["h"])
+
+
+@jax.jit
+def _value(m, upper, theta):
+    return quadratic_upper(m["reg"])(theta, _phi_star(m, theta), upper)
+
+
+@jax.jit
+def _grad(m, theta):
+    """grad F = M'(P phi* + S theta + p) + S' phi* + reg theta, M = -H^{-1} C."""
+    phi = _phi_star(m, theta)
+    M = -jnp.linalg.solve(m["H"], m["C"])
+    return M.T @ (m["P"] @ phi + m["S"] @ theta + m["p"]) + m["S"].T @ phi + m["reg"] * theta
+
+
+@jax.jit
+def _hessian(m):
+    """hess F = M'PM + M'S + S'M + reg I."""
+    M = -jnp.linalg.solve(m["H"], m["C"])
+    return M.T @ m["P"] @ M + M.T @ m["S"] + m["S"].T @ M + m["reg"] * jnp.eye(M.shape[1])
+
+
+@jax.jit
+def _theta_star(m):
+    """theta* = -hess F^{-1} grad F(0)."""
+    return jnp.linalg.solve(_hessian(m), -_grad(m, jnp.zeros(m["C"].shape[1], m["C"].dtype)))
 
 
 def _spd(key, dim, low, high, dtype):
@@ -161,13 +189,24 @@ def quadratic_bilevel(key, dim_upper: int = 5, dim_lower: int = 10, n_samples: O
     du, dl = dim_upper, dim_lower
     upper, lower = _draw(key, dim_upper, dim_lower, n_samples, tuple(lower_spectrum), tuple(upper_spectrum),
                          float(cross), float(lower_cross), float(noise), dtype)
-    means = {k: v.mean(0) for k, v in {**lower, **upper}.items()}
-    means["reg"] = jnp.asarray(reg, dtype)
     inst = QuadraticBilevel(quadratic_problem(reg), (upper, lower),
-                            jnp.zeros(du, dtype), jnp.zeros(dl, dtype), means, name="quadratic",
-                            description=f"quadratic bilevel (d_theta={du}, d_phi={dl}, "
-                                        f"{f'{n_samples} samples' if n_samples else 'deterministic'})")
-    if not bool(jnp.linalg.eigvalsh(inst.hessian()).min() > 0):
+                            jnp.zeros(du, dtype), jnp.zeros(dl, dtype), _means(upper, lower, jnp.asarray(reg, dtype)),
+                            name="quadratic", description=f"quadratic bilevel (d_theta={du}, d_phi={dl}, "
+                                                          f"{f'{n_samples} samples' if n_samples else 'deterministic'})")
+    smallest, theta_star, value_star = _curvature_and_reference(inst.means, upper)
+    if not bool(smallest > 0):
         raise ValueError("the drawn F is not strongly convex: increase `reg` or decrease `cross`.")
-    theta_star = inst.theta_star()
-    return inst._replace(reference=Reference(theta_star, inst.value(theta_star)))
+    return inst._replace(reference=Reference(theta_star, value_star))
+
+
+@jax.jit
+def _means(upper, lower, reg):
+    """The full-batch means of every data key, and `reg`."""
+    return {**{k: v.mean(0) for k, v in {**lower, **upper}.items()}, "reg": reg}
+
+
+@jax.jit
+def _curvature_and_reference(m, upper):
+    """The smallest eigenvalue of hess F, theta* and F(theta*), in one program."""
+    theta_star = _theta_star(m)
+    return jnp.linalg.eigvalsh(_hessian(m)).min(), theta_star, _value(m, upper, theta_star)
