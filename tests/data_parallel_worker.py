@@ -1,9 +1,10 @@
 """Run by tests/test_data_parallel.py in a subprocess with 4 forced host devices (XLA_FLAGS must
 be set before JAX starts): for each (preset, sampler), the iterates of `mesh=` on 4 devices and of
 `shards=4` on one device after a few steps, and the collectives of the compiled sharded run (its steps)
-(section "presets"); FSDP (section "fsdp"); the entry points with `mesh=` ("entry_points").
-Prints one JSON line per case: `python tests/data_parallel_worker.py <section>` (section `all`: the three
-in turn, what tests/test_data_parallel.py runs)."""
+(section "presets"); FSDP (section "fsdp"); the entry points with `mesh=` ("entry_points"); the
+experiment runner's batch of seeds x grid points split over the 4 devices ("sweep <config as JSON>").
+Prints one JSON line per case: `python tests/data_parallel_worker.py <section>` (section
+`all <config as JSON>`: the four in turn, what tests/test_data_parallel.py runs)."""
 import dataclasses
 import json
 import os
@@ -153,12 +154,26 @@ def entry_points():
           flush=True)
 
 
-def run_all():
-    """Every section in this one process (the test's: one interpreter and JAX start instead of three)."""
+def experiment_sweep(raw_config: str):
+    """The cells of an experiment config (JSON, results_dir included) computed by the experiment runner
+    on the 4 devices (the test computes them on one device and compares)."""
+    from experiments import config, runner, sweep
+    from experiments.results import ResultStore
+    cfg = config.from_dict(json.loads(raw_config))
+    store = ResultStore(config.experiment_dir(cfg))
+    workload, reference = runner.prepare(cfg, store)
+    runner.run_cells(cfg, workload, reference, store, sweep.expand(cfg), log=lambda *a: None)
+    print(json.dumps({"sweep": True, "devices": len(jax.devices())}), flush=True)
+
+
+def run_all(raw_config: str):
+    """Every section in this one process (the test's: one interpreter and JAX start instead of four)."""
     main()
     fsdp()
     entry_points()
+    experiment_sweep(raw_config)
 
 
 if __name__ == "__main__":
-    {"all": run_all, "presets": main, "fsdp": fsdp, "entry_points": entry_points}[sys.argv[1]]()
+    {"all": run_all, "presets": main, "fsdp": fsdp, "entry_points": entry_points,
+     "sweep": experiment_sweep}[sys.argv[1]](*sys.argv[2:])

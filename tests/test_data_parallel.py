@@ -90,18 +90,26 @@ def test_shards_signature_and_saga_blocks(quad_stoch):
     assert gap < 0.2
 
 
-def _worker():
+# 2 seeds x 3 step sizes: 6 rows of the experiment runner's batch, padded to 8 over 4 devices
+SWEEP = {"name": "shard", "seeds": 2, "steps": 20, "eval_every": 10, "metrics": ["grad_sq", "lower_gap"],
+         "timing": False, "progress": False, "compile_cache": False,
+         "problem": {"name": "quadratic", "dim_upper": 2, "dim_lower": 3, "n_samples": 16},
+         "algorithms": {"soba": {"upper_lr": [0.05, 0.1, 0.2], "lower_lr": 0.2, "batch_size": 4}}}
+
+
+def _worker(sweep_config: dict):
     """The JSON rows of tests/data_parallel_worker.py (all its sections in one process: one interpreter
     and JAX start, 5 s of CPU less than a process per section), run with 4 forced host devices."""
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")   # conftest's XLA_FLAGS: 79 s -> 42 s of CPU
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "data_parallel_worker.py"), "all"], env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "data_parallel_worker.py"), "all",
+                          json.dumps(sweep_config)],
+                         env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
-def test_mesh_equals_shards_fsdp_and_entry_points_on_four_devices():
-    """One worker process, three checks (each a section of the worker):
+def test_mesh_equals_shards_fsdp_entry_points_and_the_runner_on_four_devices(tmp_path):
+    """One worker process, four checks (each a section of the worker):
 
     presets: the bar: on 4 forced host devices, `mesh=` gives the iterates of `shards=4` on one device (1e-12,
     float64) for soba (iid, step sizes estimated at init), amigo and stocbio (shuffled) and saba (partition),
@@ -111,13 +119,20 @@ def test_mesh_equals_shards_fsdp_and_entry_points_on_four_devices():
     fsdp: an MLP phi split over a second mesh axis, the iterates of one device, and the
     per-device state bytes about halved on a model axis of 2 (small leaves stay replicated).
 
-    entry points: bj.hypergradient, a grad through bj.argmin and bj.run with mesh= equal one device."""
-    rows = _worker()
+    entry points: bj.hypergradient, a grad through bj.argmin and bj.run with mesh= equal one device.
+
+    sweep: the experiment runner's batch of seeds x grid points split over the 4 devices (6 rows padded
+    to 8) saves the cells one device saves here (1e-12)."""
+    from experiments import config, runner, sweep
+    from experiments.results import ResultStore
+    one, four = (dict(SWEEP, results_dir=str(tmp_path / d)) for d in ("one", "four"))
+    rows = _worker(four)
     fsdp = [row for row in rows if row.get("fsdp")]
     entry = [row for row in rows if row.get("entry_points")]
+    swept = [row for row in rows if row.get("sweep")]
     rows = [row for row in rows if "preset" in row]
-    assert len(fsdp) == 1 and len(entry) == 1
-    (fsdp,), (entry,) = fsdp, entry
+    assert len(fsdp) == 1 and len(entry) == 1 and len(swept) == 1
+    (fsdp,), (entry,), (swept,) = fsdp, entry, swept
 
     # presets
     assert len(rows) == 5 and rows[0]["defaults"] and rows[-1]["sample_chunk"] == 2
@@ -140,3 +155,18 @@ def test_mesh_equals_shards_fsdp_and_entry_points_on_four_devices():
     # entry points
     assert entry["hypergradient"] < 1e-12 and entry["exact"] < 1e-10 and entry["status"] == 0, entry
     assert entry["argmin"] < 1e-12 and entry["run"] < 1e-12, entry
+
+    # the runner's batch over 4 devices
+    assert swept["devices"] == 4 and len(jax.devices()) == 1   # one device here, in the test's process
+    one, four = config.from_dict(one), config.from_dict(four)
+    store = ResultStore(config.experiment_dir(one))
+    workload, reference = runner.prepare(one, store)
+    runner.run_cells(one, workload, reference, store, sweep.expand(one), log=lambda *a: None)
+    cells = sweep.expand(one)
+    assert [c.cell_id for c in cells] == [c.cell_id for c in sweep.expand(four)]
+    for cell in cells:
+        a, b = store.load(cell.cell_id), ResultStore(config.experiment_dir(four)).load(cell.cell_id)
+        assert b.meta["timings"]["n_devices"] == 4 and b.meta["timings"]["batch"] == 8   # 6 rows padded to 8
+        assert a.meta["timings"]["n_devices"] == 1 and a.meta["timings"]["batch"] == 6
+        for key in ("grad_sq", "lower_gap", "theta", "phi", "lower_grads", "hvps"):
+            np.testing.assert_allclose(b.history[key], a.history[key], rtol=1e-12, atol=1e-14)

@@ -217,32 +217,35 @@ DATA_PARALLEL = _config("""
 """)
 
 
-def test_one_run_data_parallel_over_two_processes_equals_one_process_with_four_devices(tmp_path):
+def test_one_run_data_parallel_over_two_processes_equals_shards_on_one_device(tmp_path):
     """`mesh = {data = 4}`: every run's samples split over the job's 4 devices (2 processes x 2), each
-    device drawing 2 of the 8 samples of a step; the same histories as 1 process with 4 devices (1e-12)."""
-    config = str(tmp_path / "dp.toml")
+    device drawing 2 of the 8 samples of a step; the same histories (1e-12) as `shards = 4` on this
+    process's one device, the sampling layout a mesh of 4 runs in shard_map (that a mesh of 4 devices
+    in one process equals it is tests/test_data_parallel.py's check)."""
+    config, sharded = str(tmp_path / "dp.toml"), str(tmp_path / "shards.toml")
     with open(config, "w") as f:
         f.write(DATA_PARALLEL)
+    with open(sharded, "w") as f:
+        f.write(DATA_PARALLEL.replace("mesh = {data = 4}\n", "").replace('sampler = "shuffled"',
+                                                                        'sampler = "shuffled"\nshards = 4'))
     job = _job(config, str(tmp_path / "two"), str(tmp_path), "dp")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip())
     try:
-        single = subprocess.run([sys.executable, "-m", "experiments", config, f"results_dir={tmp_path / 'one'}"],
-                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert single.returncode == 0, single.stderr[-3000:]
+        cfg = C.load(sharded, [f"results_dir={tmp_path / 'one'}"])   # meanwhile, here on one device
+        one = ResultStore(C.experiment_dir(cfg))
+        setup, reference = runner.prepare(cfg, one)
+        runner.run_cells(cfg, setup, reference, one, log=lambda *a: None)
         for i, p in enumerate(job):
             assert p.wait(timeout=300) == 0, open(os.path.join(str(tmp_path), f"dp-{i}.log")).read()[-3000:]
     finally:
         for p in job:
             p.kill()
-    cfg = C.load(config, [f"results_dir={tmp_path / 'one'}"])
-    one = ResultStore(C.experiment_dir(cfg))
-    two = ResultStore(C.experiment_dir(C.load(config, [f"results_dir={tmp_path / 'two'}"])))
-    (cell,) = sweep.expand(cfg)
-    a, b = one.load(cell.cell_id), two.load(cell.cell_id)
+    job_cfg = C.load(config, [f"results_dir={tmp_path / 'two'}"])
+    (a,), (b,) = (ResultStore(C.experiment_dir(c)).load_many(cell.cell_id for cell in sweep.expand(c))
+                  for c in (cfg, job_cfg))
     assert a.meta["environment"]["processes"] == 1 and b.meta["environment"]["processes"] == 2
-    assert a.meta["timings"]["n_devices"] == b.meta["timings"]["n_devices"] == 4
+    assert a.meta["timings"]["n_devices"] == 1 and b.meta["timings"]["n_devices"] == 4
     assert np.all(np.asarray(a.history["finite"]))
+    assert sorted(a.history) == sorted(b.history)
     for key in a.history:
         np.testing.assert_allclose(b.history[key], a.history[key], rtol=1e-12, atol=1e-14, err_msg=key)
     assert np.max(np.abs(a.history["theta"][..., -1, :] - a.history["theta"][..., 0, :])) > 1e-3   # it moved

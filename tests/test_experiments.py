@@ -1,9 +1,6 @@
 """The experiment runner: config validation, overrides, resumable sweeps, sharding, figures."""
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -111,14 +108,15 @@ def test_config_errors_list_valid_names(tmp_path):
         C.from_dict(dict(base, only="saba"))
 
 
-def test_cli_reports_config_errors(tmp_path):
+def test_cli_reports_config_errors(tmp_path, capsys):
+    """`python -m experiments`'s entry point (run as a module in tests/test_distributed.py): exit status 2."""
+    from experiments.__main__ import main
     path = tmp_path / "bad.toml"
     path.write_text('steps = 10\neval_every = 5\nmetrics = ["grad_sq"]\n[problem]\nname = "quadratic"\n'
                     '[algorithms.sobaa]\n')
-    out = subprocess.run([sys.executable, "-m", "experiments", str(path), f"results_dir={tmp_path}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2
-    assert "unknown algorithm 'sobaa'; valid names:" in out.stderr and "soba" in out.stderr
+    assert main([str(path), f"results_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown algorithm 'sobaa'; valid names:" in err and "soba" in err
 
 
 def test_a_batch_size_larger_than_the_data_is_a_one_line_error(tmp_path, capsys):
@@ -281,58 +279,6 @@ def test_rates_fit():
 
 # ---------------------------------------------------------------------------------------------
 # sharding: 4 fake CPU devices give the numbers of 1 device
-
-SHARDED = textwrap.dedent("""
-    import json, sys
-    import jax
-    jax.config.update("jax_enable_x64", True)
-    from experiments import config as C, runner, sweep
-    from experiments.results import ResultStore
-    cfg = C.from_dict(json.loads(sys.argv[1]))
-    store = ResultStore(C.experiment_dir(cfg))
-    workload, ref = runner.prepare(cfg, store)
-    runner.run_cells(cfg, workload, ref, store, sweep.expand(cfg), log=lambda *a: None)
-    print(json.dumps({"devices": len(jax.devices())}))
-""")
-
-
-def _run_sharded(cfg_raw, devices):
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", SHARDED, json.dumps(cfg_raw)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def test_four_fake_devices_equal_one_device(tmp_path):
-    from experiments import sweep
-    from experiments.results import ResultStore
-    raw = {"name": "shard", "seeds": 2, "steps": 20, "eval_every": 10, "metrics": ["grad_sq", "lower_gap"],
-           "timing": False, "progress": False, "compile_cache": False,
-           "problem": {"name": "quadratic", "dim_upper": 2, "dim_lower": 3, "n_samples": 16},
-           "algorithms": {"soba": {"upper_lr": [0.05, 0.1, 0.2], "lower_lr": 0.2, "batch_size": 4}}}
-    one = dict(raw, results_dir=str(tmp_path / "one"))
-    four = dict(raw, results_dir=str(tmp_path / "four"))
-    import jax
-    from experiments import runner
-    assert len(jax.devices()) == 1                      # one device: here, in the test's process
-    cfg = C.from_dict(one)
-    store = ResultStore(C.experiment_dir(cfg))
-    workload, ref = runner.prepare(cfg, store)
-    runner.run_cells(cfg, workload, ref, store, sweep.expand(cfg), log=lambda *a: None)
-    assert _run_sharded(four, 4)["devices"] == 4
-    cells = sweep.expand(C.from_dict(one))
-    assert [c.cell_id for c in cells] == [c.cell_id for c in sweep.expand(C.from_dict(four))]
-    for cell in cells:
-        a = ResultStore(C.experiment_dir(C.from_dict(one))).load(cell.cell_id)
-        b = ResultStore(C.experiment_dir(C.from_dict(four))).load(cell.cell_id)
-        assert b.meta["timings"]["n_devices"] == 4 and b.meta["timings"]["batch"] == 8   # 6 rows padded to 8
-        assert a.meta["timings"]["n_devices"] == 1 and a.meta["timings"]["batch"] == 6
-        for key in ("grad_sq", "lower_gap", "theta", "phi", "lower_grads", "hvps"):
-            np.testing.assert_allclose(b.history[key], a.history[key], rtol=1e-12, atol=1e-14)
-
 
 def test_quadratic_metrics_match_closed_forms():
     import jax
