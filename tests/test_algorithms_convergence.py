@@ -6,10 +6,10 @@
   preset decreases ||grad F||^2 (closed form `q.grad`) by more than 10x on average, stays finite.
 
 Hyperparameters are chosen for these problems (spectrum of the LL Hessian in [0.1, 1]); the
-closed forms (theta*, grad F) never come from the code under test.
+closed forms (theta*, grad F) never come from the code under test. Test-side arithmetic (starting
+points, errors) is NumPy: an eager jnp operation would compile once per operation and shape.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -28,17 +28,19 @@ SEEDS = 4
 
 
 def with_lower(q, **arrays):
-    """`q` with LL data arrays replaced (broadcast over samples) and its closed forms updated."""
-    lower = {**q.data[1], **{k: jnp.broadcast_to(v, q.data[1][k].shape) for k, v in arrays.items()}}
-    q = q._replace(data=(q.data[0], lower), means={**q.means, **{k: lower[k].mean(0) for k in arrays}})
-    assert float(jnp.linalg.eigvalsh(q.hessian()).min()) > 0   # F stays strongly convex
+    """`q` with LL data arrays replaced (broadcast over samples) and its closed forms updated
+    (built in NumPy and placed on the device: no eager operation to compile)."""
+    new = {k: np.broadcast_to(v, q.data[1][k].shape) for k, v in arrays.items()}
+    lower = {**q.data[1], **jax.device_put(new)}
+    q = q._replace(data=(q.data[0], lower), means={**q.means, **jax.device_put({k: v.mean(0) for k, v in new.items()})})
+    assert np.linalg.eigvalsh(np.asarray(q.hessian())).min() > 0   # F stays strongly convex
     return q
 
 
 @pytest.fixture(scope="module")
 def quad_iso(quad):
     """LL Hessian = I: one LL step of size 1 is exact, and the HIA with N=1, eta=1 is exact too."""
-    return with_lower(quad, H=jnp.eye(6))
+    return with_lower(quad, H=np.eye(6))
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +154,8 @@ def test_settings_cover_every_preset():
 
 
 def _final_thetas(alg, q, theta0s, keys, num_steps):
-    """One jit: vmap over (theta0, key) of init + run; returns final theta, phi and the history."""
+    """One jit: vmap over (theta0, key) of init + run; returns final theta, phi and the history
+    (NumPy values)."""
 
     @jax.jit
     @jax.vmap
@@ -161,7 +164,7 @@ def _final_thetas(alg, q, theta0s, keys, num_steps):
         state, history = bj.run(alg, state, q.data, num_steps=num_steps)
         return state.theta, state.phi, history
 
-    return go(theta0s, keys)
+    return jax.device_get(go(theta0s, keys))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -169,21 +172,22 @@ def test_deterministic_convergence_to_theta_star(name, request):
     fixture, kw, per_step = DETERMINISTIC[name]
     q = request.getfixturevalue(fixture)
     alg = bj.algorithms.get(name)(q.problem, batch_size=None, **kw)
-    theta_star = q.theta_star()
+    theta_star = np.asarray(q.theta_star())
     # 4 different starting points (and keys): the vmapped runs must all converge.
-    theta0s = q.theta0 + jax.random.normal(jax.random.PRNGKey(7), (SEEDS,) + q.theta0.shape)
+    theta0s = np.asarray(q.theta0) + np.asarray(jax.random.normal(jax.random.PRNGKey(7), (SEEDS,) + q.theta0.shape))
     keys = jax.random.split(jax.random.PRNGKey(8), SEEDS)
     thetas, phis, history = _final_thetas(alg, q, theta0s, keys, num_steps=200)
     assert thetas.shape == (SEEDS,) + q.theta0.shape
-    assert bool(jnp.all(history["finite"]))
+    assert np.all(history["finite"])
     # the oracle calls reported by step_info (summed by bj.run) are the method's cost
     totals = tuple(int(history[k][0, -1]) for k in ("lower_grads", "upper_grads", "hvps", "cross"))
     assert totals == _expected_totals(name, kw, per_step, 200)
-    rel = jnp.linalg.norm(thetas - theta_star, axis=1) / jnp.linalg.norm(theta_star)
-    assert float(rel.max()) < 1e-3, (name, np.asarray(rel))
+    rel = np.linalg.norm(thetas - theta_star, axis=1) / np.linalg.norm(theta_star)
+    assert rel.max() < 1e-3, (name, rel)
     # and the LL variable followed: phi close to phi*(theta*) (SignSGD only up to its last step size)
-    phi_err = jnp.linalg.norm(phis - q.phi_star(theta_star), axis=1) / jnp.linalg.norm(q.phi_star(theta_star))
-    assert float(phi_err.max()) < 1e-2, (name, np.asarray(phi_err))
+    phi_star = np.asarray(q.phi_star(theta_star))
+    phi_err = np.linalg.norm(phis - phi_star, axis=1) / np.linalg.norm(phi_star)
+    assert phi_err.max() < 1e-2, (name, phi_err)
 
 
 def test_alternating_misses_theta_star_when_the_implicit_gradient_matters(quad):
@@ -193,14 +197,14 @@ def test_alternating_misses_theta_star_when_the_implicit_gradient_matters(quad):
     keys = jax.random.split(jax.random.PRNGKey(0), 1)
     thetas, _, history = _final_thetas(alg, quad, quad.theta0[None], keys, num_steps=200)
     theta = thetas[0]
-    assert bool(history["finite"].all())
+    assert history["finite"].all()
     # converged: the partial gradient at (theta, phi*(theta)) vanishes ...
-    partial = jax.grad(quad.problem.f_upper)(theta, quad.phi_star(theta), quad.data[0])
-    assert float(jnp.linalg.norm(partial)) < 1e-8
+    partial = jax.jit(jax.grad(quad.problem.f_upper))(theta, quad.phi_star(theta), quad.data[0])
+    assert np.linalg.norm(partial) < 1e-8
     # ... but theta is far from theta* and grad F(theta) is not small
-    theta_star = quad.theta_star()
-    assert float(jnp.linalg.norm(theta - theta_star) / jnp.linalg.norm(theta_star)) > 1e-2
-    assert float(jnp.linalg.norm(quad.grad(theta))) > 1e-2
+    theta_star = np.asarray(quad.theta_star())
+    assert np.linalg.norm(theta - theta_star) / np.linalg.norm(theta_star) > 1e-2
+    assert np.linalg.norm(quad.grad(theta)) > 1e-2
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -210,13 +214,13 @@ def test_stochastic_decrease_of_grad_norm(name, request):
     kw = {"upper_lr": 0.2, "lower_lr": 0.2, **kw}
     alg = bj.algorithms.get(name)(q.problem, batch_size=32, **kw)
     keys = jax.random.split(jax.random.PRNGKey(3), SEEDS)
-    theta0s = jnp.broadcast_to(q.theta0, (SEEDS,) + q.theta0.shape)
+    theta0s = np.broadcast_to(q.theta0, (SEEDS,) + q.theta0.shape)
     thetas, _, history = _final_thetas(alg, q, theta0s, keys, num_steps=STOCHASTIC_STEPS.get(name, 100))
-    assert bool(jnp.all(history["finite"]))
+    assert np.all(history["finite"])
     # the seeds are different runs (minibatches differ) ...
-    assert float(jnp.abs(thetas[0] - thetas[1]).max()) > 0
-    # ... and each decreases ||grad F||^2; on average by more than 10x
-    g0 = jnp.sum(q.grad(q.theta0) ** 2)
-    g = jnp.sum(jax.vmap(q.grad)(thetas) ** 2, axis=1)
-    assert bool(jnp.all(g < 0.5 * g0)), (name, np.asarray(g / g0))
-    assert float(g.mean() / g0) < 0.1, (name, np.asarray(g / g0))
+    assert np.abs(thetas[0] - thetas[1]).max() > 0
+    # ... and each decreases ||grad F||^2; on average by more than 10x (q.grad's one program, per seed)
+    g0 = np.sum(np.asarray(q.grad(q.theta0)) ** 2)
+    g = np.array([np.sum(np.asarray(q.grad(theta)) ** 2) for theta in thetas])
+    assert np.all(g < 0.5 * g0), (name, g / g0)
+    assert g.mean() / g0 < 0.1, (name, g / g0)

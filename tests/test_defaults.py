@@ -48,7 +48,8 @@ def _error(name, case, steps):
     state = alg.init(case.theta0, case.phi0, jax.random.PRNGKey(0), case.data)
     state, history = bj.run(alg, state, case.data, num_steps=steps)
     assert int(history["status"][-1]) == bj.status.OK, (name, case.name, bj.status.describe(int(history["status"][-1])))
-    return float(jnp.linalg.norm(jnp.ravel(state.theta - case.theta_star)) / jnp.linalg.norm(jnp.ravel(case.theta_star)))
+    theta_star = np.ravel(case.theta_star)   # NumPy: no eager operation compiled per shape
+    return float(np.linalg.norm(np.ravel(state.theta) - theta_star) / np.linalg.norm(theta_star))
 
 
 def _check(name, index, case, steps):
@@ -127,9 +128,10 @@ def test_zero_or_non_finite_curvature_raises_or_flags(cases):
     alg = bj.algorithms.soba(flat)
     with pytest.raises(ValueError, match=r"soba: .*L_g = 0.*pass the step sizes \(upper_lr=, lower_lr=\)"):
         alg.init(q.theta0, q.phi0, jax.random.PRNGKey(0), q.data)
-    assert bool(jnp.isnan(D.scales_at(flat, q.theta0, q.phi0, q.data).lower))
-    state = jax.jit(lambda t: alg.init(t, q.phi0, jax.random.PRNGKey(0), q.data))(q.theta0)
-    _, history = bj.run(alg, state, q.data, num_steps=2)
+    assert np.isnan(D.scales_at(flat, q.theta0, q.phi0, q.data).lower)
+    # init traced in the run's jit (one program)
+    _, history = jax.jit(lambda t: bj.run(alg, alg.init(t, q.phi0, jax.random.PRNGKey(0), q.data), q.data,
+                                          num_steps=2))(q.theta0)
     assert int(history["status"][-1]) & bj.status.NONFINITE
 
 
@@ -147,7 +149,7 @@ def test_loop_length_meets_its_tolerance():
         D.loop_length("f2sa", D.Curvatures(10 * one, -one, one, one, one, one), "lower_steps")
 
 
-def test_neumann_presets_choose_their_terms_and_sum_the_series_on_full_batches(cases):
+def test_neumann_presets_choose_their_terms_and_sum_the_series_on_full_batches(cases, quad_stoch):
     """No warning: neumann_steps = K from mu_g / L_g at init; the HIA's random truncation (bsa)
     is replaced by its expectation on full batches, and kept (with K terms) on minibatches; a
     given neumann_steps is kept; init under jit cannot choose K and says so."""
@@ -159,7 +161,7 @@ def test_neumann_presets_choose_their_terms_and_sum_the_series_on_full_batches(c
         assert k == D.loop_length(name, state.curvatures, "neumann_steps") == 459   # mu_g / L_g = 1e-2
         solver = alg._at(state.curvatures, state.chosen, q.data).direction.solver
         assert type(solver) is bj.linear_solvers.Neumann and solver.steps == k
-    stoch = bj.problems.quadratic_bilevel(jax.random.PRNGKey(1), dim_upper=3, dim_lower=5, n_samples=64)
+    stoch = quad_stoch   # the shared finite-sum quadratic (64 samples): no new problem to draw
     alg = bj.algorithms.bsa(stoch.problem, batch_size=16)
     state = alg.init(stoch.theta0, stoch.phi0, jax.random.PRNGKey(0), stoch.data)
     solver = alg._at(state.curvatures, state.chosen, stoch.data).direction.solver
@@ -179,21 +181,23 @@ def test_penalty_steps_stay_stable_along_the_ramp(cases):
     q = cases[RIDGE]
     alg = bj.algorithms.f2sa(q.problem)
     state = alg.init(q.theta0, q.phi0, jax.random.PRNGKey(0), q.data)
-    c, inner = D.rescaled(state.curvatures), alg._at(state.curvatures, state.chosen, q.data)
+    # the checks in NumPy (an eager jnp operation compiles once per operation and shape)
+    c, inner = jax.device_get(D.rescaled(state.curvatures)), alg._at(state.curvatures, state.chosen, q.data)
     assert inner.phi_steps == inner.tracker_steps == state.chosen["steps"] == D.MIN_STEPS
-    outer = jnp.array([0, 10, 500, D.RAMP_STEPS, 5 * D.RAMP_STEPS])
-    lam = inner.multiplier.ramp(outer)
-    np.testing.assert_allclose(lam, jnp.minimum(1 + (D.PENALTY - 1) * outer / D.RAMP_STEPS, D.PENALTY))
-    beta = inner.lower.learning_rate(outer * inner.phi_steps + 3)
+    outer = np.array([0, 10, 500, D.RAMP_STEPS, 5 * D.RAMP_STEPS])
+    lam = np.asarray(inner.multiplier.ramp(outer))
+    np.testing.assert_allclose(lam, np.minimum(1 + (D.PENALTY - 1) * outer / D.RAMP_STEPS, D.PENALTY))
+    beta = np.asarray(inner.lower.learning_rate(outer * inner.phi_steps + 3))
     np.testing.assert_allclose(beta * (c.upper_phi + lam * c.lower), 1.0, rtol=1e-12)
     for name in ("vf_penalty", "pdbo", "pbgd", "bome"):
         alg = bj.algorithms.get(name)(q.problem)
         state = alg.init(q.theta0, q.phi0, jax.random.PRNGKey(0), q.data)
-        c, inner = D.rescaled(state.curvatures), alg._at(state.curvatures, state.chosen, q.data)
-        lam = inner.upper.learning_rate.ramp(outer)
+        c, inner = jax.device_get(D.rescaled(state.curvatures)), alg._at(state.curvatures, state.chosen, q.data)
+        lam = np.asarray(inner.upper.learning_rate.ramp(outer))
         scale = lam if inner.scale_upper else 1.0   # V-PBGD: the direction is divided by lambda
-        xi, beta = inner.upper.learning_rate(outer) / scale, inner.lower.learning_rate(outer) / scale
-        np.testing.assert_allclose(xi * (jnp.maximum(c.upper_theta, c.upper) + lam * c.coupling), D.JOINT_STEP)
+        xi = np.asarray(inner.upper.learning_rate(outer)) / scale
+        beta = np.asarray(inner.lower.learning_rate(outer)) / scale
+        np.testing.assert_allclose(xi * (np.maximum(c.upper_theta, c.upper) + lam * c.coupling), D.JOINT_STEP)
         np.testing.assert_allclose(beta * (c.upper_phi + lam * c.lower), D.JOINT_STEP)
         assert float(lam[-1]) == D.JOINT_PENALTY and inner.tracker_steps == D.MIN_STEPS, name
 

@@ -2,7 +2,10 @@
 
 Ground truth in NumPy (np.linalg.solve, a dense 2-D Galerkin projection), independent of the code
 under test. Each sequence of solves is one `jax.jit` of a `lax.scan` over the calls (the way a
-bilevel loop carries the solver state), so the file compiles a handful of small programs.
+bilevel loop carries the solver state), so the file compiles a handful of small programs: the
+solve helpers are module-level jits (tests with the same solver configuration and shapes share a
+program), take NumPy inputs and the checks run on NumPy values (no eager operation compiled per
+shape: `jnp.asarray` of a NumPy array, an index or a sum of a jax.Array each compile one).
 """
 import json
 import math
@@ -25,21 +28,39 @@ def _spd(seed, n, spectrum):
     return (q * np.asarray(spectrum)) @ q.T
 
 
-def _calls(solver, mats, rhs, x0=None):
+@jax.jit   # one function: calls with the same solver configuration and shapes share a program
+def _scan_calls(solver, mats, rhs):
+    def body(state, ab):
+        a, b = ab
+        x, state, info = solver.solve(lambda v: a @ v, b, state)
+        return state, (x, info)
+
+    state, (xs, infos) = jax.lax.scan(body, solver.init(rhs[0]), (mats, rhs))
+    return xs, infos, state
+
+
+def _calls(solver, mats, rhs):
     """`len(mats)` solves of A_k x = b_k with the state carried across them, in one jit:
-    (xs, infos, final state)."""
+    (xs, infos, final state) as NumPy values (the checks index and reduce them without compiling
+    an eager operation per shape; NumPy inputs likewise go in without one)."""
+    return jax.device_get(_scan_calls(solver, mats, rhs))
 
-    @jax.jit
-    def go(solver, mats, rhs):
-        def body(state, ab):
-            a, b = ab
-            x, state, info = solver.solve(lambda v: a @ v, b, state)
-            return state, (x, info)
 
-        state, (xs, infos) = jax.lax.scan(body, solver.init(rhs[0], x0), (mats, rhs))
-        return xs, infos, state
+@jax.jit
+def _solve_fresh(solver, a, b, *v_prev):
+    """One solve of A x = b from `solver.init(b, *v_prev)`, in one jit (NumPy inputs)."""
+    return solver.solve(lambda u: a @ u, b, solver.init(b, *v_prev))
 
-    return go(solver, jnp.asarray(mats), jnp.asarray(rhs))
+
+@jax.jit
+def _init(solver, b):
+    return solver.init(b)
+
+
+@jax.jit
+def _solve_from(solver, a, b, state):
+    """One solve of A x = b from `state`: the same solver and shapes share a program."""
+    return solver.solve(lambda u: a @ u, b, state)
 
 
 def _frozen(a, b, k):
@@ -73,7 +94,7 @@ def test_lanczos_m_equals_n_reproduces_the_dense_solve_with_a_falling_residual()
     assert int(state.size) <= n
     # the same in one solve: `steps` Lanczos steps per call, from a fresh state
     one = ls.lanczos(n, m_start=n, steps=n, warm_start=False)
-    x, _, info = jax.jit(lambda s, b: s.solve(lambda v: jnp.asarray(a) @ v, b, s.init(b)))(one, jnp.asarray(b))
+    x, _, info = _solve_fresh(one, a, b)
     assert int(info.status) == st.OK and int(info.num_matvecs) == n + 1
     np.testing.assert_allclose(x, xs[-1], rtol=1e-10, atol=1e-12)
 
@@ -140,7 +161,7 @@ def test_lanczos_dimension_schedule_and_matvec_count():
             return state, (state.m, info.num_matvecs, info.status)
         return jax.lax.scan(body, solver.init(jnp.asarray(b)), None, length=calls)[1]
 
-    ms, mvs, status = go(solver)
+    ms, mvs, status = jax.device_get(go(solver))
     expected = _schedule(1, 1.5, 10, 8, calls)
     assert np.all(np.asarray(status) == st.OK)
     assert [int(m) for m in ms] == [m for m, _ in expected]
@@ -221,11 +242,12 @@ def test_lanczos_pytree_vmap_and_traced_dimension():
     flat = jax.jit(run)(ls.lanczos(4, m_start=2, inc=1.5, every=3), rhs[0])
     tree = jax.jit(lambda s, b: run(s, b, tree=True))(ls.lanczos(4, m_start=2, inc=1.5, every=3), rhs[0])
     np.testing.assert_allclose(tree, flat, rtol=1e-10, atol=1e-12)
-    seeds = jax.jit(jax.vmap(run, in_axes=(None, 0)))(ls.lanczos(4, m_start=2, inc=1.5, every=3), rhs)
+    seeds = jax.device_get(jax.jit(jax.vmap(run, in_axes=(None, 0)))(ls.lanczos(4, m_start=2, inc=1.5, every=3), rhs))
     np.testing.assert_allclose(seeds[0], flat, rtol=1e-10, atol=1e-12)
     # m_start swept as an array field, one m_max
     solver = ls.lanczos(5, m_start=1)
-    swept = jax.jit(jax.vmap(lambda m0: run(eqx.tree_at(lambda s: s.m_start, solver, m0), rhs[0])))(jnp.array([2, 5]))
+    swept = jax.device_get(jax.jit(jax.vmap(lambda m0: run(eqx.tree_at(lambda s: s.m_start, solver, m0), rhs[0])))(
+        np.array([2, 5])))
     for i, m0 in enumerate((2, 5)):
         np.testing.assert_allclose(swept[i], jax.jit(run)(ls.lanczos(5, m_start=m0), rhs[0]), rtol=1e-10, atol=1e-12)
 
@@ -250,8 +272,7 @@ def test_subspace_equals_the_dense_2d_galerkin_solution():
     rng = np.random.default_rng(17)
     b, v_prev = rng.normal(size=n), rng.normal(size=n)
     solver = ls.subspace(eta)
-    x, state, info = jax.jit(lambda s, b, v: s.solve(lambda u: jnp.asarray(a) @ u, b, s.init(b, v)))(
-        solver, jnp.asarray(b), jnp.asarray(v_prev))
+    x, state, info = _solve_fresh(solver, a, b, v_prev)
     w = np.stack([b, v_prev - eta * a @ v_prev], axis=1)
     dense = w @ np.linalg.solve(w.T @ a @ w, w.T @ b)
     assert int(info.status) == st.OK and int(info.num_matvecs) == 3
@@ -259,7 +280,7 @@ def test_subspace_equals_the_dense_2d_galerkin_solution():
     np.testing.assert_allclose(info.residual_norm, np.linalg.norm(b - a @ dense), rtol=1e-8)
     np.testing.assert_array_equal(state.x, x)
     # v_prev = 0 (the first solve): the subspace is span{b}, the exact line search along b
-    x0, _, info0 = solver.solve(lambda u: jnp.asarray(a) @ u, jnp.asarray(b), solver.init(jnp.asarray(b)))
+    x0, _, info0 = _solve_fresh(solver, a, b)
     assert int(info0.status) == st.OK
     np.testing.assert_allclose(x0, (b @ b) / (b @ a @ b) * b, rtol=1e-12)
 
@@ -270,14 +291,14 @@ def test_subspace_failures_are_loud():
     rng = np.random.default_rng(19)
     b = np.linalg.eigh(a)[1][:, 0]  # along the negative eigenvector: b'A b < 0
     solver = ls.subspace(0.1)
-    x, state, info = solver.solve(lambda u: jnp.asarray(a) @ u, jnp.asarray(b), solver.init(jnp.asarray(b)))
+    x, state, info = jax.device_get(_solve_fresh(solver, a, b))
     assert int(info.status) == st.BREAKDOWN and np.all(np.isnan(np.asarray(x))) and np.isnan(info.residual_norm)
     assert np.all(np.isnan(np.asarray(state.x)))
     bad = rng.normal(size=n)
     bad[0] = np.nan
-    x, _, info = solver.solve(lambda u: jnp.asarray(np.eye(n)) @ u, jnp.asarray(bad), solver.init(jnp.asarray(bad)))
+    x, _, info = _solve_fresh(solver, np.eye(n), bad)   # the identity: one program for the three solves
     assert int(info.status) == st.BREAKDOWN | st.NONFINITE and np.all(np.isnan(np.asarray(x)))
-    x, _, info = solver.solve(lambda u: u, jnp.zeros(n), solver.init(jnp.zeros(n)))
+    x, _, info = _solve_fresh(solver, np.eye(n), np.zeros(n))
     assert int(info.status) == st.OK and np.all(np.asarray(x) == 0)
 
 
@@ -287,7 +308,7 @@ def test_lancbio_preset_costs_follow_the_schedule(quad):
     restarts those of the schedule; full batch, jit + vmap over 4 seeds, every run reaches theta*."""
     alg = bj.algorithms.lancbio(quad.problem, upper_lr=0.5, lower_lr=1.0, lower_steps=10)
     num = 120
-    theta0s = quad.theta0 + jax.random.normal(jax.random.PRNGKey(1), (4,) + quad.theta0.shape)
+    theta0s = np.asarray(quad.theta0) + np.asarray(jax.random.normal(jax.random.PRNGKey(1), (4,) + quad.theta0.shape))
 
     @jax.jit
     @jax.vmap
@@ -298,7 +319,7 @@ def test_lancbio_preset_costs_follow_the_schedule(quad):
 
     thetas, history = go(theta0s, jax.random.split(jax.random.PRNGKey(2), 4))
     restarts = sum(r for _, r in _schedule(1, 1.1, 20, 80, num))
-    assert np.all(np.asarray(history["hvps"][:, -1]) == num + restarts)
+    assert np.all(np.asarray(history["hvps"])[:, -1] == num + restarts)
     assert np.all(np.asarray(history["status"]) == st.OK)
     rel = np.linalg.norm(np.asarray(thetas) - np.asarray(quad.theta_star()), axis=1)
     assert rel.max() < 1e-3 * np.linalg.norm(quad.theta_star())
@@ -339,12 +360,13 @@ def test_synthetic_closed_forms_match_autodiff(synthetic):
                 (q.lower_hvp(theta, phi, v), hvp), (q.cross(theta, phi, v), cross),
                 *zip(q.upper_grads(theta, phi), jax.grad(p.problem.f_upper, argnums=(0, 1))(theta, phi, up))]
 
-    for mine, auto in pairs(p.theta0, p.phi0, v, p.data):
+    checked = jax.device_get(pairs(p.theta0, p.phi0, v, p.data))
+    for mine, auto in checked:
         np.testing.assert_allclose(mine, auto, rtol=1e-12, atol=1e-10)
     # G's spectrum is linspace(1, kappa, n); the LL is strongly convex (Hessian >= 1/2)
     low = p.data[1]
-    np.testing.assert_allclose(np.linalg.eigvalsh(np.asarray(low["G"][0])), np.linspace(1.0, 100.0, 20), rtol=1e-10)
-    assert np.linalg.eigvalsh(np.asarray(p.lower_hessian(p.theta0, p.phi0))).min() > 0.5 - 1e-12
+    np.testing.assert_allclose(np.linalg.eigvalsh(np.asarray(low["G"])[0]), np.linspace(1.0, 100.0, 20), rtol=1e-10)
+    assert np.linalg.eigvalsh(checked[1][0]).min() > 0.5 - 1e-12   # q.lower_hessian(theta0, phi0), in `pairs`
 
 
 def test_synthetic_hypergradient_and_one_product_with_g_per_oracle(synthetic):
@@ -434,12 +456,11 @@ def test_lanczos_min_residual_equals_the_dense_least_squares_correction(spectrum
     rng = np.random.default_rng(21)
     b0, drift = rng.normal(size=n), rng.normal(size=n)
     solver = ls.lanczos(m, m_start=m, correction="min_residual")
-    solve = jax.jit(lambda s, b: solver.solve(lambda v: jnp.asarray(a) @ v, b, s))
-    state = solver.init(jnp.asarray(b0))
+    state = _init(solver, b0)
     residuals = []
     for k in range(calls):
         b = b0 + 0.05 * k * drift
-        x, state, info = solve(state, jnp.asarray(b))
+        x, state, info = _solve_from(solver, a, b, state)
         assert int(info.status) == st.OK, k
         np.testing.assert_allclose(x, _dense_min_residual(a, b, state), rtol=1e-10, atol=1e-12, err_msg=str(k))
         residuals.append(float(np.linalg.norm(b - a @ np.asarray(x))))
@@ -472,8 +493,8 @@ def test_lancbio_dimension_above_phi_is_capped_with_a_warning(quad):
     assert int(state.direction.solver.m) == 6
     state, history = jax.jit(lambda s: bj.run(alg, s, quad.data, num_steps=200, eval_every=200))(state)
     assert np.all(np.asarray(history["status"]) == st.OK)
-    theta_star = quad.theta_star()
-    assert float(jnp.linalg.norm(state.theta - theta_star) / jnp.linalg.norm(theta_star)) < 1e-8
+    theta_star = np.asarray(quad.theta_star())
+    assert np.linalg.norm(np.asarray(state.theta) - theta_star) / np.linalg.norm(theta_star) < 1e-8
 
 
 def test_lancbio_theorem_schedule_and_min_residual_option(quad):
@@ -492,7 +513,7 @@ def test_lancbio_theorem_schedule_and_min_residual_option(quad):
     for _ in range(12):
         new, info = update(state, quad.data)
         assert int(info.status) == st.OK
-        moved.append(bool(jnp.any(new.theta != state.theta)))
+        moved.append(bool(np.any(np.asarray(new.theta) != np.asarray(state.theta))))
         a = np.asarray(hessian(state.theta, new.phi, quad.data[1]))
         b = np.asarray(grad_upper(state.theta, new.phi, quad.data[0]))
         np.testing.assert_allclose(new.v, _dense_min_residual(a, b, new.direction.solver), rtol=1e-10,
@@ -500,8 +521,8 @@ def test_lancbio_theorem_schedule_and_min_residual_option(quad):
         state = new
     assert moved == [k % 4 >= 2 for k in range(12)]
     state, _ = jax.jit(lambda s: bj.run(alg, s, quad.data, num_steps=300, eval_every=300))(state)
-    theta_star = quad.theta_star()
-    assert float(jnp.linalg.norm(state.theta - theta_star) / jnp.linalg.norm(theta_star)) < 1e-8
+    theta_star = np.asarray(quad.theta_star())
+    assert np.linalg.norm(np.asarray(state.theta) - theta_star) / np.linalg.norm(theta_star) < 1e-8
     with pytest.raises(ValueError, match="lancbio: m0=4 must be below the starting dimension"):
         bj.algorithms.lancbio(quad.problem, m_start=4, m_max=4, m0=4)
     with pytest.raises(ValueError, match="lancbio: correction must be one of"):
