@@ -23,7 +23,9 @@ class Killed(Exception):
 def test_killed_chunked_run_resumes_bitwise_with_an_mlp(mlp_setup, tmp_path):   # noqa: F811
     problem, theta0, data = mlp_setup
     alg = bj.algorithms.soba(problem, upper_lr=0.05, lower_lr=0.1, batch_size=4)
-    state0 = alg.init(theta0, make_mlp(jax.random.PRNGKey(3)), jax.random.PRNGKey(4), data)
+    # theta0 strongly typed, as a loaded checkpoint's (the fixture's is weak, and a chunk's output is strong):
+    # the first chunk and the resumed ones run one compiled program (a weak theta0 compiled it twice)
+    state0 = alg.init(theta0.astype(np.float64), make_mlp(jax.random.PRNGKey(3)), jax.random.PRNGKey(4), data)
     kw = dict(num_steps=12, chunk=4, eval_every=2)
 
     def kill_after_first(steps_done):
