@@ -41,31 +41,38 @@ def test_features_normalise_and_append_the_bias():
     np.testing.assert_allclose(x, [[-1.0, 1.0, 1.0]])
 
 
+def _cross_entropy(z, y):
+    """Per-sample softmax cross-entropy of the scores z (NumPy float64: a reference compiles nothing)."""
+    top = z.max(axis=1)
+    return top + np.log(np.exp(z - top[:, None]).sum(axis=1)) - z[np.arange(len(y)), y]
+
+
 def test_objectives_match_their_formulas_on_full_and_minibatch_data():
     b = tiny()
     (Xv, yv), (X, y, idx) = b.data
     theta = jax.random.normal(jax.random.PRNGKey(1), b.theta0.shape)
     W = b.phi0
-    z = X @ W.T
-    ce = jax.nn.logsumexp(z, axis=1) - z[jnp.arange(len(y)), y]
-    expected = jnp.mean(jax.nn.sigmoid(theta) * ce) + 0.01 * jnp.sum(W ** 2)
-    np.testing.assert_allclose(b.problem.f_lower(theta, W, (X, y, idx)), expected, rtol=1e-12)
-    rows = jnp.array([3, 7, 1])                 # a minibatch reads its own lambda_i
-    mb = jnp.mean(jax.nn.sigmoid(theta[rows]) * ce[rows]) + 0.01 * jnp.sum(W ** 2)
-    np.testing.assert_allclose(b.problem.f_lower(theta, W, (X[rows], y[rows], idx[rows])), mb, rtol=1e-12)
-    zv = Xv @ W.T
-    np.testing.assert_allclose(b.problem.f_upper(theta, W, (Xv, yv)),
-                               jnp.mean(jax.nn.logsumexp(zv, axis=1) - zv[jnp.arange(len(yv)), yv]), rtol=1e-12)
+    f_lower, f_upper = jax.jit(b.problem.f_lower), jax.jit(b.problem.f_upper)   # one program per shape, not per op
+    t, w, X, y, idx = (np.asarray(a) for a in (theta, W, X, y, idx))   # the minibatch below is sliced in NumPy
+    ce, weight = _cross_entropy(X @ w.T, y), 1 / (1 + np.exp(-t))
+    expected = np.mean(weight * ce) + 0.01 * np.sum(w ** 2)
+    np.testing.assert_allclose(f_lower(theta, W, (X, y, idx)), expected, rtol=1e-12)
+    rows = np.array([3, 7, 1])                  # a minibatch reads its own lambda_i
+    mb = np.mean(weight[rows] * ce[rows]) + 0.01 * np.sum(w ** 2)
+    np.testing.assert_allclose(f_lower(theta, W, (X[rows], y[rows], idx[rows])), mb, rtol=1e-12)
+    np.testing.assert_allclose(f_upper(theta, W, (Xv, yv)),
+                               np.mean(_cross_entropy(np.asarray(Xv) @ w.T, np.asarray(yv))), rtol=1e-12)
 
 
 def test_implicit_gradient_matches_finite_differences_and_the_library_estimate():
     b = tiny()
-    theta = 0.5 * jax.random.normal(jax.random.PRNGKey(2), b.theta0.shape)
+    # test-side arithmetic in NumPy (float64), the library's functions compiled: no eager dispatch per operation
+    theta = 0.5 * np.asarray(jax.random.normal(jax.random.PRNGKey(2), b.theta0.shape))
     g = jax.jit(b.grad)(theta)
     eps = 1e-5
     value = jax.jit(jax.vmap(b.value))                 # every central difference in one compiled call
-    shifts = eps * jnp.eye(theta.size, dtype=theta.dtype)
-    fd = (value(theta + shifts) - value(theta - shifts)) / (2 * eps)
+    shifts = eps * np.eye(theta.size)
+    fd = (np.asarray(value(theta + shifts)) - np.asarray(value(theta - shifts))) / (2 * eps)
     np.testing.assert_allclose(g, fd, rtol=1e-5, atol=1e-9)
 
     @jax.jit
@@ -87,15 +94,17 @@ def test_implicit_gradient_matches_finite_differences_and_the_library_estimate()
     np.testing.assert_allclose(est, g, rtol=1e-6, atol=1e-12)
     # the residual metric is ||A v - b|| with the dense A
     residual = jax.jit(b.residual)
-    np.testing.assert_allclose(residual(theta, W, v.reshape(W.shape)), 0.0, atol=1e-10)
-    v2 = v.reshape(W.shape) + 0.1
-    np.testing.assert_allclose(residual(theta, W, v2), jnp.linalg.norm(A @ v2.ravel() - rhs), rtol=1e-10)
+    v = np.asarray(v).reshape(W.shape)
+    np.testing.assert_allclose(residual(theta, W, v), 0.0, atol=1e-10)
+    v2 = v + 0.1
+    np.testing.assert_allclose(residual(theta, W, v2), np.linalg.norm(np.asarray(A) @ v2.ravel() - np.asarray(rhs)),
+                               rtol=1e-10)
 
 
 def test_downweighted_counts_corrupted_samples_below_one_half():
     theta = jnp.array([-1.0, 2.0, -0.5, 0.3, -3.0])
     corrupted = jnp.array([True, True, False, False, True])
-    bad, good = hc.downweighted(theta, corrupted)
+    bad, good = jax.jit(hc.downweighted)(theta, corrupted)   # one program, not one per operation
     assert float(bad) == pytest.approx(2 / 3) and float(good) == pytest.approx(1 / 2)
 
 
@@ -106,10 +115,12 @@ def test_a_short_run_lowers_the_validation_loss_and_downweights_corrupted_sample
                              lower_decay=0.0)
     state = alg.init(b.theta0, b.phi0, jax.random.PRNGKey(0), b.data)
     state, hist = bj.run(alg, state, b.data, num_steps=300, eval_every=300)
+    hist = jax.tree_util.tree_map(np.asarray, hist)        # read in NumPy: no eager dispatch per index
     assert bool(hist["finite"].all()) and int(hist["status"][-1]) == 0
     if model == "linear":
-        assert float(b.value(state.theta)) < float(b.value(b.theta0))
-    bad, good = b.downweighted(state.theta)
+        value = jax.jit(b.value)                           # one program for both points, not one per op
+        assert float(value(state.theta)) < float(value(b.theta0))
+    bad, good = jax.jit(b.downweighted)(state.theta)
     assert float(bad) > 0.5 and float(good) > 0.5
 
 
@@ -118,7 +129,7 @@ def test_minibatch_form_runs():
     alg = bj.algorithms.soba(b.problem, upper_lr=10.0, lower_lr=0.3, batch_size=8)
     state = alg.init(b.theta0, b.phi0, jax.random.PRNGKey(0), b.data)
     state, hist = bj.run(alg, state, b.data, num_steps=40, eval_every=20)
-    assert bool(hist["finite"].all()) and state.theta.shape == (40,)
+    assert bool(np.asarray(hist["finite"]).all()) and state.theta.shape == (40,)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,29 +232,31 @@ def test_a_baseline_is_gradient_descent_on_its_samples_with_weight_one(tmp_path,
     assert meta["samples"] == n and history["test_loss"].shape == (2, 3)
     assert history["status"].max() == 0 and history["finite"].all()
     bundle = workload.instance
-    X = bundle.data[1][0]
+    X = np.asarray(bundle.data[1][0])
+
+    # one program for both seeds (their samples are arguments), not one per primitive (the loop
+    # ran op by op: 150 compilations) nor one per seed
+    @eqx.filter_jit
+    def gd_step(p, X, y):
+        def objective(p):
+            arrays = jax.tree_util.tree_leaves(eqx.filter(p, eqx.is_inexact_array))
+            return jnp.mean(hc.cross_entropy(p, X, y)) + 1e-3 * sum(jnp.sum(a ** 2) for a in arrays)
+
+        return eqx.apply_updates(p, jax.tree_util.tree_map(lambda g: -0.5 * g, eqx.filter_grad(objective)(p)))
+
+    test_loss, test_accuracy = eqx.filter_jit(hc.loss), eqx.filter_jit(hc.accuracy)
     for seed, inst in enumerate(workload.instances([0, 1])):
         y, mask = np.asarray(inst.data[1][1]), np.asarray(inst.corrupted)
         rows = np.arange(40) if name == "corrupted" else np.flatnonzero(~mask)
         assert rows.size == n
         phi = inst.phi0
-
-        def objective(p):
-            arrays = jax.tree_util.tree_leaves(eqx.filter(p, eqx.is_inexact_array))
-            return jnp.mean(hc.cross_entropy(p, X[rows], y[rows])) + 1e-3 * sum(jnp.sum(a ** 2) for a in arrays)
-
-        @eqx.filter_jit   # one program, not one per primitive (the loop ran op by op: 150 compilations)
-        def gd_step(p):
-            return eqx.apply_updates(p, jax.tree_util.tree_map(lambda g: -0.5 * g, eqx.filter_grad(objective)(p)))
-
-        test_loss = eqx.filter_jit(hc.loss)
         losses = [test_loss(phi, bundle.test)]
         for step in range(4):
-            phi = gd_step(phi)
+            phi = gd_step(phi, X[rows], y[rows])
             if step % 2 == 1:
                 losses.append(test_loss(phi, bundle.test))
         np.testing.assert_allclose(history["test_loss"][seed], losses, rtol=1e-10)
-        assert history["test_accuracy"][seed, -1] == pytest.approx(float(hc.accuracy(phi, bundle.test)))
+        assert history["test_accuracy"][seed, -1] == pytest.approx(float(test_accuracy(phi, bundle.test)))
 
 
 def test_mlp_config_runs_in_float32_with_both_baselines_and_reuses_its_cells(tmp_path, monkeypatch):

@@ -14,12 +14,13 @@ import pytest
 import bilevel_jax as bj
 
 
-def _mlp_problem(width, batch, din=4, key=0):
-    """LL: regularised least squares of an MLP, theta = (log weight decay, a cubic output term)."""
+def _mlp_problem(width, batch, din=4, key=0, depth=2):
+    """LL: regularised least squares of an MLP with `depth` hidden layers, theta = (log weight decay,
+    a cubic output term)."""
     k1, k2 = jax.random.split(jax.random.PRNGKey(key))
-    mlp = eqx.nn.MLP(din, 1, width, 2, key=k1)
-    x = jax.random.normal(k2, (batch, din))
-    y = jnp.sin(x[:, 0]) + 0.5 * x[:, 1]
+    mlp = eqx.nn.MLP(din, 1, width, depth, key=k1)
+    x = np.asarray(jax.random.normal(k2, (batch, din)))      # the data in NumPy: no eager compilation per shape
+    y = np.sin(x[:, 0]) + 0.5 * x[:, 1]
 
     def predict(phi, x):
         return jax.vmap(phi)(x)[:, 0]
@@ -69,7 +70,8 @@ def test_mixed_equals_reverse_on_an_mlp():
     _assert_same(out["mixed/truncate"], out["reverse/truncate"], "truncate")
     for name, (_, phi) in out.items():
         assert isinstance(phi, eqx.nn.MLP) and phi.activation is mlp.activation, name
-    assert np.linalg.norm(out["mixed"][0] - out["mixed/truncate"][0]) > 1e-4   # truncation does matter
+    g, g_truncated = np.asarray(out["mixed"][0]), np.asarray(out["mixed/truncate"][0])
+    assert np.linalg.norm(g - g_truncated) > 1e-4                              # truncation does matter
     assert np.all(np.abs(out["reverse"][0]) > 1e-4)                             # both coordinates are coupled
 
 
@@ -77,7 +79,9 @@ def test_mixed_equals_reverse_with_adamw_and_a_schedule():
     """A rule whose state has integer counts (a schedule's and Adam's) and whose update reads the
     parameters (decoupled weight decay): the rule's own transpose carries both. T = 23: three
     stored steps, then 4 recomputed segments of 5."""
-    problem, mlp, data = _mlp_problem(width=8, batch=16, key=1)
+    # one hidden layer: a third less to trace and compile than two (the same bound on the hypergradient:
+    # min |rev| = 0.067 with one, 0.059 with two; the LL loss falls from 0.82 to 0.46 over the 23 steps)
+    problem, mlp, data = _mlp_problem(width=8, batch=16, key=1, depth=1)
     opt = optax.adamw(optax.linear_schedule(0.01, 0.002, 20), weight_decay=0.1)
 
     @eqx.filter_jit
@@ -100,7 +104,8 @@ class _Hyper(eqx.Module):
 
 def test_every_mode_takes_modules_as_theta_and_phi():
     """theta an equinox Module with a function field, phi an eqx.nn.MLP, in the three modes."""
-    inner, mlp, data = _mlp_problem(width=4, batch=16, key=2)
+    # one hidden layer, as in the adamw test (|log_decay| = 0.398 with one, 0.400 with two)
+    inner, mlp, data = _mlp_problem(width=4, batch=16, key=2, depth=1)
 
     def as_array(th):
         return jnp.stack([th.log_decay, th.scale])
@@ -119,7 +124,7 @@ def test_every_mode_takes_modules_as_theta_and_phi():
         assert isinstance(g, _Hyper) and g.transform is None, m   # shaped like theta's inexact arrays
         np.testing.assert_allclose([g.log_decay, g.scale], [out["reverse"].log_decay, out["reverse"].scale],
                                    rtol=1e-11, err_msg=m)
-    assert abs(out["reverse"].log_decay) > 1e-6
+    assert abs(float(out["reverse"].log_decay)) > 1e-6
 
 
 def test_mixed_sgd_closed_form(quad):
