@@ -340,7 +340,9 @@ def test_bome_step_size_neighbourhood_shrinks(flat, quad):
 # ------------------------------------------------------------------------------- minibatches
 
 # preset: (settings, bound on the mean over seeds of ||grad F||^2 / ||grad F(theta0)||^2 after 200 steps; every
-# preset is at its floor by then: the means after 300 steps are within 0.03 of those after 200)
+# preset is at its floor by then: the means after 300 steps are within 0.03 of those after 200). pzobo runs 100
+# steps: at its floor already (measured mean 0.064 at 100 steps and at 200), and its 20 LL steps x 10 directions per
+# step make it the costliest run (1.2 s of CPU for 200)
 STOCHASTIC = {
     "hjfbio": (dict(upper_lr=0.2, lower_lr=0.2), 0.1),
     "pzobo": (dict(upper_lr=0.3, lower_lr=0.2, lower_steps=20, upper_decay=0.5), 0.1),   # Gaussian Q = 10: decaying
@@ -364,8 +366,8 @@ def test_minibatch_decrease_of_grad_norm(quad_stoch, name):
     q = quad_stoch
     settings, bound = STOCHASTIC[name]
     alg = bj.algorithms.get(name.split("[")[0])(q.problem, **{"batch_size": 32, **settings})
-    keys = jax.random.split(jax.random.PRNGKey(3), SEEDS)
-    state, hist = _runs(alg, q, np.broadcast_to(q.theta0, (SEEDS,) + q.theta0.shape), keys, 200)
+    keys, steps = jax.random.split(jax.random.PRNGKey(3), SEEDS), 100 if name == "pzobo" else 200   # (table)
+    state, hist = _runs(alg, q, np.broadcast_to(q.theta0, (SEEDS,) + q.theta0.shape), keys, steps)
     assert bool(hist["finite"].all())
     assert float(np.abs(state.theta[0] - state.theta[1]).max()) > 0
     g0 = np.sum(np.asarray(q.grad(q.theta0)) ** 2)
