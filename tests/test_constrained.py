@@ -21,12 +21,11 @@ NONE = (None, None)
 
 # ------------------------------------------------------------------ problems with closed forms
 
-@functools.lru_cache(maxsize=None)   # one problem object per variant: the jitted `hypergradient` compiles once
-def box_quadratic(seed=0, dim_t=3, weak=False):
-    """LL 1/2 phi'H phi - phi'(B theta + c) on the box 0 <= phi <= 1 (H dense), built backwards from
-    a KKT point with both bounds active somewhere, two free components, and strict
-    complementarity (or, with `weak`, one bound active with a zero multiplier)."""
-    k = jax.random.split(jax.random.PRNGKey(seed), 5)
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _box_arrays(key, dim_t, weak):
+    """The arrays of `box_quadratic`, as one compiled program (built eagerly, each operation would
+    compile on its own)."""
+    k = jax.random.split(key, 5)
     d = 6
     m = jax.random.normal(k[0], (d, d)) / jnp.sqrt(d)
     h = m @ m.T + jnp.eye(d)
@@ -36,8 +35,15 @@ def box_quadratic(seed=0, dim_t=3, weak=False):
     lam_lo = jnp.array([0.7, 0.0 if weak else 1.3, 0, 0, 0, 0.])
     lam_up = jnp.array([0, 0, 0.9, 0, 0, 0.5])
     c = h @ phi - b @ theta0 - lam_lo + lam_up
-    y = jax.random.normal(k[3], (d,))
-    cu = jax.random.normal(k[4], (dim_t, d))
+    return h, b, theta0, phi, lam_lo, lam_up, c, jax.random.normal(k[3], (d,)), jax.random.normal(k[4], (dim_t, d))
+
+
+@functools.lru_cache(maxsize=None)   # one problem object per variant: the jitted `hypergradient` compiles once
+def box_quadratic(seed=0, dim_t=3, weak=False):
+    """LL 1/2 phi'H phi - phi'(B theta + c) on the box 0 <= phi <= 1 (H dense), built backwards from
+    a KKT point with both bounds active somewhere, two free components, and strict
+    complementarity (or, with `weak`, one bound active with a zero multiplier)."""
+    h, b, theta0, phi, lam_lo, lam_up, c, y, cu = _box_arrays(jax.random.PRNGKey(seed), dim_t, weak)
 
     def f_lower(theta, phi, batch):
         return 0.5 * phi @ h @ phi - phi @ (b @ theta + c)
@@ -62,15 +68,23 @@ def box_grad(weak=False):
     return jax.jit(jax.grad(box_quadratic(weak=weak)[4]))
 
 
-def equality_quadratic(key=jax.random.PRNGKey(1), dim_t=3, d=5, q=2):
-    """LL 1/2 phi'H phi - phi'(B theta + c) s.t. A phi = E theta + e (theta-dependent): phi*(theta)
-    is the first block of the KKT system [[H, A'], [A, 0]]^{-1} (B theta + c, E theta + e)."""
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _equality_arrays(key, dim_t, d, q):
+    """The arrays of `equality_quadratic` and its theta, as one compiled program."""
     k = jax.random.split(key, 7)
     m = jax.random.normal(k[0], (d, d)) / jnp.sqrt(d)
     h = m @ m.T + 0.5 * jnp.eye(d)
     b, c = jax.random.normal(k[1], (d, dim_t)), jax.random.normal(k[2], (d,))
     a, e_mat, e = jax.random.normal(k[3], (q, d)), jax.random.normal(k[4], (q, dim_t)), jax.random.normal(k[5], (q,))
-    y = jax.random.normal(k[6], (d,))
+    kkt = jnp.block([[h, a.T], [a, jnp.zeros((q, q))]])
+    return h, b, c, a, e_mat, e, jax.random.normal(k[6], (d,)), kkt, jnp.linspace(-0.5, 0.5, dim_t)
+
+
+@functools.lru_cache(maxsize=None)
+def equality_quadratic(seed=1, dim_t=3, d=5, q=2):
+    """LL 1/2 phi'H phi - phi'(B theta + c) s.t. A phi = E theta + e (theta-dependent): phi*(theta)
+    is the first block of the KKT system [[H, A'], [A, 0]]^{-1} (B theta + c, E theta + e)."""
+    h, b, c, a, e_mat, e, y, kkt, theta = _equality_arrays(jax.random.PRNGKey(seed), dim_t, d, q)
 
     def f_lower(theta, phi, batch):
         return 0.5 * phi @ h @ phi - phi @ (b @ theta + c)
@@ -79,22 +93,27 @@ def equality_quadratic(key=jax.random.PRNGKey(1), dim_t=3, d=5, q=2):
         return 0.5 * jnp.sum((phi - y) ** 2) + 0.5 * jnp.sum(jnp.sin(theta) ** 2) + jnp.sum(theta) * phi[0]
 
     problem = bj.BilevelProblem(f_upper, f_lower, lower_equality=lambda t, p: a @ p - e_mat @ t - e)
-    kkt = jnp.block([[h, a.T], [a, jnp.zeros((q, q))]])
 
     def phi_star(theta):
         return jnp.linalg.solve(kkt, jnp.concatenate([b @ theta + c, e_mat @ theta + e]))[:d]
 
-    return problem, jnp.linspace(-0.5, 0.5, dim_t), phi_star, lambda t: f_upper(t, phi_star(t), None)
+    return problem, theta, phi_star, lambda t: f_upper(t, phi_star(t), None)
 
 
-def ball_quadratic(key=jax.random.PRNGKey(5), dim_t=3, d=5, radius=0.5):
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _ball_arrays(key, dim_t, d):
+    """The arrays of `ball_quadratic` and its theta, as one compiled program."""
+    k = jax.random.split(key, 3)
+    b, y = jax.random.normal(k[0], (d, dim_t)), jax.random.normal(k[1], (d,))
+    return b, y, 3.0 * jax.random.normal(k[2], (d,)), jnp.linspace(-0.3, 0.3, dim_t)
+
+
+def ball_quadratic(seed=5, dim_t=3, d=5, radius=0.5):
     """LL 1/2 ||phi - c(theta)||^2 s.t. ||phi|| <= radius (a curved constraint, P = (||phi||^2 -
     radius^2) / 2), c(theta) = B theta + c0 outside the ball: phi* = radius c / ||c||, with the
     multiplier lambda = ||c|| / radius - 1 > 0 (stationarity phi - c + lambda phi = 0), so the
     Lagrangian's Hessian is (1 + lambda) I: its constraint curvature enters the KKT system."""
-    k = jax.random.split(key, 3)
-    b, y = jax.random.normal(k[0], (d, dim_t)), jax.random.normal(k[1], (d,))
-    c0 = 3.0 * jax.random.normal(k[2], (d,))
+    b, y, c0, theta = _ball_arrays(jax.random.PRNGKey(seed), dim_t, d)
 
     def f_lower(theta, phi, batch):
         return 0.5 * jnp.sum((phi - b @ theta - c0) ** 2)
@@ -110,16 +129,22 @@ def ball_quadratic(key=jax.random.PRNGKey(5), dim_t=3, d=5, radius=0.5):
         return jnp.linalg.norm(b @ theta + c0) / radius - 1.0
 
     problem = bj.constraints.l2_ball(radius).problem(f_upper, f_lower)
-    return problem, jnp.linspace(-0.3, 0.3, dim_t), phi_star, multiplier, lambda t: f_upper(t, phi_star(t), None)
+    return problem, theta, phi_star, multiplier, lambda t: f_upper(t, phi_star(t), None)
 
 
-def simplex_logistic(key=jax.random.PRNGKey(2), d=5, n=40):
-    """Logistic regression with weights on the simplex, an exp(theta) ridge: non-quadratic LL."""
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _logistic_arrays(key, d, n):
+    """The data of `simplex_logistic`, as one compiled program."""
     k = jax.random.split(key, 4)
     x, xv = jax.random.normal(k[0], (n, d)), jax.random.normal(k[1], (n, d))
     w = jnp.array([0.9, 0.1, 0.0, 0.0, 0.0])
     y = jnp.sign(x @ w + 0.3 * jax.random.normal(k[2], (n,)))
-    yv = jnp.sign(xv @ w + 0.3 * jax.random.normal(k[3], (n,)))
+    return x, xv, y, jnp.sign(xv @ w + 0.3 * jax.random.normal(k[3], (n,)))
+
+
+def simplex_logistic(seed=2, d=5, n=40):
+    """Logistic regression with weights on the simplex, an exp(theta) ridge: non-quadratic LL."""
+    x, xv, y, yv = _logistic_arrays(jax.random.PRNGKey(seed), d, n)
 
     def f_lower(theta, phi, batch):
         return jnp.mean(jax.nn.softplus(-y * (x @ phi))) + 0.5 * jnp.exp(theta[0]) * jnp.sum(phi ** 2)
@@ -127,7 +152,7 @@ def simplex_logistic(key=jax.random.PRNGKey(2), d=5, n=40):
     def f_upper(theta, phi, batch):
         return jnp.mean(jax.nn.softplus(-yv * (xv @ phi)))
 
-    return bj.constraints.simplex().problem(f_upper, f_lower), jnp.array([-1.0])
+    return bj.constraints.simplex().problem(f_upper, f_lower), np.array([-1.0])
 
 
 # ------------------------------------------------------------------ the KKT hypergradient
@@ -159,10 +184,14 @@ def test_box_quadratic_matches_closed_form():
 
 def test_equality_quadratic_matches_closed_form_and_dense():
     problem, theta, phi_star, F = equality_quadratic()
-    phi = phi_star(theta)
-    g, info, dense = jax.jit(lambda t, p: (*bj.hypergradient(problem, t, p, NONE),
-                                           bj.hypergrad.kkt_hypergradient_dense(problem, t, p, NONE)))(theta, phi)
-    g_ref = jax.grad(F)(theta)
+
+    @jax.jit
+    def hypergradients(t):   # with the closed form F's gradient (one program, not an eager op each)
+        p = phi_star(t)
+        return (*bj.hypergradient(problem, t, p, NONE), bj.hypergrad.kkt_hypergradient_dense(problem, t, p, NONE),
+                jax.grad(F)(t))
+
+    g, info, dense, g_ref = hypergradients(theta)
     assert int(info.status) == st.OK and info.active is None
     np.testing.assert_allclose(g, g_ref, atol=1e-8)
     np.testing.assert_allclose(dense, g, atol=1e-10)
@@ -175,20 +204,19 @@ def test_curved_constraint_matches_closed_form_dense_and_counts():
     one gradient of each level, one HVP per MINRES matvec, one cross product; the dense reference
     n_phi HVPs and n_theta cross products (the constraints' derivatives are not oracle calls)."""
     problem, theta, phi_star, multiplier, F = ball_quadratic()
-    phi = phi_star(theta)
 
     @jax.jit
-    def counted(t, p):
+    def counted(t):   # with the closed forms (one program, not an eager op each)
+        p = phi_star(t)
         with bj.oracles.counting() as tally:
             g, info = bj.hypergrad.kkt_hypergradient(problem, t, p, NONE)
         with bj.oracles.counting() as dense_tally:
             dense = bj.hypergrad.kkt_hypergradient_dense(problem, t, p, NONE)
-        return g, info, tally.counts, dense, dense_tally.counts
+        return g, info, tally.counts, dense, dense_tally.counts, jax.grad(F)(t), multiplier(t)
 
-    g, info, counts, dense, dense_counts = counted(theta, phi)
-    g_ref = jax.grad(F)(theta)
+    g, info, counts, dense, dense_counts, g_ref, lam = counted(theta)
     assert int(info.status) == st.OK
-    np.testing.assert_allclose(info.multipliers.inequality, multiplier(theta), rtol=1e-12)
+    np.testing.assert_allclose(info.multipliers.inequality, lam, rtol=1e-12)
     np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-10)
     np.testing.assert_allclose(dense, g_ref, rtol=0, atol=1e-12)
     assert tuple(int(c) for c in counts) == (1, 1, 100, 1, 0), counts   # minres(100), no warm start
@@ -211,7 +239,7 @@ def test_simplex_logistic_matches_finite_differences():
     assert np.all(np.asarray(info.multipliers.inequality)[active == 1] > 1e-4)  # strictly complementary
     F = jax.jit(jax.vmap(lambda t: problem.f_upper(t, lower(t), None)))
     eps = 1e-5
-    f_plus, f_minus = F(jnp.stack([theta + eps, theta - eps]))
+    f_plus, f_minus = np.asarray(F(np.stack([theta + eps, theta - eps])))
     fd = (f_plus - f_minus) / (2 * eps)
     np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(dense, g, atol=1e-9)
@@ -233,14 +261,15 @@ def test_weakly_active_constraint_is_reported_and_the_estimate_kept_everywhere()
     # LL steps keep, with upper_lr = 1: theta_1 = theta_0 - g, the same estimate and status
     alg = bj.algorithms.aid_bio(problem, upper_lr=1.0, lower_lr=0.1, lower_steps=1,
                                 linear_solver=bj.linear_solvers.minres(50))
-    state, step = eqx.filter_jit(alg.update)(alg.init(theta, phi, jax.random.PRNGKey(0)), NONE)
+    first_step = eqx.filter_jit(lambda a: a.update(a.init(theta, phi, jax.random.PRNGKey(0)), NONE))   # one program
+    state, step = first_step(alg)
     np.testing.assert_allclose(state.phi, phi, atol=1e-15)
-    np.testing.assert_allclose(theta - state.theta, g, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(theta) - np.asarray(state.theta), g, atol=1e-10)
     assert int(step.status) == st.DEGENERATE
     # ... and NaN on request (the rule's nan_if_degenerate)
     alg_nan = eqx.tree_at(lambda a: a.direction, alg, bj.algorithms.kkt(problem, bj.linear_solvers.minres(50),
                                                                         nan_if_degenerate=True))
-    state, step = eqx.filter_jit(alg_nan.update)(alg_nan.init(theta, phi, jax.random.PRNGKey(0)), NONE)
+    state, step = first_step(alg_nan)
     assert int(step.status) == st.DEGENERATE | st.NONFINITE and np.all(np.isnan(np.asarray(state.theta)))
 
 
@@ -248,14 +277,14 @@ def test_wrong_sign_multiplier_and_dependent_constraints_are_reported():
     """Degeneracy of given multipliers (wrong sign; LICQ: the same active constraint twice, checked
     on the active set's Gram matrix whether the multipliers are given or by least squares)."""
     problem, theta, phi, mult, _ = box_quadratic()
-    bad = Multipliers({"lower": -mult.inequality["lower"], "upper": mult.inequality["upper"]}, None)
+    lam = {k: np.asarray(v) for k, v in mult.inequality.items()}   # NumPy: no eager op to compile
+    bad = Multipliers({"lower": -lam["lower"], "upper": lam["upper"]}, None)
     assert int(hypergradient(problem, theta, phi, bad)[1].status) == st.DEGENERATE
     # LICQ fails: phi_1 >= 0 and phi_2 >= 0 (both active) stated twice each
     twice = bj.BilevelProblem(problem.f_upper, problem.f_lower,
                               lower_inequality=lambda t, p: {"lower": -p, "upper": p - 1.0, "again": -p[:2]})
-    lam = mult.inequality
-    split = Multipliers({"lower": lam["lower"].at[:2].multiply(0.5), "upper": lam["upper"],
-                         "again": 0.5 * lam["lower"][:2]}, None)
+    halved = lam["lower"] * np.array([0.5, 0.5, 1, 1, 1, 1])
+    split = Multipliers({"lower": halved, "upper": lam["upper"], "again": halved[:2]}, None)
     (g_ls, info_ls), (g_given, info_given) = hypergradient(twice, theta, phi), hypergradient(twice, theta, phi, split)
     assert int(info_ls.status) == st.DEGENERATE and int(info_given.status) == st.DEGENERATE
     # (the same point and multipliers without the duplicates are OK: test_box_quadratic_matches_closed_form)
@@ -266,22 +295,27 @@ def test_wrong_sign_multiplier_and_dependent_constraints_are_reported():
 
 
 def test_kkt_hypergradient_jit_vmap_and_warm_start():
-    problem, theta, phi, mult, F = box_quadratic()
-    thetas = theta + 0.01 * jax.random.normal(jax.random.PRNGKey(3), (4, 3))
-    phis = jax.jit(jax.vmap(lambda t: bj.constraints.solve_projected(
-        problem, bj.constraints.box(0.0, 1.0), t, phi, None, learning_rate=0.3, steps=300)))(thetas)
+    problem, theta, phi, mult, _ = box_quadratic()
+
+    @jax.jit
+    def points(key):   # 4 thetas near theta0 and their projected LL solutions
+        thetas = theta + 0.01 * jax.random.normal(key, (4, 3))
+        return thetas, jax.vmap(lambda t: bj.constraints.solve_projected(
+            problem, bj.constraints.box(0.0, 1.0), t, phi, None, learning_rate=0.3, steps=300))(thetas)
+
+    thetas, phis = points(jax.random.PRNGKey(3))
     gs, infos = jax.jit(jax.vmap(lambda t, p: bj.hypergradient(problem, t, p, NONE)))(thetas, phis)
     assert np.all(np.asarray(infos.status) == st.OK)
-    g_refs = jax.jit(jax.vmap(jax.grad(F)))(thetas)
+    # NumPy from here: the per-theta slices and references are no eager ops to compile
+    (thetas, phis, gs, infos) = jax.tree_util.tree_map(np.asarray, (thetas, phis, gs, infos))
+    g_refs = np.stack([box_grad()(t) for t in thetas])
     np.testing.assert_allclose(gs, g_refs, atol=1e-8)
     for i in range(4):   # vmapped = per theta
         chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: x[i], (gs, infos)),
                                     hypergradient(problem, thetas[i], phis[i]), rtol=0, atol=1e-12)
     info0 = jax.tree_util.tree_map(lambda x: x[0], infos)
-    phi = phis[0]
     g = jax.jit(lambda t, p, x0: bj.hypergradient(problem, t, p, NONE, x0=x0, solver=bj.linear_solvers.minres(3))[0])(
-        thetas[0], phi, (info0.v, tuple(info0.adjoint)))
-    theta = thetas[0]
+        thetas[0], phis[0], (info0.v, tuple(info0.adjoint)))
     np.testing.assert_allclose(g, g_refs[0], atol=1e-8)   # warm start at the solution: 3 steps suffice
 
 
@@ -300,19 +334,22 @@ def test_constrained_problem_validation():
 # ------------------------------------------------------------------ MINRES
 
 def test_minres_solves_indefinite_and_reports_singular():
-    m = jax.random.normal(jax.random.PRNGKey(0), (12, 12))
+    m = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (12, 12)))
     a = m + m.T
-    b = jax.random.normal(jax.random.PRNGKey(1), (12,))
+    b = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (12,)))
     solver = bj.linear_solvers.minres(40)
-    x, _, info = jax.jit(lambda b: solver.solve(lambda v: a @ v, b, solver.init(b)))(b)
-    np.testing.assert_allclose(x, jnp.linalg.solve(a, b), atol=1e-10)
+    solve = jax.jit(lambda a, b: solver.solve(lambda v: a @ v, b, solver.init(b)))   # one program for the 3 systems
+    x, _, info = solve(a, b)
+    np.testing.assert_allclose(x, np.linalg.solve(a, b), atol=1e-10)
     assert int(info.status) == st.OK and float(info.residual_norm) < 1e-10
-    a2 = a.at[0].set(0.0).at[:, 0].set(0.0)   # singular; b not in its range
-    x, _, info = solver.solve(lambda v: a2 @ v, b, solver.init(b))
+    a2 = a.copy()
+    a2[0], a2[:, 0] = 0.0, 0.0                 # singular; b not in its range
+    x, _, info = solve(a2, b)
     assert int(info.status) & st.BREAKDOWN and np.all(np.isnan(np.asarray(x)))
-    b2 = b.at[0].set(0.0)                      # singular, consistent: a solution
-    x, _, info = solver.solve(lambda v: a2 @ v, b2, solver.init(b2))
-    assert int(info.status) == st.OK and float(jnp.linalg.norm(a2 @ x - b2)) < 1e-10
+    b2 = b.copy()
+    b2[0] = 0.0                                # singular, consistent: a solution
+    x, _, info = solve(a2, b2)
+    assert int(info.status) == st.OK and float(np.linalg.norm(a2 @ np.asarray(x) - b2)) < 1e-10
 
 
 # ------------------------------------------------------------------ LL solvers
@@ -328,16 +365,17 @@ def test_projected_and_augmented_lagrangian_solvers():
     phi_a, lam, info = alm(theta)
     np.testing.assert_allclose(phi_a, phi, atol=1e-8)
     assert int(info.status) == st.OK and float(info.stationarity) < 1e-8 and float(info.infeasibility) < 1e-8
-    thetas = theta + 0.01 * jax.random.normal(jax.random.PRNGKey(5), (3, 3))   # vmapped = per theta
-    vmapped = jax.jit(jax.vmap(alm))(thetas)
+    thetas = np.asarray(theta + 0.01 * jax.random.normal(jax.random.PRNGKey(5), (3, 3)))   # vmapped = per theta
+    vmapped = jax.tree_util.tree_map(np.asarray, jax.jit(jax.vmap(alm))(thetas))   # NumPy: slices are no eager ops
     for i in range(3):
         chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: x[i], vmapped), alm(thetas[i]), rtol=0, atol=1e-12)
     np.testing.assert_allclose(lam.inequality["lower"], mult.inequality["lower"], atol=1e-8)
     np.testing.assert_allclose(lam.inequality["upper"], mult.inequality["upper"], atol=1e-8)
     eq, theta_e, phi_star, _ = equality_quadratic()
-    phi_e, lam_e, _ = jax.jit(lambda t: bj.constraints.augmented_lagrangian(
-        eq, t, jnp.zeros(5), None, optimizer=optax.sgd(0.05), inner_steps=300, outer_steps=30, penalty=5.0))(theta_e)
-    np.testing.assert_allclose(phi_e, phi_star(theta_e), atol=1e-8)
+    (phi_e, lam_e, _), phi_e_star = jax.jit(lambda t: (bj.constraints.augmented_lagrangian(
+        eq, t, jnp.zeros(5), None, optimizer=optax.sgd(0.05), inner_steps=300, outer_steps=30, penalty=5.0),
+        phi_star(t)))(theta_e)
+    np.testing.assert_allclose(phi_e, phi_e_star, atol=1e-8)
     # a diverging inner optimizer (sgd(1.0) on L_rho, whose curvature is above 2): NaN and NONFINITE, not a bare NaN
     phi_d, lam_d, info_d = jax.jit(lambda t: bj.constraints.augmented_lagrangian(
         problem, t, jnp.zeros(6), None, optimizer=optax.sgd(1.0), inner_steps=200, outer_steps=20))(theta)
@@ -347,16 +385,27 @@ def test_projected_and_augmented_lagrangian_solvers():
 
 
 def test_sets_project_onto_their_constraints():
-    x = jnp.array([1.5, -0.3, 0.4])
-    for s in (bj.constraints.box(0.0, 1.0), bj.constraints.simplex(), bj.constraints.l2_ball(0.5),
-              bj.constraints.halfspace(jnp.ones(3), 0.2), bj.constraints.hyperplane(jnp.ones(3), 0.2),
-              bj.constraints.non_negative()):
-        p = s.project(x)
-        if s.has_inequality:
-            assert max(float(jnp.max(v)) for v in jax.tree_util.tree_leaves(s.inequality(None, p))) <= 1e-12
-        if s.has_equality:
-            assert abs(float(s.equality(None, p))) <= 1e-12
-        np.testing.assert_allclose(s.project(p), p, atol=1e-12)   # idempotent
+    sets = (bj.constraints.box(0.0, 1.0), bj.constraints.simplex(), bj.constraints.l2_ball(0.5),
+            bj.constraints.halfspace(jnp.ones(3), 0.2), bj.constraints.hyperplane(jnp.ones(3), 0.2),
+            bj.constraints.non_negative())
+
+    @jax.jit
+    def project(x):
+        """Per set: the projection, its constraints there (None: it has none) and the projection of it;
+        one program (not an eager op each)."""
+        out = []
+        for s in sets:
+            p = s.project(x)
+            out.append((p, s.inequality(None, p) if s.has_inequality else None,
+                        s.equality(None, p) if s.has_equality else None, s.project(p)))
+        return out
+
+    for p, inequality, equality, again in project(jnp.array([1.5, -0.3, 0.4])):
+        if inequality is not None:
+            assert max(float(np.max(v)) for v in jax.tree_util.tree_leaves(inequality)) <= 1e-12
+        if equality is not None:
+            assert abs(float(equality)) <= 1e-12
+        np.testing.assert_allclose(again, p, atol=1e-12)   # idempotent
 
 
 def test_sets_validate_their_parameters():
@@ -390,7 +439,7 @@ def test_sets_validate_their_parameters():
 def test_kkt_argmin_gradients_match_closed_form_jit_vmap():
     """Projected steps (least-squares multipliers) and the augmented Lagrangian (multipliers given
     by the solver) as primal solvers; both autodiff modes; vmapped over thetas = per theta."""
-    problem, theta, phi, mult, F = box_quadratic()
+    problem, theta, phi, mult, _ = box_quadratic()
     ss = bj.constraints.box(0.0, 1.0)
     projected = bj.hypergrad.kkt_argmin(
         problem, lambda t, p0, b: (bj.constraints.solve_projected(problem, ss, t, p0, b, learning_rate=0.3,
@@ -400,11 +449,11 @@ def test_kkt_argmin_gradients_match_closed_form_jit_vmap():
                                                                       inner_steps=200, outer_steps=20))
     F_hat = lambda t, solve: problem.f_upper(t, solve(t, jnp.zeros(6), None), None)
     both = lambda t: (jax.grad(F_hat)(t, projected), jax.grad(F_hat)(t, alm))
-    np.testing.assert_allclose(jax.jit(jax.jacfwd(F_hat), static_argnums=1)(theta, projected), jax.grad(F)(theta),
+    np.testing.assert_allclose(jax.jit(jax.jacfwd(F_hat), static_argnums=1)(theta, projected), box_grad()(theta),
                                atol=1e-8)
-    thetas = theta + 0.01 * jax.random.normal(jax.random.PRNGKey(4), (2, 3))
-    vmapped, single = jax.jit(jax.vmap(both))(thetas), jax.jit(both)(thetas[-1])
-    ref = jax.jit(jax.vmap(jax.grad(F)))(thetas)
+    thetas = np.asarray(theta + 0.01 * jax.random.normal(jax.random.PRNGKey(4), (2, 3)))   # NumPy: no eager slices
+    vmapped, single = np.asarray(jax.jit(jax.vmap(both))(thetas)), jax.jit(both)(thetas[-1])
+    ref = np.stack([box_grad()(t) for t in thetas])
     for g_v, g in zip(vmapped, single):
         np.testing.assert_allclose(g_v, ref, atol=1e-8)
         np.testing.assert_allclose(g_v[-1], g, rtol=0, atol=1e-12)   # vmapped = per theta
@@ -430,8 +479,6 @@ def test_kkt_argmin_uses_the_augmented_lagrangian_multipliers(dtype):
         return 2 * (q - (10 * jnp.sum(q) - 5) * a)
 
     theta, warm = jnp.asarray([0.2], dtype), Multipliers(jnp.asarray(4.0, dtype), None)   # warm: above lambda*
-    exact = jax.grad(lambda t: f_upper(t, phi_star(t), None))(theta)
-    np.testing.assert_allclose(exact, [3.41], rtol=1e-6)
 
     def alm(t, p0, batch):
         return bj.constraints.augmented_lagrangian(problem, t, p0, batch, optimizer=optax.sgd(0.05), inner_steps=200,
@@ -439,9 +486,15 @@ def test_kkt_argmin_uses_the_augmented_lagrangian_multipliers(dtype):
 
     solve = bj.hypergrad.kkt_argmin(problem, alm)
     phi0 = jnp.zeros(2, dtype)
-    (phi, lam, info), g = jax.jit(lambda t: (alm(t, phi0, None),
-                                             jax.grad(lambda t: f_upper(t, solve(t, phi0, None), None))(t)))(theta)
-    p = problem.lower_inequality(theta, phi)
+
+    @jax.jit
+    def solved(t):   # with the exact hypergradient and the constraint at the solver's phi (one program)
+        phi, lam, info = alm(t, phi0, None)
+        return (jax.grad(lambda t: f_upper(t, phi_star(t), None))(t), phi, lam, info,
+                jax.grad(lambda t: f_upper(t, solve(t, phi0, None), None))(t), problem.lower_inequality(t, phi))
+
+    exact, phi, lam, info, g, p = solved(theta)
+    np.testing.assert_allclose(exact, [3.41], rtol=1e-6)
     assert -5e-3 < float(p) < -3e-3 and 1.6 < float(lam.inequality) < 1.8 and int(info.status) == st.OK
     assert g.dtype == dtype
     np.testing.assert_allclose(g, exact, atol=1e-3)
@@ -491,7 +544,7 @@ def tilted():
     convex quadratic while the active set stays, checked), phi* the box quadratic's KKT point; runs
     start at theta0 + 0.05 N(0, I) (per seed) and phi = 0.5."""
     problem, theta0, phi, mult, F = box_quadratic()
-    g0 = jax.jit(jax.grad(F))(theta0)
+    g0 = box_grad()(theta0)
     shift = lambda t: jnp.sum((t - theta0) ** 2) - g0 @ t
     assert np.all(np.linalg.eigvalsh(np.asarray(jax.jit(jax.hessian(lambda t: F(t) + shift(t)))(theta0))) > 0.1)
     prob = bj.constraints.box(0.0, 1.0).problem(lambda t, p, b: problem.f_upper(t, p, b) + shift(t), problem.f_lower)
@@ -509,10 +562,10 @@ def tilted():
 
 
 def _converged(runs, theta_star, phi_star, rtol):
-    (states, _), (single, _) = runs
-    err = np.linalg.norm(np.asarray(states.theta) - theta_star, axis=-1) / np.linalg.norm(theta_star)
+    (states, _), (single, _) = jax.tree_util.tree_map(np.asarray, runs)   # NumPy: no eager slices, comparisons
+    err = np.linalg.norm(states.theta - theta_star, axis=-1) / np.linalg.norm(theta_star)
     assert np.all(err < rtol), err
-    np.testing.assert_allclose(states.phi, jnp.broadcast_to(phi_star, states.phi.shape), atol=10 * rtol)
+    np.testing.assert_allclose(states.phi, np.broadcast_to(phi_star, states.phi.shape), atol=10 * rtol)
     # vmapped over seeds = the seed run alone
     chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: x[-1], states), single, rtol=0, atol=1e-12)
     return err

@@ -28,22 +28,26 @@ KEYS = ("lower_grads", "upper_grads", "hvps", "cross", "values")
 
 
 def _runs(alg, q, theta0s, keys, num_steps):
+    """(final states, histories) of jit(vmap(init + run)) over the starts, as NumPy arrays (reading
+    them, slices and comparisons are then no eager operations, each compiled on its own)."""
     @jax.jit
     @jax.vmap
     def go(theta0, key):
         state = alg.init(theta0, q.phi0, key, q.data)
         return bj.run(alg, state, q.data, num_steps=num_steps)
 
-    return go(theta0s, keys)
+    return jax.tree_util.tree_map(np.asarray, go(theta0s, keys))
 
 
 def _starts(q):
+    """SEEDS starts theta0 + N(0, I) and their keys, as NumPy arrays (sliced by the tests)."""
     theta0s = q.theta0 + jax.random.normal(jax.random.PRNGKey(7), (SEEDS,) + q.theta0.shape)
-    return theta0s, jax.random.split(jax.random.PRNGKey(8), SEEDS)
+    return np.asarray(theta0s), np.asarray(jax.random.split(jax.random.PRNGKey(8), SEEDS))
 
 
 def _rel(thetas, theta_star):
-    return np.asarray(jnp.linalg.norm(thetas - theta_star, axis=-1) / jnp.linalg.norm(theta_star))
+    theta_star = np.asarray(theta_star)
+    return np.linalg.norm(np.asarray(thetas) - theta_star, axis=-1) / np.linalg.norm(theta_star)
 
 
 # ------------------------------------------------------------------------------- oracles
@@ -59,33 +63,45 @@ def _nonquadratic():
 def test_finite_difference_products_are_second_order_accurate():
     problem = _nonquadratic()
     theta, phi, v = jnp.array([0.3, -0.2, 0.5]), jnp.linspace(-0.5, 0.5, 5), jnp.array([1.0, -2.0, 0.5, 0.3, 1.0])
-    av, jv = bj.oracles.hvp(problem, theta, phi, v, None), bj.oracles.cross(problem, theta, phi, v, None)
-    errors = []
-    for delta in (1e-2, 5e-3, 2.5e-3):
-        fav, fjv = bj.oracles.finite_difference_products(problem, theta, phi, v, None, delta)
-        errors.append((float(jnp.linalg.norm(fav - av)), float(jnp.linalg.norm(fjv - jv))))
-    errors = np.array(errors)
+
+    @jax.jit
+    def product_errors():   # per delta, the errors in A v and J v (one program, not an eager op each)
+        av, jv = bj.oracles.hvp(problem, theta, phi, v, None), bj.oracles.cross(problem, theta, phi, v, None)
+        errors = []
+        for delta in (1e-2, 5e-3, 2.5e-3):
+            fav, fjv = bj.oracles.finite_difference_products(problem, theta, phi, v, None, delta)
+            errors.append(jnp.stack([jnp.linalg.norm(fav - av), jnp.linalg.norm(fjv - jv)]))
+        return jnp.stack(errors)
+
+    errors = np.asarray(product_errors())
     assert np.all(errors > 1e-12)                       # a real truncation error ...
     ratios = errors[:-1] / errors[1:]
     np.testing.assert_allclose(ratios, 4.0, rtol=0.02)  # ... of order delta^2
 
 
 def test_zeroth_order_jacobian_is_unbiased_on_an_affine_map():
-    M = jax.random.normal(jax.random.PRNGKey(1), (5, 3))
     m, w, x = jnp.arange(5.0), jnp.array([1.0, -1.0, 0.5, 2.0, 0.0]), jnp.array([0.2, -0.4, 1.0])
-    fn = lambda t: M @ t + m
-    exact = M.T @ w
     q = 20000
-    u = bj.algorithms.zeroth_order.draw_directions(jax.random.PRNGKey(2), x, q, "gaussian")
-    est, base = bj.oracles.gaussian_jacobian_transpose(fn, x, w, u, 0.1)
-    np.testing.assert_allclose(base, fn(x), rtol=1e-14)
+    draw = bj.algorithms.zeroth_order.draw_directions
+
+    @jax.jit
+    def estimates():
+        """M'w, fn(x), the Gaussian estimate and its base, and the orthogonal estimates at mu = 1e-3
+        and 1 (one program, not an eager op each)."""
+        M = jax.random.normal(jax.random.PRNGKey(1), (5, 3))
+        fn = lambda t: M @ t + m
+        gaussian = draw(jax.random.PRNGKey(2), x, q, "gaussian")
+        orthogonal = draw(jax.random.PRNGKey(3), x, 3, "orthogonal")
+        return (M.T @ w, fn(x), bj.oracles.gaussian_jacobian_transpose(fn, x, w, gaussian, 0.1),
+                [bj.oracles.gaussian_jacobian_transpose(fn, x, w, orthogonal, mu)[0] for mu in (1e-3, 1.0)])
+
+    exact, fn_x, (est, base), orthogonal = jax.tree_util.tree_map(np.asarray, estimates())
+    np.testing.assert_allclose(base, fn_x, rtol=1e-14)
     # unbiased: the error of the Q-sample mean is of order ||M^T w|| sqrt(d / Q) (not a bias)
-    spread = float(jnp.linalg.norm(exact)) * np.sqrt(3 / q)
-    assert float(jnp.linalg.norm(est - exact)) < 4 * spread
+    spread = float(np.linalg.norm(exact)) * np.sqrt(3 / q)
+    assert float(np.linalg.norm(est - exact)) < 4 * spread
     # orthogonal directions: exact for every draw, whatever mu
-    for mu in (1e-3, 1.0):
-        u = bj.algorithms.zeroth_order.draw_directions(jax.random.PRNGKey(3), x, 3, "orthogonal")
-        est, _ = bj.oracles.gaussian_jacobian_transpose(fn, x, w, u, mu)
+    for est in orthogonal:
         np.testing.assert_allclose(est, exact, rtol=1e-10)
 
 
@@ -112,13 +128,13 @@ def _single_residual():
     """g = (a y - b'x - c)^2 / 2 with scalar y (a single residual: A = a^2, J = -a b, v(x) = 0);
     f = |x - x0|^2/2 + (y - y0)^2/2, so F(x) = |x - x0|^2/2 + ((b'x + c)/a - y0)^2/2 and theta*
     solves (I + b b'/a^2) x = x0 + b (y0 - c/a)/a."""
-    a, b, c = 1.3, jnp.array([0.5, -1.0, 0.25]), 0.4
-    x0, y0 = jnp.array([1.0, 2.0, -1.0]), 0.7
+    a, b, c = 1.3, np.array([0.5, -1.0, 0.25]), 0.4   # NumPy: theta* in float64, no eager op to compile
+    x0, y0 = np.array([1.0, 2.0, -1.0]), 0.7
     f_lower = lambda x, y, batch: 0.5 * (a * y[0] - b @ x - c) ** 2
     f_upper = lambda x, y, batch: 0.5 * jnp.sum((x - x0) ** 2) + 0.5 * (y[0] - y0) ** 2
-    theta_star = jnp.linalg.solve(jnp.eye(3) + jnp.outer(b, b) / a ** 2, x0 + b * (y0 - c / a) / a)
-    q = bj.problems.QuadraticBilevel(bj.BilevelProblem(f_upper, f_lower), (None, None), jnp.zeros(3),
-                                     jnp.zeros(1), {})
+    theta_star = np.linalg.solve(np.eye(3) + np.outer(b, b) / a ** 2, x0 + b * (y0 - c / a) / a)
+    q = bj.problems.QuadraticBilevel(bj.BilevelProblem(f_upper, f_lower), (None, None), np.zeros(3),
+                                     np.zeros(1), {})
     return q, theta_star, 0.5 / a ** 2
 
 
@@ -126,12 +142,18 @@ def _flat_value(quad, C):
     """`quad` with the LL cross matrix C and the theta-terms (1/2) theta'C'H^-1 C theta + theta'C'H^-1 h
     that make the LL value function v(theta) = min_phi f_lower constant (grad v = 0); phi0 =
     phi*(0) + u_0 (u_0 the first eigenvector of H). The UL and H, h are quad's."""
-    m = quad.means
+    lower, phi0 = _flat_value_data(quad.means, C)
+    return quad._replace(data=(quad.data[0], lower), phi0=phi0, means=dict(quad.means, C=C))
+
+
+@jax.jit
+def _flat_value_data(m, C):
+    """`_flat_value`'s LL data and phi0, one compiled program (not an eager op each)."""
     H_inv = jnp.linalg.inv(m["H"])
     lower = {"H": m["H"][None], "C": C[None], "h": m["h"][None], "B": (C.T @ H_inv @ C)[None],
              "b": (C.T @ H_inv @ m["h"])[None]}
     u = jnp.linalg.eigh(m["H"])[1][:, 0]
-    return quad._replace(data=(quad.data[0], lower), phi0=-H_inv @ m["h"] + u, means=dict(m, C=C))
+    return lower, -H_inv @ m["h"] + u
 
 
 def _eigen_coupled(quad):
@@ -139,10 +161,13 @@ def _eigen_coupled(quad):
     e = phi - phi*(theta) starts along u (phi0 - phi*(theta0) = u (1 - c'theta0)) and the LL steps and
     the drift of phi* keep it there, so grad_phi f_lower = lambda_u e is along u and BSG-1's
     correction J A^-1 P_w grad_phi f_upper = J A^-1 grad_phi f_upper exactly (module docstring)."""
-    m = quad.means
-    u = jnp.linalg.eigh(m["H"])[1][:, 0]
-    c = jnp.array([1.0, -0.5, 0.8, 0.3])
-    return _flat_value(quad, -m["H"] @ jnp.outer(u, c))
+    return _flat_value(quad, _eigen_cross(quad.means["H"], jnp.array([1.0, -0.5, 0.8, 0.3])))
+
+
+@jax.jit
+def _eigen_cross(H, c):
+    """C = -H u c' (u the first eigenvector of H), compiled."""
+    return -H @ jnp.outer(jnp.linalg.eigh(H)[1][:, 0], c)
 
 
 def test_bsg1_reaches_theta_star_where_the_rank_one_adjoint_is_exact(quad):
@@ -179,18 +204,23 @@ def test_bsg1_bias_on_generic_quadratics(quad):
 
     p, m, ts = quad.problem, quad.means, quad.theta_star()
     phi_star = quad.phi_star(ts)
-    grad_v = jax.grad(lambda t: p.f_lower(t, quad.phi_star(t), quad.data[1]))(ts)
-    b = jax.grad(p.f_upper, 1)(ts, phi_star, quad.data[0])
-    w = jnp.linspace(-1.0, 1.0, phi_star.shape[0])
-    aw = m["H"] @ w
-    constant = float(jnp.linalg.norm(grad_v) * jnp.abs(aw @ b) / (aw @ aw))
-    assert constant > 0.1 and float(jnp.linalg.norm(quad.grad(ts))) < 1e-12
+    w = np.linspace(-1.0, 1.0, phi_star.shape[0])
+
+    @jax.jit
+    def constant_and_gradient():   # one program (not an eager op each)
+        grad_v = jax.grad(lambda t: p.f_lower(t, quad.phi_star(t), quad.data[1]))(ts)
+        b = jax.grad(p.f_upper, 1)(ts, phi_star, quad.data[0])
+        aw = m["H"] @ w
+        return jnp.linalg.norm(grad_v) * jnp.abs(aw @ b) / (aw @ aw), jnp.linalg.norm(quad.grad(ts))
+
+    constant, gradient = (float(x) for x in constant_and_gradient())
+    assert constant > 0.1 and gradient < 1e-12
     rule = bj.algorithms.bsg.RankOne(jnp.asarray(0.0))
     batches = bj.algorithms.loop.full_batches(quad.data)
+    direction = jax.jit(lambda s: rule.evaluate(p, bj.algorithms.directions.Point(ts, phi_star + s * w, None), batches,
+                                                None, "rev").oracles.hypergrad)   # one program for the three s
     for s in (1e-3, 1e-4, 1e-5):
-        point = bj.algorithms.directions.Point(ts, phi_star + s * w, None)
-        d = rule.evaluate(p, point, batches, None, "rev").oracles.hypergrad
-        np.testing.assert_allclose(s * float(jnp.linalg.norm(d)), constant, rtol=30 * s)
+        np.testing.assert_allclose(s * float(np.linalg.norm(direction(s))), constant, rtol=30 * s)
 
 
 def test_bsg1_divergence_and_breakdown_are_loud(quad):
@@ -198,15 +228,14 @@ def test_bsg1_divergence_and_breakdown_are_loud(quad):
     NONFINITE, never a finite-looking theta with an ok status at the end. Where grad_y g = 0 exactly
     (phi0 = phi*(theta0) of g = |phi - theta|^2/2) the ratio is 0/0: BREAKDOWN and NaN."""
     alg = bj.algorithms.bsg1(quad.problem, upper_lr=0.1, lower_lr=0.5, lower_steps=5, batch_size=None)
-    state = alg.init(quad.theta0, quad.phi0, jax.random.PRNGKey(0), quad.data)
-    state, hist = jax.jit(lambda s: bj.run(alg, s, quad.data, num_steps=2000, eval_every=500))(state)
-    assert int(hist["status"][-1]) & bj.status.NONFINITE and not bool(jnp.isfinite(state.theta).any())
+    state, hist = jax.jit(lambda: bj.run(alg, alg.init(quad.theta0, quad.phi0, jax.random.PRNGKey(0), quad.data),
+                                         quad.data, num_steps=2000, eval_every=500))()   # init inside: one program
+    assert int(hist["status"][-1]) & bj.status.NONFINITE and not np.isfinite(np.asarray(state.theta)).any()
 
     problem = bj.BilevelProblem(lambda t, y, b: jnp.sum((y - 1.0) ** 2), lambda t, y, b: 0.5 * jnp.sum((y - t) ** 2))
     alg = bj.algorithms.bsg1(problem, upper_lr=0.1, lower_lr=0.1, batch_size=None)
-    state = alg.init(jnp.ones(2), jnp.ones(2), jax.random.PRNGKey(0))
-    state, info = jax.jit(lambda s: alg.update(s, (None, None)))(state)
-    assert int(info.status) & bj.status.BREAKDOWN and not bool(jnp.isfinite(state.theta).any())
+    state, info = jax.jit(lambda: alg.update(alg.init(jnp.ones(2), jnp.ones(2), jax.random.PRNGKey(0)), (None, None)))()
+    assert int(info.status) & bj.status.BREAKDOWN and not np.isfinite(np.asarray(state.theta)).any()
 
 
 # penalty methods: (preset, settings at penalty lambda, number of steps); steps scale like 1/lambda
@@ -248,13 +277,19 @@ def flat():
 
 
 def test_flat_lower_level_has_a_singular_hessian(flat):
-    hess = jax.hessian(flat.problem.f_lower, 1)(flat.theta0, flat.phi0, flat.data[1])
-    assert float(jnp.linalg.eigvalsh(hess).min()) < 1e-12
+    @jax.jit
+    def closed_forms():   # one program (not an eager op each)
+        hess = jax.hessian(flat.problem.f_lower, 1)(flat.theta0, flat.phi0, flat.data[1])
+        ts = flat.theta_star()
+        gl = jax.grad(flat.problem.f_lower, 1)(ts, flat.phi_star(ts), flat.data[1])
+        return (jnp.linalg.eigvalsh(hess).min(), jnp.linalg.norm(gl), jnp.linalg.norm(flat.grad(ts)),
+                flat.problem.f_upper(ts, flat.phi_star(ts), flat.data[0]), flat.value(ts))
+
+    smallest, gl, grad, f_upper, value = closed_forms()
+    assert float(smallest) < 1e-12
     # the closed form is optimistic-optimal: phi*(theta*) in S(theta*), and grad F(theta*) = 0
-    ts = flat.theta_star()
-    gl = jax.grad(flat.problem.f_lower, 1)(ts, flat.phi_star(ts), flat.data[1])
-    assert float(jnp.linalg.norm(gl)) < 1e-12 and float(jnp.linalg.norm(flat.grad(ts))) < 1e-12
-    np.testing.assert_allclose(flat.problem.f_upper(ts, flat.phi_star(ts), flat.data[0]), flat.value(ts), rtol=1e-12)
+    assert float(gl) < 1e-12 and float(grad) < 1e-12
+    np.testing.assert_allclose(f_upper, value, rtol=1e-12)
 
 
 @pytest.mark.parametrize("name, kw, steps, tol", [
@@ -274,16 +309,16 @@ def test_value_function_methods_reach_the_optimistic_solution(flat, name, kw, st
     assert bool((hist["status"] == 0).all())
     ts = flat.theta_star()
     assert _rel(state.theta, ts).max() < tol, (name, _rel(state.theta, ts))
-    phi_err = jnp.linalg.norm(state.phi - flat.phi_star(ts), axis=1) / jnp.linalg.norm(flat.phi_star(ts))
-    assert float(phi_err.max()) < 2 * tol, (name, np.asarray(phi_err))
+    phi_err = _rel(state.phi, flat.phi_star(ts))
+    assert float(phi_err.max()) < 2 * tol, (name, phi_err)
 
 
 def test_implicit_gradient_preset_reports_the_singular_lower_level(flat):
     alg = bj.algorithms.aid_bio(flat.problem, upper_lr=0.1, lower_lr=0.5, lower_steps=10)
-    state = alg.init(flat.theta0, flat.phi0, jax.random.PRNGKey(0), flat.data)
-    state, hist = jax.jit(lambda s: bj.run(alg, s, flat.data, num_steps=20, eval_every=1))(state)
+    state, hist = jax.jit(lambda: bj.run(alg, alg.init(flat.theta0, flat.phi0, jax.random.PRNGKey(0), flat.data),
+                                         flat.data, num_steps=20, eval_every=1))()   # init inside: one program
     assert int(hist["status"][-1]) & bj.status.BREAKDOWN
-    assert not bool(jnp.all(jnp.isfinite(state.theta)))   # loud: NaN, not a finite-looking theta
+    assert not np.all(np.isfinite(np.asarray(state.theta)))   # loud: NaN, not a finite-looking theta
 
 
 def test_bome_step_size_neighbourhood_shrinks(flat, quad):
@@ -296,7 +331,7 @@ def test_bome_step_size_neighbourhood_shrinks(flat, quad):
         errs = []
         for lr, steps in cases:
             alg = bj.algorithms.bome(q.problem, upper_lr=lr, **kw)
-            state, hist = _runs(alg, q, q.theta0[None], jax.random.split(jax.random.PRNGKey(0), 1), steps)
+            state, hist = _runs(alg, q, np.asarray(q.theta0)[None], jax.random.split(jax.random.PRNGKey(0), 1), steps)
             assert bool((hist["status"] == 0).all())
             errs.append(_rel(state.theta, q.theta_star())[0])
         assert errs[1] < shrink * errs[0] and errs[1] < tol, errs
@@ -305,7 +340,9 @@ def test_bome_step_size_neighbourhood_shrinks(flat, quad):
 # ------------------------------------------------------------------------------- minibatches
 
 # preset: (settings, bound on the mean over seeds of ||grad F||^2 / ||grad F(theta0)||^2 after 200 steps; every
-# preset is at its floor by then: the means after 300 steps are within 0.03 of those after 200)
+# preset is at its floor by then: the means after 300 steps are within 0.03 of those after 200). pzobo runs 100
+# steps: at its floor already (measured mean 0.064 at 100 steps and at 200), and its 20 LL steps x 10 directions per
+# step make it the costliest run (1.2 s of CPU for 200)
 STOCHASTIC = {
     "hjfbio": (dict(upper_lr=0.2, lower_lr=0.2), 0.1),
     "pzobo": (dict(upper_lr=0.3, lower_lr=0.2, lower_steps=20, upper_decay=0.5), 0.1),   # Gaussian Q = 10: decaying
@@ -329,14 +366,14 @@ def test_minibatch_decrease_of_grad_norm(quad_stoch, name):
     q = quad_stoch
     settings, bound = STOCHASTIC[name]
     alg = bj.algorithms.get(name.split("[")[0])(q.problem, **{"batch_size": 32, **settings})
-    keys = jax.random.split(jax.random.PRNGKey(3), SEEDS)
-    state, hist = _runs(alg, q, jnp.broadcast_to(q.theta0, (SEEDS,) + q.theta0.shape), keys, 200)
+    keys, steps = jax.random.split(jax.random.PRNGKey(3), SEEDS), 100 if name == "pzobo" else 200   # (table)
+    state, hist = _runs(alg, q, np.broadcast_to(q.theta0, (SEEDS,) + q.theta0.shape), keys, steps)
     assert bool(hist["finite"].all())
-    assert float(jnp.abs(state.theta[0] - state.theta[1]).max()) > 0
-    g0 = jnp.sum(q.grad(q.theta0) ** 2)
-    g = jnp.sum(jax.vmap(q.grad)(state.theta) ** 2, axis=1)
-    assert bool(jnp.all(g < 0.5 * g0)), (name, np.asarray(g / g0))
-    assert float(g.mean() / g0) < bound, (name, np.asarray(g / g0))
+    assert float(np.abs(state.theta[0] - state.theta[1]).max()) > 0
+    g0 = np.sum(np.asarray(q.grad(q.theta0)) ** 2)
+    g = np.sum(np.asarray(jax.vmap(q.grad)(state.theta)) ** 2, axis=1)
+    assert bool(np.all(g < 0.5 * g0)), (name, g / g0)
+    assert float(g.mean() / g0) < bound, (name, g / g0)
 
 
 def test_bad_arguments_name_the_preset_and_the_argument(quad):
