@@ -14,6 +14,7 @@ optimistic problem min_{theta, phi in S(theta)} f_upper has the closed form (a, 
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -52,25 +53,49 @@ class FlatBilevel(Instance):
     c: jax.Array
     rho: float = static()
 
+    # the closed forms are compiled functions of the arrays (one program per shape, not an eager
+    # dispatch per operation; under a transformation they inline as any jitted call does)
     def theta_star(self):
-        return (0.5 * (self.a + self.b) + self.rho * self.c) / (0.5 + self.rho)
+        return _theta_star(self.a, self.b, self.c, self.rho)
 
     def phi_star(self, theta):
         """The best LL solution for the UL at theta (the optimistic selection)."""
-        return jnp.concatenate([(self.a + theta - self.b) / 2, (theta - self.a + self.b) / 2])
+        return _phi_star(self.a, self.b, theta)
 
     def value(self, theta):
         """F(theta) = min_{phi in S(theta)} f_upper (the optimistic value)."""
-        return 0.25 * jnp.sum((theta - self.a - self.b) ** 2) + 0.5 * self.rho * jnp.sum((theta - self.c) ** 2)
+        return _value(self.a, self.b, self.c, self.rho, theta)
 
     def grad(self, theta):
-        return 0.5 * (theta - self.a - self.b) + self.rho * (theta - self.c)
+        return _grad(self.a, self.b, self.c, self.rho, theta)
 
 
-def flat_bilevel(key, dim: int = 3, n_samples: Optional[int] = None, rho: float = 0.5, noise: float = 1.0,
-                 dtype=jnp.float64) -> FlatBilevel:
-    """Draw the problem (deterministic when `n_samples` is None; else per-sample noise of size
-    `noise`, centred so that the full-batch problem has the closed forms above)."""
+@jax.jit
+def _theta_star(a, b, c, rho):
+    """theta* = ((a + b) / 2 + rho c) / (1/2 + rho)."""
+    return (0.5 * (a + b) + rho * c) / (0.5 + rho)
+
+
+@jax.jit
+def _phi_star(a, b, theta):
+    """(u, w) = ((a + theta - b) / 2, (theta - a + b) / 2)."""
+    return jnp.concatenate([(a + theta - b) / 2, (theta - a + b) / 2])
+
+
+@jax.jit
+def _value(a, b, c, rho, theta):
+    """F(theta) = 1/4 ||theta - a - b||^2 + rho/2 ||theta - c||^2."""
+    return 0.25 * jnp.sum((theta - a - b) ** 2) + 0.5 * rho * jnp.sum((theta - c) ** 2)
+
+
+@jax.jit
+def _grad(a, b, c, rho, theta):
+    return 0.5 * (theta - a - b) + rho * (theta - c)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _draw(key, dim, n_samples, noise, dtype):
+    """The means a, b, c and the per-sample data (upper, lower), compiled once per shape and setting."""
     ks = jax.random.split(key, 5)
     a, b, c = (jax.random.normal(k, (dim,), dtype) for k in ks[:3])
     n = 1 if n_samples is None else n_samples
@@ -82,8 +107,15 @@ def flat_bilevel(key, dim: int = 3, n_samples: Optional[int] = None, rho: float 
         return noise * (e - e.mean(0))
 
     e1, e2 = jax.random.split(ks[3])
-    upper = {"a": a + centred(e1), "b": b + centred(e2)}
-    lower = {"e": centred(ks[4])}
+    return a, b, c, ({"a": a + centred(e1), "b": b + centred(e2)}, {"e": centred(ks[4])})
+
+
+def flat_bilevel(key, dim: int = 3, n_samples: Optional[int] = None, rho: float = 0.5, noise: float = 1.0,
+                 dtype=jnp.float64) -> FlatBilevel:
+    """Draw the problem (deterministic when `n_samples` is None; else per-sample noise of size
+    `noise`, centred so that the full-batch problem has the closed forms above)."""
+    a, b, c, (upper, lower) = _draw(key, dim, n_samples, float(noise), dtype)
     inst = FlatBilevel(BilevelProblem(_f_upper(rho, c), _f_lower), (upper, lower), jnp.zeros(dim, dtype),
                        jnp.zeros(2 * dim, dtype), a, b, c, rho, name="flat")
-    return inst._replace(reference=Reference(inst.theta_star(), inst.value(inst.theta_star())))
+    theta_star = inst.theta_star()
+    return inst._replace(reference=Reference(theta_star, inst.value(theta_star)))
