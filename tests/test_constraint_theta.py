@@ -85,9 +85,9 @@ BOX = bj.constraints.box(lambda theta: -1.0 + 0.1 * theta, lambda theta: jnp.arr
 BOX_ACTIVE = (np.array([[1.0, 0.0]]), np.array([[0.3, 0.0]]), np.array([0.5]))
 HALF_PIECE, BOX_PIECE = active_piece(*HALF_ACTIVE), active_piece(*BOX_ACTIVE)
 # name: (the set, its active constraints, a theta on their piece (for the hypergradient), the set frozen at a theta)
-CASES = {"halfspace": (HALF, HALF_ACTIVE, jnp.array([0.3, -0.4]),
+CASES = {"halfspace": (HALF, HALF_ACTIVE, np.array([0.3, -0.4]),
                        lambda t: bj.constraints.halfspace(jnp.ones(2), 1.0 + 0.2 * t[0])),
-         "box": (BOX, BOX_ACTIVE, jnp.array([0.3, -0.7]),
+         "box": (BOX, BOX_ACTIVE, np.array([0.3, -0.7]),
                  lambda t: bj.constraints.box(-1.0 + 0.1 * t, jnp.array([0.5, 1.5]) + 0.3 * t))}
 
 
@@ -122,12 +122,18 @@ def test_projection_onto_phi_theta(name):
     theta is the theta-independent set with those parameters (the special case)."""
     s, _, theta, frozen = CASES[name]
     assert s.depends_on_theta and not s.at(theta).depends_on_theta
-    x = jnp.array([2.0, 1.5])
-    p = jax.jit(s.project_at)(theta, x)
-    assert max(float(jnp.max(v)) for v in jax.tree_util.tree_leaves(s.inequality(theta, p))) <= 1e-12
-    assert float(jnp.linalg.norm(p - x)) > 0.1   # x was outside
-    np.testing.assert_allclose(s.project_at(theta, p), p, atol=1e-14)
-    np.testing.assert_allclose(p, frozen(theta).project(x), atol=1e-15)
+    x = np.array([2.0, 1.5])
+
+    @jax.jit
+    def projections(theta, x):   # one program, not an eager one per operation
+        p = s.project_at(theta, x)
+        return p, s.inequality(theta, p), s.project_at(theta, p), frozen(theta).project(x)
+
+    p, inequality, again, frozen_p = jax.device_get(projections(theta, x))
+    assert max(np.max(v) for v in jax.tree_util.tree_leaves(inequality)) <= 1e-12
+    assert np.linalg.norm(p - x) > 0.1   # x was outside
+    np.testing.assert_allclose(again, p, atol=1e-14)
+    np.testing.assert_allclose(p, frozen_p, atol=1e-15)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -143,8 +149,8 @@ def test_kkt_hypergradient_includes_the_moving_bound(name):
     d phi*/d theta) has another gradient, by more than 0.03: the grad_theta P term is in."""
     s, (e_phi, e_theta, e0), theta, _ = CASES[name]
     piece = active_piece(e_phi, e_theta, e0)
-    phi = jnp.asarray(phi_star(piece, theta))
-    g, info = hypergradient(problem(s), theta, phi)
+    phi = phi_star(piece, theta)
+    g, info = jax.device_get(hypergradient(problem(s), theta, phi))
     assert int(info.status) == st.OK
     exact = reduced(piece)[1](np.asarray(theta))
     np.testing.assert_allclose(g, exact, rtol=0, atol=1e-10)
@@ -156,9 +162,10 @@ def test_kkt_hypergradient_includes_the_moving_bound(name):
 
 
 def _run(alg, num_steps):
-    state = alg.init(jnp.zeros(2), jnp.zeros(2), jax.random.PRNGKey(0))
-    state, hist = bj.run(alg, state, NONE, num_steps=num_steps)
-    return state, hist
+    """`num_steps` of `alg` from theta0 = phi0 = 0, the init (a projection) inside the run's program."""
+    run = jax.jit(lambda: bj.run(alg, alg.init(jnp.zeros(2), jnp.zeros(2), jax.random.PRNGKey(0)), NONE,
+                                 num_steps=num_steps))
+    return jax.device_get(run())
 
 
 def _reached(state, hist, piece, atol):
