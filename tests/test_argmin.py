@@ -269,18 +269,17 @@ def test_argmin_equinox_mlp_phi_under_filter_jit():
 
     @eqx.filter_jit
     def value_and_grad(theta, mlp):
-        F = lambda th: f_upper(th, solve(th, mlp, data[1]), data[0])
-        return jax.value_and_grad(F)(theta)
+        """F(theta), grad F(theta), the solution and max |grad_phi f_lower| there: one program (one L-BFGS)."""
+        def F(th):
+            model = solve(th, mlp, data[1])
+            return f_upper(th, model, data[0]), model
 
-    @eqx.filter_jit
-    def solve_and_lower_grad(theta, mlp):   # the LL gradient at the solution in the same program
-        model = solve(theta, mlp, data[1])
+        (value, model), g = jax.value_and_grad(F, has_aux=True)(theta)
         lower_grad = eqx.filter_grad(lambda m: f_lower(theta, m, data[1]))(model)
-        return model, jnp.max(jnp.stack([jnp.abs(x).max() for x in jax.tree_util.tree_leaves(lower_grad)]))
+        return value, g, model, jnp.max(jnp.stack([jnp.abs(x).max() for x in jax.tree_util.tree_leaves(lower_grad)]))
 
-    value, g = value_and_grad(theta, mlp)
+    value, g, model, lower_grad_max = value_and_grad(theta, mlp)
     g = np.asarray(g)
-    model, lower_grad_max = solve_and_lower_grad(theta, mlp)
     assert model.activation is mlp.activation and isinstance(model, eqx.nn.MLP)
     assert float(lower_grad_max) < 1e-9
     assert np.all(np.isfinite(g)) and np.abs(g).max() > 1e-6
