@@ -287,7 +287,8 @@ def test_ridge_matches_jaxopt():
     F = jax.grad(_ridge_objective)
     ours = bj.custom_root(F, solve=ls.cg(maxiter=20))(ridge_solver)
     theirs = implicit_diff.custom_root(F, solve=functools.partial(linear_solve.solve_cg, tol=1e-14))(ridge_solver)
-    grad = lambda s, lam, X, y: jax.grad(lambda lam, X, y: val(s(jnp.zeros(D), lam, X, y)), argnums=(0, 1, 2))(lam, X, y)
+    grad = lambda s, lam, X, y: jax.grad(lambda lam, X, y: val(s(jnp.zeros(D), lam, X, y)),
+                                         argnums=(0, 1, 2))(lam, X, y)
     got, want = jax.jit(lambda lam, X, y: (grad(ours, lam, X, y), grad(theirs, lam, X, y)))(0.7, X, y)
     for g, r in zip(got, want):
         np.testing.assert_allclose(g, r, rtol=1e-8, atol=1e-12)
