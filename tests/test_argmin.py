@@ -63,7 +63,7 @@ def test_argmin_vmap_over_8_thetas_equals_loop(ridge):
         return jax.grad(lambda th: ridge.problem.f_upper(th, solve(th, ridge.phi0, ridge.data[1]),
                                                          ridge.data[0]))(theta)
 
-    batched = jax.jit(jax.vmap(grad_F))(thetas)
+    batched = np.asarray(jax.jit(jax.vmap(grad_F))(thetas))
     single = jax.jit(grad_F)
     looped = np.stack([single(t) for t in thetas])
     np.testing.assert_allclose(batched, looped, rtol=1e-12, atol=1e-15)
@@ -128,7 +128,8 @@ def test_argmin_pytree_theta_and_phi(ridge):
         return ridge.problem.f_lower(*flat(t, w), batch)
 
     solve = bj.argmin(f_lower, optax.sgd(LR), STEPS)
-    phi0 = (ridge.phi0[:3], ridge.phi0[3:])
+    phi0 = np.asarray(ridge.phi0)                # sliced in NumPy (a jax.Array slice compiles)
+    phi0 = (phi0[:3], phi0[3:])
 
     @jax.jit
     def grad_F(t):
@@ -204,10 +205,18 @@ def test_argmin_jacfwd_equals_jacrev_and_closed_form(ridge):
     """d phi*/d theta by forward mode (the custom JVP) and by reverse mode (its transpose)."""
     theta = _theta(ridge)
     expected = _closed_form_jacobian(ridge, theta)
-    for kw in (dict(), dict(mode="fwd"), dict(solver=bj.linear_solvers.dense())):
-        solve = bj.argmin(ridge.problem.f_lower, optax.sgd(LR), STEPS, **kw)
-        phi_star = lambda th: solve(th, ridge.phi0, ridge.data[1])
-        fwd, rev = jax.jit(lambda th: (jax.jacfwd(phi_star)(th), jax.jacrev(phi_star)(th)))(theta)
+    variants = (dict(), dict(mode="fwd"), dict(solver=bj.linear_solvers.dense()))
+
+    @jax.jit
+    def jacobians(theta):
+        out = []
+        for kw in variants:
+            solve = bj.argmin(ridge.problem.f_lower, optax.sgd(LR), STEPS, **kw)
+            phi_star = lambda th: solve(th, ridge.phi0, ridge.data[1])
+            out.append((jax.jacfwd(phi_star)(theta), jax.jacrev(phi_star)(theta)))
+        return out
+
+    for kw, (fwd, rev) in zip(variants, jacobians(theta)):
         np.testing.assert_allclose(fwd, rev, rtol=1e-10, atol=1e-14, err_msg=str(kw))
         np.testing.assert_allclose(fwd, expected, rtol=1e-8, atol=1e-12, err_msg=str(kw))
 
@@ -217,12 +226,16 @@ def _mlp_problem():
     enough that it is strongly convex around its minimiser."""
     import equinox as eqx
 
-    k_model, k_x, k_xv = jax.random.split(jax.random.PRNGKey(3), 3)
-    mlp = eqx.nn.MLP(2, 1, 4, 1, activation=jnp.tanh, key=k_model)
-    mlp = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, mlp)
-    target = lambda x: jnp.sin(2.0 * x[:, 0]) + 0.5 * x[:, 1]
-    x, xv = jax.random.normal(k_x, (32, 2)), jax.random.normal(k_xv, (32, 2))
-    data = ((xv, target(xv)), (x, target(x)))
+    @eqx.filter_jit   # one program draws the model and the data (eagerly: ~17 one-op compilations)
+    def draw():
+        k_model, k_x, k_xv = jax.random.split(jax.random.PRNGKey(3), 3)
+        mlp = eqx.nn.MLP(2, 1, 4, 1, activation=jnp.tanh, key=k_model)
+        mlp = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, mlp)
+        target = lambda x: jnp.sin(2.0 * x[:, 0]) + 0.5 * x[:, 1]
+        x, xv = jax.random.normal(k_x, (32, 2)), jax.random.normal(k_xv, (32, 2))
+        return mlp, ((xv, target(xv)), (x, target(x)))
+
+    mlp, data = draw()
 
     def mse(model, batch):
         X, y = batch
@@ -245,7 +258,7 @@ def test_argmin_equinox_mlp_phi_under_filter_jit():
     import equinox as eqx
 
     mlp, data, f_lower, f_upper = _mlp_problem()
-    theta = jnp.array([-1.0, -1.5])
+    theta = np.array([-1.0, -1.5])
     try:
         bj.BilevelProblem(f_upper, f_lower).validate(theta, mlp, data)
     except (TypeError, ValueError) as e:
@@ -256,19 +269,24 @@ def test_argmin_equinox_mlp_phi_under_filter_jit():
 
     @eqx.filter_jit
     def value_and_grad(theta, mlp):
-        F = lambda th: f_upper(th, solve(th, mlp, data[1]), data[0])
-        return jax.value_and_grad(F)(theta)
+        """F(theta), grad F(theta), the solution and max |grad_phi f_lower| there: one program (one L-BFGS)."""
+        def F(th):
+            model = solve(th, mlp, data[1])
+            return f_upper(th, model, data[0]), model
 
-    value, g = value_and_grad(theta, mlp)
-    model = eqx.filter_jit(solve)(theta, mlp, data[1])
+        (value, model), g = jax.value_and_grad(F, has_aux=True)(theta)
+        lower_grad = eqx.filter_grad(lambda m: f_lower(theta, m, data[1]))(model)
+        return value, g, model, jnp.max(jnp.stack([jnp.abs(x).max() for x in jax.tree_util.tree_leaves(lower_grad)]))
+
+    value, g, model, lower_grad_max = value_and_grad(theta, mlp)
+    g = np.asarray(g)
     assert model.activation is mlp.activation and isinstance(model, eqx.nn.MLP)
-    lower_grad = eqx.filter_grad(lambda m: f_lower(theta, m, data[1]))(model)
-    assert max(float(jnp.abs(x).max()) for x in jax.tree_util.tree_leaves(lower_grad)) < 1e-9
+    assert float(lower_grad_max) < 1e-9
     assert np.all(np.isfinite(g)) and np.abs(g).max() > 1e-6
 
     h = 1e-5
-    fd = np.array([(value_and_grad(theta + h * e, mlp)[0] - value_and_grad(theta - h * e, mlp)[0]) / (2 * h)
-                   for e in np.eye(2)])
+    fd = np.array([(float(value_and_grad(theta + h * e, mlp)[0]) - float(value_and_grad(theta - h * e, mlp)[0]))
+                   / (2 * h) for e in np.eye(2)])
     np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-9)
 
 
@@ -281,13 +299,21 @@ def test_argmin_concave_lower_level_gives_nan_not_a_number():
     def f_upper(theta, w, batch):
         return jnp.sum(w ** 2)
 
-    theta, phi0 = jnp.zeros(3), jnp.zeros(3)
-    for solver in (None, bj.linear_solvers.dense()):
-        solve = bj.argmin(f_lower, optax.sgd(0.1), 20, solver=solver)
-        F = lambda th: f_upper(th, solve(th, phi0, None), None)
-        assert np.all(np.isfinite(jax.jit(solve)(theta, phi0, None)))  # the iterate itself is finite
-        g = jax.jit(jax.grad(F))(theta)
-        jac = jax.jit(jax.jacfwd(lambda th: solve(th, phi0, None)))(theta)
+    theta, phi0 = np.zeros(3), np.zeros(3)
+    solvers = (None, bj.linear_solvers.dense())
+
+    @jax.jit
+    def run(theta):
+        out = []
+        for solver in solvers:
+            solve = bj.argmin(f_lower, optax.sgd(0.1), 20, solver=solver)
+            F = lambda th: f_upper(th, solve(th, phi0, None), None)
+            out.append((solve(theta, phi0, None), jax.grad(F)(theta),
+                        jax.jacfwd(lambda th: solve(th, phi0, None))(theta)))
+        return out
+
+    for solver, (phi, g, jac) in zip(solvers, run(theta)):
+        assert np.all(np.isfinite(phi))  # the iterate itself is finite
         assert np.all(np.isnan(g)), (solver, g)
         assert np.all(np.isnan(jac)), (solver, jac)
 

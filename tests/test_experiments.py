@@ -286,17 +286,24 @@ def test_quadratic_metrics_match_closed_forms():
     import bilevel_jax as bj
     from experiments import problems
     from experiments.sweep import Iterate
-    workload = problems.quadratic(seed=3, dim_upper=3, dim_lower=4, n_samples=32)
-    q = bj.problems.quadratic_bilevel(jax.random.PRNGKey(3), dim_upper=3, dim_lower=4, n_samples=32,
+    # the sizes of `tiny` (another seed): the draw's programs are those of the sweeps' problem
+    workload = problems.quadratic(seed=3, dim_upper=2, dim_lower=3, n_samples=16)
+    q = bj.problems.quadratic_bilevel(jax.random.PRNGKey(3), dim_upper=2, dim_lower=3, n_samples=16,
                                       lower_spectrum=(0.1, 1.0), upper_spectrum=(0.1, 1.0))
     ref = workload.compute_reference()
     ev = workload.make_eval(["grad_sq", "lower_gap", "value_gap", "theta_err"], ref)
-    theta, phi = jnp.array([0.3, -1.0, 2.0]), jnp.array([1.0, 0.0, -0.5, 0.2])
-    m = ev(Iterate(theta, phi), workload.instance)
-    np.testing.assert_allclose(m["grad_sq"], jnp.sum(q.grad(theta) ** 2), rtol=1e-10)
-    np.testing.assert_allclose(m["lower_gap"], jnp.sum((phi - q.phi_star(theta)) ** 2), rtol=1e-10)
-    np.testing.assert_allclose(m["value_gap"], q.value(theta) - q.value(q.theta_star()), rtol=1e-9)
-    np.testing.assert_allclose(m["theta_err"], jnp.sum((theta - q.theta_star()) ** 2), rtol=1e-10)
+
+    @jax.jit   # the metrics and the closed forms in one program (eagerly: ~15 one-op compilations)
+    def metrics_and_closed_forms(theta, phi):
+        return ev(Iterate(theta, phi), workload.instance), {
+            "grad_sq": jnp.sum(q.grad(theta) ** 2), "lower_gap": jnp.sum((phi - q.phi_star(theta)) ** 2),
+            "value_gap": q.value(theta) - q.value(q.theta_star()), "theta_err": jnp.sum((theta - q.theta_star()) ** 2)}
+
+    m, closed = metrics_and_closed_forms(np.array([0.3, -1.0]), np.array([1.0, -0.5, 0.2]))
+    np.testing.assert_allclose(m["grad_sq"], closed["grad_sq"], rtol=1e-10)
+    np.testing.assert_allclose(m["lower_gap"], closed["lower_gap"], rtol=1e-10)
+    np.testing.assert_allclose(m["value_gap"], closed["value_gap"], rtol=1e-9)
+    np.testing.assert_allclose(m["theta_err"], closed["theta_err"], rtol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,16 +463,20 @@ def test_keys_are_read_from_the_signatures_and_an_unknown_one_is_structured():
 def test_an_optimizer_table_builds_the_optax_rule():
     """`lower_opt = {name = "adam"}` is optax.adam(lower_lr); `clip` chains a global-norm clip;
     equal tables build equal (hashable) rules, so their cells share one compiled function."""
-    import jax.numpy as jnp
+    import jax
     import optax
     from experiments import sweep
-    g = {"w": jnp.array([3.0, -4.0])}
-    for spec, rule in (({"name": "adam"}, optax.adam(0.1)),
-                       ({"name": "sgd", "clip": 1.0}, optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1))),
-                       ({"name": "sgd", "learning_rate": 0.5}, optax.sgd(0.5))):
-        built = sweep.make_optimizer(spec, 0.1, "t")
-        np.testing.assert_allclose(built.update(g, built.init(g))[0]["w"], rule.update(g, rule.init(g))[0]["w"],
-                                   rtol=1e-12)
+    pairs = [(sweep.make_optimizer(spec, 0.1, "t"), rule) for spec, rule in (
+        ({"name": "adam"}, optax.adam(0.1)),
+        ({"name": "sgd", "clip": 1.0}, optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1))),
+        ({"name": "sgd", "learning_rate": 0.5}, optax.sgd(0.5)))]
+
+    @jax.jit   # every first update in one program (eagerly: ~20 one-op compilations)
+    def first_updates(g):
+        return [tuple(opt.update(g, opt.init(g))[0]["w"] for opt in pair) for pair in pairs]
+
+    for built, rule in first_updates({"w": np.array([3.0, -4.0])}):
+        np.testing.assert_allclose(built, rule, rtol=1e-12)
     assert sweep.make_optimizer({"name": "adam"}, 0.1, "t") == sweep.make_optimizer({"name": "adam"}, 0.1, "t")
     with pytest.raises(C.UnknownKeys, match=r"t: unknown key\(s\) \['bta1'\] for 'adam'\. Did you mean 'b1'"):
         sweep.make_optimizer({"name": "adam", "bta1": 0.8}, 0.1, "t")
@@ -489,14 +500,16 @@ def test_a_problem_drawn_per_seed_runs_through_the_runner_as_separate_runs(tmp_p
     assert set(out["summary"]["algorithms"]) == {"SOBA"} and "residual" in out["text"]
     (cell,) = sweep.expand(cfg)
     hist = out["results"]["SOBA"].history
+    residual = jax.jit(jax.vmap(syn.residual, in_axes=(None, 0, 0, 0)))   # of all evaluations at once
     for j, seed in enumerate([0, 1]):
-        inst = bj.problems.lancbio_synthetic(jax.random.PRNGKey(seed), 4, 10.0)
+        # the runner's dtype argument (a np.dtype, not the jnp.float64 type): the draw's program is reused
+        inst = bj.problems.lancbio_synthetic(jax.random.PRNGKey(seed), 4, 10.0, np.dtype("float64"))
         alg = sweep.build_algorithm(inst.problem, cell.preset, cell.spec)
         state = alg.init(inst.theta0, inst.phi0, jax.random.PRNGKey(seed), inst.data)
         _, single = bj.run(alg, state, inst.data, num_steps=4, eval_every=2, eval_fn=sweep.record_iterates)
         np.testing.assert_allclose(hist["theta"][j], single["theta"], rtol=1e-10, atol=1e-12)
-        residual = [syn.residual(inst.data, *x) for x in zip(single["theta"], single["phi"], single["v"])]
-        np.testing.assert_allclose(hist["residual"][j], residual, rtol=1e-10)
+        np.testing.assert_allclose(hist["residual"][j], residual(inst.data, single["theta"], single["phi"],
+                                                                 single["v"]), rtol=1e-10)
     assert lancbio.main(cfg, log=lambda *a: None)["stats"].computed == []
 
 

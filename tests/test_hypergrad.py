@@ -144,15 +144,14 @@ def test_stochastic_solver_mean_is_neumann_hypergradient(ridge):
     n_terms, eta, m = 8, 0.2, 1024
 
     @jax.jit
-    def estimates(theta, phi, keys):
+    def estimates(theta, phi, key):
         g_ref, _ = bj.hypergradient(ridge.problem, theta, phi, ridge.data, ls.neumann(n_terms, eta))
         solver = ls.stochastic_neumann(n_terms, eta)
         one = lambda k: bj.hypergradient(ridge.problem, theta, phi, ridge.data, solver, key=k,
                                          lower_sampler=sampler)[0]
-        return g_ref, jax.lax.map(one, keys)  # lax.map: compiles faster than a batched PRNG
+        return g_ref, jax.lax.map(one, jax.random.split(key, m))  # lax.map: compiles faster than a batched PRNG
 
-    g_ref, gs = estimates(theta, phi, jax.random.split(jax.random.PRNGKey(4), m))
-    gs = np.asarray(gs)
+    g_ref, gs = jax.device_get(estimates(theta, phi, jax.random.PRNGKey(4)))
     se = gs.std(0) / np.sqrt(m)
     assert se.min() > 0
     assert np.all(np.abs(gs.mean(0) - g_ref) <= 5 * se)
@@ -286,7 +285,7 @@ def test_unrolled_truncated_sgd_closed_form(quad):
         return [bj.unrolled_hypergradient(quad.problem, theta, quad.phi0, quad.data, truncate=k, **kw)
                 for k in (K, T, None)]
 
-    (g_k, phi_k), (g_t, phi_t), (g_full, phi_full) = estimates(theta)
+    (g_k, phi_k), (g_t, phi_t), (g_full, phi_full) = jax.device_get(estimates(theta))
     phi_T, expected_k = unrolled_gd_closed_form(quad, theta, beta, T, K)
     _, expected_full = unrolled_gd_closed_form(quad, theta, beta, T)
     np.testing.assert_allclose(phi_k, phi_T, rtol=1e-12, atol=1e-13)
@@ -460,20 +459,20 @@ def test_equinox_linear_phi():
 def test_vmap_over_8_ridge_problems_equals_loop():
     """8 ridge HPO instances drawn from 8 keys, stacked: vmap == Python loop == closed forms."""
     insts = [bj.problems.ridge_hpo(jax.random.PRNGKey(100 + s), per_feature=True) for s in range(8)]
-    data = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[i.data for i in insts])
+    data = jax.tree_util.tree_map(lambda *x: np.stack(x), *[i.data for i in insts])
     theta = _theta("ridge", insts[0])
     phis = np.stack([closed_form("ridge", i, theta)[0] for i in insts])
 
     def one(phi, data):
         return bj.hypergradient(bj.problems.RIDGE, theta, phi, data, ls.cg(maxiter=8))[0]
 
-    batched = jax.jit(jax.vmap(one))(phis, data)
+    batched = np.asarray(jax.jit(jax.vmap(one))(phis, data))
     single = jax.jit(one)
     looped = np.stack([single(phi, i.data) for phi, i in zip(phis, insts)])
     np.testing.assert_allclose(batched, looped, rtol=1e-12, atol=1e-15)
     for g, inst in zip(batched, insts):
         _close(g, closed_form("ridge", inst, theta)[1], 1e-8)
-    assert np.std(np.asarray(batched), axis=0).max() > 0  # the 8 problems differ
+    assert np.std(batched, axis=0).max() > 0  # the 8 problems differ
 
 
 def test_vmap_over_8_thetas_equals_loop(quad):
@@ -487,7 +486,7 @@ def test_vmap_over_8_thetas_equals_loop(quad):
         g_zero, _ = bj.zero_ig_hypergradient(quad.problem, theta, quad.phi0, quad.data, lower_lr=lr, steps=T)
         return g_unr, g_zero
 
-    batched = jax.jit(jax.vmap(one))(thetas)
+    batched = jax.device_get(jax.jit(jax.vmap(one))(thetas))
     single = jax.jit(one)
     looped = [np.stack(x) for x in zip(*[single(t) for t in thetas])]
     for b, l in zip(batched, looped):
