@@ -114,7 +114,7 @@ def flat_bilevel(key, dim: int = 3, n_samples: Optional[int] = None, rho: float 
                  dtype=jnp.float64) -> FlatBilevel:
     """Draw the problem (deterministic when `n_samples` is None; else per-sample noise of size
     `noise`, centred so that the full-batch problem has the closed forms above)."""
-    a, b, c, (upper, lower) = _draw(key, dim, n_samples, float(noise), dtype)
+    a, b, c, (upper, lower) = _draw(key, dim, n_samples, float(noise), jnp.dtype(dtype))
     inst = FlatBilevel(BilevelProblem(_f_upper(rho, c), _f_lower), (upper, lower), jnp.zeros(dim, dtype),
                        jnp.zeros(2 * dim, dtype), a, b, c, rho, name="flat")
     theta_star = inst.theta_star()

@@ -80,9 +80,14 @@ def f_lower(theta, phi, batch):
 PROBLEM = BilevelProblem(f_upper, f_lower)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def synthetic_data(key, n: int = 200, kappa: float = 1e3, dtype=jnp.float64):
-    """`(data, theta0, phi0)` of one seed (jittable, vmappable over keys)."""
+    """`(data, theta0, phi0)` of one seed (jittable, vmappable over keys); one compiled program per
+    (n, kappa, dtype), however the dtype is spelled (`jnp.float64`, `np.dtype("float64")`, "float64")."""
+    return _synthetic_data(key, n, float(kappa), jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _synthetic_data(key, n, kappa, dtype):
     kc, kd, ke, kq, kx, ky = jax.random.split(key, 6)
     c = jax.random.uniform(kc, (n,), dtype, -5.0, 5.0)
     d = jax.random.uniform(kd, (n,), dtype, 0.1, 1.1)

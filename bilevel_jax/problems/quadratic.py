@@ -188,7 +188,7 @@ def quadratic_bilevel(key, dim_upper: int = 5, dim_lower: int = 10, n_samples: O
     lower_cross = cross if lower_cross is None else lower_cross
     du, dl = dim_upper, dim_lower
     upper, lower = _draw(key, dim_upper, dim_lower, n_samples, tuple(lower_spectrum), tuple(upper_spectrum),
-                         float(cross), float(lower_cross), float(noise), dtype)
+                         float(cross), float(lower_cross), float(noise), jnp.dtype(dtype))
     inst = QuadraticBilevel(quadratic_problem(reg), (upper, lower),
                             jnp.zeros(du, dtype), jnp.zeros(dl, dtype), _means(upper, lower, jnp.asarray(reg, dtype)),
                             name="quadratic", description=f"quadratic bilevel (d_theta={du}, d_phi={dl}, "
