@@ -20,11 +20,19 @@ import bilevel_jax as bj
 NAMES = sorted(bj.algorithms.ALGORITHMS)
 
 
-def _history(alg, state, data, num_steps):
-    """bj.run recording theta and phi after every step (row 0: the initial state)."""
-    run = jax.jit(lambda s: bj.run(alg, s, data, num_steps=num_steps, eval_every=1,
-                                   eval_fn=lambda s, d: {"theta": s.theta, "phi": s.phi}))
-    return run(state)
+@eqx.filter_jit
+def _init(alg, theta0, phi0, data, seed=0):
+    """`alg.init` as one compiled program (shared by equal configurations), not an eager dispatch per operation."""
+    return alg.init(theta0, phi0, jax.random.PRNGKey(seed), data)
+
+
+@eqx.filter_jit
+def _history(alg, theta0, phi0, data, num_steps):
+    """`alg.init`, then bj.run recording theta and phi after every step (row 0: the initial state),
+    in one program."""
+    state = alg.init(theta0, phi0, jax.random.PRNGKey(0), data)
+    return bj.run(alg, state, data, num_steps=num_steps, eval_every=1,
+                  eval_fn=lambda s, d: {"theta": s.theta, "phi": s.phi})
 
 
 def _counts(info):
@@ -51,13 +59,13 @@ def test_every_preset_says_which_sampling_its_paper_assumes():
 def test_signsgd_ul_uses_the_partial_gradient_at_the_post_ll_point(quad):
     upper_lr, lower_lr, steps = 0.3, 0.05, 4
     alg = bj.algorithms.signsgd_ul(quad.problem, upper_lr=upper_lr, lower_lr=lower_lr, lower_steps=steps)
-    theta0 = jnp.array([0.5, -1.0, 2.0, 0.1])
-    phi0 = jnp.linspace(-1.0, 1.0, 6)
-    state = alg.init(theta0, phi0, jax.random.PRNGKey(0), quad.data)
-    new, info = eqx.filter_jit(alg.update)(state, quad.data)
+    theta0 = np.array([0.5, -1.0, 2.0, 0.1])
+    phi0 = np.linspace(-1.0, 1.0, 6)
 
     @jax.jit
-    def reference():
+    def step_and_reference(theta0, phi0):
+        """The preset's first step, and the reference written out (one program)."""
+        new, info = alg.update(alg.init(theta0, phi0, jax.random.PRNGKey(0), quad.data), quad.data)
         # LL: T SignSGD steps at theta_k from phi_k, written out
         phi = phi0
         for _ in range(steps):
@@ -66,13 +74,13 @@ def test_signsgd_ul_uses_the_partial_gradient_at_the_post_ll_point(quad):
         g_theta, g_phi = jax.grad(quad.problem.f_upper, (0, 1))(theta0, phi, quad.data[0])
         hess = jax.hessian(quad.problem.f_lower, 1)(theta0, phi, quad.data[1])
         jac = jax.jacfwd(jax.grad(quad.problem.f_lower, 1), 0)(theta0, phi, quad.data[1])
-        return phi, g_theta, g_theta - jac.T @ jnp.linalg.solve(hess, g_phi)
+        return new, info, phi, g_theta, g_theta - jac.T @ jnp.linalg.solve(hess, g_phi)
 
-    phi1, g_partial, g_implicit = reference()
+    new, info, phi1, g_partial, g_implicit = jax.device_get(step_and_reference(theta0, phi0))
     np.testing.assert_allclose(new.phi, phi1, rtol=0, atol=1e-14)
     # theta_{k+1} = theta_k - alpha grad_theta f_upper(theta_k, phi_{k+1}): no implicit term
     np.testing.assert_allclose(new.theta, theta0 - upper_lr * g_partial, rtol=1e-13, atol=1e-14)
-    assert float(jnp.linalg.norm(g_implicit - g_partial)) > 1e-3   # (which would differ)
+    assert np.linalg.norm(g_implicit - g_partial) > 1e-3   # (which would differ)
     # gradients only: T LL gradients, 1 UL gradient, no second-order products
     assert _counts(info) == (steps, 1, 0, 0)
 
@@ -82,8 +90,8 @@ def test_signsgd_ul_uses_the_partial_gradient_at_the_post_ll_point(quad):
 def _linear_problem():
     """Constant directions: grad_theta f_upper = c, grad_phi f_lower = w, no second-order terms
     (grad_phi f_upper = 0, A = 0, J = 0). Every update is then -step_k * (constant)."""
-    c = jnp.array([1.0, -2.0])
-    w = jnp.array([0.5, 1.5, -1.0])
+    c = np.array([1.0, -2.0])
+    w = np.array([0.5, 1.5, -1.0])
     problem = bj.BilevelProblem(lambda theta, phi, batch: c @ theta, lambda theta, phi, batch: w @ phi)
     return problem, c, w
 
@@ -102,23 +110,22 @@ def test_schedule_exponents_match_the_papers(name, kw, upper_exp, lower_exp):
     ll_steps = kw.get("lower_steps", 1)   # LL steps per outer step (SOBA/MRBO: one simultaneous step)
     upper_lr, lower_lr = 0.3, 0.2
     alg = bj.algorithms.get(name)(problem, upper_lr=upper_lr, lower_lr=lower_lr, batch_size=None, **kw)
-    state = alg.init(jnp.zeros(2), jnp.zeros(3), jax.random.PRNGKey(0), (None, None))
-    _, hist = _history(alg, state, (None, None), num_steps=8)
-    k = jnp.arange(8.0)
+    _, hist = jax.device_get(_history(alg, np.zeros(2), np.zeros(3), (None, None), num_steps=8))
+    k = np.arange(8.0)
     # theta_{k+1} - theta_k = -alpha_k c,  phi_{k+1} - phi_k = -beta_k w
-    alpha = -jnp.diff(hist["theta"], axis=0) @ c / (c @ c)
-    beta = -jnp.diff(hist["phi"], axis=0) @ w / (w @ w) / ll_steps
+    alpha = -np.diff(hist["theta"], axis=0) @ c / (c @ c)
+    beta = -np.diff(hist["phi"], axis=0) @ w / (w @ w) / ll_steps
     np.testing.assert_allclose(alpha, upper_lr / (k + 1) ** upper_exp, rtol=1e-12)
     np.testing.assert_allclose(beta, lower_lr / (k + 1) ** lower_exp, rtol=1e-12)
     # the exponent read off the first two updates
-    assert math.isclose(-math.log2(float(alpha[1] / alpha[0])), upper_exp, rel_tol=1e-10)
-    assert math.isclose(-math.log2(float(beta[1] / beta[0])), lower_exp, rel_tol=1e-10)
+    assert math.isclose(-math.log2(alpha[1] / alpha[0]), upper_exp, rel_tol=1e-10)
+    assert math.isclose(-math.log2(beta[1] / beta[0]), lower_exp, rel_tol=1e-10)
 
 
 def test_inverse_power_schedule():
     s = bj.schedules.inverse_power(0.5, 0.4)
     assert s.exponent == 0.4
-    np.testing.assert_allclose(s(jnp.arange(4)), 0.5 / jnp.arange(1, 5) ** 0.4, rtol=1e-14)
+    np.testing.assert_allclose(eqx.filter_jit(s)(np.arange(4)), 0.5 / np.arange(1, 5) ** 0.4, rtol=1e-14)
     with pytest.raises(ValueError, match="p must lie in"):
         bj.schedules.inverse_power(0.5, 1.5)
     with pytest.raises(ValueError, match="c must be a positive step size"):
@@ -127,11 +134,13 @@ def test_inverse_power_schedule():
 
 # --------------------------------------------------------------------------- UL projection
 
+@eqx.filter_jit
 def _projected_gd_solution(q, lo, hi):
-    """min_{theta in [lo, hi]^d} F(theta) by projected GD on the closed-form grad F."""
-    step = 1.0 / float(jnp.linalg.eigvalsh(q.hessian()).max())
+    """min_{theta in [lo, hi]^d} F(theta) by projected GD on the closed-form grad F (one program
+    for every problem of the same shapes)."""
+    step = 1.0 / jnp.linalg.eigvalsh(q.hessian()).max()
     body = lambda _, t: jnp.clip(t - step * q.grad(t), lo, hi)
-    return jax.jit(lambda t: jax.lax.fori_loop(0, 2000, body, t))(jnp.zeros_like(q.theta0))
+    return jax.lax.fori_loop(0, 2000, body, jnp.zeros_like(q.theta0))
 
 
 @pytest.mark.parametrize("name, kw", [
@@ -143,18 +152,16 @@ def _projected_gd_solution(q, lo, hi):
 def test_upper_projection_keeps_theta_in_the_box(quad, name, kw):
     q = quad
     if name == "ttsa":   # LL Hessian = I
-        lower = {**q.data[1], "H": jnp.broadcast_to(jnp.eye(6), q.data[1]["H"].shape)}
-        q = q._replace(data=(q.data[0], lower), means={**q.means, "H": jnp.eye(6)})
+        lower = {**q.data[1], "H": jax.device_put(np.broadcast_to(np.eye(6), q.data[1]["H"].shape))}
+        q = q._replace(data=(q.data[0], lower), means={**q.means, "H": jax.device_put(np.eye(6))})
     lo, hi = 0.0, 0.5   # theta* has components above 0.5: the constraint is active
-    assert bool(jnp.any(q.theta_star() > hi))
+    assert np.any(np.asarray(q.theta_star()) > hi)
     problem = bj.BilevelProblem(q.problem.f_upper, q.problem.f_lower, project_upper=lambda t: jnp.clip(t, lo, hi))
     alg = bj.algorithms.get(name)(problem, batch_size=None, **kw)
-    theta0 = jnp.array([-1.0, 2.0, 3.0, -2.0])   # outside: init projects it
-    state = alg.init(theta0, q.phi0, jax.random.PRNGKey(0), q.data)
-    _, hist = _history(alg, state, q.data, num_steps=100)
-    thetas = hist["theta"]
-    assert bool(jnp.all((thetas >= lo) & (thetas <= hi))), "theta left Theta at some step"
-    assert bool(jnp.any(thetas[1:] == hi))  # the projection was active along the run
+    theta0 = np.array([-1.0, 2.0, 3.0, -2.0])   # outside: init projects it
+    thetas = np.asarray(_history(alg, theta0, q.phi0, q.data, num_steps=100)[1]["theta"])
+    assert np.all((thetas >= lo) & (thetas <= hi)), "theta left Theta at some step"
+    assert np.any(thetas[1:] == hi)  # the projection was active along the run
     # and the iterates converge to the constrained minimiser of F
     np.testing.assert_allclose(thetas[-1], _projected_gd_solution(q, lo, hi), atol=1e-6)
 
@@ -182,7 +189,7 @@ def test_saba_updates_only_the_memory_row_of_the_drawn_batch(quad_stoch):
     q = quad_stoch
     n_batches = 64 // b
     alg = bj.algorithms.saba(q.problem, upper_lr=0.2, lower_lr=0.2, batch_size=b)
-    state = alg.init(q.theta0, q.phi0, jax.random.PRNGKey(4), q.data)
+    state = _init(alg, q.theta0, q.phi0, q.data, seed=4)
     update = eqx.filter_jit(alg.update)
     # the pre-step point's oracles on batch `idx` of each level (contiguous partition)
     batch = lambda data, idx: jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, idx * b, b), data)
@@ -226,19 +233,20 @@ def test_saba_default_memories_start_at_the_initial_point(quad_stoch):
     q = quad_stoch
     gamma, rho = 0.2, 0.3
     alg = bj.algorithms.saba(q.problem, upper_lr=gamma, lower_lr=rho, batch_size=16)
-    state = alg.init(q.theta0, q.phi0, jax.random.PRNGKey(4), q.data)
-    np.testing.assert_allclose(state.estimator.upper.table.g_theta.mean(0), state.estimator.upper.mean.g_theta,
-                               rtol=1e-12)
+    state = _init(alg, q.theta0, q.phi0, q.data, seed=4)   # (the program of the test above, as is its update's)
+    np.testing.assert_allclose(np.asarray(state.estimator.upper.table.g_theta).mean(0),
+                               state.estimator.upper.mean.g_theta, rtol=1e-12)
     new, _ = eqx.filter_jit(alg.update)(state, q.data)
-    g_theta, g_phi = jax.grad(q.problem.f_upper, (0, 1))(q.theta0, q.phi0, q.data[0])
-    grad_phi = jax.grad(q.problem.f_lower, 1)(q.theta0, q.phi0, q.data[1])
+    (g_theta, g_phi), grad_phi = jax.jit(lambda t, p, d: (jax.grad(q.problem.f_upper, (0, 1))(t, p, d[0]),
+                                                          jax.grad(q.problem.f_lower, 1)(t, p, d[1])))(
+        q.theta0, q.phi0, q.data)
     np.testing.assert_allclose(new.theta, q.theta0 - gamma * g_theta, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(new.phi, q.phi0 - rho * grad_phi, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(new.v, rho * g_phi, rtol=1e-12, atol=1e-14)
     # with zero memories the first step is new - 0 + 0: the minibatch oracle, not the full one
     zero = bj.algorithms.saba(q.problem, upper_lr=gamma, lower_lr=rho, batch_size=16, saga_init="zero")
-    first, _ = eqx.filter_jit(zero.update)(zero.init(q.theta0, q.phi0, jax.random.PRNGKey(4), q.data), q.data)
-    assert float(jnp.abs(first.phi - new.phi).max()) > 1e-6
+    first, _ = eqx.filter_jit(lambda d: zero.update(zero.init(q.theta0, q.phi0, jax.random.PRNGKey(4), d), d))(q.data)
+    assert np.abs(np.asarray(first.phi) - np.asarray(new.phi)).max() > 1e-6
 
 
 # --------------------------------------------------------------------------- oracle counts
@@ -251,7 +259,7 @@ def test_sarah_refresh_costs_one_pass_over_the_data(quad_stoch):
     the recursion (2 evaluations)."""
     b, period = 16, 3
     alg = bj.algorithms.srba(quad_stoch.problem, batch_size=b, period=period)
-    state = alg.init(quad_stoch.theta0, quad_stoch.phi0, jax.random.PRNGKey(0), quad_stoch.data)
+    state = _init(alg, quad_stoch.theta0, quad_stoch.phi0, quad_stoch.data)
     update = eqx.filter_jit(alg.update)
     passes = 64 // b
     for k in range(2 * period + 1):
@@ -266,15 +274,14 @@ def test_stable_correction_tracks_phi_star(quad):
     equals phi*(theta_{k+1}) on a quadratic (phi* is affine in theta)."""
     alg = bj.algorithms.stable(quad.problem, batch_size=None, upper_lr=0.5, lower_lr=1e-12,
                                linear_solver=bj.linear_solvers.cg(10))
-    theta0 = jnp.array([2.0, -1.0, 0.5, 3.0])
-    state = alg.init(theta0, quad.phi_star(theta0), jax.random.PRNGKey(0), quad.data)
-    _, hist = _history(alg, state, quad.data, num_steps=6)
-    thetas, phis = hist["theta"], hist["phi"]
-    phi_stars = jax.vmap(quad.phi_star)(thetas)
-    err = jnp.linalg.norm(phis - phi_stars, axis=1) / jnp.linalg.norm(phi_stars, axis=1)
-    assert float(err.max()) < 1e-10, np.asarray(err)
+    theta0 = np.array([2.0, -1.0, 0.5, 3.0])
+    _, hist = _history(alg, theta0, quad.phi_star(theta0), quad.data, num_steps=6)
+    phi_stars = np.asarray(jax.vmap(quad.phi_star)(hist["theta"]))
+    thetas, phis = np.asarray(hist["theta"]), np.asarray(hist["phi"])
+    err = np.linalg.norm(phis - phi_stars, axis=1) / np.linalg.norm(phi_stars, axis=1)
+    assert err.max() < 1e-10, err
     # the test is not vacuous: theta and phi*(theta) moved a lot
-    assert float(jnp.linalg.norm(phi_stars[-1] - phi_stars[0])) > 1e-2
+    assert np.linalg.norm(phi_stars[-1] - phi_stars[0]) > 1e-2
     # and the hypergradient step was exact (phi = phi*): theta follows GD on F
     np.testing.assert_allclose(thetas[1], theta0 - 0.5 * quad.grad(theta0), rtol=1e-9)
 
@@ -369,7 +376,8 @@ def test_a_float32_run_stays_float32_under_x64(quad_stoch):
     """The suite runs with x64 on; a float32 problem must keep float32 iterates and residuals (a
     float64 penalty weight once promoted theta and broke the scan's carry). The shared finite-sum
     quadratic cast to float32 (drawing a float32 one compiles its construction again)."""
-    q = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32) if eqx.is_inexact_array(x) else x, quad_stoch)
+    q = jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x, np.float32)) if eqx.is_inexact_array(x) else x,
+                               quad_stoch)   # (cast on the host: no program per leaf shape)
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves((q.data, q.theta0, q.phi0)))
     def run(alg):   # the run traced only: the dtypes of its outputs (init is concrete: it estimates step sizes)
         state = alg.init(q.theta0, q.phi0, jax.random.PRNGKey(0), q.data)

@@ -31,15 +31,18 @@ def ref(q):
     return q.saddle_point()
 
 
-def _init(alg, q, theta=None, y=None, phi=None, key=0):
+def _init(alg, data, theta=None, y=None, phi=None, key=0):
     theta = jnp.zeros(D_THETA) if theta is None else theta
     y = jnp.zeros((M, D_Y)) if y is None else y
     phi = jnp.zeros((M, D_PHI)) if phi is None else phi
-    return alg.init(theta, phi, jax.random.PRNGKey(key), q.data, y0=y)
+    return alg.init(theta, phi, jax.random.PRNGKey(key), data, y0=y)
 
 
-def _run(alg, state, data, steps):
-    return eqx.filter_jit(lambda a, s, d: bj.run(a, s, d, steps, steps))(alg, state, data)
+@eqx.filter_jit
+def _run(algs, data, steps):
+    """`steps` steps of each algorithm of `algs` from zeros, its init included, in one program
+    (one compilation for the runs a test compares)."""
+    return [bj.run(alg, _init(alg, data), data, steps, steps) for alg in algs]
 
 
 def _reduced(q, theta, y):
@@ -50,10 +53,9 @@ def _reduced(q, theta, y):
 
 
 def test_reference_is_the_saddle_point_of_the_reduced_function(q, ref):
-    theta, y = jnp.asarray(ref.theta), jnp.asarray(ref.y)
     phi_fn = lambda t, y: _reduced(q, t, y)
     (g_theta, g_y), ((h_tt, _), (_, h_yy)) = jax.jit(
-        lambda t, y: (jax.grad(phi_fn, (0, 1))(t, y), jax.hessian(phi_fn, (0, 1))(t, y)))(theta, y)
+        lambda t, y: (jax.grad(phi_fn, (0, 1))(t, y), jax.hessian(phi_fn, (0, 1))(t, y)))(ref.theta, ref.y)
     np.testing.assert_allclose(g_theta, 0.0, atol=1e-13)
     np.testing.assert_allclose(g_y, 0.0, atol=1e-13)
     # strongly convex in theta, strongly concave in y: a saddle, not any stationary point
@@ -65,7 +67,7 @@ def test_reference_is_the_saddle_point_of_the_reduced_function(q, ref):
 
 def test_mmb_reaches_the_dense_saddle_point(q, ref):
     alg = bj.algorithms.mmb(q.problem, upper_lr=0.1, lower_lr=0.3, dual_lr=0.3, upper_momentum=0.5)
-    state, hist = _run(alg, _init(alg, q), q.data, 1000)
+    [(state, hist)] = _run([alg], q.data, 1000)
     assert np.all(np.asarray(hist["status"]) == bj.status.OK)
     np.testing.assert_allclose(state.theta, ref.theta, atol=1e-12)
     np.testing.assert_allclose(state.y, ref.y, atol=1e-12)
@@ -95,19 +97,29 @@ def test_two_steps_with_sampled_blocks_a_box_and_the_moving_average(q):
     alg = bj.algorithms.mmb(problem, upper_lr=alpha, lower_lr=beta, dual_lr=gamma, upper_momentum=a, blocks=2,
                             linear_solver=bj.linear_solvers.dense())
     rs = np.random.RandomState(3)
-    state = _init(alg, q, jnp.asarray(rs.randn(D_THETA)), jnp.asarray(0.2 * rs.randn(M, D_Y)),
-                  jnp.asarray(rs.randn(M, D_PHI)))
-    update = eqx.filter_jit(alg.update)
+
+    @jax.jit
+    def two_steps(theta, y, phi, data):
+        """The initial state, and the states and infos of two updates stacked (one program, the
+        update traced once)."""
+        def step(state, _):
+            new, info = alg.update(state, data)
+            return new, (new, info)
+
+        state = _init(alg, data, theta, y, phi)
+        return state, jax.lax.scan(step, state, length=2)[1]
+
+    state, steps = jax.device_get(two_steps(rs.randn(D_THETA), 0.2 * rs.randn(M, D_Y), rs.randn(M, D_PHI), q.data))
     expected = (state.theta, state.y, state.phi, np.zeros(D_THETA))
     clipped = 0
-    for _ in range(2):
-        new, info = update(state, q.data)
+    for k in range(2):
+        new, info = jax.tree_util.tree_map(lambda x: x[k], steps)
         sampled = [i for i in range(M) if not np.allclose(new.phi[i], state.phi[i])]
         assert len(sampled) == 2
         expected = _numpy_step(q, expected, sampled, alpha, beta, gamma, a, box)
         for got, want in zip((new.theta, new.y, new.phi, new.momentum), expected):
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-        clipped += int(np.sum(np.isclose(np.abs(np.asarray(new.y)), box)))
+        clipped += int(np.sum(np.isclose(np.abs(new.y), box)))
         assert int(info.status) == bj.status.OK
         assert int(info.oracles.lower_grads) == 2 and int(info.oracles.cross) == 2
         state = new
@@ -116,10 +128,16 @@ def test_two_steps_with_sampled_blocks_a_box_and_the_moving_average(q):
 
 def test_blocks_are_drawn_uniformly_without_replacement(q):
     alg = bj.algorithms.mmb(q.problem, blocks=2)
-    state = _init(alg, q)
-    keys = jax.random.split(jax.random.PRNGKey(5), 600)
-    with_key = lambda k: eqx.tree_at(lambda s: s.header.key, state, k)
-    y = eqx.filter_jit(jax.vmap(lambda k: alg.update(with_key(k), q.data)[0].y))(keys)
+
+    @jax.jit
+    def updated_y(data):
+        """y after one update from the initial state with each of 600 keys (one program)."""
+        state = _init(alg, data)
+        keys = jax.random.split(jax.random.PRNGKey(5), 600)
+        with_key = lambda k: eqx.tree_at(lambda s: s.header.key, state, k)
+        return jax.vmap(lambda k: alg.update(with_key(k), data)[0].y)(keys)
+
+    y = updated_y(q.data)
     moved = np.any(np.asarray(y) != 0.0, axis=2)                  # (keys, blocks): block i updated
     assert np.all(moved.sum(axis=1) == 2)
     np.testing.assert_allclose(moved.mean(axis=0), 2 / 3, atol=0.06)
@@ -129,26 +147,27 @@ def test_the_list_of_blocks_form_matches_the_shared_form(q):
     listed = bj.MinMaxBilevelProblem([q.problem.f_upper] * M, [q.problem.f_lower] * M)
     assert not listed.shared and listed.num_blocks == M
     kw = dict(upper_lr=0.1, lower_lr=0.3, dual_lr=0.3, blocks=2)
-    a, _ = _run(bj.algorithms.mmb(q.problem, **kw), _init(bj.algorithms.mmb(q.problem, **kw), q), q.data, 5)
-    alg = bj.algorithms.mmb(listed, **kw)
-    b, _ = _run(alg, _init(alg, q), q.data, 5)
+    (a, _), (b, _) = _run([bj.algorithms.mmb(q.problem, **kw), bj.algorithms.mmb(listed, **kw)], q.data, 5)
     chex.assert_trees_all_close((a.theta, a.y, a.phi), (b.theta, b.y, b.phi), rtol=1e-12, atol=1e-12)
 
 
 def _dro_sinusoids(n=4, m=12):
-    """A min-max class instance with an MLP theta: f_i = y_i L_i(theta, w_i) - 0.5 y_i^2, y_i >= 0."""
-    tasks = mt.sinusoid_tasks(jax.random.PRNGKey(0), num_tasks=n, support=m, query=m, reg=0.1)
+    """A min-max class instance with an MLP theta: f_i = y_i L_i(theta, w_i) - 0.5 y_i^2, y_i >= 0
+    (the tasks and the MLP drawn in one program)."""
+    tasks, mlp = eqx.filter_jit(lambda: (mt.sinusoid_tasks(jax.random.PRNGKey(0), num_tasks=n, support=m, query=m,
+                                                           reg=0.1),
+                                         mt.embedding_mlp(jax.random.PRNGKey(1), embed_dim=4, width=8, depth=1)))()
     problem = bj.MinMaxBilevelProblem(lambda t, y, w, b: y * mt.sinusoid_upper(t, w, b) - 0.5 * y ** 2,
                                       tasks.problem.f_lower, num_blocks=n, project_dual=lambda y: jnp.maximum(y, 0.0))
-    return problem, tasks.data, mt.embedding_mlp(jax.random.PRNGKey(1), embed_dim=4, width=8, depth=1)
+    return problem, tasks.data, mlp
 
 
 def test_an_mlp_theta_with_minibatches_and_a_projected_dual():
     problem, data, mlp = _dro_sinusoids()
     alg = bj.algorithms.mmb(problem, upper_lr=1e-3, lower_lr=0.05, dual_lr=0.5, batch_size=4, blocks=2)
-    state = alg.init(mlp, jnp.zeros((4, 4)), jax.random.PRNGKey(0), data, y0=jnp.ones(4))
-    state, hist = eqx.filter_jit(lambda a, s, d: bj.run(a, s, d, 4, 2, eval_fn=lambda s, d: {"y": s.y}))(
-        alg, state, data)
+    state, hist = eqx.filter_jit(lambda a, m, d: bj.run(
+        a, a.init(m, jnp.zeros((4, 4)), jax.random.PRNGKey(0), d, y0=jnp.ones(4)), d, 4, 2,
+        eval_fn=lambda s, d: {"y": s.y}))(alg, mlp, data)
     assert np.all(np.asarray(hist["status"]) == bj.status.OK)
     assert hist["y"].shape == (3, 4) and np.all(np.asarray(hist["y"]) >= 0.0)
     assert np.any(np.asarray(hist["y"]) != 1.0)
@@ -174,7 +193,7 @@ def test_mmb_errors_name_the_argument(q):
     with pytest.raises(ValueError, match="mmb: init needs y0="):
         alg.init(jnp.zeros(D_THETA), jnp.zeros((M, D_PHI)), jax.random.PRNGKey(0), q.data)
     with pytest.raises(ValueError, match="y0: every array leaf needs a leading task axis of size 3"):
-        _init(alg, q, y=jnp.zeros((2, D_Y)))
+        _init(alg, q.data, y=jnp.zeros((2, D_Y)))
     with pytest.raises(ValueError, match="num_blocks must be a positive int"):
         bj.MinMaxBilevelProblem(q.problem.f_upper, q.problem.f_lower)
     with pytest.raises(TypeError, match="MinMaxBilevelProblem: project_dual must be None or a callable"):
@@ -190,17 +209,18 @@ def mq():
     return mt.multitask_quadratic(0, num_tasks=3, dim_upper=2, dim_lower=3)
 
 
-def _morbit_run(alg, mq, steps, eval_fn=None, eval_every=None):
-    state = alg.init(jnp.zeros(2), jnp.zeros((3, 3)), jax.random.PRNGKey(0), mq.data)
-    return eqx.filter_jit(lambda a, s, d: bj.run(a, s, d, steps, eval_every or steps, eval_fn=eval_fn))(
-        alg, state, mq.data)
+@eqx.filter_jit
+def _morbit_run(alg, data, steps, eval_fn=None, eval_every=None):
+    """`steps` steps of `alg` from zeros, its init included, in one program."""
+    state = alg.init(jnp.zeros(2), jnp.zeros((3, 3)), jax.random.PRNGKey(0), data)
+    return bj.run(alg, state, data, steps, eval_every or steps, eval_fn=eval_fn)
 
 
 def test_fixed_weights_reach_the_minimiser_of_the_weighted_problem(mq):
     w = np.array([0.6, 0.1, 0.3])
     alg = bj.algorithms.morbit(mq.problem, upper_lr=0.1, lower_lr=0.3, fixed_weights=w)
     assert alg.name == "morbit_fixed"
-    state, hist = _morbit_run(alg, mq, 1000, eval_fn=lambda s, d: {"lam": s.lam}, eval_every=100)
+    state, hist = _morbit_run(alg, mq.data, 1000, eval_fn=lambda s, d: {"lam": s.lam}, eval_every=100)
     weighted = mq.weighted_solution(w)
     np.testing.assert_allclose(state.theta, weighted, atol=1e-12)
     np.testing.assert_allclose(state.phi, mq.phi_star(weighted), atol=1e-12)

@@ -30,6 +30,7 @@ from collections import Counter
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax.tree_utils as otu
 import pytest
 from jax._src import core
@@ -201,19 +202,37 @@ def walk(jaxpr: core.Jaxpr, concrete=None, scale=1) -> Counter:
     return counts
 
 
-def traced_and_reported(alg, state, data):
-    """(the marked oracles of one `alg.update` from `state`, its reported `OracleCounts`)."""
+def traced_and_reported(alg, init, data):
+    """(the marked oracles of one `alg.update` from the state `init()`, its reported `OracleCounts`).
+
+    The state is traced too, not computed: of `init`'s jaxpr only what the walk reads (the
+    reported counts, the predicates of conds) is evaluated, not every operation of `alg.init`
+    (an eager program each)."""
     def step(state, data):
         new, info = alg.update(state, data)
         return new, info.oracles, info.status
 
+    init_closed, state = jax.make_jaxpr(init, return_shape=True)()
+    state_values = Concrete(pe.convert_constvars_jaxpr(init_closed.jaxpr),
+                            lambda indices: [init_closed.consts[i] for i in indices])
     closed, shapes = jax.make_jaxpr(step, return_shape=True)(state, data)
     jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
-    args = [*closed.consts, *jax.tree_util.tree_leaves((state, data))]
+    # the step's inputs: its constants, the state (init's outputs, evaluated on demand), the data
+    args = [*closed.consts, *init_closed.jaxpr.outvars, *jax.tree_util.tree_leaves(data)]
+    n_consts, n_state_in = len(closed.consts), len(init_closed.jaxpr.outvars)
+    is_state = [n_consts <= i < n_consts + n_state_in for i in range(len(args))]
     jaxpr, used = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
-    args = [a for a, u in zip(args, used) if u]
+    args, is_state = [a for a, u in zip(args, used) if u], [t for t, u in zip(is_state, used) if u]
+
+    evaluated = {}   # state leaves evaluated so far (each cond's predicate asks again)
+
+    def inputs(indices):
+        missing = [i for i in indices if is_state[i] and i not in evaluated]
+        evaluated.update(zip(missing, state_values([args[i] for i in missing])))
+        return [evaluated[i] if is_state[i] else args[i] for i in indices]
+
     n_state = len(jax.tree_util.tree_leaves(shapes[0]))
-    concrete = Concrete(jaxpr, lambda indices: [args[i] for i in indices])
+    concrete = Concrete(jaxpr, inputs)
     reported = bj.oracles.OracleCounts(*(int(c) for c in concrete(jaxpr.outvars[n_state:n_state + 5])))
     marks = walk(jaxpr, concrete)
     unknown = set(marks) - set(FIELDS)
@@ -239,33 +258,37 @@ def _at_step(state, count):
 @pytest.mark.parametrize("name", sorted(bj.algorithms.ALGORITHMS))
 def test_reported_counts_are_the_traced_oracle_calls(name, problem):
     alg = bj.algorithms.get(name)(problem.problem, upper_lr=0.1, batch_size=16)   # a step size: no defaults wrapper
-    state = _at_step(alg.init(problem.theta0, problem.phi0, jax.random.PRNGKey(0), problem.data), 1)
-    traced, reported = traced_and_reported(alg, state, problem.data)
+    init = lambda: _at_step(alg.init(problem.theta0, problem.phi0, jax.random.PRNGKey(0), problem.data), 1)
+    traced, reported = traced_and_reported(alg, init, problem.data)
     assert traced == reported, (name, traced, reported)
 
 
 # ---------------------------------------------------------------------------------- constrained lower levels
 
-_A = jnp.ones(6) / jnp.sqrt(6.0)
-CONSTRAINT_SETS = {   # inequalities (active ones after the LL steps), an equality, a bound that moves with theta
-    "box": bj.constraints.box(-0.1, 0.1), "hyperplane": bj.constraints.hyperplane(_A, 0.2),
-    "moving_halfspace": bj.constraints.halfspace(_A, lambda theta: -0.3 + 0.1 * jnp.sum(theta)),
-}
+@pytest.fixture(scope="module")
+def constraint_sets():
+    """Inequalities (active ones after the LL steps), an equality, a bound that moves with theta
+    (built on first use, not at collection in every xdist worker: 27 eager programs)."""
+    a = np.ones(6) / np.sqrt(6.0)
+    return {"box": bj.constraints.box(-0.1, 0.1), "hyperplane": bj.constraints.hyperplane(a, 0.2),
+            "moving_halfspace": bj.constraints.halfspace(a, lambda theta: -0.3 + 0.1 * jnp.sum(theta))}
+
+
 KKT_PRESETS = ("aid_bio", "amigo", "bsg_constrained", "soba")   # the KKT adjoint: every set, theta-dependent too
 
 
 @pytest.mark.parametrize("where, name", [("box", n) for n in bj.algorithms.presets_with("constrained")]
                          + [(w, n) for w in ("hyperplane", "moving_halfspace") for n in KKT_PRESETS])
-def test_constrained_counts_are_the_traced_oracle_calls(where, name, quad_stoch):
+def test_constrained_counts_are_the_traced_oracle_calls(where, name, quad_stoch, constraint_sets):
     """The constrained presets on the stochastic quadratic with a constrained LL: the KKT rules'
     Lagrangian products count as f_lower's (one HVP per KKT matvec, one cross product for the
     correction, one LL gradient for the multipliers, the active set and the LL direction), the
     constraints' derivatives not at all (`bj.oracles.OracleCounts`)."""
     q = quad_stoch
-    problem = marked_problem(CONSTRAINT_SETS[where].problem(q.problem.f_upper, q.problem.f_lower))
+    problem = marked_problem(constraint_sets[where].problem(q.problem.f_upper, q.problem.f_lower))
     alg = bj.algorithms.get(name)(problem, upper_lr=0.1, batch_size=16)
-    state = _at_step(alg.init(q.theta0, jnp.zeros(6), jax.random.PRNGKey(0), q.data), 1)
-    traced, reported = traced_and_reported(alg, state, q.data)
+    init = lambda: _at_step(alg.init(q.theta0, jnp.zeros(6), jax.random.PRNGKey(0), q.data), 1)
+    traced, reported = traced_and_reported(alg, init, q.data)
     assert traced == reported, (name, where, traced, reported)
     if name == "aid_bio":   # T = 10 LL steps, warm-started minres(10): 10 + 1 matvecs
         assert tuple(int(c) for c in reported) == (10 + 1, 1, 10 + 1, 1, 0), reported
@@ -305,7 +328,7 @@ def test_multi_objective_and_min_max_counts_are_the_traced_oracle_calls(name, li
     problem = marked_tasks(q.problem, listed)
     for kw in TASK_VARIANTS[name]:
         alg = bj.algorithms.get(name)(problem, upper_lr=0.1, **kw)
-        traced, reported = traced_and_reported(alg, _at_step(init(alg), 1), q.data)
+        traced, reported = traced_and_reported(alg, lambda: _at_step(init(alg), 1), q.data)
         assert traced == reported, (name, kw, traced, reported)
 
 

@@ -19,6 +19,7 @@ feasible, else refused at construction with the tagged presets named. "hessian_f
 HVP or cross product; "stochastic_analysis" is the default minibatch of 64. The README's tag tables
 are rendered from both registries.
 """
+import functools
 import inspect
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
@@ -57,7 +58,6 @@ def _operators():
 
 
 NAMES, OPERATORS, B = _operators()
-_, UNRAVEL = ravel_pytree({"u": jnp.zeros(4), "w": jnp.zeros((2, 1))})
 
 
 def _solves(solver, keys: int, repeats: int):
@@ -66,10 +66,11 @@ def _solves(solver, keys: int, repeats: int):
 
     @jax.jit
     def run(ops, b):
-        tree = UNRAVEL(b)
+        _, unravel = ravel_pytree({"u": jnp.zeros(4), "w": jnp.zeros((2, 1))})   # (traced: no eager program)
+        tree = unravel(b)
 
         def one(a, key):
-            matvec = lambda x, *key_arg: UNRAVEL(a @ ravel_pytree(x)[0])
+            matvec = lambda x, *key_arg: unravel(a @ ravel_pytree(x)[0])
 
             def step(state, i):
                 x, state, info = solver.solve(matvec, tree, state, key=jax.random.fold_in(key, i))
@@ -122,13 +123,16 @@ KINDS = {"multi_objective", "min_max"}   # tags of presets that take another pro
 STEPS = dict(upper_lr=0.1, lower_lr=0.1)   # explicit steps (those a preset takes): no estimation at init
 
 
-class ProblemCase(NamedTuple):
-    """A registered test problem: `needs` the capability tags a preset must have to accept it;
-    `feasible(phi)` whether phi is in the LL's feasible set (None: unconstrained); `refusal` what
-    the error of a single-problem preset that does not accept it says (a regex; a preset for another
-    problem class refuses the class)."""
+# the registered test problems (`_problems`) and the capability tags a preset must have to accept each
+NEEDS = {"constrained": frozenset({"constrained"}), "pessimistic": frozenset({"constrained", "pessimistic"}),
+         "multi_objective": frozenset({"multi_objective"}), "min_max": frozenset({"min_max"})}
 
-    needs: frozenset
+
+class ProblemCase(NamedTuple):
+    """A registered test problem: `feasible(phi)` whether phi is in the LL's feasible set (None:
+    unconstrained); `refusal` what the error of a single-problem preset that does not accept it
+    says (a regex; a preset for another problem class refuses the class)."""
+
     problem: Any
     theta0: Any
     phi0: Any
@@ -138,30 +142,28 @@ class ProblemCase(NamedTuple):
     refusal: str
 
 
+@functools.cache
 def _problems():
+    """The problems of NEEDS, built when a test first needs them (not at collection, which every
+    xdist worker repeats); starting points in NumPy (no eager program per shape)."""
     box = bj.constraints.box(0.0, 1.0)   # the LL's unconstrained minimiser 3 + theta is outside: steps must project
     boxed = box.problem(lambda t, p, b: 0.5 * jnp.sum((p - 0.5) ** 2) + 0.5 * jnp.sum(t ** 2),
                         lambda t, p, b: 0.5 * jnp.sum((p - 3.0 - t) ** 2))
-    segment = bj.constraints.box(jnp.array([-10.0, 0.0]), jnp.array([10.0, 1.0]))   # the README's pessimistic HPO
+    segment = bj.constraints.box(np.array([-10.0, 0.0]), np.array([10.0, 1.0]))   # the README's pessimistic HPO
     pessimistic = segment.problem(lambda t, p, b: 0.5 * (p[0] - 1) ** 2 + 0.5 * p[1] * p[0] + 0.5 * t[0] ** 2,
                                   lambda t, p, b: 0.5 * (p[0] - t[0]) ** 2, pessimistic=True)
-    within = lambda s: (lambda p: bool(jnp.all((p >= s.lower - 1e-12) & (p <= s.upper + 1e-12))))
+    within = lambda s: (lambda p: bool(np.all((np.asarray(p) >= np.asarray(s.lower) - 1e-12)
+                                              & (np.asarray(p) <= np.asarray(s.upper) + 1e-12))))
     mo = multitask.multitask_quadratic(0, num_tasks=3, dim_upper=2, dim_lower=3)
     mm = multitask.min_max_quadratic(0)
     return {
-        "constrained": ProblemCase(frozenset({"constrained"}), boxed, jnp.zeros(3), jnp.full(3, 0.5), (None, None),
-                                   {}, within(box), "lower level is constrained"),
-        "pessimistic": ProblemCase(frozenset({"constrained", "pessimistic"}), pessimistic, jnp.zeros(1),
-                                   jnp.array([0.0, 0.5]), (None, None), {}, within(segment),
+        "constrained": ProblemCase(boxed, np.zeros(3), np.full(3, 0.5), (None, None), {}, within(box),
+                                   "lower level is constrained"),
+        "pessimistic": ProblemCase(pessimistic, np.zeros(1), np.array([0.0, 0.5]), (None, None), {}, within(segment),
                                    "lower level is constrained|the problem is pessimistic"),
-        "multi_objective": ProblemCase(frozenset({"multi_objective"}), mo.problem, jnp.zeros(2), jnp.zeros((3, 3)),
-                                       mo.data, {}, None, ""),
-        "min_max": ProblemCase(frozenset({"min_max"}), mm.problem, jnp.zeros(2), jnp.zeros((3, 3)), mm.data,
-                               {"y0": jnp.zeros((3, 2))}, None, ""),
+        "multi_objective": ProblemCase(mo.problem, np.zeros(2), np.zeros((3, 3)), mo.data, {}, None, ""),
+        "min_max": ProblemCase(mm.problem, np.zeros(2), np.zeros((3, 3)), mm.data, {"y0": np.zeros((3, 2))}, None, ""),
     }
-
-
-PROBLEMS = _problems()
 
 
 def _build(name, problem, **kw):
@@ -170,9 +172,11 @@ def _build(name, problem, **kw):
     return preset(problem, batch_size=None, **{k: v for k, v in STEPS.items() if k in params}, **kw)
 
 
+@eqx.filter_jit
 def _one_step(alg, q: ProblemCase):
+    """`alg.init` and one `alg.update`, in one program."""
     state = alg.init(q.theta0, q.phi0, jax.random.PRNGKey(0), q.data, **q.init_kw)
-    return eqx.filter_jit(lambda a, s, d: a.update(s, d))(alg, state, q.data)
+    return alg.update(state, q.data)
 
 
 def test_capabilities_name_every_preset_with_known_tags():
@@ -184,9 +188,9 @@ def test_capabilities_name_every_preset_with_known_tags():
         assert len(tags & KINDS) <= 1, name
 
 
-def _accepts(name, q: ProblemCase) -> bool:
+def _accepts(name, needs: frozenset) -> bool:
     tags = ALG.CAPABILITIES[name]
-    return q.needs <= tags and tags & KINDS <= q.needs
+    return needs <= tags and tags & KINDS <= needs
 
 
 def _check_step(name, q: ProblemCase):
@@ -200,15 +204,15 @@ def _check_step(name, q: ProblemCase):
 
 
 @pytest.mark.parametrize("name", sorted(ALG.CAPABILITIES))
-@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+@pytest.mark.parametrize("problem", sorted(NEEDS))
 def test_preset_accepts_exactly_the_registered_problems_its_tags_allow(problem, name):
     """Accepted: one step (`_check_step`). Refused: at construction, naming the preset, and a
     constrained or pessimistic problem's refusal names the presets tagged for it."""
-    q = PROBLEMS[problem]
-    if _accepts(name, q):
+    q, needs = _problems()[problem], NEEDS[problem]
+    if _accepts(name, needs):
         _check_step(name, q)
         return
-    kind = ALG.CAPABILITIES[name] & KINDS != q.needs & KINDS   # another problem class
+    kind = ALG.CAPABILITIES[name] & KINDS != needs & KINDS   # another problem class
     reason = r"problem must be a bj\." if kind else q.refusal
     with pytest.raises((ValueError, TypeError), match=f"^{name}: .*({reason})") as refusal:
         _build(name, q.problem)
@@ -220,10 +224,10 @@ def test_preset_accepts_exactly_the_registered_problems_its_tags_allow(problem, 
 
 
 @pytest.mark.parametrize("name", [n for n in ALG.presets_with("hessian_free")
-                                  if not any(_accepts(n, q) for q in PROBLEMS.values())])
+                                  if not any(_accepts(n, needs) for needs in NEEDS.values())])
 def test_a_hessian_free_step_calls_no_hvp_and_no_cross_product(quad, name):
     """The hessian_free presets no registered problem runs (above), on the plain quadratic."""
-    _check_step(name, ProblemCase(frozenset(), quad.problem, quad.theta0, quad.phi0, quad.data, {}, None, ""))
+    _check_step(name, ProblemCase(quad.problem, quad.theta0, quad.phi0, quad.data, {}, None, ""))
 
 
 def test_a_preset_without_second_order_oracles_is_tagged_hessian_free_or_drops_the_implicit_gradient(quad):
