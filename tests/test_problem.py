@@ -27,6 +27,8 @@ def test_closed_forms_agree_with_autodiff(quad, ridge):
             out[name] = (inst.grad(th), jax.grad(inst.value)(th), ll_grad)
         ts = quad.theta_star()
         out["theta_star"] = (quad.grad(ts), quad.hessian(), jax.hessian(quad.value)(ts))
+        # the closed-form F is the problem's own f_upper at phi* (not a formula of its own)
+        out["value"] = (quad.value(theta_q), quad.problem.f_upper(theta_q, quad.phi_star(theta_q), quad.data[0]))
         return out
 
     out = run(theta_q, theta_r)
@@ -38,6 +40,7 @@ def test_closed_forms_agree_with_autodiff(quad, ridge):
     np.testing.assert_allclose(g_star, 0.0, atol=1e-12)
     np.testing.assert_allclose(hess, hess_ad, rtol=1e-10, atol=1e-14)
     assert np.linalg.eigvalsh(np.asarray(hess)).min() > 0
+    np.testing.assert_allclose(*out["value"], rtol=1e-13)
 
 
 def test_stochastic_quadratic_means_are_exact(quad_stoch):

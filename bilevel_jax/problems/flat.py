@@ -90,6 +90,7 @@ def _value(a, b, c, rho, theta):
 
 @jax.jit
 def _grad(a, b, c, rho, theta):
+    """grad F(theta) = (theta - a - b) / 2 + rho (theta - c)."""
     return 0.5 * (theta - a - b) + rho * (theta - c)
 
 

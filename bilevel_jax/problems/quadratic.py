@@ -86,7 +86,8 @@ class QuadraticBilevel(Instance):
         return _phi_star(self.means, theta)
 
     def value(self, theta):
-        """F(theta) = f_upper(theta, phi*(theta)) on the full upper data."""
+        """F(theta) = f_upper(theta, phi*(theta)) on the full upper data (the quadratic's f_upper,
+        `quadratic_upper(reg)`, with this instance's means and upper data)."""
         return _value(self.means, self.data[0], theta)
 
     def grad(self, theta):
@@ -108,6 +109,7 @@ def _phi_star(m, theta):
 
 @jax.jit
 def _value(m, upper, theta):
+    """F(theta) = quadratic_upper(reg)(theta, phi*(theta), upper)."""
     return quadratic_upper(m["reg"])(theta, _phi_star(m, theta), upper)
 
 
